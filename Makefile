@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TINY ?= runs/tiny-omni
+DEMO_DATA ?= runs/demo-data
+
+.PHONY: venv system-deps demo test test-all lint bench clean
+
+system-deps:
+	@command -v espeak-ng >/dev/null 2>&1 || { \
+	  echo "installing espeak-ng (offline TTS for spoken questions)"; \
+	  (apt-get update -qq && apt-get install -y -qq espeak-ng) >/dev/null || \
+	  echo "WARNING: could not install espeak-ng; data generation will need it"; }
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv system-deps
+	PATH=$(abspath $(BIN)):$$PATH bash scripts/demo.sh
+
+test: venv system-deps
+	$(BIN)/python -m pytest -q
+
+test-all: venv system-deps
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+lint: venv
+	$(BIN)/ruff check .
+
+bench: venv
+	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf runs .pytest_cache
