@@ -1,0 +1,196 @@
+"""Batching: chat prompt → processor (once per batch) → answer tokens appended → labels masked by position.
+
+Training pads on the right and labels exactly ``answer + <|im_end|>``; generation uses the same code with no answer
+and left padding. Audio is padded to the longest clip of the batch (not Whisper's 30 s window) and the feature mask
+tells the audio tower which frames are real.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, build_messages
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+#: the processor's default frame rate when none is saved with a checkpoint; sets video_second_per_grid.
+DEFAULT_FPS = 2.0
+
+
+class OverlongSampleError(ValueError):
+    """A sample whose answer would be cut by ``model_max_length``."""
+
+
+@dataclass
+class VQACollator:
+    """Turn dataset items (``{"sample", "frames", "audio"}``) into model inputs.
+
+    ``mode="train"`` appends the answer and ``<|im_end|>`` and returns ``labels``; ``mode="generate"`` returns the
+    prompt only, left padded, plus ``keys`` (the (video_id, id) of each row).
+    """
+
+    processor: Any
+    question_modality: str = "text"
+    frame_size: int = 384
+    frames_as: str = "video"
+    mode: str = "train"
+    model_max_length: int | None = None
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    fps: float = DEFAULT_FPS
+    _warned_odd: bool = field(default=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("train", "generate"):
+            raise ValueError(f"mode must be 'train' or 'generate', got {self.mode!r}")
+        if self.frames_as not in ("video", "images"):
+            raise ValueError(f"frames_as must be 'video' or 'images', got {self.frames_as!r}")
+        if self.question_modality not in ("text", "audio", "text+audio"):
+            raise ValueError(f"question_modality must be text, audio or text+audio; got {self.question_modality!r}")
+        tokenizer = self.processor.tokenizer
+        self.end_of_turn_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if self.end_of_turn_id is None or self.end_of_turn_id == tokenizer.unk_token_id:
+            raise ValueError("the tokenizer has no <|im_end|> token: this collator needs a Qwen chat tokenizer")
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token: run surgvqa.tokenizer.repair_tokenizer first")
+
+    # -- pieces --------------------------------------------------------------------------------------------
+    @property
+    def temporal_patch_size(self) -> int:
+        return int(getattr(self.processor.video_processor, "temporal_patch_size", 1) or 1)
+
+    def pixel_kwargs(self) -> dict:
+        """The pixel budget, always explicit: the processor's class-level defaults would otherwise upscale."""
+        size = {"shortest_edge": 28 * 28, "longest_edge": self.frame_size * self.frame_size}
+        return {"size": size}
+
+    def _frames_for_video(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+        """Qwen merges frames in pairs: an odd count gets its last frame repeated, deliberately and once logged."""
+        pad = -len(frames) % self.temporal_patch_size
+        if pad:
+            if not self._warned_odd:
+                logger.warning(
+                    "%d frames is not a multiple of the temporal patch (%d): repeating the last frame",
+                    len(frames), self.temporal_patch_size,
+                )
+                self._warned_odd = True
+            frames = list(frames) + [frames[-1]] * pad
+        return list(frames)
+
+    def prompt_text(self, question: str, num_frames: int, answer: str | None = None) -> str:
+        messages = build_messages(
+            question,
+            answer,
+            question_modality=self.question_modality,
+            num_images=num_frames if self.frames_as == "images" else 0,
+            use_video=self.frames_as == "video",
+            system_prompt=self.system_prompt,
+        )
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def answer_ids(self, answer: str) -> list[int]:
+        ids = self.processor.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        return [*ids, self.end_of_turn_id]
+
+    # -- the call ------------------------------------------------------------------------------------------
+    def __call__(self, items: list[dict]) -> dict[str, Any]:
+        samples = [item["sample"] for item in items]
+        texts, videos, images, audios = [], [], [], []
+        for item in items:
+            frames = item["frames"]
+            if not frames:
+                raise ValueError(f"{item['sample'].key}: no frames")
+            texts.append(self.prompt_text(item["sample"].question, len(frames)))
+            if self.frames_as == "video":
+                videos.append(self._frames_for_video(frames))
+            else:
+                images.extend(frames)
+            if "audio" in self.question_modality:
+                if item.get("audio") is None:
+                    raise ValueError(f"{item['sample'].key}: question_modality {self.question_modality!r} needs audio")
+                audios.append(np.asarray(item["audio"], dtype=np.float32))
+
+        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
+        if videos:
+            kwargs["videos"] = videos
+            kwargs["videos_kwargs"] = {
+                **self.pixel_kwargs(), "do_sample_frames": False, "fps": self.fps, "cap_pixels_per_frame": False,
+            }
+        if images:
+            kwargs["images"] = images
+            kwargs["images_kwargs"] = self.pixel_kwargs()
+        if audios:
+            kwargs["audio"] = audios
+            # pad to the longest clip of this batch, not to Whisper's 30 s window
+            kwargs["audio_kwargs"] = {"max_length": max(len(a) for a in audios), "truncation": False}
+        encoded = self.processor(**kwargs)
+
+        # Un-pad the prompts (the processor padded on the left), then rebuild rows with our own padding.
+        mask = encoded.pop("attention_mask").bool()
+        padded = encoded.pop("input_ids")
+        rows = [padded[i][mask[i]].tolist() for i in range(len(items))]
+        labels: list[list[int]] = []
+        for i, sample in enumerate(samples):
+            prompt_len = len(rows[i])
+            if self.mode == "train":
+                answer = self.answer_ids(sample.answer)
+                rows[i] = rows[i] + answer
+                labels.append([IGNORE_INDEX] * prompt_len + answer)
+            if self.model_max_length is not None and len(rows[i]) > self.model_max_length:
+                raise OverlongSampleError(
+                    f"{sample.key} ({sample.source}): {len(rows[i])} tokens > --model_max_length "
+                    f"{self.model_max_length}; raise --model_max_length, lower --frame_size / --max_train_frames, "
+                    "or pass --skip_overlong to skip such samples"
+                )
+
+        pad_id = self.processor.tokenizer.pad_token_id
+        left = self.mode == "generate"
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        label_tensor = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for i, row in enumerate(rows):
+            span = slice(width - len(row), width) if left else slice(0, len(row))
+            input_ids[i, span] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, span] = 1
+            if labels:
+                label_tensor[i, span] = torch.tensor(labels[i], dtype=torch.long)
+
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, **encoded}
+        if self.mode == "train":
+            batch["labels"] = label_tensor
+        else:
+            batch["keys"] = [s.key for s in samples]
+        return batch
+
+    # -- length pre-flight ---------------------------------------------------------------------------------
+    def sequence_length(self, question: str, answer: str, frame_hw: tuple[int, int], num_frames: int,
+                        audio_samples: int | None) -> int:
+        """Tokens a sample will take, from frame size and audio length alone (no decoding)."""
+        if self.frames_as == "video":
+            num_frames += -num_frames % self.temporal_patch_size
+        text = self.prompt_text(question, num_frames)
+        ids = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        h, w = frame_hw
+        kwargs: dict[str, Any] = {}
+        if self.frames_as == "video":
+            kwargs["video_sizes"] = [(num_frames, h, w)]
+            kwargs["videos_kwargs"] = self.pixel_kwargs()
+        else:
+            kwargs["image_sizes"] = [(h, w)] * num_frames
+            kwargs["images_kwargs"] = self.pixel_kwargs()
+        if audio_samples is not None and "audio" in self.question_modality:
+            kwargs["audio_lengths"] = [audio_samples]
+        counts = self.processor._get_num_multimodal_tokens(**kwargs)
+        media = sum(getattr(counts, "num_video_tokens", None) or []) + sum(
+            getattr(counts, "num_image_tokens", None) or []
+        ) + sum(getattr(counts, "num_audio_tokens", None) or [])
+        placeholders = num_frames if self.frames_as == "images" else 1
+        placeholders += 1 if audio_samples is not None and "audio" in self.question_modality else 0
+        total = len(ids) - placeholders + media
+        return total + (len(self.answer_ids(answer)) if self.mode == "train" else 0)

@@ -1,0 +1,407 @@
+"""LoRA / QLoRA fine-tuning: argument dataclasses → data check → backbone → PEFT → Trainer → outputs.
+
+Every Hugging Face ``TrainingArguments`` flag works; ours are in the three dataclasses below. Arguments may also come
+from one YAML or JSON file (``python train_vqa.py config.yaml``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+
+from surgvqa import __version__
+from surgvqa.backbones import LoadOptions, backbone_for
+from surgvqa.checkpoint import save_new_token_rows, write_surgvqa_config
+from surgvqa.collate import OverlongSampleError, VQACollator
+from surgvqa.data import DataError, MediaConfig, Problem, Sample, SurgicalVQADataset, load_samples
+from surgvqa.generate import generate_predictions
+from surgvqa.metrics import build_candidates, strict_hit
+from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT
+from surgvqa.tokenizer import repair_tokenizer
+
+logger = logging.getLogger("surgvqa.train")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="Qwen/Qwen2.5-Omni-7B", metadata={"help": "local model directory (full Omni or thinker-only)"}
+    )
+    backbone: str | None = field(default=None, metadata={"help": "registry name; default: read from config.json"})
+    dtype: str = field(default="auto", metadata={"help": "auto | bfloat16 | float16 | float32"})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flash_attention_2"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: nf4, double quant, bf16 compute"})
+    load_in_8bit: bool = field(default=False, metadata={"help": "8-bit base (LLM.int8)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "only for checkpoints that need custom code"})
+
+
+@dataclass
+class DataArguments:
+    train_data_path: str = field(default=None, metadata={"help": "training JSONL (REAL-Colon-VQA schema)"})
+    eval_data_path: str | None = field(default=None, metadata={"help": "evaluation JSONL (held-out video)"})
+    frames_dir: str | None = field(default=None, metadata={"help": "root of the frames of the training file"})
+    audio_dir: str | None = field(default=None, metadata={"help": "root of the spoken questions (training)"})
+    eval_frames_dir: str | None = field(default=None, metadata={"help": "default: --frames_dir"})
+    eval_audio_dir: str | None = field(default=None, metadata={"help": "default: --audio_dir"})
+    frame_path_template: str = field(default="{video_id}/{frame}.jpg")
+    audio_path_template: str = field(default="{video_id}/{id}.wav")
+    frame_size: int = field(default=384, metadata={"help": "longest frame edge in pixels (the pixel budget)"})
+    max_pixels: int | None = field(default=None, metadata={"help": "alternative budget: frame_size = sqrt"})
+    max_train_frames: int | None = field(default=None, metadata={"help": "evenly spaced, first and last kept"})
+    max_eval_frames: int | None = field(default=None, metadata={"help": "default: the training frame count"})
+    question_modality: str = field(default="text", metadata={"help": "text | audio | text+audio"})
+    frames_as: str = field(default="video", metadata={"help": "video (temporal merging) | images"})
+    model_max_length: int = field(default=4096)
+    skip_overlong: bool = field(default=False, metadata={"help": "skip (and count) samples longer than the limit"})
+    skip_bad_samples: bool = field(default=False, metadata={"help": "skip (and list) samples with bad data"})
+    eval_generate_samples: int = field(
+        default=0, metadata={"help": "generate on the first N eval samples each evaluation → eval_accuracy"}
+    )
+    eval_max_new_tokens: int = field(default=48)
+    eval_batch_size_generate: int = field(default=8)
+    system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT)
+    fps: float = field(default=2.0, metadata={"help": "frame rate the frames were sampled at (rope timing)"})
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_regex: str | None = field(default=None, metadata={"help": "default: the backbone's LLM regex"})
+    train_projectors: bool = field(default=False, metadata={"help": "also train the multimodal projectors"})
+    lora_vision_tower: bool = field(default=False, metadata={"help": "also put LoRA on the vision tower"})
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, LoraArguments, TrainingArguments]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments))
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(argv[0])
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(argv[0])
+    if "--report_to" not in argv:
+        argv += ["--report_to", "none"]
+    return parser.parse_args_into_dataclasses(argv)
+
+
+# -------------------------------------------------------------------------------------------------- checks
+def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
+                  args: TrainingArguments) -> None:
+    """Refuse unsupported combinations before anything heavy happens."""
+    if not data_args.train_data_path:
+        raise ValueError("--train_data_path is required")
+    if data_args.max_pixels is not None:
+        data_args.frame_size = int(math.isqrt(data_args.max_pixels))
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        if args.fp16:
+            raise ValueError("QLoRA computes in bf16: use --bf16 True instead of --fp16")
+        if lora_args.train_projectors and model_args.load_in_8bit:
+            logger.info("projectors stay unquantized under 8-bit loading and are trained in full precision")
+    if data_args.eval_generate_samples and not data_args.eval_data_path:
+        raise ValueError("--eval_generate_samples needs --eval_data_path")
+    if args.metric_for_best_model in ("accuracy", "eval_accuracy") and not data_args.eval_generate_samples:
+        raise ValueError(
+            "--metric_for_best_model accuracy is the generation-scored accuracy: set --eval_generate_samples N"
+        )
+    if args.eval_strategy != "no" and not data_args.eval_data_path:
+        raise ValueError(f"--eval_strategy {args.eval_strategy} needs --eval_data_path")
+    if model_args.dtype == "auto":
+        model_args.dtype = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
+    LoadOptions(dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
+                load_in_4bit=model_args.load_in_4bit, load_in_8bit=model_args.load_in_8bit).validate()
+
+
+def media_config(data_args: DataArguments, *, eval: bool = False) -> MediaConfig:
+    frames_dir = (data_args.eval_frames_dir if eval else None) or data_args.frames_dir
+    audio_dir = (data_args.eval_audio_dir if eval else None) or data_args.audio_dir
+    return MediaConfig(
+        frames_dir=frames_dir,
+        audio_dir=audio_dir,
+        frame_path_template=data_args.frame_path_template,
+        audio_path_template=data_args.audio_path_template,
+        frame_size=data_args.frame_size,
+        max_frames=(data_args.max_eval_frames or data_args.max_train_frames) if eval else data_args.max_train_frames,
+        question_modality=data_args.question_modality,
+    )
+
+
+def load_checked(path: str, media: MediaConfig, skip_bad: bool, scoring: bool = False) -> list[Sample]:
+    """Build every Sample up front; report all problems at once (or skip them, listed, with --skip_bad_samples)."""
+    samples, problems = load_samples(path, media, require_scoring_fields=scoring, skip_bad=skip_bad)
+    if problems:
+        logger.warning("%s: skipped %d bad sample(s):\n%s", path, len(problems),
+                       "\n".join(f"  {p}" for p in problems[:50]))
+    if not samples:
+        raise DataError([Problem(source=path, key=None, message="no usable samples")])
+    return samples
+
+
+def drop_overlong(samples: list[Sample], collator: VQACollator, max_frames: int | None, skip: bool,
+                  max_length: int) -> list[Sample]:
+    """Pre-flight: token count per sample from frame headers and audio lengths (nothing decoded)."""
+    import soundfile
+    from PIL import Image
+
+    from surgvqa.media import fit_to_budget, subsample_indices
+
+    kept, overlong = [], []
+    size_cache: dict[tuple, tuple[int, int]] = {}
+    for sample in samples:
+        if not sample.frame_paths:  # video files: checked when decoded
+            kept.append(sample)
+            continue
+        with Image.open(sample.frame_paths[0]) as img:
+            raw = img.size
+        if raw not in size_cache:
+            w, h = fit_to_budget(raw[0], raw[1], collator.frame_size)
+            size_cache[raw] = (h, w)
+        n_frames = len(subsample_indices(len(sample.frame_paths), max_frames))
+        audio_len = None
+        if sample.audio_path is not None and "audio" in collator.question_modality:
+            info = soundfile.info(str(sample.audio_path))
+            audio_len = math.ceil(info.frames * 16000 / info.samplerate)
+        length = collator.sequence_length(sample.question, sample.answer, size_cache[raw], n_frames, audio_len)
+        (overlong if length > max_length else kept).append(sample)
+    if overlong:
+        listed = ", ".join(f"{s.key}" for s in overlong[:20])
+        if not skip:
+            raise OverlongSampleError(
+                f"{len(overlong)} sample(s) exceed --model_max_length {max_length}: {listed}. Raise "
+                "--model_max_length, lower --frame_size / --max_train_frames, or pass --skip_overlong"
+            )
+        logger.warning("skipping %d overlong sample(s): %s", len(overlong), listed)
+    return kept
+
+
+# --------------------------------------------------------------------------------------------------- model
+def build_model(model_args: ModelArguments, lora_args: LoraArguments, args: TrainingArguments):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    backbone = backbone_for(model_args.model_name_or_path, model_args.backbone)
+    options = LoadOptions(
+        dtype=model_args.dtype,
+        attn_implementation=model_args.attn_implementation,
+        load_in_4bit=model_args.load_in_4bit,
+        load_in_8bit=model_args.load_in_8bit,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    model = backbone.load(model_args.model_name_or_path, options)
+    processor = backbone.load_processor(model_args.model_name_or_path, model_args.trust_remote_code)
+    original_rows = model.get_input_embeddings().num_embeddings
+    report = repair_tokenizer(processor.tokenizer, model)
+
+    gc_kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
+    args.gradient_checkpointing_kwargs = gc_kwargs
+    if options.quantized:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=args.gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
+        )
+    elif args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        model.enable_input_require_grads()
+
+    target = lora_args.lora_target_regex or backbone.lora_target_regex
+    if lora_args.lora_vision_tower:
+        target = f"({target})|({backbone.vision_lora_regex})"
+    lora_config = LoraConfig(
+        r=lora_args.lora_r,
+        lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        target_modules=target,
+        modules_to_save=list(backbone.projector_modules) if lora_args.train_projectors else None,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora_config)
+    assert_lora_placement(model, backbone, allow_vision=lora_args.lora_vision_tower)
+    model.print_trainable_parameters()
+    return model, processor, backbone, report, original_rows
+
+
+def lora_module_names(model) -> list[str]:
+    return [name for name, module in model.named_modules() if hasattr(module, "lora_A") and len(module.lora_A)]
+
+
+def assert_lora_placement(model, backbone, allow_vision: bool = False) -> None:
+    """No LoRA inside an encoder tower unless asked for (a plain name list would wrap the vision MLP too)."""
+    towers = [t for t in backbone.tower_modules if not (allow_vision and "visual" in t)]
+    for name in lora_module_names(model):
+        for tower in towers:
+            if re.search(rf"(^|\.){re.escape(tower)}\.", name):
+                raise AssertionError(f"LoRA module {name} is inside the tower {tower}")
+    if not lora_module_names(model):
+        raise ValueError("LoRA matched no module: check --lora_target_regex against model.named_modules()")
+
+
+# ------------------------------------------------------------------------------------------------- trainer
+class VQATrainer(Trainer):
+    """Eval loss without keeping logits, plus generation-scored accuracy on a bounded subset."""
+
+    def __init__(self, *args, generation_eval: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.generation_eval = generation_eval
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if self.generation_eval:
+            extra = self.generation_accuracy(metric_key_prefix)
+            self.log(extra)
+            metrics.update(extra)
+        return metrics
+
+    def generation_accuracy(self, prefix: str = "eval") -> dict[str, float]:
+        spec = self.generation_eval
+        dataset, collator = spec["dataset"], spec["collator"]
+        model = self.accelerator.unwrap_model(self.model)
+        hits, no_eos = 0, 0
+        candidates = spec["candidates"]
+        by_key = {s.key: s for s in dataset.samples}
+        for prediction in generate_predictions(
+            model, self.processing_class.tokenizer, dataset, collator,
+            batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"],
+        ):
+            sample = by_key[prediction.key]
+            hits += strict_hit(prediction.text, sample.short_answer, candidates.get(sample.question_type, []))
+            no_eos += not prediction.stopped_by_eos
+        n = len(dataset)
+        return {f"{prefix}_accuracy": hits / n, f"{prefix}_no_eos": no_eos / n}
+
+
+class SurgvqaConfigCallback(TrainerCallback):
+    """Write surgvqa_config.json (and new embedding rows) into every checkpoint so each one is evaluable."""
+
+    def __init__(self, config: dict, original_rows: int):
+        self.config = config
+        self.original_rows = original_rows
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero:
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if path.is_dir():
+                save_outputs_extras(path, self.config, model, self.original_rows)
+        return control
+
+
+def save_outputs_extras(path: Path, config: dict, model, original_rows: int) -> None:
+    write_surgvqa_config(path, config)
+    if config.get("resized_vocab") and model is not None:
+        save_new_token_rows(model, path, original_rows)
+
+
+def run_config(model_args, data_args, lora_args, backbone, report, original_rows, model) -> dict:
+    rows = model.get_input_embeddings().num_embeddings
+    return {
+        "surgvqa_version": __version__,
+        "backbone": backbone.name,
+        "base_model": str(Path(model_args.model_name_or_path).resolve())
+        if Path(model_args.model_name_or_path).exists() else model_args.model_name_or_path,
+        "media": {
+            "frame_path_template": data_args.frame_path_template,
+            "audio_path_template": data_args.audio_path_template,
+            "frame_size": data_args.frame_size,
+            "max_train_frames": data_args.max_train_frames,
+            "max_eval_frames": data_args.max_eval_frames or data_args.max_train_frames,
+            "question_modality": data_args.question_modality,
+            "frames_as": data_args.frames_as,
+            "fps": data_args.fps,
+        },
+        "system_prompt": data_args.system_prompt,
+        "model_max_length": data_args.model_max_length,
+        "lora": asdict(lora_args),
+        "quantization": "4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None,
+        "dtype": model_args.dtype,
+        "tokenizer_repair": report.actions,
+        "resized_vocab": rows if rows != original_rows else None,
+        "original_vocab_rows": original_rows,
+        "train_data_path": data_args.train_data_path,
+        "eval_data_path": data_args.eval_data_path,
+    }
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
+          args: TrainingArguments) -> dict[str, Any]:
+    validate_args(model_args, data_args, lora_args, args)
+    args.remove_unused_columns = False  # items carry media, not model kwargs
+    args.prediction_loss_only = True  # eval keeps no logits: memory is per batch, not per dataset
+    if args.gradient_checkpointing_kwargs is None:
+        args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+
+    # 1. data, fully checked before any model loads
+    train_media = media_config(data_args)
+    train_samples = load_checked(data_args.train_data_path, train_media, data_args.skip_bad_samples)
+    eval_samples, eval_media = [], None
+    if data_args.eval_data_path:
+        eval_media = media_config(data_args, eval=True)
+        eval_samples = load_checked(data_args.eval_data_path, eval_media, data_args.skip_bad_samples,
+                                    scoring=bool(data_args.eval_generate_samples))
+
+    # 2. model
+    model, processor, backbone, report, original_rows = build_model(model_args, lora_args, args)
+    collator_kwargs = dict(
+        question_modality=data_args.question_modality, frame_size=data_args.frame_size,
+        frames_as=data_args.frames_as, model_max_length=data_args.model_max_length,
+        system_prompt=data_args.system_prompt, fps=data_args.fps,
+    )
+    train_collator = VQACollator(processor, mode="train", **collator_kwargs)
+    train_samples = drop_overlong(train_samples, train_collator, train_media.max_frames,
+                                  data_args.skip_overlong, data_args.model_max_length)
+    train_dataset = SurgicalVQADataset(train_samples, train_media)
+    eval_dataset = generation_eval = None
+    if eval_samples:
+        eval_samples = drop_overlong(eval_samples, train_collator, eval_media.max_frames,
+                                     data_args.skip_overlong, data_args.model_max_length)
+        eval_dataset = SurgicalVQADataset(eval_samples, eval_media)
+        if data_args.eval_generate_samples:
+            subset = eval_samples[: data_args.eval_generate_samples]
+            generation_eval = {
+                "dataset": SurgicalVQADataset(subset, eval_media),
+                "collator": VQACollator(processor, mode="generate", **collator_kwargs),
+                "candidates": build_candidates((s.question_type, s.short_answer) for s in eval_samples),
+                "batch_size": data_args.eval_batch_size_generate,
+                "max_new_tokens": data_args.eval_max_new_tokens,
+            }
+
+    config = run_config(model_args, data_args, lora_args, backbone, report, original_rows, model)
+    trainer = VQATrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=train_collator,
+        processing_class=processor,
+        generation_eval=generation_eval,
+        callbacks=[SurgvqaConfigCallback(config, original_rows)],
+    )
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        save_outputs_extras(Path(args.output_dir), config, trainer.model, original_rows)
+        (Path(args.output_dir) / "train_results.json").write_text(json.dumps(result.metrics, indent=2) + "\n")
+    logger.info("adapter, processor and %s written to %s", "surgvqa_config.json", args.output_dir)
+    return {"metrics": result.metrics, "trainer": trainer}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model_args, data_args, lora_args, args = parse_args(argv)
+    try:
+        train(model_args, data_args, lora_args, args)
+    except (DataError, OverlongSampleError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["DataArguments", "LoraArguments", "ModelArguments", "main", "parse_args", "train"]
