@@ -1,0 +1,335 @@
+"""Predictions files in, summaries out: reading (ours and the original toolkit's format), re-scoring, the printed
+per-type table, the per-type plot, and the comparison of a run with a reference run (modality ablation).
+
+Nothing here trusts the per-metric hits stored in a predictions file: scores are always re-computed from the
+prediction and the gold answers by ``surgvqa.metrics``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import warnings
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from surgvqa.metrics import summarize
+
+# Our format (written by the evaluator) and the original toolkit's format.
+OURS_REQUIRED = ("id", "question_type", "short_answer", "answer", "prediction")
+ORIGINAL_REQUIRED = ("question_id", "question_type", "ground_truth", "short_answer", "predicted_answer")
+ORIGINAL_RENAMES = {"question_id": "id", "ground_truth": "answer", "predicted_answer": "prediction"}
+COMPARED_METRICS = ("accuracy", "k_acc", "substring_acc", "exact_match", "bleu4", "rouge_l", "meteor")
+
+
+def _normalize_record(obj: Any, where: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "prediction" in obj or "predicted_answer" not in obj:
+        required, rec = OURS_REQUIRED, dict(obj)
+    else:
+        required = ORIGINAL_REQUIRED
+        rec = {ORIGINAL_RENAMES.get(k, k): v for k, v in obj.items()}
+    missing = [f for f in required if f not in obj]
+    if missing:
+        kind = "original toolkit" if required is ORIGINAL_REQUIRED else "surgvqa"
+        raise ValueError(f"{where}: missing field(s) {', '.join(missing)} ({kind} predictions format)")
+    if rec["prediction"] is None:
+        rec["prediction"] = ""
+    for field in ("prediction", "short_answer", "answer", "question_type"):
+        if not isinstance(rec[field], str):
+            raise ValueError(f"{where}: field {field!r} must be a string, got {type(rec[field]).__name__}")
+    return rec
+
+
+def read_predictions(path: str | Path) -> list[dict[str, Any]]:
+    """Read a predictions file (JSONL or a JSON list) in our format or the original toolkit's.
+
+    The original format's question_id/ground_truth/predicted_answer become id/answer/prediction. Records without
+    video_id are keyed on id alone, with a warning (ids repeat across videos in REAL-Colon-VQA).
+    Raises ValueError naming file:line (or file[item]) for malformed lines and missing fields.
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    items: list[tuple[str, Any]] = []
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of records")
+        items = [(f"{path}[item {i}]", obj) for i, obj in enumerate(data)]
+    else:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: malformed JSON line ({exc.msg})") from exc
+            items.append((f"{path}:{lineno}", obj))
+    records = [_normalize_record(obj, where) for where, obj in items]
+
+    no_video = sum(1 for r in records if r.get("video_id") in (None, ""))
+    if no_video:
+        warnings.warn(
+            f"{path}: {no_video} record(s) have no video_id; keying on question id alone (ids may collide "
+            "across videos)",
+            stacklevel=2,
+        )
+    keys = Counter((r.get("video_id") or None, r["id"]) for r in records)
+    dupes = sum(c - 1 for c in keys.values() if c > 1)
+    if dupes:
+        warnings.warn(f"{path}: {dupes} duplicate (video_id, id) key(s); every line is scored", stacklevel=2)
+    return records
+
+
+def summary_path_for(output_file: str | Path) -> Path:
+    """``preds.jsonl`` -> ``preds.summary.json``; any other name gets ``.summary.json`` appended."""
+    p = Path(output_file)
+    if p.suffix == ".jsonl":
+        return p.with_suffix(".summary.json")
+    return p.with_name(p.name + ".summary.json")
+
+
+def write_summary(summary: Mapping[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def format_table(summary: Mapping[str, Any]) -> str:
+    """A per-type table (n, strict accuracy, Wilson CI, baselines, top predicted answer, COLLAPSE) + overall."""
+    per_type = summary["per_type"]
+    header = ("type", "n", "acc", "95% CI", "major.", "chance", "top predicted (share)", "flag")
+    rows = [header]
+    for qtype, t in per_type.items():
+        lo, hi = t["ci95"]
+        rows.append(
+            (
+                qtype,
+                str(t["n"]),
+                _pct(t["accuracy"]),
+                f"[{100 * lo:.1f}, {100 * hi:.1f}]",
+                _pct(t["majority_baseline"]),
+                _pct(t["chance_baseline"]),
+                f"{t['top_predicted']} ({_pct(t['top_predicted_share'])})",
+                "COLLAPSE" if t["collapse"] else "",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    right = {1, 2, 4, 5}
+    lines = []
+    for i, row in enumerate(rows):
+        cells = [
+            c.rjust(w) if j in right else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lo, hi = summary["accuracy_ci95"]
+    n = summary["n"]
+    delta = summary["delta_vs_baseline"]
+    lines.append("")
+    lines.append(
+        f"overall: n={n}  strict accuracy {_pct(summary['accuracy'])} [{100 * lo:.1f}, {100 * hi:.1f}]  "
+        f"vs {summary['baseline_kind']} baseline {_pct(summary['baseline'])}: {100 * delta:+.1f} pts"
+    )
+    lines.append(
+        f"baselines: majority {_pct(summary['majority_baseline'])}  chance {_pct(summary['chance_baseline'])}"
+    )
+    meteor = (
+        _pct(summary["meteor"])
+        if summary.get("meteor") is not None
+        else (f"unavailable ({summary.get('meteor_unavailable')})")
+    )
+    lines.append(
+        f"K-ACC {_pct(summary['k_acc'])} (n={summary['k_acc_n']} counted)  substring {_pct(summary['substring_acc'])}"
+        f"  exact match {_pct(summary['exact_match'])}  BLEU-4 {summary['bleu4']:.3f}  ROUGE-L {summary['rouge_l']:.3f}"
+        f"  METEOR {meteor}"
+    )
+    eos_unknown = summary.get("eos_unknown", 0)
+    lines.append(
+        f"no EOS (loops / cut at max tokens): {summary['no_eos']} / {n}"
+        + (f"  ({eos_unknown} without stopped_by_eos)" if eos_unknown else "")
+    )
+    collapsed = summary.get("collapsed_types") or []
+    lines.append(f"collapsed types: {', '.join(collapsed) if collapsed else 'none'}")
+    return "\n".join(lines)
+
+
+def plot_per_type(summary: Mapping[str, Any], png_path: str | Path) -> Path:
+    """Bar chart of per-type strict accuracy with Wilson 95% error bars and majority/chance markers (Agg)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    per_type = summary["per_type"]
+    names = list(per_type)
+    acc = [per_type[t]["accuracy"] for t in names]
+    err_lo = [max(0.0, a - per_type[t]["ci95"][0]) for a, t in zip(acc, names, strict=True)]
+    err_hi = [max(0.0, per_type[t]["ci95"][1] - a) for a, t in zip(acc, names, strict=True)]
+    xs = list(range(len(names)))
+    fig = Figure(figsize=(max(6.0, 0.45 * len(names) + 2), 5.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    colors = ["tab:red" if per_type[t]["collapse"] else "tab:blue" for t in names]
+    ax.bar(xs, acc, yerr=[err_lo, err_hi], capsize=3, color=colors, label="strict accuracy (95% CI)")
+    ax.scatter(
+        xs,
+        [per_type[t]["majority_baseline"] for t in names],
+        marker="_",
+        s=300,
+        color="black",
+        zorder=3,
+        label="majority baseline",
+    )
+    ax.scatter(
+        xs,
+        [per_type[t]["chance_baseline"] for t in names],
+        marker="x",
+        s=25,
+        color="gray",
+        zorder=3,
+        label="chance",
+    )
+    ax.set_xticks(xs)
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"per-type strict accuracy (n={summary['n']}; red = collapse)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=120)
+    return png_path
+
+
+def _drop(run: Any, ref: Any) -> float | None:
+    if (
+        isinstance(run, int | float)
+        and isinstance(ref, int | float)
+        and not math.isnan(run)
+        and not math.isnan(ref)
+    ):
+        return float(ref) - float(run)
+    return None
+
+
+def compare(summary: Mapping[str, Any], other_summary: Mapping[str, Any]) -> dict[str, Any]:
+    """How much ``summary`` (e.g. an ablated run) drops relative to ``other_summary`` (the reference run).
+
+    drop = reference - run, in fractions (positive = this run is worse). ``within_reference_ci95`` is True when
+    this run's strict accuracy lies inside the reference's Wilson interval: no measurable drop, i.e. the removed
+    modality is not being used.
+    """
+    metrics = {
+        m: {
+            "run": summary.get(m),
+            "reference": other_summary.get(m),
+            "drop": _drop(summary.get(m), other_summary.get(m)),
+        }
+        for m in COMPARED_METRICS
+    }
+    per_type: dict[str, dict[str, Any]] = {}
+    run_types = summary.get("per_type", {})
+    ref_types = other_summary.get("per_type", {})
+    for qtype in sorted(set(run_types) | set(ref_types)):
+        run_t, ref_t = run_types.get(qtype, {}), ref_types.get(qtype, {})
+        per_type[qtype] = {
+            "n": run_t.get("n"),
+            "reference_n": ref_t.get("n"),
+            "run": run_t.get("accuracy"),
+            "reference": ref_t.get("accuracy"),
+            "drop": _drop(run_t.get("accuracy"), ref_t.get("accuracy")),
+        }
+    ref_ci = other_summary.get("accuracy_ci95") or [None, None]
+    acc = summary.get("accuracy")
+    within = None
+    if acc is not None and None not in ref_ci:
+        within = ref_ci[0] <= acc <= ref_ci[1]
+    return {
+        "n": summary.get("n"),
+        "reference_n": other_summary.get("n"),
+        "same_n": summary.get("n") == other_summary.get("n"),
+        "accuracy_drop": metrics["accuracy"]["drop"],
+        "within_reference_ci95": within,
+        "metrics": metrics,
+        "per_type": per_type,
+    }
+
+
+def format_comparison(
+    comparison: Mapping[str, Any], label: str = "run", reference_label: str = "reference"
+) -> str:
+    """Printable form of ``compare``'s result (drops in percentage points)."""
+    lines = [f"{label} vs {reference_label} (drop = {reference_label} - {label}, percentage points)"]
+    if not comparison.get("same_n"):
+        lines.append(f"WARNING: n differs ({comparison.get('n')} vs {comparison.get('reference_n')})")
+    for m, v in comparison["metrics"].items():
+        if v["drop"] is None:
+            continue
+        lines.append(
+            f"  {m:<14} {_pct(v['run']):>7} vs {_pct(v['reference']):>7}  drop {100 * v['drop']:+.1f}"
+        )
+    for qtype, v in comparison["per_type"].items():
+        if v["drop"] is None:
+            continue
+        lines.append(
+            f"  {qtype:<30} {_pct(v['run']):>7} vs {_pct(v['reference']):>7}  drop {100 * v['drop']:+.1f}"
+        )
+    if comparison.get("within_reference_ci95"):
+        lines.append(f"  NO MEASURABLE DROP: {label} accuracy lies inside the {reference_label} 95% CI")
+    return "\n".join(lines)
+
+
+def rescore(
+    predictions_path: str | Path,
+    output_summary_path: str | Path | None = None,
+    baseline: str | float = "majority",
+) -> dict[str, Any]:
+    """Re-score a predictions file from prediction + gold (stored hits ignored), write and return the summary."""
+    records = read_predictions(predictions_path)
+    summary = summarize(records, baseline=baseline)
+    write_summary(summary, output_summary_path or summary_path_for(predictions_path))
+    return summary
+
+
+def _parse_baseline(value: str) -> str | float:
+    return value if value in ("majority", "chance") else float(value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Re-score a predictions file and print the per-type table.")
+    parser.add_argument("predictions", type=Path)
+    parser.add_argument("--summary", type=Path, default=None, help="where to write the summary JSON")
+    parser.add_argument(
+        "--baseline", type=_parse_baseline, default="majority", help="majority | chance | number"
+    )
+    parser.add_argument(
+        "--compare", type=Path, default=None, help="reference summary JSON (e.g. a normal run)"
+    )
+    parser.add_argument("--plot", type=Path, default=None, help="write the per-type PNG here")
+    args = parser.parse_args(argv)
+    summary = rescore(args.predictions, args.summary, baseline=args.baseline)
+    print(format_table(summary))
+    if args.compare:
+        reference = json.loads(args.compare.read_text(encoding="utf-8"))
+        print()
+        print(format_comparison(compare(summary, reference)))
+    if args.plot:
+        plot_per_type(summary, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

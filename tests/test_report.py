@@ -1,0 +1,210 @@
+"""Tests for surgvqa.report: reading both predictions formats, re-scoring, table, plot, comparison."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from surgvqa.metrics import summarize
+from surgvqa.report import (
+    compare,
+    format_comparison,
+    format_table,
+    main,
+    plot_per_type,
+    read_predictions,
+    rescore,
+    summary_path_for,
+    write_summary,
+)
+
+
+def _rec(qtype, short, prediction, vid="002-001", idx=0, eos=True):
+    return {
+        "video_id": vid,
+        "id": f"qa_{idx:06d}",
+        "question_type": qtype,
+        "question": "?",
+        "answer": f"The answer is {short}.",
+        "short_answer": short,
+        "prediction": prediction,
+        "stopped_by_eos": eos,
+        "new_tokens": 9,
+        "latency_ms": 30.0,
+    }
+
+
+def _records():
+    recs = [_rec("scope_motion", "no" if i < 6 else "yes", "No.", idx=i) for i in range(10)]
+    golds = ["up", "down", "left", "right"] * 2
+    preds = ["upward", "downward", "left", "up", "right", "down", "I cannot tell", "right"]
+    recs += [
+        _rec("motion", g, p, idx=100 + i, eos=i > 0)
+        for i, (g, p) in enumerate(zip(golds, preds, strict=True))
+    ]
+    return recs
+
+
+def _write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _original(rec):
+    return {
+        "question_id": rec["id"],
+        "question_type": rec["question_type"],
+        "question": rec["question"],
+        "ground_truth": rec["answer"],
+        "short_answer": rec["short_answer"],
+        "predicted_answer": rec["prediction"],
+    }
+
+
+# ---------------------------------------------------------------- reading
+
+
+def test_read_predictions_our_format(tmp_path):
+    recs = _records()
+    path = tmp_path / "preds.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs[:3]) + "\n\n" + json.dumps(recs[3]) + "\n")
+    got = read_predictions(path)
+    assert got == recs[:4]
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_read_predictions_original_format(tmp_path, as_list):
+    recs = _records()
+    orig = [_original(r) for r in recs]
+    path = tmp_path / ("orig.json" if as_list else "orig.jsonl")
+    if as_list:
+        path.write_text(json.dumps(orig, indent=2))
+    else:
+        _write_jsonl(path, orig)
+    with pytest.warns(UserWarning, match="ids may collide"):
+        got = read_predictions(path)
+    assert len(got) == len(recs)
+    assert got[0]["id"] == recs[0]["id"]
+    assert got[0]["answer"] == recs[0]["answer"]
+    assert got[0]["prediction"] == recs[0]["prediction"]
+    assert "video_id" not in got[0] and "predicted_answer" not in got[0]
+    # scored the same as our format (EOS is unknown there)
+    ours, theirs = summarize(recs), summarize(got)
+    assert theirs["accuracy"] == ours["accuracy"]
+    assert theirs["no_eos"] == 0 and theirs["eos_unknown"] == len(recs)
+
+
+def test_read_predictions_errors_name_file_and_line(tmp_path):
+    good = json.dumps(_records()[0])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good + "\n" + '{"id": "x", "prediction": \n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: malformed JSON"):
+        read_predictions(bad)
+    missing = tmp_path / "missing.jsonl"
+    rec = _records()[0]
+    del rec["short_answer"]
+    missing.write_text(good + "\n" + good + "\n" + json.dumps(rec) + "\n")
+    with pytest.raises(ValueError, match=r"missing\.jsonl:3: missing field\(s\) short_answer"):
+        read_predictions(missing)
+    orig = _original(_records()[0])
+    del orig["ground_truth"]
+    orig_path = tmp_path / "orig.json"
+    orig_path.write_text(json.dumps([orig]))
+    with pytest.raises(ValueError, match=r"orig\.json\[item 0\]: missing field\(s\) ground_truth"):
+        read_predictions(orig_path)
+    not_obj = tmp_path / "list.jsonl"
+    not_obj.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        read_predictions(not_obj)
+
+
+def test_read_predictions_warns_on_duplicate_keys(tmp_path):
+    rec = _records()[0]
+    path = _write_jsonl(tmp_path / "dup.jsonl", [rec, rec])
+    with pytest.warns(UserWarning, match="duplicate"):
+        assert len(read_predictions(path)) == 2
+
+
+# ---------------------------------------------------------------- summaries
+
+
+def test_summary_path_for():
+    assert summary_path_for("runs/x/preds.jsonl") == Path("runs/x/preds.summary.json")
+    assert summary_path_for("runs/x/preds.json") == Path("runs/x/preds.json.summary.json")
+    assert summary_path_for("preds") == Path("preds.summary.json")
+
+
+def test_rescore_reproduces_summary_and_ignores_stored_hits(tmp_path):
+    recs = _records()
+    expected = summarize(recs)
+    stored = [dict(r, accuracy=True, k_acc=True, substring=True, exact_match=True) for r in recs]
+    preds = _write_jsonl(tmp_path / "preds.jsonl", stored)
+    got = rescore(preds)
+    assert got == expected
+    on_disk = json.loads((tmp_path / "preds.summary.json").read_text())
+    assert on_disk["accuracy"] == pytest.approx(expected["accuracy"])
+    assert on_disk["per_type"]["motion"]["ci95"] == pytest.approx(expected["per_type"]["motion"]["ci95"])
+    other = rescore(preds, tmp_path / "out" / "s.json", baseline=0.25)
+    assert other["baseline_kind"] == "fixed"
+    assert (tmp_path / "out" / "s.json").exists()
+
+
+def test_write_summary_round_trip(tmp_path):
+    s = summarize(_records())
+    path = write_summary(s, tmp_path / "a" / "b.summary.json")
+    assert json.loads(path.read_text()) == json.loads(json.dumps(s))
+
+
+def test_format_table_lists_types_flags_and_overall():
+    s = summarize(_records())
+    table = format_table(s)
+    lines = table.splitlines()
+    sm_line = next(line for line in lines if line.startswith("scope_motion"))
+    assert "COLLAPSE" in sm_line and "no (100.0%)" in sm_line and "60.0%" in sm_line
+    mo_line = next(line for line in lines if line.startswith("motion"))
+    assert "COLLAPSE" not in mo_line
+    assert "vs majority baseline" in table
+    assert f"{100 * s['delta_vs_baseline']:+.1f} pts" in table
+    assert "no EOS (loops / cut at max tokens): 1 / 18" in table
+    assert "collapsed types: scope_motion" in table
+    assert "METEOR" in table
+
+
+def test_plot_per_type_writes_png(tmp_path):
+    out = plot_per_type(summarize(_records()), tmp_path / "plots" / "per_type.png")
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 5000
+
+
+def test_compare_states_the_drop():
+    normal = summarize(_records())
+    ablated_recs = _records()
+    for r in ablated_recs:
+        if r["question_type"] == "motion":
+            r["prediction"] = "stable"
+    ablated = summarize(ablated_recs)
+    cmp = compare(ablated, normal)
+    assert cmp["same_n"] is True
+    assert cmp["accuracy_drop"] == pytest.approx(normal["accuracy"] - ablated["accuracy"])
+    assert cmp["per_type"]["motion"]["drop"] == pytest.approx(normal["per_type"]["motion"]["accuracy"])
+    assert cmp["per_type"]["scope_motion"]["drop"] == pytest.approx(0.0)
+    assert cmp["metrics"]["meteor"]["drop"] is None or isinstance(cmp["metrics"]["meteor"]["drop"], float)
+    assert cmp["within_reference_ci95"] is False
+    # a modality the model ignores: no drop, inside the reference CI
+    same = compare(normal, normal)
+    assert same["accuracy_drop"] == 0.0 and same["within_reference_ci95"] is True
+    assert "NO MEASURABLE DROP" in format_comparison(same)
+    text = format_comparison(cmp, label="ablate=video", reference_label="normal")
+    assert "ablate=video vs normal" in text and "motion" in text
+
+
+def test_cli_main(tmp_path, capsys):
+    preds = _write_jsonl(tmp_path / "p.jsonl", _records())
+    ref = write_summary(summarize(_records()), tmp_path / "ref.summary.json")
+    assert main([str(preds), "--compare", str(ref), "--plot", str(tmp_path / "p.png")]) == 0
+    out = capsys.readouterr().out
+    assert "scope_motion" in out and "drop" in out
+    assert (tmp_path / "p.summary.json").exists() and (tmp_path / "p.png").exists()
