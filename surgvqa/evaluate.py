@@ -1,0 +1,269 @@
+"""Evaluate a checkpoint by generated answers: streaming, resumable predictions file + summary + table.
+
+    python evaluate_checkpoint.py --checkpoint_path OUT --eval_data_path test.jsonl --frames_dir frames \
+        --audio_dir audio --output_file preds.jsonl
+    python evaluate_checkpoint.py --score_predictions preds.jsonl      # re-score a file, no model needed
+
+Preprocessing defaults come from the checkpoint's ``surgvqa_config.json``; flags override them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import HfArgumentParser
+
+from surgvqa.backbones import LoadOptions
+from surgvqa.checkpoint import load_for_inference, read_surgvqa_config
+from surgvqa.collate import VQACollator
+from surgvqa.data import DataError, MediaConfig, SurgicalVQADataset, load_samples
+from surgvqa.generate import generate_predictions
+from surgvqa.metrics import build_candidates, score_record, summarize
+from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT
+from surgvqa.report import (
+    compare,
+    format_comparison,
+    format_table,
+    plot_per_type,
+    read_predictions,
+    rescore,
+    summary_path_for,
+    write_summary,
+)
+
+logger = logging.getLogger("surgvqa.evaluate")
+
+
+@dataclass
+class EvalArguments:
+    checkpoint_path: str | None = field(default=None, metadata={"help": "adapter dir, merged model or base model"})
+    eval_data_path: str | None = field(default=None)
+    frames_dir: str | None = field(default=None)
+    audio_dir: str | None = field(default=None)
+    output_file: str | None = field(default=None, metadata={"help": "predictions JSONL (summary beside it)"})
+    base_model_path: str | None = field(default=None, metadata={"help": "override the adapter's recorded base"})
+    backbone: str | None = field(default=None)
+    frame_path_template: str | None = field(default=None)
+    audio_path_template: str | None = field(default=None)
+    frame_size: int | None = field(default=None)
+    max_eval_frames: int | None = field(default=None)
+    question_modality: str | None = field(default=None, metadata={"help": "text | audio | text+audio"})
+    frames_as: str | None = field(default=None)
+    batch_size: int = field(default=8)
+    max_new_tokens: int = field(default=64)
+    baseline: str = field(default="majority", metadata={"help": "'majority', 'chance' or a number such as 0.46"})
+    limit: int | None = field(default=None, metadata={"help": "evaluate only the first N samples"})
+    dtype: str = field(default="auto")
+    attn_implementation: str = field(default="sdpa")
+    load_in_4bit: bool = field(default=False)
+    trust_remote_code: bool = field(default=False)
+    resume: bool = field(default=False, metadata={"help": "skip (video_id, id) keys already in --output_file"})
+    ablate: str | None = field(default=None, metadata={"help": "video | audio | both: grey frames / silence"})
+    compare: str | None = field(default=None, metadata={"help": "a normal run's predictions or summary file"})
+    score_predictions: str | None = field(default=None, metadata={"help": "re-score this predictions file"})
+    skip_bad_samples: bool = field(default=False)
+    plot: str | None = field(default=None, metadata={"help": "write a per-type accuracy PNG here"})
+    device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)"})
+
+
+def parse_baseline(value: str) -> str | float:
+    if value in ("majority", "chance"):
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"--baseline must be 'majority', 'chance' or a number in [0, 1], got {value!r}") from None
+    if not 0 <= number <= 1:
+        raise ValueError(f"--baseline {number} is not a fraction in [0, 1] (write 0.46, not 46)")
+    return number
+
+
+def _load_summary(path: str) -> dict:
+    """A summary JSON, or a predictions file (summarised on the fly)."""
+    if path.endswith(".summary.json"):
+        return json.loads(Path(path).read_text())
+    return summarize(read_predictions(path))
+
+
+def resolve_media(args: EvalArguments, config: dict) -> MediaConfig:
+    saved = config.get("media", {})
+
+    def pick(flag, key, default):
+        return flag if flag is not None else saved.get(key, default)
+
+    return MediaConfig(
+        frames_dir=args.frames_dir,
+        audio_dir=args.audio_dir,
+        frame_path_template=pick(args.frame_path_template, "frame_path_template", "{video_id}/{frame}.jpg"),
+        audio_path_template=pick(args.audio_path_template, "audio_path_template", "{video_id}/{id}.wav"),
+        frame_size=pick(args.frame_size, "frame_size", 384),
+        max_frames=pick(args.max_eval_frames, "max_eval_frames", None),
+        question_modality=pick(args.question_modality, "question_modality", "text"),
+        ablate=args.ablate,
+    )
+
+
+def existing_keys(path: Path) -> set[tuple[str, str]]:
+    if not path.is_file():
+        return set()
+    keys = set()
+    with path.open() as handle:
+        for line in handle:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill: dropped, the sample is redone
+                continue
+            keys.add((record["video_id"], record["id"]))
+    return keys
+
+
+def _rewrite_complete_lines(path: Path) -> None:
+    """Drop a trailing partial line left by a kill so appended lines stay valid JSONL."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    good = []
+    for ln in lines:
+        try:
+            json.loads(ln)
+            good.append(ln)
+        except json.JSONDecodeError:
+            pass
+    path.write_text("".join(f"{ln}\n" for ln in good))
+
+
+def evaluate(args: EvalArguments) -> dict[str, Any]:
+    baseline = parse_baseline(args.baseline)
+    if args.score_predictions:
+        target = summary_path_for(args.output_file) if args.output_file else None
+        summary = rescore(args.score_predictions, target, baseline=baseline)
+        print(format_table(summary))
+        return summary
+    for name in ("checkpoint_path", "eval_data_path", "output_file"):
+        if not getattr(args, name):
+            raise ValueError(f"--{name} is required (or use --score_predictions FILE)")
+
+    config = read_surgvqa_config(args.checkpoint_path)
+    media = resolve_media(args, config)
+    samples, problems = load_samples(args.eval_data_path, media, require_scoring_fields=True,
+                                     skip_bad=args.skip_bad_samples)
+    if problems:
+        logger.warning("skipped %d bad sample(s):\n%s", len(problems), "\n".join(f"  {p}" for p in problems[:50]))
+    candidates = build_candidates((s.question_type, s.short_answer) for s in samples)
+    if args.limit is not None:
+        samples = samples[: args.limit]
+
+    output = Path(args.output_file)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if args.resume and output.is_file():
+        _rewrite_complete_lines(output)
+        done = existing_keys(output)
+        todo = [s for s in samples if s.key not in done]
+        logger.info("resume: %d of %d samples already in %s", len(samples) - len(todo), len(samples), output)
+    else:
+        output.write_text("")
+        todo = samples
+
+    if todo:
+        options = LoadOptions(dtype=args.dtype, attn_implementation=args.attn_implementation,
+                              load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code)
+        model, processor, config = load_for_inference(args.checkpoint_path, args.base_model_path, options,
+                                                      backbone=args.backbone)
+        device = args.device or ("cuda" if _cuda() else "cpu")
+        if not args.load_in_4bit:
+            model.to(device)
+        saved = config.get("media", {})
+        collator = VQACollator(
+            processor,
+            question_modality=media.question_modality,
+            frame_size=media.frame_size,
+            frames_as=args.frames_as or saved.get("frames_as", "video"),
+            mode="generate",
+            system_prompt=config.get("system_prompt", DEFAULT_SYSTEM_PROMPT),
+            fps=saved.get("fps", 2.0),
+        )
+        _generate_into(output, model, processor, SurgicalVQADataset(todo, media), collator, candidates, args)
+
+    records = read_predictions(output)
+    wanted = {s.key for s in samples}
+    records = [r for r in records if (r.get("video_id"), r.get("id")) in wanted]
+    summary = summarize(records, baseline=baseline, candidates=candidates)
+    summary.update(
+        checkpoint=str(args.checkpoint_path), eval_data_path=str(args.eval_data_path), ablate=args.ablate,
+        question_modality=media.question_modality, frame_size=media.frame_size, max_eval_frames=media.max_frames,
+        skipped_bad_samples=len(problems),
+    )
+    if args.compare:
+        summary["comparison"] = compare(summary, _load_summary(args.compare))
+    summary_file = write_summary(summary, summary_path_for(output))
+    print(format_table(summary))
+    if args.compare:
+        print(format_comparison(summary["comparison"], label=f"ablate={args.ablate}", reference_label="reference"))
+    if args.plot:
+        plot_per_type(summary, args.plot)
+    print(f"predictions: {output}\nsummary:     {summary_file}")
+    return summary
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _generate_into(output: Path, model, processor, dataset, collator, candidates, args: EvalArguments) -> None:
+    from tqdm.auto import tqdm
+
+    by_key = {s.key: s for s in dataset.samples}
+    hits = seen = 0
+    bar = tqdm(total=len(dataset), desc="evaluating", unit="sample")
+    with output.open("a") as handle:
+        for prediction in generate_predictions(model, processor.tokenizer, dataset, collator,
+                                               batch_size=args.batch_size, max_new_tokens=args.max_new_tokens):
+            sample = by_key[prediction.key]
+            record = {
+                "video_id": sample.video_id,
+                "id": sample.id,
+                "question_type": sample.question_type,
+                "question": sample.question,
+                "answer": sample.answer,
+                "short_answer": sample.short_answer,
+                "prediction": prediction.text,
+                "stopped_by_eos": prediction.stopped_by_eos,
+                "new_tokens": prediction.new_tokens,
+                "latency_ms": round(prediction.latency_ms, 2),
+            }
+            record.update(score_record(record, candidates))
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            seen += 1
+            hits += bool(record["accuracy"])
+            bar.update(1)
+            bar.set_postfix(accuracy=f"{hits / seen:.3f}")
+    bar.close()
+
+
+def parse_args(argv: list[str] | None = None) -> EvalArguments:
+    parser = HfArgumentParser(EvalArguments)
+    (args,) = parser.parse_args_into_dataclasses(list(sys.argv[1:] if argv is None else argv))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        evaluate(parse_args(argv))
+    except (DataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
