@@ -79,6 +79,8 @@ class LoraArguments:
     lora_target_regex: str | None = field(default=None, metadata={"help": "default: the backbone's LLM regex"})
     train_projectors: bool = field(default=False, metadata={"help": "also train the multimodal projectors"})
     lora_vision_tower: bool = field(default=False, metadata={"help": "also put LoRA on the vision tower"})
+    stage: int | None = field(default=None, metadata={"help": "staged backbones: 1 = projector only, 2 = LoRA"})
+    init_from: str | None = field(default=None, metadata={"help": "stage 2: the stage-1 output directory"})
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, LoraArguments, TrainingArguments]:
@@ -184,7 +186,7 @@ def drop_overlong(samples: list[Sample], collator: VQACollator, max_frames: int 
 
 # --------------------------------------------------------------------------------------------------- model
 def build_model(model_args: ModelArguments, lora_args: LoraArguments, args: TrainingArguments):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, prepare_model_for_kbit_training
 
     backbone = backbone_for(model_args.model_name_or_path, model_args.backbone)
     options = LoadOptions(
@@ -220,9 +222,10 @@ def build_model(model_args: ModelArguments, lora_args: LoraArguments, args: Trai
         modules_to_save=list(backbone.projector_modules) if lora_args.train_projectors else None,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora_config)
-    assert_lora_placement(model, backbone, allow_vision=lora_args.lora_vision_tower)
-    model.print_trainable_parameters()
+    model = backbone.make_trainable(model, lora_config, stage=lora_args.stage, init_from=lora_args.init_from)
+    if hasattr(model, "peft_config"):
+        assert_lora_placement(model, backbone, allow_vision=lora_args.lora_vision_tower)
+        model.print_trainable_parameters()
     return model, processor, backbone, report, original_rows
 
 
@@ -292,6 +295,8 @@ class SurgvqaConfigCallback(TrainerCallback):
 
 def save_outputs_extras(path: Path, config: dict, model, original_rows: int) -> None:
     write_surgvqa_config(path, config)
+    if model is not None:
+        backbone_for(config["base_model"], config["backbone"]).save_extras(model, str(path))
     if config.get("resized_vocab") and model is not None:
         save_new_token_rows(model, path, original_rows)
 

@@ -105,6 +105,19 @@ class Backbone:
             )
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
+    def make_trainable(self, model, lora_config, stage: int | None = None, init_from: str | None = None):
+        """Wrap ``model`` for training. Default: PEFT LoRA with ``lora_config`` (staged backbones override)."""
+        if stage not in (None, 2) or init_from is not None:
+            raise ValueError(
+                f"backbone {self.name!r} trains in one stage: --stage and --init_from apply to staged backbones only"
+            )
+        from peft import get_peft_model
+
+        return get_peft_model(model, lora_config)
+
+    def save_extras(self, model, output_dir: str) -> None:
+        """Write backbone-specific trained weights beside the adapter (nothing for single-stage backbones)."""
+
     def warn_if_slow_conv3d(self) -> str | None:
         """torch 2.9.x on CUDA runs Qwen's Conv3d patch embedding 4-20x slower (pytorch#166122)."""
         if self.conv3d_patch_embed is None or not torch.cuda.is_available():
