@@ -25,9 +25,27 @@ if [[ ! -f $DATA/train/in_template.jsonl ]]; then
     --video_ids 002-006 "${audio_flag[@]}"
 fi
 
+# The tiny model has no language prior: it cannot know that "is the endoscope being retracted?" asks what
+# "is the scope pulling back?" asks. So it trains on both wordings of the TRAINING videos (ids of the reworded
+# copy get an "-out" suffix to keep (video_id, id) unique); the test clips stay unseen. A 7B model does not need this.
+if [[ "$MODALITY" == "text" && ! -f $DATA/train/both_templates.jsonl ]]; then
+  "$PYTHON" - "$DATA/train" <<'PY'
+import json, sys
+root = sys.argv[1]
+with open(f"{root}/both_templates.jsonl", "w") as out:
+    for name, suffix in (("in_template.jsonl", ""), ("out_template.jsonl", "-out")):
+        for line in open(f"{root}/{name}"):
+            record = json.loads(line)
+            record["id"] += suffix
+            out.write(json.dumps(record) + "\n")
+PY
+fi
+TRAIN_FILE=$DATA/train/in_template.jsonl
+[[ "$MODALITY" == "text" ]] && TRAIN_FILE=$DATA/train/both_templates.jsonl
+
 rm -rf "$OUT"
 MODEL=$TINY \
-TRAIN_DATA=$DATA/train/in_template.jsonl \
+TRAIN_DATA=$TRAIN_FILE \
 VAL_DATA=$DATA/val/out_template.jsonl \
 TEST_DATA=test_set/out_002-001.jsonl \
 FRAMES_DIR=$DATA/train/frames \

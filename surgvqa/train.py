@@ -326,9 +326,17 @@ def run_config(model_args, data_args, lora_args, backbone, report, original_rows
         "tokenizer_repair": report.actions,
         "resized_vocab": rows if rows != original_rows else None,
         "original_vocab_rows": original_rows,
-        "train_data_path": data_args.train_data_path,
-        "eval_data_path": data_args.eval_data_path,
+        "train_data_path": _resolved(data_args.train_data_path),
+        "eval_data_path": _resolved(data_args.eval_data_path),
+        "frames_dir": _resolved(data_args.frames_dir),
+        "audio_dir": _resolved(data_args.audio_dir),
+        "eval_frames_dir": _resolved(data_args.eval_frames_dir or data_args.frames_dir),
+        "eval_audio_dir": _resolved(data_args.eval_audio_dir or data_args.audio_dir),
     }
+
+
+def _resolved(path: str | None) -> str | None:
+    return str(Path(path).resolve()) if path else None
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,

@@ -16,9 +16,6 @@ from safetensors.torch import load_file
 
 from surgvqa.backbones import LoadOptions, get_backbone
 from surgvqa.train import (
-    DataArguments,
-    LoraArguments,
-    ModelArguments,
     assert_lora_placement,
     build_model,
     lora_module_names,
@@ -128,6 +125,7 @@ def test_yaml_config_and_original_flags(tmp_path):
         "--eval_audio_dir", "ea", "--output_dir", "o", "--per_device_train_batch_size", "1",
         "--gradient_accumulation_steps", "4", "--learning_rate", "2e-4", "--num_train_epochs", "20",
         "--save_strategy", "epoch", "--bf16", "True", "--logging_steps", "5", "--model_name_or_path", "m",
+        "--use_cpu", "True",
     ])
     assert data_args.eval_audio_dir == "ea" and args.gradient_accumulation_steps == 4 and args.bf16
 
