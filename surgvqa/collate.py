@@ -126,9 +126,17 @@ class VQACollator:
             kwargs["images_kwargs"] = self.pixel_kwargs()
         if audios:
             kwargs["audio"] = audios
-            # pad to the longest clip of this batch, not to Whisper's 30 s window
-            kwargs["audio_kwargs"] = {"max_length": max(len(a) for a in audios), "truncation": False}
+            # Pad to the longest clip of this batch, not to Whisper's 30 s window, plus half an STFT window: padded
+            # to exactly its length, the longest clip would lose its last partial frame (one audio token fewer than
+            # in a batch with a longer clip) and its last frame would see reflected samples instead of zeros.
+            extractor = self.processor.feature_extractor
+            longest = max(len(a) for a in audios)
+            kwargs["audio_kwargs"] = {"max_length": longest + extractor.n_fft // 2, "truncation": False}
         encoded = self.processor(**kwargs)
+        if audios:  # drop the all-padding tail: every clip keeps ceil(samples / hop) frames, as at 30 s
+            frames = int(encoded["feature_attention_mask"].sum(-1).max())
+            encoded["input_features"] = encoded["input_features"][..., :frames]
+            encoded["feature_attention_mask"] = encoded["feature_attention_mask"][:, :frames]
 
         # Un-pad the prompts (the processor padded on the left), then rebuild rows with our own padding.
         mask = encoded.pop("attention_mask").bool()
