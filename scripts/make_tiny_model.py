@@ -248,6 +248,9 @@ def build_tiny_model(
     # tiny model cannot learn from speech; a larger conv init makes the spoken question audible.
     for conv in (model.model.audio_tower.conv1, model.model.audio_tower.conv2):
         torch.nn.init.normal_(conv.weight, std=0.2)
+    # A trained LM head gives confident logits; a 0.02-std random one gives near-uniform ones (logit std ~0.2),
+    # so a LoRA on the layers would need many steps just to scale them up. Real checkpoints are unaffected.
+    torch.nn.init.normal_(model.lm_head.weight, std=0.3)
     model.generation_config = GenerationConfig(
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,

@@ -398,6 +398,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     if trainer.is_world_process_zero():
         save_outputs_extras(Path(args.output_dir), config, trainer.model, original_rows)
         (Path(args.output_dir) / "train_results.json").write_text(json.dumps(result.metrics, indent=2) + "\n")
+        # the final directory holds no pickles: the Trainer's training_args.bin becomes readable JSON
+        (Path(args.output_dir) / "training_args.json").write_text(args.to_json_string() + "\n")
+        (Path(args.output_dir) / "training_args.bin").unlink(missing_ok=True)
     logger.info("adapter, processor and %s written to %s", "surgvqa_config.json", args.output_dir)
     return {"metrics": result.metrics, "trainer": trainer}
 
