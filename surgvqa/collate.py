@@ -82,6 +82,10 @@ class VQACollator:
             frames = list(frames) + [frames[-1]] * pad
         return list(frames)
 
+    def _on_grid(self, frame: np.ndarray) -> bool:
+        h, w = frame.shape[:2]
+        return h % 28 == 0 and w % 28 == 0 and max(h, w) <= self.frame_size
+
     def prompt_text(self, question: str, num_frames: int, answer: str | None = None) -> str:
         messages = build_messages(
             question,
@@ -120,6 +124,8 @@ class VQACollator:
             kwargs["videos"] = videos
             kwargs["videos_kwargs"] = {
                 **self.pixel_kwargs(), "do_sample_frames": False, "fps": self.fps, "cap_pixels_per_frame": False,
+                # frames already on the 28-px grid within the budget (the dataset resized them): skip a second resize
+                "do_resize": not all(self._on_grid(f) for video in videos for f in video[:1]),
             }
         if images:
             kwargs["images"] = images

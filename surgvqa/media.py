@@ -106,13 +106,23 @@ def fit_to_budget(
 
 
 def _pil_to_array(img: Any, frame_size: int) -> np.ndarray:
-    from PIL import Image
-
     img = img.convert("RGB")
+    array = np.array(img, dtype=np.uint8)
     size = fit_to_budget(img.width, img.height, frame_size)
     if size != img.size:
-        img = img.resize(size, Image.Resampling.BICUBIC)
-    return np.asarray(img, dtype=np.uint8).copy()
+        array = resize_uint8(array, size)
+    return array
+
+
+def resize_uint8(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Antialiased bicubic resize of an HxWx3 uint8 frame to (width, height) on uint8 tensors (torchvision):
+    within a grey level or two of PIL's bicubic and several times faster."""
+    import torch
+    from torchvision.transforms.v2 import functional as tvf
+
+    tensor = torch.from_numpy(array).permute(2, 0, 1)
+    out = tvf.resize(tensor, [size[1], size[0]], interpolation=tvf.InterpolationMode.BICUBIC, antialias=True)
+    return out.permute(1, 2, 0).contiguous().numpy()
 
 
 def load_frame(path: Path | str, frame_size: int) -> np.ndarray:
