@@ -16,6 +16,7 @@ TRAIN_DATA=${TRAIN_DATA:-$DATA/in_template_train.jsonl}
 VAL_DATA=${VAL_DATA:-$DATA/out_template_val.jsonl}
 TEST_DATA=${TEST_DATA:-$DATA/out_template_test.jsonl}
 FRAMES_DIR=${FRAMES_DIR:-$DATA/frames}
+EVAL_FRAMES_DIR=${EVAL_FRAMES_DIR:-$FRAMES_DIR}
 AUDIO_DIR=${AUDIO_DIR:-$DATA/audio/in_template}
 EVAL_AUDIO_DIR=${EVAL_AUDIO_DIR:-$DATA/audio/out_template}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/qwen2_5_omni_lora}
@@ -45,6 +46,7 @@ fi
   --train_data_path "$TRAIN_DATA" \
   --eval_data_path "$VAL_DATA" \
   --frames_dir "$FRAMES_DIR" \
+  --eval_frames_dir "$EVAL_FRAMES_DIR" \
   "${audio_args[@]}" \
   --question_modality "$QUESTION_MODALITY" \
   --frame_size "$FRAME_SIZE" \
@@ -59,7 +61,7 @@ fi
   --max_steps "$MAX_STEPS" \
   --lora_r "$LORA_R" \
   --lora_alpha $((2 * LORA_R)) \
-  --warmup_ratio 0.03 \
+  --warmup_steps 0.03 \
   --lr_scheduler_type cosine \
   --eval_strategy "$EVAL_STRATEGY" \
   --eval_steps "$EVAL_STEPS" \

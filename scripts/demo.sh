@@ -49,13 +49,14 @@ TRAIN_DATA=$TRAIN_FILE \
 VAL_DATA=$DATA/val/out_template.jsonl \
 TEST_DATA=test_set/out_002-001.jsonl \
 FRAMES_DIR=$DATA/train/frames \
+EVAL_FRAMES_DIR=$DATA/val/frames \
 TEST_FRAMES_DIR=test_set/frames \
 AUDIO_DIR=$DATA/train/audio/in_template \
 EVAL_AUDIO_DIR=$DATA/val/audio/out_template \
 TEST_AUDIO_DIR=test_set/audio/out_002-001 \
 OUTPUT_DIR=$OUT \
 QUESTION_MODALITY=$MODALITY \
-FRAME_SIZE=56 FRAMES=8 BATCH=4 GRAD_ACC=1 LR=${DEMO_LR:-5e-3} EPOCHS=${DEMO_EPOCHS:-4} LORA_R=16 \
+FRAME_SIZE=56 FRAMES=8 BATCH=4 GRAD_ACC=1 LR=${DEMO_LR:-5e-3} EPOCHS=${DEMO_EPOCHS:-2} LORA_R=16 \
 EVAL_GENERATE_SAMPLES=48 EVAL_BATCH=16 WORKERS=0 PRECISION="--use_cpu True --disable_tqdm True" \
 PYTHON=$PYTHON bash train_with_eval_FINAL.sh --train_projectors True --eval_max_new_tokens 24 \
   --eval_batch_size_generate 16 --seed 0

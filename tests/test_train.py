@@ -237,3 +237,17 @@ def test_two_process_ddp_on_cpu(tiny_model_dir, test_set, tmp_path):
     assert state["train_loss"] > 0
     # 3 steps x 2 per device x 2 processes = 12 of 50 samples: both ranks consumed data
     assert state["epoch"] == pytest.approx(12 / 50, abs=0.01)
+
+
+def test_shipped_recipe_config_parses():
+    """configs/a100_qwen2_5_omni.yaml names only real arguments (checked with use_cpu: no GPU here)."""
+    import yaml
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from surgvqa.train import DataArguments, LoraArguments, ModelArguments
+
+    config = yaml.safe_load((REPO / "configs" / "a100_qwen2_5_omni.yaml").read_text())
+    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments))
+    model_args, data_args, lora_args, args = parser.parse_dict({**config, "use_cpu": True})
+    assert args.metric_for_best_model == "eval_accuracy" or args.metric_for_best_model == "accuracy"
+    assert (data_args.max_train_frames, data_args.frame_size, args.gradient_accumulation_steps) == (8, 384, 4)
