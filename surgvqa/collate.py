@@ -83,8 +83,11 @@ class VQACollator:
         return list(frames)
 
     def _on_grid(self, frame: np.ndarray) -> bool:
+        """Frame already on the vision grid (patch x merge: 28 px for Qwen2/2.5, 32 for Qwen3) within budget."""
+        video_processor = self.processor.video_processor
+        grid = int(getattr(video_processor, "patch_size", 14)) * int(getattr(video_processor, "merge_size", 2))
         h, w = frame.shape[:2]
-        return h % 28 == 0 and w % 28 == 0 and max(h, w) <= self.frame_size
+        return h % grid == 0 and w % grid == 0 and max(h, w) <= self.frame_size
 
     def prompt_text(self, question: str, num_frames: int, answer: str | None = None) -> str:
         messages = build_messages(
