@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import enable_full_determinism
 
 from surgvqa import __version__
 from surgvqa.backbones import LoadOptions, backbone_for
@@ -356,7 +357,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         eval_samples = load_checked(data_args.eval_data_path, eval_media, data_args.skip_bad_samples,
                                     scoring=bool(data_args.eval_generate_samples))
 
-    # 2. model
+    # 2. model (seeded first: LoRA's random init must be reproducible for resume and comparisons)
+    if args.full_determinism:
+        enable_full_determinism(args.seed)
+    else:
+        set_seed(args.seed)
     model, processor, backbone, report, original_rows = build_model(model_args, lora_args, args)
     collator_kwargs = dict(
         question_modality=data_args.question_modality, frame_size=data_args.frame_size,

@@ -189,7 +189,7 @@ def _adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_kill_and_resume_matches_uninterrupted(tiny_model_dir, test_set, tmp_path):
     """kill -9 after the first checkpoint, resume: the final adapter equals an uninterrupted run."""
-    common = ["--max_steps", "8", "--save_strategy", "steps", "--save_steps", "4", "--learning_rate", "3e-3",
+    common = ["--max_steps", "40", "--save_strategy", "steps", "--save_steps", "4", "--learning_rate", "3e-3",
               "--lr_scheduler_type", "constant", "--full_determinism", "True"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     straight = tmp_path / "straight"
@@ -202,11 +202,11 @@ def test_kill_and_resume_matches_uninterrupted(tiny_model_dir, test_set, tmp_pat
     )
     checkpoint = killed / "checkpoint-4"
     deadline = time.time() + 300
-    while not (checkpoint / "trainer_state.json").is_file():
+    complete = ("trainer_state.json", "rng_state.pth", "optimizer.pt", "adapter_model.safetensors")
+    while not all((checkpoint / name).is_file() for name in complete):
         assert proc.poll() is None, "training ended before its first checkpoint"
         assert time.time() < deadline
-        time.sleep(0.2)
-    time.sleep(0.5)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "adapter_model.safetensors").exists(), "run finished before the kill"
@@ -218,7 +218,7 @@ def test_kill_and_resume_matches_uninterrupted(tiny_model_dir, test_set, tmp_pat
     a, b = _adapter_tensors(straight), _adapter_tensors(killed)
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.slow
