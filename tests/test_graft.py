@@ -553,7 +553,7 @@ def spoken_topic_data(root: Path, eval_clips: int = 12) -> dict[str, Path]:
 
 def test_spoken_question_beats_majority_and_needs_the_audio(tmp_path_factory, graft_dir):
     """Audio-only questions (question_modality audio) whose answer depends only on which question is spoken: after
-    stage 1 (10 steps) and stage 2 (50 steps) the tiny graft (default settings: Whisper's 30 s window, output
+    stage 1 (10 steps) and stage 2 (100 steps) the tiny graft (default settings: Whisper's 30 s window, output
     trimmed, 2x pooling) beats the majority baseline on clips it never saw, and with the audio silenced
     (--ablate audio) it falls back to (or below) the majority. ~30 s on 2 busy cores with one torch thread."""
     from surgvqa.evaluate import main as evaluate_main
@@ -567,7 +567,7 @@ def test_spoken_question_beats_majority_and_needs_the_audio(tmp_path_factory, gr
     assert train_main(_train_args(graft, stage1, *train, "--stage", "1", "--max_steps", "10",
                                   "--learning_rate", "1e-2", "--lr_scheduler_type", "constant")) == 0
     assert train_main(_train_args(graft, stage2, *train, "--stage", "2", "--init_from", str(stage1),
-                                  "--max_steps", "50", "--learning_rate", "5e-3")) == 0
+                                  "--max_steps", "100", "--learning_rate", "5e-3")) == 0
 
     summaries = {}
     for ablate in (None, "audio"):
