@@ -69,26 +69,9 @@ def _tiny_model_script():
 
 def build_vl_tokenizer(vocab_kind: str = "tiny"):
     """make_tiny_model's tokenizer (same BPE, pad <|endoftext|>, eos <|im_end|>) with Qwen-VL's special tokens."""
-    from transformers import Qwen2Tokenizer
-
-    tiny = _tiny_model_script()
-    vocab, merges = tiny._qwen_vocab() if vocab_kind == "qwen" else tiny._train_tiny_bpe(1024)
-    vocab = dict(vocab)
-    first_special = len(vocab)
-    for offset, token in enumerate(QWEN_VL_SPECIAL_TOKENS):
-        vocab[token] = first_special + offset
-    tokenizer = Qwen2Tokenizer(
-        vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        extra_special_tokens=dict(MODEL_SPECIFIC_TOKENS), model_max_length=32768,
-        clean_up_tokenization_spaces=False,
+    return _tiny_model_script().build_tokenizer(
+        vocab_kind, special_tokens=QWEN_VL_SPECIAL_TOKENS, model_specific_tokens=MODEL_SPECIFIC_TOKENS
     )
-    tokenizer.add_special_tokens(
-        {"extra_special_tokens": [t for t in QWEN_VL_SPECIAL_TOKENS if t not in MODEL_SPECIFIC_TOKENS.values()]},
-        replace_extra_special_tokens=False,
-    )
-    for token in QWEN_VL_SPECIAL_TOKENS:  # ids must not have moved
-        assert tokenizer.convert_tokens_to_ids(token) == vocab[token], token
-    return tokenizer
 
 
 def build_vl_processor(tokenizer, kind: str = "qwen2_vl", frame_size: int = 56):

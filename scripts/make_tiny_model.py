@@ -110,8 +110,17 @@ def _qwen_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
-def build_tokenizer(vocab_kind: str = "tiny", tiny_vocab_size: int = 1024):
-    """A Qwen2Tokenizer whose special tokens follow the real vocabulary (pad ``<|endoftext|>``, eos ``<|im_end|>``)."""
+def build_tokenizer(
+    vocab_kind: str = "tiny",
+    tiny_vocab_size: int = 1024,
+    special_tokens: list[str] = QWEN_OMNI_SPECIAL_TOKENS,
+    model_specific_tokens: dict[str, str] = MODEL_SPECIFIC_TOKENS,
+):
+    """A Qwen2Tokenizer whose special tokens follow the real vocabulary (pad ``<|endoftext|>``, eos ``<|im_end|>``).
+
+    ``special_tokens`` are appended after the regular vocabulary in the given (real) order; the defaults are
+    Qwen2.5-Omni's, other Qwen families pass their own lists.
+    """
     from transformers import Qwen2Tokenizer
 
     if vocab_kind == "qwen":
@@ -122,7 +131,7 @@ def build_tokenizer(vocab_kind: str = "tiny", tiny_vocab_size: int = 1024):
         raise ValueError(f"--vocab must be 'tiny' or 'qwen', got {vocab_kind!r}")
     vocab = dict(vocab)
     first_special = len(vocab)
-    for offset, token in enumerate(QWEN_OMNI_SPECIAL_TOKENS):
+    for offset, token in enumerate(special_tokens):
         vocab[token] = first_special + offset
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
@@ -130,15 +139,16 @@ def build_tokenizer(vocab_kind: str = "tiny", tiny_vocab_size: int = 1024):
         unk_token=None,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        extra_special_tokens=dict(MODEL_SPECIFIC_TOKENS),
+        extra_special_tokens=dict(model_specific_tokens),
         model_max_length=32768,
         clean_up_tokenization_spaces=False,
     )
+    named = set(model_specific_tokens.values())
     tokenizer.add_special_tokens(
-        {"extra_special_tokens": [t for t in QWEN_OMNI_SPECIAL_TOKENS if t not in MODEL_SPECIFIC_TOKENS.values()]},
+        {"extra_special_tokens": [t for t in special_tokens if t not in named]},
         replace_extra_special_tokens=False,
     )
-    for token in QWEN_OMNI_SPECIAL_TOKENS:  # ids must not have moved
+    for token in special_tokens:  # ids must not have moved
         assert tokenizer.convert_tokens_to_ids(token) == vocab[token], token
     return tokenizer
 
