@@ -137,6 +137,21 @@ def subset_jsonl(src: Path, n: int, dst: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------- memory
+class TimedCollator:
+    """Delegates to the collator and adds up the seconds spent in it (``mode`` passes through)."""
+
+    def __init__(self, collator) -> None:
+        self.collator = collator
+        self.mode = collator.mode
+        self.seconds = 0.0
+
+    def __call__(self, items):
+        start = time.perf_counter()
+        batch = self.collator(items)
+        self.seconds += time.perf_counter() - start
+        return batch
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set size so far (``ru_maxrss``: KiB on Linux) in MiB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

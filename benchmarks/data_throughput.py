@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    TimedCollator,
     _digest,
     add_threads_arg,
     cached_build,
@@ -50,20 +51,6 @@ def decode_only(samples) -> None:
             with Image.open(path) as img:
                 img.load()
         sf.read(str(sample.audio_path), dtype="float32")
-
-
-class TimedCollator:
-    """Delegates to the collator and adds up the seconds spent in it."""
-
-    def __init__(self, collator) -> None:
-        self.collator = collator
-        self.seconds = 0.0
-
-    def __call__(self, items):
-        start = time.perf_counter()
-        batch = self.collator(items)
-        self.seconds += time.perf_counter() - start
-        return batch
 
 
 def data_path(dataset, collator, batch_size: int, num_workers: int = 0) -> tuple[float, float, int]:

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     REPO,
+    TimedCollator,
     add_threads_arg,
     current_rss_mb,
     emit_result,
@@ -88,21 +89,6 @@ def child(argv: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------- part 1 (in-process)
-class TimedCollator:
-    """Delegates to the collator and adds up the seconds spent in it (``mode`` passes through)."""
-
-    def __init__(self, collator) -> None:
-        self.collator = collator
-        self.mode = collator.mode
-        self.seconds = 0.0
-
-    def __call__(self, items):
-        start = time.perf_counter()
-        batch = self.collator(items)
-        self.seconds += time.perf_counter() - start
-        return batch
-
-
 def one_pass(model, tokenizer, dataset, collator, batch_size: int, max_new_tokens: int) -> dict:
     from surgvqa.generate import generate_predictions
 
