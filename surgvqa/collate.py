@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, build_messages
+from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, build_messages, check_question_modality
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +50,7 @@ class VQACollator:
             raise ValueError(f"mode must be 'train' or 'generate', got {self.mode!r}")
         if self.frames_as not in ("video", "images"):
             raise ValueError(f"frames_as must be 'video' or 'images', got {self.frames_as!r}")
-        if self.question_modality not in ("text", "audio", "text+audio"):
-            raise ValueError(f"question_modality must be text, audio or text+audio; got {self.question_modality!r}")
+        check_question_modality(self.question_modality)
         tokenizer = self.processor.tokenizer
         self.end_of_turn_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         if self.end_of_turn_id is None or self.end_of_turn_id == tokenizer.unk_token_id:

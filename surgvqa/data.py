@@ -23,7 +23,6 @@ from torch.utils.data import Dataset
 from surgvqa.media import (
     ABLATIONS,
     DEFAULT_SAMPLING_RATE,
-    QUESTION_MODALITIES,
     MediaConfig,
     MediaError,
     audio_duration,
@@ -34,6 +33,7 @@ from surgvqa.media import (
     silence_like,
     subsample_indices,
 )
+from surgvqa.prompts import QUESTION_MODALITIES
 from surgvqa.samples import (
     AUDIO_EXTENSIONS,
     IMAGE_EXTENSIONS,
