@@ -1,9 +1,10 @@
 """User errors: a bad flag value, a missing file, a directory where a file is expected, incompatible flags.
 
 Raise :class:`UserError` (a ``ValueError``) with a message that names the flag or the file and says how to fix it.
-The command line (:func:`run_main`) prints it as one ``error: …`` line and exits 2, never with a traceback; other
-``ValueError``/``OSError`` reaching a command line are treated the same way (set ``SURGVQA_TRACEBACK=1`` to see
-the traceback instead). A leaf module: it imports nothing from ``surgvqa``.
+The command line (:func:`run_main`) prints it as one ``error: …`` line and exits 2, never with a traceback; so does
+any ``ValueError`` raised by surgvqa's own checks (set ``SURGVQA_TRACEBACK=1`` to see the traceback instead). An
+exception from a library keeps its traceback: that is a bug to report, not a flag to fix. A leaf module: it imports
+nothing from ``surgvqa``.
 """
 
 from __future__ import annotations
@@ -61,18 +62,29 @@ def writable_file(path: str | Path | None, flag: str) -> Path:
 
 def format_error(err: BaseException) -> str:
     """``error: <message>``: the first line of the message carries the fix; a listing may follow."""
-    message = str(err).strip() or type(err).__name__
-    if isinstance(err, OSError) and err.filename is not None and err.strerror:
-        message = f"{err.filename}: {err.strerror}"
-    return f"error: {message}"
+    return f"error: {str(err).strip() or type(err).__name__}"
+
+
+def _raised_here(err: BaseException) -> bool:
+    """Whether the innermost frame of ``err``'s traceback is surgvqa code (a deliberate check, not a bug)."""
+    tb = err.__traceback__
+    module = ""
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        tb = tb.tb_next
+    return module == "surgvqa" or module.startswith("surgvqa.")
 
 
 def run_main(body: Callable[[], int]) -> int:
-    """Run a command's body; user errors become one ``error: …`` line on stderr and exit status 2."""
+    """Run a command's body; a user error becomes one ``error: …`` line on stderr and exit status 2.
+
+    User errors are :class:`UserError` and the ``ValueError`` checks of surgvqa's own code; a ``ValueError`` or
+    ``OSError`` from a library is a bug or an environment problem and keeps its traceback.
+    """
     try:
         return body()
-    except (UserError, ValueError, OSError) as err:
-        if os.environ.get("SURGVQA_TRACEBACK"):
+    except ValueError as err:
+        if os.environ.get("SURGVQA_TRACEBACK") or not (isinstance(err, UserError) or _raised_here(err)):
             raise
         print(format_error(err), file=sys.stderr)
         return USAGE_EXIT
