@@ -51,13 +51,5 @@ class Qwen25Omni(Backbone):
         return model
 
 
-QWEN2_5_OMNI = Qwen25Omni()
-
-
-def _register() -> None:
-    from surgvqa.backbones import register
-
-    register(QWEN2_5_OMNI)
-
-
-_register()
+#: the instance listed in ``surgvqa.backbones.BACKBONES``
+BACKBONE = QWEN2_5_OMNI = Qwen25Omni()
