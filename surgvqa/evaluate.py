@@ -11,6 +11,7 @@ refused unless ``--frame_size``, ``--question_modality`` and ``--frames_as`` are
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -21,6 +22,7 @@ from typing import Any
 from transformers import HfArgumentParser
 
 from surgvqa.backbones import LoadOptions
+from surgvqa.backbones.base import vision_grid
 from surgvqa.checkpoint import load_for_inference
 from surgvqa.collate import VQACollator
 from surgvqa.data import MediaConfig, SurgicalVQADataset, load_samples
@@ -195,6 +197,7 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
         if not args.load_in_4bit:
             model.to(device)
         collator = VQACollator(processor, mode="generate", **preprocessing.collator_kwargs())
+        media = dataclasses.replace(media, pixel_multiple=vision_grid(processor))  # the backbone's vision grid
         _generate_into(output, model, processor, SurgicalVQADataset(todo, media), collator, candidates, args)
 
     records = read_predictions(output)
