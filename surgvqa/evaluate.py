@@ -28,7 +28,7 @@ from surgvqa.collate import VQACollator
 from surgvqa.data import MediaConfig, SurgicalVQADataset, load_samples
 from surgvqa.errors import existing_dir, existing_file, one_line_errors, run_main, writable_file
 from surgvqa.generate import generate_predictions
-from surgvqa.metrics import build_candidates, score_record, summarize
+from surgvqa.metrics import build_candidates, parse_baseline, score_record, summarize
 from surgvqa.report import (
     compare,
     format_comparison,
@@ -77,18 +77,6 @@ class EvalArguments:
     skip_bad_samples: bool = field(default=False)
     plot: str | None = field(default=None, metadata={"help": "write a per-type accuracy PNG here"})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)"})
-
-
-def parse_baseline(value: str) -> str | float:
-    if value in ("majority", "chance"):
-        return value
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"--baseline must be 'majority', 'chance' or a number in [0, 1], got {value!r}") from None
-    if not 0 <= number <= 1:
-        raise ValueError(f"--baseline {number} is not a fraction in [0, 1] (write 0.46, not 46)")
-    return number
 
 
 def _load_summary(path: str) -> dict:
