@@ -23,40 +23,39 @@ class UserError(ValueError):
     """An error the user fixes by changing a flag, a file or a path (exit 2, no traceback)."""
 
 
-def existing_file(path: str | Path | None, flag: str) -> Path:
-    """``path`` as a Path when it is an existing file; else a :class:`UserError` naming ``flag``."""
+def _given(path: str | Path | None, flag: str) -> Path:
     if path is None or str(path) == "":
         raise UserError(f"{flag} is required")
-    p = Path(path)
-    if p.is_dir():
-        raise UserError(f"{flag} {p} is a directory; pass a file")
-    if not p.is_file():
-        raise UserError(f"{flag} {p} does not exist; check the path")
+    return Path(path)
+
+
+def _existing(path: str | Path | None, flag: str, directory: bool) -> Path:
+    p = _given(path, flag)
+    wanted, other = ("directory", "file") if directory else ("file", "directory")
+    if not (p.is_dir() if directory else p.is_file()):
+        raise UserError(f"{flag} {p} is a {other}; pass a {wanted}" if p.exists() else
+                        f"{flag} {p} does not exist; check the path")
     return p
+
+
+def existing_file(path: str | Path | None, flag: str) -> Path:
+    """``path`` as a Path when it is an existing file; else a :class:`UserError` naming ``flag``."""
+    return _existing(path, flag, directory=False)
 
 
 def existing_dir(path: str | Path | None, flag: str) -> Path:
     """``path`` as a Path when it is an existing directory; else a :class:`UserError` naming ``flag``."""
-    if path is None or str(path) == "":
-        raise UserError(f"{flag} is required")
-    p = Path(path)
-    if p.is_file():
-        raise UserError(f"{flag} {p} is a file; pass a directory")
-    if not p.is_dir():
-        raise UserError(f"{flag} {p} does not exist; check the path")
-    return p
+    return _existing(path, flag, directory=True)
 
 
 def writable_file(path: str | Path | None, flag: str) -> Path:
-    """``path`` as a Path when a file can be written there (not a directory, parent not a file)."""
-    if path is None or str(path) == "":
-        raise UserError(f"{flag} is required")
-    p = Path(path)
+    """``path`` as a Path when a file can be written there (not a directory, no parent that is a file)."""
+    p = _given(path, flag)
     if p.is_dir():
         raise UserError(f"{flag} {p} is a directory; pass a file name, e.g. {p / 'predictions.jsonl'}")
-    for parent in p.parents:
-        if parent.exists() and not parent.is_dir():
-            raise UserError(f"{flag} {p}: {parent} is a file, not a directory; choose another path")
+    blocking = next((parent for parent in p.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"{flag} {p}: {blocking} is a file, not a directory; choose another path")
     return p
 
 
