@@ -10,6 +10,7 @@ nothing from ``surgvqa``.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -74,19 +75,23 @@ def _raised_here(err: BaseException) -> bool:
     return module == "surgvqa" or module.startswith("surgvqa.")
 
 
-def run_main(body: Callable[[], int]) -> int:
-    """Run a command's body; a user error becomes one ``error: …`` line on stderr and exit status 2.
+def run_main(body: Callable[[], object], *, logs: bool = False) -> int:
+    """Run a command's body and return its exit status: the body's ``int`` result, else 0. A user error becomes one
+    ``error: …`` line on stderr and status 2. ``logs`` sets up INFO logging with timestamps first.
 
     User errors are :class:`UserError` and the ``ValueError`` checks of surgvqa's own code; a ``ValueError`` or
     ``OSError`` from a library is a bug or an environment problem and keeps its traceback.
     """
+    if logs:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return body()
+        result = body()
     except ValueError as err:
         if os.environ.get("SURGVQA_TRACEBACK") or not (isinstance(err, UserError) or _raised_here(err)):
             raise
         print(format_error(err), file=sys.stderr)
         return USAGE_EXIT
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
 def _one_line_error(parser: argparse.ArgumentParser, message: str):

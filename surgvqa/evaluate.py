@@ -258,13 +258,7 @@ def parse_args(argv: list[str] | None = None) -> EvalArguments:
 
 def main(argv: list[str] | None = None) -> int:
     """``evaluate_checkpoint.py``: 0 evaluated; 2 a user error (bad flag, missing file, bad data): ``error: …``."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    def body() -> int:
-        evaluate(parse_args(argv))
-        return 0
-
-    return run_main(body)
+    return run_main(lambda: evaluate(parse_args(argv)), logs=True)
 
 
 if __name__ == "__main__":

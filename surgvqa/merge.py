@@ -545,18 +545,15 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """``merge_stage2_to_bf16.py``: 0 merged (and verified); 1 verification failed; 2 refused (``error: …``)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
     def body() -> int:
-        result = merge(parse_args(argv))
-        verification = result["verification"]
+        verification = merge(parse_args(argv))["verification"]
         if verification is not None and not verification.passed:
             print("error: verification FAILED (the checkpoint was written, flagged in surgvqa_config.json)",
                   file=sys.stderr)
             return 1
         return 0
 
-    return run_main(body)
+    return run_main(body, logs=True)
 
 
 if __name__ == "__main__":

@@ -444,13 +444,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
 
 def main(argv: list[str] | None = None) -> int:
     """``train_vqa.py``: 0 trained; 2 a user error (bad flag, missing file, bad data), printed as ``error: …``."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    def body() -> int:
-        train(*parse_args(argv))
-        return 0
-
-    return run_main(body)
+    return run_main(lambda: train(*parse_args(argv)), logs=True)
 
 
 if __name__ == "__main__":
