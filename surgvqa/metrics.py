@@ -561,11 +561,17 @@ def _paired_verdict(stats: Mapping[str, Any], removed: str | None, alpha: float)
                 f"removing {removed} RAISES accuracy by {_pts(-drop)} pts, {p_text} ({ci}, n = {stats['n']}); "
                 "check the runs"
             )
-        return f"no measurable drop without {removed}: {_pts(drop)} pts, {p_text} ({ci}, n = {stats['n']})"
+        return (
+            f"no measurable drop without {removed} ({p_text} >= {alpha:g}): observed drop {_pts(drop)} pts "
+            f"({ci}, n = {stats['n']})"
+        )
     if significant:
         better = "reference" if drop > 0 else "run"
         return f"the {better} scores {_pts(abs(drop))} pts higher, {p_text} ({ci}, n = {stats['n']})"
-    return f"no measurable difference: {_pts(-drop)} pts, {p_text} ({ci}, n = {stats['n']})"
+    return (
+        f"no measurable difference ({p_text} >= {alpha:g}): run - reference {_pts(-drop)} pts "
+        f"({ci}, n = {stats['n']})"
+    )
 
 
 def _paired_stats(pairs: Sequence[tuple[bool, bool]], removed: str | None, alpha: float) -> dict[str, Any]:
