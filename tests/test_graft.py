@@ -108,8 +108,11 @@ def test_graft_directory_and_registry(graft_dir, loaded_graft):
     assert config["model_type"] == BACKBONE and backbone_for(graft_dir).name == BACKBONE
     assert config["vl_model_path"] == "vl_model" and config["audio_encoder_path"] == "whisper"  # relative
     assert config["vl_config"]["model_type"] == "qwen2_vl" and config["audio_config"]["num_mel_bins"] == 128
-    assert {"projector.safetensors", "graft_processor.json", "tokenizer.json", "chat_template.jinja"} <= {
+    assert {"projector.safetensors", "processor_config.json", "tokenizer.json", "chat_template.jinja"} <= {
         p.name for p in graft_dir.iterdir()}
+    saved = json.loads((graft_dir / "processor_config.json").read_text())  # the library's processor record
+    assert saved["processor_class"] == "QwenVLWhisperProcessor" and saved["vl_processor_class"] == "Qwen2VLProcessor"
+    assert saved["feature_extractor"]["feature_size"] == 128 and saved["audio_pooling"] == 2
     model, processor = loaded_graft
     tok = processor.tokenizer
     # Qwen-VL names, ids consistent with the VL config; audio tokens added after the VL vocabulary, in its rows
@@ -137,7 +140,8 @@ def test_create_reuses_audio_tokens_the_vocabulary_has(graft_dir, tmp_path):
     """A VL tokenizer that already has <|audio_bos|> <|AUDIO|> <|audio_eos|> keeps their ids (no new tokens)."""
     import shutil
 
-    from surgvqa.backbones.qwen_vl_whisper import QwenVLWhisperProcessor, create_graft
+    from surgvqa.backbones.qwen_vl_whisper.create import create_graft
+    from surgvqa.backbones.qwen_vl_whisper.processing import QwenVLWhisperProcessor
 
     vl = tmp_path / "vl_with_audio_tokens"
     shutil.copytree(graft_dir / "vl_model", vl)
@@ -325,7 +329,7 @@ def test_whisper_window_rebuilt_exactly(loaded_graft):
     computed on 30 s of audio, except the two frames straddling the end of the clip."""
     import soundfile as sf
 
-    from surgvqa.backbones.qwen_vl_whisper import _fit_window
+    from surgvqa.backbones.qwen_vl_whisper.audio import fit_window
 
     _, processor = loaded_graft
     speech, _ = sf.read(TEST_SET / "audio" / "in_002-001" / "002-001" / "qa_000001.wav", dtype="float32")
@@ -334,7 +338,7 @@ def test_whisper_window_rebuilt_exactly(loaded_graft):
         ours = processor.audio_features(clips)
         reference = processor.feature_extractor(clips, sampling_rate=16000, padding="max_length",
                                                 max_length=480000, return_tensors="pt")["input_features"]
-        fitted = _fit_window(ours["input_features"], 3000)
+        fitted = fit_window(ours["input_features"], 3000)
         assert fitted.shape == reference.shape
         for i, n in enumerate(ours["feature_attention_mask"].sum(-1).tolist()):
             assert torch.equal(fitted[i, :, :n], reference[i, :, :n])
@@ -343,7 +347,8 @@ def test_whisper_window_rebuilt_exactly(loaded_graft):
 
 def test_trimmed_encoder_window_and_untrimmed_variant(graft_dir, tmp_path):
     """audio_window='trimmed' cuts the encoder input too; trim_audio=False is the original 1,500-token graft."""
-    from surgvqa.backbones.qwen_vl_whisper import QwenVLWhisperProcessor, load_graft
+    from surgvqa.backbones.qwen_vl_whisper.modeling import load_graft
+    from surgvqa.backbones.qwen_vl_whisper.processing import QwenVLWhisperProcessor
 
     model = load_graft(graft_dir, dtype=torch.float32)
     processor = QwenVLWhisperProcessor.from_pretrained(graft_dir)
@@ -369,7 +374,7 @@ def test_trimmed_encoder_window_and_untrimmed_variant(graft_dir, tmp_path):
 def test_stage1_writes_only_the_projector(graft_stages, graft_dir):
     stage1 = graft_stages["stage1"]
     files = {p.name for p in stage1.iterdir()}
-    assert {"config.json", "projector.safetensors", "graft_processor.json", "surgvqa_config.json"} <= files
+    assert {"config.json", "projector.safetensors", "processor_config.json", "surgvqa_config.json"} <= files
     assert not any(n.endswith("model.safetensors") or n.startswith("adapter_") for n in files)
     assert not (stage1 / "vl_model").exists() and not (stage1 / "audio_encoder").exists()
     assert sum(p.stat().st_size for p in stage1.glob("*.safetensors")) < 100_000  # the projector only
@@ -493,7 +498,7 @@ def test_evaluate_and_merge_flow(graft_stages, tmp_path, test_set):
 
 
 def test_save_pretrained_round_trip(loaded_graft, tmp_path):
-    from surgvqa.backbones.qwen_vl_whisper import QwenVLWhisperForConditionalGeneration
+    from surgvqa.backbones.qwen_vl_whisper.modeling import QwenVLWhisperForConditionalGeneration
 
     model, processor = loaded_graft
     model.save_pretrained(tmp_path / "copy")

@@ -57,7 +57,9 @@ def backbone_for(path: str | Path, name: str | None = None) -> Backbone:
     )
 
 
-import surgvqa.backbones.qwen_vl_whisper  # noqa: E402, F401  (registers itself)
+from surgvqa.backbones.qwen_vl_whisper import BACKBONE as _QWEN_VL_WHISPER  # noqa: E402
+
+register(_QWEN_VL_WHISPER)
 from surgvqa.backbones import qwen2_5_omni  # noqa: E402  (registers itself)
 
 __all__ = ["Backbone", "LoadOptions", "available", "backbone_for", "get_backbone", "qwen2_5_omni", "register"]
