@@ -18,7 +18,7 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
-from surgvqa.backbones import LoadOptions
+from surgvqa.backbones import LoadOptions, get_backbone
 from surgvqa.checkpoint import load_for_inference, read_surgvqa_config
 from surgvqa.collate import VQACollator
 from surgvqa.data import DataError, MediaConfig, SurgicalVQADataset, load_samples
@@ -175,6 +175,7 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
                               load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code)
         model, processor, config = load_for_inference(args.checkpoint_path, args.base_model_path, options,
                                                       backbone=args.backbone)
+        print(f"model: {get_backbone(config['backbone']).describe(model)}")
         device = args.device or ("cuda" if _cuda() else "cpu")
         if not args.load_in_4bit:
             model.to(device)

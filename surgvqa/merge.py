@@ -483,7 +483,7 @@ def pickle_files(directory: Path, allowed: tuple[str, ...] = ()) -> list[str]:
     )
 
 
-def save_output(model, processor, config: dict, args: argparse.Namespace) -> Path:
+def save_output(model, processor, config: dict, args: argparse.Namespace, backbone) -> Path:
     output = Path(args.output_dir)
     if output.is_dir() and args.overwrite_output_dir:  # files an earlier merge wrote and this one may not
         stale = [*output.glob("*.safetensors"), *(output / n for n in (
@@ -491,7 +491,7 @@ def save_output(model, processor, config: dict, args: argparse.Namespace) -> Pat
         for file in stale:
             file.unlink(missing_ok=True)
     output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output, max_shard_size=args.max_shard_size)
+    backbone.save_merged(model, output, config, max_shard_size=args.max_shard_size)
     processor.save_pretrained(output)
     allowed: tuple[str, ...] = ()
     if args.full_omni and (Path(args.base_model_path) / SPEAKER_FILE).is_file():
@@ -547,7 +547,7 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
     config = merged_config(stages, args, backbone.name, thinker.get_input_embeddings().num_embeddings)
     if verification is not None:
         config["merge_verification"] = {k: v for k, v in asdict(verification).items() if k != "differing_answers"}
-    output = save_output(to_save, processor, config, args)
+    output = save_output(to_save, processor, config, args, backbone)
     if verification is not None:
         (output / VERIFICATION_NAME).write_text(json.dumps(asdict(verification), indent=2) + "\n")
     print(f"merged {len(stages)} adapter(s) into {args.base_model_path} ({args.dtype}) -> {output}")

@@ -118,6 +118,14 @@ class Backbone:
     def save_extras(self, model, output_dir: str) -> None:
         """Write backbone-specific trained weights beside the adapter (nothing for single-stage backbones)."""
 
+    def save_merged(self, model, output_dir: str, record: dict | None = None, **kwargs) -> None:
+        """Write a merged model; ``record`` is the merged checkpoint's surgvqa_config (base, adapters merged)."""
+        model.save_pretrained(output_dir, **kwargs)
+
+    def describe(self, model) -> str:
+        """One line saying what ``model`` is, for logs and evaluation output."""
+        return f"{self.name}: {getattr(model, 'name_or_path', '') or type(model).__name__}"
+
     def warn_if_slow_conv3d(self) -> str | None:
         """torch 2.9.x on CUDA runs Qwen's Conv3d patch embedding 4-20x slower (pytorch#166122)."""
         if self.conv3d_patch_embed is None or not torch.cuda.is_available():
