@@ -166,6 +166,31 @@ def test_create_reuses_audio_tokens_the_vocabulary_has(graft_dir, tmp_path):
     assert json.loads((out / "config.json").read_text())["audio_token_id"] == before.convert_tokens_to_ids("<|AUDIO|>")
 
 
+def test_create_command(graft_dir, tmp_path, capsys):
+    """``python -m surgvqa.backbones.qwen_vl_whisper create`` (= ``….create``'s ``main(argv)``): a graft with the
+    settings asked for; a user error is one ``error:`` line and exit status 2."""
+    from surgvqa.backbones.qwen_vl_whisper.create import main
+
+    out = tmp_path / "graft"
+    assert main(["--vl_model", str(graft_dir / "vl_model"), "--audio_encoder", str(graft_dir / "whisper"),
+                 "--output_dir", str(out), "--projector", "mlp", "--audio_window", "trimmed"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["projector_type"], config["audio_window"], config["graft_stage"]) == ("mlp", "trimmed", 0)
+    assert Path(config["vl_model_path"]) == (graft_dir / "vl_model").resolve()  # absolute: nothing is copied
+    assert "--stage 1" in capsys.readouterr().out
+    assert main(["--vl_model", str(graft_dir / "whisper"), "--audio_encoder", str(graft_dir / "whisper"),
+                 "--output_dir", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "'whisper' is not one of qwen2_vl" in err[0]
+
+
+def test_vl_quantization_keeps_the_vision_tower_whole():
+    config = get_backbone(BACKBONE).vl_quantization_config(LoadOptions(load_in_4bit=True))
+    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
+    assert {"model.visual", "lm_head"} <= set(config.llm_int8_skip_modules)  # names inside the VL model
+    assert get_backbone(BACKBONE).vl_quantization_config(LoadOptions()) is None
+
+
 def test_audio_tokens_follow_audio_length(loaded_graft):
     from surgvqa.backbones.qwen_vl_whisper import audio_token_count
 
