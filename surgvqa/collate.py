@@ -196,7 +196,8 @@ class VQACollator:
         kwargs: dict[str, Any] = {}
         if self.frames_as == "video":
             kwargs["video_sizes"] = [(num_frames, h, w)]
-            kwargs["videos_kwargs"] = self.pixel_kwargs()
+            # the frame rate the batch is built with: Qwen3-VL writes one timestamp per frame pair into the prompt
+            kwargs["videos_kwargs"] = {**self.pixel_kwargs(), "fps": self.fps}
         else:
             kwargs["image_sizes"] = [(h, w)] * num_frames
             kwargs["images_kwargs"] = self.pixel_kwargs()

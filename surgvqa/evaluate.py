@@ -21,7 +21,7 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
-from surgvqa.backbones import LoadOptions
+from surgvqa.backbones import LoadOptions, get_backbone
 from surgvqa.backbones.base import vision_grid
 from surgvqa.checkpoint import load_for_inference
 from surgvqa.collate import VQACollator
@@ -186,8 +186,9 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
     if todo:
         options = LoadOptions(dtype=args.dtype, attn_implementation=args.attn_implementation,
                               load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code)
-        model, processor, _ = load_for_inference(args.checkpoint_path, args.base_model_path, options,
-                                                 backbone=args.backbone)
+        model, processor, config = load_for_inference(args.checkpoint_path, args.base_model_path, options,
+                                                      backbone=args.backbone)
+        print(f"model: {get_backbone(config['backbone']).describe(model)}")
         device = args.device or ("cuda" if _cuda() else "cpu")
         if not args.load_in_4bit:
             model.to(device)

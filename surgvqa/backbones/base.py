@@ -126,6 +126,14 @@ class Backbone:
         (``config`` is the run's RunConfig). Nothing for single-stage backbones."""
         return {}
 
+    def save_merged(self, model, output_dir: str, config=None, **kwargs) -> None:
+        """Write a merged model; ``config`` is the merged checkpoint's RunConfig (base, adapters merged)."""
+        model.save_pretrained(output_dir, **kwargs)
+
+    def describe(self, model) -> str:
+        """One line saying what ``model`` is, for logs and evaluation output."""
+        return f"{self.name}: {getattr(model, 'name_or_path', '') or type(model).__name__}"
+
     def warn_if_slow_conv3d(self) -> str | None:
         """torch 2.9.x on CUDA runs Qwen's Conv3d patch embedding 4-20x slower (pytorch#166122)."""
         if self.conv3d_patch_embed is None or not torch.cuda.is_available():
