@@ -47,7 +47,7 @@ REGIMES = ("float32", "bfloat16", "4bit")
 #: model configs of the sweep: text width, MLP width, layers, heads, KV heads, vocabulary, tower width
 CONFIGS = {
     "tiny": dict(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab="tiny", tower=32),
-    "small": dict(hidden=512, intermediate=2736, layers=4, heads=8, kv_heads=1, vocab="tiny", tower=64),
+    "small": dict(hidden=512, intermediate=2688, layers=4, heads=8, kv_heads=1, vocab="tiny", tower=64),
     "small-qwen-vocab": dict(hidden=256, intermediate=1024, layers=3, heads=4, kv_heads=2, vocab="qwen",
                              tower=64),
 }
