@@ -327,6 +327,7 @@ class Point:
     features: dict
     seconds: float
     setting: str
+    settings: tuple = ()
     predicted: int = 0
     loo_predicted: int = 0
     extra: dict = field(default_factory=dict)
@@ -376,7 +377,7 @@ def sweep_train(name: str, model_dir: Path, regime: str, gc_on: bool, device: st
             seconds = train_step(model, optimizer, batch, autocast_dtype, device)
         mode, parts, features = planner.train_breakdown(tokens, batch_size)
         results.append(Point(name, regime, mode, batch_size, tokens.total, meter.peak, sum(parts.values()),
-                             features, seconds, f"{frames}f {size}px {modality}",
+                             features, seconds, f"{frames}f {size}px {modality}", (frames, size, modality, gc_on),
                              extra={"static_measured": static, "weights_planned": parts["weights"]}))
         log(f"{name:>17} {regime:>8} {mode:>8} b{batch_size} {tokens.total:>5} tok: "
             f"{meter.peak / 2**20:9.1f} MiB ({seconds:.2f} s)")
@@ -403,7 +404,7 @@ def sweep_generate(name: str, model_dir: Path, regime: str, device: str, points)
             seconds = generate_step(model, processor.tokenizer, batch, GENERATE_NEW_TOKENS, device)
         parts, features = planner.eval_breakdown(tokens, batch_size)
         results.append(Point(name, regime, "generate", batch_size, tokens.total, meter.peak, sum(parts.values()),
-                             features, seconds, f"{frames}f {size}px {modality}",
+                             features, seconds, f"{frames}f {size}px {modality}", (frames, size, modality, False),
                              extra={"static_measured": static, "weights_planned": parts["weights"]}))
         log(f"{name:>17} {regime:>8} generate b{batch_size} {tokens.total:>5} tok: "
             f"{meter.peak / 2**20:9.1f} MiB ({seconds:.2f} s)")
@@ -519,6 +520,38 @@ def run(device: str, quick: bool, regimes: list[str], configs: list[str]) -> tup
     return points, fit_all(points)
 
 
+def replan(saved: list[dict]) -> list[Point]:
+    """Points of an earlier ``--json`` run with the current planner's exact parts and features (the measured
+    peaks are kept): change the activation model, refit, no new measurement."""
+    from surgvqa.plan import sample_tokens
+
+    points, planners = [], {}
+    for record in saved:
+        frames, size, modality, gc_on = record.get("settings") or _settings(record)
+        key = (record["config"], record["regime"], gc_on)
+        if key not in planners:
+            planners[key] = planner_for(build_model_dir(record["config"], CONFIGS[record["config"]]),
+                                        record["regime"], gc_on, "cpu")
+        planner = planners[key]
+        args = planner.args
+        args.frames, args.frame_size, args.question_modality = frames, size, modality
+        if record["mode"] == "generate":
+            tokens = sample_tokens(planner.processor, args, mode="generate")
+            parts, features = planner.eval_breakdown(tokens, record["batch"])
+        else:
+            tokens = sample_tokens(planner.processor, args, mode="train")
+            _, parts, features = planner.train_breakdown(tokens, record["batch"])
+        points.append(Point(record["config"], record["regime"], record["mode"], record["batch"], tokens.total,
+                            record["measured"], sum(parts.values()), features, record["seconds"], record["setting"],
+                            (frames, size, modality, gc_on), extra=record.get("extra", {})))
+    return points
+
+
+def _settings(record: dict) -> tuple:
+    frames, size, modality = record["setting"].split()
+    return int(frames.rstrip("f")), int(size.removesuffix("px")), modality, record["mode"] == "train_gc"
+
+
 def report(points: list[Point], fits: dict, goal: float) -> bool:
     rows = [[p.config, p.regime, p.mode, p.setting, p.batch, p.tokens, f"{p.measured / 2**20:.1f}",
              f"{p.predicted / 2**20:.1f}", f"{100 * p.error:+.1f}", f"{100 * p.loo_error:+.1f}", f"{p.seconds:.2f}"]
@@ -546,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--coefficients", default=str(REPO / "surgvqa" / "memory_coefficients.json"))
     parser.add_argument("--json", default=None, help="also write every point and the fit to this file")
     parser.add_argument("--goal", type=float, default=0.15)
+    parser.add_argument("--refit", default=None, help="refit the points of an earlier --json run (CPU), no measuring")
     args = parser.parse_args(argv)
     import torch
 
@@ -559,9 +593,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown regime/config {unknown}; regimes {REGIMES}, configs {tuple(CONFIGS)}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    points, fits = run(device, args.quick, regimes, configs)
+    if args.refit:
+        saved = json.loads(Path(args.refit).read_text())
+        device = "cpu" if saved["device"].startswith("CPU") else "cuda"
+        points = replan(saved["points"])
+        fits = fit_all(points)
+    else:
+        points, fits = run(device, args.quick, regimes, configs)
     ok = report(points, fits, args.goal)
-    label = device_label(device)
+    label = saved["device"] if args.refit else device_label(device)
     print(f"\n{label}; {time.perf_counter() - start:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": label, "fits": fits, "points": [

@@ -484,19 +484,23 @@ def activation_features(shape: Shape, batch: int, tokens: int, logit_tokens: int
     bytes per element). ``tokens``: sequence length; ``logit_tokens``: positions the LM head runs on."""
     bt = batch * tokens
     kv = 2 * shape.kv_heads * shape.head_dim
+    scores = batch * shape.heads * tokens * tokens  # attention scores of one layer, if a kernel materialises them
     if mode == "train":
         return {"token_layer_hidden": bt * shape.layers * shape.hidden,
                 "token_layer_mlp": bt * shape.layers * shape.intermediate,
                 "token_layer_kv": bt * shape.layers * kv,
+                "layer_attention": scores * shape.layers,
                 "logit": batch * logit_tokens * shape.vocab}
     if mode == "train_gc":
         return {"token_layer_hidden": bt * shape.layers * shape.hidden,
                 "token_hidden": bt * shape.hidden,
                 "token_mlp": bt * shape.intermediate,
+                "attention": scores,
                 "logit": batch * logit_tokens * shape.vocab}
     if mode == "generate":
         return {"token_hidden": bt * shape.hidden,
                 "token_mlp": bt * shape.intermediate,
+                "attention": scores,
                 "logit": batch * (1 if shape.logits_to_keep else tokens) * shape.vocab}
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
@@ -602,7 +606,8 @@ class Planner:
             "gradients": trainable["grad_bytes"],
             "optimizer": trainable["optimizer_bytes"],
             "inputs": self.inputs_bytes(tokens, batch),
-            "dequantize": 2 * self.shape.largest_linear * DTYPE_BYTES[args.dtype],
+            "dequantize": self.shape.largest_linear * DTYPE_BYTES[args.dtype],
+            "lm_head_cast": self.lm_head_cast_bytes(),
         }
         return mode, parts, activation_features(self.shape, batch, tokens.total, logit_tokens, mode)
 
@@ -617,9 +622,17 @@ class Planner:
             "adapter": 4 * self.lora + self.saved_bytes,
             "inputs": self.inputs_bytes(tokens, batch),
             "kv_cache": kv,
-            "dequantize": 2 * self.shape.largest_linear * DTYPE_BYTES[args.dtype],
+            "dequantize": self.shape.largest_linear * DTYPE_BYTES[args.dtype],
         }
         return parts, activation_features(self.shape, batch, tokens.total, tokens.total, "generate")
+
+    def lm_head_cast_bytes(self) -> int:
+        """Training a 4/8-bit model: the lm_head is fp32 (``kbit_training_dtype``) and autocast keeps its
+        compute-dtype copy for the backward pass."""
+        if not self.args.quantization or kbit_training_dtype() == self.args.dtype:
+            return 0
+        head = next((g for g in self.groups if g.group == "lm_head"), None)
+        return head.params * DTYPE_BYTES[self.args.dtype] if head else 0
 
     @property
     def coefficients(self) -> dict:
@@ -756,7 +769,7 @@ def render(plan: Plan) -> str:
     train, ev = plan.train, plan.eval
     labels = {"weights": "weights", "trainable_params": "trainable params", "gradients": "gradients",
               "optimizer": "optimizer state", "inputs": "inputs", "activations": "activations (fitted)",
-              "dequantize": "4/8-bit dequantize", "adapter": "adapter", "kv_cache": "KV cache (exact)"}
+              "dequantize": "4/8-bit dequantize", "lm_head_cast": "lm_head bf16 copy", "adapter": "adapter", "kv_cache": "KV cache (exact)"}
     lines.append(f"training: batch {train['batch']} x {train['sequence']} tokens ({train['mode']})")
     for key, value in train["parts"].items():
         if value:
