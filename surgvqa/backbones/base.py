@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -187,3 +188,11 @@ def on_vision_grid(frames: Iterable[np.ndarray], grid: int, max_edge: int | None
         if height % grid or width % grid or (max_edge is not None and max(height, width) > max_edge):
             return False
     return True
+
+
+def kept_video_tokens(num_tokens: int, token_kept_ratio: float = 1.0) -> int:
+    """Video tokens entering the language model when token merging keeps ``token_kept_ratio`` of a video's
+    ``num_tokens``: ``ceil(r * n)`` per video (``r = 1.0``: all of them)."""
+    if not 0.0 < token_kept_ratio <= 1.0:
+        raise ValueError(f"token_kept_ratio must be in (0, 1], got {token_kept_ratio!r}")
+    return num_tokens if token_kept_ratio == 1.0 else math.ceil(token_kept_ratio * num_tokens)
