@@ -21,7 +21,15 @@ from transformers import HfArgumentParser
 from surgvqa.backbones import LoadOptions
 from surgvqa.checkpoint import load_for_inference, read_surgvqa_config
 from surgvqa.collate import VQACollator
-from surgvqa.data import DataError, MediaConfig, SurgicalVQADataset, load_samples
+from surgvqa.data import (
+    CONSTANT_VIDEO_ABLATIONS,
+    SHUFFLE_ABLATIONS,
+    DataError,
+    MediaConfig,
+    SurgicalVQADataset,
+    ablation_donors,
+    load_samples,
+)
 from surgvqa.generate import generate_predictions
 from surgvqa.metrics import build_candidates, paired_comparison, score_record, summarize
 from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT
@@ -63,7 +71,12 @@ class EvalArguments:
     load_in_4bit: bool = field(default=False)
     trust_remote_code: bool = field(default=False)
     resume: bool = field(default=False, metadata={"help": "skip (video_id, id) keys already in --output_file"})
-    ablate: str | None = field(default=None, metadata={"help": "video | audio | both: grey frames / silence"})
+    ablate: str | None = field(
+        default=None,
+        metadata={"help": "video (one constant frame for all) | video_shuffle (another sample's frames) | audio "
+                          "(silence) | audio_shuffle (another sample's audio) | both (video + audio)"},
+    )
+    ablation_seed: int = field(default=0, metadata={"help": "seed of the shuffle ablations' donor assignment"})
     compare: str | None = field(
         default=None,
         metadata={"help": "reference run's predictions file (or its summary): paired comparison on the same samples"},
@@ -87,7 +100,23 @@ def parse_baseline(value: str) -> str | float:
 
 
 # What each ablation removes, as the paired comparison's verdict names it ("video carries X pts").
-REMOVED = {"video": "video", "audio": "audio", "both": "video and audio"}
+REMOVED = {
+    "video": "video",
+    "audio": "audio",
+    "both": "video and audio",
+    "video_shuffle": "the sample's own video",
+    "audio_shuffle": "the sample's own audio",
+}
+
+
+def video_fill(processor, frames_as: str) -> tuple[int, int, int]:
+    """The uint8 RGB colour that the processor normalises to (about) zero: its normalisation mean."""
+    part = processor.image_processor if frames_as == "images" else processor.video_processor
+    mean = getattr(part, "image_mean", None)
+    scale = getattr(part, "rescale_factor", 1 / 255) if getattr(part, "do_rescale", True) else 1.0
+    if mean is None or len(mean) != 3:
+        raise ValueError(f"{type(part).__name__} has no 3-channel image_mean; --ablate video cannot pick its fill")
+    return tuple(int(round(min(255.0, max(0.0, m / scale)))) for m in mean)
 
 
 def compare_with(records: list[dict], reference: str, candidates: dict, ablate: str | None) -> dict[str, Any]:
@@ -166,6 +195,9 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
     if args.limit is not None:
         samples = samples[: args.limit]
 
+    # donors over every evaluated sample (not only the ones left after --resume): the same sample always gets
+    # the same donor
+    donors = ablation_donors(samples, args.ablation_seed) if media.ablate in SHUFFLE_ABLATIONS else None
     output = Path(args.output_file)
     output.parent.mkdir(parents=True, exist_ok=True)
     if args.resume and output.is_file():
@@ -195,7 +227,9 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
             system_prompt=config.get("system_prompt", DEFAULT_SYSTEM_PROMPT),
             fps=saved.get("fps", 2.0),
         )
-        _generate_into(output, model, processor, SurgicalVQADataset(todo, media), collator, candidates, args)
+        fill = video_fill(processor, collator.frames_as) if media.ablate in CONSTANT_VIDEO_ABLATIONS else None
+        dataset = SurgicalVQADataset(todo, media, video_fill=fill, donors=donors)
+        _generate_into(output, model, processor, dataset, collator, candidates, args)
 
     records = read_predictions(output)
     wanted = {s.key for s in samples}
@@ -204,6 +238,7 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
     summary.update(
         predictions_file=str(output.resolve()),
         checkpoint=str(args.checkpoint_path), eval_data_path=str(args.eval_data_path), ablate=args.ablate,
+        ablation_seed=args.ablation_seed if args.ablate in SHUFFLE_ABLATIONS else None,
         question_modality=media.question_modality, frame_size=media.frame_size, max_eval_frames=media.max_frames,
         skipped_bad_samples=len(problems),
     )
@@ -248,6 +283,9 @@ def _generate_into(output: Path, model, processor, dataset, collator, candidates
                 "new_tokens": prediction.new_tokens,
                 "latency_ms": round(prediction.latency_ms, 2),
             }
+            if dataset.donors is not None:
+                donor = dataset.donors[sample.key]
+                record["ablation_source"] = [donor.video_id, donor.id]
             record.update(score_record(record, candidates))
             handle.write(json.dumps(record) + "\n")
             handle.flush()

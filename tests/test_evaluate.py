@@ -78,17 +78,25 @@ def test_resume_after_kill_has_no_duplicates(evaluated, trained_adapter, test_se
     assert all(first[(r["video_id"], r["id"])] == r["prediction"] for r in records)
 
 
-def test_ablate_video_and_compare(evaluated, trained_adapter, test_set, tmp_path, capsys):
+@pytest.mark.parametrize("ablate", ["video", "video_shuffle"])
+def test_ablate_video_and_compare(evaluated, trained_adapter, test_set, tmp_path, capsys, ablate):
+    """The shipped test_set end to end under each video ablation, compared with the normal run."""
     out = tmp_path / "blind.jsonl"
     code = main([
         "--checkpoint_path", str(trained_adapter), "--eval_data_path", str(test_set / "out_002-001.jsonl"),
-        "--frames_dir", str(test_set / "frames"), "--output_file", str(out), "--ablate", "video",
+        "--frames_dir", str(test_set / "frames"), "--output_file", str(out), "--ablate", ablate,
         "--compare", str(evaluated.with_name("preds.summary.json")), "--limit", "16", "--baseline", "0.46",
         "--max_new_tokens", "24", "--device", "cpu",
     ])
     assert code == 0
     summary = json.loads(out.with_name("blind.summary.json").read_text())
-    assert summary["ablate"] == "video" and summary["n"] == 16
+    assert summary["ablate"] == ablate and summary["n"] == 16
+    records = _lines(out)
+    if ablate == "video_shuffle":  # one video in test_set: donors come from it, never the sample itself
+        assert summary["ablation_seed"] == 0
+        assert all(r["ablation_source"] != [r["video_id"], r["id"]] for r in records)
+    else:
+        assert all("ablation_source" not in r for r in records)
     assert summary["baseline"] == pytest.approx(0.46)
     comparison = summary["comparison"]
     assert comparison["reference"] == str(evaluated.resolve())  # found from the summary path
@@ -96,7 +104,7 @@ def test_ablate_video_and_compare(evaluated, trained_adapter, test_set, tmp_path
     assert comparison["n_paired"] == 16 and comparison["only_in_reference"]["n"] == 34
     assert comparison["verdict"].startswith("WARNING: the files do not hold the same samples")
     assert {"b", "c", "p_value", "difference_ci95"} <= set(comparison["overall"])
-    assert "paired comparison: ablate=video vs reference" in capsys.readouterr().out
+    assert f"paired comparison: ablate={ablate} vs reference" in capsys.readouterr().out
 
 
 def test_baseline_parsing_and_required_flags(tmp_path):
@@ -121,3 +129,88 @@ def test_missing_frame_is_an_error_naming_the_sample(trained_adapter, test_set, 
     assert code == 1
     err = capsys.readouterr().err
     assert "002-001_0" in err and record["id"] in err
+
+
+# ------------------------------------------------------------------------------ a colour-only task (NBI tint)
+NBI_RGB, WHITE_LIGHT_RGB = (40, 150, 140), (200, 90, 100)
+NBI_ANSWERS = {"yes": "Yes, NBI light is on.", "no": "No, white light is on."}
+
+
+def _write_colour_clips(root: Path, videos: list[str], per_video: int, seed: int) -> Path:
+    """Clips whose only cue is the global tint: NBI green-blue vs white-light red-pink, under per-frame noise
+    and a random blob, so no two frames are alike; half of each video's clips are NBI."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:56, :56]
+    records = []
+    for video in videos:
+        for k in range(per_video):
+            short = "yes" if k % 2 == 0 else "no"
+            names = []
+            for j in range(2):
+                img = np.array(NBI_RGB if short == "yes" else WHITE_LIGHT_RGB, np.float32)
+                img = img + rng.normal(0, 25, (56, 56, 1)) + rng.normal(0, 10, (56, 56, 3))
+                cy, cx = rng.integers(8, 48, 2)
+                img[(yy - cy) ** 2 + (xx - cx) ** 2 < 60] += rng.integers(-60, 60)
+                name = f"{video}_{k}_{j}"
+                path = root / "frames" / video / f"{name}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path, quality=95)
+                names.append(name)
+            records.append({"id": f"qa_{k:04d}", "video_id": video, "frames": names,
+                            "question": "Is NBI light on in these frames?", "question_type": "nbi_status",
+                            "answer": NBI_ANSWERS[short], "short_answer": short})
+    data = root / f"{videos[0][0]}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return data
+
+
+@pytest.fixture(scope="module")
+def colour_task(tiny_model_dir, tmp_path_factory):
+    """A tiny adapter trained (with a wide margin: final loss ~1e-4) to answer 'is NBI on?' from the tint."""
+    from surgvqa.train import main as train_main
+
+    root = tmp_path_factory.mktemp("colour")
+    train = _write_colour_clips(root, ["t1", "t2", "t3", "t4"], 16, seed=0)
+    held_out = _write_colour_clips(root, ["e1", "e2", "e3"], 40, seed=1)
+    adapter = root / "adapter"
+    assert train_main([
+        "--model_name_or_path", str(tiny_model_dir), "--train_data_path", str(train),
+        "--frames_dir", str(root / "frames"), "--frame_size", "56", "--output_dir", str(adapter),
+        "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--lr_scheduler_type", "constant",
+        "--max_steps", "40", "--save_strategy", "no", "--logging_steps", "10", "--use_cpu", "True", "--seed", "0",
+        "--disable_tqdm", "True",
+    ]) == 0
+    return {"root": root, "adapter": adapter, "eval": held_out}
+
+
+def _colour_eval(task, name: str, *extra: str) -> dict:
+    out = task["root"] / f"{name}.jsonl"
+    assert main([
+        "--checkpoint_path", str(task["adapter"]), "--eval_data_path", str(task["eval"]),
+        "--frames_dir", str(task["root"] / "frames"), "--output_file", str(out), "--batch_size", "16",
+        "--max_new_tokens", "10", "--device", "cpu", *extra,
+    ]) == 0
+    return json.loads(out.with_name(f"{name}.summary.json").read_text())
+
+
+def test_colour_task_ablations_remove_the_tint(colour_task):
+    """The answer is the frames' colour: removing the video (one constant frame for all) or giving each sample
+    another sample's frames must bring a >= 90 % model down to the majority baseline, with a paired p < 0.01."""
+    normal = _colour_eval(colour_task, "normal")
+    assert normal["n"] == 120 and normal["accuracy"] >= 0.90
+    reference = str(colour_task["root"] / "normal.jsonl")
+    for ablate in ("video", "video_shuffle"):
+        ablated = _colour_eval(colour_task, ablate, "--ablate", ablate, "--compare", reference)
+        assert ablated["majority_baseline"] == pytest.approx(0.5)
+        assert abs(ablated["accuracy"] - ablated["majority_baseline"]) <= 0.05, (ablate, ablated["accuracy"])
+        comparison = ablated["comparison"]
+        assert comparison["keys_match"] and comparison["n_paired"] == 120
+        assert comparison["overall"]["p_value"] < 0.01
+        assert comparison["overall"]["drop"] >= 0.40
+        assert "carries" in comparison["verdict"]
+    # every shuffled sample saw another video's clip
+    shuffled = _lines(colour_task["root"] / "video_shuffle.jsonl")
+    assert all(r["ablation_source"][0] != r["video_id"] for r in shuffled)
