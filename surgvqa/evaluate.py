@@ -322,27 +322,35 @@ def _complete_lines(path: Path) -> list[str]:
     return lines
 
 
-def previous_lines(args: EvalArguments, output: Path, meta: dict, samples: list[Sample]) -> dict[tuple, str]:
-    """The lines this run may keep, keyed on (video_id, id): from ``--resume``, else none. Refuses to overwrite
-    or mix: an existing output or partial file needs ``--overwrite True`` or a matching ``--resume True``."""
+def refuse_to_overwrite(args: EvalArguments, output: Path) -> None:
+    """Before anything heavy: an existing output or partial file needs ``--overwrite True`` or ``--resume True``
+    (and both files at once need ``--overwrite True`` to resume, since the partial then replaces the output)."""
     partial = partial_path_for(output)
-    if not args.resume:
-        if partial.exists() and not args.overwrite:
+    if args.resume:
+        if partial.exists() and output.exists() and not args.overwrite:
             raise ValueError(
-                f"{partial} is left from an interrupted run; pass --resume True to continue it, or --overwrite True "
-                "to start again"
+                f"both {output} and {partial} exist; --resume continues the partial file and replaces {output} at "
+                "the end: add --overwrite True to allow that, or move one of them"
             )
-        if output.exists() and not args.overwrite:
-            raise ValueError(
-                f"--output_file {output} exists; pass --overwrite True to replace it (only once this run completes), "
-                "--resume True to continue it, or choose another file"
-            )
-        return {}
-    if partial.exists() and output.exists() and not args.overwrite:
+        return
+    if partial.exists() and not args.overwrite:
         raise ValueError(
-            f"both {output} and {partial} exist; --resume continues the partial file and replaces {output} at the "
-            "end: add --overwrite True to allow that, or move one of them"
+            f"{partial} is left from an interrupted run; pass --resume True to continue it, or --overwrite True "
+            "to start again"
         )
+    if output.exists() and not args.overwrite:
+        raise ValueError(
+            f"--output_file {output} exists; pass --overwrite True to replace it (only once this run completes), "
+            "--resume True to continue it, or choose another file"
+        )
+
+
+def previous_lines(args: EvalArguments, output: Path, meta: dict, samples: list[Sample]) -> dict[tuple, str]:
+    """With ``--resume``: the lines of the partial (or finished) output that this run keeps, keyed on
+    (video_id, id), after checking that its meta line matches this run; otherwise none."""
+    if not args.resume:
+        return {}
+    partial = partial_path_for(output)
     source = partial if partial.exists() else output if output.exists() else None
     if source is None:
         logger.info("resume: %s does not exist yet; starting from the first sample", output)
@@ -396,6 +404,7 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
                                str(predictions_path_for(args.compare)) if args.compare else None])
     if not Path(args.eval_data_path).is_file():
         raise ValueError(f"--eval_data_path {args.eval_data_path} is not a file")
+    refuse_to_overwrite(args, output)
 
     settings = checkpoint_settings(args.checkpoint_path)
     media = resolve_media(args, settings)
