@@ -4,7 +4,9 @@
         --audio_dir audio --output_file preds.jsonl
     python evaluate_checkpoint.py --score_predictions preds.jsonl      # re-score a file, no model needed
 
-Preprocessing defaults come from the checkpoint's ``surgvqa_config.json``; flags override them.
+Preprocessing comes from the checkpoint's ``surgvqa_config.json``; flags override it. A checkpoint without one is
+refused unless ``--frame_size``, ``--question_modality`` and ``--frames_as`` are all given, or
+``--allow_default_preprocessing True`` (the meta line and the summary record which: ``preprocessing``).
 
 Nothing is lost and nothing is mixed: predictions stream to ``<output>.partial`` (first line: the run's meta
 record) and the finished file replaces ``<output>`` in one rename, so a failed or killed run leaves an existing
@@ -27,21 +29,20 @@ from transformers import HfArgumentParser
 
 from surgvqa import __version__
 from surgvqa.backbones import LoadOptions
-from surgvqa.checkpoint import load_for_inference, read_surgvqa_config
+from surgvqa.checkpoint import load_for_inference
 from surgvqa.collate import VQACollator
 from surgvqa.data import (
     CONSTANT_VIDEO_ABLATIONS,
     SHUFFLE_ABLATIONS,
-    DataError,
     MediaConfig,
     Sample,
     SurgicalVQADataset,
     ablation_donors,
     load_samples,
 )
+from surgvqa.errors import existing_dir, existing_file, one_line_errors, run_main, writable_file
 from surgvqa.generate import generate_predictions
 from surgvqa.metrics import SCORING_VERSION, build_candidates, paired_comparison, score_record
-from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT
 from surgvqa.report import (
     META_KEY,
     format_paired_comparison,
@@ -56,6 +57,7 @@ from surgvqa.report import (
     summary_path_for,
     write_summary,
 )
+from surgvqa.run_config import EvalPreprocessing, RunConfig, eval_preprocessing
 
 logger = logging.getLogger("surgvqa.evaluate")
 
@@ -81,6 +83,9 @@ class EvalArguments:
     max_eval_frames: int | None = field(default=None)
     question_modality: str | None = field(default=None, metadata={"help": "text | audio | text+audio"})
     frames_as: str | None = field(default=None)
+    allow_default_preprocessing: bool = field(
+        default=False, metadata={"help": "a checkpoint without surgvqa_config.json: use the default preprocessing"}
+    )
     batch_size: int = field(default=8)
     max_new_tokens: int = field(default=64)
     baseline: str | None = field(
@@ -156,40 +161,18 @@ def compare_with(records: list[dict], reference: str, candidates: dict | None, a
 
 
 # ------------------------------------------------------------------------------------------- run settings
-def checkpoint_settings(checkpoint_path: str) -> dict[str, Any]:
-    """What the evaluator needs from the checkpoint's ``surgvqa_config.json`` (the only place it is read)."""
-    config = read_surgvqa_config(checkpoint_path)
-    media = config.get("media", {})
-    return {
-        "backbone": config.get("backbone"),
-        "base_model": config.get("base_model"),
-        "frame_path_template": media.get("frame_path_template"),
-        "audio_path_template": media.get("audio_path_template"),
-        "frame_size": media.get("frame_size"),
-        "max_eval_frames": media.get("max_eval_frames"),
-        "question_modality": media.get("question_modality"),
-        "frames_as": media.get("frames_as"),
-        "fps": media.get("fps"),
-        "system_prompt": config.get("system_prompt"),
-    }
+def resolve_preprocessing(args: EvalArguments) -> EvalPreprocessing:
+    """The checkpoint's recorded preprocessing with the flags given on top (refused when nothing is recorded
+    and the flags do not say it either; see the module docstring)."""
+    flags = {name: getattr(args, name) for name in ("frame_path_template", "audio_path_template", "frame_size",
+                                                    "question_modality", "frames_as")}
+    flags["max_eval_frames"] = args.max_eval_frames
+    return eval_preprocessing(RunConfig.find(args.checkpoint_path), flags, checkpoint=args.checkpoint_path,
+                              allow_defaults=args.allow_default_preprocessing)
 
 
-def resolve_media(args: EvalArguments, settings: dict) -> MediaConfig:
-    def pick(flag, key, default):
-        if flag is not None:
-            return flag
-        return settings.get(key) if settings.get(key) is not None else default
-
-    return MediaConfig(
-        frames_dir=args.frames_dir,
-        audio_dir=args.audio_dir,
-        frame_path_template=pick(args.frame_path_template, "frame_path_template", "{video_id}/{frame}.jpg"),
-        audio_path_template=pick(args.audio_path_template, "audio_path_template", "{video_id}/{id}.wav"),
-        frame_size=pick(args.frame_size, "frame_size", 384),
-        max_frames=pick(args.max_eval_frames, "max_eval_frames", None),
-        question_modality=pick(args.question_modality, "question_modality", "text"),
-        ablate=args.ablate,
-    )
+def resolve_media(args: EvalArguments, preprocessing: EvalPreprocessing) -> MediaConfig:
+    return preprocessing.media_config(args.frames_dir, args.audio_dir, ablate=args.ablate)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -228,16 +211,18 @@ def _abs(path: str | None) -> str | None:
     return str(Path(path).resolve()) if path else None
 
 
-def run_meta(args: EvalArguments, settings: dict, media: MediaConfig, samples: list[Sample], n_skipped: int,
-             candidates: dict[str, list[str]]) -> dict[str, Any]:
+def run_meta(args: EvalArguments, preprocessing: EvalPreprocessing, media: MediaConfig, samples: list[Sample],
+             n_skipped: int, candidates: dict[str, list[str]]) -> dict[str, Any]:
     """The meta record: everything that decides this run's lines, plus what re-scoring needs."""
+    config = RunConfig.find(args.checkpoint_path)
+    collator = preprocessing.collator_kwargs()
     return {
         "format": META_FORMAT,
         "surgvqa_version": __version__,
         "checkpoint": _abs(args.checkpoint_path),
         "checkpoint_sha256": weights_sha256(args.checkpoint_path),
-        "base_model": _abs(args.base_model_path) or settings.get("base_model"),
-        "backbone": args.backbone or settings.get("backbone"),
+        "base_model": _abs(args.base_model_path) or (config.base_model if config else None),
+        "backbone": args.backbone or (config.backbone if config else None),
         "eval_data_path": _abs(args.eval_data_path),
         "eval_data_sha256": sha256_file(args.eval_data_path),
         "frames_dir": _abs(media.frames_dir) or str(Path(args.eval_data_path).resolve().parent / "frames"),
@@ -246,12 +231,13 @@ def run_meta(args: EvalArguments, settings: dict, media: MediaConfig, samples: l
         "audio_path_template": media.audio_path_template,
         "ablate": media.ablate,
         "ablation_seed": args.ablation_seed if media.ablate in SHUFFLE_ABLATIONS else None,
+        "preprocessing": preprocessing.source,
         "question_modality": media.question_modality,
-        "frames_as": args.frames_as or settings.get("frames_as") or "video",
+        "frames_as": collator["frames_as"],
         "frame_size": media.frame_size,
         "max_eval_frames": media.max_frames,
-        "fps": settings.get("fps") or 2.0,
-        "system_prompt": settings.get("system_prompt") or DEFAULT_SYSTEM_PROMPT,
+        "fps": collator["fps"],
+        "system_prompt": collator["system_prompt"],
         "max_new_tokens": args.max_new_tokens,
         "dtype": args.dtype,
         "load_in_4bit": args.load_in_4bit,
@@ -284,7 +270,26 @@ def meta_mismatch(old: dict[str, Any], new: dict[str, Any]) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------- output safety
-def check_paths(args: EvalArguments, output: Path, inputs: list[str | None]) -> None:
+def check_paths(args: EvalArguments) -> None:
+    """Every path flag, before anything is read or written."""
+    if args.score_predictions:
+        existing_file(args.score_predictions, "--score_predictions")
+        if args.output_file:
+            writable_file(args.output_file, "--output_file")
+        if args.compare:
+            existing_file(args.compare, "--compare")
+        return
+    for name in ("checkpoint_path", "eval_data_path", "output_file"):
+        if not getattr(args, name):
+            raise ValueError(f"--{name} is required (or use --score_predictions FILE)")
+    existing_dir(args.checkpoint_path, "--checkpoint_path")
+    existing_file(args.eval_data_path, "--eval_data_path")
+    writable_file(args.output_file, "--output_file")
+    if args.compare:
+        existing_file(args.compare, "--compare")
+
+
+def check_outputs(args: EvalArguments, output: Path, inputs: list[str | None]) -> None:
     """Refuse an output that is a directory or that would overwrite one of this run's inputs."""
     if output.is_dir():
         raise ValueError(f"--output_file {output} is a directory; pass a file name, e.g. {output / 'preds.jsonl'}")
@@ -392,22 +397,18 @@ def _write_atomically(path: Path, text: str) -> None:
 def evaluate(args: EvalArguments) -> dict[str, Any]:
     if args.score_predictions:
         return rescore(args)
-    for name in ("checkpoint_path", "eval_data_path", "output_file"):
-        if not getattr(args, name):
-            raise ValueError(f"--{name} is required (or use --score_predictions FILE)")
+    check_paths(args)
     if args.baseline:
         parse_baseline(args.baseline)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     output = Path(args.output_file)
-    check_paths(args, output, [args.eval_data_path, args.compare,
-                               str(predictions_path_for(args.compare)) if args.compare else None])
-    if not Path(args.eval_data_path).is_file():
-        raise ValueError(f"--eval_data_path {args.eval_data_path} is not a file")
+    check_outputs(args, output, [args.eval_data_path, args.compare,
+                                 str(predictions_path_for(args.compare)) if args.compare else None])
     refuse_to_overwrite(args, output)
 
-    settings = checkpoint_settings(args.checkpoint_path)
-    media = resolve_media(args, settings)
+    preprocessing = resolve_preprocessing(args)
+    media = resolve_media(args, preprocessing)
     samples, problems = load_samples(args.eval_data_path, media, require_scoring_fields=True,
                                      skip_bad=args.skip_bad_samples)
     if problems:
@@ -419,7 +420,7 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
         samples = samples[: args.limit]
     if not samples:
         raise ValueError(f"--eval_data_path {args.eval_data_path}: no usable samples to evaluate")
-    meta = run_meta(args, settings, media, samples, len(problems), candidates)
+    meta = run_meta(args, preprocessing, media, samples, len(problems), candidates)
     kept = previous_lines(args, output, meta, samples)
     todo = [s for s in samples if s.key not in kept]
     # donors over every evaluated sample (not only the ones left after --resume): the same sample always gets
@@ -431,7 +432,7 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
     meta_line = json.dumps({META_KEY: meta}, sort_keys=True)
     _write_atomically(partial, "".join(f"{line}\n" for line in [meta_line, *kept.values()]))
     try:
-        _run_model(args, media, meta, todo, donors, candidates, partial)
+        _run_model(args, media, preprocessing, todo, donors, candidates, partial)
     except Exception:
         if not _complete_lines(partial):  # nothing to resume from: leave no partial file behind
             partial.unlink(missing_ok=True)
@@ -452,8 +453,8 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
     return summary
 
 
-def _run_model(args: EvalArguments, media: MediaConfig, meta: dict, todo: list[Sample], donors, candidates,
-               partial: Path) -> None:
+def _run_model(args: EvalArguments, media: MediaConfig, preprocessing: EvalPreprocessing, todo: list[Sample],
+               donors, candidates, partial: Path) -> None:
     """Load the model and append a line to ``partial`` for every sample in ``todo`` (nothing to do: no load)."""
     if not todo:
         return
@@ -464,15 +465,7 @@ def _run_model(args: EvalArguments, media: MediaConfig, meta: dict, todo: list[S
     device = args.device or ("cuda" if _cuda() else "cpu")
     if not args.load_in_4bit:
         model.to(device)
-    collator = VQACollator(
-        processor,
-        question_modality=media.question_modality,
-        frame_size=media.frame_size,
-        frames_as=meta["frames_as"],
-        mode="generate",
-        system_prompt=meta["system_prompt"],
-        fps=meta["fps"],
-    )
+    collator = VQACollator(processor, mode="generate", **preprocessing.collator_kwargs())
     fill = video_fill(processor, collator.frames_as) if media.ablate in CONSTANT_VIDEO_ABLATIONS else None
     dataset = SurgicalVQADataset(todo, media, video_fill=fill, donors=donors)
     _generate_into(partial, model, processor, dataset, collator, candidates, args)
@@ -532,16 +525,13 @@ def rescore(args: EvalArguments) -> dict[str, Any]:
         )
     if (args.frames_dir or args.audio_dir) and not args.report:
         raise ValueError("--frames_dir / --audio_dir with --score_predictions only locate media for --report")
+    check_paths(args)
     source = Path(args.score_predictions)
-    if source.is_dir():
-        raise ValueError(f"--score_predictions {source} is a directory; give a predictions file (.jsonl)")
-    if not source.is_file():
-        raise ValueError(f"--score_predictions {source} not found; give a predictions file (.jsonl)")
     if args.baseline:
         parse_baseline(args.baseline)
     target = Path(args.output_file) if args.output_file else rescored_summary_path_for(source)
-    check_paths(args, target, [str(source), args.compare,
-                               str(predictions_path_for(args.compare)) if args.compare else None])
+    check_outputs(args, target, [str(source), args.compare,
+                                 str(predictions_path_for(args.compare)) if args.compare else None])
     if args.output_file and target.exists() and not args.overwrite:
         raise ValueError(f"--output_file {target} exists; pass --overwrite True to replace it, or choose another file")
     meta = read_predictions_meta(source)
@@ -593,19 +583,21 @@ def _generate_into(partial: Path, model, processor, dataset, collator, candidate
 
 
 def parse_args(argv: list[str] | None = None) -> EvalArguments:
-    parser = HfArgumentParser(EvalArguments)
+    parser = one_line_errors(HfArgumentParser(EvalArguments))
+    parser.prog = "evaluate_checkpoint.py"
     (args,) = parser.parse_args_into_dataclasses(list(sys.argv[1:] if argv is None else argv))
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``evaluate_checkpoint.py``: 0 evaluated; 2 a user error (bad flag, missing file, bad data): ``error: …``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+
+    def body() -> int:
         evaluate(parse_args(argv))
-    except (DataError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

@@ -136,7 +136,7 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
 # Run settings copied from the meta line into the summary (names as in the meta line).
 SUMMARY_META_FIELDS = (
     "checkpoint", "checkpoint_sha256", "eval_data_path", "eval_data_sha256", "ablate", "ablation_seed",
-    "question_modality", "frames_as", "frame_size", "max_eval_frames", "max_new_tokens", "limit",
+    "preprocessing", "question_modality", "frames_as", "frame_size", "max_eval_frames", "max_new_tokens", "limit",
     "skip_bad_samples", "skipped_bad_samples",
 )
 
@@ -160,6 +160,8 @@ def summarize_run(
     summary["candidates_source"] = "meta" if candidates is not None else "records"
     for name in SUMMARY_META_FIELDS:
         summary[name] = meta.get(name) if meta else None
+    if summary["preprocessing"] == "defaults":  # a checkpoint without surgvqa_config.json, defaults allowed
+        summary["allow_default_preprocessing"] = True
     return summary
 
 

@@ -101,7 +101,7 @@ def test_score_predictions_reproduces_the_summary_exactly(evaluated, tmp_path):
     target = tmp_path / "elsewhere.json"
     assert main(["--score_predictions", str(copy), "--output_file", str(target), "--baseline", "chance"]) == 0
     assert json.loads(target.read_text())["baseline_kind"] == "chance"
-    assert main(["--score_predictions", str(copy), "--output_file", str(target)]) == 1  # exists: not replaced
+    assert main(["--score_predictions", str(copy), "--output_file", str(target)]) == 2  # exists: not replaced
 
 
 @pytest.mark.parametrize("case", ["limit", "skip_bad_samples"])
@@ -133,13 +133,13 @@ def test_rescoring_equals_the_run_after_limit_and_skipped_samples(trained_adapte
 def test_rescoring_refuses_flags_it_would_ignore(evaluated, tmp_path, capsys):
     for extra in (["--checkpoint_path", "x"], ["--eval_data_path", "x.jsonl"], ["--ablate", "video"],
                   ["--limit", "3"], ["--resume", "True"]):
-        assert main(["--score_predictions", str(evaluated), *extra]) == 1
+        assert main(["--score_predictions", str(evaluated), *extra]) == 2
         assert f"{extra[0]} would be ignored" in capsys.readouterr().err
-    assert main(["--score_predictions", str(evaluated), "--output_file", str(evaluated)]) == 1
+    assert main(["--score_predictions", str(evaluated), "--output_file", str(evaluated)]) == 2
     assert "would overwrite the input" in capsys.readouterr().err
-    assert main(["--score_predictions", str(tmp_path / "nope.jsonl")]) == 1
-    assert "not found" in capsys.readouterr().err
-    assert main(["--score_predictions", str(tmp_path)]) == 1
+    assert main(["--score_predictions", str(tmp_path / "nope.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["--score_predictions", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
 
 
@@ -168,10 +168,10 @@ def test_output_equal_to_an_input_is_refused(trained_adapter, test_set, tmp_path
     data.write_text((test_set / "out_002-001.jsonl").read_text())
     before = data.read_bytes()
     for extra in ([], ["--overwrite", "True"]):
-        assert main(_args(trained_adapter, data, test_set / "frames", data, *extra)) == 1
+        assert main(_args(trained_adapter, data, test_set / "frames", data, *extra)) == 2
         assert "would overwrite the input" in capsys.readouterr().err
         assert data.read_bytes() == before
-    assert main(_args(trained_adapter, data, test_set / "frames", tmp_path)) == 1
+    assert main(_args(trained_adapter, data, test_set / "frames", tmp_path)) == 2
     assert "is a directory" in capsys.readouterr().err
 
 
@@ -180,7 +180,7 @@ def test_existing_output_is_never_truncated(evaluated, trained_adapter, test_set
     out.write_text(evaluated.read_text())
     before = out.read_bytes()
     # no --overwrite: refused before anything is written
-    assert main(_args(trained_adapter, test_set / "out_002-001.jsonl", test_set / "frames", out)) == 1
+    assert main(_args(trained_adapter, test_set / "out_002-001.jsonl", test_set / "frames", out)) == 2
     assert "--overwrite True" in capsys.readouterr().err
     # --overwrite, but the run fails (a broken checkpoint): the old file stays byte-identical, no partial left
     broken = tmp_path / "broken"
@@ -189,7 +189,8 @@ def test_existing_output_is_never_truncated(evaluated, trained_adapter, test_set
         if f.is_file():
             (broken / f.name).write_bytes(f.read_bytes())
     (broken / "adapter_config.json").write_text("{not json")
-    assert main(_args(broken, test_set / "out_002-001.jsonl", test_set / "frames", out, "--overwrite", "True")) != 0
+    with pytest.raises(ValueError):  # a library's error inside the run: it keeps its traceback
+        main(_args(broken, test_set / "out_002-001.jsonl", test_set / "frames", out, "--overwrite", "True"))
     assert out.read_bytes() == before
     assert not (tmp_path / "preds.jsonl.partial").exists()
 
@@ -206,23 +207,24 @@ def test_resume_refuses_another_run_naming_the_field(evaluated, trained_adapter,
         "ablate": _args(trained_adapter, test_set / "out_002-001.jsonl", test_set / "frames",
                         tmp_path / "preds.jsonl", "--ablate", "video"),
         "checkpoint_sha256": _args(tiny_model_dir, test_set / "out_002-001.jsonl", test_set / "frames",
-                                   tmp_path / "preds.jsonl", "--frame_size", "56"),
+                                   tmp_path / "preds.jsonl", "--frame_size", "56", "--question_modality", "text",
+                                   "--frames_as", "video"),
         "frame_size": _args(trained_adapter, test_set / "out_002-001.jsonl", test_set / "frames",
                             tmp_path / "preds.jsonl", "--frame_size", "112"),
     }
     for field_name, args in cases.items():
         partial.write_text("\n".join(lines[:21]) + "\n")
         before = partial.read_bytes()
-        assert main([*args, "--resume", "True"]) == 1
+        assert main([*args, "--resume", "True"]) == 2
         err = capsys.readouterr().err
         assert f"{field_name} differs" in err, err
         assert partial.read_bytes() == before
     # a file without a meta line cannot be checked: refused too
     partial.write_text("\n".join(lines[1:21]) + "\n")
-    assert main([*cases["frame_size"][:-2], "--resume", "True"]) == 1
+    assert main([*cases["frame_size"][:-2], "--resume", "True"]) == 2
     assert f"has no {META_KEY} line" in capsys.readouterr().err
     # and without --resume, a partial file is not silently discarded
-    assert main(cases["frame_size"][:-2]) == 1
+    assert main(cases["frame_size"][:-2]) == 2
     assert "interrupted run" in capsys.readouterr().err
 
 
@@ -268,7 +270,7 @@ def test_report_flag_calls_the_html_report_or_says_it_is_missing(evaluated, tmp_
     copy = tmp_path / "copy.jsonl"
     copy.write_text(evaluated.read_text())
     monkeypatch.setitem(sys.modules, "surgvqa.html_report", None)  # not importable
-    assert main(["--score_predictions", str(copy), "--report", str(tmp_path / "r.html")]) == 1
+    assert main(["--score_predictions", str(copy), "--report", str(tmp_path / "r.html")]) == 2
     assert "--report needs surgvqa.html_report" in capsys.readouterr().err
     calls = []
     fake = types.ModuleType("surgvqa.html_report")
@@ -318,7 +320,7 @@ def test_baseline_parsing_and_required_flags(tmp_path):
         parse_baseline("46")
     with pytest.raises(ValueError, match="majority"):
         parse_baseline("mode")
-    assert main(["--eval_data_path", "x.jsonl"]) == 1
+    assert main(["--eval_data_path", "x.jsonl"]) == 2  # a user error: one line, exit 2
     args = parse_args(["--checkpoint_path", "c", "--eval_data_path", "e", "--output_file", "o", "--limit", "3"])
     assert args.limit == 3 and args.baseline is None
 
@@ -330,7 +332,7 @@ def test_missing_frame_is_an_error_naming_the_sample(trained_adapter, test_set, 
     data.write_text(json.dumps(record) + "\n")
     code = main(["--checkpoint_path", str(trained_adapter), "--eval_data_path", str(data),
                  "--frames_dir", str(test_set / "frames"), "--output_file", str(tmp_path / "p.jsonl")])
-    assert code == 1
+    assert code == 2
     err = capsys.readouterr().err
     assert "002-001_0" in err and record["id"] in err
     assert not (tmp_path / "p.jsonl").exists() and not (tmp_path / "p.jsonl.partial").exists()
