@@ -16,6 +16,7 @@ partial (or complete) file only when its meta record matches this run, field by 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ from transformers import HfArgumentParser
 
 from surgvqa import __version__
 from surgvqa.backbones import LoadOptions
+from surgvqa.backbones.base import vision_grid
 from surgvqa.checkpoint import load_for_inference
 from surgvqa.collate import VQACollator
 from surgvqa.data import (
@@ -42,7 +44,7 @@ from surgvqa.data import (
 )
 from surgvqa.errors import existing_dir, existing_file, one_line_errors, run_main, writable_file
 from surgvqa.generate import generate_predictions
-from surgvqa.metrics import SCORING_VERSION, build_candidates, paired_comparison, score_record
+from surgvqa.metrics import SCORING_VERSION, build_candidates, paired_comparison, parse_baseline, score_record
 from surgvqa.report import (
     META_KEY,
     format_paired_comparison,
@@ -119,18 +121,6 @@ class EvalArguments:
     plot: str | None = field(default=None, metadata={"help": "write a per-type accuracy PNG here"})
     report: str | None = field(default=None, metadata={"help": "write an HTML report of the run here"})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)"})
-
-
-def parse_baseline(value: str) -> str | float:
-    if value in ("majority", "chance"):
-        return value
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"--baseline must be 'majority', 'chance' or a number in [0, 1], got {value!r}") from None
-    if not 0 <= number <= 1:
-        raise ValueError(f"--baseline {number} is not a fraction in [0, 1] (write 0.46, not 46)")
-    return number
 
 
 # What each ablation removes, as the paired comparison's verdict names it ("video carries X pts").
@@ -466,6 +456,7 @@ def _run_model(args: EvalArguments, media: MediaConfig, preprocessing: EvalPrepr
     if not args.load_in_4bit:
         model.to(device)
     collator = VQACollator(processor, mode="generate", **preprocessing.collator_kwargs())
+    media = dataclasses.replace(media, pixel_multiple=vision_grid(processor))  # the backbone's vision grid
     fill = video_fill(processor, collator.frames_as) if media.ablate in CONSTANT_VIDEO_ABLATIONS else None
     dataset = SurgicalVQADataset(todo, media, video_fill=fill, donors=donors)
     _generate_into(partial, model, processor, dataset, collator, candidates, args)
@@ -591,13 +582,7 @@ def parse_args(argv: list[str] | None = None) -> EvalArguments:
 
 def main(argv: list[str] | None = None) -> int:
     """``evaluate_checkpoint.py``: 0 evaluated; 2 a user error (bad flag, missing file, bad data): ``error: …``."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    def body() -> int:
-        evaluate(parse_args(argv))
-        return 0
-
-    return run_main(body)
+    return run_main(lambda: evaluate(parse_args(argv)), logs=True)
 
 
 if __name__ == "__main__":
