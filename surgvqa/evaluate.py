@@ -385,11 +385,11 @@ def _write_atomically(path: Path, text: str) -> None:
 
 # ------------------------------------------------------------------------------------------------- the run
 def evaluate(args: EvalArguments) -> dict[str, Any]:
+    if args.baseline:
+        parse_baseline(args.baseline)
     if args.score_predictions:
         return rescore(args)
     check_paths(args)
-    if args.baseline:
-        parse_baseline(args.baseline)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     output = Path(args.output_file)
