@@ -420,7 +420,7 @@ class MediaStore:
 
 def _thumb_size(width: int, height: int) -> tuple[int, int]:
     scale = min(1.0, math.sqrt(THUMB_MAX_PIXELS / float(width * height)))
-    return max(1, round(width * scale)), max(1, round(height * scale))
+    return max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
 
 
 def _jpeg(img: Any) -> tuple[bytes, str]:
@@ -972,8 +972,8 @@ def section_types(run: Run, compared: Sequence[Run]) -> str:
         'majority baseline, dashed: chance</h3>'
         f'{chart}</div><div class="panel" style="margin-top:12px">{table}</div>'
         '<h3>Gold vs predicted answer (closed answer sets)</h3>'
-        f'<p class="muted">Predicted = the one candidate the prediction states; {NONE_LABEL}: none stated, '
-        f'{AMBIGUOUS_LABEL}: more than one. COLLAPSE: one answer for more than 90 % of a type whose gold answers '
+        f'<p class="muted">Predicted = the one candidate the prediction states; {_e(NONE_LABEL)}: none stated, '
+        f'{_e(AMBIGUOUS_LABEL)}: more than one. COLLAPSE: one answer for more than 90 % of a type whose gold answers '
         f'differ.</p><div class="cm-grid">{cms}</div></section>'
     )
 
