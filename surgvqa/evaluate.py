@@ -23,13 +23,13 @@ from surgvqa.checkpoint import load_for_inference, read_surgvqa_config
 from surgvqa.collate import VQACollator
 from surgvqa.data import DataError, MediaConfig, SurgicalVQADataset, load_samples
 from surgvqa.generate import generate_predictions
-from surgvqa.metrics import build_candidates, score_record, summarize
+from surgvqa.metrics import build_candidates, paired_comparison, score_record, summarize
 from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT
 from surgvqa.report import (
-    compare,
-    format_comparison,
+    format_paired_comparison,
     format_table,
     plot_per_type,
+    predictions_path_for,
     read_predictions,
     rescore,
     summary_path_for,
@@ -64,7 +64,10 @@ class EvalArguments:
     trust_remote_code: bool = field(default=False)
     resume: bool = field(default=False, metadata={"help": "skip (video_id, id) keys already in --output_file"})
     ablate: str | None = field(default=None, metadata={"help": "video | audio | both: grey frames / silence"})
-    compare: str | None = field(default=None, metadata={"help": "a normal run's predictions or summary file"})
+    compare: str | None = field(
+        default=None,
+        metadata={"help": "reference run's predictions file (or its summary): paired comparison on the same samples"},
+    )
     score_predictions: str | None = field(default=None, metadata={"help": "re-score this predictions file"})
     skip_bad_samples: bool = field(default=False)
     plot: str | None = field(default=None, metadata={"help": "write a per-type accuracy PNG here"})
@@ -83,11 +86,15 @@ def parse_baseline(value: str) -> str | float:
     return number
 
 
-def _load_summary(path: str) -> dict:
-    """A summary JSON, or a predictions file (summarised on the fly)."""
-    if path.endswith(".summary.json"):
-        return json.loads(Path(path).read_text())
-    return summarize(read_predictions(path))
+# What each ablation removes, as the paired comparison's verdict names it ("video carries X pts").
+REMOVED = {"video": "video", "audio": "audio", "both": "video and audio"}
+
+
+def compare_with(records: list[dict], reference: str, candidates: dict, ablate: str | None) -> dict[str, Any]:
+    """Paired comparison of this run's records with a reference run's predictions file (or its summary)."""
+    path = predictions_path_for(reference)
+    result = paired_comparison(records, read_predictions(path), candidates, removed=REMOVED.get(ablate))
+    return {"reference": str(path.resolve()), **result}
 
 
 def resolve_media(args: EvalArguments, config: dict) -> MediaConfig:
@@ -195,16 +202,18 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
     records = [r for r in records if (r.get("video_id"), r.get("id")) in wanted]
     summary = summarize(records, baseline=baseline, candidates=candidates)
     summary.update(
+        predictions_file=str(output.resolve()),
         checkpoint=str(args.checkpoint_path), eval_data_path=str(args.eval_data_path), ablate=args.ablate,
         question_modality=media.question_modality, frame_size=media.frame_size, max_eval_frames=media.max_frames,
         skipped_bad_samples=len(problems),
     )
     if args.compare:
-        summary["comparison"] = compare(summary, _load_summary(args.compare))
+        summary["comparison"] = compare_with(records, args.compare, candidates, args.ablate)
     summary_file = write_summary(summary, summary_path_for(output))
     print(format_table(summary))
     if args.compare:
-        print(format_comparison(summary["comparison"], label=f"ablate={args.ablate}", reference_label="reference"))
+        label = f"ablate={args.ablate}" if args.ablate else "run"
+        print(format_paired_comparison(summary["comparison"], label=label, reference_label="reference"))
     if args.plot:
         plot_per_type(summary, args.plot)
     print(f"predictions: {output}\nsummary:     {summary_file}")

@@ -1,4 +1,5 @@
-"""Media helpers: contained path resolution, frame/video/audio decoding, resizing, subsampling, ablation.
+"""Media: the settings of where media live (:class:`MediaConfig`), contained path resolution, frame/video/audio
+decoding, resizing, subsampling, ablation.
 
 A leaf module: it imports nothing from ``surgvqa``. Every failure to read a file raises :class:`MediaError`
 naming the path; nothing here substitutes data silently (``grey_like``/``silence_like`` exist for explicit
@@ -11,7 +12,9 @@ this module is cheap.
 from __future__ import annotations
 
 import os
+import string
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,90 @@ DEFAULT_SAMPLING_RATE = 16000
 
 class MediaError(ValueError):
     """A media file is missing, unreadable, corrupt, empty, or outside its root."""
+
+
+QUESTION_MODALITIES = ("text", "audio", "text+audio")
+ABLATIONS = (None, "video", "audio", "both")
+
+
+# ------------------------------------------------------------------------------------------------- config
+@dataclass
+class MediaConfig:
+    """Where media live and how a sample becomes model input.
+
+    ``frames_dir``: root of frame images (and of files named by a ``video`` field); ``None`` means
+    ``<directory of the data file>/frames``. ``audio_dir``: root of spoken-question audio, required when
+    ``question_modality`` is ``"audio"`` or ``"text+audio"``. Templates are formatted with ``video_id``,
+    ``frame`` and ``id`` (frames; must use ``{frame}``) or ``video_id`` and ``id`` (audio; must use both, so
+    the audio of ``(002-002, qa_X)`` can never serve ``(002-001, qa_X)``). ``ablate`` replaces the video by
+    mean-grey frames and/or the audio by silence of the same length (modality ablation).
+    """
+
+    frames_dir: str | None
+    audio_dir: str | None = None
+    frame_path_template: str = "{video_id}/{frame}.jpg"
+    audio_path_template: str = "{video_id}/{id}.wav"
+    frame_size: int = 384
+    max_frames: int | None = None
+    num_video_frames: int = 8
+    question_modality: str = "text"
+    ablate: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.question_modality not in QUESTION_MODALITIES:
+            raise ValueError(
+                f"question_modality must be one of {QUESTION_MODALITIES}, got {self.question_modality!r}"
+            )
+        if self.ablate not in ABLATIONS:
+            raise ValueError(f"ablate must be one of {ABLATIONS}, got {self.ablate!r}")
+        if self.needs_audio and not self.audio_dir:
+            raise ValueError(
+                f"question_modality {self.question_modality!r} needs spoken-question audio but audio_dir is not "
+                "set; pass --audio_dir (generate audio with scripts/make_spoken_questions.py) or use "
+                "--question_modality text"
+            )
+        if self.ablate in ("audio", "both") and not self.needs_audio:
+            raise ValueError(
+                f"ablate={self.ablate!r} silences the audio, but question_modality 'text' has no audio; "
+                "use ablate='video' or an audio question_modality"
+            )
+        if not isinstance(self.frame_size, int) or self.frame_size < 28:
+            raise ValueError(
+                f"frame_size must be an int >= 28 (Qwen patch 14 x merge 2), got {self.frame_size!r}"
+            )
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1 or None (all frames), got {self.max_frames}")
+        if self.num_video_frames < 1:
+            raise ValueError(f"num_video_frames must be >= 1, got {self.num_video_frames}")
+        _check_template(
+            "frame_path_template", self.frame_path_template, ("video_id", "frame", "id"), ("frame",)
+        )
+        _check_template(
+            "audio_path_template", self.audio_path_template, ("video_id", "id"), ("video_id", "id")
+        )
+
+    @property
+    def needs_audio(self) -> bool:
+        """True when the question is (also) spoken, i.e. every sample needs an audio file."""
+        return self.question_modality != "text"
+
+
+def _check_template(name: str, template: str, allowed: tuple[str, ...], required: tuple[str, ...]) -> None:
+    try:
+        used = {fname for _, fname, _, _ in string.Formatter().parse(template) if fname is not None}
+        template.format(**dict.fromkeys(allowed, "x"))
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(
+            f"{name} {template!r} is not a valid template ({err!r}); use only the placeholders "
+            + ", ".join("{" + a + "}" for a in allowed)
+        ) from err
+    missing = [r for r in required if r not in used]
+    if missing:
+        raise ValueError(
+            f"{name} {template!r} must use "
+            + " and ".join("{" + m + "}" for m in missing)
+            + " so that every sample gets its own file"
+        )
 
 
 # --------------------------------------------------------------------------------------------------- paths

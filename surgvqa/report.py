@@ -1,5 +1,5 @@
 """Predictions files in, summaries out: reading (ours and the original toolkit's format), re-scoring, the printed
-per-type table, the per-type plot, and the comparison of a run with a reference run (modality ablation).
+per-type table, the per-type plot, and the printed paired comparison of a run with a reference run.
 
 Nothing here trusts the per-metric hits stored in a predictions file: scores are always re-computed from the
 prediction and the gold answers by ``surgvqa.metrics``.
@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from surgvqa.metrics import summarize
+from surgvqa.metrics import paired_comparison, summarize
 
 # Our format (written by the evaluator) and the original toolkit's format.
 OURS_REQUIRED = ("id", "question_type", "short_answer", "answer", "prediction")
 ORIGINAL_REQUIRED = ("question_id", "question_type", "ground_truth", "short_answer", "predicted_answer")
 ORIGINAL_RENAMES = {"question_id": "id", "ground_truth": "answer", "predicted_answer": "prediction"}
-COMPARED_METRICS = ("accuracy", "k_acc", "substring_acc", "exact_match", "bleu4", "rouge_l", "meteor")
 
 
 def _normalize_record(obj: Any, where: str) -> dict[str, Any]:
@@ -214,81 +212,76 @@ def plot_per_type(summary: Mapping[str, Any], png_path: str | Path) -> Path:
     return png_path
 
 
-def _drop(run: Any, ref: Any) -> float | None:
-    if (
-        isinstance(run, int | float)
-        and isinstance(ref, int | float)
-        and not math.isnan(run)
-        and not math.isnan(ref)
-    ):
-        return float(ref) - float(run)
-    return None
+def predictions_path_for(path: str | Path) -> Path:
+    """The predictions file behind ``path``: ``path`` itself, or the file a summary JSON describes.
 
-
-def compare(summary: Mapping[str, Any], other_summary: Mapping[str, Any]) -> dict[str, Any]:
-    """How much ``summary`` (e.g. an ablated run) drops relative to ``other_summary`` (the reference run).
-
-    drop = reference - run, in fractions (positive = this run is worse). ``within_reference_ci95`` is True when
-    this run's strict accuracy lies inside the reference's Wilson interval: no measurable drop, i.e. the removed
-    modality is not being used.
+    A summary written by the evaluator records its predictions file (``predictions_file``); older summaries are
+    matched by name (``X.summary.json`` -> ``X.jsonl`` or ``X``; ``X.rescored.summary.json`` -> ``X``).
     """
-    metrics = {
-        m: {
-            "run": summary.get(m),
-            "reference": other_summary.get(m),
-            "drop": _drop(summary.get(m), other_summary.get(m)),
-        }
-        for m in COMPARED_METRICS
-    }
-    per_type: dict[str, dict[str, Any]] = {}
-    run_types = summary.get("per_type", {})
-    ref_types = other_summary.get("per_type", {})
-    for qtype in sorted(set(run_types) | set(ref_types)):
-        run_t, ref_t = run_types.get(qtype, {}), ref_types.get(qtype, {})
-        per_type[qtype] = {
-            "n": run_t.get("n"),
-            "reference_n": ref_t.get("n"),
-            "run": run_t.get("accuracy"),
-            "reference": ref_t.get("accuracy"),
-            "drop": _drop(run_t.get("accuracy"), ref_t.get("accuracy")),
-        }
-    ref_ci = other_summary.get("accuracy_ci95") or [None, None]
-    acc = summary.get("accuracy")
-    within = None
-    if acc is not None and None not in ref_ci:
-        within = ref_ci[0] <= acc <= ref_ci[1]
-    return {
-        "n": summary.get("n"),
-        "reference_n": other_summary.get("n"),
-        "same_n": summary.get("n") == other_summary.get("n"),
-        "accuracy_drop": metrics["accuracy"]["drop"],
-        "within_reference_ci95": within,
-        "metrics": metrics,
-        "per_type": per_type,
-    }
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path} not found; give a predictions file or the summary written beside one")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a predictions file or the summary written beside one")
+    if not path.name.endswith(".summary.json"):
+        return path
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8")).get("predictions_file")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a summary JSON ({exc})") from exc
+    candidates = [Path(recorded)] if recorded else []
+    stem = path.name[: -len(".summary.json")]
+    if stem.endswith(".rescored"):
+        candidates.append(path.with_name(stem[: -len(".rescored")]))
+    candidates += [path.with_name(stem + ".jsonl"), path.with_name(stem)]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ValueError(
+        f"{path} is a summary, but its predictions file is not there (tried {', '.join(map(str, candidates))}); "
+        "give the predictions file itself"
+    )
 
 
-def format_comparison(
+def format_paired_comparison(
     comparison: Mapping[str, Any], label: str = "run", reference_label: str = "reference"
 ) -> str:
-    """Printable form of ``compare``'s result (drops in percentage points)."""
-    lines = [f"{label} vs {reference_label} (drop = {reference_label} - {label}, percentage points)"]
-    if not comparison.get("same_n"):
-        lines.append(f"WARNING: n differs ({comparison.get('n')} vs {comparison.get('reference_n')})")
-    for m, v in comparison["metrics"].items():
-        if v["drop"] is None:
-            continue
-        lines.append(
-            f"  {m:<14} {_pct(v['run']):>7} vs {_pct(v['reference']):>7}  drop {100 * v['drop']:+.1f}"
+    """Printable form of ``metrics.paired_comparison``: one row per type, then the overall verdict."""
+    header = ("type", "n", label, reference_label, "run - ref [95% CI]", "b", "c", "McNemar p")
+    rows = [header]
+
+    def row(name: str, v: Mapping[str, Any]) -> tuple[str, ...]:
+        if not v["n"]:
+            return (name, "0", "", "", "", "", "", "")
+        lo, hi = v["difference_ci95"]
+        return (
+            name,
+            str(v["n"]),
+            _pct(v["run_accuracy"]),
+            _pct(v["reference_accuracy"]),
+            f"{100 * v['difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]",
+            str(v["b"]),
+            str(v["c"]),
+            f"{v['p_value']:.2g}",
         )
-    for qtype, v in comparison["per_type"].items():
-        if v["drop"] is None:
-            continue
-        lines.append(
-            f"  {qtype:<30} {_pct(v['run']):>7} vs {_pct(v['reference']):>7}  drop {100 * v['drop']:+.1f}"
-        )
-    if comparison.get("within_reference_ci95"):
-        lines.append(f"  NO MEASURABLE DROP: {label} accuracy lies inside the {reference_label} 95% CI")
+
+    rows += [row(t, v) for t, v in comparison["per_type"].items()]
+    rows.append(row("overall", comparison["overall"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [
+        f"paired comparison: {label} vs {reference_label} on the same samples (b = {reference_label} right and "
+        f"{label} wrong, c = the reverse; points)"
+    ]
+    for i, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths,
+                                                                                                     strict=True))))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    for name in ("only_in_run", "only_in_reference", "gold_differs"):
+        listed = comparison[name]
+        if listed["n"]:
+            lines.append(f"{name.replace('_', ' ')}: {listed['n']} (e.g. {listed['examples'][:3]})")
+    lines.append(f"verdict: {comparison['verdict']}")
     return "\n".join(lines)
 
 
@@ -316,16 +309,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--baseline", type=_parse_baseline, default="majority", help="majority | chance | number"
     )
     parser.add_argument(
-        "--compare", type=Path, default=None, help="reference summary JSON (e.g. a normal run)"
+        "--compare", type=Path, default=None, help="reference predictions file (or its summary JSON)"
     )
     parser.add_argument("--plot", type=Path, default=None, help="write the per-type PNG here")
     args = parser.parse_args(argv)
     summary = rescore(args.predictions, args.summary, baseline=args.baseline)
     print(format_table(summary))
     if args.compare:
-        reference = json.loads(args.compare.read_text(encoding="utf-8"))
+        reference = read_predictions(predictions_path_for(args.compare))
         print()
-        print(format_comparison(compare(summary, reference)))
+        print(format_paired_comparison(paired_comparison(read_predictions(args.predictions), reference)))
     if args.plot:
         plot_per_type(summary, args.plot)
     return 0

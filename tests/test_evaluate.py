@@ -90,8 +90,13 @@ def test_ablate_video_and_compare(evaluated, trained_adapter, test_set, tmp_path
     summary = json.loads(out.with_name("blind.summary.json").read_text())
     assert summary["ablate"] == "video" and summary["n"] == 16
     assert summary["baseline"] == pytest.approx(0.46)
-    assert "comparison" in summary and "accuracy" in json.dumps(summary["comparison"])
-    assert "ablate=video" in capsys.readouterr().out
+    comparison = summary["comparison"]
+    assert comparison["reference"] == str(evaluated.resolve())  # found from the summary path
+    # 16 of the reference's 50 samples were evaluated: the other 34 are reported, not silently dropped
+    assert comparison["n_paired"] == 16 and comparison["only_in_reference"]["n"] == 34
+    assert comparison["verdict"].startswith("WARNING: the files do not hold the same samples")
+    assert {"b", "c", "p_value", "difference_ci95"} <= set(comparison["overall"])
+    assert "paired comparison: ablate=video vs reference" in capsys.readouterr().out
 
 
 def test_baseline_parsing_and_required_flags(tmp_path):

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from surgvqa.metrics import summarize
+from surgvqa.metrics import paired_comparison, summarize
 from surgvqa.report import (
-    compare,
-    format_comparison,
+    format_paired_comparison,
     format_table,
     main,
     plot_per_type,
+    predictions_path_for,
     read_predictions,
     rescore,
     summary_path_for,
@@ -179,32 +179,53 @@ def test_plot_per_type_writes_png(tmp_path):
     assert len(data) > 5000
 
 
-def test_compare_states_the_drop():
-    normal = summarize(_records())
-    ablated_recs = _records()
-    for r in ablated_recs:
-        if r["question_type"] == "motion":
-            r["prediction"] = "stable"
-    ablated = summarize(ablated_recs)
-    cmp = compare(ablated, normal)
-    assert cmp["same_n"] is True
-    assert cmp["accuracy_drop"] == pytest.approx(normal["accuracy"] - ablated["accuracy"])
-    assert cmp["per_type"]["motion"]["drop"] == pytest.approx(normal["per_type"]["motion"]["accuracy"])
-    assert cmp["per_type"]["scope_motion"]["drop"] == pytest.approx(0.0)
-    assert cmp["metrics"]["meteor"]["drop"] is None or isinstance(cmp["metrics"]["meteor"]["drop"], float)
-    assert cmp["within_reference_ci95"] is False
-    # a modality the model ignores: no drop, inside the reference CI
-    same = compare(normal, normal)
-    assert same["accuracy_drop"] == 0.0 and same["within_reference_ci95"] is True
-    assert "NO MEASURABLE DROP" in format_comparison(same)
-    text = format_comparison(cmp, label="ablate=video", reference_label="normal")
-    assert "ablate=video vs normal" in text and "motion" in text
+def test_format_paired_comparison_rows_and_verdict():
+    normal = _records()
+    ablated = [dict(r, prediction="stable") if r["question_type"] == "motion" else r for r in _records()]
+    text = format_paired_comparison(
+        paired_comparison(ablated, normal, removed="video"), label="ablate=video", reference_label="normal"
+    )
+    lines = text.splitlines()
+    assert lines[0].startswith("paired comparison: ablate=video vs normal")
+    motion = next(line for line in lines if line.startswith("motion"))
+    # 5 of 8 motion answers were right in the normal run and none is after ablation
+    assert "62.5%" in motion and "0.0%" in motion and "-62.5" in motion
+    assert next(line for line in lines if line.startswith("overall"))
+    # 5 discordant pairs, all one way: exact McNemar p = 2/32 = 0.0625, not significant at 0.05 (the verdict
+    # follows the exact test even though the approximate interval already excludes 0)
+    assert lines[-1].startswith("verdict: no measurable drop without video (p = 0.062 >= 0.05)")
+    # the same pattern on two videos: 10 discordant pairs, p = 2/1024
+    def twice(recs):
+        return recs + [dict(r, video_id="002-002") for r in recs]
+
+    assert format_paired_comparison(paired_comparison(twice(ablated), twice(normal), removed="video")).endswith(
+        "verdict: video carries 27.8 pts, p = 0.002 (95% CI of run - reference [-41.4, -11.5] pts, n = 36)"
+    )
+    fewer = paired_comparison(ablated[:-2], normal, removed="video")
+    assert "only in reference: 2" in format_paired_comparison(fewer)
+
+
+def test_predictions_path_for_summaries(tmp_path):
+    preds = _write_jsonl(tmp_path / "p.jsonl", _records())
+    assert predictions_path_for(preds) == preds
+    assert predictions_path_for(write_summary({"n": 1}, tmp_path / "p.summary.json")) == preds
+    other = _write_jsonl(tmp_path / "elsewhere.jsonl", _records())
+    recorded = write_summary({"predictions_file": str(other)}, tmp_path / "q.summary.json")
+    assert predictions_path_for(recorded) == other
+    assert predictions_path_for(write_summary({}, tmp_path / "p.jsonl.rescored.summary.json")) == preds
+    with pytest.raises(ValueError, match="predictions file is not there"):
+        predictions_path_for(write_summary({}, tmp_path / "gone.summary.json"))
+    with pytest.raises(ValueError, match="not found"):
+        predictions_path_for(tmp_path / "nothing.jsonl")
+    with pytest.raises(ValueError, match="is a directory"):
+        predictions_path_for(tmp_path)
 
 
 def test_cli_main(tmp_path, capsys):
     preds = _write_jsonl(tmp_path / "p.jsonl", _records())
+    _write_jsonl(tmp_path / "ref.jsonl", _records())
     ref = write_summary(summarize(_records()), tmp_path / "ref.summary.json")
     assert main([str(preds), "--compare", str(ref), "--plot", str(tmp_path / "p.png")]) == 0
     out = capsys.readouterr().out
-    assert "scope_motion" in out and "drop" in out
+    assert "scope_motion" in out and "verdict: no measurable difference" in out
     assert (tmp_path / "p.summary.json").exists() and (tmp_path / "p.png").exists()
