@@ -33,15 +33,18 @@ from pathlib import Path
 from typing import Any
 
 from surgvqa import __version__
+from surgvqa.media import MediaConfig
 from surgvqa.metrics import (
     AMBIGUOUS_LABEL,
     NONE_LABEL,
     SCORING_VERSION,
+    paired_comparison,
     predicted_label,
     score_record,
     summarize,
 )
 from surgvqa.report import _normalize_record
+from surgvqa.samples import load_samples
 
 # A thumbnail holds at most this many pixels (aspect ratio kept, never enlarged): 1352x1080 -> 179x143.
 THUMB_MAX_PIXELS = 160 * 160
@@ -62,9 +65,9 @@ class ReportError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# TEMPORARY: self-describing predictions files (first line {"surgvqa_meta": {...}}) and the paired comparison are
-# being added to surgvqa.report / surgvqa.metrics. Until they land in main these stand-ins keep this module
-# working; delete this block and import read_predictions, read_predictions_meta and paired_comparison instead.
+# TEMPORARY: self-describing predictions files (first line {"surgvqa_meta": {...}}) are being added to
+# surgvqa.report. Until they land in main these stand-ins keep this module working; delete this block and import
+# read_predictions and read_predictions_meta from surgvqa.report instead.
 META_KEY = "surgvqa_meta"
 
 
@@ -104,40 +107,6 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:  # TEMPORARY sta
             continue
         records.append(_normalize_record(obj, f"{path}:{lineno}"))
     return records
-
-
-def paired_comparison(run_records, reference_records, candidates=None) -> dict[str, Any]:  # TEMPORARY stand-in
-    def key(r):
-        return (r.get("video_id") or None, str(r["id"]))
-
-    run = {key(r): r for r in run_records}
-    ref = {key(r): r for r in reference_records}
-    if candidates is None:
-        candidates = summarize(list(reference_records))["candidates"]
-    shared = [k for k in ref if k in run]
-
-    def block(keys):
-        n = len(keys)
-        run_hits = [bool(score_record(run[k], candidates)["accuracy"]) for k in keys]
-        ref_hits = [bool(score_record(ref[k], candidates)["accuracy"]) for k in keys]
-        b = sum(1 for a, r in zip(run_hits, ref_hits, strict=True) if r and not a)
-        c = sum(1 for a, r in zip(run_hits, ref_hits, strict=True) if a and not r)
-        diff = (c - b) / n if n else 0.0
-        se = math.sqrt(max(0.0, (b + c) - (c - b) ** 2 / n)) / n if n else 0.0
-        m = b + c
-        p = min(1.0, 2 * sum(math.comb(m, i) for i in range(min(b, c) + 1)) / 2**m) if m else 1.0
-        verdict = "no measurable difference" if p >= 0.05 else f"{-100 * diff:+.1f} pts for the reference"
-        return {"n": n, "run_accuracy": sum(run_hits) / n if n else None,
-                "reference_accuracy": sum(ref_hits) / n if n else None, "difference": diff,
-                "difference_ci95": [diff - 1.96 * se, diff + 1.96 * se], "b": b, "c": c, "p_value": p,
-                "verdict": verdict}
-
-    types: dict[str, list] = {}
-    for k in shared:
-        types.setdefault(ref[k].get("question_type") or "<untyped>", []).append(k)
-    return {"n": len(shared), "only_in_run": [k for k in run if k not in ref],
-            "only_in_reference": [k for k in ref if k not in run], "overall": block(shared),
-            "per_type": {t: block(ks) for t, ks in sorted(types.items())}}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -270,8 +239,6 @@ def locate_media(
     Returns ``(located, notes)``: every key of ``run`` gets an entry; a key whose media cannot be shown carries
     the reason, and a key whose data-file question differs from the prediction's question gets no media at all.
     """
-    from surgvqa.data import MediaConfig
-
     notes: list[str] = []
     data_path, missing = _find_data_file(run.meta, run.path)
     if missing:
@@ -342,8 +309,6 @@ def _frame_names_by_key(data_path: Path) -> dict[Key, list[str]]:
 
 def _load_located(data_path: Path, media: Any, notes: list[str]) -> dict[Key, Located]:
     from dataclasses import replace
-
-    from surgvqa.data import load_samples
 
     samples, problems = load_samples(data_path, media, skip_bad=True, check_media=True)
     messages: dict[Key, list[str]] = {}
@@ -979,53 +944,61 @@ def section_types(run: Run, compared: Sequence[Run]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- compare
-def _paired_view(block: Mapping[str, Any]) -> dict[str, Any]:
-    """One row of ``paired_comparison``'s result as (compared - this run), whatever sign the function uses."""
-    run_acc, ref_acc = block.get("run_accuracy"), block.get("reference_accuracy")
-    diff = block.get("difference")
-    ci = block.get("difference_ci95") or [None, None]
-    mine = None if run_acc is None or ref_acc is None else run_acc - ref_acc
-    if diff is not None and mine is not None and abs(diff + mine) < 1e-9 < abs(mine):
-        ci = [None if v is None else -v for v in reversed(ci)]
-    return {"n": block.get("n"), "this": ref_acc, "other": run_acc, "diff": mine, "ci": ci,
-            "b": block.get("b"), "c": block.get("c"), "p": block.get("p_value"), "verdict": block.get("verdict")}
+# What a compared run lacks, by its meta line's ablation (words for the verdict).
+REMOVED = {"video": "video", "audio": "audio", "both": "video and audio"}
+
+
+def compare_runs(run: Run, other: Run) -> dict[str, Any]:
+    """``surgvqa.metrics.paired_comparison`` of a compared run (the "run") against this one (the "reference"),
+    scored with this run's closed answer sets."""
+    ablate = _meta(other.meta, "ablate")
+    return paired_comparison(other.records, run.records, run.summary["candidates"],
+                             removed=REMOVED.get(ablate, ablate) if ablate else None)
+
+
+def _keys_text(listed: Mapping[str, Any] | None) -> tuple[int, str]:
+    """``paired_comparison``'s {"n", "examples"} as (n, "key, key, …")."""
+    if not listed:
+        return 0, ""
+    examples = listed.get("examples", [])
+    more = " …" if listed.get("n", 0) > len(examples) else ""
+    return listed.get("n", 0), ", ".join(_show_key(tuple(k)) for k in examples) + more
 
 
 def section_compare(run: Run, compared: Sequence[Run], pairs: Sequence[Mapping[str, Any]]) -> str:
     parts = ['<section id="compare"><h2>Paired comparison</h2>'
-             '<p class="muted">Each compared run is paired with this run by (video_id, id). b: this run right, '
-             'compared run wrong; c: the reverse; p: exact McNemar test on b and c. Difference = compared − this '
-             'run, in points, with its 95 % interval.</p>']
+             '<p class="muted">Each compared run is paired with this run by (video_id, id) and both are scored with '
+             "this run's closed answer sets. b: this run right, compared run wrong; c: the reverse; p: exact "
+             "McNemar test on b and c. Difference = compared − this run, in points, with its paired 95 % interval."
+             "</p>"]
     for other, pc in zip(compared, pairs, strict=True):
-        only_other = pc.get("only_in_run") or []
-        only_this = pc.get("only_in_reference") or []
         parts.append(f'<div class="panel" style="margin-bottom:12px"><h3 style="margin-top:0">{_e(other.label)} '
-                     f'vs {_e(run.label)}</h3><p class="muted mono">{_e(other.path)}</p>')
-        if only_other or only_this:
-            listed = ", ".join(_show_key(tuple(k)) for k in list(only_other)[:5] + list(only_this)[:5])
-            parts.append(f'<p class="media-note">The key sets differ: {len(only_other)} sample(s) only in the '
-                         f'compared run, {len(only_this)} only in this run; they are not paired (e.g. {_e(listed)}).'
-                         "</p>")
+                     f'vs {_e(run.label)}</h3><p class="muted mono">{_e(other.path)}</p>'
+                     f'<p class="verdict">{_e(pc.get("verdict") or pc["overall"].get("verdict", ""))}</p>')
+        for field_name, where in (("only_in_run", "only in the compared run"), ("only_in_reference", "only in "
+                                  "this run"), ("gold_differs", "with a different gold answer or type")):
+            n, examples = _keys_text(pc.get(field_name))
+            if n:
+                parts.append(f'<p class="media-note">{n} sample(s) {where}, not paired: {_e(examples)}</p>')
         rows = []
-        blocks = [("overall", pc["overall"])] + list(pc.get("per_type", {}).items())
-        for name, block in blocks:
-            v = _paired_view(block)
-            ci = v["ci"]
+        for name, block in [("overall", pc["overall"]), *pc.get("per_type", {}).items()]:
+            ci = block.get("difference_ci95") or [None, None]
             ci_txt = "" if None in ci else f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
-            p = v["p"]
-            p_txt = "n/a" if p is None else (f"{p:.3g}" if p >= 1e-4 else f"{p:.1e}")
-            sig = ' class="verdict"' if p is not None and p < 0.05 else ""
-            diff_txt = "" if v["diff"] is None else f"{100 * v['diff']:+.1f}"
+            diff = block.get("difference")
+            diff_txt = "" if diff is None else f"{100 * diff:+.1f}"
+            p = block.get("p_value")
+            p_txt = "n/a" if p is None else (f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}")
+            strong = " verdict" if p is not None and p < 0.05 else ""
             rows.append(
-                f'<tr{" class=overall" if name == "overall" else ""}><td class="l">{_e(name)}</td><td>{v["n"]}</td>'
-                f'<td>{_pct(v["this"])}</td><td>{_pct(v["other"])}</td>'
-                f"<td>{diff_txt}</td>"
-                f'<td>{ci_txt}</td><td>{v["b"]}</td><td>{v["c"]}</td><td>{p_txt}</td>'
-                f'<td class="l"{sig}>{_e(v["verdict"] or "")}</td></tr>'
+                f'<tr{" class=overall" if name == "overall" else ""}><td class="l">{_e(name)}</td>'
+                f'<td>{block.get("n")}</td><td>{_pct(block.get("reference_accuracy"))}</td>'
+                f'<td>{_pct(block.get("run_accuracy"))}</td><td>{diff_txt}</td><td>{ci_txt}</td>'
+                f'<td>{block.get("b")}</td><td>{block.get("c")}</td><td>{p_txt}</td>'
+                f'<td class="l wrap{strong}">{_e(block.get("verdict") or "")}</td></tr>'
             )
         parts.append(
             '<div class="tablewrap"><table class="data"><thead><tr><th class="l">question type</th><th>paired n</th>'
-            f'<th>this run</th><th>compared</th><th>difference</th><th>95 % CI</th><th>b</th><th>c</th>'
+            '<th>this run</th><th>compared</th><th>difference</th><th>95 % CI</th><th>b</th><th>c</th>'
             f'<th>McNemar p</th><th class="l">verdict</th></tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
             "</div>"
         )
@@ -1279,7 +1252,7 @@ def build_report(
         seen[r.label] += 1
         if seen[r.label] > 1:
             r.label = f"{r.label} #{seen[r.label]}"
-    pairs = [paired_comparison(c.records, run.records, candidates=run.summary["candidates"]) for c in compared]
+    pairs = [compare_runs(run, c) for c in compared]
     training = load_training(train_dir) if train_dir is not None else None
     located, notes = locate_media(run, frames_dir=frames_dir, audio_dir=audio_dir,
                                   frame_path_template=frame_path_template, audio_path_template=audio_path_template)

@@ -282,10 +282,18 @@ def test_compare_pairs_by_key_and_marks_disagreements(small_run, tmp_path):
     text = out.read_text(encoding="utf-8")
     page = Page(text)
     assert 'id="compare"' in text and "McNemar" in text and "ablated (ablate=video)" in text
+    assert "no measurable drop without video" in text
     cands = summarize(small_run["rows"])["candidates"]
     for a, b in zip(small_run["rows"], other_rows, strict=True):
         differ = score_record(a, cands)["accuracy"] != score_record(b, cands)["accuracy"]
         assert page.card(a["video_id"], a["id"])["attrs"]["data-disagree"] == str(int(differ))
+    # key sets that differ are reported, never silently intersected
+    partial = _write_jsonl(tmp_path / "partial.jsonl", _with_meta({"ablate": "video"}, other_rows[1:]))
+    text = build_report(small_run["preds"], tmp_path / "report.html", compare=[partial]).read_text(encoding="utf-8")
+    assert "1 sample(s) only in this run, not paired: (video_id=&#x27;002-001&#x27;, id=&#x27;qa_1&#x27;)" in text
+    assert "WARNING: the files do not hold the same samples" in text
+    page = Page(text)
+    assert page.card("002-001", "qa_1")["attrs"]["data-disagree"] == "0"
 
 
 def test_training_curves_and_settings(small_run, tmp_path):
