@@ -51,9 +51,9 @@ THUMB_MAX_PIXELS = 160 * 160
 THUMB_QUALITY = 72
 # Embedded media stop at these sizes (base64 text); cards past the cap say so and the page notes it.
 MAX_EMBEDDED_FRAME_BYTES = 24 * 2**20
-MAX_EMBEDDED_AUDIO_BYTES = 8 * 2**20
-# Opus at compression level 0.95 keeps a spoken question intelligible at ~2-4 KB per second.
-AUDIO_OPUS_LEVEL = 0.95
+MAX_EMBEDDED_AUDIO_BYTES = 12 * 2**20
+# Spoken questions are embedded at 8 kHz: speech stays intelligible and encoding stays fast.
+AUDIO_RATE = 8000
 VIDEO_FILE_THUMBS = 8
 GENERATOR = f"surgvqa {__version__} html_report"
 
@@ -233,7 +233,7 @@ def locate_media(
     audio_path_template: str | None,
 ) -> tuple[dict[Key, Located], list[str]]:
     """Frames, video and audio of every predicted (video_id, id), from the eval data file named in the meta line,
-    resolved and checked by ``surgvqa.data.load_samples`` (path templates, containment under the roots, every
+    resolved and checked by ``surgvqa.samples.load_samples`` (path templates, containment under the roots, every
     file opened). Flags override the meta line's roots and templates.
 
     Returns ``(located, notes)``: every key of ``run`` gets an entry; a key whose media cannot be shown carries
@@ -341,11 +341,16 @@ def _load_located(data_path: Path, media: Any, notes: list[str]) -> dict[Key, Lo
 
 
 # -------------------------------------------------------------------------------------------------- embedding
+LEFT_OUT = "left out: the report reached its size cap"
+Encoded = list[tuple[bytes, str]]  # (data, MIME type) per embedded item; a video file gives several frames
+
+
 class MediaStore:
     """Embedded media, each distinct file once (three questions about one clip share its frames), up to a cap.
 
-    ``add`` returns ``(store_key, None)`` or ``(None, reason)``: the file could not be read, or the cap was reached
-    (counted in ``left_out``). Keys are opaque ("f12"); a card lists the keys of its own frames only.
+    ``fill`` encodes the files in the order the cards list them, on a few threads (PIL and libsndfile release the
+    GIL), and keeps them until the cap; ``get`` answers ``(keys, None)`` or ``([], reason)``: the file could not be
+    read, or it came after the cap (counted in ``left_out``). Keys are opaque ("f12"); a card names its own only.
     """
 
     def __init__(self, prefix: str, cap_bytes: int) -> None:
@@ -354,33 +359,62 @@ class MediaStore:
         self.used = 0
         self.left_out = 0
         self.full = False
-        self._seen: dict[Any, tuple[str | None, str | None]] = {}
+        self._done: dict[Any, tuple[list[str], str | None]] = {}
 
-    def add(self, ident: Any, encode: Callable[[], tuple[bytes, str]]) -> tuple[str | None, str | None]:
-        if ident in self._seen:
-            return self._seen[ident]
-        result: tuple[str | None, str | None]
-        if self.full:
+    def get(self, ident: Any) -> tuple[list[str], str | None]:
+        return self._done[ident]
+
+    def fill(self, jobs: Iterable[tuple[Any, Callable[[], Encoded]]], workers: int | None = None) -> None:
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        unique: dict[Any, Callable[[], Encoded]] = {}
+        for ident, encode in jobs:
+            if ident not in self._done:
+                unique.setdefault(ident, encode)
+        todo = iter(unique.items())
+        workers = workers or min(8, os.cpu_count() or 1)
+        window: deque = deque()
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+
+            def submit_next() -> None:
+                for ident, encode in todo:
+                    window.append((ident, pool.submit(_attempt, encode)))
+                    return
+
+            for _ in range(4 * workers):
+                submit_next()
+            while window:
+                ident, future = window.popleft()
+                self._accept(ident, future.result())
+                if not self.full:
+                    submit_next()
+        for ident, _ in todo:  # never started: the cap was reached
+            self._accept(ident, [])
+
+    def _accept(self, ident: Any, result: Encoded | Exception) -> None:
+        if isinstance(result, Exception):
+            self._done[ident] = ([], f"cannot read {ident}: {result}")
+            return
+        uris = [f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}" for data, mime in result]
+        if self.full or not uris or self.used + sum(map(len, uris)) > self.cap:
+            self.full = True
             self.left_out += 1
-            result = (None, "left out: the report reached its size cap")
-        else:
-            try:
-                data, mime = encode()
-            except (OSError, ValueError) as err:  # MediaError is a ValueError; PIL raises OSError subclasses
-                result = (None, f"cannot read {ident}: {err}")
-            else:
-                uri = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-                if self.used + len(uri) > self.cap:
-                    self.full = True
-                    self.left_out += 1
-                    result = (None, "left out: the report reached its size cap")
-                else:
-                    key = f"{self.prefix}{len(self.items)}"
-                    self.items[key] = uri
-                    self.used += len(uri)
-                    result = (key, None)
-        self._seen[ident] = result
-        return result
+            self._done[ident] = ([], LEFT_OUT)
+            return
+        keys = []
+        for uri in uris:
+            keys.append(f"{self.prefix}{len(self.items)}")
+            self.items[keys[-1]] = uri
+            self.used += len(uri)
+        self._done[ident] = (keys, None)
+
+
+def _attempt(encode: Callable[[], Encoded]) -> Encoded | Exception:
+    try:
+        return encode()
+    except (OSError, ValueError) as err:  # MediaError is a ValueError; PIL raises OSError subclasses
+        return err
 
 
 def _thumb_size(width: int, height: int) -> tuple[int, int]:
@@ -400,40 +434,42 @@ def _jpeg(img: Any) -> tuple[bytes, str]:
     return buf.getvalue(), "image/jpeg"
 
 
-def thumbnail_jpeg(path: Path) -> tuple[bytes, str]:
+def thumbnail_jpeg(path: Path) -> Encoded:
     """A JPEG thumbnail of an image file within ``THUMB_MAX_PIXELS`` (JPEG sources decode at reduced scale)."""
     from PIL import Image
 
     with Image.open(path) as img:
         img.draft("RGB", _thumb_size(*img.size))
         img.load()
-        return _jpeg(img)
+        return [_jpeg(img)]
 
 
-def audio_ogg(path: Path) -> tuple[bytes, str]:
-    """A spoken question as Ogg/Opus (16 kHz mono, via ``surgvqa.media.load_audio``); WAV if Opus is unavailable."""
+def audio_ogg(path: Path) -> Encoded:
+    """A spoken question as Ogg/Vorbis, 8 kHz mono at the lowest quality (plenty for speech, ~4 KB per second;
+    decoded and resampled by ``surgvqa.media.load_audio``); WAV where libsndfile has no Vorbis."""
     import soundfile as sf
 
     from surgvqa.media import load_audio
 
-    wave = load_audio(path, 16000)
+    wave = load_audio(path, AUDIO_RATE)
     buf = io.BytesIO()
     try:
-        sf.write(buf, wave, 16000, format="OGG", subtype="OPUS", compression_level=AUDIO_OPUS_LEVEL)
-        return buf.getvalue(), "audio/ogg"
-    except (sf.LibsndfileError, TypeError, ValueError, RuntimeError):  # libsndfile without Opus
+        sf.write(buf, wave, AUDIO_RATE, format="OGG", subtype="VORBIS", compression_level=1.0)
+        return [(buf.getvalue(), "audio/ogg")]
+    except (sf.LibsndfileError, TypeError, ValueError, RuntimeError):
         buf = io.BytesIO()
-        sf.write(buf, wave, 16000, format="WAV", subtype="PCM_16")
-        return buf.getvalue(), "audio/wav"
+        sf.write(buf, wave, AUDIO_RATE, format="WAV", subtype="PCM_16")
+        return [(buf.getvalue(), "audio/wav")]
 
 
-def _video_thumbs(path: Path) -> list[Callable[[], tuple[bytes, str]]]:
+def video_thumbs(path: Path) -> Encoded:
+    """``VIDEO_FILE_THUMBS`` evenly spaced frames of a video file (``surgvqa.media.load_video_frames``) as JPEGs."""
     from PIL import Image
 
     from surgvqa.media import load_video_frames
 
     frames = load_video_frames(path, VIDEO_FILE_THUMBS, frame_size=int(math.sqrt(THUMB_MAX_PIXELS) * 1.5))
-    return [lambda a=a: _jpeg(Image.fromarray(a)) for a in frames]
+    return [_jpeg(Image.fromarray(a)) for a in frames]
 
 
 def _href(path: Path, out_dir: Path) -> str:
@@ -1027,37 +1063,45 @@ def _placeholder(name: str, reason: str) -> str:
             f'<figcaption>{_e(name)}</figcaption></figure>')
 
 
-def _frames_html(loc: Located, media: MediaOutput) -> tuple[str, list[str]]:
-    notes: list[str] = []
+def embed_media(located: Mapping[Key, Located], order: Iterable[Key], media: MediaOutput) -> None:
+    """Encode the frames (or video frames) and spoken questions of the cards, in card order, into the stores."""
+    if media.link:
+        return
+    keys = list(order)
+    frame_jobs: list[tuple[Any, Callable[[], Encoded]]] = []
+    audio_jobs: list[tuple[Any, Callable[[], Encoded]]] = []
+    for key in keys:
+        loc = located[key]
+        if loc.video_path is not None:
+            frame_jobs.append((loc.video_path, lambda p=loc.video_path: video_thumbs(p)))
+        frame_jobs.extend((p, lambda p=p: thumbnail_jpeg(p)) for p in loc.frame_paths)
+        if loc.audio_path is not None:
+            audio_jobs.append((loc.audio_path, lambda p=loc.audio_path: audio_ogg(p)))
+    media.frames.fill(frame_jobs)
+    media.audio.fill(audio_jobs)
+
+
+def _frames_html(loc: Located, media: MediaOutput) -> str:
     figures: list[str] = []
     if loc.video_path is not None:
         if media.link:
             return (f'<video controls preload="none" width="256" src="{_href(loc.video_path, media.out_dir)}">'
-                    "</video>", notes)
-        if media.frames.full:
-            figures.append(_placeholder(loc.video_path.name, "left out: the report reached its size cap"))
-            media.frames.left_out += 1
-        else:
-            try:
-                thumbs = _video_thumbs(loc.video_path)
-            except (OSError, ValueError) as err:
-                thumbs = []
-                notes.append(f"video {loc.video_path}: {err}")
-            for k, encode in enumerate(thumbs):
-                name = f"{loc.video_path.name} {k + 1}/{len(thumbs)}"
-                key, why = media.frames.add((loc.video_path, k), encode)
-                figures.append(_figure(name, f'data-frame="{key}"') if key else _placeholder(name, why or ""))
+                    "</video>")
+        keys, why = media.frames.get(loc.video_path)
+        if not keys:
+            figures.append(_placeholder(loc.video_path.name, why or ""))
+        figures.extend(_figure(f"{loc.video_path.name} {k + 1}/{len(keys)}", f'data-frame="{key}"')
+                       for k, key in enumerate(keys))
     for name, path in zip(loc.frame_names, loc.frame_paths, strict=True):
         if media.link:
             figures.append(_figure(name, f'src="{_href(path, media.out_dir)}" loading="lazy"'))
             continue
-        key, why = media.frames.add(path, lambda p=path: thumbnail_jpeg(p))
-        figures.append(_figure(name, f'data-frame="{key}"') if key else _placeholder(name, why or ""))
+        keys, why = media.frames.get(path)
+        figures.append(_figure(name, f'data-frame="{keys[0]}"') if keys else _placeholder(name, why or ""))
     if not figures:
-        return "", notes
-    strip = (f'<div class="strip" title="click to play the frames as a flipbook">{"".join(figures)}</div>'
-             '<div class="flip"><img alt=""><span class="fc"></span></div>')
-    return strip, notes
+        return ""
+    return (f'<div class="strip" title="click to play the frames as a flipbook">{"".join(figures)}</div>'
+            '<div class="flip"><img alt=""><span class="fc"></span></div>')
 
 
 def _audio_html(loc: Located, media: MediaOutput) -> tuple[str, list[str]]:
@@ -1065,10 +1109,10 @@ def _audio_html(loc: Located, media: MediaOutput) -> tuple[str, list[str]]:
         return "", []
     if media.link:
         return f'<audio controls preload="none" src="{_href(loc.audio_path, media.out_dir)}"></audio>', []
-    key, why = media.audio.add(loc.audio_path, lambda: audio_ogg(loc.audio_path))
-    if key is None:
+    keys, why = media.audio.get(loc.audio_path)
+    if not keys:
         return "", [f"spoken question {loc.audio_path.name}: {why}"]
-    return f'<audio controls preload="none" data-audio="{key}" title="spoken question"></audio>', []
+    return f'<audio controls preload="none" data-audio="{keys[0]}" title="spoken question"></audio>', []
 
 
 def _tick(value: bool | None, name: str) -> str:
@@ -1106,9 +1150,9 @@ def render_card(
             f'<span class="flag {"ok" if other_ok else "bad"}">{"right" if other_ok else "wrong"}</span>'
             f'<span>{_text(other.records[j].get("prediction"))}</span></div>'
         )
-    frames, frame_notes = _frames_html(loc, media)
+    frames = _frames_html(loc, media)
     audio, audio_notes = _audio_html(loc, media)
-    notes = "".join(f'<div class="media-note">{_e(n)}</div>' for n in [*loc.problems, *frame_notes, *audio_notes])
+    notes = "".join(f'<div class="media-note">{_e(n)}</div>' for n in [*loc.problems, *audio_notes])
     question = rec.get("question")
     question_html = _text(question)
     if question is None and loc.question is not None:
@@ -1270,6 +1314,7 @@ def build_report(
                      "please report this")
 
     media = MediaOutput(link=link_media, out_dir=out.resolve().parent)
+    embed_media(located, (_key(r) for r in run.records), media)
     cards = [render_card(i, run, located, compared, media) for i in range(len(run.records))]
     for store, what in ((media.frames, "frame thumbnail"), (media.audio, "spoken question")):
         if store.left_out:

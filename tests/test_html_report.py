@@ -205,7 +205,7 @@ def test_original_toolkit_file_renders_with_unknown_meta(tmp_path, recwarn):
 
 
 def test_size_cap_leaves_thumbnails_out_with_a_note(small_run, tmp_path, monkeypatch):
-    one = len(html_report.thumbnail_jpeg(small_run["dir"] / "frames" / "002-001" / "002-001_qa_1_0.jpg")[0])
+    one = len(html_report.thumbnail_jpeg(small_run["dir"] / "frames" / "002-001" / "002-001_qa_1_0.jpg")[0][0])
     monkeypatch.setattr(html_report, "MAX_EMBEDDED_FRAME_BYTES", int(one * 1.34 * 4.5))  # room for ~4 frames
     out = build_report(small_run["preds"], tmp_path / "report.html")
     page = Page(out.read_text(encoding="utf-8"))
