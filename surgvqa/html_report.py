@@ -444,14 +444,39 @@ def thumbnail_jpeg(path: Path) -> Encoded:
         return [_jpeg(img)]
 
 
-def audio_ogg(path: Path) -> Encoded:
-    """A spoken question as Ogg/Vorbis, 8 kHz mono at the lowest quality (plenty for speech, ~4 KB per second;
-    decoded and resampled by ``surgvqa.media.load_audio``); WAV where libsndfile has no Vorbis."""
+def _speech_at_audio_rate(path: Path) -> Any:
+    """Mono float32 at ``AUDIO_RATE``. Files at a multiple of it (16, 24, 48 kHz) are low-passed (windowed sinc)
+    and decimated here; other rates go through ``surgvqa.media.load_audio``'s torchaudio resampler, whose import
+    would otherwise cost seconds per report."""
+    import numpy as np
     import soundfile as sf
 
-    from surgvqa.media import load_audio
+    from surgvqa.media import MediaError, load_audio
 
-    wave = load_audio(path, AUDIO_RATE)
+    try:
+        rate = int(sf.info(str(path)).samplerate)
+    except Exception as err:  # soundfile raises several types; load_audio names the file and the fix
+        if not Path(path).is_file():
+            raise MediaError(f"audio file not found: {path}") from err
+        rate = 0
+    if rate < AUDIO_RATE or rate % AUDIO_RATE:
+        return load_audio(path, AUDIO_RATE)
+    wave = load_audio(path, rate)
+    factor = rate // AUDIO_RATE
+    if factor == 1:
+        return wave
+    taps = 16 * factor + 1
+    n = np.arange(taps) - (taps - 1) / 2
+    kernel = np.sinc(0.9 * n / factor) * np.hamming(taps)
+    return np.convolve(wave, kernel / kernel.sum(), mode="same")[::factor].astype(np.float32)
+
+
+def audio_ogg(path: Path) -> Encoded:
+    """A spoken question as Ogg/Vorbis, 8 kHz mono at the lowest quality (plenty for speech, ~4 KB per second);
+    WAV where libsndfile has no Vorbis."""
+    import soundfile as sf
+
+    wave = _speech_at_audio_rate(path)
     buf = io.BytesIO()
     try:
         sf.write(buf, wave, AUDIO_RATE, format="OGG", subtype="VORBIS", compression_level=1.0)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import shutil
@@ -138,8 +139,6 @@ def small_run(tmp_path):
 
 
 def _decode(uri: str) -> Image.Image:
-    import io
-
     assert uri.startswith("data:image/jpeg;base64,")
     return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
 
@@ -273,6 +272,22 @@ def test_audio_embedded_per_key_and_missing_audio_named(small_run, tmp_path):
     last = page.card("002-009", "qa_2")
     assert last["audio"] == [] and len(last["imgs"]) == 3  # frames still shown
     assert any("spoken-question audio missing" in n for n in last["notes"])
+
+
+def test_spoken_question_resampling_keeps_speech_band_and_drops_aliases(tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    t = np.arange(16000) / 16000
+    for freq, rms in ((1000, 0.354), (7000, 0.0)):  # 7 kHz would alias to 1 kHz at 8 kHz without the low-pass
+        path = tmp_path / f"{freq}.wav"
+        sf.write(path, (0.5 * np.sin(2 * np.pi * freq * t)).astype("float32"), 16000)
+        wave = html_report._speech_at_audio_rate(path)
+        assert wave.shape == (8000,)
+        assert float(np.sqrt((wave[100:-100] ** 2).mean())) == pytest.approx(rms, abs=0.01)
+    data, mime = html_report.audio_ogg(tmp_path / "1000.wav")[0]
+    assert mime in ("audio/ogg", "audio/wav")
+    assert sf.info(io.BytesIO(data)).samplerate == 8000
 
 
 def test_compare_pairs_by_key_and_marks_disagreements(small_run, tmp_path):
