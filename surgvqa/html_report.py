@@ -650,6 +650,8 @@ def svg_lines(
     x_lo, x_hi = min(xs), max(xs)
     if x_hi == x_lo:
         x_hi = x_lo + 1
+    if x_lo > 0:
+        x_lo = 0.0  # curves of one run share the step axis from 0
     if y_range:
         y_lo, y_hi = y_range
     else:
@@ -785,7 +787,7 @@ def _flatten(obj: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 def _value(v: Any) -> str:
     if isinstance(v, str):
         return v
-    return json.dumps(v, ensure_ascii=False)
+    return "none" if v is None else json.dumps(v, ensure_ascii=False)
 
 
 def _kv_table(rows: Iterable[tuple[str, Any]]) -> str:
@@ -814,7 +816,7 @@ def section_training(training: Training) -> str:
                        svg_lines([("eval_accuracy", eval_acc)], y_label="eval accuracy", y_range=(0.0, 1.0),
                                  marker_x=best_step, marker_label="best", percent=True)))
     if charts:
-        parts.append('<div class="grid2">')
+        parts.append('<div class="grid2 even">')
         for title, svg in charts:
             parts.append(f'<div class="panel"><h3>{_e(title)}</h3>{svg}</div>')
         parts.append("</div>")
@@ -836,8 +838,10 @@ def section_training(training: Training) -> str:
         settings_rows += [(f"training_args.{k}", training.args[k]) for k in TRAINING_ARG_KEYS if k in training.args]
     if settings_rows:
         source = training.settings_path or training.directory
+        half = (len(settings_rows) + 1) // 2
         parts.append(f'<h3>Settings <span class="muted mono">{_e(source)}</span></h3>'
-                     f'<div class="panel tablewrap">{_kv_table(settings_rows)}</div>')
+                     f'<div class="panel grid2 even">{_kv_table(settings_rows[:half])}'
+                     f'{_kv_table(settings_rows[half:])}</div>')
     parts.append("</section>")
     return "".join(parts)
 
