@@ -1013,12 +1013,27 @@ def section_types(run: Run, compared: Sequence[Run]) -> str:
 REMOVED = {"video": "video", "audio": "audio", "both": "video and audio"}
 
 
-def compare_runs(run: Run, other: Run) -> dict[str, Any]:
-    """``surgvqa.metrics.paired_comparison`` of a compared run (the "run") against this one (the "reference"),
-    scored with this run's closed answer sets."""
-    ablate = _meta(other.meta, "ablate")
-    return paired_comparison(other.records, run.records, run.summary["candidates"],
-                             removed=REMOVED.get(ablate, ablate) if ablate else None)
+@dataclass
+class Pairing:
+    """A paired comparison: ``run`` is the run that lacks something (the ablated one) or else the compared run,
+    ``reference`` the other; ``result`` is ``surgvqa.metrics.paired_comparison(run, reference)``."""
+
+    run: Run
+    reference: Run
+    result: dict[str, Any]
+
+
+def pair_runs(this: Run, other: Run) -> Pairing:
+    """Pair this report's run with a compared run, scored with this run's closed answer sets. An ablated run
+    is always the "run" (so the verdict reads "video carries X pts"), whichever of the two files it is."""
+    if _meta(this.meta, "ablate") and not _meta(other.meta, "ablate"):
+        run, reference = this, other
+    else:
+        run, reference = other, this
+    ablate = _meta(run.meta, "ablate")
+    result = paired_comparison(run.records, reference.records, this.summary["candidates"],
+                               removed=REMOVED.get(ablate, ablate) if ablate else None)
+    return Pairing(run, reference, result)
 
 
 def _keys_text(listed: Mapping[str, Any] | None) -> tuple[int, str]:
@@ -1030,21 +1045,24 @@ def _keys_text(listed: Mapping[str, Any] | None) -> tuple[int, str]:
     return listed.get("n", 0), ", ".join(_show_key(tuple(k)) for k in examples) + more
 
 
-def section_compare(run: Run, compared: Sequence[Run], pairs: Sequence[Mapping[str, Any]]) -> str:
+def section_compare(pairings: Sequence[Pairing]) -> str:
     parts = ['<section id="compare"><h2>Paired comparison</h2>'
-             '<p class="muted">Each compared run is paired with this run by (video_id, id) and both are scored with '
-             "this run's closed answer sets. b: this run right, compared run wrong; c: the reverse; p: exact "
-             "McNemar test on b and c. Difference = compared − this run, in points, with its paired 95 % interval."
-             "</p>"]
-    for other, pc in zip(compared, pairs, strict=True):
-        parts.append(f'<div class="panel" style="margin-bottom:12px"><h3 style="margin-top:0">{_e(other.label)} '
-                     f'vs {_e(run.label)}</h3><p class="muted mono">{_e(other.path)}</p>'
+             '<p class="muted">The two runs are paired by (video_id, id) and both are scored with this report\'s '
+             "closed answer sets. The run that lacks something (an ablation) is the <i>run</i>, the other the "
+             "<i>reference</i>. b: reference right, run wrong; c: the reverse; p: exact McNemar test on b and c; "
+             "difference = run − reference in points, with its paired 95 % interval.</p>"]
+    for pairing in pairings:
+        pc = pairing.result
+        parts.append(f'<div class="panel" style="margin-bottom:12px"><h3 style="margin-top:0">run '
+                     f'{_e(pairing.run.label)} vs reference {_e(pairing.reference.label)}</h3>'
+                     f'<p class="muted mono">{_e(pairing.run.path)} vs {_e(pairing.reference.path)}</p>'
                      f'<p class="verdict">{_e(pc.get("verdict") or pc["overall"].get("verdict", ""))}</p>')
-        for field_name, where in (("only_in_run", "only in the compared run"), ("only_in_reference", "only in "
-                                  "this run"), ("gold_differs", "with a different gold answer or type")):
+        for field_name, where in (("only_in_run", f"only in {pairing.run.label}"),
+                                  ("only_in_reference", f"only in {pairing.reference.label}"),
+                                  ("gold_differs", "with a different gold answer or type")):
             n, examples = _keys_text(pc.get(field_name))
             if n:
-                parts.append(f'<p class="media-note">{n} sample(s) {where}, not paired: {_e(examples)}</p>')
+                parts.append(f'<p class="media-note">{n} sample(s) {_e(where)}, not paired: {_e(examples)}</p>')
         rows = []
         for name, block in [("overall", pc["overall"]), *pc.get("per_type", {}).items()]:
             ci = block.get("difference_ci95") or [None, None]
@@ -1063,9 +1081,9 @@ def section_compare(run: Run, compared: Sequence[Run], pairs: Sequence[Mapping[s
             )
         parts.append(
             '<div class="tablewrap"><table class="data"><thead><tr><th class="l">question type</th><th>paired n</th>'
-            '<th>this run</th><th>compared</th><th>difference</th><th>95 % CI</th><th>b</th><th>c</th>'
-            f'<th>McNemar p</th><th class="l">verdict</th></tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
-            "</div>"
+            f'<th title="{_e(pairing.reference.label)}">reference</th><th title="{_e(pairing.run.label)}">run</th>'
+            '<th>difference</th><th>95 % CI</th><th>b</th><th>c</th><th>McNemar p</th><th class="l">verdict</th>'
+            f'</tr></thead><tbody>{"".join(rows)}</tbody></table></div></div>'
         )
     parts.append("</section>")
     return "".join(parts)
@@ -1325,7 +1343,7 @@ def build_report(
         seen[r.label] += 1
         if seen[r.label] > 1:
             r.label = f"{r.label} #{seen[r.label]}"
-    pairs = [compare_runs(run, c) for c in compared]
+    pairings = [pair_runs(run, c) for c in compared]
     training = load_training(train_dir) if train_dir is not None else None
     located, notes = locate_media(run, frames_dir=frames_dir, audio_dir=audio_dir,
                                   frame_path_template=frame_path_template, audio_path_template=audio_path_template)
@@ -1358,7 +1376,7 @@ def build_report(
     sections = [section_summary(run), section_types(run, compared)]
     toc = [("summary", "Summary"), ("types", "Per type")]
     if compared:
-        sections.append(section_compare(run, compared, pairs))
+        sections.append(section_compare(pairings))
         toc.append(("compare", "Paired comparison"))
     if training is not None:
         sections.append(section_training(training))

@@ -305,10 +305,15 @@ def test_compare_pairs_by_key_and_marks_disagreements(small_run, tmp_path):
     # key sets that differ are reported, never silently intersected
     partial = _write_jsonl(tmp_path / "partial.jsonl", _with_meta({"ablate": "video"}, other_rows[1:]))
     text = build_report(small_run["preds"], tmp_path / "report.html", compare=[partial]).read_text(encoding="utf-8")
-    assert "1 sample(s) only in this run, not paired: (video_id=&#x27;002-001&#x27;, id=&#x27;qa_1&#x27;)" in text
+    assert "1 sample(s) only in preds, not paired: (video_id=&#x27;002-001&#x27;, id=&#x27;qa_1&#x27;)" in text
     assert "WARNING: the files do not hold the same samples" in text
     page = Page(text)
     assert page.card("002-001", "qa_1")["attrs"]["data-disagree"] == "0"
+    # the ablated run is the "run" of the pairing whichever file the report is about (as evaluate_checkpoint.py
+    # --ablate video --compare NORMAL --report writes it)
+    for main_file, other_file in ((small_run["preds"], other), (other, small_run["preds"])):
+        text = build_report(main_file, tmp_path / "r2.html", compare=[other_file]).read_text(encoding="utf-8")
+        assert "run ablated (ablate=video) vs reference preds" in text
 
 
 def test_training_curves_and_settings(small_run, tmp_path):
