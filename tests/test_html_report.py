@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -132,7 +133,8 @@ def small_run(tmp_path):
                               "question": question, "answer": answer, "short_answer": short, "prediction": pred,
                               "stopped_by_eos": True, "new_tokens": 5})
     data = _write_jsonl(tmp_path / "eval.jsonl", data_rows)
-    meta = {"checkpoint": "outputs/run1", "eval_data_path": str(data), "frames_dir": str(tmp_path / "frames"),
+    meta = {"checkpoint": "outputs/run1", "eval_data_path": str(data),
+            "eval_data_sha256": hashlib.sha256(data.read_bytes()).hexdigest(), "frames_dir": str(tmp_path / "frames"),
             "ablate": None, "question_modality": "text", "frame_size": 56}
     preds = _write_jsonl(tmp_path / "preds.jsonl", _with_meta(meta, pred_rows))
     return {"dir": tmp_path, "data": data, "preds": preds, "rows": pred_rows, "data_rows": data_rows}
@@ -161,6 +163,7 @@ def test_cards_carry_their_own_frames_and_question(small_run, tmp_path):
             original = Image.open(small_run["dir"] / "frames" / row["video_id"] / f"{name}.jpg").convert("RGB")
             got, want = thumb.getpixel((5, 5)), original.getpixel((5, 5))
             assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 12
+    assert not any("changed since the run" in n for n in page.notes)
     # same id, other video: other frames, other question
     a, b = page.card("002-001", "qa_1"), page.card("002-009", "qa_1")
     assert a["question"] != b["question"] and not set(a["frames"]) & set(b["frames"])
@@ -238,6 +241,7 @@ def test_question_mismatch_hides_media(small_run, tmp_path):
     card = page.card("002-001", "qa_1")
     assert card["frames"] == [] and card["imgs"] == []
     assert any("not this prediction's question" in n for n in card["notes"])
+    assert any("changed since the run" in n for n in page.notes)
     assert len(page.card("002-009", "qa_1")["imgs"]) == 3
 
 
