@@ -7,7 +7,7 @@ viewer of every sample with its own frames, spoken question, gold answers and pr
 
 Every number is re-computed from the predictions file(s) with ``surgvqa.metrics``; nothing is read from a stored
 summary. The page needs no network: CSS, JavaScript and SVG charts are inline; frames are embedded as small JPEG
-thumbnails (a pixel budget per frame, a size cap for the whole file) and spoken questions as Ogg/Opus, or both are
+thumbnails (a pixel budget per frame, a size cap for the whole file) and spoken questions as Ogg/Vorbis, or both are
 linked by relative path with ``--link_media``. A card is keyed on (video_id, id) and carries its own frames, so one
 sample's frames can never sit next to another's question.
 """
@@ -394,7 +394,7 @@ class MediaStore:
 
     def _accept(self, ident: Any, result: Encoded | Exception) -> None:
         if isinstance(result, Exception):
-            self._done[ident] = ([], f"cannot read {ident}: {result}")
+            self._done[ident] = ([], f"cannot read {Path(ident).name}: {result}")
             return
         uris = [f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}" for data, mime in result]
         if self.full or not uris or self.used + sum(map(len, uris)) > self.cap:
@@ -1106,7 +1106,8 @@ def _figure(name: str, img_attrs: str) -> str:
 
 
 def _placeholder(name: str, reason: str) -> str:
-    return (f'<figure data-name="{_e(name)}"><div class="ph" title="{_e(reason)}">{_e(reason)}</div>'
+    short = "left out (size cap)" if reason == LEFT_OUT else "unreadable"
+    return (f'<figure data-name="{_e(name)}"><div class="ph" title="{_e(reason)}">{_e(short)}</div>'
             f'<figcaption>{_e(name)}</figcaption></figure>')
 
 
@@ -1128,15 +1129,23 @@ def embed_media(located: Mapping[Key, Located], order: Iterable[Key], media: Med
     media.audio.fill(audio_jobs)
 
 
-def _frames_html(loc: Located, media: MediaOutput) -> str:
+def _frames_html(loc: Located, media: MediaOutput) -> tuple[str, list[str]]:
+    """The frame strip and flipbook of one card, and the reasons for frames that could not be shown."""
     figures: list[str] = []
+    notes: list[str] = []
+
+    def missing(name: str, why: str | None) -> str:
+        if why and why != LEFT_OUT:
+            notes.append(why)
+        return _placeholder(name, why or "")
+
     if loc.video_path is not None:
         if media.link:
             return (f'<video controls preload="none" width="256" src="{_href(loc.video_path, media.out_dir)}">'
-                    "</video>")
+                    "</video>", notes)
         keys, why = media.frames.get(loc.video_path)
         if not keys:
-            figures.append(_placeholder(loc.video_path.name, why or ""))
+            figures.append(missing(loc.video_path.name, why))
         figures.extend(_figure(f"{loc.video_path.name} {k + 1}/{len(keys)}", f'data-frame="{key}"')
                        for k, key in enumerate(keys))
     for name, path in zip(loc.frame_names, loc.frame_paths, strict=True):
@@ -1144,11 +1153,11 @@ def _frames_html(loc: Located, media: MediaOutput) -> str:
             figures.append(_figure(name, f'src="{_href(path, media.out_dir)}" loading="lazy"'))
             continue
         keys, why = media.frames.get(path)
-        figures.append(_figure(name, f'data-frame="{keys[0]}"') if keys else _placeholder(name, why or ""))
+        figures.append(_figure(name, f'data-frame="{keys[0]}"') if keys else missing(name, why))
     if not figures:
-        return ""
+        return "", notes
     return (f'<div class="strip" title="click to play the frames as a flipbook">{"".join(figures)}</div>'
-            '<div class="flip"><img alt=""><span class="fc"></span></div>')
+            '<div class="flip"><img alt=""><span class="fc"></span></div>', notes)
 
 
 def _audio_html(loc: Located, media: MediaOutput) -> tuple[str, list[str]]:
@@ -1197,9 +1206,9 @@ def render_card(
             f'<span class="flag {"ok" if other_ok else "bad"}">{"right" if other_ok else "wrong"}</span>'
             f'<span>{_text(other.records[j].get("prediction"))}</span></div>'
         )
-    frames = _frames_html(loc, media)
+    frames, frame_notes = _frames_html(loc, media)
     audio, audio_notes = _audio_html(loc, media)
-    notes = "".join(f'<div class="media-note">{_e(n)}</div>' for n in [*loc.problems, *audio_notes])
+    notes = "".join(f'<div class="media-note">{_e(n)}</div>' for n in [*loc.problems, *frame_notes, *audio_notes])
     question = rec.get("question")
     question_html = _text(question)
     if question is None and loc.question is not None:

@@ -221,6 +221,23 @@ def test_size_cap_leaves_thumbnails_out_with_a_note(small_run, tmp_path, monkeyp
     assert len(out.read_bytes()) < 200_000
 
 
+def test_unreadable_frame_is_named_on_its_card(small_run, tmp_path, monkeypatch):
+    real = html_report.thumbnail_jpeg
+    bad = small_run["dir"] / "frames" / "002-009" / "002-009_qa_1_2.jpg"
+
+    def thumbnail(path):
+        if path == bad.resolve():
+            raise OSError("broken data stream when reading image file")
+        return real(path)
+
+    monkeypatch.setattr(html_report, "thumbnail_jpeg", thumbnail)
+    page = Page(build_report(small_run["preds"], tmp_path / "report.html").read_text(encoding="utf-8"))
+    card = page.card("002-009", "qa_1")
+    assert len(card["imgs"]) == 2 and card["placeholders"] == ["unreadable"]
+    assert card["frames"] == small_run["data_rows"][2]["frames"]
+    assert any("cannot read 002-009_qa_1_2.jpg: broken data stream" in n for n in card["notes"])
+
+
 def test_link_media_links_relative_paths(small_run, tmp_path):
     out = build_report(small_run["preds"], tmp_path / "sub" / "report.html", link_media=True)
     page = Page(out.read_text(encoding="utf-8"))
