@@ -998,7 +998,7 @@ def section_types(run: Run, compared: Sequence[Run]) -> str:
     legend = "this run" if not compared else "runs side by side"
     return (
         '<section id="types"><h2>Per question type</h2>'
-        f'<div class="panel"><h3 style="margin-top:0">Strict accuracy with 95 % intervals ({legend}); black line: '
+        f'<div class="panel"><h3 style="margin-top:0">Strict accuracy with 95 % intervals ({legend}); solid line: '
         'majority baseline, dashed: chance</h3>'
         f'{chart}</div><div class="panel" style="margin-top:12px">{table}</div>'
         '<h3>Gold vs predicted answer (closed answer sets)</h3>'
