@@ -22,7 +22,6 @@ import io
 import json
 import math
 import os
-import sys
 import time
 import urllib.parse
 from collections import Counter
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from surgvqa import __version__
+from surgvqa.errors import ArgumentParser, UserError, run_main, writable_file
 from surgvqa.media import MediaConfig
 from surgvqa.metrics import (
     AMBIGUOUS_LABEL,
@@ -60,7 +60,7 @@ GENERATOR = f"surgvqa {__version__} html_report"
 Key = tuple[str | None, str]
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """A user error: a missing or unreadable input, an output that would overwrite something else."""
 
 
@@ -699,14 +699,12 @@ def svg_lines(
 
 # --------------------------------------------------------------------------------------------------- training
 def read_run_settings(directory: Path) -> dict[str, Any] | None:
-    """``surgvqa_config.json`` of a training output (the run's settings), or None."""
-    path = directory / "surgvqa_config.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ReportError(f"{path}:{err.lineno}: invalid JSON ({err.msg}); restore the file from the run") from err
+    """The run's settings (``surgvqa_config.json``, read and validated by :class:`surgvqa.run_config.RunConfig`)
+    as a dict, or None when the directory has none."""
+    from surgvqa.run_config import RunConfig
+
+    config = RunConfig.find(directory)
+    return None if config is None else config.to_dict()
 
 
 def _checkpoints(train_dir: Path) -> list[Path]:
@@ -1403,7 +1401,7 @@ def build_report(
 
 # ------------------------------------------------------------------------------------------------------- CLI
 def build_parser(prog: str = "surgvqa report") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog,
         description="One self-contained HTML report of a predictions file: summary, per-type results, paired "
         "comparisons, training curves and every sample with its frames, audio, answers and prediction.",
@@ -1426,22 +1424,18 @@ def build_parser(prog: str = "surgvqa report") -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     output = args.output or args.predictions.with_name(args.predictions.stem + ".report.html")
-    start = time.perf_counter()
-    try:
+
+    def body() -> int:
+        start = time.perf_counter()
         path = build_report(
-            args.predictions, output, compare=args.compare, frames_dir=args.frames_dir, audio_dir=args.audio_dir,
-            train_dir=args.train_dir, link_media=args.link_media, frame_path_template=args.frame_path_template,
-            audio_path_template=args.audio_path_template,
+            args.predictions, writable_file(output, "--output"), compare=args.compare, frames_dir=args.frames_dir,
+            audio_dir=args.audio_dir, train_dir=args.train_dir, link_media=args.link_media,
+            frame_path_template=args.frame_path_template, audio_path_template=args.audio_path_template,
         )
-    except ValueError as err:  # ReportError, malformed predictions (file:line), bad templates
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
-        return 2
-    size = path.stat().st_size
-    print(f"report: {path} ({size / 2**20:.1f} MB, built in {time.perf_counter() - start:.1f} s)")
-    return 0
+        print(f"report: {path} ({path.stat().st_size / 2**20:.1f} MB, built in {time.perf_counter() - start:.1f} s)")
+        return 0
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

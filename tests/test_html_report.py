@@ -337,6 +337,16 @@ def test_compare_pairs_by_key_and_marks_disagreements(small_run, tmp_path):
         assert "run ablated (ablate=video) vs reference preds" in text
 
 
+def _run_config():
+    from surgvqa.run_config import MediaSettings, RunConfig
+
+    return RunConfig(surgvqa_version="0.1.0", backbone="qwen2_5_omni", base_model="/models/base",
+                     media=MediaSettings.defaults(frame_size=56), system_prompt="Answer.", model_max_length=4096,
+                     dtype="bfloat16", tokenizer_repair=[], train_data_path=None, eval_data_path=None,
+                     frames_dir=None, audio_dir=None, eval_frames_dir=None, eval_audio_dir=None,
+                     lora={"lora_r": 16})
+
+
 def test_training_curves_and_settings(small_run, tmp_path):
     run = tmp_path / "run1"
     ckpt = run / "checkpoint-20"
@@ -345,8 +355,7 @@ def test_training_curves_and_settings(small_run, tmp_path):
     history += [{"step": 10, "eval_loss": 0.5, "eval_accuracy": 0.4}, {"step": 20, "eval_loss": 0.4, "eval_accuracy": 0.7}]
     (ckpt / "trainer_state.json").write_text(json.dumps({"log_history": history, "global_step": 20,
                                                         "best_model_checkpoint": str(ckpt), "best_metric": 0.7}))
-    (run / "surgvqa_config.json").write_text(json.dumps({"backbone": "qwen2_5_omni",
-                                                         "media": {"frame_size": 56, "question_modality": "text"}}))
+    _run_config().write(run)
     (run / "training_args.json").write_text(json.dumps({"learning_rate": 0.003, "max_steps": 20, "output_dir": "x"}))
     text = build_report(small_run["preds"], tmp_path / "report.html", train_dir=run).read_text(encoding="utf-8")
     assert 'id="training"' in text and "train loss" in text and "eval_accuracy" in text
@@ -358,7 +367,7 @@ def test_training_curves_and_settings(small_run, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "directory", "output_is_input", "foreign_output", "train_dir",
-                                  "malformed"])
+                                  "malformed", "bad_run_config", "bad_flag"])
 def test_user_errors_exit_2_with_one_line(small_run, tmp_path, capsys, case):
     preds, out = small_run["preds"], tmp_path / "report.html"
     args = [str(preds), "--output", str(out)]
@@ -374,8 +383,20 @@ def test_user_errors_exit_2_with_one_line(small_run, tmp_path, capsys, case):
         args += ["--train_dir", str(tmp_path / "no-run")]
     elif case == "malformed":
         preds.write_text(preds.read_text() + "{not json\n")
+    elif case == "bad_run_config":
+        run = tmp_path / "run"
+        _run_config().write(run)
+        config = json.loads((run / "surgvqa_config.json").read_text())
+        (run / "surgvqa_config.json").write_text(json.dumps({**config, "frame_sise": 56}))
+        args += ["--train_dir", str(run)]
+    elif case == "bad_flag":
+        args += ["--frames"]
     before = small_run["data"].read_bytes()
-    assert main(args) == 2
+    try:
+        code = main(args)
+    except SystemExit as stop:  # argparse
+        code = stop.code
+    assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
     assert small_run["data"].read_bytes() == before
