@@ -128,8 +128,10 @@
       if (ev.key === "Escape" || ev.key === "Enter") search.blur();
       return;
     }
-    if (ev.target && /^(INPUT|SELECT|TEXTAREA)$/.test(ev.target.tagName)) return;
-    if (ev.altKey || ev.ctrlKey || ev.metaKey) return;
+    var tag = ev.target && ev.target.tagName;
+    var box = tag === "INPUT" && ev.target.type === "checkbox";
+    if ((tag === "INPUT" && !box) || tag === "SELECT" || tag === "TEXTAREA") return;
+    if (ev.altKey || ev.ctrlKey || ev.metaKey || (box && ev.key === " ")) return;
     if (ev.key === "j" || ev.key === "ArrowRight") { step(1); ev.preventDefault(); }
     else if (ev.key === "k" || ev.key === "ArrowLeft") { step(-1); ev.preventDefault(); }
     else if (ev.key === " " && current >= 0) { toggleFlip(cards[current]); ev.preventDefault(); }
