@@ -1,6 +1,7 @@
 """Batching: chat prompt → processor (once per batch) → answer tokens appended → labels masked by position.
 
-Training pads on the right and labels exactly ``answer + <|im_end|>``; generation uses the same code with no answer
+Training pads on the right and labels exactly ``answer + end of turn`` (the special token the chat template writes
+after an answer: ``<|im_end|>`` for Qwen); generation uses the same code with no answer
 and left padding. Audio is padded to the longest clip of the batch (not Whisper's 30 s window) and the feature mask
 tells the audio tower which frames are real.
 """
@@ -14,9 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from surgvqa.backbones.base import on_vision_grid, vision_grid
 from surgvqa.media import MediaConfig
 from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, build_messages, check_question_modality
 from surgvqa.run_config import DEFAULT_FPS, FRAMES_AS
+from surgvqa.tokenizer import end_of_turn_token
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +34,7 @@ class OverlongSampleError(ValueError):
 class VQACollator:
     """Turn dataset items (``{"sample", "frames", "audio"}``) into model inputs.
 
-    ``mode="train"`` appends the answer and ``<|im_end|>`` and returns ``labels``; ``mode="generate"`` returns the
+    ``mode="train"`` appends the answer and the end-of-turn token and returns ``labels``; ``mode="generate"`` returns the
     prompt only, left padded, plus ``keys`` (the (video_id, id) of each row).
     """
 
@@ -52,9 +55,11 @@ class VQACollator:
             raise ValueError(f"frames_as must be one of {', '.join(FRAMES_AS)}; got {self.frames_as!r}")
         check_question_modality(self.question_modality)
         tokenizer = self.processor.tokenizer
-        self.end_of_turn_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if self.end_of_turn_id is None or self.end_of_turn_id == tokenizer.unk_token_id:
-            raise ValueError("the tokenizer has no <|im_end|> token: this collator needs a Qwen chat tokenizer")
+        token = end_of_turn_token(tokenizer)
+        if token is None:
+            raise ValueError("the tokenizer's chat template writes no special token after an answer: the collator "
+                             "needs a chat tokenizer that marks the end of a turn (e.g. <|im_end|>)")
+        self.end_of_turn_id = tokenizer.convert_tokens_to_ids(token)
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token: run surgvqa.tokenizer.repair_tokenizer first")
 
@@ -65,7 +70,8 @@ class VQACollator:
 
     def pixel_kwargs(self) -> dict:
         """The pixel budget, always explicit: the processor's class-level defaults would otherwise upscale."""
-        size = {"shortest_edge": 28 * 28, "longest_edge": self.frame_size * self.frame_size}
+        grid = vision_grid(self.processor)
+        size = {"shortest_edge": grid * grid, "longest_edge": self.frame_size * self.frame_size}
         return {"size": size}
 
     def _frames_for_video(self, frames: list[np.ndarray]) -> list[np.ndarray]:
@@ -80,13 +86,6 @@ class VQACollator:
                 self._warned_odd = True
             frames = list(frames) + [frames[-1]] * pad
         return list(frames)
-
-    def _on_grid(self, frame: np.ndarray) -> bool:
-        """Frame already on the vision grid (patch x merge: 28 px for Qwen2/2.5, 32 for Qwen3) within budget."""
-        video_processor = self.processor.video_processor
-        grid = int(getattr(video_processor, "patch_size", 14)) * int(getattr(video_processor, "merge_size", 2))
-        h, w = frame.shape[:2]
-        return h % grid == 0 and w % grid == 0 and max(h, w) <= self.frame_size
 
     def prompt_text(self, question: str, num_frames: int, answer: str | None = None) -> str:
         messages = build_messages(
@@ -126,8 +125,9 @@ class VQACollator:
             kwargs["videos"] = videos
             kwargs["videos_kwargs"] = {
                 **self.pixel_kwargs(), "do_sample_frames": False, "fps": self.fps, "cap_pixels_per_frame": False,
-                # frames already on the 28-px grid within the budget (the dataset resized them): skip a second resize
-                "do_resize": not all(self._on_grid(f) for video in videos for f in video[:1]),
+                # frames already on the vision grid within the budget (the dataset resized them): no second resize
+                "do_resize": not on_vision_grid((video[0] for video in videos), vision_grid(self.processor),
+                                                self.frame_size),
             }
         if images:
             kwargs["images"] = images

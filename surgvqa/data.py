@@ -71,16 +71,16 @@ class SurgicalVQADataset(Dataset):
         return len(self.samples)
 
     def _frames(self, sample: Sample) -> list[np.ndarray]:
-        size = self.media.frame_size
+        size, grid = self.media.frame_size, self.media.pixel_multiple
         if sample.video_path is not None:
             n = self.media.num_video_frames
             if self.max_frames is not None:
                 n = min(n, self.max_frames)
-            return load_video_frames(sample.video_path, n, size)
+            return load_video_frames(sample.video_path, n, size, grid)
         if not sample.frame_paths:
             raise MediaError("sample has neither frame_paths nor video_path")
         indices = subsample_indices(len(sample.frame_paths), self.max_frames)
-        frames = [load_frame(sample.frame_paths[i], size) for i in indices]
+        frames = [load_frame(sample.frame_paths[i], size, grid) for i in indices]
         shapes = {f.shape for f in frames}
         if len(shapes) > 1:
             raise MediaError(

@@ -11,6 +11,7 @@ refused unless ``--frame_size``, ``--question_modality`` and ``--frames_as`` are
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -21,12 +22,13 @@ from typing import Any
 from transformers import HfArgumentParser
 
 from surgvqa.backbones import LoadOptions
+from surgvqa.backbones.base import vision_grid
 from surgvqa.checkpoint import load_for_inference
 from surgvqa.collate import VQACollator
 from surgvqa.data import MediaConfig, SurgicalVQADataset, load_samples
 from surgvqa.errors import existing_dir, existing_file, one_line_errors, run_main, writable_file
 from surgvqa.generate import generate_predictions
-from surgvqa.metrics import build_candidates, paired_comparison, score_record, summarize
+from surgvqa.metrics import build_candidates, paired_comparison, parse_baseline, score_record, summarize
 from surgvqa.report import (
     format_paired_comparison,
     format_table,
@@ -78,18 +80,6 @@ class EvalArguments:
     skip_bad_samples: bool = field(default=False)
     plot: str | None = field(default=None, metadata={"help": "write a per-type accuracy PNG here"})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)"})
-
-
-def parse_baseline(value: str) -> str | float:
-    if value in ("majority", "chance"):
-        return value
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"--baseline must be 'majority', 'chance' or a number in [0, 1], got {value!r}") from None
-    if not 0 <= number <= 1:
-        raise ValueError(f"--baseline {number} is not a fraction in [0, 1] (write 0.46, not 46)")
-    return number
 
 
 # What each ablation removes, as the paired comparison's verdict names it ("video carries X pts").
@@ -202,6 +192,7 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
         if not args.load_in_4bit:
             model.to(device)
         collator = VQACollator(processor, mode="generate", **preprocessing.collator_kwargs())
+        media = dataclasses.replace(media, pixel_multiple=vision_grid(processor))  # the backbone's vision grid
         _generate_into(output, model, processor, SurgicalVQADataset(todo, media), collator, candidates, args)
 
     records = read_predictions(output)
@@ -276,13 +267,7 @@ def parse_args(argv: list[str] | None = None) -> EvalArguments:
 
 def main(argv: list[str] | None = None) -> int:
     """``evaluate_checkpoint.py``: 0 evaluated; 2 a user error (bad flag, missing file, bad data): ``error: …``."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    def body() -> int:
-        evaluate(parse_args(argv))
-        return 0
-
-    return run_main(body)
+    return run_main(lambda: evaluate(parse_args(argv)), logs=True)
 
 
 if __name__ == "__main__":

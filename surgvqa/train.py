@@ -21,6 +21,7 @@ from transformers.trainer_utils import enable_full_determinism
 
 from surgvqa import __version__
 from surgvqa.backbones import LoadOptions, backbone_for, get_backbone
+from surgvqa.backbones.base import vision_grid
 from surgvqa.checkpoint import save_new_token_rows
 from surgvqa.collate import OverlongSampleError, VQACollator
 from surgvqa.data import DataError, MediaConfig, Problem, Sample, SurgicalVQADataset, load_samples
@@ -205,7 +206,7 @@ def drop_overlong(samples: list[Sample], collator: VQACollator, max_frames: int 
         with Image.open(sample.frame_paths[0]) as img:
             raw = img.size
         if raw not in size_cache:
-            w, h = fit_to_budget(raw[0], raw[1], collator.frame_size)
+            w, h = fit_to_budget(raw[0], raw[1], collator.frame_size, vision_grid(collator.processor))
             size_cache[raw] = (h, w)
         n_frames = len(subsample_indices(len(sample.frame_paths), max_frames))
         audio_len = None
@@ -393,6 +394,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     else:
         set_seed(args.seed)
     model, processor, backbone, report, original_rows = build_model(model_args, lora_args, args)
+    grid = vision_grid(processor)  # frames are resized onto the backbone's vision grid
+    train_media = dataclasses.replace(train_media, pixel_multiple=grid)
+    if eval_media is not None:
+        eval_media = dataclasses.replace(eval_media, pixel_multiple=grid)
     settings = dict(collator_kwargs(media_settings(data_args), data_args.system_prompt),
                     model_max_length=data_args.model_max_length)
     train_collator = VQACollator(processor, mode="train", **settings)
@@ -439,13 +444,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
 
 def main(argv: list[str] | None = None) -> int:
     """``train_vqa.py``: 0 trained; 2 a user error (bad flag, missing file, bad data), printed as ``error: …``."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    def body() -> int:
-        train(*parse_args(argv))
-        return 0
-
-    return run_main(body)
+    return run_main(lambda: train(*parse_args(argv)), logs=True)
 
 
 if __name__ == "__main__":

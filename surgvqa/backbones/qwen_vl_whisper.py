@@ -1045,7 +1045,8 @@ class QwenVLWhisper(Backbone):
         graft.save_pretrained(output_dir, save_towers=True, **kwargs)
 
 
-QWEN_VL_WHISPER = QwenVLWhisper()
+#: the instance listed in ``surgvqa.backbones.BACKBONES``
+BACKBONE = QWEN_VL_WHISPER = QwenVLWhisper()
 
 
 # ------------------------------------------------------------------------------------------------- creating
@@ -1158,15 +1159,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _register() -> None:
-    from surgvqa.backbones import register
-
-    register(QWEN_VL_WHISPER)
-
-
-if __name__ == "__main__":  # python -m: run the registered module's main (this copy is __main__, not registered)
+if __name__ == "__main__":  # python -m: run the imported module's main (this copy is __main__, not in the table)
     from surgvqa.backbones.qwen_vl_whisper import main as _main
 
     raise SystemExit(_main())
-else:
-    _register()
