@@ -43,7 +43,7 @@ from surgvqa.metrics import (
     score_record,
     summarize,
 )
-from surgvqa.report import _normalize_record
+from surgvqa.report import read_predictions, read_predictions_meta
 from surgvqa.samples import load_samples
 
 # A thumbnail holds at most this many pixels (aspect ratio kept, never enlarged): 1352x1080 -> 179x143.
@@ -65,62 +65,17 @@ class ReportError(UserError):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# TEMPORARY: self-describing predictions files (first line {"surgvqa_meta": {...}}) are being added to
-# surgvqa.report. Until they land in main these stand-ins keep this module working; delete this block and import
-# read_predictions and read_predictions_meta from surgvqa.report instead.
-META_KEY = "surgvqa_meta"
-
-
-def _first_line_meta(path: Path) -> dict[str, Any] | None:
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    return None
-                if isinstance(obj, dict) and isinstance(obj.get(META_KEY), dict):
-                    return obj[META_KEY]
-                return None
-    return None
-
-
-def read_predictions_meta(path: str | Path) -> dict[str, Any] | None:  # TEMPORARY stand-in
-    return _first_line_meta(Path(path))
-
-
-def read_predictions(path: str | Path) -> list[dict[str, Any]]:  # TEMPORARY stand-in
-    from surgvqa.report import read_predictions as read_all
-
-    path = Path(path)
-    if _first_line_meta(path) is None:
-        return read_all(path)
-    records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: malformed JSON line ({exc.msg})") from exc
-        if isinstance(obj, dict) and META_KEY in obj:
-            continue
-        records.append(_normalize_record(obj, f"{path}:{lineno}"))
-    return records
-
-
-# ------------------------------------------------------------------------------------------------------------
 # Where the meta record keeps each field (one place, so a renamed field is a one-line change).
 _META_FIELDS: dict[str, tuple[str, ...]] = {
-    "data_path": ("eval_data_path", "data_path"),
-    "data_hash": ("eval_data_sha256", "data_sha256", "eval_data_hash", "data_hash"),
+    "data_path": ("eval_data_path",),
+    "data_hash": ("eval_data_sha256",),
     "frames_dir": ("frames_dir",),
     "audio_dir": ("audio_dir",),
     "frame_path_template": ("frame_path_template",),
     "audio_path_template": ("audio_path_template",),
-    "candidates": ("candidates", "answer_sets", "closed_answer_sets"),
-    "ablate": ("ablate", "ablation"),
-    "checkpoint": ("checkpoint", "checkpoint_path"),
+    "candidates": ("candidates",),
+    "ablate": ("ablate",),
+    "checkpoint": ("checkpoint",),
 }
 
 

@@ -458,11 +458,7 @@ def two_video_eval(tmp_path_factory, trained_adapter, test_set):
             str(root / "frames"), "--output_file", str(out), "--batch_size", "8", "--max_new_tokens", "16",
             "--device", "cpu", *extra_args,
         ]) == 0
-        if html_report.read_predictions_meta(out) is None:
-            # TEMPORARY: until evaluate_checkpoint.py writes its surgvqa_meta line, write the fields it will record.
-            meta = {"checkpoint": str(trained_adapter), "eval_data_path": str(data),
-                    "frames_dir": str(root / "frames"), "ablate": extra_args[-1] if extra_args else None}
-            out.write_text(json.dumps({"surgvqa_meta": meta}) + "\n" + out.read_text())
+        assert html_report.read_predictions_meta(out)["eval_data_path"] == str(data.resolve())
         outputs[name] = out
     return {"root": root, "data_rows": rows, **outputs}
 
