@@ -1,0 +1,141 @@
+"""The planner's arithmetic: bytes of stored weights and optimizer state, the activation features and their fitted
+coefficients (``memory_coefficients.json``, written by ``benchmarks/memory_calibration.py``).
+
+A leaf: it imports nothing from ``surgvqa``, nor torch; ``surgvqa.plan_counts`` measures a model and a processor,
+``surgvqa.plan`` adds the parts up, searches the budget and prints the plan.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+COEFFICIENTS_FILE = Path(__file__).with_name("memory_coefficients.json")
+GiB = 1024**3
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+#: optimizer state bytes per trainable parameter: (bytes per element of the parameter's dtype, fixed bytes)
+OPTIMIZER_STATE = {
+    "adamw_torch": (2, 0),  # exp_avg + exp_avg_sq, in the parameter's dtype
+    "adamw_torch_fused": (2, 0),
+    "adamw_8bit": (0, 2),  # two uint8 states (+ per-block scales, < 1 %)
+    "paged_adamw_8bit": (0, 2),
+    "sgd": (0, 0),  # no momentum (Trainer's default for sgd)
+}
+#: what the planner calls each module group (in table order)
+GROUPS = ("LLM layers", "embeddings", "lm_head", "vision tower", "audio tower", "projectors")
+MODES = ("train", "train_gc", "generate")
+
+
+class PlanError(ValueError):
+    """A user error: printed as one ``error:`` line."""
+
+
+def parse_bytes(text: str) -> int:
+    """``40GiB``, ``24GB``, ``512MiB``, ``1.5G`` (G = GiB) → bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B?)\s*", str(text), flags=re.IGNORECASE)
+    if not match:
+        raise PlanError(f"cannot read {text!r} as a memory size: write e.g. 40GiB, 24GB or 512MiB")
+    value, prefix, suffix = float(match[1]), match[2].upper(), match[3]
+    if not prefix:
+        raise PlanError(f"{text!r} needs a unit: write e.g. 40GiB or 24GB")
+    power = "KMGT".index(prefix) + 1
+    base = 1000 if suffix.upper() == "B" else 1024  # "GB" is decimal; "GiB" and a bare "G" are binary
+    return int(value * base**power)
+
+
+@dataclass
+class Shape:
+    """What activation memory scales with."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    logits_to_keep: bool  # generation computes the last position's logits only
+    vision_hidden: int = 0
+    vision_intermediate: int = 0
+    patch_dim: int = 0  # pixel values per patch (channels x temporal x patch²)
+    largest_linear: int = 0  # elements of the largest quantized weight (dequantized per matmul)
+
+
+def kbit_training_dtype() -> str:
+    """dtype of every unquantized floating parameter (towers, embeddings, lm_head, norms, biases) once training
+    prepares a 4/8-bit model: peft's ``prepare_model_for_kbit_training`` (called by ``surgvqa.train.build_model``)
+    casts them all to fp32. Evaluation loads without it and keeps the compute dtype."""
+    return "float32"
+
+
+def nf4_bytes(numel: int, blocksize: int = 64, nested_blocksize: int = 256) -> int:
+    """bitsandbytes nf4 with double quantization: packed 4-bit weight, uint8 absmax per block, fp32 absmax per
+    nested block, the fp32 nested code (256) and offset, the fp32 nf4 code (16)."""
+    blocks = math.ceil(numel / blocksize)
+    return (numel + 1) // 2 + blocks + 4 * math.ceil(blocks / nested_blocksize) + 4 * 256 + 4 + 4 * 16
+
+
+def int8_bytes(out_features: int, in_features: int) -> int:
+    """LLM.int8: int8 weight plus an fp32 scale per output row."""
+    return out_features * in_features + 4 * out_features
+
+
+# -------------------------------------------------------------------------------------------- activations
+def activation_features(shape: Shape, batch: int, tokens: int, logit_tokens: int, mode: str) -> dict[str, float]:
+    """The quantities activation memory is modelled as linear in (element counts; the fitted coefficients are
+    bytes per element). ``tokens``: sequence length; ``logit_tokens``: positions the LM head runs on."""
+    bt = batch * tokens
+    kv = 2 * shape.kv_heads * shape.head_dim
+    scores = batch * shape.heads * tokens * tokens  # attention scores of one layer, if a kernel materialises them
+    if mode == "train":
+        return {"token_layer_hidden": bt * shape.layers * shape.hidden,
+                "token_layer_mlp": bt * shape.layers * shape.intermediate,
+                "token_layer_kv": bt * shape.layers * kv,
+                "layer_attention": scores * shape.layers,
+                "logit": batch * logit_tokens * shape.vocab}
+    if mode == "train_gc":
+        return {"token_layer_hidden": bt * shape.layers * shape.hidden,
+                "token_hidden": bt * shape.hidden,
+                "token_mlp": bt * shape.intermediate,
+                "attention": scores,
+                "logit": batch * logit_tokens * shape.vocab}
+    if mode == "generate":
+        return {"token_hidden": bt * shape.hidden,
+                "token_mlp": bt * shape.intermediate,
+                "attention": scores,
+                "logit": batch * (1 if shape.logits_to_keep else tokens) * shape.vocab}
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def regime(quantization: str | None, dtype: str) -> str:
+    """Which calibration applies: the storage / compute precision of the run."""
+    if quantization:
+        return "4bit"
+    return "float32" if dtype == "float32" else "bfloat16"
+
+
+def load_coefficients(path: Path = COEFFICIENTS_FILE) -> dict:
+    if not path.is_file():
+        raise PlanError(f"{path} is missing: run python benchmarks/memory_calibration.py to measure it")
+    return json.loads(path.read_text())
+
+
+def pick_fit(coefficients: dict, device: str, regime_name: str, mode: str) -> tuple[dict, str]:
+    """The fitted coefficients for (device, regime, mode) and a note on where they come from."""
+    fits = coefficients.get("fits", {})
+    entry = fits.get(device, {}).get(regime_name, {}).get(mode)
+    if entry:
+        return entry, f"measured on {device} ({entry.get('measured_on', 'see memory_coefficients.json')})"
+    for other in ("cpu", "cuda"):
+        entry = fits.get(other, {}).get(regime_name, {}).get(mode)
+        if entry:
+            return entry, f"no {device} calibration yet: {other} fit ({entry.get('measured_on', '')})"
+    raise PlanError(f"memory_coefficients.json has no fit for {regime_name} {mode}: rerun "
+                    "benchmarks/memory_calibration.py")
+
+
+def fitted_bytes(fit: dict, features: dict[str, float]) -> int:
+    return int(sum(fit["coefficients"].get(name, 0.0) * value for name, value in features.items()))

@@ -1,0 +1,419 @@
+"""What a planned run holds, counted exactly: its settings (``PlanArguments``), the tokens of one sample from the
+backbone's own processor arithmetic, and parameters and bytes per module group from the model built on the meta
+device, as our loading code stores them. ``surgvqa.plan`` turns the counts into a plan.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from surgvqa.memory_model import (
+    DTYPE_BYTES,
+    GROUPS,
+    OPTIMIZER_STATE,
+    PlanError,
+    Shape,
+    int8_bytes,
+    kbit_training_dtype,
+    nf4_bytes,
+    parse_bytes,
+)
+
+DEFAULT_QUESTION = "Is the scope advancing or withdrawing in this clip?"
+DEFAULT_ANSWER = "The scope is withdrawing."
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+@dataclass
+class PlanArguments:
+    model: str = field(metadata={"help": "checkpoint directory (config.json) or a config JSON (configs/models/)"})
+    processor: str | None = field(default=None, metadata={
+        "help": "directory holding the processor (tokenizer, chat template); default: --model when it has one"})
+    backbone: str | None = field(default=None, metadata={"help": "registry name; default: from the config"})
+    frames: int = field(default=8, metadata={"help": "frames per clip (after subsampling)"})
+    frame_size: int = field(default=384, metadata={"help": "longest frame edge in pixels (the pixel budget)"})
+    source_size: str = field(default="1352x1080", metadata={
+        "help": "WIDTHxHEIGHT of the frames on disk (REAL-Colon: 1352x1080); sets the aspect ratio"})
+    frames_as: str = field(default="video", metadata={"help": "video | images"})
+    question_modality: str = field(default="text", metadata={"help": "text | audio | text+audio"})
+    audio_seconds: float = field(default=3.0, metadata={"help": "length of a spoken question"})
+    question: str = field(default=DEFAULT_QUESTION, metadata={"help": "a representative question"})
+    answer: str = field(default=DEFAULT_ANSWER, metadata={"help": "a representative (long) answer"})
+    batch: int = field(default=1, metadata={"help": "per-device training batch"})
+    eval_batch: int = field(default=8, metadata={"help": "generation batch (evaluate_checkpoint --batch_size)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "generation budget (KV cache at its end)"})
+    dtype: str = field(default="bfloat16", metadata={"help": "bfloat16 | float16 | float32"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: nf4, double quant"})
+    load_in_8bit: bool = field(default=False, metadata={"help": "8-bit base (LLM.int8)"})
+    gradient_checkpointing: bool = field(default=False)
+    lora_r: int = field(default=16)
+    lora_dropout: float = field(default=0.05)
+    lora_target_regex: str | None = field(default=None, metadata={"help": "default: the backbone's"})
+    train_projectors: bool = field(default=False, metadata={"help": "also train the multimodal projectors"})
+    optim: str = field(default="adamw_torch_fused", metadata={"help": " | ".join(OPTIMIZER_STATE)})
+    token_kept_ratio: float = field(default=1.0, metadata={
+        "help": "visual token merging: ceil(r x n) video tokens kept per video (1.0 = off)"})
+    logits: str = field(default="full", metadata={
+        "help": "full: the LM head runs on every position | labelled: on the labelled (answer) positions only"})
+    model_max_length: int = field(default=4096, metadata={"help": "longest sequence training accepts"})
+    budget: str | None = field(default=None, metadata={"help": "GPU memory, e.g. 40GiB, 24GB: search what fits"})
+    overhead: str = field(default="1GiB", metadata={
+        "help": "added to every total before comparing with --budget: CUDA context, cuBLAS workspace, allocator "
+                "slack (the totals themselves are allocated tensor bytes, like torch.cuda.max_memory_allocated)"})
+    device: str = field(default="cuda", metadata={"help": "which calibration to use: cuda | cpu"})
+    json: bool = field(default=False, metadata={"help": "print the plan as one JSON object"})
+
+    def validate(self) -> None:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise PlanError("--load_in_4bit and --load_in_8bit are exclusive: pick one quantization")
+        if self.dtype not in DTYPE_BYTES:
+            raise PlanError(f"--dtype must be one of {', '.join(DTYPE_BYTES)}; got {self.dtype!r}")
+        if (self.load_in_4bit or self.load_in_8bit) and self.dtype == "float32":
+            raise PlanError("QLoRA computes in bf16: use --dtype bfloat16 with --load_in_4bit / --load_in_8bit")
+        if self.optim not in OPTIMIZER_STATE:
+            raise PlanError(f"--optim must be one of {', '.join(OPTIMIZER_STATE)}; got {self.optim!r}")
+        if self.logits not in ("full", "labelled"):
+            raise PlanError(f"--logits must be full or labelled; got {self.logits!r}")
+        if self.device not in ("cuda", "cpu"):
+            raise PlanError(f"--device must be cuda or cpu; got {self.device!r}")
+        if self.question_modality not in ("text", "audio", "text+audio"):
+            raise PlanError(f"--question_modality must be text, audio or text+audio; got {self.question_modality!r}")
+        if self.frames < 1 or self.batch < 1 or self.eval_batch < 1 or self.max_new_tokens < 1:
+            raise PlanError("--frames, --batch, --eval_batch and --max_new_tokens must be >= 1")
+        if not 0.0 < self.token_kept_ratio <= 1.0:
+            raise PlanError(f"--token_kept_ratio must be in (0, 1]; got {self.token_kept_ratio}")
+        if self.lora_r < 1:
+            raise PlanError("--lora_r must be >= 1")
+        source_hw(self.source_size)
+        parse_bytes(self.overhead)
+        if self.budget is not None:
+            parse_bytes(self.budget)
+
+    @property
+    def quantization(self) -> str | None:
+        return "4bit" if self.load_in_4bit else "8bit" if self.load_in_8bit else None
+
+
+def source_hw(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
+    if not match or int(match[1]) < 1 or int(match[2]) < 1:
+        raise PlanError(f"--source_size must be WIDTHxHEIGHT, e.g. 1352x1080; got {text!r}")
+    return int(match[2]), int(match[1])
+
+
+# -------------------------------------------------------------------------------------------------- model
+@dataclass
+class Layout:
+    """Where a model family keeps its parts (full module names) and what LoRA wraps."""
+
+    backbone: str
+    towers: dict[str, str]  # group name → module prefix
+    projectors: tuple[str, ...]
+    lora_target_regex: str
+    quantized_root: str  # bitsandbytes quantizes Linear layers under this prefix ("" = the whole model)
+    quant_skip: tuple[str, ...]  # … except these (relative to quantized_root), as transformers matches them
+    never_quantized: tuple[str, ...] = ()  # loaded beside the quantized part, in the compute dtype
+    fp32_modules: tuple[str, ...] = ()  # kept in fp32 by the loading code
+    always_trained: tuple[str, ...] = ()  # modules_to_save the backbone adds itself
+
+
+def read_config(model: str) -> tuple[dict, Path | None]:
+    """The config dict and the checkpoint directory (None for a bare config JSON)."""
+    path = Path(model)
+    if path.is_dir():
+        file = path / "config.json"
+        if not file.is_file():
+            raise PlanError(f"{file} not found: --model must be a checkpoint directory or a config JSON")
+        return json.loads(file.read_text()), path
+    if path.is_file():
+        try:
+            return json.loads(path.read_text()), None
+        except json.JSONDecodeError as err:
+            raise PlanError(f"{path}:{err.lineno}: not a JSON config ({err.msg})") from None
+    raise PlanError(f"--model {model}: no such file or directory")
+
+
+def layout_for(config: dict, backbone_name: str | None = None) -> Layout:
+    from surgvqa.backbones import get_backbone
+
+    model_type = config.get("model_type")
+    if model_type in ("qwen2_vl", "qwen2_5_vl") and backbone_name in (None, "qwen_vl_whisper"):
+        # a bare Qwen-VL: the graft's VL part, without the Whisper encoder (names relative to the VL model)
+        graft = get_backbone("qwen_vl_whisper")
+
+        def strip(name: str) -> str:
+            return name.removeprefix("vl_model.")
+
+        return Layout(
+            backbone="qwen_vl (the qwen_vl_whisper graft's VL model, no audio)",
+            towers={"vision tower": "model.visual"},
+            projectors=tuple(strip(p) for p in graft.projector_modules if p.startswith("vl_model.")),
+            lora_target_regex=graft.lora_target_regex.replace(r"vl_model\.", "", 1),
+            quantized_root="",
+            quant_skip=("model.visual", "lm_head"),
+        )
+    if backbone_name is None:
+        from surgvqa.backbones import BACKBONES
+
+        matches = [b for b in BACKBONES.values() if b.matches(config)]
+        if not matches:
+            raise PlanError(f"no backbone plans model_type {model_type!r}: pass --backbone "
+                            "(qwen2_5_omni, qwen_vl_whisper) or a Qwen2.5-Omni / Qwen-VL config")
+        backbone = matches[0]
+    else:
+        backbone = get_backbone(backbone_name)
+    towers = {}
+    for prefix in backbone.tower_modules:
+        kind = "audio tower" if ("audio" in prefix) else "vision tower"
+        towers[kind] = prefix
+    if backbone.name == "qwen_vl_whisper":
+        return Layout(
+            backbone=backbone.name, towers=towers, projectors=tuple(backbone.projector_modules),
+            lora_target_regex=backbone.lora_target_regex, quantized_root="vl_model.",
+            quant_skip=("model.visual", "lm_head"), never_quantized=("audio_encoder", "audio_projector"),
+            fp32_modules=("audio_projector",), always_trained=("audio_projector",),
+        )
+    return Layout(
+        backbone=backbone.name, towers=towers, projectors=tuple(backbone.projector_modules),
+        lora_target_regex=backbone.lora_target_regex, quantized_root="",
+        quant_skip=(*backbone.tower_modules, *backbone.projector_modules, "lm_head"),
+    )
+
+
+def build_config(config: dict, checkpoint: Path | None):
+    """A transformers config object (offline: from the dict)."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type == "qwen_vl_whisper":
+        from surgvqa.backbones.qwen_vl_whisper import _model_classes
+
+        if checkpoint is None:
+            raise PlanError("a qwen_vl_whisper graft is planned from its directory (create_graft writes it)")
+        return _model_classes()["QwenVLWhisperConfig"].from_pretrained(str(checkpoint))
+    if model_type not in CONFIG_MAPPING:
+        raise PlanError(f"unknown model_type {model_type!r} in the config")
+    data = {k: v for k, v in config.items() if k != "model_type"}
+    built = CONFIG_MAPPING[model_type].from_dict(data)
+    if model_type == "qwen2_5_omni":
+        built = built.thinker_config  # the thinker only: the talker is never loaded
+    return built
+
+
+def meta_model(config):
+    """The model on the meta device: exact shapes, no memory, no weights."""
+    import torch
+    import transformers
+
+    model_type = config.model_type
+    classes = {
+        "qwen2_5_omni_thinker": "Qwen2_5OmniThinkerForConditionalGeneration",
+        "qwen2_vl": "Qwen2VLForConditionalGeneration",
+        "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    }
+    if model_type == "qwen_vl_whisper":
+        from surgvqa.backbones.qwen_vl_whisper import _model_classes
+
+        cls = _model_classes()["QwenVLWhisperForConditionalGeneration"]
+        build = cls
+    elif model_type in classes:
+        build = getattr(transformers, classes[model_type])._from_config  # imported before the meta context
+    else:
+        raise PlanError(f"the planner builds {', '.join(classes)} and qwen_vl_whisper; got {model_type!r}")
+    with torch.device("meta"):
+        return build(config)
+
+
+def model_shape(model) -> Shape:
+    import inspect
+
+    config = model.config
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    vision = getattr(config, "vision_config", None)
+    if vision is None and hasattr(config, "vl_config"):
+        vision = config.vl_config.vision_config
+    patch_dim = 0
+    if vision is not None:
+        patch_dim = getattr(vision, "in_channels", 3) * vision.temporal_patch_size * vision.patch_size**2
+    keeps = "logits_to_keep" in inspect.signature(_generating_model(model).forward).parameters
+    return Shape(
+        layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=text.intermediate_size, heads=heads,
+        kv_heads=getattr(text, "num_key_value_heads", heads),
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        vocab=text.vocab_size, logits_to_keep=keeps,
+        vision_hidden=getattr(vision, "hidden_size", 0) if vision else 0,
+        vision_intermediate=getattr(vision, "intermediate_size", 0) if vision else 0,
+        patch_dim=patch_dim,
+    )
+
+
+def _generating_model(model):
+    """The module whose forward generate calls (the graft generates through its VL model)."""
+    return getattr(model, "vl_model", model)
+
+
+def _skipped(name: str, skip: tuple[str, ...]) -> bool:
+    """transformers' rule for ``llm_int8_skip_modules`` (``modules_to_not_convert``)."""
+    return any(key + "." in name or key == name for key in skip)
+
+
+@dataclass
+class GroupRow:
+    group: str
+    params: int
+    train_bytes: int
+    eval_bytes: int
+    trainable: int = 0
+
+
+def weights(model, layout: Layout, args: PlanArguments) -> list[GroupRow]:
+    """Parameters and bytes per module group, as loaded for training and for evaluation."""
+    from torch import nn
+
+    compute = args.dtype
+    quant = args.quantization
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    special = {id(embed): "embeddings", id(head): "lm_head"}
+    rows = {g: GroupRow(g, 0, 0, 0) for g in GROUPS}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            if id(param) in seen:  # tied weights count once
+                continue
+            seen.add(id(param))
+            name = f"{module_name}.{pname}" if module_name else pname
+            group = special.get(id(module)) or _group(name, layout)
+            numel = param.numel()
+            dtype = "float32" if _skipped(module_name, layout.fp32_modules) else compute
+            plain = numel * DTYPE_BYTES[dtype]
+            quantized = (
+                quant is not None and pname == "weight" and isinstance(module, nn.Linear)
+                and module_name.startswith(layout.quantized_root)
+                and not _skipped(module_name.removeprefix(layout.quantized_root), layout.quant_skip)
+                and not _skipped(module_name, layout.never_quantized)
+            )
+            if quantized:
+                stored = nf4_bytes(numel) if quant == "4bit" else int8_bytes(*param.shape)
+                train = stored
+            else:
+                stored = plain
+                train = numel * DTYPE_BYTES[kbit_training_dtype()] if quant else plain
+            row = rows[group]
+            row.params += numel
+            row.train_bytes += train
+            row.eval_bytes += stored
+    return [rows[g] for g in GROUPS if rows[g].params]
+
+
+def _group(name: str, layout: Layout) -> str:
+    if any(name.startswith(p + ".") for p in layout.projectors):
+        return "projectors"
+    for group, prefix in layout.towers.items():
+        if name.startswith(prefix + "."):
+            return group
+    return "LLM layers"
+
+
+def largest_quantized_linear(model, layout: Layout) -> int:
+    """Elements of the largest weight bitsandbytes quantizes (dequantized to the compute dtype per matmul)."""
+    return max(
+        (m.weight.numel() for n, m in model.named_modules()
+         if type(m).__name__ == "Linear" and n.startswith(layout.quantized_root)
+         and not _skipped(n.removeprefix(layout.quantized_root), layout.quant_skip)),
+        default=0)
+
+
+def lora_params(model, layout: Layout, args: PlanArguments) -> int:
+    """Parameters LoRA adds: r x (in + out) for every Linear PEFT's regex (``re.fullmatch``) selects."""
+    from torch import nn
+
+    regex = args.lora_target_regex or layout.lora_target_regex
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and re.fullmatch(regex, name):
+            total += args.lora_r * (module.in_features + module.out_features)
+    if total == 0:
+        raise PlanError(f"the LoRA regex {regex!r} matches no Linear layer of this model")
+    return total
+
+
+def trained_module_params(model, layout: Layout, args: PlanArguments) -> tuple[int, int]:
+    """(parameters, bytes) of the full-precision copies PEFT trains (``modules_to_save``)."""
+    names = set(layout.always_trained) | (set(layout.projectors) if args.train_projectors else set())
+    params = nbytes = 0
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        for param in module.parameters():
+            params += param.numel()
+            dtype = "float32" if (args.quantization or _skipped(name, layout.fp32_modules)) else args.dtype
+            nbytes += param.numel() * DTYPE_BYTES[dtype]
+    return params, nbytes
+
+
+# ------------------------------------------------------------------------------------------------- tokens
+def load_processor(args: PlanArguments, checkpoint: Path | None, backbone_name: str):
+    from surgvqa.backbones import get_backbone
+
+    where = Path(args.processor) if args.processor else checkpoint
+    if where is None or not any((where / f).is_file() for f in (
+            "tokenizer_config.json", "tokenizer.json", "processor_config.json", "preprocessor_config.json")):
+        raise PlanError(
+            f"{args.processor or args.model} holds no processor (tokenizer, chat template): pass --processor DIR, "
+            "the checkpoint you will train or a tiny model with the real Qwen vocabulary, whose token counts equal "
+            "the 7B's (python scripts/make_tiny_model.py --vocab qwen --output_dir runs/tiny-omni-qwen)"
+        )
+    name = backbone_name if backbone_name in ("qwen2_5_omni", "qwen_vl_whisper") else None
+    if name is None:  # a bare Qwen-VL
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(str(where))
+    return get_backbone(name).load_processor(str(where))
+
+
+@dataclass
+class Tokens:
+    video: int
+    image: int
+    audio: int
+    text: int
+    answer: int
+    total: int
+    frame_hw: tuple[int, int]
+    patches: int  # vision patches entering the vision tower per sample
+    mel_frames: int
+
+
+def sample_tokens(processor, args: PlanArguments, frames: int | None = None, frame_size: int | None = None,
+                  mode: str = "train") -> Tokens:
+    """Tokens of one sample, split by kind, from the collator's own pre-flight arithmetic."""
+    from surgvqa.backbones.base import kept_video_tokens
+    from surgvqa.collate import VQACollator
+    from surgvqa.media import fit_to_budget
+
+    frames = frames or args.frames
+    frame_size = frame_size or args.frame_size
+    height, width = source_hw(args.source_size)
+    w, h = fit_to_budget(width, height, frame_size)
+    with_audio = "audio" in args.question_modality
+    if with_audio and not hasattr(processor, "feature_extractor"):
+        raise PlanError("this model has no audio tower: plan it with --question_modality text")
+    collator = VQACollator(processor, question_modality=args.question_modality, frame_size=frame_size,
+                           frames_as=args.frames_as, mode=mode)
+    samples = round(args.audio_seconds * 16000) if with_audio else None
+    counts = collator.token_counts(args.question, args.answer, (h, w), frames, samples)
+    video = kept_video_tokens(counts["video"], args.token_kept_ratio) if counts["video"] else 0
+    merge = int(getattr(processor.video_processor, "merge_size", 2))
+    patches = (counts["video"] + counts["image"]) * merge * merge
+    mel = math.ceil(samples / 160) if samples else 0
+    return Tokens(video=video, image=counts["image"], audio=counts["audio"], text=counts["text"],
+                  answer=counts["answer"], total=counts["total"] - counts["video"] + video, frame_hw=(h, w),
+                  patches=patches, mel_frames=mel)
