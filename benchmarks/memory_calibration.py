@@ -4,23 +4,28 @@ report the planner's error per point (``surgvqa plan`` reads the fit from ``surg
 
     python benchmarks/memory_calibration.py [--device cpu|cuda] [--quick] [--write] [--json FILE]
 
-For every model config (the tiny thinker of the tests and two small ones: one with wider MLPs and fewer KV heads,
-one with the real 152,064-row vocabulary), every precision regime (fp32; bf16 weights with bf16 autocast; 4-bit
-nf4 with bf16 compute) and every mode (a training step with and without gradient checkpointing; one generation
-batch), the model is loaded and made trainable by the real code (``surgvqa.train.build_model``: the backbone's
-loader, ``prepare_model_for_kbit_training``, PEFT LoRA r 16 on the language model), batches come from the real
-collator on synthetic frames and audio, and one step is measured after a warm-up step (optimizer state allocated):
+For every model config (the tiny thinker of the tests and three small ones: wider MLPs with one KV head; the real
+152,064-row vocabulary; an MLP as wide as the hidden size with 16 heads), every precision regime (fp32; bf16
+weights with bf16 autocast; 4-bit nf4 with bf16 compute) and every mode (a training step with and without gradient
+checkpointing; one generation batch), the model is loaded and made trainable by the real code
+(``surgvqa.train.build_model``: the backbone's loader, ``prepare_model_for_kbit_training``, PEFT LoRA r 16 on the
+language model), batches come from the real collator on synthetic frames and audio, and one step is measured after
+a warm-up step (optimizer state allocated), phase by phase: a training step is split where the LM head's input is
+computed and where its gradient is (``forward``: towers and decoder layers; ``head``: LM head and loss, both ways;
+``backward``: the decoder layers' backward and the optimizer step); a generation batch is one phase.
 
 - CPU: allocated tensor bytes, exactly: what is alive when the step starts (parameters, buffers, quantization
-  state, optimizer state, the batch) plus the peak of torch's own allocation records during the step (the
+  state, optimizer state, the batch) plus the peak of torch's own allocation records during each phase (the
   profiler's ``profile_memory`` events, replayed in time order). RSS is not used: it includes the interpreter and
   libraries and never shrinks.
-- CUDA: ``torch.cuda.max_memory_allocated()``.
+- CUDA: ``torch.cuda.max_memory_allocated()``, read and reset where each phase starts.
 
 The planner's exact parts (weights, trainable parameters, gradients, optimizer state, inputs, KV cache) are
-subtracted and the remainder is fitted as bytes per element of the planner's activation features (non-negative
-least squares on the relative error). The report gives the planner's error for every point, and a leave-one-config-
-out error (each config predicted by a fit that never saw it). ``--write`` stores the fit for this device.
+subtracted and, phase by phase, the remainder is fitted as bytes per element of that phase's activation features
+(``surgvqa.memory_model.activation_features``; non-negative least squares on the relative error); the planner's
+activations are the largest phase. The report gives the planner's error on every point's peak, and a leave-one-
+config-out error (each config predicted by a fit that never saw it). ``--write`` stores the fit for this device;
+``--refit FILE`` refits the measured peaks of an earlier ``--json`` run with the current activation features.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ CONFIGS = {
     "small": dict(hidden=512, intermediate=2688, layers=4, heads=8, kv_heads=1, vocab="tiny", tower=64),
     "small-qwen-vocab": dict(hidden=256, intermediate=1024, layers=3, heads=4, kv_heads=2, vocab="qwen",
                              tower=64),
+    # MLP as wide as the hidden size and 16 heads: separates the hidden, MLP and attention-score terms
+    "many-heads": dict(hidden=256, intermediate=256, layers=2, heads=16, kv_heads=4, vocab="tiny", tower=32),
 }
 #: (frames, frame_size, question modality, batch) per mode
 TRAIN_POINTS = [(2, 112, "text", 1), (8, 224, "text+audio", 1), (16, 336, "text+audio", 1), (8, 224, "text", 2)]
@@ -161,7 +168,7 @@ def make_items(args, batch: int) -> list[dict]:
     import numpy as np
 
     from surgvqa.media import fit_to_budget
-    from surgvqa.plan import source_hw
+    from surgvqa.plan_counts import source_hw
 
     height, width = source_hw(args.source_size)
     w, h = fit_to_budget(width, height, args.frame_size)
@@ -232,14 +239,30 @@ def batch_tensors(batch: dict):
 
 
 class PeakMeter:
-    """Peak allocated tensor bytes inside the block: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the
-    bytes alive at the start (``static``, counted from the objects) plus the peak of the profiler's allocation
-    records during the block."""
+    """Peak allocated tensor bytes inside the block, overall and per phase (``mark(name)`` starts a phase):
+    ``torch.cuda.max_memory_allocated`` on CUDA (read and reset at each mark); on CPU the bytes alive at the start
+    (``static``, counted from the objects) plus the peak of the profiler's allocation records, replayed in time
+    order and split at the marks (profiler ranges named ``surgvqa.phase.<name>``)."""
 
-    def __init__(self, device: str, static: int = 0):
+    PREFIX = "surgvqa.phase."
+
+    def __init__(self, device: str, static: int = 0, first_phase: str = "step"):
         self.device = device
         self.static = static
         self.peak = 0
+        self.phases: dict[str, int] = {}
+        self._phase = first_phase
+
+    def mark(self, name: str) -> None:
+        import torch
+
+        if self.device == "cpu":
+            with torch.profiler.record_function(self.PREFIX + name):
+                pass
+        else:
+            self.phases[self._phase] = max(self.phases.get(self._phase, 0), torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+            self._phase = name
 
     def __enter__(self):
         import torch
@@ -261,16 +284,52 @@ class PeakMeter:
 
         if self.device == "cpu":
             self._profile.__exit__(*exc)
-            events = sorted((e.start_ns(), e.nbytes()) for e in self._profile.profiler.kineto_results.events()
-                            if e.name() == "[memory]" and e.device_type().name == "CPU")
-            current = top = 0
-            for _, nbytes in events:
+            events = self._profile.profiler.kineto_results.events()
+            allocations = sorted((e.start_ns(), e.nbytes()) for e in events
+                                 if e.name() == "[memory]" and e.device_type().name == "CPU")
+            marks = sorted((e.start_ns(), e.name().removeprefix(self.PREFIX)) for e in events
+                           if e.name().startswith(self.PREFIX))
+            current, phase, next_mark = 0, self._phase, 0
+            self.phases = {phase: 0}
+            for start, nbytes in allocations:
+                while next_mark < len(marks) and marks[next_mark][0] <= start:
+                    phase = marks[next_mark][1]
+                    self.phases.setdefault(phase, current)  # a phase starts with what is alive
+                    next_mark += 1
                 current += nbytes
-                top = max(top, current)
-            self.peak = self.static + top
+                self.phases[phase] = max(self.phases[phase], current)
+            for _, name in marks[next_mark:]:
+                self.phases.setdefault(name, current)
+            self.phases = {name: self.static + top for name, top in self.phases.items()}
         else:
             torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
+            self.phases[self._phase] = max(self.phases.get(self._phase, 0), torch.cuda.max_memory_allocated())
+        self.peak = max(self.phases.values())
+        return False
+
+
+class PhaseMarks:
+    """Marks the phases of a training step on ``meter``: ``head`` when the LM head's input is computed (the
+    decoder layers are done), ``backward`` when its gradient is (the LM head and the loss are done backwards)."""
+
+    def __init__(self, model, meter: PeakMeter):
+        self.meter = meter
+        self.handle = model.get_output_embeddings().register_forward_pre_hook(self._head_starts)
+
+    def _head_starts(self, module, args) -> None:
+        self.meter.mark("head")
+        hidden = args[0]
+        if hidden.requires_grad:
+            hidden.register_hook(self._backward_starts)
+
+    def _backward_starts(self, grad) -> None:
+        self.meter.mark("backward")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
         return False
 
 
@@ -328,6 +387,7 @@ class Point:
     seconds: float
     setting: str
     settings: tuple = ()
+    phases: dict = field(default_factory=dict)  # measured peak of each phase of the step (bytes)
     predicted: int = 0
     loo_predicted: int = 0
     extra: dict = field(default_factory=dict)
@@ -342,7 +402,8 @@ class Point:
 
 
 def planner_for(model_dir: Path, regime: str, gradient_checkpointing: bool, device: str):
-    from surgvqa.plan import PlanArguments, Planner
+    from surgvqa.plan import Planner
+    from surgvqa.plan_counts import PlanArguments
 
     options = regime_options(regime)
     args = PlanArguments(model=str(model_dir), dtype=options["dtype"], load_in_4bit=options["load_in_4bit"],
@@ -359,7 +420,7 @@ def check_tokens(batch: dict, tokens, batch_size: int, where: str) -> None:
 
 
 def sweep_train(name: str, model_dir: Path, regime: str, gc_on: bool, device: str, points) -> list[Point]:
-    from surgvqa.plan import sample_tokens
+    from surgvqa.plan_counts import sample_tokens
 
     planner = planner_for(model_dir, regime, gc_on, device)
     model, processor, targs, autocast_dtype = build_trainable(model_dir, regime, gc_on, device)
@@ -373,21 +434,23 @@ def sweep_train(name: str, model_dir: Path, regime: str, gc_on: bool, device: st
         check_tokens(batch, tokens, batch_size, f"{name} {regime} train")
         train_step(model, optimizer, batch, autocast_dtype, device)  # warm-up: optimizer state exists after it
         static = storage_bytes([*model_tensors(model), *optimizer_tensors(optimizer), *batch_tensors(batch)])
-        with PeakMeter(device, static) as meter:
+        with PeakMeter(device, static, first_phase="forward") as meter, PhaseMarks(model, meter):
             seconds = train_step(model, optimizer, batch, autocast_dtype, device)
         mode, parts, features = planner.train_breakdown(tokens, batch_size)
         results.append(Point(name, regime, mode, batch_size, tokens.total, meter.peak, sum(parts.values()),
                              features, seconds, f"{frames}f {size}px {modality}", (frames, size, modality, gc_on),
+                             phases=dict(meter.phases),
                              extra={"static_measured": static, "weights_planned": parts["weights"]}))
         log(f"{name:>17} {regime:>8} {mode:>8} b{batch_size} {tokens.total:>5} tok: "
-            f"{meter.peak / 2**20:9.1f} MiB ({seconds:.2f} s)")
+            f"{meter.peak / 2**20:9.1f} MiB ({seconds:.2f} s; "
+            + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in meter.phases.items()) + ")")
     del model, optimizer
     gc.collect()
     return results
 
 
 def sweep_generate(name: str, model_dir: Path, regime: str, device: str, points) -> list[Point]:
-    from surgvqa.plan import sample_tokens
+    from surgvqa.plan_counts import sample_tokens
 
     planner = planner_for(model_dir, regime, False, device)
     model, processor = build_for_generation(model_dir, regime, device)
@@ -400,12 +463,12 @@ def sweep_generate(name: str, model_dir: Path, regime: str, device: str, points)
         check_tokens(batch, tokens, batch_size, f"{name} {regime} generate")
         generate_step(model, processor.tokenizer, batch, 2, device)  # warm-up (lazy kernels, caches)
         static = storage_bytes([*model_tensors(model), *batch_tensors(batch)])
-        with PeakMeter(device, static) as meter:
+        with PeakMeter(device, static, first_phase="prefill") as meter:
             seconds = generate_step(model, processor.tokenizer, batch, GENERATE_NEW_TOKENS, device)
         parts, features = planner.eval_breakdown(tokens, batch_size)
         results.append(Point(name, regime, "generate", batch_size, tokens.total, meter.peak, sum(parts.values()),
                              features, seconds, f"{frames}f {size}px {modality}", (frames, size, modality, False),
-                             extra={"static_measured": static, "weights_planned": parts["weights"]}))
+                             phases=dict(meter.phases), extra={"static_measured": static, "weights_planned": parts["weights"]}))
         log(f"{name:>17} {regime:>8} generate b{batch_size} {tokens.total:>5} tok: "
             f"{meter.peak / 2**20:9.1f} MiB ({seconds:.2f} s)")
     del model
@@ -442,18 +505,25 @@ def nnls(matrix, target):
 
 
 def fit(points: list[Point]) -> dict:
-    """Bytes per element of each activation feature: min sum of squared relative errors of the total, x >= 0."""
-    names = sorted({k for p in points for k in p.features})
-    rows = [[p.features.get(k, 0.0) / p.measured for k in names] for p in points]
-    target = [(p.measured - p.exact) / p.measured for p in points]
-    scale = [max(abs(r[j]) for r in rows) or 1.0 for j in range(len(names))]
-    scaled = [[r[j] / scale[j] for j in range(len(names))] for r in rows]
-    solution = nnls(scaled, target)
-    return {k: float(solution[j] / scale[j]) for j, k in enumerate(names)}
+    """Bytes per element of each activation feature, phase by phase: for every phase, the coefficients of its
+    features that minimise the sum of squared relative errors of that phase's measured peak, x >= 0."""
+    coefficients = {}
+    for phase in sorted({k.split(":", 1)[0] for p in points for k in p.features}):
+        names = sorted({k for p in points for k in p.features if k.split(":", 1)[0] == phase})
+        group = [p for p in points if phase in p.phases]
+        rows = [[p.features.get(k, 0.0) / p.phases[phase] for k in names] for p in group]
+        target = [(p.phases[phase] - p.exact) / p.phases[phase] for p in group]
+        scale = [max(abs(r[j]) for r in rows) or 1.0 for j in range(len(names))]
+        scaled = [[r[j] / scale[j] for j in range(len(names))] for r in rows]
+        solution = nnls(scaled, target)
+        coefficients.update({k: float(solution[j] / scale[j]) for j, k in enumerate(names)})
+    return coefficients
 
 
 def predict(coefficients: dict, point: Point) -> int:
-    return int(point.exact + sum(coefficients.get(k, 0.0) * v for k, v in point.features.items()))
+    from surgvqa.memory_model import fitted_bytes
+
+    return point.exact + fitted_bytes({"coefficients": coefficients}, point.features)
 
 
 def fit_all(points: list[Point]) -> dict:
@@ -492,10 +562,11 @@ def device_label(device: str) -> str:
 
 def write_fits(fits: dict, device: str, label: str, path: Path) -> None:
     data = json.loads(path.read_text()) if path.is_file() else {}
-    data.setdefault("about", (
-        "Activation coefficients of surgvqa plan: bytes per element of each feature (surgvqa.plan."
-        "activation_features), fitted by benchmarks/memory_calibration.py to measured peaks minus the planner's "
-        "exact parts. fits[device][regime][mode]."))
+    data["about"] = (
+        "Activation coefficients of surgvqa plan: bytes per element of each feature (surgvqa.memory_model."
+        "activation_features, keyed phase:feature), fitted phase by phase by benchmarks/memory_calibration.py to "
+        "measured peaks minus the planner's exact parts; a step's activations are its largest phase total. "
+        "fits[device][regime][mode].")
     data.setdefault("fits", {})[device] = {}
     for regime, modes in fits.items():
         for mode, entry in modes.items():
@@ -523,10 +594,13 @@ def run(device: str, quick: bool, regimes: list[str], configs: list[str]) -> tup
 def replan(saved: list[dict]) -> list[Point]:
     """Points of an earlier ``--json`` run with the current planner's exact parts and features (the measured
     peaks are kept): change the activation model, refit, no new measurement."""
-    from surgvqa.plan import sample_tokens
+    from surgvqa.plan_counts import sample_tokens
 
     points, planners = [], {}
     for record in saved:
+        if not record.get("phases"):
+            raise ValueError("the sweep predates the per-phase peaks the activation model is fitted to: measure it "
+                             "again (python benchmarks/memory_calibration.py --json FILE)")
         frames, size, modality, gc_on = record.get("settings") or _settings(record)
         key = (record["config"], record["regime"], gc_on)
         if key not in planners:
@@ -543,7 +617,7 @@ def replan(saved: list[dict]) -> list[Point]:
             _, parts, features = planner.train_breakdown(tokens, record["batch"])
         points.append(Point(record["config"], record["regime"], record["mode"], record["batch"], tokens.total,
                             record["measured"], sum(parts.values()), features, record["seconds"], record["setting"],
-                            (frames, size, modality, gc_on), extra=record.get("extra", {})))
+                            (frames, size, modality, gc_on), phases=record["phases"], extra=record.get("extra", {})))
     return points
 
 
@@ -596,7 +670,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.refit:
         saved = json.loads(Path(args.refit).read_text())
         device = "cpu" if saved["device"].startswith("CPU") else "cuda"
-        points = replan(saved["points"])
+        try:
+            points = replan(saved["points"])
+        except ValueError as err:
+            print(f"error: {args.refit}: {err}", file=sys.stderr)
+            return 2
         fits = fit_all(points)
     else:
         points, fits = run(device, args.quick, regimes, configs)

@@ -48,7 +48,7 @@ def plan(processor: str, extra: list[str], budget: str | None = None) -> dict:
 
 
 def calibration_lines() -> list[str]:
-    from surgvqa.plan import load_coefficients
+    from surgvqa.memory_model import load_coefficients
 
     data = load_coefficients()
     lines = ["| device | regime | mode | points | configs | worst error | worst, config held out | measured on |",
@@ -106,10 +106,15 @@ def build(processor: str) -> str:
         "`prepare_model_for_kbit_training` casts every unquantized parameter to fp32, which the train column shows;",
         "- **LoRA, gradients, optimizer state, inputs, KV cache** — exact from shapes (LoRA adapters in fp32, AdamW "
         "two fp32 states per trainable parameter);",
-        "- **activations** — fitted: bytes per element of a few per-token features (tokens × layers × hidden, × MLP "
-        "width, × KV width, logits), fitted to peaks measured by `benchmarks/memory_calibration.py` (see "
-        "*Calibration*). Totals are allocated tensor bytes, what `torch.cuda.max_memory_allocated()` reports; the "
-        "GPU also holds the CUDA context and allocator slack, which `--budget` covers with `--overhead` (1 GiB).",
+        "- **activations** — fitted, phase by phase: a training step is split where the LM head's input is computed "
+        "and where its gradient is (forward through the layers; LM head and loss, both ways; backward through the "
+        "layers), each phase is bytes per element of a few counts (tokens × layers × hidden: what every layer "
+        "keeps, or only its input under gradient checkpointing; tokens × hidden and × MLP width of the layer being "
+        "(re)computed; attention scores, heads × tokens²; logits, tokens × vocabulary), and a step's activations "
+        "are its largest phase. The coefficients are fitted to the peak of each phase measured by "
+        "`benchmarks/memory_calibration.py` (see *Calibration*). Totals are allocated tensor bytes, what "
+        "`torch.cuda.max_memory_allocated()` reports; the GPU also holds the CUDA context and allocator slack, "
+        "which `--budget` covers with `--overhead` (1 GiB).",
         "",
         f"Sequence: {t['video']} video tokens (1352×1080 frames → {w}×{h}, 4 frame pairs), {t['audio']} audio "
         f"tokens (3 s), {t['text']} text tokens = **{t['total']}** per training sample ({t['answer']} of them "
@@ -156,11 +161,13 @@ def build(processor: str) -> str:
         "## Calibration",
         "",
         "`python benchmarks/memory_calibration.py --write` (`--device cuda` on a GPU) measures one training step "
-        "and one generation batch for each point of a sweep — the tiny thinker and two small ones (wider MLP with "
-        "one KV head; the real 152,064-row vocabulary), 76 to 1,100 tokens, batch 1–4, fp32 / bf16 / 4-bit, with "
+        "and one generation batch for each point of a sweep — the tiny thinker and three small ones (wider MLP with "
+        "one KV head; the real 152,064-row vocabulary; an MLP as wide as the hidden size with 16 heads), 58 to "
+        "1,100 tokens, batch 1–4, fp32 / bf16 / 4-bit, with "
         "and without gradient checkpointing — loading and training through the real code, and fits the activation "
-        "coefficients to the measured peaks. On CPU a peak is the bytes alive when the step starts plus the peak "
-        "of torch's allocation records during it; on CUDA `torch.cuda.max_memory_allocated()`. The planner's "
+        "coefficients to the measured peak of each phase. On CPU a peak is the bytes alive when the step starts "
+        "plus the peak of torch's allocation records during the phase; on CUDA `torch.cuda.max_memory_allocated()`, "
+        "reset where each phase starts. The planner's "
         "worst error per fit, on the points it was fitted to and with each config held out of the fit:",
         "",
         *calibration_lines(),

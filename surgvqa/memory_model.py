@@ -84,30 +84,57 @@ def int8_bytes(out_features: int, in_features: int) -> int:
 
 
 # -------------------------------------------------------------------------------------------- activations
+#: the phases of each mode whose peaks are measured and modelled apart; a step's peak is the largest of them
+PHASES = {
+    "train": ("forward", "head", "backward"),
+    "train_gc": ("forward", "head", "backward"),
+    "generate": ("prefill",),
+}
+
+
 def activation_features(shape: Shape, batch: int, tokens: int, logit_tokens: int, mode: str) -> dict[str, float]:
-    """The quantities activation memory is modelled as linear in (element counts; the fitted coefficients are
-    bytes per element). ``tokens``: sequence length; ``logit_tokens``: positions the LM head runs on."""
+    """The element counts activation memory is modelled as linear in, per phase of the step (keys
+    ``phase:feature``; the fitted coefficients are bytes per element, and the activations of a step are the largest
+    phase total). ``tokens``: sequence length; ``logit_tokens``: positions the LM head runs on.
+
+    A training step has three phases, split where the LM head's input is computed and where its gradient is:
+    ``forward`` (towers, embeddings, decoder layers), ``head`` (LM head, loss and their backward: the logits),
+    ``backward`` (the decoder layers' backward, then the optimizer step). Without checkpointing every phase holds
+    the saved activations of all layers (``token_layer_*``, ``layer_attention``) plus its own transient: one
+    layer's attention scores (``attention``) in forward and backward, the logits in the head. With checkpointing
+    only the layer inputs stay (``token_layer_hidden``); forward and backward add one layer's activations, recomputed
+    (``token_hidden``, ``token_mlp``, ``attention``), the head adds the logits. Generation is one phase, the prefill
+    (the KV cache is exact, outside this model)."""
     bt = batch * tokens
-    kv = 2 * shape.kv_heads * shape.head_dim
     scores = batch * shape.heads * tokens * tokens  # attention scores of one layer, if a kernel materialises them
+    layer = {"token_hidden": bt * shape.hidden, "token_mlp": bt * shape.intermediate, "attention": scores}
+    saved_inputs = {"token_layer_hidden": bt * shape.layers * shape.hidden}
+    saved_all = {**saved_inputs, "token_layer_mlp": bt * shape.layers * shape.intermediate,
+                 "layer_attention": scores * shape.layers}
+    logits = {"logit": batch * logit_tokens * shape.vocab}
+    hidden = {"token_hidden": bt * shape.hidden}  # outside the layers: embeddings, spliced towers, final norm
     if mode == "train":
-        return {"token_layer_hidden": bt * shape.layers * shape.hidden,
-                "token_layer_mlp": bt * shape.layers * shape.intermediate,
-                "token_layer_kv": bt * shape.layers * kv,
-                "layer_attention": scores * shape.layers,
-                "logit": batch * logit_tokens * shape.vocab}
-    if mode == "train_gc":
-        return {"token_layer_hidden": bt * shape.layers * shape.hidden,
-                "token_hidden": bt * shape.hidden,
-                "token_mlp": bt * shape.intermediate,
-                "attention": scores,
-                "logit": batch * logit_tokens * shape.vocab}
-    if mode == "generate":
-        return {"token_hidden": bt * shape.hidden,
-                "token_mlp": bt * shape.intermediate,
-                "attention": scores,
-                "logit": batch * (1 if shape.logits_to_keep else tokens) * shape.vocab}
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        phases = {"forward": {**saved_all, **hidden, "attention": scores},
+                  "head": {**saved_all, **hidden, **logits},
+                  "backward": {**saved_all, **hidden, "attention": scores}}
+    elif mode == "train_gc":
+        phases = {"forward": {**saved_inputs, **layer},
+                  "head": {**saved_inputs, **hidden, **logits},
+                  "backward": {**saved_inputs, **layer}}
+    elif mode == "generate":
+        phases = {"prefill": {**layer, "logit": batch * (1 if shape.logits_to_keep else tokens) * shape.vocab}}
+    else:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return {f"{phase}:{name}": value for phase, features in phases.items() for name, value in features.items()}
+
+
+def phase_totals(coefficients: dict[str, float], features: dict[str, float]) -> dict[str, float]:
+    """Fitted bytes of each phase: the sum of coefficient x count over the phase's features."""
+    totals: dict[str, float] = {}
+    for key, value in features.items():
+        phase = key.split(":", 1)[0]
+        totals[phase] = totals.get(phase, 0.0) + coefficients.get(key, 0.0) * value
+    return totals
 
 
 def regime(quantization: str | None, dtype: str) -> str:
@@ -138,4 +165,5 @@ def pick_fit(coefficients: dict, device: str, regime_name: str, mode: str) -> tu
 
 
 def fitted_bytes(fit: dict, features: dict[str, float]) -> int:
-    return int(sum(fit["coefficients"].get(name, 0.0) * value for name, value in features.items()))
+    """Activation bytes of a step: its largest phase."""
+    return int(max(phase_totals(fit["coefficients"], features).values(), default=0.0))

@@ -34,6 +34,7 @@ from surgvqa.memory_model import (
     load_coefficients,
     nf4_bytes,
     parse_bytes,
+    phase_totals,
     pick_fit,
     regime,
 )
@@ -155,19 +156,23 @@ class Planner:
             self._coefficients = load_coefficients()
         return self._coefficients
 
+    def fit(self, mode: str) -> dict:
+        return pick_fit(self.coefficients, self.args.device, regime(self.args.quantization, self.args.dtype), mode)[0]
+
     def train_total(self, tokens: Tokens, batch: int | None = None) -> dict:
         mode, parts, features = self.train_breakdown(tokens, batch)
-        fit, _ = pick_fit(self.coefficients, self.args.device, regime(self.args.quantization, self.args.dtype), mode)
+        fit = self.fit(mode)
         parts["activations"] = fitted_bytes(fit, features)
         return {"mode": mode, "batch": batch or self.args.batch, "sequence": tokens.total, "parts": parts,
-                "total": sum(parts.values())}
+                "total": sum(parts.values()), "activation_phases": _rounded(phase_totals(fit["coefficients"], features))}
 
     def eval_total(self, tokens: Tokens, batch: int | None = None) -> dict:
         parts, features = self.eval_breakdown(tokens, batch)
-        fit, _ = pick_fit(self.coefficients, self.args.device, regime(self.args.quantization, self.args.dtype), "generate")
+        fit = self.fit("generate")
         parts["activations"] = fitted_bytes(fit, features)
         return {"mode": "generate", "batch": batch or self.args.eval_batch, "prompt": tokens.total,
-                "max_new_tokens": self.args.max_new_tokens, "parts": parts, "total": sum(parts.values())}
+                "max_new_tokens": self.args.max_new_tokens, "parts": parts, "total": sum(parts.values()),
+                "activation_phases": _rounded(phase_totals(fit["coefficients"], features))}
 
     # -- budget ------------------------------------------------------------------------------------------
     def fits(self, total: int) -> bool:
@@ -221,6 +226,10 @@ class Planner:
         )
 
 
+def _rounded(phases: dict[str, float]) -> dict[str, int]:
+    return {name: int(value) for name, value in phases.items()}
+
+
 def _largest(ok, start: int, step: int, limit: int) -> int | None:
     """Largest value in start, start+step, … ≤ limit with ok(value) (memory grows with it); None if none fits."""
     if not ok(start):
@@ -248,6 +257,11 @@ def _largest(ok, start: int, step: int, limit: int) -> int | None:
 
 
 # -------------------------------------------------------------------------------------------------- output
+#: how the table names the phases of a training step (``memory_model.PHASES``)
+PHASE_NAMES = {"forward": "forward through the layers", "head": "LM head and loss",
+               "backward": "backward through the layers"}
+
+
 def gib(n: int | float | None) -> str:
     return "-" if n is None else f"{n / GiB:.2f} GiB"
 
@@ -286,9 +300,12 @@ def render(plan: Plan) -> str:
               "optimizer": "optimizer state", "inputs": "inputs", "activations": "activations (fitted)",
               "dequantize": "4/8-bit dequantize", "lm_head_cast": "lm_head bf16 copy", "adapter": "adapter", "kv_cache": "KV cache (exact)"}
     lines.append(f"training: batch {train['batch']} x {train['sequence']} tokens ({train['mode']})")
+    phases = train["activation_phases"]
+    peak = max(phases, key=phases.get) if phases else None
     for key, value in train["parts"].items():
         if value:
-            lines.append(f"  {labels[key]:<24}{gib(value):>12}")
+            note = f"   (largest phase: {PHASE_NAMES.get(peak, peak)})" if key == "activations" and peak else ""
+            lines.append(f"  {labels[key]:<24}{gib(value):>12}{note}")
     lines.append(f"  {'total':<24}{gib(train['total']):>12}")
     lines.append(f"evaluation (generation): batch {ev['batch']} x {ev['prompt']} prompt tokens + "
                  f"{ev['max_new_tokens']} new")
