@@ -185,9 +185,11 @@ class VQACollator:
         return batch
 
     # -- length pre-flight ---------------------------------------------------------------------------------
-    def sequence_length(self, question: str, answer: str, frame_hw: tuple[int, int], num_frames: int,
-                        audio_samples: int | None) -> int:
-        """Tokens a sample will take, from frame size and audio length alone (no decoding)."""
+    def token_counts(self, question: str, answer: str, frame_hw: tuple[int, int], num_frames: int,
+                     audio_samples: int | None) -> dict[str, int]:
+        """Tokens a sample will take, split by kind (``video``, ``image``, ``audio``, ``text``, ``answer`` -- the
+        labelled answer tokens, part of ``text`` in training -- and ``total``), from frame size and audio length
+        alone (no decoding): the processor's own ``_get_num_multimodal_tokens`` arithmetic."""
         if self.frames_as == "video":
             num_frames += -num_frames % self.temporal_patch_size
         text = self.prompt_text(question, num_frames)
@@ -196,17 +198,25 @@ class VQACollator:
         kwargs: dict[str, Any] = {}
         if self.frames_as == "video":
             kwargs["video_sizes"] = [(num_frames, h, w)]
-            kwargs["videos_kwargs"] = self.pixel_kwargs()
+            # the frame rate the batch is built with: Qwen3-VL writes one timestamp per frame pair into the prompt
+            kwargs["videos_kwargs"] = {**self.pixel_kwargs(), "fps": self.fps}
         else:
             kwargs["image_sizes"] = [(h, w)] * num_frames
             kwargs["images_kwargs"] = self.pixel_kwargs()
-        if audio_samples is not None and "audio" in self.question_modality:
+        with_audio = audio_samples is not None and "audio" in self.question_modality
+        if with_audio:
             kwargs["audio_lengths"] = [audio_samples]
         counts = self.processor._get_num_multimodal_tokens(**kwargs)
-        media = sum(getattr(counts, "num_video_tokens", None) or []) + sum(
-            getattr(counts, "num_image_tokens", None) or []
-        ) + sum(getattr(counts, "num_audio_tokens", None) or [])
-        placeholders = num_frames if self.frames_as == "images" else 1
-        placeholders += 1 if audio_samples is not None and "audio" in self.question_modality else 0
-        total = len(ids) - placeholders + media
-        return total + (len(self.answer_ids(answer)) if self.mode == "train" else 0)
+        video = sum(getattr(counts, "num_video_tokens", None) or [])
+        image = sum(getattr(counts, "num_image_tokens", None) or [])
+        audio = sum(getattr(counts, "num_audio_tokens", None) or [])
+        placeholders = (num_frames if self.frames_as == "images" else 1) + (1 if with_audio else 0)
+        answer_tokens = len(self.answer_ids(answer)) if self.mode == "train" else 0
+        text_tokens = len(ids) - placeholders + answer_tokens
+        return {"video": video, "image": image, "audio": audio, "text": text_tokens, "answer": answer_tokens,
+                "total": video + image + audio + text_tokens}
+
+    def sequence_length(self, question: str, answer: str, frame_hw: tuple[int, int], num_frames: int,
+                        audio_samples: int | None) -> int:
+        """Tokens a sample will take, from frame size and audio length alone (no decoding)."""
+        return self.token_counts(question, answer, frame_hw, num_frames, audio_samples)["total"]

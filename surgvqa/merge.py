@@ -468,10 +468,10 @@ def pickle_files(directory: Path, allowed: tuple[str, ...] = ()) -> list[str]:
     )
 
 
-def save_output(model, processor, config: RunConfig, args: argparse.Namespace,
+def save_output(model, processor, config: RunConfig, args: argparse.Namespace, backbone,
                 extra_files: tuple[str, ...] = ()) -> Path:
-    """Write the merged checkpoint; ``extra_files`` (the backbone's full-model files, e.g. Omni's speaker
-    dictionary) are copied from the base."""
+    """Write the merged checkpoint through the backbone; ``extra_files`` (the backbone's full-model files, e.g.
+    Omni's speaker dictionary) are copied from the base."""
     output = Path(args.output_dir)
     if output.is_dir() and args.overwrite_output_dir:  # files an earlier merge wrote and this one may not
         stale = [*output.glob("*.safetensors"), *(output / n for n in (
@@ -479,7 +479,7 @@ def save_output(model, processor, config: RunConfig, args: argparse.Namespace,
         for file in stale:
             file.unlink(missing_ok=True)
     output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output, max_shard_size=args.max_shard_size)
+    backbone.save_merged(model, output, config, max_shard_size=args.max_shard_size)
     processor.save_pretrained(output)
     allowed: list[str] = []
     for name in extra_files:
@@ -535,7 +535,7 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
     config = merged_config(stages, args, backbone.name, thinker.get_input_embeddings().num_embeddings)
     if verification is not None:
         config.merge_verification = {k: v for k, v in asdict(verification).items() if k != "differing_answers"}
-    output = save_output(to_save, processor, config, args,
+    output = save_output(to_save, processor, config, args, backbone,
                          backbone.full_model_files if args.full_omni else ())
     if verification is not None:
         (output / VERIFICATION_NAME).write_text(json.dumps(asdict(verification), indent=2) + "\n")

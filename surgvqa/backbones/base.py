@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -126,6 +127,14 @@ class Backbone:
         (``config`` is the run's RunConfig). Nothing for single-stage backbones."""
         return {}
 
+    def save_merged(self, model, output_dir: str, config=None, **kwargs) -> None:
+        """Write a merged model; ``config`` is the merged checkpoint's RunConfig (base, adapters merged)."""
+        model.save_pretrained(output_dir, **kwargs)
+
+    def describe(self, model) -> str:
+        """One line saying what ``model`` is, for logs and evaluation output."""
+        return f"{self.name}: {getattr(model, 'name_or_path', '') or type(model).__name__}"
+
     def warn_if_slow_conv3d(self) -> str | None:
         """torch 2.9.x on CUDA runs Qwen's Conv3d patch embedding 4-20x slower (pytorch#166122)."""
         if self.conv3d_patch_embed is None or not torch.cuda.is_available():
@@ -179,3 +188,11 @@ def on_vision_grid(frames: Iterable[np.ndarray], grid: int, max_edge: int | None
         if height % grid or width % grid or (max_edge is not None and max(height, width) > max_edge):
             return False
     return True
+
+
+def kept_video_tokens(num_tokens: int, token_kept_ratio: float = 1.0) -> int:
+    """Video tokens entering the language model when token merging keeps ``token_kept_ratio`` of a video's
+    ``num_tokens``: ``ceil(r * n)`` per video (``r = 1.0``: all of them)."""
+    if not 0.0 < token_kept_ratio <= 1.0:
+        raise ValueError(f"token_kept_ratio must be in (0, 1], got {token_kept_ratio!r}")
+    return num_tokens if token_kept_ratio == 1.0 else math.ceil(token_kept_ratio * num_tokens)
