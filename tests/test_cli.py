@@ -45,7 +45,7 @@ def test_commands_run_the_tools(test_set, tiny_model_dir, capsys):
     assert code == 0 and "OK: 50 sample(s), no problems." in capsys.readouterr().out
     assert cli.main(["verify-tokenizer", str(tiny_model_dir)]) == 0
     assert "OK" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as info:  # resolved lazily, wherever the graft keeps its creator
+    with pytest.raises(SystemExit) as info:  # the graft's creator, imported only now
         cli.main(["create-graft", "--help"])
     assert info.value.code == 0 and "--vl_model" in capsys.readouterr().out
 
