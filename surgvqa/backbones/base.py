@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import math
@@ -196,3 +197,17 @@ def kept_video_tokens(num_tokens: int, token_kept_ratio: float = 1.0) -> int:
     if not 0.0 < token_kept_ratio <= 1.0:
         raise ValueError(f"token_kept_ratio must be in (0, 1], got {token_kept_ratio!r}")
     return num_tokens if token_kept_ratio == 1.0 else math.ceil(token_kept_ratio * num_tokens)
+
+
+def runnable_attention(model) -> contextlib.AbstractContextManager:
+    """A context in which ``model``'s attention can run on this machine. torch's CPU SDPA kernels for bf16/fp16
+    need AVX-512 (on an AVX2-only CPU, e.g. many AMD machines, they raise "pack_vnni2 is only supported when avx512
+    is supported"), so there half-precision attention on the CPU uses torch's math kernel instead."""
+    param = next(model.parameters(), None)
+    dtype = getattr(model, "dtype", None) or (param.dtype if param is not None else None)
+    if (param is None or param.device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16)
+            or torch.backends.cpu.get_cpu_capability().startswith("AVX512")):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
