@@ -274,6 +274,9 @@ def check_paths(args: EvalArguments) -> None:
             raise ValueError(f"--{name} is required (or use --score_predictions FILE)")
     existing_dir(args.checkpoint_path, "--checkpoint_path")
     existing_file(args.eval_data_path, "--eval_data_path")
+    for name in ("frames_dir", "audio_dir"):
+        if getattr(args, name):
+            existing_dir(getattr(args, name), f"--{name}")
     writable_file(args.output_file, "--output_file")
     if args.compare:
         existing_file(args.compare, "--compare")

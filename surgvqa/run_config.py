@@ -284,13 +284,14 @@ def eval_preprocessing(config: RunConfig | None, flags: Mapping[str, Any], *, ch
     if unknown:
         raise ValueError(f"not preprocessing settings: {sorted(unknown)}")
     given = {k: v for k, v in flags.items() if v is not None}
+    if "question_modality" in given:
+        check_question_modality(given["question_modality"], "--question_modality")
+    if given.get("frames_as", FRAMES_AS[0]) not in FRAMES_AS:
+        raise UserError(f"--frames_as must be one of {', '.join(FRAMES_AS)}; got {given['frames_as']!r}")
     if config is not None:
-        media = dataclasses.replace(config.media, **given)
-        media.check("flags")
-        return EvalPreprocessing(media, config.system_prompt, CONFIG_NAME)
+        return EvalPreprocessing(dataclasses.replace(config.media, **given), config.system_prompt, CONFIG_NAME)
     missing = [name for name in PREPROCESSING_FLAGS if name not in given]
     media = MediaSettings.defaults(**given)
-    media.check("flags")
     if missing and not allow_defaults:
         defaults = ", ".join(f"--{name} {getattr(media, name)}" for name in missing)
         raise UserError(

@@ -32,7 +32,7 @@ from surgvqa.backbones.base import vision_grid
 from surgvqa.checkpoint import save_new_token_rows
 from surgvqa.collate import OverlongSampleError, VQACollator
 from surgvqa.data import DataError, MediaConfig, Problem, Sample, SurgicalVQADataset, load_samples
-from surgvqa.errors import UserError, existing_file, one_line_errors, run_main
+from surgvqa.errors import UserError, existing_dir, existing_file, one_line_errors, run_main
 from surgvqa.generate import generate_predictions
 from surgvqa.metrics import build_candidates, strict_hit
 from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, check_question_modality
@@ -176,6 +176,9 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
     existing_file(data_args.train_data_path, "--train_data_path")  # paths last: combinations need no files
     if data_args.eval_data_path:
         existing_file(data_args.eval_data_path, "--eval_data_path")
+    for name in ("frames_dir", "audio_dir", "eval_frames_dir", "eval_audio_dir"):
+        if getattr(data_args, name):
+            existing_dir(getattr(data_args, name), f"--{name}")
 
 
 def media_settings(data_args: DataArguments) -> MediaSettings:
