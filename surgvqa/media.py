@@ -37,6 +37,14 @@ ABLATIONS = (None, "video", "audio", "both", "video_shuffle", "audio_shuffle")
 CONSTANT_VIDEO_ABLATIONS = ("video", "both")  # every frame becomes one constant frame
 SILENT_AUDIO_ABLATIONS = ("audio", "both")  # the spoken question becomes silence of the same length
 SHUFFLE_ABLATIONS = ("video_shuffle", "audio_shuffle")  # another sample's frames / audio
+#: what each ablation removes, as a paired comparison's verdict names it ("video carries X pts")
+ABLATION_REMOVES = {
+    "video": "video",
+    "audio": "audio",
+    "both": "video and audio",
+    "video_shuffle": "the sample's own video",
+    "audio_shuffle": "the sample's own audio",
+}
 
 
 # ------------------------------------------------------------------------------------------------- config

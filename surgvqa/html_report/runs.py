@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from surgvqa.errors import UserError
+from surgvqa.media import ABLATION_REMOVES
 from surgvqa.metrics import UNTYPED, paired_comparison, predicted_label, score_record, summarize
 from surgvqa.report import read_predictions, read_predictions_meta
 
@@ -103,10 +104,6 @@ def load_run(path: Path, label: str | None = None) -> Run:
 
 
 # --------------------------------------------------------------------------------------------------- compare
-# What a compared run lacks, by its meta line's ablation (words for the verdict).
-REMOVED = {"video": "video", "audio": "audio", "both": "video and audio"}
-
-
 @dataclass
 class Pairing:
     """A paired comparison: ``run`` is the run that lacks something (the ablated one) or else the compared run,
@@ -126,5 +123,5 @@ def pair_runs(this: Run, other: Run) -> Pairing:
         run, reference = other, this
     ablate = meta_field(run.meta, "ablate")
     result = paired_comparison(run.records, reference.records, this.summary["candidates"],
-                               removed=REMOVED.get(ablate, ablate) if ablate else None)
+                               removed=ABLATION_REMOVES.get(ablate, ablate) if ablate else None)
     return Pairing(run, reference, result)
