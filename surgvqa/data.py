@@ -50,10 +50,13 @@ from surgvqa.samples import (
 
 # ------------------------------------------------------------------------------------------------- dataset
 class SurgicalVQADataset(Dataset):
-    """Samples plus decoded media: ``{"sample", "frames", "audio"}`` (no tokenization, so items are cheap to cache).
+    """Samples plus decoded media: ``{"sample", "frames", "audio", "frame_indices", "frame_times"}`` (no
+    tokenization, so items are cheap to cache).
 
     ``frames``: uint8 HxWx3 arrays, subsampled with :func:`subsample_indices` to ``max_frames`` (which overrides
-    ``media.max_frames``: train and eval may differ) and resized to ``media.frame_size``; mean-grey when
+    ``media.max_frames``: train and eval may differ) and resized to the pixel budget ``media.budget``;
+    ``frame_indices``: which of the line's frames were kept; ``frame_times``: for a video file, the kept frames'
+    presentation times in seconds (the collator turns either into the video clock); mean-grey when
     ``media.ablate`` is ``"video"``/``"both"``. ``audio``: float32 16 kHz mono (``None`` for text questions);
     silence of the same length when ``ablate`` is ``"audio"``/``"both"``. A file that cannot be read raises
     :class:`MediaError` naming the sample and the path: nothing is substituted silently.
@@ -69,16 +72,20 @@ class SurgicalVQADataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _frames(self, sample: Sample) -> list[np.ndarray]:
-        size = self.media.frame_size
+    def _frames(self, sample: Sample, timing: dict[str, Any]) -> list[np.ndarray]:
+        size = self.media.budget
         if sample.video_path is not None:
             n = self.media.num_video_frames
             if self.max_frames is not None:
                 n = min(n, self.max_frames)
-            return load_video_frames(sample.video_path, n, size)
+            times: list[float] = []
+            frames = load_video_frames(sample.video_path, n, size, times=times)
+            timing["frame_times"] = times or None
+            return frames
         if not sample.frame_paths:
             raise MediaError("sample has neither frame_paths nor video_path")
         indices = subsample_indices(len(sample.frame_paths), self.max_frames)
+        timing["frame_indices"] = indices
         frames = [load_frame(sample.frame_paths[i], size) for i in indices]
         shapes = {f.shape for f in frames}
         if len(shapes) > 1:
@@ -90,8 +97,9 @@ class SurgicalVQADataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         sample = self.samples[i]
+        timing: dict[str, Any] = {"frame_indices": None, "frame_times": None}
         try:
-            frames = self._frames(sample)
+            frames = self._frames(sample, timing)
             audio = None
             if self.media.needs_audio:
                 if sample.audio_path is None:
@@ -108,7 +116,7 @@ class SurgicalVQADataset(Dataset):
             frames = grey_like(frames)
         if self.media.ablate in ("audio", "both"):
             audio = silence_like(audio)
-        return {"sample": sample, "frames": frames, "audio": audio}
+        return {"sample": sample, "frames": frames, "audio": audio, **timing}
 
 
 # ------------------------------------------------------------------------------------------------- summary
@@ -146,7 +154,11 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="build every sample, print a summary and every problem")
     check.add_argument("--data_path", required=True, help="JSONL file, one sample per line")
     check.add_argument("--frames_dir", default=None, help="root of frame images (default: <data dir>/frames)")
-    check.add_argument("--audio_dir", default=None, help="root of spoken-question audio")
+    check.add_argument(
+        "--audio_dir", default=None,
+        help="root of spoken-question audio; when given, every sample's audio is found and decoded, whatever "
+        "--question_modality says",
+    )
     check.add_argument("--frame_path_template", default=MediaConfig.frame_path_template)
     check.add_argument("--audio_path_template", default=MediaConfig.audio_path_template)
     check.add_argument("--question_modality", default="text", choices=QUESTION_MODALITIES)
@@ -172,11 +184,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         samples, problems = load_samples(
-            args.data_path, media, require_scoring_fields=args.require_scoring_fields, skip_bad=True
+            args.data_path, media, require_scoring_fields=args.require_scoring_fields, skip_bad=True,
+            decode_media=True, check_audio=True,
         )
     except DataError as err:
         samples, problems = [], err.problems
     print(json.dumps({"data_path": args.data_path, **summarize_samples(samples)}, indent=2))
+    print(
+        "media: every frame, video and audio file decoded with the training loader's own decoders"
+        if args.audio_dir else
+        "media: every frame and video file decoded with the training loader's own decoders; audio NOT checked "
+        "(no --audio_dir given)"
+    )
     for problem in problems:
         print(f"PROBLEM {problem}")
     if problems:
