@@ -109,6 +109,9 @@ def resolve_media(args: EvalArguments, config: dict) -> MediaConfig:
         frame_path_template=pick(args.frame_path_template, "frame_path_template", "{video_id}/{frame}.jpg"),
         audio_path_template=pick(args.audio_path_template, "audio_path_template", "{video_id}/{id}.wav"),
         frame_size=pick(args.frame_size, "frame_size", 384),
+        # a --frame_size flag replaces the recorded pixel-count budget
+        max_pixels=saved.get("max_pixels") if args.frame_size is None else None,
+        min_pixels=saved.get("min_pixels"),
         max_frames=pick(args.max_eval_frames, "max_eval_frames", None),
         question_modality=pick(args.question_modality, "question_modality", "text"),
         ablate=args.ablate,
@@ -194,6 +197,9 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
             mode="generate",
             system_prompt=config.get("system_prompt", DEFAULT_SYSTEM_PROMPT),
             fps=saved.get("fps", 2.0),
+            video_fps=saved.get("video_fps"),
+            max_pixels=media.max_pixels,
+            min_pixels=media.min_pixels,
         )
         _generate_into(output, model, processor, SurgicalVQADataset(todo, media), collator, candidates, args)
 

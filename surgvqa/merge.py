@@ -396,6 +396,8 @@ def verify_inputs(args: argparse.Namespace, config: dict):
         frame_path_template=saved.get("frame_path_template", "{video_id}/{frame}.jpg"),
         audio_path_template=saved.get("audio_path_template", "{video_id}/{id}.wav"),
         frame_size=saved.get("frame_size", 384),
+        max_pixels=saved.get("max_pixels"),
+        min_pixels=saved.get("min_pixels"),
         max_frames=saved.get("max_eval_frames"),
         question_modality=saved.get("question_modality", "text"),
     )
@@ -405,7 +407,8 @@ def verify_inputs(args: argparse.Namespace, config: dict):
     dataset = SurgicalVQADataset(samples[: args.verify], media)
     kwargs = dict(question_modality=media.question_modality, frame_size=media.frame_size,
                   frames_as=saved.get("frames_as", "video"), system_prompt=config.get("system_prompt"),
-                  fps=saved.get("fps", 2.0))
+                  fps=saved.get("fps", 2.0), video_fps=saved.get("video_fps"),
+                  max_pixels=media.max_pixels, min_pixels=media.min_pixels)
     if kwargs["system_prompt"] is None:
         kwargs.pop("system_prompt")
     return dataset, kwargs, str(data_path)

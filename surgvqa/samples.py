@@ -197,6 +197,16 @@ class _Validator:
                 bad("field 'frames' is an empty list; name at least one frame")
             elif not all(f.strip() for f in frames):
                 bad("field 'frames' contains an empty frame name")
+        numbers = rec.get("frame_numbers")
+        if numbers is not None:
+            if not isinstance(numbers, list) or not all(
+                isinstance(n, int | float) and not isinstance(n, bool) for n in numbers
+            ):
+                bad(f"field 'frame_numbers' must be a list of numbers, got {_type_name(numbers)}")
+            elif isinstance(frames, list) and len(numbers) != len(frames):
+                bad(f"field 'frame_numbers' has {len(numbers)} entries but 'frames' has {len(frames)}; one per frame")
+            elif any(b <= a for a, b in zip(numbers, numbers[1:])):
+                bad("field 'frame_numbers' must increase strictly (it times the frames for --video_fps)")
         for name in ("video", "audio"):
             value = rec.get(name)
             if value is not None and (not isinstance(value, str) or not value.strip()):

@@ -11,7 +11,7 @@ import logging
 import math
 import re
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +54,17 @@ class DataArguments:
     eval_audio_dir: str | None = field(default=None, metadata={"help": "default: --audio_dir"})
     frame_path_template: str = field(default="{video_id}/{frame}.jpg")
     audio_path_template: str = field(default="{video_id}/{id}.wav")
-    frame_size: int = field(default=384, metadata={"help": "longest frame edge in pixels (the pixel budget)"})
-    max_pixels: int | None = field(default=None, metadata={"help": "alternative budget: frame_size = sqrt"})
+    frame_size: int = field(
+        default=384, metadata={"help": "longest frame edge in pixels, on the vision grid (ignored with --max_pixels)"}
+    )
+    max_pixels: int | None = field(
+        default=None,
+        metadata={"help": "pixel budget per frame, a pixel count (e.g. 147456 = 384*384): transformers' smart_resize "
+                  "keeps the aspect ratio, grid-aligned edges and w*h <= max_pixels; replaces --frame_size"},
+    )
+    min_pixels: int | None = field(
+        default=None, metadata={"help": "smallest frame in pixels (smaller frames are enlarged); default one grid cell"}
+    )
     max_train_frames: int | None = field(default=None, metadata={"help": "evenly spaced, first and last kept"})
     max_eval_frames: int | None = field(default=None, metadata={"help": "default: the training frame count"})
     question_modality: str = field(default="text", metadata={"help": "text | audio | text+audio"})
@@ -69,7 +78,16 @@ class DataArguments:
     eval_max_new_tokens: int = field(default=48)
     eval_batch_size_generate: int = field(default=8)
     system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT)
-    fps: float = field(default=2.0, metadata={"help": "frame rate the frames were sampled at (rope timing)"})
+    fps: float = field(
+        default=2.0,
+        metadata={"help": "rate (frames per second) at which the frames listed on a line were sampled; sets the "
+                  "video clock (M-RoPE time step) of lines without frame_numbers, or without --video_fps"},
+    )
+    video_fps: float | None = field(
+        default=None,
+        metadata={"help": "frame rate of the source videos: with it, a line's frame_numbers / video_fps give each kept "
+                  "frame's time, so any subsample keeps the true clock (e.g. 30 for REAL-Colon)"},
+    )
 
 
 @dataclass
@@ -102,8 +120,9 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
     """Refuse unsupported combinations before anything heavy happens."""
     if not data_args.train_data_path:
         raise ValueError("--train_data_path is required")
-    if data_args.max_pixels is not None:
-        data_args.frame_size = int(math.isqrt(data_args.max_pixels))
+    media_config(data_args)  # refuses a bad pixel budget or frame rate before anything loads
+    if data_args.fps <= 0 or (data_args.video_fps is not None and data_args.video_fps <= 0):
+        raise ValueError(f"--fps and --video_fps must be > 0, got {data_args.fps} and {data_args.video_fps}")
     if model_args.load_in_4bit or model_args.load_in_8bit:
         if args.fp16:
             raise ValueError("QLoRA computes in bf16: use --bf16 True instead of --fp16")
@@ -132,6 +151,8 @@ def media_config(data_args: DataArguments, *, eval: bool = False) -> MediaConfig
         frame_path_template=data_args.frame_path_template,
         audio_path_template=data_args.audio_path_template,
         frame_size=data_args.frame_size,
+        max_pixels=data_args.max_pixels,
+        min_pixels=data_args.min_pixels,
         max_frames=(data_args.max_eval_frames or data_args.max_train_frames) if eval else data_args.max_train_frames,
         question_modality=data_args.question_modality,
     )
@@ -154,7 +175,7 @@ def drop_overlong(samples: list[Sample], collator: VQACollator, max_frames: int 
     import soundfile
     from PIL import Image
 
-    from surgvqa.media import fit_to_budget, subsample_indices
+    from surgvqa.media import subsample_indices
 
     kept, overlong = [], []
     size_cache: dict[tuple, tuple[int, int]] = {}
@@ -164,9 +185,8 @@ def drop_overlong(samples: list[Sample], collator: VQACollator, max_frames: int 
             continue
         with Image.open(sample.frame_paths[0]) as img:
             raw = img.size
-        if raw not in size_cache:
-            w, h = fit_to_budget(raw[0], raw[1], collator.frame_size)
-            size_cache[raw] = (h, w)
+        if raw not in size_cache:  # the collator's own budget function: the size the dataset resizes to
+            size_cache[raw] = collator.frame_hw(*raw)
         n_frames = len(subsample_indices(len(sample.frame_paths), max_frames))
         audio_len = None
         if sample.audio_path is not None and "audio" in collator.question_modality:
@@ -318,6 +338,9 @@ def run_config(model_args, data_args, lora_args, backbone, report, original_rows
             "question_modality": data_args.question_modality,
             "frames_as": data_args.frames_as,
             "fps": data_args.fps,
+            "video_fps": data_args.video_fps,
+            "max_pixels": data_args.max_pixels,
+            "min_pixels": data_args.min_pixels,
         },
         "system_prompt": data_args.system_prompt,
         "model_max_length": data_args.model_max_length,
@@ -366,9 +389,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     collator_kwargs = dict(
         question_modality=data_args.question_modality, frame_size=data_args.frame_size,
         frames_as=data_args.frames_as, model_max_length=data_args.model_max_length,
-        system_prompt=data_args.system_prompt, fps=data_args.fps,
+        system_prompt=data_args.system_prompt, fps=data_args.fps, video_fps=data_args.video_fps,
+        max_pixels=data_args.max_pixels, min_pixels=data_args.min_pixels,
     )
     train_collator = VQACollator(processor, mode="train", **collator_kwargs)
+    # the dataset resizes on the backbone's vision grid (28 px for Qwen2/2.5, 32 for Qwen3)
+    train_media = replace(train_media, pixel_factor=train_collator.grid_factor)
+    if eval_media is not None:
+        eval_media = replace(eval_media, pixel_factor=train_collator.grid_factor)
     train_samples = drop_overlong(train_samples, train_collator, train_media.max_frames,
                                   data_args.skip_overlong, data_args.model_max_length)
     train_dataset = SurgicalVQADataset(train_samples, train_media)
