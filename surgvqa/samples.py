@@ -205,7 +205,7 @@ class _Validator:
                 bad(f"field 'frame_numbers' must be a list of numbers, got {_type_name(numbers)}")
             elif isinstance(frames, list) and len(numbers) != len(frames):
                 bad(f"field 'frame_numbers' has {len(numbers)} entries but 'frames' has {len(frames)}; one per frame")
-            elif any(b <= a for a, b in zip(numbers, numbers[1:])):
+            elif any(b <= a for a, b in zip(numbers, numbers[1:], strict=False)):
                 bad("field 'frame_numbers' must increase strictly (it times the frames for --video_fps)")
         for name in ("video", "audio"):
             value = rec.get(name)
