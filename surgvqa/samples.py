@@ -203,7 +203,7 @@ class _Validator:
                 isinstance(n, int | float) and not isinstance(n, bool) for n in numbers
             ):
                 bad(f"field 'frame_numbers' must be a list of numbers, got {_type_name(numbers)}")
-            elif isinstance(frames, list) and all(isinstance(f, str) for f in frames) and len(numbers) != len(frames):
+            elif isinstance(frames, list) and frames and all(isinstance(f, str) for f in frames) and len(numbers) != len(frames):
                 bad(f"field 'frame_numbers' has {len(numbers)} entries but 'frames' has {len(frames)}; one per frame")
             elif any(b <= a for a, b in zip(numbers, numbers[1:], strict=False)):
                 bad("field 'frame_numbers' must increase strictly (it times the frames for --video_fps)")
