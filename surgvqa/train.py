@@ -1,7 +1,8 @@
 """LoRA / QLoRA fine-tuning: argument dataclasses → data check → backbone → PEFT → Trainer → outputs.
 
-Every Hugging Face ``TrainingArguments`` flag works; ours are in the three dataclasses below. Arguments may also come
-from one YAML or JSON file (``python train_vqa.py config.yaml``).
+Every Hugging Face ``TrainingArguments`` flag works; ours are in the dataclasses below. Arguments may also come from
+one YAML or JSON file, with command-line flags overriding it (``python train_vqa.py config.yaml --learning_rate 1e-4``).
+What happens to an existing ``--output_dir`` (refused, emptied, resumed) is decided by :mod:`surgvqa.rundir`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ from surgvqa.data import DataError, MediaConfig, Problem, Sample, SurgicalVQADat
 from surgvqa.generate import generate_predictions
 from surgvqa.metrics import build_candidates, strict_hit
 from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT
+from surgvqa.rundir import (
+    RunDirError,
+    apply_plan,
+    check_same_run,
+    plan_output_dir,
+    write_run_record,
+)
 from surgvqa.tokenizer import repair_tokenizer
 
 logger = logging.getLogger("surgvqa.train")
@@ -102,16 +110,53 @@ class LoraArguments:
     init_from: str | None = field(default=None, metadata={"help": "stage 2: the stage-1 output directory"})
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, LoraArguments, TrainingArguments]:
+@dataclass
+class SurgvqaTrainingArguments(TrainingArguments):
+    """Hugging Face ``TrainingArguments`` plus what a run directory needs (see :mod:`surgvqa.rundir`)."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "empty a non-empty --output_dir before training (otherwise such a directory is refused)"},
+    )
+
+
+ArgumentTuple = tuple[ModelArguments, DataArguments, LoraArguments, SurgvqaTrainingArguments]
+
+
+def make_parser() -> HfArgumentParser:
+    return HfArgumentParser((ModelArguments, DataArguments, LoraArguments, SurgvqaTrainingArguments))
+
+
+def parse_args(argv: list[str] | None = None) -> ArgumentTuple:
+    """Flags, or a YAML/JSON file followed by flags that override it (``config.yaml --learning_rate 1e-4``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(argv[0])
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    if "--report_to" not in argv:
-        argv += ["--report_to", "none"]
+    parser = make_parser()
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
+        parser.set_defaults(**_config_file(parser, argv[0]))
+        argv = argv[1:]
     return parser.parse_args_into_dataclasses(argv)
+
+
+def _config_file(parser: HfArgumentParser, path: str) -> dict[str, Any]:
+    """The settings of a YAML/JSON recipe; an unknown key is an error naming it (a typo would be ignored)."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"recipe file {file} not found")
+    text = file.read_text()
+    values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"{file}: expected a mapping of argument names to values")
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{file}: unknown argument(s) {', '.join(unknown)}; see `python train_vqa.py --help`")
+    # argparse requires required arguments on the command line even when a default is set
+    for action in parser._actions:
+        if action.dest in values:
+            action.required = False
+    return values
 
 
 # -------------------------------------------------------------------------------------------------- checks
@@ -322,11 +367,39 @@ def save_outputs_extras(path: Path, config: dict, model, original_rows: int) -> 
         save_new_token_rows(model, path, original_rows)
 
 
-def run_config(model_args, data_args, lora_args, backbone, report, original_rows, model) -> dict:
+def run_config(model_args, data_args, lora_args, backbone, report, original_rows, model,
+               args: TrainingArguments | None = None) -> dict:
     rows = model.get_input_embeddings().num_embeddings
     return {
+        **run_settings(model_args, data_args, lora_args, backbone.name, args),
+        "tokenizer_repair": report.actions,
+        "resized_vocab": rows if rows != original_rows else None,
+        "original_vocab_rows": original_rows,
+    }
+
+
+#: the TrainingArguments that change what a run computes (recorded, and compared when a run is resumed)
+TRAINING_SETTINGS = (
+    "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "adam_beta1",
+    "adam_beta2", "adam_epsilon", "max_grad_norm", "optim", "num_train_epochs", "max_steps",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "world_size", "seed", "data_seed", "bf16", "fp16",
+    "gradient_checkpointing", "label_smoothing_factor", "neftune_noise_alpha",
+)
+
+
+def training_settings(args: TrainingArguments) -> dict[str, Any]:
+    """:data:`TRAINING_SETTINGS` of ``args``, as JSON values."""
+    values = {name: getattr(args, name, None) for name in TRAINING_SETTINGS}
+    return json.loads(json.dumps(values, default=str))
+
+
+def run_settings(model_args, data_args, lora_args, backbone_name: str,
+                 args: TrainingArguments | None = None) -> dict:
+    """The part of surgvqa_config.json known from the arguments alone (before the model loads)."""
+    return {
+        **({"training": training_settings(args)} if args is not None else {}),
         "surgvqa_version": __version__,
-        "backbone": backbone.name,
+        "backbone": backbone_name,
         "base_model": str(Path(model_args.model_name_or_path).resolve())
         if Path(model_args.model_name_or_path).exists() else model_args.model_name_or_path,
         "media": {
@@ -347,9 +420,6 @@ def run_config(model_args, data_args, lora_args, backbone, report, original_rows
         "lora": asdict(lora_args),
         "quantization": "4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None,
         "dtype": model_args.dtype,
-        "tokenizer_repair": report.actions,
-        "resized_vocab": rows if rows != original_rows else None,
-        "original_vocab_rows": original_rows,
         "train_data_path": _resolved(data_args.train_data_path),
         "eval_data_path": _resolved(data_args.eval_data_path),
         "frames_dir": _resolved(data_args.frames_dir),
@@ -380,7 +450,23 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         eval_samples = load_checked(data_args.eval_data_path, eval_media, data_args.skip_bad_samples,
                                     scoring=bool(data_args.eval_generate_samples))
 
-    # 2. model (seeded first: LoRA's random init must be reproducible for resume and comparisons)
+    # 2. the run directory: refused, emptied, resumed or started, before any weight loads
+    settings = run_settings(model_args, data_args, lora_args,
+                            backbone_for(model_args.model_name_or_path, model_args.backbone).name, args)
+    plan = plan_output_dir(
+        args.output_dir, args.resume_from_checkpoint, getattr(args, "overwrite_output_dir", False),
+        protected=(data_args.train_data_path, data_args.eval_data_path, data_args.frames_dir, data_args.audio_dir,
+                   data_args.eval_frames_dir, data_args.eval_audio_dir, model_args.model_name_or_path),
+    )
+    check_same_run(plan, settings)
+    with args.main_process_first(local=False, desc="preparing the output directory"):
+        if args.process_index == 0:
+            apply_plan(plan)
+            write_run_record(args.output_dir, settings)
+    if plan.resume_from:
+        logger.info("resuming from %s", plan.resume_from)
+
+    # 3. model (seeded first: LoRA's random init must be reproducible for resume and comparisons)
     if args.full_determinism:
         enable_full_determinism(args.seed)
     else:
@@ -415,7 +501,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
                 "max_new_tokens": data_args.eval_max_new_tokens,
             }
 
-    config = run_config(model_args, data_args, lora_args, backbone, report, original_rows, model)
+    config = run_config(model_args, data_args, lora_args, backbone, report, original_rows, model, args)
     trainer = VQATrainer(
         model=model,
         args=args,
@@ -426,26 +512,76 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         generation_eval=generation_eval,
         callbacks=[SurgvqaConfigCallback(config, original_rows)],
     )
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=plan.resume_from)
     trainer.save_model(args.output_dir)
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)  # train_results.json, all_results.json
+    trainer.save_state()  # trainer_state.json: the whole log history
     if trainer.is_world_process_zero():
         save_outputs_extras(Path(args.output_dir), config, trainer.model, original_rows)
-        (Path(args.output_dir) / "train_results.json").write_text(json.dumps(result.metrics, indent=2) + "\n")
         # the final directory holds no pickles: the Trainer's training_args.bin becomes readable JSON
         (Path(args.output_dir) / "training_args.json").write_text(args.to_json_string() + "\n")
         (Path(args.output_dir) / "training_args.bin").unlink(missing_ok=True)
+        curves = plot_training_curves(trainer.state.log_history, Path(args.output_dir) / CURVES_NAME)
+        if curves:
+            logger.info("loss curve: %s", curves)
     logger.info("adapter, processor and %s written to %s", "surgvqa_config.json", args.output_dir)
     return {"metrics": result.metrics, "trainer": trainer}
 
 
+CURVES_NAME = "training_curves.png"
+
+
+def plot_training_curves(log_history: list[dict], png_path: Path) -> Path | None:
+    """Training loss (and eval loss, eval accuracy when logged) against the step, as a PNG; None when nothing
+    was logged. matplotlib is imported here only (headless Agg canvas)."""
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    accuracy = [(e["step"], e["eval_accuracy"]) for e in log_history if "eval_accuracy" in e]
+    if not (train or evals or accuracy):
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    handles, labels = ax.get_legend_handles_labels()
+    if accuracy:
+        acc_ax = ax.twinx()
+        acc_ax.plot(*zip(*accuracy, strict=True), "s--", label="eval accuracy (generated)", color="tab:green")
+        acc_ax.set_ylabel("accuracy")
+        acc_ax.set_ylim(0, 1)
+        more_handles, more_labels = acc_ax.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path)
+    return png_path
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model_args, data_args, lora_args, args = parse_args(argv)
+    try:
+        model_args, data_args, lora_args, args = parse_args(argv)
+    except ValueError as err:  # a bad recipe file (argparse itself exits 2 on a bad flag)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         train(model_args, data_args, lora_args, args)
     except (DataError, OverlongSampleError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except RunDirError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -453,4 +589,13 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["DataArguments", "LoraArguments", "ModelArguments", "main", "parse_args", "train"]
+__all__ = [
+    "DataArguments",
+    "LoraArguments",
+    "ModelArguments",
+    "SurgvqaTrainingArguments",
+    "main",
+    "make_parser",
+    "parse_args",
+    "train",
+]
