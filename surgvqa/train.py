@@ -21,6 +21,7 @@ from transformers.trainer_utils import enable_full_determinism
 
 from surgvqa import __version__
 from surgvqa.backbones import LoadOptions, backbone_for
+from surgvqa.backbones.base import prepare_quantized_for_training, upcast_trainable
 from surgvqa.checkpoint import save_new_token_rows, write_surgvqa_config
 from surgvqa.collate import OverlongSampleError, VQACollator
 from surgvqa.data import DataError, MediaConfig, Problem, Sample, SurgicalVQADataset, load_samples
@@ -169,8 +170,8 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
     if data_args.fps <= 0 or (data_args.video_fps is not None and data_args.video_fps <= 0):
         raise ValueError(f"--fps and --video_fps must be > 0, got {data_args.fps} and {data_args.video_fps}")
     if model_args.load_in_4bit or model_args.load_in_8bit:
-        if args.fp16:
-            raise ValueError("QLoRA computes in bf16: use --bf16 True instead of --fp16")
+        if args.fp16 or not args.bf16:
+            raise ValueError("QLoRA computes in bf16: pass --bf16 True (and not --fp16)")
         if lora_args.train_projectors and model_args.load_in_8bit:
             logger.info("projectors stay unquantized under 8-bit loading and are trained in full precision")
     if data_args.eval_generate_samples and not data_args.eval_data_path:
@@ -252,7 +253,7 @@ def drop_overlong(samples: list[Sample], collator: VQACollator, max_frames: int 
 
 # --------------------------------------------------------------------------------------------------- model
 def build_model(model_args: ModelArguments, lora_args: LoraArguments, args: TrainingArguments):
-    from peft import LoraConfig, prepare_model_for_kbit_training
+    from peft import LoraConfig
 
     backbone = backbone_for(model_args.model_name_or_path, model_args.backbone)
     options = LoadOptions(
@@ -269,9 +270,9 @@ def build_model(model_args: ModelArguments, lora_args: LoraArguments, args: Trai
 
     gc_kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
     args.gradient_checkpointing_kwargs = gc_kwargs
-    if options.quantized:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=args.gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
+    if options.quantized:  # only the norms in fp32; towers, embeddings and lm_head stay in the compute dtype
+        prepare_quantized_for_training(
+            model, gradient_checkpointing=args.gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
         )
     elif args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
@@ -289,6 +290,8 @@ def build_model(model_args: ModelArguments, lora_args: LoraArguments, args: Trai
         task_type="CAUSAL_LM",
     )
     model = backbone.make_trainable(model, lora_config, stage=lora_args.stage, init_from=lora_args.init_from)
+    if options.quantized:
+        upcast_trainable(model)
     if hasattr(model, "peft_config"):
         assert_lora_placement(model, backbone, allow_vision=lora_args.lora_vision_tower)
         model.print_trainable_parameters()

@@ -272,6 +272,59 @@ def test_quantized_load_and_one_step(bits, tiny_model_dir, test_set, tmp_path):
             assert type(module).__name__ not in ("Linear4bit", "Linear8bitLt"), f"{name} was quantized"
 
 
+def test_4bit_build_keeps_towers_embeddings_and_head_in_bf16(tiny_model_dir, test_set):
+    """QLoRA prep: only norms (fp32, run in fp32) and trainable weights are upcast; the towers, embeddings and
+    lm_head stay bf16; checkpointed blocks get input gradients; forward without autocast (as generation runs) and
+    backward both work."""
+    if not _bnb_cpu_ok():
+        pytest.skip("bitsandbytes cannot run on this machine's CPU")
+    from surgvqa.backbones.base import is_norm
+    from surgvqa.collate import VQACollator
+    from surgvqa.data import MediaConfig, SurgicalVQADataset, load_samples
+
+    parsed = parse_args(["--model_name_or_path", str(tiny_model_dir), "--train_data_path", "x.jsonl",
+                         "--output_dir", "/tmp/x", "--use_cpu", "True", "--load_in_4bit", "True", "--bf16", "True",
+                         "--gradient_checkpointing", "True", "--train_projectors", "True"])
+    validate_args(*parsed)
+    model_args, _, lora_args, args = parsed
+    model, processor, *_ = build_model(model_args, lora_args, args)
+    norms = {name for name, module in model.named_modules() if is_norm(module)}
+    seen = {"4bit": 0, "norm": 0, "lora": 0, "saved": 0, "bf16": 0}
+    for name, param in model.named_parameters():
+        owner = name.rsplit(".", 1)[0]
+        if type(param).__name__ == "Params4bit":
+            seen["4bit"] += 1
+        elif "lora_" in name:
+            assert param.dtype == torch.float32 and param.requires_grad, name
+            seen["lora"] += 1
+        elif "modules_to_save" in name:
+            assert param.dtype == torch.float32 and param.requires_grad, name
+            seen["saved"] += 1
+        elif owner in norms:
+            assert param.dtype == torch.float32 and not param.requires_grad, name
+            seen["norm"] += 1
+        else:
+            assert param.dtype == torch.bfloat16 and not param.requires_grad, name
+            seen["bf16"] += 1
+    assert all(seen.values()), seen
+    names = [n for n, p in model.named_parameters() if p.dtype == torch.bfloat16]
+    for part in ("visual.blocks", "audio_tower.layers", "embed_tokens", "lm_head"):
+        assert any(part in n for n in names), f"{part} not kept in bf16"
+    assert model.get_input_embeddings()(torch.tensor([[1, 2]])).requires_grad  # input grads for checkpointing
+
+    media = MediaConfig(frames_dir=str(test_set / "frames"), audio_dir=str(test_set / "audio" / "in_002-001"),
+                        frame_size=56, question_modality="text+audio")
+    samples, _ = load_samples(test_set / "in_002-001.jsonl", media)
+    dataset = SurgicalVQADataset(samples[:2], media)
+    batch = VQACollator(processor, question_modality="text+audio", frame_size=56)([dataset[0], dataset[1]])
+    model.train()
+    loss = model(**batch).loss  # no autocast: each norm casts back to its input's dtype
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None for g in grads)
+
+
 def _adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "adapter_model.safetensors"))
 
