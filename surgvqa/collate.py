@@ -14,14 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from surgvqa.media import PixelBudget
-from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, build_messages
+from surgvqa.media import MediaConfig, PixelBudget
+from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, build_messages, check_question_modality
+from surgvqa.run_config import DEFAULT_FPS, FRAMES_AS
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-#: the processor's default frame rate when none is saved with a checkpoint; sets video_second_per_grid.
-DEFAULT_FPS = 2.0
 #: what the processors call the video clock (seconds per temporal grid step) in their output
 _CLOCK_KEYS = ("video_second_per_grid", "second_per_grid_ts")
 
@@ -75,9 +74,9 @@ class VQACollator:
     """
 
     processor: Any
-    question_modality: str = "text"
-    frame_size: int = 384
-    frames_as: str = "video"
+    question_modality: str = MediaConfig.question_modality
+    frame_size: int = MediaConfig.frame_size
+    frames_as: str = FRAMES_AS[0]
     mode: str = "train"
     model_max_length: int | None = None
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
@@ -90,10 +89,9 @@ class VQACollator:
     def __post_init__(self) -> None:
         if self.mode not in ("train", "generate"):
             raise ValueError(f"mode must be 'train' or 'generate', got {self.mode!r}")
-        if self.frames_as not in ("video", "images"):
-            raise ValueError(f"frames_as must be 'video' or 'images', got {self.frames_as!r}")
-        if self.question_modality not in ("text", "audio", "text+audio"):
-            raise ValueError(f"question_modality must be text, audio or text+audio; got {self.question_modality!r}")
+        if self.frames_as not in FRAMES_AS:
+            raise ValueError(f"frames_as must be one of {', '.join(FRAMES_AS)}; got {self.frames_as!r}")
+        check_question_modality(self.question_modality)
         tokenizer = self.processor.tokenizer
         self.end_of_turn_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         if self.end_of_turn_id is None or self.end_of_turn_id == tokenizer.unk_token_id:

@@ -1,7 +1,7 @@
 """Media: the settings of where media live (:class:`MediaConfig`), contained path resolution, frame/video/audio
 decoding, resizing, subsampling, ablation.
 
-A leaf module: it imports nothing from ``surgvqa``. Every failure to read a file raises :class:`MediaError`
+A leaf module: of ``surgvqa`` it imports only the leaves ``prompts`` and ``errors``. Every failure to read a file raises :class:`MediaError`
 naming the path; nothing here substitutes data silently (``grey_like``/``silence_like`` exist for explicit
 modality ablation only).
 
@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from surgvqa.prompts import check_question_modality
+
 # Qwen2/2.5 vision: patch 14 x spatial merge 2 (Qwen3-VL: 16 x 2 = 32).
 QWEN_PIXEL_MULTIPLE = 28
 DEFAULT_SAMPLING_RATE = 16000
@@ -31,7 +33,6 @@ class MediaError(ValueError):
     """A media file is missing, unreadable, corrupt, empty, or outside its root."""
 
 
-QUESTION_MODALITIES = ("text", "audio", "text+audio")
 ABLATIONS = (None, "video", "audio", "both")
 
 
@@ -62,10 +63,7 @@ class MediaConfig:
     pixel_factor: int = QWEN_PIXEL_MULTIPLE
 
     def __post_init__(self) -> None:
-        if self.question_modality not in QUESTION_MODALITIES:
-            raise ValueError(
-                f"question_modality must be one of {QUESTION_MODALITIES}, got {self.question_modality!r}"
-            )
+        check_question_modality(self.question_modality)
         if self.ablate not in ABLATIONS:
             raise ValueError(f"ablate must be one of {ABLATIONS}, got {self.ablate!r}")
         if self.needs_audio and not self.audio_dir:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 from collections.abc import Iterable, Mapping
@@ -31,9 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from surgvqa.errors import UserError
+from surgvqa.run_config import CONFIG_NAME as RUN_RECORD
+
 logger = logging.getLogger(__name__)
 
-RUN_RECORD = "surgvqa_config.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 #: settings that may differ between two invocations of the same run
 _NOT_COMPARED = frozenset({"surgvqa_version", "schema_version", "base_model_relative"})
@@ -41,7 +42,7 @@ AUTO = "auto"
 LAST = ("true", "last")
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError):
     """The output directory cannot be used as asked (another run's files, nothing to resume from, ...)."""
 
 
@@ -235,11 +236,3 @@ def apply_plan(plan: RunDirPlan) -> None:
             else:
                 entry.unlink()
     plan.output_dir.mkdir(parents=True, exist_ok=True)
-
-
-def write_run_record(output_dir: str | Path, config: Mapping[str, Any]) -> None:
-    """The run's settings at the top of the directory from the start, so a rerun knows whose directory it is."""
-    path = Path(output_dir) / RUN_RECORD
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)

@@ -7,6 +7,7 @@ What happens to an existing ``--output_dir`` (refused, emptied, resumed) is deci
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -20,21 +21,27 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArg
 from transformers.trainer_utils import enable_full_determinism
 
 from surgvqa import __version__
-from surgvqa.backbones import LoadOptions, backbone_for
+from surgvqa.backbones import LoadOptions, backbone_for, get_backbone
 from surgvqa.backbones.base import prepare_quantized_for_training, upcast_trainable
-from surgvqa.checkpoint import save_new_token_rows, write_surgvqa_config
+from surgvqa.checkpoint import save_new_token_rows
 from surgvqa.collate import OverlongSampleError, VQACollator
 from surgvqa.data import DataError, MediaConfig, Problem, Sample, SurgicalVQADataset, load_samples
+from surgvqa.errors import UserError, existing_file, one_line_errors, run_main
 from surgvqa.generate import generate_predictions
+from surgvqa.media import PixelBudget
 from surgvqa.metrics import build_candidates, strict_hit
-from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT
-from surgvqa.rundir import (
-    RunDirError,
-    apply_plan,
-    check_same_run,
-    plan_output_dir,
-    write_run_record,
+from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, check_question_modality
+from surgvqa.run_config import (
+    CONFIG_NAME,
+    DEFAULT_FPS,
+    DEFAULT_MODEL_MAX_LENGTH,
+    FRAMES_AS,
+    MediaSettings,
+    RunConfig,
+    collator_kwargs,
 )
+from surgvqa.run_config import media_config as build_media_config
+from surgvqa.rundir import apply_plan, check_same_run, plan_output_dir
 from surgvqa.tokenizer import repair_tokenizer
 
 logger = logging.getLogger("surgvqa.train")
@@ -61,10 +68,11 @@ class DataArguments:
     audio_dir: str | None = field(default=None, metadata={"help": "root of the spoken questions (training)"})
     eval_frames_dir: str | None = field(default=None, metadata={"help": "default: --frames_dir"})
     eval_audio_dir: str | None = field(default=None, metadata={"help": "default: --audio_dir"})
-    frame_path_template: str = field(default="{video_id}/{frame}.jpg")
-    audio_path_template: str = field(default="{video_id}/{id}.wav")
+    frame_path_template: str = field(default=MediaConfig.frame_path_template)
+    audio_path_template: str = field(default=MediaConfig.audio_path_template)
     frame_size: int = field(
-        default=384, metadata={"help": "longest frame edge in pixels, on the vision grid (ignored with --max_pixels)"}
+        default=MediaConfig.frame_size,
+        metadata={"help": "longest frame edge in pixels, on the vision grid (ignored with --max_pixels)"},
     )
     max_pixels: int | None = field(
         default=None,
@@ -76,9 +84,10 @@ class DataArguments:
     )
     max_train_frames: int | None = field(default=None, metadata={"help": "evenly spaced, first and last kept"})
     max_eval_frames: int | None = field(default=None, metadata={"help": "default: the training frame count"})
-    question_modality: str = field(default="text", metadata={"help": "text | audio | text+audio"})
-    frames_as: str = field(default="video", metadata={"help": "video (temporal merging) | images"})
-    model_max_length: int = field(default=4096)
+    question_modality: str = field(default=MediaConfig.question_modality,
+                                   metadata={"help": "text | audio | text+audio"})
+    frames_as: str = field(default=FRAMES_AS[0], metadata={"help": "video (temporal merging) | images"})
+    model_max_length: int = field(default=DEFAULT_MODEL_MAX_LENGTH)
     skip_overlong: bool = field(default=False, metadata={"help": "skip (and count) samples longer than the limit"})
     skip_bad_samples: bool = field(default=False, metadata={"help": "skip (and list) samples with bad data"})
     eval_generate_samples: int = field(
@@ -88,7 +97,7 @@ class DataArguments:
     eval_batch_size_generate: int = field(default=8)
     system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT)
     fps: float = field(
-        default=2.0,
+        default=DEFAULT_FPS,
         metadata={"help": "rate (frames per second) at which the frames listed on a line were sampled; sets the "
                   "video clock (M-RoPE time step) of lines without frame_numbers, or without --video_fps"},
     )
@@ -125,7 +134,9 @@ ArgumentTuple = tuple[ModelArguments, DataArguments, LoraArguments, SurgvqaTrain
 
 
 def make_parser() -> HfArgumentParser:
-    return HfArgumentParser((ModelArguments, DataArguments, LoraArguments, SurgvqaTrainingArguments))
+    parser = one_line_errors(HfArgumentParser((ModelArguments, DataArguments, LoraArguments, SurgvqaTrainingArguments)))
+    parser.prog = "train_vqa.py"
+    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> ArgumentTuple:
@@ -135,26 +146,32 @@ def parse_args(argv: list[str] | None = None) -> ArgumentTuple:
     if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
         parser.set_defaults(**_config_file(parser, argv[0]))
         argv = argv[1:]
-    return parser.parse_args_into_dataclasses(argv)
+    try:
+        *parsed, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    except ValueError as err:  # TrainingArguments refuses a combination of flags
+        raise UserError(str(err)) from err
+    if unknown:
+        raise UserError(f"unknown argument(s) {' '.join(unknown)}; see train_vqa.py --help")
+    return tuple(parsed)
 
 
 def _config_file(parser: HfArgumentParser, path: str) -> dict[str, Any]:
     """The settings of a YAML/JSON recipe; an unknown key is an error naming it (a typo would be ignored)."""
     import yaml
 
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"recipe file {file} not found")
+    file = existing_file(path, "the arguments file")
     text = file.read_text()
-    values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    try:
+        values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as err:
+        raise UserError(f"{file}: not valid {'JSON' if file.suffix == '.json' else 'YAML'} ({err})") from err
     if not isinstance(values, dict):
-        raise ValueError(f"{file}: expected a mapping of argument names to values")
+        raise UserError(f"{file}: expected a mapping of argument names to values")
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"{file}: unknown argument(s) {', '.join(unknown)}; see `python train_vqa.py --help`")
-    # argparse requires required arguments on the command line even when a default is set
-    for action in parser._actions:
+        raise UserError(f"{file}: unknown argument(s) {', '.join(unknown)}; see train_vqa.py --help")
+    for action in parser._actions:  # argparse requires required arguments on the command line even with a default
         if action.dest in values:
             action.required = False
     return values
@@ -165,43 +182,62 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
                   args: TrainingArguments) -> None:
     """Refuse unsupported combinations before anything heavy happens."""
     if not data_args.train_data_path:
-        raise ValueError("--train_data_path is required")
-    media_config(data_args)  # refuses a bad pixel budget or frame rate before anything loads
+        raise UserError("--train_data_path is required (the training JSONL); see train_vqa.py --help")
+    check_question_modality(data_args.question_modality, "--question_modality")
+    if data_args.frames_as not in FRAMES_AS:
+        raise UserError(f"--frames_as must be one of {', '.join(FRAMES_AS)}; got {data_args.frames_as!r}")
+    model_path = Path(model_args.model_name_or_path)
+    if model_path.exists():  # recorded absolute (surgvqa_config.json and PEFT's adapter_config.json)
+        model_args.model_name_or_path = str(model_path.resolve())
+    PixelBudget(data_args.frame_size, data_args.max_pixels, data_args.min_pixels)  # refuses a bad budget
     if data_args.fps <= 0 or (data_args.video_fps is not None and data_args.video_fps <= 0):
-        raise ValueError(f"--fps and --video_fps must be > 0, got {data_args.fps} and {data_args.video_fps}")
+        raise UserError(f"--fps and --video_fps must be > 0, got {data_args.fps} and {data_args.video_fps}")
     if model_args.load_in_4bit or model_args.load_in_8bit:
-        if args.fp16 or not args.bf16:
-            raise ValueError("QLoRA computes in bf16: pass --bf16 True (and not --fp16)")
+        if args.fp16:
+            raise UserError("QLoRA computes in bf16: use --bf16 True instead of --fp16")
         if lora_args.train_projectors and model_args.load_in_8bit:
             logger.info("projectors stay unquantized under 8-bit loading and are trained in full precision")
     if data_args.eval_generate_samples and not data_args.eval_data_path:
-        raise ValueError("--eval_generate_samples needs --eval_data_path")
+        raise UserError("--eval_generate_samples needs --eval_data_path")
     if args.metric_for_best_model in ("accuracy", "eval_accuracy") and not data_args.eval_generate_samples:
-        raise ValueError(
+        raise UserError(
             "--metric_for_best_model accuracy is the generation-scored accuracy: set --eval_generate_samples N"
         )
     if args.eval_strategy != "no" and not data_args.eval_data_path:
-        raise ValueError(f"--eval_strategy {args.eval_strategy} needs --eval_data_path")
+        raise UserError(f"--eval_strategy {args.eval_strategy} needs --eval_data_path")
     if model_args.dtype == "auto":
         model_args.dtype = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
     LoadOptions(dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
                 load_in_4bit=model_args.load_in_4bit, load_in_8bit=model_args.load_in_8bit).validate()
+    if (model_args.load_in_4bit or model_args.load_in_8bit) and not args.bf16:
+        # the towers and norms stay unquantized in bf16 / fp32: bf16 autocast runs them together
+        raise UserError("QLoRA computes in bf16: add --bf16 True")
+    existing_file(data_args.train_data_path, "--train_data_path")  # paths last: combinations need no files
+    if data_args.eval_data_path:
+        existing_file(data_args.eval_data_path, "--eval_data_path")
+
+
+def media_settings(data_args: DataArguments) -> MediaSettings:
+    """The run's preprocessing, as recorded in surgvqa_config.json (evaluation defaults to the training frames)."""
+    return MediaSettings(
+        frame_path_template=data_args.frame_path_template,
+        audio_path_template=data_args.audio_path_template,
+        frame_size=data_args.frame_size,
+        max_train_frames=data_args.max_train_frames,
+        max_eval_frames=data_args.max_eval_frames or data_args.max_train_frames,
+        question_modality=data_args.question_modality,
+        frames_as=data_args.frames_as,
+        fps=data_args.fps,
+        video_fps=data_args.video_fps,
+        max_pixels=data_args.max_pixels,
+        min_pixels=data_args.min_pixels,
+    )
 
 
 def media_config(data_args: DataArguments, *, eval: bool = False) -> MediaConfig:
     frames_dir = (data_args.eval_frames_dir if eval else None) or data_args.frames_dir
     audio_dir = (data_args.eval_audio_dir if eval else None) or data_args.audio_dir
-    return MediaConfig(
-        frames_dir=frames_dir,
-        audio_dir=audio_dir,
-        frame_path_template=data_args.frame_path_template,
-        audio_path_template=data_args.audio_path_template,
-        frame_size=data_args.frame_size,
-        max_pixels=data_args.max_pixels,
-        min_pixels=data_args.min_pixels,
-        max_frames=(data_args.max_eval_frames or data_args.max_train_frames) if eval else data_args.max_train_frames,
-        question_modality=data_args.question_modality,
-    )
+    return build_media_config(media_settings(data_args), frames_dir, audio_dir, train=not eval)
 
 
 def load_checked(path: str, media: MediaConfig, skip_bad: bool, scoring: bool = False) -> list[Sample]:
@@ -350,7 +386,7 @@ class VQATrainer(Trainer):
 class SurgvqaConfigCallback(TrainerCallback):
     """Write surgvqa_config.json (and new embedding rows) into every checkpoint so each one is evaluable."""
 
-    def __init__(self, config: dict, original_rows: int):
+    def __init__(self, config: RunConfig, original_rows: int):
         self.config = config
         self.original_rows = original_rows
 
@@ -362,23 +398,12 @@ class SurgvqaConfigCallback(TrainerCallback):
         return control
 
 
-def save_outputs_extras(path: Path, config: dict, model, original_rows: int) -> None:
-    write_surgvqa_config(path, config)
+def save_outputs_extras(path: Path, config: RunConfig, model, original_rows: int) -> None:
     if model is not None:
-        backbone_for(config["base_model"], config["backbone"]).save_extras(model, str(path))
-    if config.get("resized_vocab") and model is not None:
+        config = dataclasses.replace(config, **get_backbone(config.backbone).save_extras(model, str(path), config))
+    config.write(path)
+    if config.resized_vocab and model is not None:
         save_new_token_rows(model, path, original_rows)
-
-
-def run_config(model_args, data_args, lora_args, backbone, report, original_rows, model,
-               args: TrainingArguments | None = None) -> dict:
-    rows = model.get_input_embeddings().num_embeddings
-    return {
-        **run_settings(model_args, data_args, lora_args, backbone.name, args),
-        "tokenizer_repair": report.actions,
-        "resized_vocab": rows if rows != original_rows else None,
-        "original_vocab_rows": original_rows,
-    }
 
 
 #: the TrainingArguments that change what a run computes (recorded, and compared when a run is resumed)
@@ -388,6 +413,9 @@ TRAINING_SETTINGS = (
     "per_device_train_batch_size", "gradient_accumulation_steps", "world_size", "seed", "data_seed", "bf16", "fp16",
     "gradient_checkpointing", "label_smoothing_factor", "neftune_noise_alpha",
 )
+#: RunConfig fields known only once the model is loaded (not compared when a run is resumed)
+_MODEL_DERIVED = ("tokenizer_repair", "resized_vocab", "original_vocab_rows", "graft", "surgvqa_version",
+                  "schema_version", "base_model_relative")
 
 
 def training_settings(args: TrainingArguments) -> dict[str, Any]:
@@ -396,40 +424,36 @@ def training_settings(args: TrainingArguments) -> dict[str, Any]:
     return json.loads(json.dumps(values, default=str))
 
 
-def run_settings(model_args, data_args, lora_args, backbone_name: str,
-                 args: TrainingArguments | None = None) -> dict:
-    """The part of surgvqa_config.json known from the arguments alone (before the model loads)."""
-    return {
-        **({"training": training_settings(args)} if args is not None else {}),
-        "surgvqa_version": __version__,
-        "backbone": backbone_name,
-        "base_model": str(Path(model_args.model_name_or_path).resolve())
-        if Path(model_args.model_name_or_path).exists() else model_args.model_name_or_path,
-        "media": {
-            "frame_path_template": data_args.frame_path_template,
-            "audio_path_template": data_args.audio_path_template,
-            "frame_size": data_args.frame_size,
-            "max_train_frames": data_args.max_train_frames,
-            "max_eval_frames": data_args.max_eval_frames or data_args.max_train_frames,
-            "question_modality": data_args.question_modality,
-            "frames_as": data_args.frames_as,
-            "fps": data_args.fps,
-            "video_fps": data_args.video_fps,
-            "max_pixels": data_args.max_pixels,
-            "min_pixels": data_args.min_pixels,
-        },
-        "system_prompt": data_args.system_prompt,
-        "model_max_length": data_args.model_max_length,
-        "lora": asdict(lora_args),
-        "quantization": "4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None,
-        "dtype": model_args.dtype,
-        "train_data_path": _resolved(data_args.train_data_path),
-        "eval_data_path": _resolved(data_args.eval_data_path),
-        "frames_dir": _resolved(data_args.frames_dir),
-        "audio_dir": _resolved(data_args.audio_dir),
-        "eval_frames_dir": _resolved(data_args.eval_frames_dir or data_args.frames_dir),
-        "eval_audio_dir": _resolved(data_args.eval_audio_dir or data_args.audio_dir),
-    }
+def run_identity(config: RunConfig) -> dict[str, Any]:
+    """What makes two invocations the same run: the recorded settings, less what the loaded model adds."""
+    return {k: v for k, v in config.to_dict().items() if k not in _MODEL_DERIVED}
+
+
+def build_run_config(model_args, data_args, lora_args, backbone_name: str, args: TrainingArguments | None = None,
+                     report=None, original_rows: int | None = None, model=None) -> RunConfig:
+    """The run's surgvqa_config.json; without ``model`` (before it loads) the model-derived fields are empty."""
+    rows = model.get_input_embeddings().num_embeddings if model is not None else original_rows
+    return RunConfig(
+        surgvqa_version=__version__,
+        backbone=backbone_name,
+        base_model=model_args.model_name_or_path,  # absolute when local (validate_args)
+        media=media_settings(data_args),
+        system_prompt=data_args.system_prompt,
+        model_max_length=data_args.model_max_length,
+        lora=asdict(lora_args),
+        quantization="4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None,
+        dtype=model_args.dtype,
+        tokenizer_repair=list(report.actions) if report is not None else [],
+        resized_vocab=rows if rows != original_rows else None,
+        original_vocab_rows=original_rows,
+        training=training_settings(args) if args is not None else None,
+        train_data_path=_resolved(data_args.train_data_path),
+        eval_data_path=_resolved(data_args.eval_data_path),
+        frames_dir=_resolved(data_args.frames_dir),
+        audio_dir=_resolved(data_args.audio_dir),
+        eval_frames_dir=_resolved(data_args.eval_frames_dir or data_args.frames_dir),
+        eval_audio_dir=_resolved(data_args.eval_audio_dir or data_args.audio_dir),
+    )
 
 
 def _resolved(path: str | None) -> str | None:
@@ -454,18 +478,18 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
                                     scoring=bool(data_args.eval_generate_samples))
 
     # 2. the run directory: refused, emptied, resumed or started, before any weight loads
-    settings = run_settings(model_args, data_args, lora_args,
-                            backbone_for(model_args.model_name_or_path, model_args.backbone).name, args)
+    backbone_name = backbone_for(model_args.model_name_or_path, model_args.backbone).name
+    early = build_run_config(model_args, data_args, lora_args, backbone_name, args)
     plan = plan_output_dir(
         args.output_dir, args.resume_from_checkpoint, getattr(args, "overwrite_output_dir", False),
         protected=(data_args.train_data_path, data_args.eval_data_path, data_args.frames_dir, data_args.audio_dir,
                    data_args.eval_frames_dir, data_args.eval_audio_dir, model_args.model_name_or_path),
     )
-    check_same_run(plan, settings)
+    check_same_run(plan, run_identity(early))
     with args.main_process_first(local=False, desc="preparing the output directory"):
         if args.process_index == 0:
             apply_plan(plan)
-            write_run_record(args.output_dir, settings)
+            early.write(args.output_dir)  # whose directory this is, from the start
     if plan.resume_from:
         logger.info("resuming from %s", plan.resume_from)
 
@@ -475,13 +499,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     else:
         set_seed(args.seed)
     model, processor, backbone, report, original_rows = build_model(model_args, lora_args, args)
-    collator_kwargs = dict(
-        question_modality=data_args.question_modality, frame_size=data_args.frame_size,
-        frames_as=data_args.frames_as, model_max_length=data_args.model_max_length,
-        system_prompt=data_args.system_prompt, fps=data_args.fps, video_fps=data_args.video_fps,
-        max_pixels=data_args.max_pixels, min_pixels=data_args.min_pixels,
-    )
-    train_collator = VQACollator(processor, mode="train", **collator_kwargs)
+    settings = dict(collator_kwargs(media_settings(data_args), data_args.system_prompt),
+                    model_max_length=data_args.model_max_length)
+    train_collator = VQACollator(processor, mode="train", **settings)
     # the dataset resizes on the backbone's vision grid (28 px for Qwen2/2.5, 32 for Qwen3)
     train_media = replace(train_media, pixel_factor=train_collator.grid_factor)
     if eval_media is not None:
@@ -498,13 +518,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
             subset = eval_samples[: data_args.eval_generate_samples]
             generation_eval = {
                 "dataset": SurgicalVQADataset(subset, eval_media),
-                "collator": VQACollator(processor, mode="generate", **collator_kwargs),
+                "collator": VQACollator(processor, mode="generate", **settings),
                 "candidates": build_candidates((s.question_type, s.short_answer) for s in eval_samples),
                 "batch_size": data_args.eval_batch_size_generate,
                 "max_new_tokens": data_args.eval_max_new_tokens,
             }
 
-    config = run_config(model_args, data_args, lora_args, backbone, report, original_rows, model, args)
+    config = build_run_config(model_args, data_args, lora_args, backbone.name, args, report, original_rows, model)
     trainer = VQATrainer(
         model=model,
         args=args,
@@ -528,9 +548,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         curves = plot_training_curves(trainer.state.log_history, Path(args.output_dir) / CURVES_NAME)
         if curves:
             logger.info("loss curve: %s", curves)
-    logger.info("adapter, processor and %s written to %s", "surgvqa_config.json", args.output_dir)
+    logger.info("adapter, processor and %s written to %s", CONFIG_NAME, args.output_dir)
     return {"metrics": result.metrics, "trainer": trainer}
-
 
 CURVES_NAME = "training_curves.png"
 
@@ -570,22 +589,17 @@ def plot_training_curves(log_history: list[dict], png_path: Path) -> Path | None
     return png_path
 
 
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``train_vqa.py``: 0 trained; 2 a user error (bad flag, missing file, bad data), printed as ``error: …``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        model_args, data_args, lora_args, args = parse_args(argv)
-    except ValueError as err:  # a bad recipe file (argparse itself exits 2 on a bad flag)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        train(model_args, data_args, lora_args, args)
-    except (DataError, OverlongSampleError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except RunDirError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    def body() -> int:
+        train(*parse_args(argv))
+        return 0
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from surgvqa.data import MediaConfig, MediaError, SurgicalVQADataset, load_samples, main
+from surgvqa.data import DataError, MediaConfig, MediaError, SurgicalVQADataset, load_samples, main
 from surgvqa.media import decode_image, load_audio
 
 
@@ -150,9 +150,10 @@ def test_check_says_when_audio_was_not_checked(hostile, capsys):
 
 def test_directory_as_data_path(hostile, capsys):
     code = main(["check", "--data_path", str(hostile["root"]), "--frames_dir", str(hostile["frames"])])
-    out = capsys.readouterr().out
-    assert code == 1
-    assert f"PROBLEM {hostile['root']}: data path {hostile['root']} is a directory, not a JSONL file" in out
+    assert code == 2  # a bad invocation: one error line naming the path
+    assert f"error: --data_path {hostile['root']} is a directory; pass a file" in capsys.readouterr().err
+    with pytest.raises(DataError, match=f"data path {hostile['root']} is a directory, not a JSONL file"):
+        load_samples(hostile["root"], MediaConfig(frames_dir=str(hostile["frames"])))
 
 
 def test_loader_refuses_what_the_header_check_lets_through(hostile):

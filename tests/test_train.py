@@ -220,7 +220,7 @@ def test_used_output_dir_refused_then_overwritten(tiny_model_dir, test_set, tmp_
     assert "adapter_model.safetensors" in names
 
 
-def test_bad_data_fails_before_model_loads(tmp_path, test_set):
+def test_bad_data_fails_before_model_loads(tmp_path, test_set, capsys):
     from surgvqa.train import main
 
     bad = tmp_path / "bad.jsonl"
@@ -231,7 +231,9 @@ def test_bad_data_fails_before_model_loads(tmp_path, test_set):
     # the model path does not even exist: the data check must fail first, naming the line and the path
     code = main(["--model_name_or_path", str(tmp_path / "no-model"), "--train_data_path", str(bad),
                  "--frames_dir", str(test_set / "frames"), "--output_dir", str(tmp_path / "o"), "--use_cpu", "True"])
-    assert code == 1
+    assert code == 2  # a user error: bad data
+    err = capsys.readouterr().err
+    assert err.startswith("error: 1 problem(s) in the data") and f"{bad}:2" in err and "002-001_999999" in err
 
 
 def _bnb_cpu_ok() -> bool:
@@ -282,7 +284,8 @@ def test_4bit_build_keeps_towers_embeddings_and_head_in_bf16(tiny_model_dir, tes
     from surgvqa.collate import VQACollator
     from surgvqa.data import MediaConfig, SurgicalVQADataset, load_samples
 
-    parsed = parse_args(["--model_name_or_path", str(tiny_model_dir), "--train_data_path", "x.jsonl",
+    parsed = parse_args(["--model_name_or_path", str(tiny_model_dir),
+                         "--train_data_path", str(test_set / "in_002-001.jsonl"),
                          "--output_dir", "/tmp/x", "--use_cpu", "True", "--load_in_4bit", "True", "--bf16", "True",
                          "--gradient_checkpointing", "True", "--train_projectors", "True"])
     validate_args(*parsed)

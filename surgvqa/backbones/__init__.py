@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from surgvqa.backbones.base import Backbone, LoadOptions
+from surgvqa.errors import UserError
 
 _REGISTRY: dict[str, Backbone] = {}
 
@@ -30,28 +31,29 @@ def get_backbone(name: str) -> Backbone:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(available())}") from None
+        raise UserError(f"unknown backbone {name!r}; available: {', '.join(available())}") from None
 
 
-def read_config(path: str | Path) -> dict:
+def read_config(path: str | Path, flag: str = "--model_name_or_path") -> dict:
+    """A model directory's config.json; ``flag`` is the option that named the directory (for the error)."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
-        raise ValueError(
-            f"{config_file} not found: --model_name_or_path must be a local model directory "
+        raise UserError(
+            f"{config_file} not found: {flag} must be a local model directory "
             "(download the checkpoint first, e.g. `hf download Qwen/Qwen2.5-Omni-7B --local-dir …`)"
         )
     return json.loads(config_file.read_text())
 
 
-def backbone_for(path: str | Path, name: str | None = None) -> Backbone:
+def backbone_for(path: str | Path, name: str | None = None, flag: str = "--model_name_or_path") -> Backbone:
     """The backbone named, or the one whose ``matches`` accepts the checkpoint's config.json."""
     if name:
         return get_backbone(name)
-    config = read_config(path)
+    config = read_config(path, flag)
     for backbone in _REGISTRY.values():
         if backbone.matches(config):
             return backbone
-    raise ValueError(
+    raise UserError(
         f"no backbone matches {path} (model_type={config.get('model_type')!r}); "
         f"pass --backbone with one of: {', '.join(available())}"
     )

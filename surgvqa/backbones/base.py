@@ -115,8 +115,10 @@ class Backbone:
 
         return get_peft_model(model, lora_config)
 
-    def save_extras(self, model, output_dir: str) -> None:
-        """Write backbone-specific trained weights beside the adapter (nothing for single-stage backbones)."""
+    def save_extras(self, model, output_dir: str, config) -> dict[str, Any]:
+        """Write backbone-specific trained weights beside the adapter; return the ``RunConfig`` fields to update
+        (``config`` is the run's RunConfig). Nothing for single-stage backbones."""
+        return {}
 
     def warn_if_slow_conv3d(self) -> str | None:
         """torch 2.9.x on CUDA runs Qwen's Conv3d patch embedding 4-20x slower (pytorch#166122)."""

@@ -1009,15 +1009,12 @@ class QwenVLWhisper(Backbone):
             if theirs != ours:
                 raise ValueError(f"--init_from {init_from}: its {key} is {theirs}, this graft's is {ours}")
 
-    def save_extras(self, model, output_dir: str) -> None:
-        """Record backbone, encoder and stage in surgvqa_config.json; stage 2 also writes the trained projector
+    def save_extras(self, model, output_dir: str, config) -> dict[str, Any]:
+        """The graft's record for surgvqa_config.json (encoder, stage); stage 2 also writes the trained projector
         (projector.safetensors, the modules_to_save copy) and records the stage-1 directory as its base."""
-
-        from surgvqa.checkpoint import read_surgvqa_config, write_surgvqa_config
-
         graft = unwrap(model)
         training = getattr(graft, "_surgvqa_training", None) or {"stage": None, "init_from": None}
-        config = read_surgvqa_config(output_dir)
+        updates: dict[str, Any] = {}
         record = {
             "stage": training["stage"],
             "init_from": training["init_from"],
@@ -1033,10 +1030,10 @@ class QwenVLWhisper(Backbone):
         if training["stage"] == 2:
             write_projector(projector_module(model), output_dir)
             if training["init_from"]:
-                record["model_name_or_path"] = config.get("base_model")
-                config["base_model"] = training["init_from"]
-        config["graft"] = record
-        write_surgvqa_config(output_dir, config)
+                record["model_name_or_path"] = config.base_model
+                updates["base_model"] = training["init_from"]
+        updates["graft"] = record
+        return updates
 
     def save_merged(self, model, output_dir: str, **kwargs) -> None:
         """Write a merged graft (after ``merge_and_unload``) as one self-contained directory: the merged VL model
