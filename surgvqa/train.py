@@ -104,7 +104,7 @@ class DataArguments:
     video_fps: float | None = field(
         default=None,
         metadata={"help": "frame rate of the source videos: with it, a line's frame_numbers / video_fps give each kept "
-                  "frame's time, so any subsample keeps the true clock (e.g. 30 for REAL-Colon)"},
+                  "frame's time, so any subsample keeps the true clock (e.g. 30 for 30-fps recordings)"},
     )
 
 
