@@ -85,4 +85,5 @@ fi
   --frames_dir "${TEST_FRAMES_DIR:-${FRAMES_DIR:-$RECIPE_FRAMES_DIR}}" \
   "${eval_audio[@]}" \
   --batch_size "${EVAL_BATCH:-8}" \
-  --output_file "$OUT/test_predictions.jsonl"
+  --output_file "$OUT/test_predictions.jsonl" \
+  --overwrite True  # the adapter in OUTPUT_DIR was just (re)trained: earlier predictions of it are stale

@@ -1,6 +1,7 @@
 """Batching: chat prompt → processor (once per batch) → answer tokens appended → labels masked by position.
 
-Training pads on the right and labels exactly ``answer + <|im_end|>``; generation uses the same code with no answer
+Training pads on the right and labels exactly ``answer + end of turn`` (the special token the chat template writes
+after an answer: ``<|im_end|>`` for Qwen); generation uses the same code with no answer
 and left padding. Audio is padded to the longest clip of the batch (not Whisper's 30 s window) and the feature mask
 tells the audio tower which frames are real.
 """
@@ -14,9 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from surgvqa.backbones.base import vision_grid
 from surgvqa.media import MediaConfig, PixelBudget
 from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, build_messages, check_question_modality
 from surgvqa.run_config import DEFAULT_FPS, FRAMES_AS
+from surgvqa.tokenizer import end_of_turn_token
 
 logger = logging.getLogger(__name__)
 
@@ -28,19 +31,18 @@ _CLOCK_KEYS = ("video_second_per_grid", "second_per_grid_ts")
 def frame_times(item: dict, fps: float, video_fps: float | None = None) -> list[float]:
     """Seconds at which each kept frame of a dataset item was shot.
 
-    A video file's frames carry their presentation times (``frame_times``). Extracted frames use the line's
-    ``frame_numbers`` divided by ``video_fps`` (the source video's frame rate) when both exist, else their position
-    in the line's frame list divided by ``fps`` (the rate at which the listed frames were sampled). Either way the
-    frames kept after subsampling keep their own times, so 4 of 8 frames span the same seconds as the 8.
+    A video file's frames carry their presentation times (``frame_times``). Extracted frames use their
+    ``frame_numbers`` (the line's entries for the kept frames) divided by ``video_fps`` (the source video's frame
+    rate) when both exist, else their position in the line's frame list divided by ``fps`` (the rate at which the
+    listed frames were sampled). Either way the frames kept after subsampling keep their own times, so 4 of 8
+    frames span the same seconds as the 8.
     """
     if item.get("frame_times"):
         return [float(t) for t in item["frame_times"]]
-    n = len(item["frames"])
-    indices = item.get("frame_indices") or list(range(n))
-    sample = item.get("sample")
-    numbers = getattr(sample, "extra", {}).get("frame_numbers") if sample is not None else None
-    if video_fps and isinstance(numbers, list) and len(numbers) == len(getattr(sample, "frame_paths", ()) or numbers):
-        return [float(numbers[i]) / video_fps for i in indices]
+    numbers = item.get("frame_numbers")
+    if video_fps and numbers:
+        return [float(n) / video_fps for n in numbers]
+    indices = item.get("frame_indices") or list(range(len(item["frames"])))
     return [i / fps for i in indices]
 
 
@@ -69,7 +71,7 @@ class OverlongSampleError(ValueError):
 class VQACollator:
     """Turn dataset items (``{"sample", "frames", "audio"}``) into model inputs.
 
-    ``mode="train"`` appends the answer and ``<|im_end|>`` and returns ``labels``; ``mode="generate"`` returns the
+    ``mode="train"`` appends the answer and the end-of-turn token and returns ``labels``; ``mode="generate"`` returns the
     prompt only, left padded, plus ``keys`` (the (video_id, id) of each row).
     """
 
@@ -93,9 +95,11 @@ class VQACollator:
             raise ValueError(f"frames_as must be one of {', '.join(FRAMES_AS)}; got {self.frames_as!r}")
         check_question_modality(self.question_modality)
         tokenizer = self.processor.tokenizer
-        self.end_of_turn_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if self.end_of_turn_id is None or self.end_of_turn_id == tokenizer.unk_token_id:
-            raise ValueError("the tokenizer has no <|im_end|> token: this collator needs a Qwen chat tokenizer")
+        token = end_of_turn_token(tokenizer)
+        if token is None:
+            raise ValueError("the tokenizer's chat template writes no special token after an answer: the collator "
+                             "needs a chat tokenizer that marks the end of a turn (e.g. <|im_end|>)")
+        self.end_of_turn_id = tokenizer.convert_tokens_to_ids(token)
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token: run surgvqa.tokenizer.repair_tokenizer first")
         if not self.fps or self.fps <= 0:
@@ -112,8 +116,7 @@ class VQACollator:
     @property
     def grid_factor(self) -> int:
         """The vision grid in pixels: patch x spatial merge (28 for Qwen2/2.5, 32 for Qwen3)."""
-        processor = getattr(self.processor, "video_processor", None) or self.processor.image_processor
-        return int(getattr(processor, "patch_size", 14)) * int(getattr(processor, "merge_size", 2))
+        return vision_grid(self.processor)
 
     def pixel_kwargs(self) -> dict:
         """The pixel budget, always explicit: the processor's class-level defaults would otherwise upscale."""
@@ -185,8 +188,8 @@ class VQACollator:
                 # it); every video's own clock replaces the processor's below
                 **self.pixel_kwargs(), "do_sample_frames": False, "cap_pixels_per_frame": False,
                 "fps": self.temporal_patch_size / clocks[0],
-                # frames already on the 28-px grid within the budget (the dataset resized them): skip a second resize
-                "do_resize": not all(self._on_grid(f) for video in videos for f in video[:1]),
+                # frames already on the vision grid within the budget (the dataset resized them): no second resize
+                "do_resize": not all(self._on_grid(video[0]) for video in videos),
             }
         if images:
             kwargs["images"] = images
@@ -247,9 +250,11 @@ class VQACollator:
         return batch
 
     # -- length pre-flight ---------------------------------------------------------------------------------
-    def sequence_length(self, question: str, answer: str, frame_hw: tuple[int, int], num_frames: int,
-                        audio_samples: int | None) -> int:
-        """Tokens a sample will take, from frame size and audio length alone (no decoding)."""
+    def token_counts(self, question: str, answer: str, frame_hw: tuple[int, int], num_frames: int,
+                     audio_samples: int | None) -> dict[str, int]:
+        """Tokens a sample will take, split by kind (``video``, ``image``, ``audio``, ``text``, ``answer`` -- the
+        labelled answer tokens, part of ``text`` in training -- and ``total``), from frame size and audio length
+        alone (no decoding): the processor's own ``_get_num_multimodal_tokens`` arithmetic."""
         if self.frames_as == "video":
             num_frames += -num_frames % self.temporal_patch_size
         text = self.prompt_text(question, num_frames)
@@ -258,17 +263,25 @@ class VQACollator:
         kwargs: dict[str, Any] = {}
         if self.frames_as == "video":
             kwargs["video_sizes"] = [(num_frames, h, w)]
-            kwargs["videos_kwargs"] = self.pixel_kwargs()
+            # the frame rate the batch is built with: Qwen3-VL writes one timestamp per frame pair into the prompt
+            kwargs["videos_kwargs"] = {**self.pixel_kwargs(), "fps": self.fps}
         else:
             kwargs["image_sizes"] = [(h, w)] * num_frames
             kwargs["images_kwargs"] = self.pixel_kwargs()
-        if audio_samples is not None and "audio" in self.question_modality:
+        with_audio = audio_samples is not None and "audio" in self.question_modality
+        if with_audio:
             kwargs["audio_lengths"] = [audio_samples]
         counts = self.processor._get_num_multimodal_tokens(**kwargs)
-        media = sum(getattr(counts, "num_video_tokens", None) or []) + sum(
-            getattr(counts, "num_image_tokens", None) or []
-        ) + sum(getattr(counts, "num_audio_tokens", None) or [])
-        placeholders = num_frames if self.frames_as == "images" else 1
-        placeholders += 1 if audio_samples is not None and "audio" in self.question_modality else 0
-        total = len(ids) - placeholders + media
-        return total + (len(self.answer_ids(answer)) if self.mode == "train" else 0)
+        video = sum(getattr(counts, "num_video_tokens", None) or [])
+        image = sum(getattr(counts, "num_image_tokens", None) or [])
+        audio = sum(getattr(counts, "num_audio_tokens", None) or [])
+        placeholders = (num_frames if self.frames_as == "images" else 1) + (1 if with_audio else 0)
+        answer_tokens = len(self.answer_ids(answer)) if self.mode == "train" else 0
+        text_tokens = len(ids) - placeholders + answer_tokens
+        return {"video": video, "image": image, "audio": audio, "text": text_tokens, "answer": answer_tokens,
+                "total": video + image + audio + text_tokens}
+
+    def sequence_length(self, question: str, answer: str, frame_hw: tuple[int, int], num_frames: int,
+                        audio_samples: int | None) -> int:
+        """Tokens a sample will take, from frame size and audio length alone (no decoding)."""
+        return self.token_counts(question, answer, frame_hw, num_frames, audio_samples)["total"]

@@ -23,11 +23,15 @@ from torch.utils.data import Dataset
 from surgvqa.errors import ArgumentParser, UserError, existing_dir, existing_file, run_main
 from surgvqa.media import (
     ABLATIONS,
+    CONSTANT_VIDEO_ABLATIONS,
     DEFAULT_SAMPLING_RATE,
+    SHUFFLE_ABLATIONS,
+    SILENT_AUDIO_ABLATIONS,
     MediaConfig,
     MediaError,
     audio_duration,
-    grey_like,
+    constant_frames_like,
+    derangement,
     load_audio,
     load_frame,
     load_video_frames,
@@ -50,44 +54,86 @@ from surgvqa.samples import (
 
 
 # ------------------------------------------------------------------------------------------------- dataset
+def ablation_donors(samples: Sequence[Sample], seed: int) -> dict[tuple[str, str], Sample]:
+    """For the shuffle ablations: each sample's donor, another sample (from another video where possible).
+
+    A seeded :func:`~surgvqa.media.derangement` over ``samples`` in their given order, so the same samples and
+    seed always give the same donors (a resumed evaluation serves every sample the same media again).
+    """
+    order = derangement([s.video_id for s in samples], seed)
+    return {s.key: samples[j] for s, j in zip(samples, order, strict=True)}
+
+
 class SurgicalVQADataset(Dataset):
     """Samples plus decoded media: ``{"sample", "frames", "audio", "frame_indices", "frame_times"}`` (no
     tokenization, so items are cheap to cache).
 
     ``frames``: uint8 HxWx3 arrays, subsampled with :func:`subsample_indices` to ``max_frames`` (which overrides
-    ``media.max_frames``: train and eval may differ) and resized to the pixel budget ``media.budget``;
-    ``frame_indices``: which of the line's frames were kept; ``frame_times``: for a video file, the kept frames'
-    presentation times in seconds (the collator turns either into the video clock); mean-grey when
-    ``media.ablate`` is ``"video"``/``"both"``. ``audio``: float32 16 kHz mono (``None`` for text questions);
-    silence of the same length when ``ablate`` is ``"audio"``/``"both"``. A file that cannot be read raises
-    :class:`MediaError` naming the sample and the path: nothing is substituted silently.
+    ``media.max_frames``: train and eval may differ) and resized to the pixel budget ``media.budget``. ``audio``:
+    float32 16 kHz mono (``None`` for text questions). A file that cannot be read raises :class:`MediaError` naming
+    the sample and the path: nothing is substituted silently. For the video clock the item also carries
+    ``frame_indices`` (which of the line's frames were kept), ``frame_numbers`` (their ``frame_numbers`` entries,
+    when the line has them) and, for a video file, ``frame_times`` (the kept frames' presentation times in seconds);
+    the collator turns them into the M-RoPE time step.
+
+    Modality ablation (``media.ablate``), media still decoded so a missing file is still an error:
+
+    - ``video`` / ``both``: every frame of every sample becomes the constant colour ``video_fill`` (the
+      processor's normalisation mean, i.e. zeros after normalisation), frame count and size kept;
+    - ``audio`` / ``both``: the spoken question becomes silence of the same length;
+    - ``video_shuffle`` / ``audio_shuffle``: the frames / audio of ``donors[sample.key]`` (see
+      :func:`ablation_donors`) instead of the sample's own.
     """
 
-    def __init__(self, samples: Sequence[Sample], media: MediaConfig, max_frames: int | None = None) -> None:
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        media: MediaConfig,
+        max_frames: int | None = None,
+        *,
+        video_fill: Sequence[int] | None = None,
+        donors: dict[tuple[str, str], Sample] | None = None,
+    ) -> None:
         self.samples = list(samples)
         self.media = media
         self.max_frames = max_frames if max_frames is not None else media.max_frames
         if self.max_frames is not None and self.max_frames < 1:
             raise ValueError(f"max_frames must be >= 1 or None, got {self.max_frames}")
+        if media.ablate in CONSTANT_VIDEO_ABLATIONS and video_fill is None:
+            raise ValueError(
+                f"ablate={media.ablate!r} needs video_fill, the constant RGB colour of the ablated frames (the "
+                "processor's normalisation mean)"
+            )
+        if media.ablate in SHUFFLE_ABLATIONS:
+            if donors is None:
+                raise ValueError(f"ablate={media.ablate!r} needs donors (see ablation_donors)")
+            missing = [s.key for s in self.samples if s.key not in donors]
+            if missing:
+                raise ValueError(f"ablate={media.ablate!r}: no donor for {len(missing)} sample(s), e.g. {missing[0]}")
+        self.video_fill = tuple(int(v) for v in video_fill) if video_fill is not None else None
+        self.donors = donors
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def _frames(self, sample: Sample, timing: dict[str, Any]) -> list[np.ndarray]:
-        size = self.media.budget
+        size, grid = self.media.budget, self.media.pixel_multiple
         if sample.video_path is not None:
             n = self.media.num_video_frames
             if self.max_frames is not None:
                 n = min(n, self.max_frames)
             times: list[float] = []
-            frames = load_video_frames(sample.video_path, n, size, times=times)
+            frames = load_video_frames(sample.video_path, n, size, grid, times=times)
             timing["frame_times"] = times or None
             return frames
         if not sample.frame_paths:
             raise MediaError("sample has neither frame_paths nor video_path")
         indices = subsample_indices(len(sample.frame_paths), self.max_frames)
         timing["frame_indices"] = indices
-        frames = [load_frame(sample.frame_paths[i], size) for i in indices]
+        numbers = sample.extra.get("frame_numbers")
+        if isinstance(numbers, list) and len(numbers) == len(sample.frame_paths):
+            timing["frame_numbers"] = [numbers[i] for i in indices]
+        frames = [load_frame(sample.frame_paths[i], size, grid) for i in indices]
         shapes = {f.shape for f in frames}
         if len(shapes) > 1:
             raise MediaError(
@@ -96,26 +142,36 @@ class SurgicalVQADataset(Dataset):
             )
         return frames
 
+    def _audio(self, sample: Sample) -> np.ndarray | None:
+        if not self.media.needs_audio:
+            return None
+        if sample.audio_path is None:
+            raise MediaError(
+                f"question_modality {self.media.question_modality!r} needs audio but the "
+                "sample has no audio_path; build samples with the same MediaConfig"
+            )
+        return load_audio(sample.audio_path, DEFAULT_SAMPLING_RATE)
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         sample = self.samples[i]
-        timing: dict[str, Any] = {"frame_indices": None, "frame_times": None}
+        ablate = self.media.ablate
+        frame_source = self.donors[sample.key] if ablate == "video_shuffle" else sample
+        audio_source = self.donors[sample.key] if ablate == "audio_shuffle" else sample
+        timing: dict[str, Any] = {"frame_indices": None, "frame_numbers": None, "frame_times": None}
         try:
-            frames = self._frames(sample, timing)
-            audio = None
-            if self.media.needs_audio:
-                if sample.audio_path is None:
-                    raise MediaError(
-                        f"question_modality {self.media.question_modality!r} needs audio but the "
-                        "sample has no audio_path; build samples with the same MediaConfig"
-                    )
-                audio = load_audio(sample.audio_path, DEFAULT_SAMPLING_RATE)
+            frames = self._frames(frame_source, timing)
+            audio = self._audio(audio_source)
         except MediaError as err:
+            donor = ""
+            if frame_source is not sample or audio_source is not sample:
+                other = frame_source if frame_source is not sample else audio_source
+                donor = f" (media of (video_id={other.video_id!r}, id={other.id!r}) under ablate={ablate!r})"
             raise MediaError(
-                f"sample (video_id={sample.video_id!r}, id={sample.id!r}) from {sample.source or '?'}: {err}"
+                f"sample (video_id={sample.video_id!r}, id={sample.id!r}) from {sample.source or '?'}{donor}: {err}"
             ) from err
-        if self.media.ablate in ("video", "both"):
-            frames = grey_like(frames)
-        if self.media.ablate in ("audio", "both"):
+        if ablate in CONSTANT_VIDEO_ABLATIONS:
+            frames = constant_frames_like(frames, self.video_fill)
+        if ablate in SILENT_AUDIO_ABLATIONS:
             audio = silence_like(audio)
         return {"sample": sample, "frames": frames, "audio": audio, **timing}
 
@@ -239,10 +295,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 __all__ = [
     "ABLATIONS",
     "AUDIO_EXTENSIONS",
+    "CONSTANT_VIDEO_ABLATIONS",
     "IMAGE_EXTENSIONS",
     "QUESTION_MODALITIES",
     "REQUIRED_FIELDS",
     "SCORING_FIELDS",
+    "SHUFFLE_ABLATIONS",
+    "SILENT_AUDIO_ABLATIONS",
     "SKIP_HINT",
     "DataError",
     "MediaConfig",
@@ -250,6 +309,7 @@ __all__ = [
     "Problem",
     "Sample",
     "SurgicalVQADataset",
+    "ablation_donors",
     "check_main",
     "load_qa_text",
     "load_samples",

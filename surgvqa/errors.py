@@ -10,6 +10,7 @@ nothing from ``surgvqa``.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -23,40 +24,39 @@ class UserError(ValueError):
     """An error the user fixes by changing a flag, a file or a path (exit 2, no traceback)."""
 
 
-def existing_file(path: str | Path | None, flag: str) -> Path:
-    """``path`` as a Path when it is an existing file; else a :class:`UserError` naming ``flag``."""
+def _given(path: str | Path | None, flag: str) -> Path:
     if path is None or str(path) == "":
         raise UserError(f"{flag} is required")
-    p = Path(path)
-    if p.is_dir():
-        raise UserError(f"{flag} {p} is a directory; pass a file")
-    if not p.is_file():
-        raise UserError(f"{flag} {p} does not exist; check the path")
+    return Path(path)
+
+
+def _existing(path: str | Path | None, flag: str, directory: bool) -> Path:
+    p = _given(path, flag)
+    wanted, other = ("directory", "file") if directory else ("file", "directory")
+    if not (p.is_dir() if directory else p.is_file()):
+        raise UserError(f"{flag} {p} is a {other}; pass a {wanted}" if p.exists() else
+                        f"{flag} {p} does not exist; check the path")
     return p
+
+
+def existing_file(path: str | Path | None, flag: str) -> Path:
+    """``path`` as a Path when it is an existing file; else a :class:`UserError` naming ``flag``."""
+    return _existing(path, flag, directory=False)
 
 
 def existing_dir(path: str | Path | None, flag: str) -> Path:
     """``path`` as a Path when it is an existing directory; else a :class:`UserError` naming ``flag``."""
-    if path is None or str(path) == "":
-        raise UserError(f"{flag} is required")
-    p = Path(path)
-    if p.is_file():
-        raise UserError(f"{flag} {p} is a file; pass a directory")
-    if not p.is_dir():
-        raise UserError(f"{flag} {p} does not exist; check the path")
-    return p
+    return _existing(path, flag, directory=True)
 
 
 def writable_file(path: str | Path | None, flag: str) -> Path:
-    """``path`` as a Path when a file can be written there (not a directory, parent not a file)."""
-    if path is None or str(path) == "":
-        raise UserError(f"{flag} is required")
-    p = Path(path)
+    """``path`` as a Path when a file can be written there (not a directory, no parent that is a file)."""
+    p = _given(path, flag)
     if p.is_dir():
         raise UserError(f"{flag} {p} is a directory; pass a file name, e.g. {p / 'predictions.jsonl'}")
-    for parent in p.parents:
-        if parent.exists() and not parent.is_dir():
-            raise UserError(f"{flag} {p}: {parent} is a file, not a directory; choose another path")
+    blocking = next((parent for parent in p.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"{flag} {p}: {blocking} is a file, not a directory; choose another path")
     return p
 
 
@@ -75,19 +75,23 @@ def _raised_here(err: BaseException) -> bool:
     return module == "surgvqa" or module.startswith("surgvqa.")
 
 
-def run_main(body: Callable[[], int]) -> int:
-    """Run a command's body; a user error becomes one ``error: …`` line on stderr and exit status 2.
+def run_main(body: Callable[[], object], *, logs: bool = False) -> int:
+    """Run a command's body and return its exit status: the body's ``int`` result, else 0. A user error becomes one
+    ``error: …`` line on stderr and status 2. ``logs`` sets up INFO logging with timestamps first.
 
     User errors are :class:`UserError` and the ``ValueError`` checks of surgvqa's own code; a ``ValueError`` or
     ``OSError`` from a library is a bug or an environment problem and keeps its traceback.
     """
+    if logs:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return body()
+        result = body()
     except ValueError as err:
         if os.environ.get("SURGVQA_TRACEBACK") or not (isinstance(err, UserError) or _raised_here(err)):
             raise
         print(format_error(err), file=sys.stderr)
         return USAGE_EXIT
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
 def _one_line_error(parser: argparse.ArgumentParser, message: str):

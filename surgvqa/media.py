@@ -2,8 +2,8 @@
 decoding, resizing, subsampling, ablation.
 
 A leaf module: of ``surgvqa`` it imports only the leaves ``prompts`` and ``errors``. Every failure to read a file raises :class:`MediaError`
-naming the path; nothing here substitutes data silently (``grey_like``/``silence_like`` exist for explicit
-modality ablation only).
+naming the path; nothing here substitutes data silently (``constant_frames_like``, ``silence_like`` and
+``derangement`` exist for explicit modality ablation only).
 
 Heavy imports (PyAV, soundfile, torch/torchaudio) happen inside the functions that need them, so importing
 this module is cheap.
@@ -24,8 +24,10 @@ import numpy as np
 
 from surgvqa.prompts import check_question_modality
 
-# Qwen2/2.5 vision: patch 14 x spatial merge 2 (Qwen3-VL: 16 x 2 = 32).
-QWEN_PIXEL_MULTIPLE = 28
+#: the vision grid (patch x spatial merge) frames are resized to when the backbone has not said otherwise: 28 px, the
+#: grid of Qwen2-VL, Qwen2.5-VL and Qwen2.5-Omni. Training, evaluation and merging set ``MediaConfig.pixel_multiple``
+#: from the backbone's processor (``surgvqa.backbones.base.vision_grid``; 32 for Qwen3-VL).
+DEFAULT_PIXEL_MULTIPLE = 28
 DEFAULT_SAMPLING_RATE = 16000
 
 
@@ -33,7 +35,10 @@ class MediaError(ValueError):
     """A media file is missing, unreadable, corrupt, empty, or outside its root."""
 
 
-ABLATIONS = (None, "video", "audio", "both")
+ABLATIONS = (None, "video", "audio", "both", "video_shuffle", "audio_shuffle")
+CONSTANT_VIDEO_ABLATIONS = ("video", "both")  # every frame becomes one constant frame
+SILENT_AUDIO_ABLATIONS = ("audio", "both")  # the spoken question becomes silence of the same length
+SHUFFLE_ABLATIONS = ("video_shuffle", "audio_shuffle")  # another sample's frames / audio
 
 
 # ------------------------------------------------------------------------------------------------- config
@@ -45,8 +50,9 @@ class MediaConfig:
     ``<directory of the data file>/frames``. ``audio_dir``: root of spoken-question audio, required when
     ``question_modality`` is ``"audio"`` or ``"text+audio"``. Templates are formatted with ``video_id``,
     ``frame`` and ``id`` (frames; must use ``{frame}``) or ``video_id`` and ``id`` (audio; must use both, so
-    the audio of ``(002-002, qa_X)`` can never serve ``(002-001, qa_X)``). ``ablate`` replaces the video by
-    mean-grey frames and/or the audio by silence of the same length (modality ablation).
+    the audio of ``(002-002, qa_X)`` can never serve ``(002-001, qa_X)``). ``ablate`` (modality ablation):
+    ``video`` = every frame one constant frame, ``audio`` = silence of the same length, ``both`` = the two,
+    ``video_shuffle`` / ``audio_shuffle`` = another sample's frames / audio (see ``SurgicalVQADataset``).
     """
 
     frames_dir: str | None
@@ -58,9 +64,11 @@ class MediaConfig:
     num_video_frames: int = 8
     question_modality: str = "text"
     ablate: str | None = None
+    #: frames are resized to multiples of this (the backbone's vision grid), so the processor never resizes again
+    pixel_multiple: int = DEFAULT_PIXEL_MULTIPLE
+    #: a pixel-count budget per frame (smart_resize) instead of the longest edge ``frame_size``
     max_pixels: int | None = None
     min_pixels: int | None = None
-    pixel_factor: int = QWEN_PIXEL_MULTIPLE
 
     def __post_init__(self) -> None:
         check_question_modality(self.question_modality)
@@ -72,12 +80,12 @@ class MediaConfig:
                 "set; pass --audio_dir (generate audio with scripts/make_spoken_questions.py) or use "
                 "--question_modality text"
             )
-        if self.ablate in ("audio", "both") and not self.needs_audio:
+        if self.ablate in ("audio", "both", "audio_shuffle") and not self.needs_audio:
             raise ValueError(
-                f"ablate={self.ablate!r} silences the audio, but question_modality 'text' has no audio; "
-                "use ablate='video' or an audio question_modality"
+                f"ablate={self.ablate!r} removes the spoken question, but question_modality 'text' has no audio; "
+                "use ablate='video' / 'video_shuffle' or an audio question_modality"
             )
-        self.budget  # noqa: B018  (validates frame_size / max_pixels / min_pixels / pixel_factor)
+        self.budget  # noqa: B018  (validates frame_size / max_pixels / min_pixels against the vision grid)
         if self.max_frames is not None and self.max_frames < 1:
             raise ValueError(f"max_frames must be >= 1 or None (all frames), got {self.max_frames}")
         if self.num_video_frames < 1:
@@ -97,7 +105,7 @@ class MediaConfig:
     @property
     def budget(self) -> PixelBudget:
         """The pixel budget frames are resized to (see :class:`PixelBudget`)."""
-        return PixelBudget(self.frame_size, self.max_pixels, self.min_pixels, self.pixel_factor)
+        return PixelBudget(self.frame_size, self.max_pixels, self.min_pixels, self.pixel_multiple)
 
 
 def _check_template(name: str, template: str, allowed: tuple[str, ...], required: tuple[str, ...]) -> None:
@@ -183,7 +191,7 @@ class PixelBudget:
     frame_size: int | None = 384
     max_pixels: int | None = None
     min_pixels: int | None = None
-    factor: int = QWEN_PIXEL_MULTIPLE
+    factor: int = DEFAULT_PIXEL_MULTIPLE
 
     def __post_init__(self) -> None:
         if not isinstance(self.factor, int) or self.factor < 1:
@@ -191,7 +199,8 @@ class PixelBudget:
         if self.max_pixels is None:
             if not isinstance(self.frame_size, int) or self.frame_size < self.factor:
                 raise ValueError(
-                    f"frame_size must be an int >= {self.factor} (the vision grid), got {self.frame_size!r}"
+                    f"frame_size must be an int >= {self.factor} (the vision grid: patch x merge), "
+                    f"got {self.frame_size!r}"
                 )
         elif not isinstance(self.max_pixels, int) or self.max_pixels < self.factor * self.factor:
             raise ValueError(
@@ -239,13 +248,13 @@ class PixelBudget:
         return self.target_size(width, height) == (width, height)
 
 
-def as_budget(size: PixelBudget | int) -> PixelBudget:
-    """A :class:`PixelBudget` from a budget or a longest-edge ``frame_size``."""
-    return size if isinstance(size, PixelBudget) else PixelBudget(frame_size=int(size))
+def as_budget(size: PixelBudget | int, multiple: int = DEFAULT_PIXEL_MULTIPLE) -> PixelBudget:
+    """A :class:`PixelBudget` from a budget or a longest-edge ``frame_size`` on the ``multiple`` grid."""
+    return size if isinstance(size, PixelBudget) else PixelBudget(frame_size=int(size), factor=multiple)
 
 
 def fit_to_budget(
-    width: int, height: int, frame_size: int, multiple: int = QWEN_PIXEL_MULTIPLE
+    width: int, height: int, frame_size: int, multiple: int = DEFAULT_PIXEL_MULTIPLE
 ) -> tuple[int, int]:
     """New ``(width, height)`` keeping the aspect ratio, longest edge <= ``frame_size``, both multiples of ``multiple``.
 
@@ -272,14 +281,14 @@ def fit_to_budget(
     return _round(width * scale), _round(height * scale)
 
 
-def _pil_to_array(img: Any, size: PixelBudget | int) -> np.ndarray:
-    return fit_frame(np.array(img.convert("RGB"), dtype=np.uint8), size)
+def _pil_to_array(img: Any, size: PixelBudget | int, multiple: int = DEFAULT_PIXEL_MULTIPLE) -> np.ndarray:
+    return fit_frame(np.array(img.convert("RGB"), dtype=np.uint8), size, multiple)
 
 
-def fit_frame(array: np.ndarray, size: PixelBudget | int) -> np.ndarray:
+def fit_frame(array: np.ndarray, size: PixelBudget | int, multiple: int = DEFAULT_PIXEL_MULTIPLE) -> np.ndarray:
     """An HxWx3 uint8 frame resized to its pixel budget (unchanged when it already fits)."""
     h, w = array.shape[:2]
-    target = as_budget(size).target_size(w, h)
+    target = as_budget(size, multiple).target_size(w, h)
     return array if target == (w, h) else resize_uint8(array, target)
 
 
@@ -347,11 +356,11 @@ def decode_image(path: Path | str) -> np.ndarray:
         raise MediaError(f"cannot decode frame {path}: {err} (damaged or not an image; re-extract it)") from err
 
 
-def load_frame(path: Path | str, size: PixelBudget | int) -> np.ndarray:
+def load_frame(path: Path | str, frame_size: PixelBudget | int, multiple: int = DEFAULT_PIXEL_MULTIPLE) -> np.ndarray:
     """Decode an image (:func:`decode_image`, which refuses damaged files) and resize it (antialiased bicubic) to
-    the pixel budget ``size`` (a :class:`PixelBudget`, or a longest-edge ``frame_size``): one function from a path
-    and size settings to a uint8 HxWx3 array."""
-    return fit_frame(decode_image(path), size)
+    the pixel budget ``frame_size`` (a :class:`PixelBudget`, or a longest edge on the ``multiple`` grid): one
+    function from a path and size settings to a uint8 HxWx3 array."""
+    return fit_frame(decode_image(path), frame_size, multiple)
 
 
 def verify_image(path: Path | str) -> tuple[int, int]:
@@ -405,8 +414,9 @@ def subsample_indices(n: int, k: int | None) -> list[int]:
 
 
 def load_video_frames(path: Path | str, num_frames: int | None, frame_size: PixelBudget | int,
-                      times: list[float] | None = None) -> list[np.ndarray]:
-    """Decode a video file with PyAV, keep ``num_frames`` evenly spaced frames (:func:`subsample_indices`), resize.
+                      multiple: int = DEFAULT_PIXEL_MULTIPLE, times: list[float] | None = None) -> list[np.ndarray]:
+    """Decode a video file with PyAV, keep ``num_frames`` evenly spaced frames (:func:`subsample_indices`), resize
+    to the pixel budget ``frame_size`` (a :class:`PixelBudget`, or a longest edge on the ``multiple`` grid).
 
     ``times``, when given, receives each kept frame's presentation time in seconds (the video's own clock).
     """
@@ -435,7 +445,7 @@ def load_video_frames(path: Path | str, num_frames: int | None, frame_size: Pixe
             try:
                 for frame in container.decode(stream):
                     if wanted is None or count in wanted:
-                        kept[count] = _pil_to_array(frame.to_image(), frame_size)
+                        kept[count] = _pil_to_array(frame.to_image(), frame_size, multiple)
                         if frame.time is not None:
                             stamps[count] = float(frame.time)
                     count += 1
@@ -494,15 +504,47 @@ def verify_video(path: Path | str) -> None:
     raise MediaError(f"video file {path} has no decodable frames")
 
 
-def grey_like(frames: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Each frame replaced by a frame of its own per-channel mean (same shape, uint8): video ablation."""
-    out = []
-    for frame in frames:
-        arr = np.asarray(frame)
-        axes = tuple(range(arr.ndim - 1)) if arr.ndim >= 3 else None
-        mean = np.rint(arr.astype(np.float64).mean(axis=axes)).clip(0, 255).astype(np.uint8)
-        out.append(np.broadcast_to(mean, arr.shape).copy())
-    return out
+def constant_frames_like(frames: Sequence[np.ndarray], rgb: Sequence[int]) -> list[np.ndarray]:
+    """Every frame replaced by one constant colour ``rgb`` (same count and shape, uint8): video ablation.
+
+    The colour is the same for every frame of every sample (callers pass the processor's normalisation mean, so
+    the model sees zeros after normalisation); nothing of the clip survives but the frame count and size.
+    """
+    fill = np.asarray(rgb, dtype=np.int64)
+    if fill.shape != (3,) or fill.min() < 0 or fill.max() > 255:
+        raise ValueError(f"constant_frames_like: rgb must be 3 values in 0-255, got {list(rgb)}")
+    return [np.broadcast_to(fill.astype(np.uint8), np.asarray(f).shape).copy() for f in frames]
+
+
+def derangement(groups: Sequence[Any], seed: int) -> list[int]:
+    """A seeded permutation ``p`` with ``p[i] != i`` that gives each position a donor from another group.
+
+    ``groups[i]`` is the group of item ``i`` (the video of a sample). Groups are shuffled internally and in
+    order (seeded), laid out one after another with the largest first, and each position takes the item ``m``
+    places further on (``m`` = the largest group's size). This pairs every item with another group whenever the
+    largest group holds at most half of the items, and otherwise as many items as possible (the rest get another
+    item of their own group). Needs at least two items.
+    """
+    import random
+
+    n = len(groups)
+    if n < 2:
+        raise ValueError(f"a shuffle ablation needs at least 2 samples to exchange media, got {n}")
+    rng = random.Random(seed)
+    members: dict[Any, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    blocks = list(members.values())
+    for block in blocks:
+        rng.shuffle(block)
+    rng.shuffle(blocks)
+    blocks.sort(key=len, reverse=True)  # stable: equal sizes keep their shuffled order
+    order = [i for block in blocks for i in block]
+    shift = len(blocks[0]) if len(blocks[0]) < n else rng.randrange(1, n)
+    donors = [0] * n
+    for pos, item in enumerate(order):
+        donors[item] = order[(pos + shift) % n]
+    return donors
 
 
 # --------------------------------------------------------------------------------------------------- audio

@@ -62,7 +62,7 @@ import torch
 
 from surgvqa import __version__
 from surgvqa.backbones import LoadOptions, backbone_for, read_config
-from surgvqa.backbones.base import DTYPES
+from surgvqa.backbones.base import DTYPES, vision_grid
 from surgvqa.checkpoint import (
     ADAPTER_CONFIG,
     NEW_ROWS_NAME,
@@ -78,7 +78,6 @@ logger = logging.getLogger("surgvqa.merge")
 #: relative logit tolerance per dtype: max|Δ| <= tol * max(1, max|logit|) (see the module docstring)
 VERIFY_TOLERANCE = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 4e-2}
 VERIFICATION_NAME = "merge_verification.json"
-SPEAKER_FILE = "spk_dict.pt"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 #: surgvqa_config fields that describe one adapter, not the merged checkpoint (kept per stage in merged_from)
 LORA_ONLY_FIELDS = TRAINING_FIELDS
@@ -206,7 +205,8 @@ def check_chain(base: str, adapters: list[str], force: bool = False) -> list[Sta
 # ------------------------------------------------------------------------------------------------- refusals
 def base_quantization(base: str | Path) -> dict | None:
     config = read_config(base, "--base_model_path")
-    return config.get("quantization_config") or (config.get("thinker_config") or {}).get("quantization_config")
+    nested = (value.get("quantization_config") for value in config.values() if isinstance(value, dict))
+    return config.get("quantization_config") or next((q for q in nested if q), None)  # also in sub-model configs
 
 
 def check_request(args: argparse.Namespace) -> list[Stage]:
@@ -227,13 +227,12 @@ def check_request(args: argparse.Namespace) -> list[Stage]:
     if args.verify < 0:
         raise ValueError("--verify must be >= 0")
     stages = check_chain(str(base), list(args.adapter_path), force=args.force)
-    model_type = read_config(base).get("model_type")
-    if args.full_omni and model_type != "qwen2_5_omni":
-        raise ValueError(
-            f"--full_omni needs a full Qwen2.5-Omni base (model_type 'qwen2_5_omni'); {base} is {model_type!r}, "
-            "which has no talker to keep. Drop --full_omni to write the merged thinker"
-        )
     names = {s.config.backbone for s in stages if s.config is not None}
+    if args.full_omni:
+        backbone = backbone_for(base, args.backbone or next(iter(names), None), flag="--base_model_path")
+        problem = backbone.full_model_problem(read_config(base, "--base_model_path"), str(base))
+        if problem:
+            raise UserError(problem)
     if len(names) > 1:
         raise ValueError(f"the adapters were trained on different backbones: {sorted(names)}")
     for stage in stages:
@@ -266,16 +265,8 @@ def load_base(args: argparse.Namespace, backbone_name: str | None):
     """(model to save, thinker to merge into, backbone): unquantized, in --dtype."""
     backbone = backbone_for(args.base_model_path, backbone_name)
     options = LoadOptions(dtype=args.dtype, attn_implementation=args.attn_implementation)
-    if args.full_omni:
-        from transformers import Qwen2_5OmniForConditionalGeneration
-
-        options.validate()
-        full = Qwen2_5OmniForConditionalGeneration.from_pretrained(
-            args.base_model_path, dtype=options.torch_dtype(), attn_implementation=options.attn_implementation
-        )
-        thinker = full.thinker
-        if getattr(thinker.config, "vision_start_token_id", None) is None:
-            thinker.config.vision_start_token_id = 151652  # as the backbone does for thinker-only loading
+    if args.full_omni:  # the whole checkpoint (Omni: thinker + talker); adapters merge into the thinker
+        full, thinker = backbone.load_full(str(args.base_model_path), options)
         return full, thinker, backbone
     model = backbone.load(str(args.base_model_path), options)
     return model, model, backbone
@@ -477,22 +468,26 @@ def pickle_files(directory: Path, allowed: tuple[str, ...] = ()) -> list[str]:
     )
 
 
-def save_output(model, processor, config: RunConfig, args: argparse.Namespace) -> Path:
+def save_output(model, processor, config: RunConfig, args: argparse.Namespace, backbone,
+                extra_files: tuple[str, ...] = ()) -> Path:
+    """Write the merged checkpoint through the backbone; ``extra_files`` (the backbone's full-model files, e.g.
+    Omni's speaker dictionary) are copied from the base."""
     output = Path(args.output_dir)
     if output.is_dir() and args.overwrite_output_dir:  # files an earlier merge wrote and this one may not
         stale = [*output.glob("*.safetensors"), *(output / n for n in (
-            "model.safetensors.index.json", SPEAKER_FILE, VERIFICATION_NAME))]
+            "model.safetensors.index.json", *extra_files, VERIFICATION_NAME))]
         for file in stale:
             file.unlink(missing_ok=True)
     output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output, max_shard_size=args.max_shard_size)
+    backbone.save_merged(model, output, config, max_shard_size=args.max_shard_size)
     processor.save_pretrained(output)
-    allowed: tuple[str, ...] = ()
-    if args.full_omni and (Path(args.base_model_path) / SPEAKER_FILE).is_file():
-        shutil.copy2(Path(args.base_model_path) / SPEAKER_FILE, output / SPEAKER_FILE)
-        allowed = (SPEAKER_FILE,)
+    allowed: list[str] = []
+    for name in extra_files:
+        if (Path(args.base_model_path) / name).is_file():
+            shutil.copy2(Path(args.base_model_path) / name, output / name)
+            allowed.append(name)
     config.write(output)
-    found = pickle_files(output, allowed)
+    found = pickle_files(output, tuple(allowed))
     if found:
         raise ValueError(f"pickle files were written to {output}: {found}; the merged checkpoint must be safetensors")
     return output
@@ -514,6 +509,8 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
         thinker = merge_stage(apply_stage(thinker, stage, f"stage{i + 1}", towers, args.force))
 
     processor = backbone.load_processor(str(last.path))
+    if verify_data is not None:  # frames are resized onto the backbone's vision grid
+        verify_data[0].media = dataclasses.replace(verify_data[0].media, pixel_multiple=vision_grid(processor))
     live = apply_stage(thinker, last, f"stage{len(stages)}", towers, args.force)
     from surgvqa.tokenizer import repair_tokenizer
 
@@ -528,10 +525,7 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
                                 args.verify_max_new_tokens)
     logger.info("stage %d: merging %s", len(stages), last.path)
     thinker = merge_stage(live)
-    if args.full_omni:
-        to_save.thinker = thinker
-    else:
-        to_save = thinker
+    to_save = backbone.put_back(to_save, thinker) if args.full_omni else thinker
     if verify_data is not None:
         merged = run_outputs(thinker, processor, dataset, collator_kwargs, args.verify_batch_size,
                              args.verify_max_new_tokens)
@@ -541,7 +535,8 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
     config = merged_config(stages, args, backbone.name, thinker.get_input_embeddings().num_embeddings)
     if verification is not None:
         config.merge_verification = {k: v for k, v in asdict(verification).items() if k != "differing_answers"}
-    output = save_output(to_save, processor, config, args)
+    output = save_output(to_save, processor, config, args, backbone,
+                         backbone.full_model_files if args.full_omni else ())
     if verification is not None:
         (output / VERIFICATION_NAME).write_text(json.dumps(asdict(verification), indent=2) + "\n")
     print(f"merged {len(stages)} adapter(s) into {args.base_model_path} ({args.dtype}) -> {output}")
@@ -550,18 +545,15 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """``merge_stage2_to_bf16.py``: 0 merged (and verified); 1 verification failed; 2 refused (``error: …``)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
     def body() -> int:
-        result = merge(parse_args(argv))
-        verification = result["verification"]
+        verification = merge(parse_args(argv))["verification"]
         if verification is not None and not verification.passed:
             print("error: verification FAILED (the checkpoint was written, flagged in surgvqa_config.json)",
                   file=sys.stderr)
             return 1
         return 0
 
-    return run_main(body)
+    return run_main(body, logs=True)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def test_without_variables_the_script_runs_the_yaml_recipe(tmp_path):
     assert evaluate == ["--checkpoint_path", "outputs/qwen2_5_omni_lora", "--eval_data_path",
                         "data/out_template_test.jsonl", "--frames_dir", "data/frames", "--audio_dir",
                         "data/audio/out_template", "--batch_size", "8", "--output_file",
-                        "outputs/qwen2_5_omni_lora/test_predictions.jsonl"]
+                        "outputs/qwen2_5_omni_lora/test_predictions.jsonl", "--overwrite", "True"]
 
 
 def test_every_variable_still_overrides_its_setting(tmp_path):
@@ -82,7 +82,8 @@ def test_every_variable_still_overrides_its_setting(tmp_path):
     assert (args.fp16, args.bf16, args.dataloader_num_workers, args.seed) == (True, False, 0, 5)
     assert args.resume_from_checkpoint == "auto"
     assert evaluate == ["--checkpoint_path", "/o", "--eval_data_path", "/t.jsonl", "--frames_dir", "/tf",
-                        "--audio_dir", "/ta", "--batch_size", "3", "--output_file", "/o/test_predictions.jsonl"]
+                        "--audio_dir", "/ta", "--batch_size", "3", "--output_file", "/o/test_predictions.jsonl",
+                        "--overwrite", "True"]
 
 
 def test_text_questions_carry_no_audio_dirs(tmp_path):

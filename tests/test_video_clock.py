@@ -12,7 +12,7 @@ from surgvqa.collate import VQACollator, frame_times, second_per_grid
 from surgvqa.data import MediaConfig, SurgicalVQADataset, load_samples
 from surgvqa.media import PixelBudget, load_frame
 
-VIDEO_FPS = 30.0  # REAL-Colon's source rate; the test_set's frame_numbers step by 4 (7.5 frames per second)
+VIDEO_FPS = 30.0  # a 30-fps source; the test_set's frame_numbers step by 4 (7.5 frames per second)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
-"""Backbone registry: the only place that knows model families.
+"""Backbones: the only place that knows model families.
 
 A backbone says how to load a checkpoint (dtype, attention, quantization), which linear layers LoRA wraps, which
 modules are encoder towers and projectors, and how a prompt refers to the media. Training, evaluation and merging
-ask the registry; adding a family is one new module here plus one ``register`` call.
+ask this table; a backbone module never imports them. Adding a family is one new module here that exposes a
+module-level ``BACKBONE`` instance, plus one entry in :data:`BACKBONES` (nothing registers itself on import).
 """
 
 from __future__ import annotations
@@ -10,26 +11,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from surgvqa.backbones import qwen2_5_omni, qwen_vl_whisper
 from surgvqa.backbones.base import Backbone, LoadOptions
 from surgvqa.errors import UserError
 
-_REGISTRY: dict[str, Backbone] = {}
-
-
-def register(backbone: Backbone) -> Backbone:
-    if backbone.name in _REGISTRY:
-        raise ValueError(f"backbone {backbone.name!r} is registered twice")
-    _REGISTRY[backbone.name] = backbone
-    return backbone
+#: every backbone, by name; ``backbone_for`` tries them in this order
+BACKBONES: dict[str, Backbone] = {
+    backbone.name: backbone for backbone in (qwen2_5_omni.BACKBONE, qwen_vl_whisper.BACKBONE)
+}
 
 
 def available() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(BACKBONES)
 
 
 def get_backbone(name: str) -> Backbone:
     try:
-        return _REGISTRY[name]
+        return BACKBONES[name]
     except KeyError:
         raise UserError(f"unknown backbone {name!r}; available: {', '.join(available())}") from None
 
@@ -50,7 +48,7 @@ def backbone_for(path: str | Path, name: str | None = None, flag: str = "--model
     if name:
         return get_backbone(name)
     config = read_config(path, flag)
-    for backbone in _REGISTRY.values():
+    for backbone in BACKBONES.values():
         if backbone.matches(config):
             return backbone
     raise UserError(
@@ -59,7 +57,4 @@ def backbone_for(path: str | Path, name: str | None = None, flag: str = "--model
     )
 
 
-import surgvqa.backbones.qwen_vl_whisper  # noqa: E402, F401  (registers itself)
-from surgvqa.backbones import qwen2_5_omni  # noqa: E402  (registers itself)
-
-__all__ = ["Backbone", "LoadOptions", "available", "backbone_for", "get_backbone", "qwen2_5_omni", "register"]
+__all__ = ["BACKBONES", "Backbone", "LoadOptions", "available", "backbone_for", "get_backbone", "read_config"]
