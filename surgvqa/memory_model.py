@@ -64,13 +64,6 @@ class Shape:
     largest_linear: int = 0  # elements of the largest quantized weight (dequantized per matmul)
 
 
-def kbit_training_dtype() -> str:
-    """dtype of every unquantized floating parameter (towers, embeddings, lm_head, norms, biases) once training
-    prepares a 4/8-bit model: peft's ``prepare_model_for_kbit_training`` (called by ``surgvqa.train.build_model``)
-    casts them all to fp32. Evaluation loads without it and keeps the compute dtype."""
-    return "float32"
-
-
 def nf4_bytes(numel: int, blocksize: int = 64, nested_blocksize: int = 256) -> int:
     """bitsandbytes nf4 with double quantization: packed 4-bit weight, uint8 absmax per block, fp32 absmax per
     nested block, the fp32 nested code (256) and offset, the fp32 nf4 code (16)."""

@@ -30,7 +30,6 @@ from surgvqa.memory_model import (
     PlanError,
     activation_features,
     fitted_bytes,
-    kbit_training_dtype,
     load_coefficients,
     nf4_bytes,
     parse_bytes,
@@ -42,6 +41,7 @@ from surgvqa.plan_counts import (
     PlanArguments,
     Tokens,
     build_config,
+    kbit_training_dtype,
     largest_quantized_linear,
     layout_for,
     load_processor,
@@ -143,9 +143,9 @@ class Planner:
         return parts, activation_features(self.shape, batch, tokens.total, tokens.total, "generate")
 
     def lm_head_cast_bytes(self) -> int:
-        """Training a 4/8-bit model: the lm_head is fp32 (``kbit_training_dtype``) and autocast keeps its
-        compute-dtype copy for the backward pass."""
-        if not self.args.quantization or kbit_training_dtype() == self.args.dtype:
+        """Training a 4/8-bit model with an lm_head held in another dtype than the compute dtype: autocast keeps
+        a compute-dtype copy for the backward pass (none today: the lm_head stays in the compute dtype)."""
+        if not self.args.quantization or kbit_training_dtype(self.args.dtype) == self.args.dtype:
             return 0
         head = next((g for g in self.groups if g.group == "lm_head"), None)
         return head.params * DTYPE_BYTES[self.args.dtype] if head else 0

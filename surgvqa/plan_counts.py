@@ -18,7 +18,6 @@ from surgvqa.memory_model import (
     PlanError,
     Shape,
     int8_bytes,
-    kbit_training_dtype,
     nf4_bytes,
     parse_bytes,
 )
@@ -257,6 +256,16 @@ def _generating_model(model):
     return getattr(model, "vl_model", model)
 
 
+def kbit_training_dtype(compute: str, module=None) -> str:
+    """dtype of an unquantized floating parameter of ``module`` once training prepares a 4/8-bit model
+    (``surgvqa.backbones.base.prepare_quantized_for_training``, called by ``surgvqa.train.build_model``): fp32 in
+    the norms, the compute dtype everywhere else (towers, embeddings, lm_head, biases). Evaluation loads without
+    the preparation and keeps the compute dtype throughout."""
+    from surgvqa.backbones.base import is_norm
+
+    return "float32" if module is not None and is_norm(module) else compute
+
+
 def _skipped(name: str, skip: tuple[str, ...]) -> bool:
     """transformers' rule for ``llm_int8_skip_modules`` (``modules_to_not_convert``)."""
     return any(key + "." in name or key == name for key in skip)
@@ -303,7 +312,7 @@ def weights(model, layout: Layout, args: PlanArguments) -> list[GroupRow]:
                 train = stored
             else:
                 stored = plain
-                train = numel * DTYPE_BYTES[kbit_training_dtype()] if quant else plain
+                train = numel * DTYPE_BYTES[kbit_training_dtype(dtype, module)] if quant else plain
             row = rows[group]
             row.params += numel
             row.train_bytes += train
