@@ -46,9 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import REPO, _digest, cached_build, load_script, log, print_table  # noqa: E402
 
+from surgvqa.memory_model import FEATURE_SETS  # noqa: E402
+
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 REGIMES = ("float32", "bfloat16", "4bit")
+DEFAULT_FEATURES = "detailed"
 #: model configs of the sweep: text width, MLP width, layers, heads, KV heads, vocabulary, tower width
 CONFIGS = {
     "tiny": dict(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab="tiny", tower=32),
@@ -504,12 +507,13 @@ def nnls(matrix, target):
     return x
 
 
-def fit(points: list[Point]) -> dict:
+def fit(points: list[Point], allowed: tuple[str, ...] | None = None) -> dict:
     """Bytes per element of each activation feature, phase by phase: for every phase, the coefficients of its
     features that minimise the sum of squared relative errors of that phase's measured peak, x >= 0."""
     coefficients = {}
     for phase in sorted({k.split(":", 1)[0] for p in points for k in p.features}):
-        names = sorted({k for p in points for k in p.features if k.split(":", 1)[0] == phase})
+        names = sorted({k for p in points for k in p.features if k.split(":", 1)[0] == phase
+                        and (allowed is None or k.split(":", 1)[1] in allowed)})
         group = [p for p in points if phase in p.phases]
         rows = [[p.features.get(k, 0.0) / p.phases[phase] for k in names] for p in group]
         target = [(p.phases[phase] - p.exact) / p.phases[phase] for p in group]
@@ -526,7 +530,7 @@ def predict(coefficients: dict, point: Point) -> int:
     return point.exact + fitted_bytes({"coefficients": coefficients}, point.features)
 
 
-def fit_all(points: list[Point]) -> dict:
+def fit_all(points: list[Point], allowed: tuple[str, ...] | None = None) -> dict:
     """{regime: {mode: fit entry}}; sets each point's prediction and leave-one-config-out prediction."""
     fits: dict = {}
     for regime in sorted({p.regime for p in points}):
@@ -534,17 +538,18 @@ def fit_all(points: list[Point]) -> dict:
             group = [p for p in points if p.regime == regime and p.mode == mode]
             if not group:
                 continue
-            coefficients = fit(group)
+            coefficients = fit(group, allowed)
             for p in group:
                 p.predicted = predict(coefficients, p)
                 others = [q for q in group if q.config != p.config]
-                p.loo_predicted = predict(fit(others), p) if others else p.predicted
+                p.loo_predicted = predict(fit(others, allowed), p) if others else p.predicted
             fits.setdefault(regime, {})[mode] = {
                 "coefficients": coefficients,
                 "points": len(group),
                 "max_abs_rel_error": max(abs(p.error) for p in group),
                 "max_abs_rel_error_leave_one_config_out": max(abs(p.loo_error) for p in group),
                 "configs": sorted({p.config for p in group}),
+                "features": sorted({k.split(":", 1)[1] for k in coefficients}),
             }
     return fits
 
@@ -575,7 +580,8 @@ def write_fits(fits: dict, device: str, label: str, path: Path) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def run(device: str, quick: bool, regimes: list[str], configs: list[str]) -> tuple[list[Point], dict]:
+def run(device: str, quick: bool, regimes: list[str], configs: list[str],
+        allowed: tuple[str, ...] | None = None) -> tuple[list[Point], dict]:
     import torch
 
     torch.manual_seed(0)
@@ -588,7 +594,7 @@ def run(device: str, quick: bool, regimes: list[str], configs: list[str]) -> tup
             for gc_on in (False, True):
                 points += sweep_train(name, model_dir, regime, gc_on, device, train_points)
             points += sweep_generate(name, model_dir, regime, device, generate_points)
-    return points, fit_all(points)
+    return points, fit_all(points, allowed)
 
 
 def replan(saved: list[dict]) -> list[Point]:
@@ -653,6 +659,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--coefficients", default=str(REPO / "surgvqa" / "memory_coefficients.json"))
     parser.add_argument("--json", default=None, help="also write every point and the fit to this file")
     parser.add_argument("--goal", type=float, default=0.15)
+    parser.add_argument("--features", choices=sorted(FEATURE_SETS), default=DEFAULT_FEATURES,
+                        help="which activation features the fit may use (surgvqa.memory_model.FEATURE_SETS)")
     parser.add_argument("--refit", default=None, help="refit the points of an earlier --json run (CPU), no measuring")
     args = parser.parse_args(argv)
     import torch
@@ -666,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown regime/config {unknown}; regimes {REGIMES}, configs {tuple(CONFIGS)}", file=sys.stderr)
         return 2
+    allowed = FEATURE_SETS[args.features]
     start = time.perf_counter()
     if args.refit:
         saved = json.loads(Path(args.refit).read_text())
@@ -675,9 +684,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             print(f"error: {args.refit}: {err}", file=sys.stderr)
             return 2
-        fits = fit_all(points)
+        fits = fit_all(points, allowed)
     else:
-        points, fits = run(device, args.quick, regimes, configs)
+        points, fits = run(device, args.quick, regimes, configs, allowed)
     ok = report(points, fits, args.goal)
     label = saved["device"] if args.refit else device_label(device)
     print(f"\n{label}; {time.perf_counter() - start:.0f} s")

@@ -62,6 +62,7 @@ class Shape:
     vision_intermediate: int = 0
     patch_dim: int = 0  # pixel values per patch (channels x temporal x patch²)
     largest_linear: int = 0  # elements of the largest quantized weight (dequantized per matmul)
+    trainable: int = 0  # trainable parameters (LoRA, modules_to_save): the optimizer step's temporaries
 
 
 def nf4_bytes(numel: int, blocksize: int = 64, nested_blocksize: int = 256) -> int:
@@ -85,37 +86,61 @@ PHASES = {
 }
 
 
-def activation_features(shape: Shape, batch: int, tokens: int, logit_tokens: int, mode: str) -> dict[str, float]:
+#: which features a fit may use (``benchmarks/memory_calibration.py --features``); the planner uses the features
+#: its coefficients name. ``basic``: the decoder's per-token and attention-score terms and the logits;
+#: ``detailed`` adds the K/V projections, the attention mask (batch x tokens², not per head), the vision tower
+#: (patches x its width and MLP width: the tower runs once, without gradients, in the forward pass) and the
+#: optimizer step's temporaries (per trainable parameter, at the end of the backward phase).
+FEATURE_SETS = {
+    "basic": ("token_layer_hidden", "token_layer_mlp", "layer_attention", "token_hidden", "token_mlp",
+               "attention", "logit"),
+    "detailed": ("token_layer_hidden", "token_layer_mlp", "token_layer_kv", "layer_attention", "token_hidden",
+                 "token_mlp", "token_kv", "attention", "mask", "patch_hidden", "patch_mlp", "logit", "step"),
+}
+
+
+def activation_features(shape: Shape, batch: int, tokens: int, logit_tokens: int, mode: str,
+                        patches: int = 0) -> dict[str, float]:
     """The element counts activation memory is modelled as linear in, per phase of the step (keys
     ``phase:feature``; the fitted coefficients are bytes per element, and the activations of a step are the largest
-    phase total). ``tokens``: sequence length; ``logit_tokens``: positions the LM head runs on.
+    phase total). ``tokens``: sequence length; ``logit_tokens``: positions the LM head runs on; ``patches``: vision
+    patches of one sample.
 
     A training step has three phases, split where the LM head's input is computed and where its gradient is:
     ``forward`` (towers, embeddings, decoder layers), ``head`` (LM head, loss and their backward: the logits),
     ``backward`` (the decoder layers' backward, then the optimizer step). Without checkpointing every phase holds
     the saved activations of all layers (``token_layer_*``, ``layer_attention``) plus its own transient: one
-    layer's attention scores (``attention``) in forward and backward, the logits in the head. With checkpointing
-    only the layer inputs stay (``token_layer_hidden``); forward and backward add one layer's activations, recomputed
-    (``token_hidden``, ``token_mlp``, ``attention``), the head adds the logits. Generation is one phase, the prefill
-    (the KV cache is exact, outside this model)."""
+    layer's attention scores (``attention``) and MLP in forward and backward, the vision tower in forward, the
+    logits in the head. With checkpointing only the layer inputs stay (``token_layer_hidden``); forward and
+    backward add one layer's activations, recomputed (``token_hidden``, ``token_mlp``, ``token_kv``,
+    ``attention``), the head adds the logits; the backward phase ends with the optimizer step's temporaries
+    (``step``). Generation is one phase, the prefill (the KV cache is exact, outside this model).
+    ``FEATURE_SETS`` names the subsets a fit may use."""
     bt = batch * tokens
     scores = batch * shape.heads * tokens * tokens  # attention scores of one layer, if a kernel materialises them
-    layer = {"token_hidden": bt * shape.hidden, "token_mlp": bt * shape.intermediate, "attention": scores}
+    kv = 2 * shape.kv_heads * shape.head_dim
+    layer = {"token_hidden": bt * shape.hidden, "token_mlp": bt * shape.intermediate, "token_kv": bt * kv,
+             "attention": scores}
     saved_inputs = {"token_layer_hidden": bt * shape.layers * shape.hidden}
     saved_all = {**saved_inputs, "token_layer_mlp": bt * shape.layers * shape.intermediate,
-                 "layer_attention": scores * shape.layers}
+                 "token_layer_kv": bt * shape.layers * kv, "layer_attention": scores * shape.layers}
     logits = {"logit": batch * logit_tokens * shape.vocab}
     hidden = {"token_hidden": bt * shape.hidden}  # outside the layers: embeddings, spliced towers, final norm
+    mask = {"mask": batch * tokens * tokens}
+    step = {"step": shape.trainable}
+    tower = {"patch_hidden": batch * patches * shape.vision_hidden,
+             "patch_mlp": batch * patches * shape.vision_intermediate}
     if mode == "train":
-        phases = {"forward": {**saved_all, **hidden, "attention": scores},
-                  "head": {**saved_all, **hidden, **logits},
-                  "backward": {**saved_all, **hidden, "attention": scores}}
+        phases = {"forward": {**saved_all, **layer, **mask, **tower},
+                  "head": {**saved_all, **hidden, **mask, **logits},
+                  "backward": {**saved_all, **layer, **mask, **step}}
     elif mode == "train_gc":
-        phases = {"forward": {**saved_inputs, **layer},
-                  "head": {**saved_inputs, **hidden, **logits},
-                  "backward": {**saved_inputs, **layer}}
+        phases = {"forward": {**saved_inputs, **layer, **mask, **tower},
+                  "head": {**saved_inputs, **hidden, **mask, **logits},
+                  "backward": {**saved_inputs, **layer, **mask, **step}}
     elif mode == "generate":
-        phases = {"prefill": {**layer, "logit": batch * (1 if shape.logits_to_keep else tokens) * shape.vocab}}
+        phases = {"prefill": {**layer, **mask, **tower,
+                              "logit": batch * (1 if shape.logits_to_keep else tokens) * shape.vocab}}
     else:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     return {f"{phase}:{name}": value for phase, features in phases.items() for name, value in features.items()}

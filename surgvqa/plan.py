@@ -88,6 +88,7 @@ class Planner:
         self.saved_params, self.saved_bytes = trained_module_params(self.model, self.layout, args)
         if args.quantization:
             self.shape.largest_linear = largest_quantized_linear(self.model, self.layout)
+        self.shape.trainable = self.lora + self.saved_params
         self._coefficients: dict | None = None
 
     # -- pieces ------------------------------------------------------------------------------------------
@@ -103,10 +104,12 @@ class Planner:
         }
 
     def inputs_bytes(self, tokens: Tokens, batch: int) -> int:
-        """input_ids, attention mask, labels (int64), pixel values (fp32) and their cast copy, mel features."""
+        """input_ids, attention mask, labels (int64), pixel values and mel features (fp32), and the towers' copies
+        of both in the compute dtype (none when it is fp32: the tensors pass as they are)."""
         ids = 3 * 8 * batch * tokens.total
-        pixels = batch * tokens.patches * self.shape.patch_dim * (4 + DTYPE_BYTES[self.args.dtype])
-        mel = batch * tokens.mel_frames * 128 * 4
+        cast = 0 if self.args.dtype == "float32" else DTYPE_BYTES[self.args.dtype]
+        pixels = batch * tokens.patches * self.shape.patch_dim * (4 + cast)
+        mel = batch * tokens.mel_frames * 128 * (4 + cast)
         return ids + pixels + mel
 
     def train_breakdown(self, tokens: Tokens, batch: int | None = None) -> tuple[str, dict, dict]:
@@ -125,7 +128,7 @@ class Planner:
             "dequantize": self.shape.largest_linear * DTYPE_BYTES[args.dtype],
             "lm_head_cast": self.lm_head_cast_bytes(),
         }
-        return mode, parts, activation_features(self.shape, batch, tokens.total, logit_tokens, mode)
+        return mode, parts, activation_features(self.shape, batch, tokens.total, logit_tokens, mode, tokens.patches)
 
     def eval_breakdown(self, tokens: Tokens, batch: int | None = None) -> tuple[dict, dict]:
         """(exact parts, activation features) of one generation batch."""
@@ -140,7 +143,7 @@ class Planner:
             "kv_cache": kv,
             "dequantize": self.shape.largest_linear * DTYPE_BYTES[args.dtype],
         }
-        return parts, activation_features(self.shape, batch, tokens.total, tokens.total, "generate")
+        return parts, activation_features(self.shape, batch, tokens.total, tokens.total, "generate", tokens.patches)
 
     def lm_head_cast_bytes(self) -> int:
         """Training a 4/8-bit model with an lm_head held in another dtype than the compute dtype: autocast keeps
