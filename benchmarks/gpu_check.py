@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _peak_memory as pm  # noqa: E402
 import memory_calibration as mc  # noqa: E402
 from _common import REPO, load_script, log, print_table  # noqa: E402
 
@@ -97,12 +98,12 @@ def build_7b(device: str, config_file: Path = OMNI_7B) -> Path:
 
 def measure_steps(model, optimizer, batch, autocast_dtype, device: str, steps: int) -> tuple[int, float]:
     """(peak bytes over ``steps`` measured steps after one warm-up, mean seconds per step)."""
-    mc.train_step(model, optimizer, batch, autocast_dtype, device)
-    static = mc.storage_bytes([*mc.model_tensors(model), *mc.optimizer_tensors(optimizer), *mc.batch_tensors(batch)])
+    pm.train_step(model, optimizer, batch, autocast_dtype, device)
+    static = pm.storage_bytes([*pm.model_tensors(model), *pm.optimizer_tensors(optimizer), *pm.batch_tensors(batch)])
     seconds = []
-    with mc.PeakMeter(device, static) as meter:
+    with pm.PeakMeter(device, static) as meter:
         for _ in range(steps):
-            seconds.append(mc.train_step(model, optimizer, batch, autocast_dtype, device))
+            seconds.append(pm.train_step(model, optimizer, batch, autocast_dtype, device))
     return meter.peak, sum(seconds) / len(seconds)
 
 
@@ -133,10 +134,10 @@ def run_regime(model_dir: Path, regime: str, device: str, steps: int) -> list[di
     model, processor = mc.build_for_generation(model_dir, regime, device, lora_r=RECIPE["lora_r"])
     batch = mc.collate(processor, planner.args, RECIPE["eval_batch"], "generate")
     mc.check_tokens(batch, tokens, RECIPE["eval_batch"], "eval")
-    mc.generate_step(model, processor.tokenizer, batch, 2, device)
-    static = mc.storage_bytes([*mc.model_tensors(model), *mc.batch_tensors(batch)])
-    with mc.PeakMeter(device, static) as meter:
-        seconds = mc.generate_step(model, processor.tokenizer, batch, RECIPE["max_new_tokens"], device)
+    pm.generate_step(model, processor.tokenizer, batch, 2, device)
+    static = pm.storage_bytes([*pm.model_tensors(model), *pm.batch_tensors(batch)])
+    with pm.PeakMeter(device, static) as meter:
+        seconds = pm.generate_step(model, processor.tokenizer, batch, RECIPE["max_new_tokens"], device)
     rows.append(row(regime, "eval (generate)", RECIPE["eval_batch"], tokens.total, meter.peak,
                     planner.eval_total(tokens)["total"], seconds, "s/batch"))
     del model, batch
