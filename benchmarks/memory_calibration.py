@@ -3,16 +3,20 @@
 report the planner's error per point (``surgvqa plan`` reads the fit from ``surgvqa/memory_coefficients.json``).
 
     python benchmarks/memory_calibration.py [--device cpu|cuda] [--quick] [--write] [--json FILE]
+        [--features basic|detailed] [--configs tiny,...] [--regimes float32,...]
+    python benchmarks/memory_calibration.py --refit benchmarks/memory_calibration_cpu.json [--features ...]
 
 For every model config (the tiny thinker of the tests and three small ones: wider MLPs with one KV head; the real
 152,064-row vocabulary; an MLP as wide as the hidden size with 16 heads), every precision regime (fp32; bf16
 weights with bf16 autocast; 4-bit nf4 with bf16 compute) and every mode (a training step with and without gradient
 checkpointing; one generation batch), the model is loaded and made trainable by the real code
-(``surgvqa.train.build_model``: the backbone's loader, ``prepare_model_for_kbit_training``, PEFT LoRA r 16 on the
+(``surgvqa.train.build_model``: the backbone's loader, ``prepare_quantized_for_training``, PEFT LoRA r 16 on the
 language model), batches come from the real collator on synthetic frames and audio, and one step is measured after
 a warm-up step (optimizer state allocated), phase by phase: a training step is split where the LM head's input is
 computed and where its gradient is (``forward``: towers and decoder layers; ``head``: LM head and loss, both ways;
 ``backward``: the decoder layers' backward and the optimizer step); a generation batch is one phase.
+
+Measuring (``_peak_memory.py``):
 
 - CPU: allocated tensor bytes, exactly: what is alive when the step starts (parameters, buffers, quantization
   state, optimizer state, the batch) plus the peak of torch's own allocation records during each phase (the
@@ -22,10 +26,12 @@ computed and where its gradient is (``forward``: towers and decoder layers; ``he
 
 The planner's exact parts (weights, trainable parameters, gradients, optimizer state, inputs, KV cache) are
 subtracted and, phase by phase, the remainder is fitted as bytes per element of that phase's activation features
-(``surgvqa.memory_model.activation_features``; non-negative least squares on the relative error); the planner's
-activations are the largest phase. The report gives the planner's error on every point's peak, and a leave-one-
+(``surgvqa.memory_model.activation_features``, restricted to ``--features``, a set of
+``surgvqa.memory_model.FEATURE_SETS``; non-negative least squares on the relative error); the planner's activations
+are the largest phase. The report gives the planner's error on every point's peak, and a leave-one-
 config-out error (each config predicted by a fit that never saw it). ``--write`` stores the fit for this device;
-``--refit FILE`` refits the measured peaks of an earlier ``--json`` run with the current activation features.
+``--refit FILE`` refits the measured peaks of an earlier ``--json`` run with the current activation features (the
+CPU sweep behind the shipped fit is ``benchmarks/memory_calibration_cpu.json``).
 """
 
 from __future__ import annotations
