@@ -319,3 +319,31 @@ def test_activations_are_the_largest_phase():
     fit = {"coefficients": {"head:logit": 2.0, "backward:token_mlp": 4.0, "forward:attention": 1.0}}
     head, backward, forward = 2.0 * 100 * 1000, 4.0 * 100 * 128, 1.0 * 4 * 100 * 100
     assert fitted_bytes(fit, gc8) == max(head, backward, forward)
+
+
+def test_inputs_are_copied_to_the_compute_dtype_only_when_it_is_not_fp32(tiny_model_dir):
+    """The towers cast pixel values and mel features to their own dtype: a bf16 model holds an fp32 and a bf16
+    copy of each, an fp32 model only the fp32 one."""
+    fp32 = planner(tiny_model_dir, dtype="float32", question_modality="text+audio")
+    bf16 = planner(tiny_model_dir, dtype="bfloat16", question_modality="text+audio")
+    tokens = sample_tokens(fp32.processor, fp32.args, mode="train")
+    assert tokens.patches and tokens.mel_frames
+    ids = 3 * 8 * 2 * tokens.total
+    fp32_inputs = 2 * (tokens.patches * fp32.shape.patch_dim + tokens.mel_frames * 128) * 4
+    assert fp32.inputs_bytes(tokens, 2) == ids + fp32_inputs
+    assert bf16.inputs_bytes(tokens, 2) == ids + fp32_inputs * 6 // 4
+
+
+def test_optimizer_step_term_counts_the_trainable_parameters(tiny_model_dir):
+    """The backward phase ends with the optimizer step, whose temporaries scale with the trainable parameters
+    (LoRA of rank r): the ``step`` feature is that count, in the backward phase only."""
+    from surgvqa.memory_model import activation_features
+
+    plans = {rank: planner(tiny_model_dir, lora_r=rank) for rank in (4, 16)}
+    for plan in plans.values():
+        assert plan.shape.trainable == plan.trainable()["params"] > 0
+        for mode in ("train", "train_gc"):
+            features = activation_features(plan.shape, 1, 100, 100, mode)
+            assert {k for k in features if k.endswith(":step")} == {"backward:step"}
+            assert features["backward:step"] == plan.trainable()["params"]
+    assert plans[16].shape.trainable == 4 * plans[4].shape.trainable
