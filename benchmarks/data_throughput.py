@@ -98,7 +98,8 @@ def collator_breakdown(dataset, collator, batch_size: int) -> dict[str, float]:
 
 def getitem_breakdown(dataset) -> dict[str, float]:
     """Seconds per sample of the dataset's pieces: load_frame x8 (decode + resize to the budget), load_audio."""
-    from surgvqa.media import DEFAULT_SAMPLING_RATE, load_audio, load_frame
+    from surgvqa.audio import DEFAULT_SAMPLING_RATE, load_audio
+    from surgvqa.media import load_frame
 
     frames = audio = 0.0
     for sample in dataset.samples:

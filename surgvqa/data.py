@@ -20,22 +20,19 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from surgvqa.audio import DEFAULT_SAMPLING_RATE, audio_duration, load_audio, silence_like
 from surgvqa.errors import ArgumentParser, UserError, existing_dir, existing_file, run_main
 from surgvqa.media import (
     ABLATIONS,
     CONSTANT_VIDEO_ABLATIONS,
-    DEFAULT_SAMPLING_RATE,
     SHUFFLE_ABLATIONS,
     SILENT_AUDIO_ABLATIONS,
     MediaConfig,
     MediaError,
-    audio_duration,
     constant_frames_like,
     derangement,
-    load_audio,
     load_frame,
     load_video_frames,
-    silence_like,
     subsample_indices,
 )
 from surgvqa.prompts import QUESTION_MODALITIES

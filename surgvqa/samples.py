@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from surgvqa.audio import audio_duration, load_audio
 from surgvqa.media import (
     MediaConfig,
     MediaError,
-    audio_duration,
     decode_image,
-    load_audio,
     load_video_frames,
     resolve_under,
     verify_image,
@@ -506,7 +505,7 @@ def load_samples(
     exists (trying ``.jpg/.jpeg/.png`` resp. ``.wav/.flac/.mp3/.ogg`` alternatives) and is readable: by its
     headers (PIL ``verify()``, JPEG end marker, WAV length, ``soundfile.info``, first video frame), or, with
     ``decode_media=True``, by decoding it with the loader's own functions (:func:`~surgvqa.media.decode_image`,
-    :func:`~surgvqa.media.load_audio`), which also finds damage inside a JPEG scan. ``check_media=False`` only
+    :func:`~surgvqa.audio.load_audio`), which also finds damage inside a JPEG scan. ``check_media=False`` only
     resolves paths and checks they stay inside their roots. Audio is looked up for spoken questions, and for text
     questions too with ``check_audio=True`` (when ``media.audio_dir`` is set). A missing data file always raises.
     """

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from surgvqa.audio import load_audio
 from surgvqa.data import DataError, MediaConfig, MediaError, SurgicalVQADataset, load_samples, main
-from surgvqa.media import decode_image, load_audio
+from surgvqa.media import decode_image
 
 
 def _jpeg(seed: int = 0, size: tuple[int, int] = (320, 240)) -> bytes:

@@ -10,17 +10,15 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+from surgvqa.audio import audio_duration, load_audio, silence_like
 from surgvqa.media import (
     MediaError,
-    audio_duration,
     constant_frames_like,
     derangement,
     fit_to_budget,
-    load_audio,
     load_frame,
     load_video_frames,
     resolve_under,
-    silence_like,
     subsample_indices,
     verify_image,
     verify_video,

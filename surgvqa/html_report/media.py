@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from surgvqa.media import MediaError, load_audio, load_video_frames
+from surgvqa.audio import load_audio
+from surgvqa.media import MediaError, load_video_frames
 
 # A thumbnail holds at most this many pixels (aspect ratio kept, never enlarged): 1352x1080 -> 179x143.
 THUMB_MAX_PIXELS = 160 * 160
@@ -128,7 +129,7 @@ def thumbnail_jpeg(path: Path) -> Encoded:
 
 def _speech_at_audio_rate(path: Path) -> Any:
     """Mono float32 at ``AUDIO_RATE``. Files at a multiple of it (16, 24, 48 kHz) are low-passed (windowed sinc)
-    and decimated here; other rates go through ``surgvqa.media.load_audio``'s torchaudio resampler, whose import
+    and decimated here; other rates go through ``surgvqa.audio.load_audio``'s torchaudio resampler, whose import
     would otherwise cost seconds per report."""
     import numpy as np
     import soundfile as sf
