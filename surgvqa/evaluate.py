@@ -59,6 +59,8 @@ class EvalArguments:
     max_eval_frames: int | None = field(default=None)
     question_modality: str | None = field(default=None, metadata={"help": "text | audio | text+audio"})
     frames_as: str | None = field(default=None)
+    token_kept_ratio: float | None = field(
+        default=None, metadata={"help": "video token merging (0 < r <= 1; 1.0 = off); default: as trained"})
     allow_default_preprocessing: bool = field(
         default=False, metadata={"help": "a checkpoint without surgvqa_config.json: use the default preprocessing"}
     )
@@ -100,7 +102,8 @@ def resolve_preprocessing(args: EvalArguments) -> EvalPreprocessing:
                                                     "question_modality", "frames_as")}
     flags["max_eval_frames"] = args.max_eval_frames
     return eval_preprocessing(RunConfig.find(args.checkpoint_path), flags, checkpoint=args.checkpoint_path,
-                              allow_defaults=args.allow_default_preprocessing)
+                              allow_defaults=args.allow_default_preprocessing,
+                              token_kept_ratio=args.token_kept_ratio)
 
 
 def resolve_media(args: EvalArguments, preprocessing: EvalPreprocessing) -> MediaConfig:
@@ -188,7 +191,9 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
                               load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code)
         model, processor, config = load_for_inference(args.checkpoint_path, args.base_model_path, options,
                                                       backbone=args.backbone)
-        print(f"model: {get_backbone(config['backbone']).describe(model)}")
+        backbone = get_backbone(config["backbone"])
+        backbone.enable_token_merging(model, preprocessing.token_kept_ratio)
+        print(f"model: {backbone.describe(model)}")
         device = args.device or ("cuda" if _cuda() else "cpu")
         if not args.load_in_4bit:
             model.to(device)
@@ -205,6 +210,7 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
         checkpoint=str(args.checkpoint_path), eval_data_path=str(args.eval_data_path), ablate=args.ablate,
         question_modality=media.question_modality, frame_size=media.frame_size, max_eval_frames=media.max_frames,
         skipped_bad_samples=len(problems), preprocessing=preprocessing.source,
+        token_kept_ratio=preprocessing.token_kept_ratio,
     )
     if preprocessing.source == "defaults":
         summary["allow_default_preprocessing"] = True
