@@ -4,10 +4,12 @@ Each video's tokens, as they leave the vision tower's patch merger (one per 2x2 
 frames), are reduced to ``kept_video_tokens(n, r) = ceil(r * n)`` by bipartite soft matching (ToMe, Bolya et al.
 2023, as AuroraCap uses it for video captioning), repeated until the count is reached:
 
-* the current tokens alternate into two sets A and B (sequence order, i.e. time, row, column); each token of A
-  is matched with its most similar token of B (cosine similarity of the features themselves); the A tokens with
-  the most similar matches are merged into theirs. Matching is over the whole video, so a token merges with its
-  neighbour in the same frame group or with the same spot of another frame group, whichever is closer;
+* the current tokens are split into two sets A and B; each token of A is matched with its most similar token of B
+  (cosine similarity of the features themselves), and the A tokens with the most similar matches are merged into
+  theirs. Matching is over the whole video, so a token merges with a neighbour in its frame group or with the same
+  spot of another frame group, whichever is closer. The split is a 3-D checkerboard on the (t, h, w) grid: ToMe's
+  alternation in sequence order would put the same spot of consecutive frame groups (``h * w`` tokens apart, an
+  even number) always in the same set, where they can never merge;
 * a merged token is the size-weighted mean of every original token it holds (``sizes`` counts them);
 * a merged token takes the M-RoPE position (t, h, w) of the B token it was merged into (a token it represents),
   computed from the full grid, so the temporal and spatial layout the model was pretrained on is kept and the
@@ -58,23 +60,52 @@ class MergedVideo:
         return int(self.source.numel())
 
 
-def bipartite_merge(x: torch.Tensor, k: int) -> MergedVideo:
+def _split(index: torch.Tensor, grid: tuple[int, int, int] | None, first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two sets of a round (slots into the current tokens): A is merged into B.
+
+    Tokens whose grid neighbours are alike must land in different sets, or they can never merge. On the full grid
+    (``first``), a 3-D checkerboard: parity of t + h + w, so each token's four neighbours in its frame group and the
+    same spot in the frame groups before and after are all in the other set. Later rounds sort the survivors by
+    spot, then time (the same spot across time stays adjacent) and alternate. Without a grid: ToMe's alternation in
+    sequence order.
+    """
+    m = index.numel()
+    order = torch.arange(m, device=index.device)
+    if grid is not None:
+        _, height, width = grid
+        t, h, w = index // (height * width), (index // width) % height, index % width
+        if first:
+            odd = (t + h + w) % 2 == 1
+            if 0 < int(odd.sum()) < m:
+                return order[~odd], order[odd]
+        order = torch.sort((h * width + w) * grid[0] + t, stable=True).indices
+    return order[0::2], order[1::2]
+
+
+def bipartite_merge(x: torch.Tensor, k: int, grid: tuple[int, int, int] | None = None) -> MergedVideo:
     """Merge the ``n`` tokens ``x`` (n, hidden) of one video down to ``k`` by repeated bipartite soft matching.
 
-    Deterministic for given ``x`` (stable sorts, first index on ties), independent of any other video.
+    ``grid`` is the video's (t, h, w) token grid (``n = t * h * w``, tokens in that raster order), which lets the
+    first round pair neighbours in space and time (see :func:`_split`). Each round merges at most the size of A;
+    ``k >= n / 2`` takes one round. Deterministic for a given ``x`` (stable sorts, first index on ties) and
+    independent of any other video.
     """
     n = x.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"cannot merge {n} tokens down to {k}")
+    if grid is not None and grid[0] * grid[1] * grid[2] != n:
+        raise ValueError(f"a {grid[0]}x{grid[1]}x{grid[2]} grid does not hold {n} tokens")
     device = x.device
-    sums = x.float()  # size-weighted sums: the merged token is sums / sizes
-    sizes = torch.ones(n, device=device)
+    precision = torch.promote_types(x.dtype, torch.float32)  # bf16 features are summed in fp32
+    sums = x.to(precision)  # size-weighted sums: the merged token is sums / sizes
+    sizes = torch.ones(n, device=device, dtype=precision)
     index = torch.arange(n, device=device)  # the original index whose position each current token takes
     source = torch.arange(n, device=device)  # the current token each original token is in
+    first = True
     while index.numel() > k:
         m = index.numel()
-        a_slots = torch.arange(0, m, 2, device=device)
-        b_slots = torch.arange(1, m, 2, device=device)
+        a_slots, b_slots = _split(index, grid, first)
+        first = False
         count = min(m - k, a_slots.numel())
         with torch.no_grad():
             metric = F.normalize((sums / sizes[:, None]).detach(), dim=-1)
@@ -85,24 +116,30 @@ def bipartite_merge(x: torch.Tensor, k: int) -> MergedVideo:
         # B tokens absorb the merged A tokens (sums and sizes add up: a size-weighted mean of everything held)
         b_sums = sums[b_slots].index_add(0, dest[merged_a], sums[a_slots[merged_a]])
         b_sizes = sizes[b_slots].index_add(0, dest[merged_a], sizes[a_slots[merged_a]])
-        # where every current slot goes: kept A and all B survive, a merged A goes where its B goes
+        # where every current slot goes: kept A and all B survive, in sequence order; a merged A goes with its B
         survivors = torch.cat([a_slots[kept_a], b_slots])
         survivor_sums = torch.cat([sums[a_slots[kept_a]], b_sums])
         survivor_sizes = torch.cat([sizes[a_slots[kept_a]], b_sizes])
-        order_by_position = torch.sort(index[survivors], stable=True).indices
+        by_position = torch.sort(index[survivors], stable=True).indices
         new_slot = torch.empty(m, dtype=torch.long, device=device)
-        new_slot[survivors[order_by_position]] = torch.arange(survivors.numel(), device=device)
+        new_slot[survivors[by_position]] = torch.arange(survivors.numel(), device=device)
         new_slot[a_slots[merged_a]] = new_slot[b_slots[dest[merged_a]]]
         source = new_slot[source]
-        index = index[survivors][order_by_position]
-        sums = survivor_sums[order_by_position]
-        sizes = survivor_sizes[order_by_position]
+        index = index[survivors][by_position]
+        sums = survivor_sums[by_position]
+        sizes = survivor_sizes[by_position]
     return MergedVideo(tokens=(sums / sizes[:, None]).to(x.dtype), keep=index, sizes=sizes, source=source)
 
 
-def merge_videos(features: Sequence[torch.Tensor], ratio: float) -> list[MergedVideo]:
-    """Each video's features (n_v, hidden) merged down to ``ceil(ratio * n_v)`` tokens."""
-    return [bipartite_merge(f, kept_video_tokens(f.shape[0], ratio)) for f in features]
+def merge_videos(features: Sequence[torch.Tensor], ratio: float, video_grid_thw: torch.Tensor | None = None,
+                 merge_size: int = 1) -> list[MergedVideo]:
+    """Each video's features (n_v, hidden) merged down to ``ceil(ratio * n_v)`` tokens; ``video_grid_thw`` (the
+    processor's patch grid per video) and the vision tower's spatial ``merge_size`` give each video's token grid."""
+    grids: list[tuple[int, int, int] | None] = [None] * len(features)
+    if video_grid_thw is not None:
+        grids = [(int(t), int(h) // merge_size, int(w) // merge_size) for t, h, w in video_grid_thw.tolist()]
+    return [bipartite_merge(f, kept_video_tokens(f.shape[0], ratio), grid)
+            for f, grid in zip(features, grids, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------- placeholders
@@ -220,7 +257,7 @@ def _thinker_inputs(thinker, ratio: float, kwargs: dict, generating: bool) -> di
     grid = kwargs["video_grid_thw"]
     encoded = dict(kwargs.get("mm_encoder_outputs") or {})
     video = inner.get_video_features(kwargs.pop("pixel_values_videos"), grid, return_dict=True)
-    merged = merge_videos(video.pooler_output, ratio)
+    merged = merge_videos(video.pooler_output, ratio, grid, inner.spatial_merge_size)
     video.pooler_output = tuple(m.tokens for m in merged)
     encoded["video"] = video
     if kwargs.get("pixel_values") is not None:

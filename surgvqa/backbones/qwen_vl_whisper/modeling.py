@@ -210,7 +210,8 @@ class QwenVLWhisperForConditionalGeneration(PreTrainedModel, GenerationMixin):
                                                                return_dict=True)
                 features = video.pooler_output
                 if self.token_kept_ratio != 1.0:  # video token merging (surgvqa.backbones.token_merging)
-                    merged = merge_videos(features, self.token_kept_ratio)
+                    merged = merge_videos(features, self.token_kept_ratio, video_grid_thw,
+                                          vl_config.vision_config.spatial_merge_size)
                     features = [m.tokens for m in merged]
                 embeds = _splice(embeds, input_ids == vl_config.video_token_id, torch.cat(features, dim=0), "video")
         elif self.token_kept_ratio != 1.0:
