@@ -88,4 +88,5 @@ fi
   --frames_dir "${TEST_FRAMES_DIR:-$FRAMES_DIR}" \
   "${eval_audio[@]}" \
   --batch_size "$EVAL_BATCH" \
-  --output_file "$OUTPUT_DIR/test_predictions.jsonl"
+  --output_file "$OUTPUT_DIR/test_predictions.jsonl" \
+  --overwrite True  # the adapter in OUTPUT_DIR was just (re)trained: earlier predictions of it are stale

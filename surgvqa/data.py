@@ -23,11 +23,15 @@ from torch.utils.data import Dataset
 from surgvqa.errors import ArgumentParser, UserError, existing_dir, existing_file, run_main
 from surgvqa.media import (
     ABLATIONS,
+    CONSTANT_VIDEO_ABLATIONS,
     DEFAULT_SAMPLING_RATE,
+    SHUFFLE_ABLATIONS,
+    SILENT_AUDIO_ABLATIONS,
     MediaConfig,
     MediaError,
     audio_duration,
-    grey_like,
+    constant_frames_like,
+    derangement,
     load_audio,
     load_frame,
     load_video_frames,
@@ -50,22 +54,60 @@ from surgvqa.samples import (
 
 
 # ------------------------------------------------------------------------------------------------- dataset
+def ablation_donors(samples: Sequence[Sample], seed: int) -> dict[tuple[str, str], Sample]:
+    """For the shuffle ablations: each sample's donor, another sample (from another video where possible).
+
+    A seeded :func:`~surgvqa.media.derangement` over ``samples`` in their given order, so the same samples and
+    seed always give the same donors (a resumed evaluation serves every sample the same media again).
+    """
+    order = derangement([s.video_id for s in samples], seed)
+    return {s.key: samples[j] for s, j in zip(samples, order, strict=True)}
+
+
 class SurgicalVQADataset(Dataset):
     """Samples plus decoded media: ``{"sample", "frames", "audio"}`` (no tokenization, so items are cheap to cache).
 
     ``frames``: uint8 HxWx3 arrays, subsampled with :func:`subsample_indices` to ``max_frames`` (which overrides
-    ``media.max_frames``: train and eval may differ) and resized to ``media.frame_size``; mean-grey when
-    ``media.ablate`` is ``"video"``/``"both"``. ``audio``: float32 16 kHz mono (``None`` for text questions);
-    silence of the same length when ``ablate`` is ``"audio"``/``"both"``. A file that cannot be read raises
-    :class:`MediaError` naming the sample and the path: nothing is substituted silently.
+    ``media.max_frames``: train and eval may differ) and resized to ``media.frame_size``. ``audio``: float32
+    16 kHz mono (``None`` for text questions). A file that cannot be read raises :class:`MediaError` naming the
+    sample and the path: nothing is substituted silently.
+
+    Modality ablation (``media.ablate``), media still decoded so a missing file is still an error:
+
+    - ``video`` / ``both``: every frame of every sample becomes the constant colour ``video_fill`` (the
+      processor's normalisation mean, i.e. zeros after normalisation), frame count and size kept;
+    - ``audio`` / ``both``: the spoken question becomes silence of the same length;
+    - ``video_shuffle`` / ``audio_shuffle``: the frames / audio of ``donors[sample.key]`` (see
+      :func:`ablation_donors`) instead of the sample's own.
     """
 
-    def __init__(self, samples: Sequence[Sample], media: MediaConfig, max_frames: int | None = None) -> None:
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        media: MediaConfig,
+        max_frames: int | None = None,
+        *,
+        video_fill: Sequence[int] | None = None,
+        donors: dict[tuple[str, str], Sample] | None = None,
+    ) -> None:
         self.samples = list(samples)
         self.media = media
         self.max_frames = max_frames if max_frames is not None else media.max_frames
         if self.max_frames is not None and self.max_frames < 1:
             raise ValueError(f"max_frames must be >= 1 or None, got {self.max_frames}")
+        if media.ablate in CONSTANT_VIDEO_ABLATIONS and video_fill is None:
+            raise ValueError(
+                f"ablate={media.ablate!r} needs video_fill, the constant RGB colour of the ablated frames (the "
+                "processor's normalisation mean)"
+            )
+        if media.ablate in SHUFFLE_ABLATIONS:
+            if donors is None:
+                raise ValueError(f"ablate={media.ablate!r} needs donors (see ablation_donors)")
+            missing = [s.key for s in self.samples if s.key not in donors]
+            if missing:
+                raise ValueError(f"ablate={media.ablate!r}: no donor for {len(missing)} sample(s), e.g. {missing[0]}")
+        self.video_fill = tuple(int(v) for v in video_fill) if video_fill is not None else None
+        self.donors = donors
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -89,25 +131,35 @@ class SurgicalVQADataset(Dataset):
             )
         return frames
 
+    def _audio(self, sample: Sample) -> np.ndarray | None:
+        if not self.media.needs_audio:
+            return None
+        if sample.audio_path is None:
+            raise MediaError(
+                f"question_modality {self.media.question_modality!r} needs audio but the "
+                "sample has no audio_path; build samples with the same MediaConfig"
+            )
+        return load_audio(sample.audio_path, DEFAULT_SAMPLING_RATE)
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         sample = self.samples[i]
+        ablate = self.media.ablate
+        frame_source = self.donors[sample.key] if ablate == "video_shuffle" else sample
+        audio_source = self.donors[sample.key] if ablate == "audio_shuffle" else sample
         try:
-            frames = self._frames(sample)
-            audio = None
-            if self.media.needs_audio:
-                if sample.audio_path is None:
-                    raise MediaError(
-                        f"question_modality {self.media.question_modality!r} needs audio but the "
-                        "sample has no audio_path; build samples with the same MediaConfig"
-                    )
-                audio = load_audio(sample.audio_path, DEFAULT_SAMPLING_RATE)
+            frames = self._frames(frame_source)
+            audio = self._audio(audio_source)
         except MediaError as err:
+            donor = ""
+            if frame_source is not sample or audio_source is not sample:
+                other = frame_source if frame_source is not sample else audio_source
+                donor = f" (media of (video_id={other.video_id!r}, id={other.id!r}) under ablate={ablate!r})"
             raise MediaError(
-                f"sample (video_id={sample.video_id!r}, id={sample.id!r}) from {sample.source or '?'}: {err}"
+                f"sample (video_id={sample.video_id!r}, id={sample.id!r}) from {sample.source or '?'}{donor}: {err}"
             ) from err
-        if self.media.ablate in ("video", "both"):
-            frames = grey_like(frames)
-        if self.media.ablate in ("audio", "both"):
+        if ablate in CONSTANT_VIDEO_ABLATIONS:
+            frames = constant_frames_like(frames, self.video_fill)
+        if ablate in SILENT_AUDIO_ABLATIONS:
             audio = silence_like(audio)
         return {"sample": sample, "frames": frames, "audio": audio}
 
@@ -220,10 +272,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 __all__ = [
     "ABLATIONS",
     "AUDIO_EXTENSIONS",
+    "CONSTANT_VIDEO_ABLATIONS",
     "IMAGE_EXTENSIONS",
     "QUESTION_MODALITIES",
     "REQUIRED_FIELDS",
     "SCORING_FIELDS",
+    "SHUFFLE_ABLATIONS",
+    "SILENT_AUDIO_ABLATIONS",
     "SKIP_HINT",
     "DataError",
     "MediaConfig",
@@ -231,6 +286,7 @@ __all__ = [
     "Problem",
     "Sample",
     "SurgicalVQADataset",
+    "ablation_donors",
     "check_main",
     "load_qa_text",
     "load_samples",

@@ -2,8 +2,8 @@
 decoding, resizing, subsampling, ablation.
 
 A leaf module: of ``surgvqa`` it imports only the leaves ``prompts`` and ``errors``. Every failure to read a file raises :class:`MediaError`
-naming the path; nothing here substitutes data silently (``grey_like``/``silence_like`` exist for explicit
-modality ablation only).
+naming the path; nothing here substitutes data silently (``constant_frames_like``, ``silence_like`` and
+``derangement`` exist for explicit modality ablation only).
 
 Heavy imports (PyAV, soundfile, torch/torchaudio) happen inside the functions that need them, so importing
 this module is cheap.
@@ -33,7 +33,10 @@ class MediaError(ValueError):
     """A media file is missing, unreadable, corrupt, empty, or outside its root."""
 
 
-ABLATIONS = (None, "video", "audio", "both")
+ABLATIONS = (None, "video", "audio", "both", "video_shuffle", "audio_shuffle")
+CONSTANT_VIDEO_ABLATIONS = ("video", "both")  # every frame becomes one constant frame
+SILENT_AUDIO_ABLATIONS = ("audio", "both")  # the spoken question becomes silence of the same length
+SHUFFLE_ABLATIONS = ("video_shuffle", "audio_shuffle")  # another sample's frames / audio
 
 
 # ------------------------------------------------------------------------------------------------- config
@@ -45,8 +48,9 @@ class MediaConfig:
     ``<directory of the data file>/frames``. ``audio_dir``: root of spoken-question audio, required when
     ``question_modality`` is ``"audio"`` or ``"text+audio"``. Templates are formatted with ``video_id``,
     ``frame`` and ``id`` (frames; must use ``{frame}``) or ``video_id`` and ``id`` (audio; must use both, so
-    the audio of ``(002-002, qa_X)`` can never serve ``(002-001, qa_X)``). ``ablate`` replaces the video by
-    mean-grey frames and/or the audio by silence of the same length (modality ablation).
+    the audio of ``(002-002, qa_X)`` can never serve ``(002-001, qa_X)``). ``ablate`` (modality ablation):
+    ``video`` = every frame one constant frame, ``audio`` = silence of the same length, ``both`` = the two,
+    ``video_shuffle`` / ``audio_shuffle`` = another sample's frames / audio (see ``SurgicalVQADataset``).
     """
 
     frames_dir: str | None
@@ -71,10 +75,10 @@ class MediaConfig:
                 "set; pass --audio_dir (generate audio with scripts/make_spoken_questions.py) or use "
                 "--question_modality text"
             )
-        if self.ablate in ("audio", "both") and not self.needs_audio:
+        if self.ablate in ("audio", "both", "audio_shuffle") and not self.needs_audio:
             raise ValueError(
-                f"ablate={self.ablate!r} silences the audio, but question_modality 'text' has no audio; "
-                "use ablate='video' or an audio question_modality"
+                f"ablate={self.ablate!r} removes the spoken question, but question_modality 'text' has no audio; "
+                "use ablate='video' / 'video_shuffle' or an audio question_modality"
             )
         if not isinstance(self.frame_size, int) or self.frame_size < self.pixel_multiple:
             raise ValueError(
@@ -350,15 +354,47 @@ def verify_video(path: Path | str) -> None:
     raise MediaError(f"video file {path} has no decodable frames")
 
 
-def grey_like(frames: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Each frame replaced by a frame of its own per-channel mean (same shape, uint8): video ablation."""
-    out = []
-    for frame in frames:
-        arr = np.asarray(frame)
-        axes = tuple(range(arr.ndim - 1)) if arr.ndim >= 3 else None
-        mean = np.rint(arr.astype(np.float64).mean(axis=axes)).clip(0, 255).astype(np.uint8)
-        out.append(np.broadcast_to(mean, arr.shape).copy())
-    return out
+def constant_frames_like(frames: Sequence[np.ndarray], rgb: Sequence[int]) -> list[np.ndarray]:
+    """Every frame replaced by one constant colour ``rgb`` (same count and shape, uint8): video ablation.
+
+    The colour is the same for every frame of every sample (callers pass the processor's normalisation mean, so
+    the model sees zeros after normalisation); nothing of the clip survives but the frame count and size.
+    """
+    fill = np.asarray(rgb, dtype=np.int64)
+    if fill.shape != (3,) or fill.min() < 0 or fill.max() > 255:
+        raise ValueError(f"constant_frames_like: rgb must be 3 values in 0-255, got {list(rgb)}")
+    return [np.broadcast_to(fill.astype(np.uint8), np.asarray(f).shape).copy() for f in frames]
+
+
+def derangement(groups: Sequence[Any], seed: int) -> list[int]:
+    """A seeded permutation ``p`` with ``p[i] != i`` that gives each position a donor from another group.
+
+    ``groups[i]`` is the group of item ``i`` (the video of a sample). Groups are shuffled internally and in
+    order (seeded), laid out one after another with the largest first, and each position takes the item ``m``
+    places further on (``m`` = the largest group's size). This pairs every item with another group whenever the
+    largest group holds at most half of the items, and otherwise as many items as possible (the rest get another
+    item of their own group). Needs at least two items.
+    """
+    import random
+
+    n = len(groups)
+    if n < 2:
+        raise ValueError(f"a shuffle ablation needs at least 2 samples to exchange media, got {n}")
+    rng = random.Random(seed)
+    members: dict[Any, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    blocks = list(members.values())
+    for block in blocks:
+        rng.shuffle(block)
+    rng.shuffle(blocks)
+    blocks.sort(key=len, reverse=True)  # stable: equal sizes keep their shuffled order
+    order = [i for block in blocks for i in block]
+    shift = len(blocks[0]) if len(blocks[0]) < n else rng.randrange(1, n)
+    donors = [0] * n
+    for pos, item in enumerate(order):
+        donors[item] = order[(pos + shift) % n]
+    return donors
 
 
 # --------------------------------------------------------------------------------------------------- audio

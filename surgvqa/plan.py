@@ -187,9 +187,9 @@ def layout_for(config: dict, backbone_name: str | None = None) -> Layout:
             quant_skip=("model.visual", "lm_head"),
         )
     if backbone_name is None:
-        from surgvqa.backbones import _REGISTRY
+        from surgvqa.backbones import BACKBONES
 
-        matches = [b for b in _REGISTRY.values() if b.matches(config)]
+        matches = [b for b in BACKBONES.values() if b.matches(config)]
         if not matches:
             raise PlanError(f"no backbone plans model_type {model_type!r}: pass --backbone "
                             "(qwen2_5_omni, qwen_vl_whisper) or a Qwen2.5-Omni / Qwen-VL config")

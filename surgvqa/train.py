@@ -16,7 +16,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import (
+    EarlyStoppingCallback,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
 from transformers.trainer_utils import enable_full_determinism
 
 from surgvqa import __version__
@@ -82,7 +89,13 @@ class DataArguments:
     skip_overlong: bool = field(default=False, metadata={"help": "skip (and count) samples longer than the limit"})
     skip_bad_samples: bool = field(default=False, metadata={"help": "skip (and list) samples with bad data"})
     eval_generate_samples: int = field(
-        default=0, metadata={"help": "generate on the first N eval samples each evaluation → eval_accuracy"}
+        default=0,
+        metadata={"help": "generate on N eval samples (seeded, stratified by question type) each evaluation → "
+                          "eval_accuracy; split across processes"},
+    )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={"help": "stop after this many evaluations without improving --metric_for_best_model"},
     )
     eval_max_new_tokens: int = field(default=48)
     eval_batch_size_generate: int = field(default=8)
@@ -154,6 +167,13 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
         raise UserError(
             "--metric_for_best_model accuracy is the generation-scored accuracy: set --eval_generate_samples N"
         )
+    if data_args.early_stopping_patience is not None:
+        if data_args.early_stopping_patience < 1:
+            raise UserError(f"--early_stopping_patience must be >= 1, got {data_args.early_stopping_patience}")
+        if not args.metric_for_best_model or args.eval_strategy == "no":
+            raise UserError(
+                "--early_stopping_patience needs --metric_for_best_model (e.g. eval_accuracy) and an --eval_strategy"
+            )
     if args.eval_strategy != "no" and not data_args.eval_data_path:
         raise UserError(f"--eval_strategy {args.eval_strategy} needs --eval_data_path")
     if model_args.dtype == "auto":
@@ -295,37 +315,87 @@ def assert_lora_placement(model, backbone, allow_vision: bool = False) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- trainer
+def stratified_subset(samples: list[Sample], n: int, seed: int) -> list[Sample]:
+    """A seeded sample of ``n`` samples, every question type represented in proportion (at least one each when
+    ``n`` allows), kept in file order. ``n`` >= len(samples) returns them all."""
+    import random
+    from collections import defaultdict
+
+    if n >= len(samples):
+        return list(samples)
+    by_type: dict[str, list[int]] = defaultdict(list)
+    for i, sample in enumerate(samples):
+        by_type[sample.question_type or ""].append(i)
+    types = sorted(by_type)
+    base = 1 if n >= len(types) else 0
+    quota = dict.fromkeys(types, base)
+    room = {t: len(by_type[t]) - base for t in types}
+    rest = n - base * len(types)
+    shares = {t: rest * room[t] / sum(room.values()) for t in types}
+    for t in types:
+        quota[t] += math.floor(shares[t])
+    for t in sorted(types, key=lambda t: (-(shares[t] - math.floor(shares[t])), t)):  # largest remainders
+        if sum(quota.values()) == n:
+            break
+        if quota[t] < len(by_type[t]):
+            quota[t] += 1
+    rng = random.Random(seed)
+    chosen = [i for t in types for i in rng.sample(by_type[t], quota[t])]
+    return [samples[i] for i in sorted(chosen)]
+
+
 class VQATrainer(Trainer):
-    """Eval loss without keeping logits, plus generation-scored accuracy on a bounded subset."""
+    """Eval loss without keeping logits, plus generation-scored accuracy on a bounded subset.
+
+    The accuracy is computed inside ``evaluation_loop``, so ``eval_accuracy`` is in the metrics that are logged,
+    passed to ``on_evaluate`` (``EarlyStoppingCallback``) and used for ``metric_for_best_model`` /
+    ``load_best_model_at_end``. Generation is split across processes (each generates about N / world_size
+    samples) and the per-sample results are gathered, so every process reports the same numbers.
+    """
 
     def __init__(self, *args, generation_eval: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.generation_eval = generation_eval
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        if self.generation_eval:
-            extra = self.generation_accuracy(metric_key_prefix)
-            self.log(extra)
-            metrics.update(extra)
-        return metrics
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        if self.generation_eval and description == "Evaluation":
+            output.metrics.update(self.generation_accuracy(metric_key_prefix))
+        return output
 
     def generation_accuracy(self, prefix: str = "eval") -> dict[str, float]:
+        from accelerate.utils import gather_object
+
         spec = self.generation_eval
         dataset, collator = spec["dataset"], spec["collator"]
         model = self.accelerator.unwrap_model(self.model)
-        hits, no_eos = 0, 0
         candidates = spec["candidates"]
-        by_key = {s.key: s for s in dataset.samples}
-        for prediction in generate_predictions(
-            model, self.processing_class.tokenizer, dataset, collator,
-            batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"],
-        ):
-            sample = by_key[prediction.key]
-            hits += strict_hit(prediction.text, sample.short_answer, candidates.get(sample.question_type, []))
-            no_eos += not prediction.stopped_by_eos
-        n = len(dataset)
-        return {f"{prefix}_accuracy": hits / n, f"{prefix}_no_eos": no_eos / n}
+        local: list[tuple[int, bool, bool]] = []
+        with self.accelerator.split_between_processes(list(range(len(dataset.samples)))) as mine:
+            part = SurgicalVQADataset([dataset.samples[i] for i in mine], dataset.media)
+            index = {dataset.samples[i].key: i for i in mine}
+            by_key = {s.key: s for s in part.samples}
+            if part.samples:
+                for prediction in generate_predictions(
+                    model, self.processing_class.tokenizer, part, collator,
+                    batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"],
+                ):
+                    sample = by_key[prediction.key]
+                    hit = strict_hit(prediction.text, sample.short_answer, candidates.get(sample.question_type, []))
+                    local.append((index[prediction.key], hit, not prediction.stopped_by_eos))
+        per_rank = gather_object([len(local)])
+        results = gather_object(local)
+        n = len(results)
+        if n != len(dataset.samples) or len({i for i, _, _ in results}) != n:
+            raise RuntimeError(f"generation eval gathered {n} results for {len(dataset.samples)} samples")
+        return {
+            f"{prefix}_accuracy": sum(hit for _, hit, _ in results) / n,
+            f"{prefix}_no_eos": sum(no_eos for _, _, no_eos in results) / n,
+            f"{prefix}_generated": float(n),
+            f"{prefix}_generated_per_process": float(max(per_rank)),
+        }
 
 
 class SurgvqaConfigCallback(TrainerCallback):
@@ -419,7 +489,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
                                      data_args.skip_overlong, data_args.model_max_length)
         eval_dataset = SurgicalVQADataset(eval_samples, eval_media)
         if data_args.eval_generate_samples:
-            subset = eval_samples[: data_args.eval_generate_samples]
+            subset = stratified_subset(eval_samples, data_args.eval_generate_samples,
+                                       args.data_seed if args.data_seed is not None else args.seed)
             generation_eval = {
                 "dataset": SurgicalVQADataset(subset, eval_media),
                 "collator": VQACollator(processor, mode="generate", **settings),
@@ -439,6 +510,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         generation_eval=generation_eval,
         callbacks=[SurgvqaConfigCallback(config, original_rows)],
     )
+    if data_args.early_stopping_patience is not None:
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=data_args.early_stopping_patience))
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():

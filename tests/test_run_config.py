@@ -220,6 +220,7 @@ def test_evaluating_a_checkpoint_without_record(trained_adapter, test_set, tmp_p
     assert summary["preprocessing"] == "flags" and summary["frame_size"] == 56
     assert "allow_default_preprocessing" not in summary
 
-    assert evaluate_main(args + ["--frame_size", "56", "--allow_default_preprocessing", "True"]) == 0
+    assert evaluate_main(args + ["--frame_size", "56", "--allow_default_preprocessing", "True",
+                                 "--overwrite", "True"]) == 0  # replaces the previous p.jsonl
     summary = json.loads((tmp_path / "p.summary.json").read_text())
     assert summary["preprocessing"] == "defaults" and summary["allow_default_preprocessing"] is True

@@ -266,8 +266,8 @@ def graft_for_merging(tmp_path_factory):
 # -------------------------------------------------------------------------------- an adapter trained at 0.5
 @pytest.fixture(scope="module")
 def merged_adapter(tmp_path_factory, tiny_model_dir, test_set) -> tuple[Path, Path]:
-    """50 steps at lr 1e-2 on four samples (8 frames: 16 video tokens merged to 8): greedy decoding reproduces
-    the answers with a logit margin of ~6."""
+    """40 steps at lr 1e-2 on four samples (8 frames: 16 video tokens merged to 8): greedy decoding reproduces
+    the answers with a top-1 - top-2 logit margin above 5 at every step."""
     from surgvqa.train import main as train_main
 
     work = tmp_path_factory.mktemp("merged-adapter")
@@ -280,7 +280,7 @@ def merged_adapter(tmp_path_factory, tiny_model_dir, test_set) -> tuple[Path, Pa
         "--model_name_or_path", str(tiny_model_dir), "--train_data_path", str(data),
         "--frames_dir", str(work / "frames"), "--frame_size", str(FRAME), "--token_kept_ratio", "0.5",
         "--output_dir", str(out), "--per_device_train_batch_size", "4", "--learning_rate", "1e-2",
-        "--max_steps", "50", "--lora_dropout", "0", "--save_strategy", "no", "--logging_steps", "10",
+        "--max_steps", "40", "--lora_dropout", "0", "--save_strategy", "no", "--logging_steps", "10",
         "--use_cpu", "True", "--seed", "0", "--disable_tqdm", "True",
     ])
     assert code == 0

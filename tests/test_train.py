@@ -20,6 +20,8 @@ from surgvqa.train import (
     build_model,
     lora_module_names,
     parse_args,
+    stratified_subset,
+    train,
     validate_args,
 )
 
@@ -230,7 +232,10 @@ def test_two_process_ddp_on_cpu(tiny_model_dir, test_set, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
          str(REPO / "train_vqa.py"),
-         *_args(tiny_model_dir, test_set, out, "--max_steps", "3", "--save_strategy", "no", "--ddp_backend", "gloo")],
+         *_args(tiny_model_dir, test_set, out, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "3",
+                "--ddp_backend", "gloo", "--eval_data_path", str(test_set / "out_002-001.jsonl"),
+                "--eval_strategy", "steps", "--eval_steps", "3", "--per_device_eval_batch_size", "4",
+                "--eval_generate_samples", "8", "--eval_max_new_tokens", "8")],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -239,6 +244,11 @@ def test_two_process_ddp_on_cpu(tiny_model_dir, test_set, tmp_path):
     assert state["train_loss"] > 0
     # 3 steps x 2 per device x 2 processes = 12 of 50 samples: both ranks consumed data
     assert state["epoch"] == pytest.approx(12 / 50, abs=0.01)
+    # generation-scored accuracy: 8 samples, split 4 + 4 between the two processes, gathered
+    logged = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
+    evaluation = next(entry for entry in logged if "eval_accuracy" in entry)
+    assert evaluation["eval_generated"] == 8 and evaluation["eval_generated_per_process"] == 4
+    assert 0.0 <= evaluation["eval_accuracy"] <= 1.0
 
 
 def test_shipped_recipe_config_parses():
@@ -253,3 +263,51 @@ def test_shipped_recipe_config_parses():
     model_args, data_args, lora_args, args = parser.parse_dict({**config, "use_cpu": True})
     assert args.metric_for_best_model == "eval_accuracy" or args.metric_for_best_model == "accuracy"
     assert (data_args.max_train_frames, data_args.frame_size, args.gradient_accumulation_steps) == (8, 384, 4)
+
+
+def _sample(i: int, qtype: str):
+    from surgvqa.data import Sample
+
+    return Sample(video_id="v", id=f"q{i}", question="?", answer="a", question_type=qtype, short_answer="yes")
+
+
+def test_stratified_subset_is_seeded_proportional_and_covers_every_type():
+    samples = [_sample(i, t) for i, t in enumerate(["a"] * 60 + ["b"] * 30 + ["c"] * 9 + ["d"])]
+    subset = stratified_subset(samples, 20, seed=0)
+    counts = {t: sum(s.question_type == t for s in subset) for t in "abcd"}
+    assert counts == {"a": 11, "b": 6, "c": 2, "d": 1}  # 1 each, then 16 in proportion to the rest
+    assert len({s.key for s in subset}) == 20
+    assert [samples.index(s) for s in subset] == sorted(samples.index(s) for s in subset)  # file order
+    assert stratified_subset(samples, 20, seed=0) == subset
+    assert stratified_subset(samples, 20, seed=1) != subset
+    # not the first N lines (which would all be type "a")
+    assert subset != samples[:20]
+    assert stratified_subset(samples, 500, seed=0) == samples
+    assert len(stratified_subset(samples, 3, seed=0)) == 3  # fewer than the types: the largest shares
+
+
+def test_eval_accuracy_reaches_early_stopping_and_best_model(tiny_model_dir, test_set, tmp_path):
+    """eval_accuracy is in the metrics on_evaluate sees: EarlyStoppingCallback(patience=1) on eval_accuracy stops
+    the run (learning rate 0: the accuracy cannot improve after the first evaluation), and the best checkpoint is
+    chosen by it."""
+    out = tmp_path / "early"
+    parsed = parse_args(_args(
+        tiny_model_dir, test_set, out, "--max_steps", "20", "--learning_rate", "0",
+        "--eval_data_path", str(test_set / "out_002-001.jsonl"), "--eval_strategy", "steps", "--eval_steps", "2",
+        "--save_strategy", "steps", "--save_steps", "2", "--per_device_eval_batch_size", "8",
+        "--eval_generate_samples", "6", "--eval_max_new_tokens", "8", "--metric_for_best_model", "eval_accuracy",
+        "--load_best_model_at_end", "True", "--early_stopping_patience", "1",
+    ))
+    trainer = train(*parsed)["trainer"]
+    evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert [e["step"] for e in evaluations] == [2, 4]  # stopped after one evaluation without improvement
+    assert all("eval_accuracy" in e and e["eval_generated"] == 6 for e in evaluations)
+    assert trainer.state.global_step == 4
+    assert trainer.state.best_metric == evaluations[0]["eval_accuracy"]
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+
+
+def test_early_stopping_needs_a_metric(tiny_model_dir, test_set, tmp_path):
+    parsed = parse_args(_args(tiny_model_dir, test_set, tmp_path / "x", "--early_stopping_patience", "1"))
+    with pytest.raises(ValueError, match="needs --metric_for_best_model"):
+        validate_args(*parsed)
