@@ -61,7 +61,9 @@ def test_v0_file_reads_and_round_trips_as_v1(tmp_path):
     assert config.lora["lora_r"] == 16 and config.original_vocab_rows == 151936
     written = json.loads(config.write(tmp_path / "v1").read_text())
     assert written["schema_version"] == SCHEMA_VERSION
-    assert {k: v for k, v in written.items() if k not in ("schema_version", "base_model_relative")} == V0_TRAINING
+    assert written["token_kept_ratio"] == 1.0  # a setting added since: written with its default (no merging)
+    assert {k: v for k, v in written.items()
+            if k not in ("schema_version", "base_model_relative", "token_kept_ratio")} == V0_TRAINING
     assert RunConfig.read(tmp_path / "v1") == dataclasses.replace(config, base_model_relative=written[
         "base_model_relative"])
 
