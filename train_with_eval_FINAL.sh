@@ -23,6 +23,7 @@ OUTPUT_DIR=${OUTPUT_DIR:-outputs/qwen2_5_omni_lora}
 QUESTION_MODALITY=${QUESTION_MODALITY:-text+audio}
 FRAME_SIZE=${FRAME_SIZE:-384}
 FRAMES=${FRAMES:-8}
+TOKEN_KEPT_RATIO=${TOKEN_KEPT_RATIO:-1.0}  # video token merging (1.0 = off); evaluation reads it from the checkpoint
 EPOCHS=${EPOCHS:-20}
 MAX_STEPS=${MAX_STEPS:--1}
 LR=${LR:-2e-4}
@@ -52,6 +53,7 @@ fi
   --frame_size "$FRAME_SIZE" \
   --max_train_frames "$FRAMES" \
   --max_eval_frames "$FRAMES" \
+  --token_kept_ratio "$TOKEN_KEPT_RATIO" \
   --output_dir "$OUTPUT_DIR" \
   --per_device_train_batch_size "$BATCH" \
   --per_device_eval_batch_size "$BATCH" \

@@ -267,8 +267,9 @@ def graft_for_merging(tmp_path_factory):
 @pytest.fixture(scope="module")
 def merged_adapter(tmp_path_factory, tiny_model_dir, test_set) -> tuple[Path, Path]:
     """40 steps at lr 1e-2 on four samples (8 frames: 16 video tokens merged to 8): greedy decoding reproduces
-    the answers with a top-1 - top-2 logit margin above 5 at every step."""
-    from surgvqa.train import main as train_main
+    the answers with a top-1 - top-2 logit margin above 5 at every step. The in-training evaluation (loss and
+    generated answers, on the same four samples) runs once, at the end."""
+    from surgvqa.train import parse_args, train
 
     work = tmp_path_factory.mktemp("merged-adapter")
     data = work / "train.jsonl"
@@ -276,14 +277,16 @@ def merged_adapter(tmp_path_factory, tiny_model_dir, test_set) -> tuple[Path, Pa
     data.write_text("\n".join(line for line in lines if json.loads(line)["id"] in MEMORISE_IDS) + "\n")
     (work / "frames").symlink_to(test_set / "frames", target_is_directory=True)
     out = work / "adapter"
-    code = train_main([
+    trainer = train(*parse_args([
         "--model_name_or_path", str(tiny_model_dir), "--train_data_path", str(data),
         "--frames_dir", str(work / "frames"), "--frame_size", str(FRAME), "--token_kept_ratio", "0.5",
         "--output_dir", str(out), "--per_device_train_batch_size", "4", "--learning_rate", "1e-2",
         "--max_steps", "40", "--lora_dropout", "0", "--save_strategy", "no", "--logging_steps", "10",
+        "--eval_data_path", str(data), "--eval_strategy", "steps", "--eval_steps", "40",
+        "--per_device_eval_batch_size", "4", "--eval_generate_samples", "4", "--eval_max_new_tokens", "32",
         "--use_cpu", "True", "--seed", "0", "--disable_tqdm", "True",
-    ])
-    assert code == 0
+    ]))["trainer"]
+    (work / "log_history.json").write_text(json.dumps(trainer.state.log_history))
     return out, data
 
 
@@ -304,11 +307,15 @@ def adapter_model(merged_adapter, test_set):
     return model, processor, config, dataset, collator
 
 
-def test_training_records_the_ratio(merged_adapter):
+def test_training_records_the_ratio_and_evaluates_with_it(merged_adapter):
     adapter, _ = merged_adapter
     record = json.loads((adapter / "surgvqa_config.json").read_text())
     assert record["token_kept_ratio"] == 0.5
     assert json.loads((adapter / "train_results.json").read_text())["train_loss"] > 0
+    # in-training evaluation, merged as in training: teacher-forced loss and generated answers
+    (evaluation,) = [e for e in json.loads((adapter.parent / "log_history.json").read_text()) if "eval_loss" in e]
+    assert evaluation["step"] == 40 and 0 < evaluation["eval_loss"] < 0.5
+    assert evaluation["eval_accuracy"] == 1.0 and evaluation["eval_generated"] == 4
 
 
 def test_batch_one_and_four_give_the_same_answers_and_exact_new_tokens(adapter_model):
