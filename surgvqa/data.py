@@ -65,12 +65,16 @@ def ablation_donors(samples: Sequence[Sample], seed: int) -> dict[tuple[str, str
 
 
 class SurgicalVQADataset(Dataset):
-    """Samples plus decoded media: ``{"sample", "frames", "audio"}`` (no tokenization, so items are cheap to cache).
+    """Samples plus decoded media: ``{"sample", "frames", "audio", "frame_indices", "frame_times"}`` (no
+    tokenization, so items are cheap to cache).
 
     ``frames``: uint8 HxWx3 arrays, subsampled with :func:`subsample_indices` to ``max_frames`` (which overrides
-    ``media.max_frames``: train and eval may differ) and resized to ``media.frame_size``. ``audio``: float32
-    16 kHz mono (``None`` for text questions). A file that cannot be read raises :class:`MediaError` naming the
-    sample and the path: nothing is substituted silently.
+    ``media.max_frames``: train and eval may differ) and resized to the pixel budget ``media.budget``. ``audio``:
+    float32 16 kHz mono (``None`` for text questions). A file that cannot be read raises :class:`MediaError` naming
+    the sample and the path: nothing is substituted silently. For the video clock the item also carries
+    ``frame_indices`` (which of the line's frames were kept), ``frame_numbers`` (their ``frame_numbers`` entries,
+    when the line has them) and, for a video file, ``frame_times`` (the kept frames' presentation times in seconds);
+    the collator turns them into the M-RoPE time step.
 
     Modality ablation (``media.ablate``), media still decoded so a missing file is still an error:
 
@@ -112,16 +116,23 @@ class SurgicalVQADataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _frames(self, sample: Sample) -> list[np.ndarray]:
-        size, grid = self.media.frame_size, self.media.pixel_multiple
+    def _frames(self, sample: Sample, timing: dict[str, Any]) -> list[np.ndarray]:
+        size, grid = self.media.budget, self.media.pixel_multiple
         if sample.video_path is not None:
             n = self.media.num_video_frames
             if self.max_frames is not None:
                 n = min(n, self.max_frames)
-            return load_video_frames(sample.video_path, n, size, grid)
+            times: list[float] = []
+            frames = load_video_frames(sample.video_path, n, size, grid, times=times)
+            timing["frame_times"] = times or None
+            return frames
         if not sample.frame_paths:
             raise MediaError("sample has neither frame_paths nor video_path")
         indices = subsample_indices(len(sample.frame_paths), self.max_frames)
+        timing["frame_indices"] = indices
+        numbers = sample.extra.get("frame_numbers")
+        if isinstance(numbers, list) and len(numbers) == len(sample.frame_paths):
+            timing["frame_numbers"] = [numbers[i] for i in indices]
         frames = [load_frame(sample.frame_paths[i], size, grid) for i in indices]
         shapes = {f.shape for f in frames}
         if len(shapes) > 1:
@@ -146,8 +157,9 @@ class SurgicalVQADataset(Dataset):
         ablate = self.media.ablate
         frame_source = self.donors[sample.key] if ablate == "video_shuffle" else sample
         audio_source = self.donors[sample.key] if ablate == "audio_shuffle" else sample
+        timing: dict[str, Any] = {"frame_indices": None, "frame_numbers": None, "frame_times": None}
         try:
-            frames = self._frames(frame_source)
+            frames = self._frames(frame_source, timing)
             audio = self._audio(audio_source)
         except MediaError as err:
             donor = ""
@@ -161,7 +173,7 @@ class SurgicalVQADataset(Dataset):
             frames = constant_frames_like(frames, self.video_fill)
         if ablate in SILENT_AUDIO_ABLATIONS:
             audio = silence_like(audio)
-        return {"sample": sample, "frames": frames, "audio": audio}
+        return {"sample": sample, "frames": frames, "audio": audio, **timing}
 
 
 # ------------------------------------------------------------------------------------------------- summary
@@ -203,7 +215,11 @@ def make_check_parser(subparsers=None) -> argparse.ArgumentParser:
         check = subparsers.add_parser("check", help=description, description=description)
     check.add_argument("--data_path", required=True, help="JSONL file, one sample per line")
     check.add_argument("--frames_dir", default=None, help="root of frame images (default: <data dir>/frames)")
-    check.add_argument("--audio_dir", default=None, help="root of spoken-question audio")
+    check.add_argument(
+        "--audio_dir", default=None,
+        help="root of spoken-question audio; when given, every sample's audio is found and decoded, whatever "
+        "--question_modality says",
+    )
     check.add_argument("--frame_path_template", default=MediaConfig.frame_path_template)
     check.add_argument("--audio_path_template", default=MediaConfig.audio_path_template)
     check.add_argument("--question_modality", default=MediaConfig.question_modality, choices=QUESTION_MODALITIES)
@@ -238,11 +254,18 @@ def check(args: argparse.Namespace) -> int:
     )
     try:
         samples, problems = load_samples(
-            args.data_path, media, require_scoring_fields=args.require_scoring_fields, skip_bad=True
+            args.data_path, media, require_scoring_fields=args.require_scoring_fields, skip_bad=True,
+            decode_media=True, check_audio=True,
         )
     except DataError as err:
         samples, problems = [], err.problems
     print(json.dumps({"data_path": args.data_path, **summarize_samples(samples)}, indent=2))
+    print(
+        "media: every frame, video and audio file decoded with the training loader's own decoders"
+        if args.audio_dir else
+        "media: every frame and video file decoded with the training loader's own decoders; audio NOT checked "
+        "(no --audio_dir given)"
+    )
     for problem in problems:
         print(f"PROBLEM {problem}")
     if problems:

@@ -44,6 +44,7 @@ from surgvqa.data import (
 )
 from surgvqa.errors import existing_dir, existing_file, one_line_errors, run_main, writable_file
 from surgvqa.generate import generate_predictions
+from surgvqa.media import ABLATION_REMOVES
 from surgvqa.metrics import SCORING_VERSION, build_candidates, paired_comparison, parse_baseline, score_record
 from surgvqa.report import (
     META_DEFAULTS,
@@ -126,15 +127,6 @@ class EvalArguments:
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)"})
 
 
-# What each ablation removes, as the paired comparison's verdict names it ("video carries X pts").
-REMOVED = {
-    "video": "video",
-    "audio": "audio",
-    "both": "video and audio",
-    "video_shuffle": "the sample's own video",
-    "audio_shuffle": "the sample's own audio",
-}
-
 
 def video_fill(processor, frames_as: str) -> tuple[int, int, int]:
     """The uint8 RGB colour that the processor normalises to (about) zero: its normalisation mean."""
@@ -149,7 +141,7 @@ def video_fill(processor, frames_as: str) -> tuple[int, int, int]:
 def compare_with(records: list[dict], reference: str, candidates: dict | None, ablate: str | None) -> dict:
     """Paired comparison of this run's records with a reference run's predictions file (or its summary)."""
     path = predictions_path_for(reference)
-    result = paired_comparison(records, read_predictions(path), candidates, removed=REMOVED.get(ablate))
+    result = paired_comparison(records, read_predictions(path), candidates, removed=ABLATION_REMOVES.get(ablate))
     return {"reference": str(path.resolve()), **result}
 
 
@@ -279,6 +271,9 @@ def check_paths(args: EvalArguments) -> None:
             raise ValueError(f"--{name} is required (or use --score_predictions FILE)")
     existing_dir(args.checkpoint_path, "--checkpoint_path")
     existing_file(args.eval_data_path, "--eval_data_path")
+    for name in ("frames_dir", "audio_dir"):
+        if getattr(args, name):
+            existing_dir(getattr(args, name), f"--{name}")
     writable_file(args.output_file, "--output_file")
     if args.compare:
         existing_file(args.compare, "--compare")

@@ -124,7 +124,8 @@ def test_media_config_and_collator_settings_come_from_the_record(tmp_path):
     assert (media.frame_size, media.max_frames, media.question_modality, media.ablate) == (56, 4, "text+audio",
                                                                                             "video")
     assert config.collator_kwargs() == {"question_modality": "text+audio", "frame_size": 56, "frames_as": "video",
-                                        "fps": 2.0, "system_prompt": "You are a surgical video assistant.",
+                                        "fps": 2.0, "video_fps": None, "max_pixels": None, "min_pixels": None,
+                                        "system_prompt": "You are a surgical video assistant.",
                                         "token_kept_ratio": 1.0}  # files from before token merging: off
 
 
