@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Video token merging (``--token_kept_ratio``): tokens, step time, memory and held-out accuracy per ratio.
 
-    python benchmarks/token_merging.py [--quick] [--ratios 1.0,0.5,0.25] [--frame_size 112] [--epochs 3]
+    python benchmarks/token_merging.py [--quick] [--ratios 1.0,0.5,0.25] [--frame_size 112] [--epochs 6]
 
 1. Tiny thinker (scripts/make_tiny_model.py), 8 frames of ``--frame_size`` px, text questions:
    a. step time, side by side in one process: the same collated batch at every ratio, one LoRA training step
@@ -155,7 +155,7 @@ def child_accuracy(args: argparse.Namespace) -> None:
         "per_type_majority": {t: v.get("majority_baseline", v.get("baseline", 0.0))
                               for t, v in summary["per_type"].items()},
         "train_loss": trained.get("train_loss"), "train_runtime": trained.get("train_runtime"), "steps": steps,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(), "predictions": str(predictions),
     })
 
 
@@ -186,10 +186,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer clips, one epoch, fewer timing rounds")
     parser.add_argument("--ratios", default="1.0,0.5,0.25")
     parser.add_argument("--frame_size", type=int, default=112)
-    parser.add_argument("--train_clips", type=int, default=200, help="3 questions each, before the type filter")
-    parser.add_argument("--held_out_clips", type=int, default=60)
+    parser.add_argument("--train_clips", type=int, default=300, help="3 questions each, before the type filter")
+    parser.add_argument("--held_out_clips", type=int, default=120)
     parser.add_argument("--question_types", default=",".join(STATIC_TYPES))
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=7, help="timing rounds (after one warm-up round)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--skip_accuracy", action="store_true", help="only the step timing and the 7B plan")
@@ -235,21 +235,29 @@ def main() -> int:
     )
 
     if not args.skip_accuracy:
+        from surgvqa.metrics import paired_comparison
+        from surgvqa.report import read_predictions
+
         runs = Path(REPO / "runs" / "bench" / f"merge-runs-{_digest(args.train_clips, args.epochs, args.frame_size)}")
         jobs = [(script, ["--child", "accuracy", "--data", str(train), "--held_out", str(held_out), "--ratio",
                           f"{r:g}", "--out", str(runs / f"r{r:g}-{int(time.time())}"), "--epochs",
                           str(args.epochs), *common]) for r in ratios]
         log(f"training + held-out evaluation at each ratio ({len(jobs)} fresh processes, one after the other) ...")
         results = run_children(jobs, parallel=1, timeout=6 * 3600)
+        reference = read_predictions(results[0]["predictions"])
+        paired = [paired_comparison(read_predictions(res["predictions"]), reference)["overall"] for res in results]
         print_table(
-            ["token_kept_ratio", "held-out accuracy", "majority baseline", "n", "train loss", "s/step (info)",
-             "peak RSS MiB"],
+            ["token_kept_ratio", "held-out accuracy", "majority baseline", "n", f"vs {ratios[0]:g}: difference",
+             "95% CI", "b / c", "McNemar p", "train loss", "s/step (info)", "peak RSS MiB"],
             [[f"{res['ratio']:g}", round(res["accuracy"], 3), round(res["baseline"], 3), res["n"],
-              round(res["train_loss"], 3), round(res["train_runtime"] / max(1, res["steps"]), 3),
-              round(res["peak_rss_mb"], 1)] for res in results],
+              f"{pair['difference']:+.3f}", "[{:+.3f}, {:+.3f}]".format(*pair["difference_ci95"]),
+              f"{pair['b']} / {pair['c']}", round(pair["p_value"], 3), round(res["train_loss"], 3),
+              round(res["train_runtime"] / max(1, res["steps"]), 3), round(res["peak_rss_mb"], 1)]
+             for res, pair in zip(results, paired, strict=True)],
             title=f"1b. tiny thinker trained and evaluated at each ratio: {n_train} training samples "
                   f"(videos {', '.join(TRAIN_VIDEOS)}), {args.epochs} epoch(s); held-out: "
-                  f"{n_held_out} questions on video {HELD_OUT_VIDEO[0]}; types {', '.join(types)}",
+                  f"{n_held_out} questions on video {HELD_OUT_VIDEO[0]}; types {', '.join(types)}; paired with "
+                  f"the {ratios[0]:g} run on the same questions (b: only {ratios[0]:g} right, c: only this ratio)",
         )
         per_type = sorted({t for res in results for t in res["per_type"]})
         print_table(["token_kept_ratio", *per_type],
