@@ -6,7 +6,7 @@
 1. Tiny thinker (scripts/make_tiny_model.py), 8 frames of ``--frame_size`` px, text questions:
    a. step time, side by side in one process: the same collated batch at every ratio, one LoRA training step
       (forward + backward + AdamW) per ratio per round, rounds alternating; median seconds and the ratio to 1.0.
-   b. accuracy, one fresh process per ratio (run one after the other): ``train_vqa.py`` on a synthetic training
+   b. accuracy, one fresh process per ratio and training seed (``--seeds``): ``train_vqa.py`` on a synthetic training
       split (scripts/make_synthetic_dataset.py; videos 002-002...002-005; every answer is a function of the
       pixels), then ``evaluate_checkpoint.py`` on held-out clips of another video (002-006) - trained and evaluated
       at that ratio; peak RSS of the process, seconds per optimizer step (train_runtime / steps, information: the
@@ -134,7 +134,7 @@ def child_accuracy(args: argparse.Namespace) -> None:
         "--token_kept_ratio", args.ratio, "--output_dir", str(out), "--per_device_train_batch_size", "4",
         "--learning_rate", "5e-3", "--num_train_epochs", str(args.epochs), "--train_projectors", "True",
         "--lora_r", "16", "--lora_alpha", "32", "--warmup_steps", "0.05", "--lr_scheduler_type", "cosine",
-        "--save_strategy", "no", "--logging_steps", "50", "--use_cpu", "True", "--seed", "0",
+        "--save_strategy", "no", "--logging_steps", "50", "--use_cpu", "True", "--seed", str(args.seed),
         "--disable_tqdm", "True", "--dataloader_num_workers", "0",
     ]
     if train_main(flags) != 0:
@@ -149,7 +149,7 @@ def child_accuracy(args: argparse.Namespace) -> None:
         raise SystemExit("evaluation failed")
     summary = json.loads(predictions.with_suffix(".summary.json").read_text())
     emit_result({
-        "ratio": float(args.ratio), "accuracy": summary["accuracy"], "baseline": summary["baseline"],
+        "ratio": float(args.ratio), "seed": args.seed, "accuracy": summary["accuracy"], "baseline": summary["baseline"],
         "n": summary["n"], "token_kept_ratio": summary["token_kept_ratio"],
         "per_type": {t: v["accuracy"] for t, v in summary["per_type"].items()},
         "per_type_majority": {t: v.get("majority_baseline", v.get("baseline", 0.0))
@@ -190,8 +190,12 @@ def main() -> int:
     parser.add_argument("--held_out_clips", type=int, default=120)
     parser.add_argument("--question_types", default=",".join(STATIC_TYPES))
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=7, help="timing rounds (after one warm-up round)")
+    parser.add_argument("--rounds", type=int, default=15, help="timing rounds (after one warm-up round)")
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seeds", default="0,1,2", help="training seeds (LoRA init, data order) per ratio")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="training runs at a time (peak RSS stays per process; their s/step is then information)")
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--skip_accuracy", action="store_true", help="only the step timing and the 7B plan")
     parser.add_argument("--child", choices=("steps", "accuracy"), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -238,33 +242,49 @@ def main() -> int:
         from surgvqa.metrics import paired_comparison
         from surgvqa.report import read_predictions
 
+        seeds = [int(x) for x in args.seeds.split(",")]
         runs = Path(REPO / "runs" / "bench" / f"merge-runs-{_digest(args.train_clips, args.epochs, args.frame_size)}")
+        stamp = int(time.time())
         jobs = [(script, ["--child", "accuracy", "--data", str(train), "--held_out", str(held_out), "--ratio",
-                          f"{r:g}", "--out", str(runs / f"r{r:g}-{int(time.time())}"), "--epochs",
-                          str(args.epochs), *common]) for r in ratios]
-        log(f"training + held-out evaluation at each ratio ({len(jobs)} fresh processes, one after the other) ...")
-        results = run_children(jobs, parallel=1, timeout=6 * 3600)
-        reference = read_predictions(results[0]["predictions"])
-        paired = [paired_comparison(read_predictions(res["predictions"]), reference)["overall"] for res in results]
+                          f"{r:g}", "--seed", str(seed), "--out", str(runs / f"r{r:g}-seed{seed}-{stamp}"),
+                          "--epochs", str(args.epochs), *common]) for seed in seeds for r in ratios]
+        log(f"training + held-out evaluation at each ratio and seed ({len(jobs)} fresh processes, "
+            f"{args.parallel} at a time) ...")
+        results = run_children(jobs, parallel=args.parallel, timeout=6 * 3600)
+        rows, by_ratio = [], {r: [] for r in ratios}
+        for seed in seeds:
+            mine = [res for res in results if res["seed"] == seed]
+            reference = read_predictions(mine[0]["predictions"])  # the first ratio, same seed
+            for res in mine:
+                pair = paired_comparison(read_predictions(res["predictions"]), reference)["overall"]
+                by_ratio[res["ratio"]].append(res)
+                rows.append([f"{res['ratio']:g}", seed, round(res["accuracy"], 3), res["n"],
+                             f"{pair['difference']:+.3f}", "[{:+.3f}, {:+.3f}]".format(*pair["difference_ci95"]),
+                             f"{pair['b']} / {pair['c']}", round(pair["p_value"], 3), round(res["train_loss"], 3),
+                             round(res["train_runtime"] / max(1, res["steps"]), 3), round(res["peak_rss_mb"], 1)])
         print_table(
-            ["token_kept_ratio", "held-out accuracy", "majority baseline", "n", f"vs {ratios[0]:g}: difference",
-             "95% CI", "b / c", "McNemar p", "train loss", "s/step (info)", "peak RSS MiB"],
-            [[f"{res['ratio']:g}", round(res["accuracy"], 3), round(res["baseline"], 3), res["n"],
-              f"{pair['difference']:+.3f}", "[{:+.3f}, {:+.3f}]".format(*pair["difference_ci95"]),
-              f"{pair['b']} / {pair['c']}", round(pair["p_value"], 3), round(res["train_loss"], 3),
-              round(res["train_runtime"] / max(1, res["steps"]), 3), round(res["peak_rss_mb"], 1)]
-             for res, pair in zip(results, paired, strict=True)],
+            ["token_kept_ratio", "seed", "held-out accuracy", "n", f"vs {ratios[0]:g}: difference", "95% CI",
+             "b / c", "McNemar p", "train loss", "s/step (info)", "peak RSS MiB"],
+            rows,
             title=f"1b. tiny thinker trained and evaluated at each ratio: {n_train} training samples "
-                  f"(videos {', '.join(TRAIN_VIDEOS)}), {args.epochs} epoch(s); held-out: "
-                  f"{n_held_out} questions on video {HELD_OUT_VIDEO[0]}; types {', '.join(types)}; paired with "
-                  f"the {ratios[0]:g} run on the same questions (b: only {ratios[0]:g} right, c: only this ratio)",
+                  f"(videos {', '.join(TRAIN_VIDEOS)}), {args.epochs} epoch(s); held-out: {n_held_out} questions "
+                  f"on video {HELD_OUT_VIDEO[0]} (majority baseline {results[0]['baseline']:.3f}); types "
+                  f"{', '.join(types)}; each run paired with the {ratios[0]:g} run of its seed on the same "
+                  f"questions (b: only {ratios[0]:g} right, c: only this ratio right)",
+        )
+        print_table(
+            ["token_kept_ratio", "mean held-out accuracy", "min", "max", "peak RSS MiB (max)"],
+            [[f"{r:g}", round(sum(x["accuracy"] for x in by_ratio[r]) / len(by_ratio[r]), 3),
+              round(min(x["accuracy"] for x in by_ratio[r]), 3), round(max(x["accuracy"] for x in by_ratio[r]), 3),
+              round(max(x["peak_rss_mb"] for x in by_ratio[r]), 1)] for r in ratios],
+            title=f"1c. over the {len(seeds)} seed(s) {args.seeds}",
         )
         per_type = sorted({t for res in results for t in res["per_type"]})
-        print_table(["token_kept_ratio", *per_type],
-                    [[f"{res['ratio']:g}", *(round(res["per_type"].get(t, float("nan")), 2) for t in per_type)]
-                     for res in results] + [["majority", *(round(results[0]["per_type_majority"].get(t, 0), 2)
-                                                            for t in per_type)]],
-                    title="1c. held-out accuracy per question type")
+        print_table(["token_kept_ratio", "seed", *per_type],
+                    [[f"{res['ratio']:g}", res["seed"],
+                      *(round(res["per_type"].get(t, float("nan")), 2) for t in per_type)] for res in results]
+                    + [["majority", "", *(round(results[0]["per_type_majority"].get(t, 0), 2) for t in per_type)]],
+                    title="1d. held-out accuracy per question type")
 
     print_table(
         ["token_kept_ratio", "video tokens", "train tokens/sample", "eval prompt tokens", "train GiB (plan)",
