@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Video token merging (``--token_kept_ratio``): tokens, step time, memory and held-out accuracy per ratio.
 
-    python benchmarks/token_merging.py [--quick] [--ratios 1.0,0.5,0.25] [--frame_size 112] [--epochs 6]
+    python benchmarks/token_merging.py [--quick] [--ratios 1.0,0.5,0.25] [--seeds 0,1,2] [--epochs 6] [--parallel 2]
 
 1. Tiny thinker (scripts/make_tiny_model.py), 8 frames of ``--frame_size`` px, text questions:
    a. step time, side by side in one process: the same collated batch at every ratio, one LoRA training step
