@@ -5,9 +5,9 @@
 #   MODEL=/models/Qwen2.5-Omni-7B DATA=/data/real-colon-vqa bash train_with_eval_FINAL.sh --load_in_4bit True
 #
 # Variables: MODEL DATA TRAIN_DATA VAL_DATA TEST_DATA FRAMES_DIR EVAL_FRAMES_DIR TEST_FRAMES_DIR AUDIO_DIR
-# EVAL_AUDIO_DIR TEST_AUDIO_DIR OUTPUT_DIR QUESTION_MODALITY FRAME_SIZE FRAMES EPOCHS MAX_STEPS LR BATCH GRAD_ACC
-# LORA_R (alpha = 2 r) EVAL_GENERATE_SAMPLES EVAL_STRATEGY EVAL_STEPS PRECISION (replaces "--bf16 True") EVAL_BATCH
-# WORKERS PYTHON CONFIG.
+# EVAL_AUDIO_DIR TEST_AUDIO_DIR OUTPUT_DIR QUESTION_MODALITY FRAME_SIZE FRAMES TOKEN_KEPT_RATIO EPOCHS MAX_STEPS LR
+# BATCH GRAD_ACC LORA_R (alpha = 2 r) EVAL_GENERATE_SAMPLES EVAL_STRATEGY EVAL_STEPS PRECISION (replaces
+# "--bf16 True") EVAL_BATCH WORKERS PYTHON CONFIG.
 #
 # Rerun after a crash with the same settings: training resumes from the last complete checkpoint in OUTPUT_DIR
 # (--resume_from_checkpoint auto). An OUTPUT_DIR holding another run's files is refused, never overwritten.
@@ -56,6 +56,7 @@ fi
 [[ -n "${OUTPUT_DIR:-}" ]] && flag output_dir "$OUTPUT_DIR"
 [[ -n "${FRAME_SIZE:-}" ]] && flag frame_size "$FRAME_SIZE"
 [[ -n "${FRAMES:-}" ]] && { flag max_train_frames "$FRAMES"; flag max_eval_frames "$FRAMES"; }
+[[ -n "${TOKEN_KEPT_RATIO:-}" ]] && flag token_kept_ratio "$TOKEN_KEPT_RATIO"
 [[ -n "${EPOCHS:-}" ]] && flag num_train_epochs "$EPOCHS"
 [[ -n "${MAX_STEPS:-}" ]] && flag max_steps "$MAX_STEPS"
 [[ -n "${LR:-}" ]] && flag learning_rate "$LR"

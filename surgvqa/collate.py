@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from surgvqa.backbones.base import vision_grid
+from surgvqa.backbones.base import kept_video_tokens, vision_grid
+from surgvqa.backbones.token_merging import merge_placeholders
 from surgvqa.media import MediaConfig, PixelBudget
 from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, build_messages, check_question_modality
 from surgvqa.run_config import DEFAULT_FPS, FRAMES_AS
@@ -86,6 +87,8 @@ class VQACollator:
     video_fps: float | None = None
     max_pixels: int | None = None
     min_pixels: int | None = None
+    #: video token merging: each video gets ceil(r x n) placeholders (the model merges its tokens to match)
+    token_kept_ratio: float = 1.0
     _warned_odd: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -107,6 +110,27 @@ class VQACollator:
         if self.video_fps is not None and self.video_fps <= 0:
             raise ValueError(f"video_fps must be > 0 (the source video's frame rate) or None, got {self.video_fps!r}")
         self.budget = PixelBudget(self.frame_size, self.max_pixels, self.min_pixels, self.grid_factor)
+        self._check_token_merging()
+
+    def _check_token_merging(self) -> None:
+        kept_video_tokens(1, self.token_kept_ratio)  # (0, 1]
+        if self.token_kept_ratio == 1.0:
+            return
+        if self.frames_as != "video":
+            raise ValueError("token_kept_ratio < 1 merges the tokens of a video: it needs frames_as='video'")
+        token = getattr(self.processor, "video_token", None)
+        if token is None:
+            raise ValueError(f"{type(self.processor).__name__} names no video placeholder token: token merging "
+                             "needs a Qwen-style video processor")
+        self.video_token_id = self.processor.tokenizer.convert_tokens_to_ids(token)
+
+    def _merged_video_rows(self, rows: list[list[int]], video_grid_thw) -> list[list[int]]:
+        """Token merging: each video's placeholder run cut from n to ceil(r x n) tokens."""
+        if self.token_kept_ratio == 1.0 or video_grid_thw is None:
+            return rows
+        merge = int(getattr(self.processor.video_processor, "merge_size", 1) or 1)
+        counts = (video_grid_thw.prod(-1) // (merge * merge)).tolist()
+        return merge_placeholders(rows, self.video_token_id, counts, self.token_kept_ratio)
 
     # -- pieces --------------------------------------------------------------------------------------------
     @property
@@ -214,7 +238,8 @@ class VQACollator:
         # Un-pad the prompts (the processor padded on the left), then rebuild rows with our own padding.
         mask = encoded.pop("attention_mask").bool()
         padded = encoded.pop("input_ids")
-        rows = [padded[i][mask[i]].tolist() for i in range(len(items))]
+        rows = self._merged_video_rows([padded[i][mask[i]].tolist() for i in range(len(items))],
+                                       encoded.get("video_grid_thw"))
         labels: list[list[int]] = []
         for i, sample in enumerate(samples):
             prompt_len = len(rows[i])
@@ -272,7 +297,8 @@ class VQACollator:
         if with_audio:
             kwargs["audio_lengths"] = [audio_samples]
         counts = self.processor._get_num_multimodal_tokens(**kwargs)
-        video = sum(getattr(counts, "num_video_tokens", None) or [])
+        video = sum(kept_video_tokens(n, self.token_kept_ratio)  # token merging: what enters the LLM
+                    for n in getattr(counts, "num_video_tokens", None) or [])
         image = sum(getattr(counts, "num_image_tokens", None) or [])
         audio = sum(getattr(counts, "num_audio_tokens", None) or [])
         placeholders = (num_frames if self.frames_as == "images" else 1) + (1 if with_audio else 0)

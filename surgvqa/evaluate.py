@@ -47,6 +47,7 @@ from surgvqa.generate import generate_predictions
 from surgvqa.media import ABLATION_REMOVES
 from surgvqa.metrics import SCORING_VERSION, build_candidates, paired_comparison, parse_baseline, score_record
 from surgvqa.report import (
+    META_DEFAULTS,
     META_KEY,
     format_paired_comparison,
     format_table,
@@ -86,6 +87,8 @@ class EvalArguments:
     max_eval_frames: int | None = field(default=None)
     question_modality: str | None = field(default=None, metadata={"help": "text | audio | text+audio"})
     frames_as: str | None = field(default=None)
+    token_kept_ratio: float | None = field(
+        default=None, metadata={"help": "video token merging (0 < r <= 1; 1.0 = off); default: as trained"})
     allow_default_preprocessing: bool = field(
         default=False, metadata={"help": "a checkpoint without surgvqa_config.json: use the default preprocessing"}
     )
@@ -150,7 +153,8 @@ def resolve_preprocessing(args: EvalArguments) -> EvalPreprocessing:
                                                     "question_modality", "frames_as")}
     flags["max_eval_frames"] = args.max_eval_frames
     return eval_preprocessing(RunConfig.find(args.checkpoint_path), flags, checkpoint=args.checkpoint_path,
-                              allow_defaults=args.allow_default_preprocessing)
+                              allow_defaults=args.allow_default_preprocessing,
+                              token_kept_ratio=args.token_kept_ratio)
 
 
 def resolve_media(args: EvalArguments, preprocessing: EvalPreprocessing) -> MediaConfig:
@@ -220,6 +224,7 @@ def run_meta(args: EvalArguments, preprocessing: EvalPreprocessing, media: Media
         "max_eval_frames": media.max_frames,
         "fps": collator["fps"],
         "system_prompt": collator["system_prompt"],
+        "token_kept_ratio": collator["token_kept_ratio"],
         "max_new_tokens": args.max_new_tokens,
         "dtype": args.dtype,
         "load_in_4bit": args.load_in_4bit,
@@ -237,16 +242,16 @@ def run_meta(args: EvalArguments, preprocessing: EvalPreprocessing, media: Media
 RESUME_FIELDS = (
     "checkpoint_sha256", "base_model", "backbone", "eval_data_sha256", "frames_dir", "audio_dir",
     "frame_path_template", "audio_path_template", "ablate", "ablation_seed", "question_modality", "frames_as",
-    "frame_size", "max_eval_frames", "fps", "system_prompt", "max_new_tokens", "dtype", "load_in_4bit", "scoring",
-    "candidates",
+    "frame_size", "max_eval_frames", "fps", "system_prompt", "token_kept_ratio", "max_new_tokens", "dtype",
+    "load_in_4bit", "scoring", "candidates",
 )
 
 
 def meta_mismatch(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     """The first field (of RESUME_FIELDS) that differs, described, or None when the runs match."""
     for name in RESUME_FIELDS:
-        if old.get(name) != new.get(name):
-            was, now = json.dumps(old.get(name))[:80], json.dumps(new.get(name))[:80]
+        if old.get(name, META_DEFAULTS.get(name)) != new.get(name):
+            was, now = json.dumps(old.get(name, META_DEFAULTS.get(name)))[:80], json.dumps(new.get(name))[:80]
             return f"{name} differs ({was} in the file, {now} in this run)"
     return None
 
@@ -447,7 +452,9 @@ def _run_model(args: EvalArguments, media: MediaConfig, preprocessing: EvalPrepr
                           load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code)
     model, processor, config = load_for_inference(args.checkpoint_path, args.base_model_path, options,
                                                   backbone=args.backbone)
-    print(f"model: {get_backbone(config['backbone']).describe(model)}")
+    backbone = get_backbone(config["backbone"])
+    backbone.enable_token_merging(model, preprocessing.token_kept_ratio)
+    print(f"model: {backbone.describe(model)}")
     device = args.device or ("cuda" if _cuda() else "cpu")
     if not args.load_in_4bit:
         model.to(device)

@@ -512,6 +512,8 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
     processor = backbone.load_processor(str(last.path))
     if verify_data is not None:  # frames are resized onto the backbone's vision grid
         verify_data[0].media = dataclasses.replace(verify_data[0].media, pixel_multiple=vision_grid(processor))
+    # the verification feeds the model as the last adapter was trained (its video token merging included)
+    backbone.enable_token_merging(thinker, last.config.token_kept_ratio)
     live = apply_stage(thinker, last, f"stage{len(stages)}", towers, args.force)
     from surgvqa.tokenizer import repair_tokenizer
 
@@ -533,6 +535,7 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
         verification = compare_outputs(reference, merged, args.dtype, args.verify_tolerance, data_path)
         print(verification.format())
 
+    backbone.enable_token_merging(thinker, 1.0)  # saved as loaded: merging is a run setting, not in the weights
     config = merged_config(stages, args, backbone.name, thinker.get_input_embeddings().num_embeddings)
     if verification is not None:
         config.merge_verification = {k: v for k, v in asdict(verification).items() if k != "differing_answers"}

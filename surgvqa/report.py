@@ -137,8 +137,10 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
 SUMMARY_META_FIELDS = (
     "checkpoint", "checkpoint_sha256", "eval_data_path", "eval_data_sha256", "ablate", "ablation_seed",
     "preprocessing", "question_modality", "frames_as", "frame_size", "max_eval_frames", "max_new_tokens", "limit",
-    "skip_bad_samples", "skipped_bad_samples",
+    "skip_bad_samples", "skipped_bad_samples", "token_kept_ratio",
 )
+#: what a meta line written before a field existed meant by its absence
+META_DEFAULTS = {"token_kept_ratio": 1.0}
 
 
 def summarize_run(
@@ -159,7 +161,7 @@ def summarize_run(
     summary = summarize(records, baseline=baseline, candidates=candidates)
     summary["candidates_source"] = "meta" if candidates is not None else "records"
     for name in SUMMARY_META_FIELDS:
-        summary[name] = meta.get(name) if meta else None
+        summary[name] = meta.get(name, META_DEFAULTS.get(name)) if meta else None
     if summary["preprocessing"] == "defaults":  # a checkpoint without surgvqa_config.json, defaults allowed
         summary["allow_default_preprocessing"] = True
     return summary

@@ -117,6 +117,8 @@ class RunConfig:
     eval_audio_dir: str | None
     schema_version: int = SCHEMA_VERSION
     base_model_relative: str | None = None
+    #: video token merging: each video enters the language model as ceil(r x n) tokens (1.0: off)
+    token_kept_ratio: float = 1.0
     # -- a training output (None in a merged checkpoint)
     lora: dict[str, Any] | None = None
     quantization: str | None = None
@@ -212,8 +214,8 @@ class RunConfig:
         return media_config(self.media, frames_dir, audio_dir, train=train, ablate=ablate)
 
     def collator_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``VQACollator`` that must match training (prompt, frames, audio)."""
-        return collator_kwargs(self.media, self.system_prompt)
+        """Keyword arguments of ``VQACollator`` that must match training (prompt, frames, audio, token merging)."""
+        return collator_kwargs(self.media, self.system_prompt, self.token_kept_ratio)
 
     def resolve_base_model(self, directory: str | Path) -> str | None:
         """The base model directory: the recorded path when it exists, else the same position relative to
@@ -237,7 +239,7 @@ def media_config(media: MediaSettings, frames_dir: str | None, audio_dir: str | 
     )
 
 
-def collator_kwargs(media: MediaSettings, system_prompt: str) -> dict[str, Any]:
+def collator_kwargs(media: MediaSettings, system_prompt: str, token_kept_ratio: float = 1.0) -> dict[str, Any]:
     return {
         "question_modality": media.question_modality,
         "frame_size": media.frame_size,
@@ -247,6 +249,7 @@ def collator_kwargs(media: MediaSettings, system_prompt: str) -> dict[str, Any]:
         "max_pixels": media.max_pixels,
         "min_pixels": media.min_pixels,
         "system_prompt": system_prompt,
+        "token_kept_ratio": token_kept_ratio,
     }
 
 
@@ -279,21 +282,37 @@ class EvalPreprocessing:
     system_prompt: str
     #: "surgvqa_config.json" | "flags" | "defaults"
     source: str
+    #: video token merging (as trained unless overridden; see :func:`eval_token_kept_ratio`)
+    token_kept_ratio: float = 1.0
 
     def media_config(self, frames_dir: str | None, audio_dir: str | None, ablate: str | None = None) -> MediaConfig:
         return media_config(self.media, frames_dir, audio_dir, ablate=ablate)
 
     def collator_kwargs(self) -> dict[str, Any]:
-        return collator_kwargs(self.media, self.system_prompt)
+        return collator_kwargs(self.media, self.system_prompt, self.token_kept_ratio)
+
+
+def eval_token_kept_ratio(config: RunConfig | None, flag: float | None) -> float:
+    """The token merging evaluation uses: ``flag`` when given, else what training recorded (1.0 without a record).
+    A value different from the recorded one is logged: the model then sees videos as it was not trained to."""
+    recorded = config.token_kept_ratio if config is not None else 1.0
+    if flag is None:
+        return recorded
+    if not 0.0 < flag <= 1.0:
+        raise UserError(f"--token_kept_ratio must be in (0, 1] (1.0: no merging); got {flag}")
+    if flag != recorded:
+        logger.warning("--token_kept_ratio %g overrides the %g the checkpoint was trained with", flag, recorded)
+    return float(flag)
 
 
 def eval_preprocessing(config: RunConfig | None, flags: Mapping[str, Any], *, checkpoint: str | Path,
-                       allow_defaults: bool = False) -> EvalPreprocessing:
+                       allow_defaults: bool = False, token_kept_ratio: float | None = None) -> EvalPreprocessing:
     """The recorded preprocessing with the flags given (not None) on top.
 
-    ``flags`` holds MediaSettings field names. A checkpoint without surgvqa_config.json has no record: every one of
-    :data:`PREPROCESSING_FLAGS` must then be given, or ``allow_defaults`` set (the toolkit's defaults are used and
-    the summary says so); otherwise a :class:`UserError` naming the missing flags.
+    ``flags`` holds MediaSettings field names; ``token_kept_ratio`` overrides the recorded token merging. A
+    checkpoint without surgvqa_config.json has no record: every one of :data:`PREPROCESSING_FLAGS` must then be
+    given, or ``allow_defaults`` set (the toolkit's defaults are used and the summary says so); otherwise a
+    :class:`UserError` naming the missing flags.
     """
     unknown = set(flags) - {f.name for f in dataclasses.fields(MediaSettings)}
     if unknown:
@@ -303,10 +322,15 @@ def eval_preprocessing(config: RunConfig | None, flags: Mapping[str, Any], *, ch
         check_question_modality(given["question_modality"], "--question_modality")
     if given.get("frames_as", FRAMES_AS[0]) not in FRAMES_AS:
         raise UserError(f"--frames_as must be one of {', '.join(FRAMES_AS)}; got {given['frames_as']!r}")
+    ratio = eval_token_kept_ratio(config, token_kept_ratio)
+    frames_as = given.get("frames_as") or (config.media.frames_as if config is not None else FRAMES_AS[0])
+    if ratio < 1.0 and frames_as != "video":
+        raise UserError(f"token_kept_ratio {ratio:g} merges the tokens of a video, but frames reach the model as "
+                        f"{frames_as}: pass --token_kept_ratio 1.0 or --frames_as video")
     if "frame_size" in given:  # a longest-edge flag replaces a recorded pixel-count budget
         given.setdefault("max_pixels", None)
     if config is not None:
-        return EvalPreprocessing(dataclasses.replace(config.media, **given), config.system_prompt, CONFIG_NAME)
+        return EvalPreprocessing(dataclasses.replace(config.media, **given), config.system_prompt, CONFIG_NAME, ratio)
     missing = [name for name in PREPROCESSING_FLAGS if name not in given]
     media = MediaSettings.defaults(**given)
     if missing and not allow_defaults:
@@ -316,7 +340,7 @@ def eval_preprocessing(config: RunConfig | None, flags: Mapping[str, Any], *, ch
             + " ".join(f"--{name}" for name in missing)
             + f" as in training, or --allow_default_preprocessing True to use the defaults ({defaults})"
         )
-    return EvalPreprocessing(media, DEFAULT_SYSTEM_PROMPT, "defaults" if missing else "flags")
+    return EvalPreprocessing(media, DEFAULT_SYSTEM_PROMPT, "defaults" if missing else "flags", ratio)
 
 
 # ------------------------------------------------------------------------------------------------ migrations
@@ -404,5 +428,6 @@ __all__ = [
     "RunConfig",
     "RunConfigError",
     "eval_preprocessing",
+    "eval_token_kept_ratio",
     "resolve_recorded_path",
 ]

@@ -65,6 +65,9 @@ class ModelArguments:
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: nf4, double quant, bf16 compute"})
     load_in_8bit: bool = field(default=False, metadata={"help": "8-bit base (LLM.int8)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "only for checkpoints that need custom code"})
+    token_kept_ratio: float = field(default=1.0, metadata={
+        "help": "video token merging: each video enters the language model as ceil(r x n) tokens, similar tokens "
+                "averaged (0 < r <= 1; 1.0 = off); recorded, so evaluation uses it too"})
 
 
 @dataclass
@@ -210,6 +213,10 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
             raise UserError("QLoRA computes in bf16: use --bf16 True instead of --fp16")
         if lora_args.train_projectors and model_args.load_in_8bit:
             logger.info("projectors stay unquantized under 8-bit loading and are trained in full precision")
+    if not 0.0 < model_args.token_kept_ratio <= 1.0:
+        raise UserError(f"--token_kept_ratio must be in (0, 1] (1.0: no merging); got {model_args.token_kept_ratio}")
+    if model_args.token_kept_ratio < 1.0 and data_args.frames_as != "video":
+        raise UserError("--token_kept_ratio merges the tokens of a video: it needs --frames_as video")
     if data_args.eval_generate_samples and not data_args.eval_data_path:
         raise UserError("--eval_generate_samples needs --eval_data_path")
     if args.metric_for_best_model in ("accuracy", "eval_accuracy") and not data_args.eval_generate_samples:
@@ -323,6 +330,7 @@ def build_model(model_args: ModelArguments, lora_args: LoraArguments, args: Trai
         trust_remote_code=model_args.trust_remote_code,
     )
     model = backbone.load(model_args.model_name_or_path, options)
+    backbone.enable_token_merging(model, model_args.token_kept_ratio)
     processor = backbone.load_processor(model_args.model_name_or_path, model_args.trust_remote_code)
     original_rows = model.get_input_embeddings().num_embeddings
     report = repair_tokenizer(processor.tokenizer, model)
@@ -513,6 +521,7 @@ def build_run_config(model_args, data_args, lora_args, backbone_name: str, args:
         media=media_settings(data_args),
         system_prompt=data_args.system_prompt,
         model_max_length=data_args.model_max_length,
+        token_kept_ratio=model_args.token_kept_ratio,
         lora=asdict(lora_args),
         quantization="4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None,
         dtype=model_args.dtype,
@@ -576,7 +585,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     train_media = dataclasses.replace(train_media, pixel_multiple=grid)
     if eval_media is not None:
         eval_media = dataclasses.replace(eval_media, pixel_multiple=grid)
-    settings = dict(collator_kwargs(media_settings(data_args), data_args.system_prompt),
+    settings = dict(collator_kwargs(media_settings(data_args), data_args.system_prompt, model_args.token_kept_ratio),
                     model_max_length=data_args.model_max_length)
     train_collator = VQACollator(processor, mode="train", **settings)
     train_samples = drop_overlong(train_samples, train_collator, train_media.max_frames,

@@ -16,7 +16,7 @@ from surgvqa.train import parse_args
 REPO = Path(__file__).resolve().parents[1]
 VARIABLES = ("MODEL", "DATA", "TRAIN_DATA", "VAL_DATA", "TEST_DATA", "FRAMES_DIR", "EVAL_FRAMES_DIR", "TEST_FRAMES_DIR",
              "AUDIO_DIR", "EVAL_AUDIO_DIR", "TEST_AUDIO_DIR", "OUTPUT_DIR", "QUESTION_MODALITY", "FRAME_SIZE", "FRAMES",
-             "EPOCHS", "MAX_STEPS", "LR", "BATCH", "GRAD_ACC", "LORA_R", "EVAL_GENERATE_SAMPLES", "EVAL_STRATEGY",
+             "TOKEN_KEPT_RATIO", "EPOCHS", "MAX_STEPS", "LR", "BATCH", "GRAD_ACC", "LORA_R", "EVAL_GENERATE_SAMPLES", "EVAL_STRATEGY",
              "EVAL_STEPS", "PRECISION", "EVAL_BATCH", "WORKERS", "CONFIG")
 
 
@@ -62,13 +62,13 @@ def test_every_variable_still_overrides_its_setting(tmp_path):
     env = {
         "MODEL": "/m", "DATA": "/d", "VAL_DATA": "/v.jsonl", "TEST_DATA": "/t.jsonl", "EVAL_FRAMES_DIR": "/ef",
         "TEST_FRAMES_DIR": "/tf", "TEST_AUDIO_DIR": "/ta", "OUTPUT_DIR": "/o", "QUESTION_MODALITY": "audio",
-        "FRAME_SIZE": "56", "FRAMES": "6", "EPOCHS": "3", "MAX_STEPS": "40", "LR": "1e-3", "BATCH": "2",
+        "FRAME_SIZE": "56", "FRAMES": "6", "TOKEN_KEPT_RATIO": "0.5", "EPOCHS": "3", "MAX_STEPS": "40", "LR": "1e-3", "BATCH": "2",
         "GRAD_ACC": "8", "LORA_R": "4", "EVAL_GENERATE_SAMPLES": "10", "EVAL_STRATEGY": "steps", "EVAL_STEPS": "7",
         "PRECISION": "--fp16 True", "EVAL_BATCH": "3", "WORKERS": "0",
     }
     train, evaluate = _run_recipe(tmp_path, env, "--seed", "5")
     model_args, data, lora, args = _parsed(train)
-    assert model_args.model_name_or_path == "/m"
+    assert (model_args.model_name_or_path, model_args.token_kept_ratio) == ("/m", 0.5)
     assert (data.train_data_path, data.eval_data_path, data.frames_dir, data.eval_frames_dir) == (
         "/d/in_template_train.jsonl", "/v.jsonl", "/d/frames", "/ef")
     assert (data.audio_dir, data.eval_audio_dir, data.question_modality) == (

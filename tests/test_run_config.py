@@ -61,7 +61,9 @@ def test_v0_file_reads_and_round_trips_as_v1(tmp_path):
     assert config.lora["lora_r"] == 16 and config.original_vocab_rows == 151936
     written = json.loads(config.write(tmp_path / "v1").read_text())
     assert written["schema_version"] == SCHEMA_VERSION
-    assert {k: v for k, v in written.items() if k not in ("schema_version", "base_model_relative")} == V0_TRAINING
+    assert written["token_kept_ratio"] == 1.0  # a setting added since: written with its default (no merging)
+    assert {k: v for k, v in written.items()
+            if k not in ("schema_version", "base_model_relative", "token_kept_ratio")} == V0_TRAINING
     assert RunConfig.read(tmp_path / "v1") == dataclasses.replace(config, base_model_relative=written[
         "base_model_relative"])
 
@@ -123,7 +125,8 @@ def test_media_config_and_collator_settings_come_from_the_record(tmp_path):
                                                                                             "video")
     assert config.collator_kwargs() == {"question_modality": "text+audio", "frame_size": 56, "frames_as": "video",
                                         "fps": 2.0, "video_fps": None, "max_pixels": None, "min_pixels": None,
-                                        "system_prompt": "You are a surgical video assistant."}
+                                        "system_prompt": "You are a surgical video assistant.",
+                                        "token_kept_ratio": 1.0}  # files from before token merging: off
 
 
 def test_defaults_are_those_of_media_config():

@@ -132,6 +132,16 @@ class Backbone:
         """Write a merged model; ``config`` is the merged checkpoint's RunConfig (base, adapters merged)."""
         model.save_pretrained(output_dir, **kwargs)
 
+    def enable_token_merging(self, model, ratio: float) -> None:
+        """Merge each video's tokens down to ``kept_video_tokens(n, ratio)`` in every forward and generate call of
+        ``model`` (a PEFT or DDP wrapper is looked through); ``ratio = 1.0`` turns merging off. The collator must
+        write as many placeholders (``VQACollator(token_kept_ratio=ratio)``). Families without merging refuse
+        ``ratio < 1``."""
+        kept_video_tokens(1, ratio)
+        if ratio != 1.0:
+            raise ValueError(f"backbone {self.name!r} has no video token merging: drop --token_kept_ratio "
+                             "(or set it to 1.0)")
+
     def describe(self, model) -> str:
         """One line saying what ``model`` is, for logs and evaluation output."""
         return f"{self.name}: {getattr(model, 'name_or_path', '') or type(model).__name__}"

@@ -74,6 +74,17 @@ class Qwen25Omni(Backbone):
         full.thinker = merged
         return full
 
+    def enable_token_merging(self, model, ratio: float) -> None:
+        from surgvqa.backbones.token_merging import enable_thinker_merging
+
+        enable_thinker_merging(_thinker(model), ratio)
+
+
+def _thinker(model):
+    """The thinker inside a DDP and/or PEFT wrapper (or the thinker itself)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
 
 def _set_vision_start(config) -> None:
     """Qwen2_5OmniThinkerConfig does not define ``vision_start_token_id``; its rope index needs it

@@ -71,6 +71,18 @@ class QwenVLWhisper(Backbone):
         text = unwrap(model).config.describe()
         return text + ("; + LoRA adapter (unmerged)" if hasattr(model, "peft_config") else "")
 
+    def enable_token_merging(self, model, ratio: float) -> None:
+        """Video token merging in the graft's own embedding splice (Qwen2-VL / Qwen2.5-VL grafts)."""
+        from surgvqa.backbones.base import kept_video_tokens
+        from surgvqa.backbones.qwen_vl_whisper.constants import SPLICES_VISION
+
+        kept_video_tokens(1, ratio)
+        graft = unwrap(model)
+        if ratio != 1.0 and graft.vl_type not in SPLICES_VISION:
+            raise ValueError(f"--token_kept_ratio: token merging is not available for {graft.vl_type} grafts "
+                             f"(only {', '.join(SPLICES_VISION)}); drop it")
+        graft.token_kept_ratio = float(ratio)
+
     # -- training ---------------------------------------------------------------------------------------------
     def make_trainable(self, model, lora_config, stage: int | None = None, init_from: str | None = None):
         """Stage 1: only the audio projector trains (no PEFT; saving writes the projector and config). Stage 2

@@ -50,6 +50,7 @@ from surgvqa.backbones.qwen_vl_whisper.weights import (
     write_projector,
     write_projector_index,
 )
+from surgvqa.backbones.token_merging import merge_videos, merged_position_ids
 
 
 class AudioProjector(nn.Module):
@@ -106,6 +107,8 @@ class QwenVLWhisperForConditionalGeneration(PreTrainedModel, GenerationMixin):
         self.audio_projector = AudioProjector(config.audio_config.d_model, hidden, config.projector_type)
         #: "full": save the VL model and the encoder too; "projector" (stage-1 training): the projector only
         self.save_mode = "full"
+        #: video token merging (a run setting, set by the backbone's ``enable_token_merging``; 1.0: off)
+        self.token_kept_ratio = 1.0
         self.post_init()
 
     # -- the parts ------------------------------------------------------------------------------------------
@@ -196,6 +199,7 @@ class QwenVLWhisperForConditionalGeneration(PreTrainedModel, GenerationMixin):
         embeds = self.get_input_embeddings()(input_ids)
         vl_kwargs: dict[str, Any] = {}
         vl_config = self.config.vl_config
+        merged = None
         if self.vl_type in SPLICES_VISION:
             if pixel_values is not None:
                 image = self.vl_model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
@@ -204,8 +208,15 @@ class QwenVLWhisperForConditionalGeneration(PreTrainedModel, GenerationMixin):
             if pixel_values_videos is not None:
                 video = self.vl_model.model.get_video_features(pixel_values_videos, video_grid_thw,
                                                                return_dict=True)
-                embeds = _splice(embeds, input_ids == vl_config.video_token_id,
-                                 torch.cat(video.pooler_output, dim=0), "video")
+                features = video.pooler_output
+                if self.token_kept_ratio != 1.0:  # video token merging (surgvqa.backbones.token_merging)
+                    merged = merge_videos(features, self.token_kept_ratio, video_grid_thw,
+                                          vl_config.vision_config.spatial_merge_size)
+                    features = [m.tokens for m in merged]
+                embeds = _splice(embeds, input_ids == vl_config.video_token_id, torch.cat(features, dim=0), "video")
+        elif self.token_kept_ratio != 1.0:
+            raise ValueError(f"token merging is not available for {self.vl_type} grafts (its VL model places the "
+                             "vision tokens itself)")
         else:
             vl_kwargs = {k: v for k, v in (("pixel_values", pixel_values), ("image_grid_thw", image_grid_thw),
                                            ("pixel_values_videos", pixel_values_videos),
@@ -217,8 +228,14 @@ class QwenVLWhisperForConditionalGeneration(PreTrainedModel, GenerationMixin):
             raise ValueError("<|AUDIO|> placeholders in input_ids but no input_features")
         if vl_kwargs:
             self._check_vision_placeholders(input_ids, embeds)
-        position_ids = self.get_position_ids(input_ids, attention_mask, image_grid_thw, video_grid_thw,
-                                             second_per_grid_ts)
+        if merged is None:
+            position_ids = self.get_position_ids(input_ids, attention_mask, image_grid_thw, video_grid_thw,
+                                                 second_per_grid_ts)
+        else:  # positions of the full grid, each merged token at the one it represents
+            position_ids, _ = merged_position_ids(
+                input_ids, attention_mask, vl_config.video_token_id, merged,
+                lambda ids, mask: self.get_position_ids(ids, mask, image_grid_thw, video_grid_thw,
+                                                        second_per_grid_ts))
         return embeds, position_ids, vl_kwargs
 
     def _check_vision_placeholders(self, input_ids, embeds) -> None:
