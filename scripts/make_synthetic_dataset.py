@@ -28,6 +28,7 @@ import math
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -337,12 +338,19 @@ def render_clip(clip: Clip, seed: int, size: int) -> list[np.ndarray]:
 
 
 def choose_questions(
-    clip: Clip, rng: np.random.Generator, counts: dict[str, Counter], k: int, pair_prob: float = 0.5
+    clip: Clip,
+    rng: np.random.Generator,
+    counts: dict[str, Counter],
+    k: int,
+    pair_prob: float = 0.5,
+    types: Sequence[str] | None = None,
 ) -> list[str]:
-    """Pick ``k`` question types for a clip, balancing types and answers; often pairs forward/backward."""
-    options = {q: a for q in QUESTION_TYPES if (a := answer_for(clip, q)) is not None}
+    """Pick ``k`` question types for a clip (of ``types``, default all), balancing types and answers; often pairs
+    forward/backward."""
+    options = {q: a for q in (types or QUESTION_TYPES) if (a := answer_for(clip, q)) is not None}
     chosen: list[str] = []
-    if clip.motion != "static" and k >= 2 and rng.random() < pair_prob:
+    pair = {"scope_forward_motion", "scope_backward_motion"}
+    if clip.motion != "static" and k >= 2 and pair <= options.keys() and rng.random() < pair_prob:
         chosen = ["scope_forward_motion", "scope_backward_motion"]
     while len(chosen) < min(k, len(options)):
 
@@ -371,11 +379,13 @@ def build_samples(
     video_ids: tuple[str, ...] | list[str] = DEFAULT_VIDEO_IDS,
     num_samples: int | None = None,
     questions_per_clip: int = 3,
+    question_types: Sequence[str] | None = None,
 ) -> tuple[list[Clip], list[dict], list[dict]]:
     """Draw the clips and their in/out-template JSONL rows (no files touched).
 
     ``num_clips`` clips get ``questions_per_clip`` questions each; with ``num_samples`` clips are added until
-    exactly that many rows exist (the last clip may get fewer questions).
+    exactly that many rows exist (the last clip may get fewer questions). ``question_types`` restricts the questions
+    asked (default: every type); the clips and their pixels do not depend on it.
     """
     if num_clips is None and num_samples is None:
         raise ValueError("give num_clips or num_samples")
@@ -385,6 +395,11 @@ def build_samples(
         raise ValueError(f"video_ids must be distinct, non-empty and free of '/': {list(video_ids)}")
     if questions_per_clip < 1:
         raise ValueError("questions_per_clip must be >= 1")
+    if question_types is not None:
+        unknown = sorted(set(question_types) - QUESTION_TYPES.keys())
+        if unknown or not question_types:
+            raise ValueError(f"question_types must be a non-empty subset of {list(QUESTION_TYPES)}; got {unknown}")
+        question_types = [q for q in QUESTION_TYPES if q in question_types]
     qrng = np.random.default_rng(np.random.SeedSequence([seed, 2**31 - 1]))
     counts: dict[str, Counter] = {q: Counter() for q in QUESTION_TYPES}
     next_id = dict.fromkeys(video_ids, 1)
@@ -399,7 +414,8 @@ def build_samples(
         clip = sample_clip(seed, index, video_id, next_frame[video_id])
         next_frame[video_id] = clip.frame_numbers[-1] + FRAME_STEP * int(qrng.integers(2, 60))
         clips.append(clip)
-        for qtype in choose_questions(clip, qrng, counts, min(questions_per_clip, target - len(rows_in))):
+        k = min(questions_per_clip, target - len(rows_in))
+        for qtype in choose_questions(clip, qrng, counts, k, types=question_types):
             short = answer_for(clip, qtype)
             counts[qtype][short] += 1
             qt = QUESTION_TYPES[qtype]
@@ -435,6 +451,7 @@ def make_dataset(
     audio: bool = True,
     num_samples: int | None = None,
     questions_per_clip: int = 3,
+    question_types: Sequence[str] | None = None,
     voice: str = "en-us",
     rate: int = 160,
     overwrite: bool = False,
@@ -443,7 +460,9 @@ def make_dataset(
     """Write frames, in/out JSONL (and spoken questions unless ``audio=False``); return a summary dict."""
     if frame_size < 28:
         raise ValueError("frame_size must be >= 28")
-    clips, rows_in, rows_out = build_samples(num_clips, seed, video_ids, num_samples, questions_per_clip)
+    clips, rows_in, rows_out = build_samples(
+        num_clips, seed, video_ids, num_samples, questions_per_clip, question_types
+    )
     out = Path(output_dir)
     in_path, out_path = out / f"in_{prefix}.jsonl", out / f"out_{prefix}.jsonl"
     text_in = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows_in)
@@ -506,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
         "--num_samples", type=int, default=None, help="exact number of JSONL lines (overrides --num_clips)"
     )
     parser.add_argument("--questions_per_clip", type=int, default=3)
+    parser.add_argument(
+        "--question_types", default=None, help=f"comma-separated subset of: {', '.join(QUESTION_TYPES)} (default: all)"
+    )
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--video_ids", default=",".join(DEFAULT_VIDEO_IDS), help="comma-separated video ids")
     parser.add_argument("--frame_size", type=int, default=112)
@@ -533,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
             audio=not args.no_audio,
             num_samples=args.num_samples,
             questions_per_clip=args.questions_per_clip,
+            question_types=[q.strip() for q in args.question_types.split(",")] if args.question_types else None,
             voice=args.voice,
             rate=args.rate,
             overwrite=args.overwrite,

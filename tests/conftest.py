@@ -30,6 +30,34 @@ def load_script(name: str):
     return module
 
 
+#: the smallest logit lead the gold token must have over every other token wherever a test asserts greedy text:
+#: float rounding on another CPU (ATEN_CPU_CAPABILITY default / avx2 / avx512) moves logits by ~1e-4, not by 1.
+MEMORISED_MARGIN = 1.0
+
+
+def answer_margins(model, processor, items: list[dict], frame_size: int, question_modality: str = "text") -> dict:
+    """Teacher-forced, per sample: the smallest (gold logit - best other logit) over its answer tokens and
+    ``<|im_end|>``. Greedy decoding reproduces an answer whose margin is positive; a margin far above the rounding
+    noise makes that hold on every CPU."""
+    import torch
+
+    from surgvqa.collate import IGNORE_INDEX, VQACollator
+
+    collator = VQACollator(processor, question_modality=question_modality, frame_size=frame_size, mode="train")
+    margins = {}
+    for item in items:  # one row at a time: no padding in the way
+        batch = collator([item])
+        labels = batch.pop("labels")[0, 1:]
+        with torch.no_grad():
+            logits = model(**batch).logits[0, :-1].float()
+        rows = (labels != IGNORE_INDEX).nonzero().flatten()
+        gold = logits[rows, labels[rows]]
+        others = logits[rows].clone()
+        others[torch.arange(len(rows)), labels[rows]] = float("-inf")
+        margins[item["sample"].key] = float((gold - others.max(dim=-1).values).min())
+    return margins
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Qwen2.5-Omni thinker + processor (tiny BPE vocab), saved with save_pretrained."""
