@@ -1,6 +1,7 @@
 """Batching: chat prompt → processor (once per batch) → answer tokens appended → labels masked by position.
 
-Training pads on the right and labels exactly ``answer + <|im_end|>``; generation uses the same code with no answer
+Training pads on the right and labels exactly ``answer + end of turn`` (the special token the chat template writes
+after an answer: ``<|im_end|>`` for Qwen); generation uses the same code with no answer
 and left padding. Audio is padded to the longest clip of the batch (not Whisper's 30 s window) and the feature mask
 tells the audio tower which frames are real.
 """
@@ -14,13 +15,52 @@ from typing import Any
 import numpy as np
 import torch
 
-from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, build_messages
+from surgvqa.backbones.base import vision_grid
+from surgvqa.media import MediaConfig, PixelBudget
+from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, build_messages, check_question_modality
+from surgvqa.run_config import DEFAULT_FPS, FRAMES_AS
+from surgvqa.tokenizer import end_of_turn_token
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-#: the processor's default frame rate when none is saved with a checkpoint; sets video_second_per_grid.
-DEFAULT_FPS = 2.0
+#: what the processors call the video clock (seconds per temporal grid step) in their output
+_CLOCK_KEYS = ("video_second_per_grid", "second_per_grid_ts")
+
+
+def frame_times(item: dict, fps: float, video_fps: float | None = None) -> list[float]:
+    """Seconds at which each kept frame of a dataset item was shot.
+
+    A video file's frames carry their presentation times (``frame_times``). Extracted frames use their
+    ``frame_numbers`` (the line's entries for the kept frames) divided by ``video_fps`` (the source video's frame
+    rate) when both exist, else their position in the line's frame list divided by ``fps`` (the rate at which the
+    listed frames were sampled). Either way the frames kept after subsampling keep their own times, so 4 of 8
+    frames span the same seconds as the 8.
+    """
+    if item.get("frame_times"):
+        return [float(t) for t in item["frame_times"]]
+    numbers = item.get("frame_numbers")
+    if video_fps and numbers:
+        return [float(n) / video_fps for n in numbers]
+    indices = item.get("frame_indices") or list(range(len(item["frames"])))
+    return [i / fps for i in indices]
+
+
+def second_per_grid(times: list[float], temporal_patch_size: int, fps: float) -> float:
+    """The M-RoPE time step of one video: seconds between consecutive temporal grids (``temporal_patch_size``
+    frames each, the last frame repeated to fill the last grid), fitted through the first and last grid.
+
+    The processors assume evenly spaced frames at one ``fps`` (``temporal_patch_size / fps``); here the step comes
+    from the frames actually kept, so a subsampled clip keeps the clock of the full clip.
+    """
+    tp = max(1, temporal_patch_size)
+    padded = list(times) + [times[-1]] * (-len(times) % tp)
+    starts = padded[::tp]
+    if len(starts) >= 2 and starts[-1] > starts[0]:
+        return (starts[-1] - starts[0]) / (len(starts) - 1)
+    if len(times) >= 2 and times[-1] > times[0]:  # one grid: its frames' mean spacing
+        return tp * (times[-1] - times[0]) / (len(times) - 1)
+    return tp / fps
 
 
 class OverlongSampleError(ValueError):
@@ -31,43 +71,61 @@ class OverlongSampleError(ValueError):
 class VQACollator:
     """Turn dataset items (``{"sample", "frames", "audio"}``) into model inputs.
 
-    ``mode="train"`` appends the answer and ``<|im_end|>`` and returns ``labels``; ``mode="generate"`` returns the
+    ``mode="train"`` appends the answer and the end-of-turn token and returns ``labels``; ``mode="generate"`` returns the
     prompt only, left padded, plus ``keys`` (the (video_id, id) of each row).
     """
 
     processor: Any
-    question_modality: str = "text"
-    frame_size: int = 384
-    frames_as: str = "video"
+    question_modality: str = MediaConfig.question_modality
+    frame_size: int = MediaConfig.frame_size
+    frames_as: str = FRAMES_AS[0]
     mode: str = "train"
     model_max_length: int | None = None
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     fps: float = DEFAULT_FPS
+    video_fps: float | None = None
+    max_pixels: int | None = None
+    min_pixels: int | None = None
     _warned_odd: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in ("train", "generate"):
             raise ValueError(f"mode must be 'train' or 'generate', got {self.mode!r}")
-        if self.frames_as not in ("video", "images"):
-            raise ValueError(f"frames_as must be 'video' or 'images', got {self.frames_as!r}")
-        if self.question_modality not in ("text", "audio", "text+audio"):
-            raise ValueError(f"question_modality must be text, audio or text+audio; got {self.question_modality!r}")
+        if self.frames_as not in FRAMES_AS:
+            raise ValueError(f"frames_as must be one of {', '.join(FRAMES_AS)}; got {self.frames_as!r}")
+        check_question_modality(self.question_modality)
         tokenizer = self.processor.tokenizer
-        self.end_of_turn_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if self.end_of_turn_id is None or self.end_of_turn_id == tokenizer.unk_token_id:
-            raise ValueError("the tokenizer has no <|im_end|> token: this collator needs a Qwen chat tokenizer")
+        token = end_of_turn_token(tokenizer)
+        if token is None:
+            raise ValueError("the tokenizer's chat template writes no special token after an answer: the collator "
+                             "needs a chat tokenizer that marks the end of a turn (e.g. <|im_end|>)")
+        self.end_of_turn_id = tokenizer.convert_tokens_to_ids(token)
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token: run surgvqa.tokenizer.repair_tokenizer first")
+        if not self.fps or self.fps <= 0:
+            raise ValueError(f"fps must be > 0, got {self.fps!r}")
+        if self.video_fps is not None and self.video_fps <= 0:
+            raise ValueError(f"video_fps must be > 0 (the source video's frame rate) or None, got {self.video_fps!r}")
+        self.budget = PixelBudget(self.frame_size, self.max_pixels, self.min_pixels, self.grid_factor)
 
     # -- pieces --------------------------------------------------------------------------------------------
     @property
     def temporal_patch_size(self) -> int:
         return int(getattr(self.processor.video_processor, "temporal_patch_size", 1) or 1)
 
+    @property
+    def grid_factor(self) -> int:
+        """The vision grid in pixels: patch x spatial merge (28 for Qwen2/2.5, 32 for Qwen3)."""
+        return vision_grid(self.processor)
+
     def pixel_kwargs(self) -> dict:
         """The pixel budget, always explicit: the processor's class-level defaults would otherwise upscale."""
-        size = {"shortest_edge": 28 * 28, "longest_edge": self.frame_size * self.frame_size}
-        return {"size": size}
+        return {"size": self.budget.processor_size()}
+
+    def frame_hw(self, width: int, height: int) -> tuple[int, int]:
+        """``(height, width)`` a source frame of ``width x height`` reaches the processor with (the dataset's resize)."""
+        w, h = self.budget.target_size(width, height)
+        return h, w
 
     def _frames_for_video(self, frames: list[np.ndarray]) -> list[np.ndarray]:
         """Qwen merges frames in pairs: an odd count gets its last frame repeated, deliberately and once logged."""
@@ -83,11 +141,9 @@ class VQACollator:
         return list(frames)
 
     def _on_grid(self, frame: np.ndarray) -> bool:
-        """Frame already on the vision grid (patch x merge: 28 px for Qwen2/2.5, 32 for Qwen3) within budget."""
-        video_processor = self.processor.video_processor
-        grid = int(getattr(video_processor, "patch_size", 14)) * int(getattr(video_processor, "merge_size", 2))
+        """Frame already what the pixel budget makes of it (on the vision grid, within budget)."""
         h, w = frame.shape[:2]
-        return h % grid == 0 and w % grid == 0 and max(h, w) <= self.frame_size
+        return self.budget.on_grid(w, h)
 
     def prompt_text(self, question: str, num_frames: int, answer: str | None = None) -> str:
         messages = build_messages(
@@ -107,7 +163,7 @@ class VQACollator:
     # -- the call ------------------------------------------------------------------------------------------
     def __call__(self, items: list[dict]) -> dict[str, Any]:
         samples = [item["sample"] for item in items]
-        texts, videos, images, audios = [], [], [], []
+        texts, videos, images, audios, clocks = [], [], [], [], []
         for item in items:
             frames = item["frames"]
             if not frames:
@@ -115,6 +171,8 @@ class VQACollator:
             texts.append(self.prompt_text(item["sample"].question, len(frames)))
             if self.frames_as == "video":
                 videos.append(self._frames_for_video(frames))
+                times = frame_times(item, self.fps, self.video_fps)
+                clocks.append(second_per_grid(times, self.temporal_patch_size, self.fps))
             else:
                 images.extend(frames)
             if "audio" in self.question_modality:
@@ -126,9 +184,12 @@ class VQACollator:
         if videos:
             kwargs["videos"] = videos
             kwargs["videos_kwargs"] = {
-                **self.pixel_kwargs(), "do_sample_frames": False, "fps": self.fps, "cap_pixels_per_frame": False,
-                # frames already on the 28-px grid within the budget (the dataset resized them): skip a second resize
-                "do_resize": not all(self._on_grid(f) for video in videos for f in video[:1]),
+                # fps: the rate the processor assumes for the first video (Qwen3-VL writes frame timestamps from
+                # it); every video's own clock replaces the processor's below
+                **self.pixel_kwargs(), "do_sample_frames": False, "cap_pixels_per_frame": False,
+                "fps": self.temporal_patch_size / clocks[0],
+                # frames already on the vision grid within the budget (the dataset resized them): no second resize
+                "do_resize": not all(self._on_grid(video[0]) for video in videos),
             }
         if images:
             kwargs["images"] = images
@@ -142,6 +203,9 @@ class VQACollator:
             longest = max(len(a) for a in audios)
             kwargs["audio_kwargs"] = {"max_length": longest + extractor.n_fft // 2, "truncation": False}
         encoded = self.processor(**kwargs)
+        for key in _CLOCK_KEYS:
+            if videos and key in encoded:
+                encoded[key] = torch.tensor(clocks, dtype=torch.as_tensor(encoded[key]).dtype)
         if audios:  # drop the all-padding tail: every clip keeps ceil(samples / hop) frames, as at 30 s
             frames = int(encoded["feature_attention_mask"].sum(-1).max())
             encoded["input_features"] = encoded["input_features"][..., :frames]
@@ -186,9 +250,11 @@ class VQACollator:
         return batch
 
     # -- length pre-flight ---------------------------------------------------------------------------------
-    def sequence_length(self, question: str, answer: str, frame_hw: tuple[int, int], num_frames: int,
-                        audio_samples: int | None) -> int:
-        """Tokens a sample will take, from frame size and audio length alone (no decoding)."""
+    def token_counts(self, question: str, answer: str, frame_hw: tuple[int, int], num_frames: int,
+                     audio_samples: int | None) -> dict[str, int]:
+        """Tokens a sample will take, split by kind (``video``, ``image``, ``audio``, ``text``, ``answer`` -- the
+        labelled answer tokens, part of ``text`` in training -- and ``total``), from frame size and audio length
+        alone (no decoding): the processor's own ``_get_num_multimodal_tokens`` arithmetic."""
         if self.frames_as == "video":
             num_frames += -num_frames % self.temporal_patch_size
         text = self.prompt_text(question, num_frames)
@@ -197,17 +263,25 @@ class VQACollator:
         kwargs: dict[str, Any] = {}
         if self.frames_as == "video":
             kwargs["video_sizes"] = [(num_frames, h, w)]
-            kwargs["videos_kwargs"] = self.pixel_kwargs()
+            # the frame rate the batch is built with: Qwen3-VL writes one timestamp per frame pair into the prompt
+            kwargs["videos_kwargs"] = {**self.pixel_kwargs(), "fps": self.fps}
         else:
             kwargs["image_sizes"] = [(h, w)] * num_frames
             kwargs["images_kwargs"] = self.pixel_kwargs()
-        if audio_samples is not None and "audio" in self.question_modality:
+        with_audio = audio_samples is not None and "audio" in self.question_modality
+        if with_audio:
             kwargs["audio_lengths"] = [audio_samples]
         counts = self.processor._get_num_multimodal_tokens(**kwargs)
-        media = sum(getattr(counts, "num_video_tokens", None) or []) + sum(
-            getattr(counts, "num_image_tokens", None) or []
-        ) + sum(getattr(counts, "num_audio_tokens", None) or [])
-        placeholders = num_frames if self.frames_as == "images" else 1
-        placeholders += 1 if audio_samples is not None and "audio" in self.question_modality else 0
-        total = len(ids) - placeholders + media
-        return total + (len(self.answer_ids(answer)) if self.mode == "train" else 0)
+        video = sum(getattr(counts, "num_video_tokens", None) or [])
+        image = sum(getattr(counts, "num_image_tokens", None) or [])
+        audio = sum(getattr(counts, "num_audio_tokens", None) or [])
+        placeholders = (num_frames if self.frames_as == "images" else 1) + (1 if with_audio else 0)
+        answer_tokens = len(self.answer_ids(answer)) if self.mode == "train" else 0
+        text_tokens = len(ids) - placeholders + answer_tokens
+        return {"video": video, "image": image, "audio": audio, "text": text_tokens, "answer": answer_tokens,
+                "total": video + image + audio + text_tokens}
+
+    def sequence_length(self, question: str, answer: str, frame_hw: tuple[int, int], num_frames: int,
+                        audio_samples: int | None) -> int:
+        """Tokens a sample will take, from frame size and audio length alone (no decoding)."""
+        return self.token_counts(question, answer, frame_hw, num_frames, audio_samples)["total"]

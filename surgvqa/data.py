@@ -1,652 +1,139 @@
-"""Samples: JSONL reading and up-front validation, the ``check`` CLI, and the torch Dataset.
+"""The torch Dataset of decoded samples and the ``check`` CLI; the data layer's names in one place.
 
-Every check happens before a :class:`Sample` exists: :func:`load_samples` validates every line, collects every
-problem (with ``file:line``, the ``(video_id, id)`` key, the path tried and the fix) and either raises one
-:class:`DataError` listing them all or, with ``skip_bad=True``, returns the good samples plus the problems.
-Samples are keyed on ``(video_id, id)``, never on ``id`` alone: ids repeat across videos.
+Samples are built and validated by :mod:`surgvqa.samples` (every problem reported before a :class:`Sample` exists);
+media settings and decoding live in :mod:`surgvqa.media`. Both are re-exported here, so ``from surgvqa.data import
+MediaConfig, Sample, load_samples, SurgicalVQADataset`` keeps working.
 
-``python -m surgvqa.data check --data_path F [--frames_dir D] [--audio_dir A] ...`` builds all samples, prints a
-summary and every problem, and exits 1 if there is any problem.
+``python -m surgvqa.data check --data_path F [--frames_dir D] [--audio_dir A] ...`` (also ``surgvqa check …``)
+builds all samples, prints a summary and every problem, and exits 1 if the data has any problem, 2 if the call
+itself is wrong (a flag, a missing data file or directory).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
 
+from surgvqa.errors import ArgumentParser, UserError, existing_dir, existing_file, run_main
 from surgvqa.media import (
+    ABLATIONS,
+    CONSTANT_VIDEO_ABLATIONS,
     DEFAULT_SAMPLING_RATE,
+    SHUFFLE_ABLATIONS,
+    SILENT_AUDIO_ABLATIONS,
+    MediaConfig,
     MediaError,
     audio_duration,
-    grey_like,
+    constant_frames_like,
+    derangement,
     load_audio,
     load_frame,
     load_video_frames,
-    resolve_under,
     silence_like,
     subsample_indices,
-    verify_image,
-    verify_video,
 )
-
-QUESTION_MODALITIES = ("text", "audio", "text+audio")
-ABLATIONS = (None, "video", "audio", "both")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
-REQUIRED_FIELDS = ("id", "video_id", "question", "answer")  # plus "frames" or "video"
-SCORING_FIELDS = ("short_answer", "question_type")
-_CONSUMED_FIELDS = frozenset(
-    {"id", "video_id", "frames", "video", "audio", "question", "answer", "question_type", "short_answer"}
+from surgvqa.prompts import QUESTION_MODALITIES
+from surgvqa.samples import (
+    AUDIO_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    REQUIRED_FIELDS,
+    SCORING_FIELDS,
+    SKIP_HINT,
+    DataError,
+    Problem,
+    Sample,
+    load_qa_text,
+    load_samples,
 )
-_MAX_LISTED = 20
-SKIP_HINT = "use --skip_bad_samples to skip bad samples"
-
-
-# ------------------------------------------------------------------------------------------------- config
-@dataclass
-class MediaConfig:
-    """Where media live and how a sample becomes model input.
-
-    ``frames_dir``: root of frame images (and of files named by a ``video`` field); ``None`` means
-    ``<directory of the data file>/frames``. ``audio_dir``: root of spoken-question audio, required when
-    ``question_modality`` is ``"audio"`` or ``"text+audio"``. Templates are formatted with ``video_id``,
-    ``frame`` and ``id`` (frames; must use ``{frame}``) or ``video_id`` and ``id`` (audio; must use both, so
-    the audio of ``(002-002, qa_X)`` can never serve ``(002-001, qa_X)``). ``ablate`` replaces the video by
-    mean-grey frames and/or the audio by silence of the same length (modality ablation).
-    """
-
-    frames_dir: str | None
-    audio_dir: str | None = None
-    frame_path_template: str = "{video_id}/{frame}.jpg"
-    audio_path_template: str = "{video_id}/{id}.wav"
-    frame_size: int = 384
-    max_frames: int | None = None
-    num_video_frames: int = 8
-    question_modality: str = "text"
-    ablate: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.question_modality not in QUESTION_MODALITIES:
-            raise ValueError(
-                f"question_modality must be one of {QUESTION_MODALITIES}, got {self.question_modality!r}"
-            )
-        if self.ablate not in ABLATIONS:
-            raise ValueError(f"ablate must be one of {ABLATIONS}, got {self.ablate!r}")
-        if self.needs_audio and not self.audio_dir:
-            raise ValueError(
-                f"question_modality {self.question_modality!r} needs spoken-question audio but audio_dir is not "
-                "set; pass --audio_dir (generate audio with scripts/make_spoken_questions.py) or use "
-                "--question_modality text"
-            )
-        if self.ablate in ("audio", "both") and not self.needs_audio:
-            raise ValueError(
-                f"ablate={self.ablate!r} silences the audio, but question_modality 'text' has no audio; "
-                "use ablate='video' or an audio question_modality"
-            )
-        if not isinstance(self.frame_size, int) or self.frame_size < 28:
-            raise ValueError(
-                f"frame_size must be an int >= 28 (Qwen patch 14 x merge 2), got {self.frame_size!r}"
-            )
-        if self.max_frames is not None and self.max_frames < 1:
-            raise ValueError(f"max_frames must be >= 1 or None (all frames), got {self.max_frames}")
-        if self.num_video_frames < 1:
-            raise ValueError(f"num_video_frames must be >= 1, got {self.num_video_frames}")
-        _check_template(
-            "frame_path_template", self.frame_path_template, ("video_id", "frame", "id"), ("frame",)
-        )
-        _check_template(
-            "audio_path_template", self.audio_path_template, ("video_id", "id"), ("video_id", "id")
-        )
-
-    @property
-    def needs_audio(self) -> bool:
-        """True when the question is (also) spoken, i.e. every sample needs an audio file."""
-        return self.question_modality != "text"
-
-
-def _check_template(name: str, template: str, allowed: tuple[str, ...], required: tuple[str, ...]) -> None:
-    import string
-
-    try:
-        used = {fname for _, fname, _, _ in string.Formatter().parse(template) if fname is not None}
-        template.format(**dict.fromkeys(allowed, "x"))
-    except (KeyError, IndexError, ValueError) as err:
-        raise ValueError(
-            f"{name} {template!r} is not a valid template ({err!r}); use only the placeholders "
-            + ", ".join("{" + a + "}" for a in allowed)
-        ) from err
-    missing = [r for r in required if r not in used]
-    if missing:
-        raise ValueError(
-            f"{name} {template!r} must use "
-            + " and ".join("{" + m + "}" for m in missing)
-            + " so that every sample gets its own file"
-        )
-
-
-# ------------------------------------------------------------------------------------------ samples, errors
-@dataclass(frozen=True)
-class Sample:
-    """One validated record, keyed on ``(video_id, id)``, with resolved media paths."""
-
-    video_id: str
-    id: str
-    question: str
-    answer: str
-    question_type: str | None = None
-    short_answer: str | None = None
-    frame_paths: tuple[Path, ...] = ()
-    video_path: Path | None = None
-    audio_path: Path | None = None
-    source: str = ""
-    extra: dict = field(default_factory=dict, hash=False)
-
-    @property
-    def key(self) -> tuple[str, str]:
-        """``(video_id, id)``: the unique key (``id`` alone repeats across videos)."""
-        return (self.video_id, self.id)
-
-
-@dataclass
-class Problem:
-    """One thing wrong with the data: where (``file:line``), which sample, what, the path tried, the fix."""
-
-    source: str
-    key: tuple | None
-    message: str
-
-    def __str__(self) -> str:
-        where = self.source
-        if self.key is not None:
-            where += f" (video_id={self.key[0]!r}, id={self.key[1]!r})"
-        return f"{where}: {self.message}"
-
-
-class DataError(ValueError):
-    """Invalid data; ``problems`` lists every problem found (the message shows the first 20)."""
-
-    def __init__(self, problems: Sequence[Problem]) -> None:
-        self.problems = list(problems)
-        lines = [f"{len(self.problems)} problem(s) in the data:"]
-        lines += [f"  - {p}" for p in self.problems[:_MAX_LISTED]]
-        if len(self.problems) > _MAX_LISTED:
-            lines.append(
-                f"  ... and {len(self.problems) - _MAX_LISTED} more (run `python -m surgvqa.data check`)"
-            )
-        lines.append(f"Fix them, or {SKIP_HINT}.")
-        super().__init__("\n".join(lines))
-
-
-# ---------------------------------------------------------------------------------------------- validation
-def _type_name(value: Any) -> str:
-    return f"{type(value).__name__} {json.dumps(value)[:60] if _jsonable(value) else repr(value)[:60]}"
-
-
-def _jsonable(value: Any) -> bool:
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-def _alternatives(relative: str, extensions: tuple[str, ...]) -> list[str]:
-    """``relative`` first, then the same path with each other extension of the family (if it has one)."""
-    root, ext = os.path.splitext(relative)
-    if ext.lower() not in extensions:
-        return [relative]
-    return [relative] + [root + e for e in extensions if e != ext.lower()]
-
-
-_Report = Callable[[str], None]
-
-
-class _Validator:
-    """Turns raw records into Samples, collecting every problem. Caches media checks by resolved path."""
-
-    def __init__(
-        self, media: MediaConfig, frames_root: Path, *, require_scoring_fields: bool, check_media: bool
-    ):
-        self.media = media
-        self.frames_root = frames_root
-        self.audio_root = Path(media.audio_dir) if media.audio_dir else None
-        self.require_scoring_fields = require_scoring_fields
-        self.check_media = check_media
-        self._image_cache: dict[Path, tuple[int, int] | MediaError] = {}
-        self._audio_cache: dict[Path, MediaError | None] = {}
-        self._video_cache: dict[Path, MediaError | None] = {}
-        self._dir_cache: dict[tuple[str, str], Path] = {}
-
-    # -- fields
-    def _fields(self, rec: dict, bad: _Report) -> None:
-        for name in REQUIRED_FIELDS:
-            if rec.get(name) is None:
-                bad(f"missing required field '{name}'; add it to the line")
-        if rec.get("frames") is None and rec.get("video") is None:
-            bad(
-                "missing required field 'frames' (list of frame names) or 'video' (a video file under frames_dir); "
-                "add one"
-            )
-        if rec.get("frames") is not None and rec.get("video") is not None:
-            bad("has both 'frames' and 'video'; keep exactly one")
-        for name in ("id", "video_id", "question", "answer"):
-            value = rec.get(name)
-            if value is None:
-                continue
-            if not isinstance(value, str):
-                bad(f"field '{name}' must be a string, got {_type_name(value)}; quote it")
-            elif not value.strip():
-                bad(f"field '{name}' is empty or whitespace; fill it in or remove the line")
-        for name in SCORING_FIELDS:
-            value = rec.get(name)
-            if value is None:
-                if self.require_scoring_fields:
-                    bad(f"missing field '{name}' needed for scoring; add it or drop --require_scoring_fields")
-            elif not isinstance(value, str):
-                bad(f"field '{name}' must be a string, got {_type_name(value)}")
-            elif self.require_scoring_fields and not value.strip():
-                bad(f"field '{name}' is empty; scoring needs it")
-        frames = rec.get("frames")
-        if frames is not None:
-            if not isinstance(frames, list) or not all(isinstance(f, str) for f in frames):
-                bad(f"field 'frames' must be a list of frame-name strings, got {_type_name(frames)}")
-            elif not frames:
-                bad("field 'frames' is an empty list; name at least one frame")
-            elif not all(f.strip() for f in frames):
-                bad("field 'frames' contains an empty frame name")
-        for name in ("video", "audio"):
-            value = rec.get(name)
-            if value is not None and (not isinstance(value, str) or not value.strip()):
-                bad(f"field '{name}' must be a non-empty relative path string, got {_type_name(value)}")
-
-    # -- media
-    def _find(self, root: Path, candidates: list[str]) -> tuple[Path | None, list[str], MediaError | None]:
-        """First existing candidate under ``root``; the paths tried; a containment error (stops the search)."""
-        tried: list[str] = []
-        for rel in candidates:
-            try:
-                path = resolve_under(root, rel, dir_cache=self._dir_cache)
-            except MediaError as err:
-                return None, tried + [str(root / rel)], err
-            tried.append(str(path))
-            if not self.check_media:
-                return path, tried, None
-            if path.is_file():
-                return path, tried, None
-        return None, tried, None
-
-    def _verify_image(self, path: Path) -> tuple[int, int] | MediaError:
-        if path not in self._image_cache:
-            try:
-                self._image_cache[path] = verify_image(path)
-            except MediaError as err:
-                self._image_cache[path] = err
-        return self._image_cache[path]
-
-    def _frames(self, rec: dict, bad: _Report) -> tuple[Path, ...]:
-        template = self.media.frame_path_template
-        paths: list[Path] = []
-        missing: list[str] = []
-        sizes: dict[tuple[int, int], str] = {}
-        for frame in rec["frames"]:
-            rel = template.format(video_id=rec["video_id"], frame=frame, id=rec["id"])
-            path, tried, err = self._find(self.frames_root, _alternatives(rel, IMAGE_EXTENSIONS))
-            if err is not None:
-                bad(f"frame {frame!r}: {err}; fix the frame name or --frame_path_template ({template!r})")
-            elif path is None:
-                missing.append(f"{frame!r} (tried {', '.join(tried)})")
-            else:
-                paths.append(path)
-                if self.check_media:
-                    result = self._verify_image(path)
-                    if isinstance(result, MediaError):
-                        bad(f"frame {frame!r}: {result}; re-extract the frame")
-                    else:
-                        sizes.setdefault(result, str(path))
-        if missing:
-            bad(
-                f"{len(missing)} of {len(rec['frames'])} frame file(s) missing under frames_dir {self.frames_root}: "
-                + "; ".join(missing)
-                + f". Fix: extract the frame(s) there, or fix --frames_dir / --frame_path_template ({template!r})"
-            )
-        if len(sizes) > 1:
-            listed = ", ".join(f"{w}x{h} ({p})" for (w, h), p in sizes.items())
-            bad(f"frames of one sample differ in size: {listed}; re-extract them at one resolution")
-        return tuple(paths)
-
-    def _video(self, rec: dict, bad: _Report) -> Path | None:
-        path, tried, err = self._find(self.frames_root, [rec["video"]])
-        if err is not None:
-            bad(f"video: {err}; fix the 'video' field")
-            return None
-        if path is None:
-            bad(f"video file missing: tried {', '.join(tried)}; fix the 'video' field or --frames_dir")
-            return None
-        if self.check_media:
-            if path not in self._video_cache:
-                try:
-                    verify_video(path)
-                    self._video_cache[path] = None
-                except MediaError as e:
-                    self._video_cache[path] = e
-            if self._video_cache[path] is not None:
-                bad(f"video: {self._video_cache[path]}; re-encode or replace the file")
-        return path
-
-    def _audio(self, rec: dict, bad: _Report) -> Path | None:
-        assert self.audio_root is not None
-        explicit = rec.get("audio")
-        if explicit is not None:
-            rel, how = explicit, "the line's 'audio' field"
-        else:
-            rel = self.media.audio_path_template.format(video_id=rec["video_id"], id=rec["id"])
-            how = f"--audio_path_template ({self.media.audio_path_template!r})"
-        path, tried, err = self._find(self.audio_root, _alternatives(rel, AUDIO_EXTENSIONS))
-        if err is not None:
-            bad(f"audio: {err}; fix {how}")
-            return None
-        if path is None:
-            bad(
-                f"spoken-question audio missing under audio_dir {self.audio_root}: tried {', '.join(tried)}. "
-                f"Fix: run scripts/make_spoken_questions.py for this data file, or fix --audio_dir / {how}"
-            )
-            return None
-        if self.check_media:
-            if path not in self._audio_cache:
-                try:
-                    audio_duration(path)
-                    self._audio_cache[path] = None
-                except MediaError as e:
-                    self._audio_cache[path] = e
-            if self._audio_cache[path] is not None:
-                bad(f"audio: {self._audio_cache[path]}; re-generate it with scripts/make_spoken_questions.py")
-        return path
-
-    def build(self, source: str, rec: dict) -> tuple[Sample | None, list[Problem]]:
-        vid, qid = rec.get("video_id"), rec.get("id")
-        key = (vid, qid) if isinstance(vid, str) and isinstance(qid, str) else None
-        problems: list[Problem] = []
-
-        def bad(message: str) -> None:
-            problems.append(Problem(source, key, message))
-
-        self._fields(rec, bad)
-        if problems:
-            return None, problems
-        frame_paths: tuple[Path, ...] = ()
-        video_path = audio_path = None
-        if rec.get("frames") is not None:
-            frame_paths = self._frames(rec, bad)
-        else:
-            video_path = self._video(rec, bad)
-        if self.media.needs_audio:
-            audio_path = self._audio(rec, bad)
-        if problems:
-            return None, problems
-        sample = Sample(
-            video_id=vid,
-            id=qid,
-            question=rec["question"],
-            answer=rec["answer"],
-            question_type=rec.get("question_type"),
-            short_answer=rec.get("short_answer"),
-            frame_paths=frame_paths,
-            video_path=video_path,
-            audio_path=audio_path,
-            source=source,
-            extra={k: v for k, v in rec.items() if k not in _CONSUMED_FIELDS},
-        )
-        return sample, []
-
-
-# A record stream: (source "file:line", parsed dict) or (source, Problem) for a line that could not be parsed.
-_Records = Iterable[tuple[str, "dict | Problem"]]
-
-
-def _validate(
-    records: _Records,
-    media: MediaConfig,
-    frames_root: Path,
-    origin: str,
-    *,
-    require_scoring_fields: bool,
-    skip_bad: bool,
-    check_media: bool,
-) -> tuple[list[Sample], list[Problem]]:
-    validator = _Validator(
-        media, frames_root, require_scoring_fields=require_scoring_fields, check_media=check_media
-    )
-    samples: list[Sample] = []
-    problems: list[Problem] = []
-    if check_media and not frames_root.is_dir():
-        problems.append(
-            Problem(origin, None, f"frames_dir {frames_root} is not a directory; fix --frames_dir")
-        )
-    if (
-        check_media
-        and validator.audio_root is not None
-        and media.needs_audio
-        and not validator.audio_root.is_dir()
-    ):
-        problems.append(
-            Problem(
-                origin,
-                None,
-                f"audio_dir {validator.audio_root} is not a directory; fix --audio_dir or run "
-                "scripts/make_spoken_questions.py",
-            )
-        )
-    first_seen: dict[tuple[str, str], str] = {}
-    n_records = 0
-    for source, rec in records:
-        n_records += 1
-        if isinstance(rec, Problem):
-            problems.append(rec)
-            continue
-        sample, line_problems = validator.build(source, rec)
-        vid, qid = rec.get("video_id"), rec.get("id")
-        if isinstance(vid, str) and isinstance(qid, str):
-            key = (vid, qid)
-            if key in first_seen:
-                line_problems.append(
-                    Problem(
-                        source,
-                        key,
-                        f"duplicate (video_id, id) {key}: first at {first_seen[key]}, again at {source}; give each "
-                        "sample a unique id within its video (ids may repeat across videos)",
-                    )
-                )
-                sample = None
-            else:
-                first_seen[key] = source
-        problems.extend(line_problems)
-        if sample is not None:
-            samples.append(sample)
-    if n_records == 0:
-        problems.append(Problem(origin, None, "no samples: the file is empty; fix --data_path"))
-    if problems and not skip_bad:
-        raise DataError(problems)
-    return samples, problems
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[str, dict | Problem]]:
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            source = f"{path}:{lineno}"
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                yield (
-                    source,
-                    Problem(source, None, f"line is not valid UTF-8 ({err}); re-save the file as UTF-8"),
-                )
-                continue
-            if lineno == 1:
-                text = text.lstrip("\ufeff")
-            if not text.strip():
-                continue
-            try:
-                rec = json.loads(text)
-            except json.JSONDecodeError as err:
-                yield (
-                    source,
-                    Problem(
-                        source,
-                        None,
-                        f"malformed JSON ({err.msg} at column {err.colno}); fix the line "
-                        "(each line must be one JSON object)",
-                    ),
-                )
-                continue
-            if not isinstance(rec, dict):
-                yield (
-                    source,
-                    Problem(source, None, f"line is a JSON {type(rec).__name__}, not an object; fix it"),
-                )
-                continue
-            yield source, rec
-
-
-def _frames_root(media: MediaConfig, data_path: Path) -> Path:
-    return Path(media.frames_dir) if media.frames_dir else data_path.parent / "frames"
-
-
-def _open_check(data_path: Path) -> None:
-    if not data_path.is_file():
-        raise DataError([Problem(str(data_path), None, f"data file {data_path} not found; fix --data_path")])
-
-
-def load_samples(
-    data_path: str | Path,
-    media: MediaConfig,
-    *,
-    require_scoring_fields: bool = False,
-    skip_bad: bool = False,
-    check_media: bool = True,
-) -> tuple[list[Sample], list[Problem]]:
-    """Read and validate every line of a JSONL file; return ``(samples, problems)``.
-
-    Raises :class:`DataError` listing every problem unless ``skip_bad`` (then bad lines are dropped and their
-    problems returned for the caller to report). ``check_media=True`` checks that every frame/audio/video file
-    exists (trying ``.jpg/.jpeg/.png`` resp. ``.wav/.flac/.mp3/.ogg`` alternatives) and is readable (PIL
-    ``verify()``, ``soundfile.info``, first video frame); ``check_media=False`` only resolves paths and checks
-    they stay inside their roots (no file access beyond symlink resolution). A missing data file always raises.
-    """
-    path = Path(data_path)
-    _open_check(path)
-    return _validate(
-        _read_jsonl(path),
-        media,
-        _frames_root(media, path),
-        str(path),
-        require_scoring_fields=require_scoring_fields,
-        skip_bad=skip_bad,
-        check_media=check_media,
-    )
-
-
-def load_qa_text(
-    paths: Iterable[str | Path],
-    media: MediaConfig,
-    *,
-    video_id: str | None = None,
-    skip_bad: bool = False,
-    check_media: bool = True,
-) -> tuple[list[Sample], list[Problem]]:
-    """EndoVis/Surgical-VQA style ``question|answer`` text files -> validated Samples.
-
-    Each file holds the QA pairs of one frame, one ``question|answer`` per line (e.g. EndoVis-18-VQA
-    ``seq_5/vqa/Classification/frame012_QA.txt``). The frame name is the file stem up to its first ``_``
-    (``frame012``); ``video_id`` is the argument if given, else the nearest ancestor directory named ``seq_*``,
-    else the file's parent directory name; ``id`` is ``<stem>_<line>``. Frames resolve through
-    ``media.frame_path_template`` (e.g. ``{video_id}/left_frames/{frame}.png``) under ``media.frames_dir``
-    (required here). There are no ``question_type``/``short_answer`` fields. Same checks as :func:`load_samples`.
-    """
-    if not media.frames_dir:
-        raise ValueError("load_qa_text needs media.frames_dir (there is no data-file-relative default)")
-    files = [Path(p) for p in paths]
-
-    def records() -> Iterator[tuple[str, dict | Problem]]:
-        for file in files:
-            if not file.is_file():
-                yield str(file), Problem(str(file), None, f"q|a file {file} not found; fix the path")
-                continue
-            vid = video_id or next(
-                (a.name for a in file.parents if a.name.startswith("seq_")), file.parent.name
-            )
-            frame = file.stem.split("_", 1)[0]
-            for lineno, line in enumerate(file.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-                source = f"{file}:{lineno}"
-                if not line.strip():
-                    continue
-                if "|" not in line:
-                    yield source, Problem(source, None, "expected 'question|answer'; add the '|' separator")
-                    continue
-                question, answer = (s.strip() for s in line.split("|", 1))
-                yield (
-                    source,
-                    {
-                        "video_id": vid,
-                        "id": f"{file.stem}_{lineno}",
-                        "frames": [frame],
-                        "question": question,
-                        "answer": answer,
-                    },
-                )
-
-    return _validate(
-        records(),
-        media,
-        Path(media.frames_dir),
-        ", ".join(map(str, files)) or "<no files>",
-        require_scoring_fields=False,
-        skip_bad=skip_bad,
-        check_media=check_media,
-    )
 
 
 # ------------------------------------------------------------------------------------------------- dataset
+def ablation_donors(samples: Sequence[Sample], seed: int) -> dict[tuple[str, str], Sample]:
+    """For the shuffle ablations: each sample's donor, another sample (from another video where possible).
+
+    A seeded :func:`~surgvqa.media.derangement` over ``samples`` in their given order, so the same samples and
+    seed always give the same donors (a resumed evaluation serves every sample the same media again).
+    """
+    order = derangement([s.video_id for s in samples], seed)
+    return {s.key: samples[j] for s, j in zip(samples, order, strict=True)}
+
+
 class SurgicalVQADataset(Dataset):
-    """Samples plus decoded media: ``{"sample", "frames", "audio"}`` (no tokenization, so items are cheap to cache).
+    """Samples plus decoded media: ``{"sample", "frames", "audio", "frame_indices", "frame_times"}`` (no
+    tokenization, so items are cheap to cache).
 
     ``frames``: uint8 HxWx3 arrays, subsampled with :func:`subsample_indices` to ``max_frames`` (which overrides
-    ``media.max_frames``: train and eval may differ) and resized to ``media.frame_size``; mean-grey when
-    ``media.ablate`` is ``"video"``/``"both"``. ``audio``: float32 16 kHz mono (``None`` for text questions);
-    silence of the same length when ``ablate`` is ``"audio"``/``"both"``. A file that cannot be read raises
-    :class:`MediaError` naming the sample and the path: nothing is substituted silently.
+    ``media.max_frames``: train and eval may differ) and resized to the pixel budget ``media.budget``. ``audio``:
+    float32 16 kHz mono (``None`` for text questions). A file that cannot be read raises :class:`MediaError` naming
+    the sample and the path: nothing is substituted silently. For the video clock the item also carries
+    ``frame_indices`` (which of the line's frames were kept), ``frame_numbers`` (their ``frame_numbers`` entries,
+    when the line has them) and, for a video file, ``frame_times`` (the kept frames' presentation times in seconds);
+    the collator turns them into the M-RoPE time step.
+
+    Modality ablation (``media.ablate``), media still decoded so a missing file is still an error:
+
+    - ``video`` / ``both``: every frame of every sample becomes the constant colour ``video_fill`` (the
+      processor's normalisation mean, i.e. zeros after normalisation), frame count and size kept;
+    - ``audio`` / ``both``: the spoken question becomes silence of the same length;
+    - ``video_shuffle`` / ``audio_shuffle``: the frames / audio of ``donors[sample.key]`` (see
+      :func:`ablation_donors`) instead of the sample's own.
     """
 
-    def __init__(self, samples: Sequence[Sample], media: MediaConfig, max_frames: int | None = None) -> None:
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        media: MediaConfig,
+        max_frames: int | None = None,
+        *,
+        video_fill: Sequence[int] | None = None,
+        donors: dict[tuple[str, str], Sample] | None = None,
+    ) -> None:
         self.samples = list(samples)
         self.media = media
         self.max_frames = max_frames if max_frames is not None else media.max_frames
         if self.max_frames is not None and self.max_frames < 1:
             raise ValueError(f"max_frames must be >= 1 or None, got {self.max_frames}")
+        if media.ablate in CONSTANT_VIDEO_ABLATIONS and video_fill is None:
+            raise ValueError(
+                f"ablate={media.ablate!r} needs video_fill, the constant RGB colour of the ablated frames (the "
+                "processor's normalisation mean)"
+            )
+        if media.ablate in SHUFFLE_ABLATIONS:
+            if donors is None:
+                raise ValueError(f"ablate={media.ablate!r} needs donors (see ablation_donors)")
+            missing = [s.key for s in self.samples if s.key not in donors]
+            if missing:
+                raise ValueError(f"ablate={media.ablate!r}: no donor for {len(missing)} sample(s), e.g. {missing[0]}")
+        self.video_fill = tuple(int(v) for v in video_fill) if video_fill is not None else None
+        self.donors = donors
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _frames(self, sample: Sample) -> list[np.ndarray]:
-        size = self.media.frame_size
+    def _frames(self, sample: Sample, timing: dict[str, Any]) -> list[np.ndarray]:
+        size, grid = self.media.budget, self.media.pixel_multiple
         if sample.video_path is not None:
             n = self.media.num_video_frames
             if self.max_frames is not None:
                 n = min(n, self.max_frames)
-            return load_video_frames(sample.video_path, n, size)
+            times: list[float] = []
+            frames = load_video_frames(sample.video_path, n, size, grid, times=times)
+            timing["frame_times"] = times or None
+            return frames
         if not sample.frame_paths:
             raise MediaError("sample has neither frame_paths nor video_path")
         indices = subsample_indices(len(sample.frame_paths), self.max_frames)
-        frames = [load_frame(sample.frame_paths[i], size) for i in indices]
+        timing["frame_indices"] = indices
+        numbers = sample.extra.get("frame_numbers")
+        if isinstance(numbers, list) and len(numbers) == len(sample.frame_paths):
+            timing["frame_numbers"] = [numbers[i] for i in indices]
+        frames = [load_frame(sample.frame_paths[i], size, grid) for i in indices]
         shapes = {f.shape for f in frames}
         if len(shapes) > 1:
             raise MediaError(
@@ -655,27 +142,38 @@ class SurgicalVQADataset(Dataset):
             )
         return frames
 
+    def _audio(self, sample: Sample) -> np.ndarray | None:
+        if not self.media.needs_audio:
+            return None
+        if sample.audio_path is None:
+            raise MediaError(
+                f"question_modality {self.media.question_modality!r} needs audio but the "
+                "sample has no audio_path; build samples with the same MediaConfig"
+            )
+        return load_audio(sample.audio_path, DEFAULT_SAMPLING_RATE)
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         sample = self.samples[i]
+        ablate = self.media.ablate
+        frame_source = self.donors[sample.key] if ablate == "video_shuffle" else sample
+        audio_source = self.donors[sample.key] if ablate == "audio_shuffle" else sample
+        timing: dict[str, Any] = {"frame_indices": None, "frame_numbers": None, "frame_times": None}
         try:
-            frames = self._frames(sample)
-            audio = None
-            if self.media.needs_audio:
-                if sample.audio_path is None:
-                    raise MediaError(
-                        f"question_modality {self.media.question_modality!r} needs audio but the "
-                        "sample has no audio_path; build samples with the same MediaConfig"
-                    )
-                audio = load_audio(sample.audio_path, DEFAULT_SAMPLING_RATE)
+            frames = self._frames(frame_source, timing)
+            audio = self._audio(audio_source)
         except MediaError as err:
+            donor = ""
+            if frame_source is not sample or audio_source is not sample:
+                other = frame_source if frame_source is not sample else audio_source
+                donor = f" (media of (video_id={other.video_id!r}, id={other.id!r}) under ablate={ablate!r})"
             raise MediaError(
-                f"sample (video_id={sample.video_id!r}, id={sample.id!r}) from {sample.source or '?'}: {err}"
+                f"sample (video_id={sample.video_id!r}, id={sample.id!r}) from {sample.source or '?'}{donor}: {err}"
             ) from err
-        if self.media.ablate in ("video", "both"):
-            frames = grey_like(frames)
-        if self.media.ablate in ("audio", "both"):
+        if ablate in CONSTANT_VIDEO_ABLATIONS:
+            frames = constant_frames_like(frames, self.video_fill)
+        if ablate in SILENT_AUDIO_ABLATIONS:
             audio = silence_like(audio)
-        return {"sample": sample, "frames": frames, "audio": audio}
+        return {"sample": sample, "frames": frames, "audio": audio, **timing}
 
 
 # ------------------------------------------------------------------------------------------------- summary
@@ -707,43 +205,67 @@ def summarize_samples(samples: Sequence[Sample]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m surgvqa.data", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="build every sample, print a summary and every problem")
+def make_check_parser(subparsers=None) -> argparse.ArgumentParser:
+    """The ``check`` arguments: a subcommand of ``subparsers`` (``python -m surgvqa.data check``) or standalone
+    (``surgvqa check``)."""
+    description = "build every sample, print a summary and every problem"
+    if subparsers is None:
+        check = ArgumentParser(prog="surgvqa check", description=description)
+    else:
+        check = subparsers.add_parser("check", help=description, description=description)
     check.add_argument("--data_path", required=True, help="JSONL file, one sample per line")
     check.add_argument("--frames_dir", default=None, help="root of frame images (default: <data dir>/frames)")
-    check.add_argument("--audio_dir", default=None, help="root of spoken-question audio")
+    check.add_argument(
+        "--audio_dir", default=None,
+        help="root of spoken-question audio; when given, every sample's audio is found and decoded, whatever "
+        "--question_modality says",
+    )
     check.add_argument("--frame_path_template", default=MediaConfig.frame_path_template)
     check.add_argument("--audio_path_template", default=MediaConfig.audio_path_template)
-    check.add_argument("--question_modality", default="text", choices=QUESTION_MODALITIES)
+    check.add_argument("--question_modality", default=MediaConfig.question_modality, choices=QUESTION_MODALITIES)
     check.add_argument(
         "--require_scoring_fields", action="store_true", help="also require question_type and short_answer"
     )
+    return check
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="python -m surgvqa.data", description=__doc__.splitlines()[0])
+    make_check_parser(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``check`` CLI: exit 0 when every sample is good, 1 when there is any problem, 2 on bad arguments."""
-    args = _parser().parse_args(argv)
-    try:
-        media = MediaConfig(
-            frames_dir=args.frames_dir,
-            audio_dir=args.audio_dir,
-            frame_path_template=args.frame_path_template,
-            audio_path_template=args.audio_path_template,
-            question_modality=args.question_modality,
-        )
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def check(args: argparse.Namespace) -> int:
+    """Build every sample, print the summary and every problem: 0 no problem, 1 a problem in the data."""
+    data_path = existing_file(args.data_path, "--data_path")
+    if args.frames_dir is not None:
+        existing_dir(args.frames_dir, "--frames_dir")
+    elif not (data_path.parent / "frames").is_dir():
+        raise UserError(f"--frames_dir is not given and the default {data_path.parent / 'frames'} does not exist; "
+                        "pass --frames_dir")
+    if args.audio_dir is not None:
+        existing_dir(args.audio_dir, "--audio_dir")
+    media = MediaConfig(
+        frames_dir=args.frames_dir,
+        audio_dir=args.audio_dir,
+        frame_path_template=args.frame_path_template,
+        audio_path_template=args.audio_path_template,
+        question_modality=args.question_modality,
+    )
     try:
         samples, problems = load_samples(
-            args.data_path, media, require_scoring_fields=args.require_scoring_fields, skip_bad=True
+            args.data_path, media, require_scoring_fields=args.require_scoring_fields, skip_bad=True,
+            decode_media=True, check_audio=True,
         )
     except DataError as err:
         samples, problems = [], err.problems
     print(json.dumps({"data_path": args.data_path, **summarize_samples(samples)}, indent=2))
+    print(
+        "media: every frame, video and audio file decoded with the training loader's own decoders"
+        if args.audio_dir else
+        "media: every frame and video file decoded with the training loader's own decoders; audio NOT checked "
+        "(no --audio_dir given)"
+    )
     for problem in problems:
         print(f"PROBLEM {problem}")
     if problems:
@@ -755,6 +277,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(f"OK: {len(samples)} sample(s), no problems.")
     return 0
+
+
+def check_main(argv: Sequence[str] | None = None) -> int:
+    """``surgvqa check …``: exit 0 when every sample is good, 1 when the data has a problem, 2 on a bad
+    invocation (a flag, a missing data file or directory: one ``error: …`` line)."""
+    args = make_check_parser().parse_args(argv)
+    return run_main(lambda: check(args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m surgvqa.data check …``: the same exit codes as :func:`check_main`."""
+    args = _parser().parse_args(argv)
+    return run_main(lambda: check(args))
+
+
+__all__ = [
+    "ABLATIONS",
+    "AUDIO_EXTENSIONS",
+    "CONSTANT_VIDEO_ABLATIONS",
+    "IMAGE_EXTENSIONS",
+    "QUESTION_MODALITIES",
+    "REQUIRED_FIELDS",
+    "SCORING_FIELDS",
+    "SHUFFLE_ABLATIONS",
+    "SILENT_AUDIO_ABLATIONS",
+    "SKIP_HINT",
+    "DataError",
+    "MediaConfig",
+    "MediaError",
+    "Problem",
+    "Sample",
+    "SurgicalVQADataset",
+    "ablation_donors",
+    "check_main",
+    "load_qa_text",
+    "load_samples",
+    "main",
+    "summarize_samples",
+]
 
 
 if __name__ == "__main__":

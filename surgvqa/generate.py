@@ -14,6 +14,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from surgvqa.backbones.base import runnable_attention
+from surgvqa.tokenizer import end_of_turn_token
+
 
 @dataclass
 class Prediction:
@@ -61,7 +64,9 @@ def decode_new_tokens(tokens: torch.Tensor, tokenizer, eos_ids: Iterable[int]) -
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
-    ids = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
+    """Where generation stops: the chat template's end-of-turn token, the tokenizer's eos, the model's eos."""
+    end_of_turn = end_of_turn_token(tokenizer)
+    ids = {tokenizer.convert_tokens_to_ids(end_of_turn) if end_of_turn else None, tokenizer.eos_token_id}
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if gen_eos is not None:
         ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
@@ -92,13 +97,14 @@ def generate_batch(model, tokenizer, batch: dict[str, Any], max_new_tokens: int 
     inputs = _to_device(batch, device, dtype)
     eos = eos_token_ids(model, tokenizer)
     start = time.perf_counter()
-    output = model.generate(
-        **inputs,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    with runnable_attention(model):
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     if not isinstance(output, torch.Tensor):  # GenerateOutput
         output = output.sequences
     elapsed_ms = (time.perf_counter() - start) * 1000 / len(keys)

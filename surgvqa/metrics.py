@@ -17,6 +17,7 @@ import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from fractions import Fraction
 from functools import lru_cache
 from typing import Any
 
@@ -249,7 +250,7 @@ def rouge_l(preds: Sequence[str], refs: Sequence[str]) -> float:
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"])
-    return sum(
+    return math.fsum(  # fsum: exact, so the mean does not depend on the order of the samples
         scorer.score(r or "", p or "")["rougeL"].fmeasure for p, r in zip(preds, refs, strict=True)
     ) / len(preds)
 
@@ -284,7 +285,7 @@ def meteor(preds: Sequence[str], refs: Sequence[str]) -> float | None:
         ]
     except (LookupError, OSError):
         return None
-    return sum(scores) / len(scores)
+    return math.fsum(scores) / len(scores)
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -299,6 +300,14 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _union(given: Iterable[str], golds: Iterable[str]) -> list[str]:
+    """``given`` plus each gold answer it lacks (case-insensitive), sorted; a yes/no set stays exactly yes/no."""
+    out = list(given)
+    for gold in golds:
+        out = _with_gold(out, gold)
+    return sorted(out, key=_norm_key)
 
 
 def _type_of(record: Mapping[str, Any]) -> str:
@@ -331,6 +340,19 @@ def _frac(k: int, n: int) -> float | None:
     return k / n if n else None
 
 
+def parse_baseline(value: str | float) -> str | float:
+    """``--baseline``: "majority", "chance" or a fraction in [0, 1] (``46`` is refused: write ``0.46``)."""
+    if value in ("majority", "chance"):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--baseline must be 'majority', 'chance' or a number in [0, 1], got {value!r}") from None
+    if not 0 <= number <= 1:
+        raise ValueError(f"--baseline {number} is not a fraction in [0, 1] (write 0.46, not 46)")
+    return number
+
+
 def summarize(
     records: Iterable[Mapping[str, Any]],
     baseline: str | float = "majority",
@@ -345,9 +367,12 @@ def summarize(
     recs = list(records)
     if not recs:
         raise ValueError("summarize: no records")
+    gold_sets = build_candidates((r.get("question_type"), str(r["short_answer"])) for r in recs)
     if candidates is None:
-        candidates = build_candidates((r.get("question_type"), str(r["short_answer"])) for r in recs)
-    candidates = {t: list(c) for t, c in candidates.items()}
+        candidates = gold_sets
+    # The closed set of each type, fixed before any record is scored (so no score depends on the order of the
+    # lines): the given set plus any gold answer it lacks. The caller's mapping is never modified.
+    candidates = {t: _union(candidates.get(t, ()), gold_sets.get(t, ())) for t in {*candidates, *gold_sets}}
 
     hits: Counter[str] = Counter()
     k_n = 0
@@ -359,9 +384,7 @@ def summarize(
     refs: list[str] = []
     for rec in recs:
         qtype = _type_of(rec)
-        cands = _candidates_for(rec, candidates)
-        if len(cands) > len(candidates.get(qtype, ())):
-            candidates[qtype] = cands  # the gold answer was missing from the given closed set
+        cands = candidates[qtype]
         score = score_record(rec, candidates)
         prediction = rec.get("prediction") or ""
         gold = next(
@@ -463,10 +486,209 @@ def summarize(
         "chance_baseline": chance_overall,
         "no_eos": no_eos,
         "eos_unknown": eos_unknown,
-        "mean_new_tokens": sum(new_tokens) / len(new_tokens) if new_tokens else None,
-        "mean_latency_ms": sum(latencies) / len(latencies) if latencies else None,
+        "mean_new_tokens": math.fsum(new_tokens) / len(new_tokens) if new_tokens else None,
+        "mean_latency_ms": math.fsum(latencies) / len(latencies) if latencies else None,
         "n_types": len(per_type),
         "collapsed_types": [t for t, v in per_type.items() if v["collapse"]],
         "per_type": per_type,
         "candidates": {t: candidates[t] for t in sorted(candidates)},
     }
+
+
+# ------------------------------------------------------------------------------------------ paired comparison
+PAIRED_ALPHA = 0.05
+PAIRED_INTERVAL = "Newcombe (1998) method 10: hybrid Wilson score interval for a difference of paired proportions"
+PAIRED_TEST = "exact McNemar: two-sided binomial test on the discordant pairs (b, c), p = 1/2"
+_LISTED_KEYS = 10
+
+
+def mcnemar_exact_p(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value: P(a Binomial(b + c, 1/2) is at least as far from (b + c)/2 as b); 1.0
+    when there is no discordant pair. Computed with integers, so it stays exact for thousands of pairs."""
+    if b < 0 or c < 0:
+        raise ValueError(f"mcnemar_exact_p: counts must be >= 0, got b={b}, c={c}")
+    n = b + c
+    if n == 0:
+        return 1.0
+    k = min(b, c)
+    tail = sum(math.comb(n, i) for i in range(k + 1))
+    return min(1.0, float(Fraction(2 * tail, 2**n)))
+
+
+def paired_difference_interval(
+    both: int, run_only: int, reference_only: int, neither: int, z: float = 1.96
+) -> tuple[float, float]:
+    """95 % interval for run accuracy − reference accuracy on the same samples (Newcombe 1998, method 10).
+
+    ``both``/``neither``: pairs both runs got right/wrong; ``run_only``/``reference_only``: the discordant pairs.
+    Combines each accuracy's Wilson interval with the correlation (phi) of the paired outcomes, so it stays inside
+    [-1, 1] and behaves at 0 % and 100 %, where the Wald interval on paired differences collapses to a point.
+    """
+    n = both + run_only + reference_only + neither
+    if n <= 0:
+        return (-1.0, 1.0)
+    run_k, ref_k = both + run_only, both + reference_only
+    p1, p2 = run_k / n, ref_k / n
+    l1, u1 = wilson_interval(run_k, n, z)
+    l2, u2 = wilson_interval(ref_k, n, z)
+    denom = run_k * (n - run_k) * ref_k * (n - ref_k)
+    # Newcombe's phi: the correlation of the paired outcomes, its positive part shrunk by n/2 (as in the paper)
+    cross = both * neither - run_only * reference_only
+    if denom == 0 or 0 <= cross <= n / 2:
+        phi = 0.0
+    elif cross > n / 2:
+        phi = (cross - n / 2) / math.sqrt(denom)
+    else:
+        phi = cross / math.sqrt(denom)
+    delta = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    eps = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    diff = p1 - p2
+    return (max(-1.0, diff - delta), min(1.0, diff + eps))
+
+
+def _record_key(record: Mapping[str, Any]) -> tuple[str | None, str]:
+    return (record.get("video_id") or None, str(record["id"]))
+
+
+def _keyed(records: Iterable[Mapping[str, Any]], label: str) -> dict[tuple[str | None, str], Mapping[str, Any]]:
+    out: dict[tuple[str | None, str], Mapping[str, Any]] = {}
+    for rec in records:
+        key = _record_key(rec)
+        if key in out:
+            raise ValueError(
+                f"paired comparison: the {label} has two records for (video_id, id) = {key}; a pairing needs "
+                "one record per sample (re-run the evaluation without --resume into a mixed file)"
+            )
+        out[key] = rec
+    return out
+
+
+def _pts(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _paired_verdict(stats: Mapping[str, Any], removed: str | None, alpha: float) -> str:
+    if stats["n"] == 0:
+        return "no paired samples"
+    drop, p = stats["drop"], stats["p_value"]
+    lo, hi = stats["difference_ci95"]
+    ci = f"95% CI of run - reference [{_pts(lo)}, {_pts(hi)}] pts"
+    p_text = f"p = {p:.2g}" if p >= 1e-4 else f"p = {p:.1e}"
+    significant = p < alpha
+    if removed:
+        if significant and drop > 0:
+            return f"{removed} carries {_pts(drop)} pts, {p_text} ({ci}, n = {stats['n']})"
+        if significant and drop < 0:
+            return (
+                f"removing {removed} RAISES accuracy by {_pts(-drop)} pts, {p_text} ({ci}, n = {stats['n']}); "
+                "check the runs"
+            )
+        return (
+            f"no measurable drop without {removed} ({p_text} >= {alpha:g}): observed drop {_pts(drop)} pts "
+            f"({ci}, n = {stats['n']})"
+        )
+    if significant:
+        better = "reference" if drop > 0 else "run"
+        return f"the {better} scores {_pts(abs(drop))} pts higher, {p_text} ({ci}, n = {stats['n']})"
+    return (
+        f"no measurable difference ({p_text} >= {alpha:g}): run - reference {_pts(-drop)} pts "
+        f"({ci}, n = {stats['n']})"
+    )
+
+
+def _paired_stats(pairs: Sequence[tuple[bool, bool]], removed: str | None, alpha: float) -> dict[str, Any]:
+    n = len(pairs)
+    both = sum(1 for run, ref in pairs if run and ref)
+    neither = sum(1 for run, ref in pairs if not run and not ref)
+    b = sum(1 for run, ref in pairs if ref and not run)  # reference right, run wrong: a loss
+    c = sum(1 for run, ref in pairs if run and not ref)  # run right, reference wrong: a gain
+    stats: dict[str, Any] = {
+        "n": n,
+        "run_hits": both + c,
+        "reference_hits": both + b,
+        "run_accuracy": (both + c) / n if n else None,
+        "reference_accuracy": (both + b) / n if n else None,
+        "both_right": both,
+        "both_wrong": neither,
+        "b": b,
+        "c": c,
+        "difference": (c - b) / n if n else None,
+        "drop": (b - c) / n if n else None,
+        "difference_ci95": list(paired_difference_interval(both, c, b, neither)),
+        "p_value": mcnemar_exact_p(b, c),
+    }
+    stats["verdict"] = _paired_verdict(stats, removed, alpha)
+    return stats
+
+
+def _key_list(keys: Iterable[tuple[str | None, str]]) -> dict[str, Any]:
+    keys = sorted(keys, key=lambda k: (k[0] or "", k[1]))
+    return {"n": len(keys), "examples": [list(k) for k in keys[:_LISTED_KEYS]]}
+
+
+def paired_comparison(
+    run_records: Iterable[Mapping[str, Any]],
+    reference_records: Iterable[Mapping[str, Any]],
+    candidates: Mapping[str, Sequence[str]] | None = None,
+    *,
+    removed: str | None = None,
+    alpha: float = PAIRED_ALPHA,
+) -> dict[str, Any]:
+    """Paired comparison of two runs scored on the same samples (e.g. an ablated run vs the normal run).
+
+    Records pair on (video_id, id); each is re-scored with strict accuracy (stored hits are ignored) against
+    ``candidates`` (default: the closed sets gathered from the gold answers of both files). Returns, overall and
+    per question type: ``n``, ``run_accuracy``, ``reference_accuracy``, the 2x2 table (``both_right``,
+    ``both_wrong``, ``b`` = reference right and run wrong, ``c`` = run right and reference wrong),
+    ``difference`` = run − reference with ``difference_ci95`` (Newcombe's paired interval), ``drop`` =
+    reference − run, the exact McNemar ``p_value`` and a ``verdict`` sentence. ``removed`` names what the run
+    lacks ("video"), so the verdict reads "video carries X pts, p = …" or "no measurable drop without video".
+
+    Key sets are never silently intersected: keys found in one file only, and keys whose gold answer or question
+    type differ between the files, are listed (``only_in_run``, ``only_in_reference``, ``gold_differs``) and
+    left out of the paired numbers, ``keys_match`` is False and the verdict starts with a warning. A duplicate
+    key in either file raises ValueError. Inputs are not modified.
+    """
+    runs = _keyed(run_records, "run")
+    refs = _keyed(reference_records, "reference")
+    if candidates is None:
+        candidates = build_candidates(
+            (r.get("question_type"), str(r["short_answer"])) for r in (*runs.values(), *refs.values())
+        )
+    only_run = set(runs) - set(refs)
+    only_ref = set(refs) - set(runs)
+    gold_differs = set()
+    overall: list[tuple[bool, bool]] = []
+    by_type: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
+    for key in sorted(set(runs) & set(refs), key=lambda k: (k[0] or "", k[1])):
+        run, ref = runs[key], refs[key]
+        if _norm_key(str(run["short_answer"])) != _norm_key(str(ref["short_answer"])) or _type_of(run) != _type_of(
+            ref
+        ):
+            gold_differs.add(key)
+            continue
+        pair = (bool(score_record(run, candidates)["accuracy"]), bool(score_record(ref, candidates)["accuracy"]))
+        overall.append(pair)
+        by_type[_type_of(ref)].append(pair)
+    result: dict[str, Any] = {
+        "method": {"interval": PAIRED_INTERVAL, "test": PAIRED_TEST, "alpha": alpha},
+        "removed": removed,
+        "n_run": len(runs),
+        "n_reference": len(refs),
+        "n_paired": len(overall),
+        "keys_match": not (only_run or only_ref or gold_differs),
+        "only_in_run": _key_list(only_run),
+        "only_in_reference": _key_list(only_ref),
+        "gold_differs": _key_list(gold_differs),
+        "overall": _paired_stats(overall, removed, alpha),
+        "per_type": {t: _paired_stats(by_type[t], removed, alpha) for t in sorted(by_type)},
+    }
+    verdict = result["overall"]["verdict"]
+    if not result["keys_match"]:
+        verdict = (
+            f"WARNING: the files do not hold the same samples ({len(only_run)} only in the run, {len(only_ref)} "
+            f"only in the reference, {len(gold_differs)} with a different gold answer or type; compared on the "
+            f"{len(overall)} shared samples). " + verdict
+        )
+    result["verdict"] = verdict
+    return result

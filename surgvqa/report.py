@@ -1,15 +1,17 @@
-"""Predictions files in, summaries out: reading (ours and the original toolkit's format), re-scoring, the printed
-per-type table, the per-type plot, and the comparison of a run with a reference run (modality ablation).
+"""Predictions files in, summaries out (a library; re-scoring's command line is ``evaluate_checkpoint.py
+--score_predictions``): reading predictions files (ours, with their meta line, and the original toolkit's format),
+the summary of a run, the printed per-type table, the per-type plot, the printed paired comparison.
 
-Nothing here trusts the per-metric hits stored in a predictions file: scores are always re-computed from the
+A predictions file written by the evaluator is self-describing: its first line is ``{"surgvqa_meta": {...}}``
+(checkpoint and weights hash, eval data and its hash, ablation, preprocessing, generation settings, the scoring
+version and the closed answer set per type used), every other line one prediction record keyed on
+(video_id, id). Nothing here trusts the per-metric hits stored in a file: scores are always re-computed from the
 prediction and the gold answers by ``surgvqa.metrics``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -18,11 +20,12 @@ from typing import Any
 
 from surgvqa.metrics import summarize
 
+META_KEY = "surgvqa_meta"
+
 # Our format (written by the evaluator) and the original toolkit's format.
 OURS_REQUIRED = ("id", "question_type", "short_answer", "answer", "prediction")
 ORIGINAL_REQUIRED = ("question_id", "question_type", "ground_truth", "short_answer", "predicted_answer")
 ORIGINAL_RENAMES = {"question_id": "id", "ground_truth": "answer", "predicted_answer": "prediction"}
-COMPARED_METRICS = ("accuracy", "k_acc", "substring_acc", "exact_match", "bleu4", "rouge_l", "meteor")
 
 
 def _normalize_record(obj: Any, where: str) -> dict[str, Any]:
@@ -45,14 +48,49 @@ def _normalize_record(obj: Any, where: str) -> dict[str, Any]:
     return rec
 
 
+def _meta_of(obj: Any) -> dict[str, Any] | None:
+    if isinstance(obj, dict) and META_KEY in obj:
+        if not isinstance(obj[META_KEY], dict):
+            raise ValueError(f"the {META_KEY} line must hold a JSON object")
+        return obj[META_KEY]
+    return None
+
+
+def read_predictions_meta(path: str | Path) -> dict[str, Any] | None:
+    """The run description on the first line of a predictions file, or None (a file of the original toolkit or an
+    older surgvqa). Reads only that line, so it also works on a ``.partial`` file cut by a kill."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            if line.lstrip().startswith("["):
+                return None
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:1: malformed JSON line ({exc.msg})") from exc
+            try:
+                return _meta_of(obj)
+            except ValueError as exc:
+                raise ValueError(f"{path}:1: {exc}") from None
+    return None
+
+
 def read_predictions(path: str | Path) -> list[dict[str, Any]]:
-    """Read a predictions file (JSONL or a JSON list) in our format or the original toolkit's.
+    """The prediction records of a file (JSONL or a JSON list), our format or the original toolkit's; the meta
+    line is skipped (see :func:`read_predictions_meta`).
 
     The original format's question_id/ground_truth/predicted_answer become id/answer/prediction. Records without
     video_id are keyed on id alone, with a warning (ids repeat across videos in REAL-Colon-VQA).
-    Raises ValueError naming file:line (or file[item]) for malformed lines and missing fields.
+    Raises ValueError naming file:line (or file[item]) for malformed lines, missing fields and a meta line that is
+    not the first line.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a predictions file (.jsonl)")
+    if not path.is_file():
+        raise ValueError(f"{path} not found; give a predictions file (.jsonl)")
     text = path.read_text(encoding="utf-8")
     items: list[tuple[str, Any]] = []
     if text.lstrip().startswith("["):
@@ -64,6 +102,7 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
             raise ValueError(f"{path}: expected a JSON list of records")
         items = [(f"{path}[item {i}]", obj) for i, obj in enumerate(data)]
     else:
+        first = True
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
@@ -71,6 +110,12 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: malformed JSON line ({exc.msg})") from exc
+            if isinstance(obj, dict) and META_KEY in obj:
+                if not first:
+                    raise ValueError(f"{path}:{lineno}: a {META_KEY} line must be the first line of the file")
+                first = False
+                continue
+            first = False
             items.append((f"{path}:{lineno}", obj))
     records = [_normalize_record(obj, where) for where, obj in items]
 
@@ -88,12 +133,56 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+# Run settings copied from the meta line into the summary (names as in the meta line).
+SUMMARY_META_FIELDS = (
+    "checkpoint", "checkpoint_sha256", "eval_data_path", "eval_data_sha256", "ablate", "ablation_seed",
+    "preprocessing", "question_modality", "frames_as", "frame_size", "max_eval_frames", "max_new_tokens", "limit",
+    "skip_bad_samples", "skipped_bad_samples",
+)
+
+
+def summarize_run(
+    records: Sequence[Mapping[str, Any]],
+    meta: Mapping[str, Any] | None,
+    baseline: str | float | None = None,
+) -> dict[str, Any]:
+    """The summary of a run: a pure function of its records and meta line (the evaluator and re-scoring both call
+    this, so re-scoring a file reproduces the run's summary number for number).
+
+    The closed answer sets are the meta line's (the ones the run used, gathered from the whole eval file before
+    ``--limit`` / after ``--skip_bad_samples``); without a meta line they are gathered from the records' gold
+    answers (``candidates_source: "records"``). ``baseline``: None = the run's (meta) or "majority".
+    """
+    candidates = meta.get("candidates") if meta else None
+    if baseline is None:
+        baseline = meta.get("baseline", "majority") if meta else "majority"
+    summary = summarize(records, baseline=baseline, candidates=candidates)
+    summary["candidates_source"] = "meta" if candidates is not None else "records"
+    for name in SUMMARY_META_FIELDS:
+        summary[name] = meta.get(name) if meta else None
+    if summary["preprocessing"] == "defaults":  # a checkpoint without surgvqa_config.json, defaults allowed
+        summary["allow_default_preprocessing"] = True
+    return summary
+
+
 def summary_path_for(output_file: str | Path) -> Path:
     """``preds.jsonl`` -> ``preds.summary.json``; any other name gets ``.summary.json`` appended."""
     p = Path(output_file)
     if p.suffix == ".jsonl":
         return p.with_suffix(".summary.json")
     return p.with_name(p.name + ".summary.json")
+
+
+def rescored_summary_path_for(predictions: str | Path) -> Path:
+    """``preds.jsonl`` -> ``preds.jsonl.rescored.summary.json`` (re-scoring never replaces the run's summary)."""
+    p = Path(predictions)
+    return p.with_name(p.name + ".rescored.summary.json")
+
+
+def partial_path_for(output_file: str | Path) -> Path:
+    """``preds.jsonl`` -> ``preds.jsonl.partial``: where an evaluation streams its lines until it completes."""
+    p = Path(output_file)
+    return p.with_name(p.name + ".partial")
 
 
 def write_summary(summary: Mapping[str, Any], path: str | Path) -> Path:
@@ -214,122 +303,74 @@ def plot_per_type(summary: Mapping[str, Any], png_path: str | Path) -> Path:
     return png_path
 
 
-def _drop(run: Any, ref: Any) -> float | None:
-    if (
-        isinstance(run, int | float)
-        and isinstance(ref, int | float)
-        and not math.isnan(run)
-        and not math.isnan(ref)
-    ):
-        return float(ref) - float(run)
-    return None
+def predictions_path_for(path: str | Path) -> Path:
+    """The predictions file behind ``path``: ``path`` itself, or the file a summary JSON describes.
 
-
-def compare(summary: Mapping[str, Any], other_summary: Mapping[str, Any]) -> dict[str, Any]:
-    """How much ``summary`` (e.g. an ablated run) drops relative to ``other_summary`` (the reference run).
-
-    drop = reference - run, in fractions (positive = this run is worse). ``within_reference_ci95`` is True when
-    this run's strict accuracy lies inside the reference's Wilson interval: no measurable drop, i.e. the removed
-    modality is not being used.
+    A summary written by the evaluator records its predictions file (``predictions_file``); older summaries are
+    matched by name (``X.summary.json`` -> ``X.jsonl`` or ``X``; ``X.rescored.summary.json`` -> ``X``).
     """
-    metrics = {
-        m: {
-            "run": summary.get(m),
-            "reference": other_summary.get(m),
-            "drop": _drop(summary.get(m), other_summary.get(m)),
-        }
-        for m in COMPARED_METRICS
-    }
-    per_type: dict[str, dict[str, Any]] = {}
-    run_types = summary.get("per_type", {})
-    ref_types = other_summary.get("per_type", {})
-    for qtype in sorted(set(run_types) | set(ref_types)):
-        run_t, ref_t = run_types.get(qtype, {}), ref_types.get(qtype, {})
-        per_type[qtype] = {
-            "n": run_t.get("n"),
-            "reference_n": ref_t.get("n"),
-            "run": run_t.get("accuracy"),
-            "reference": ref_t.get("accuracy"),
-            "drop": _drop(run_t.get("accuracy"), ref_t.get("accuracy")),
-        }
-    ref_ci = other_summary.get("accuracy_ci95") or [None, None]
-    acc = summary.get("accuracy")
-    within = None
-    if acc is not None and None not in ref_ci:
-        within = ref_ci[0] <= acc <= ref_ci[1]
-    return {
-        "n": summary.get("n"),
-        "reference_n": other_summary.get("n"),
-        "same_n": summary.get("n") == other_summary.get("n"),
-        "accuracy_drop": metrics["accuracy"]["drop"],
-        "within_reference_ci95": within,
-        "metrics": metrics,
-        "per_type": per_type,
-    }
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path} not found; give a predictions file or the summary written beside one")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a predictions file or the summary written beside one")
+    if not path.name.endswith(".summary.json"):
+        return path
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8")).get("predictions_file")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a summary JSON ({exc})") from exc
+    candidates = [Path(recorded)] if recorded else []
+    stem = path.name[: -len(".summary.json")]
+    if stem.endswith(".rescored"):
+        candidates.append(path.with_name(stem[: -len(".rescored")]))
+    candidates += [path.with_name(stem + ".jsonl"), path.with_name(stem)]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ValueError(
+        f"{path} is a summary, but its predictions file is not there (tried {', '.join(map(str, candidates))}); "
+        "give the predictions file itself"
+    )
 
 
-def format_comparison(
+def format_paired_comparison(
     comparison: Mapping[str, Any], label: str = "run", reference_label: str = "reference"
 ) -> str:
-    """Printable form of ``compare``'s result (drops in percentage points)."""
-    lines = [f"{label} vs {reference_label} (drop = {reference_label} - {label}, percentage points)"]
-    if not comparison.get("same_n"):
-        lines.append(f"WARNING: n differs ({comparison.get('n')} vs {comparison.get('reference_n')})")
-    for m, v in comparison["metrics"].items():
-        if v["drop"] is None:
-            continue
-        lines.append(
-            f"  {m:<14} {_pct(v['run']):>7} vs {_pct(v['reference']):>7}  drop {100 * v['drop']:+.1f}"
+    """Printable form of ``metrics.paired_comparison``: one row per type, then the overall verdict."""
+    header = ("type", "n", label, reference_label, "run - ref [95% CI]", "b", "c", "McNemar p")
+    rows = [header]
+
+    def row(name: str, v: Mapping[str, Any]) -> tuple[str, ...]:
+        if not v["n"]:
+            return (name, "0", "", "", "", "", "", "")
+        lo, hi = v["difference_ci95"]
+        return (
+            name,
+            str(v["n"]),
+            _pct(v["run_accuracy"]),
+            _pct(v["reference_accuracy"]),
+            f"{100 * v['difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]",
+            str(v["b"]),
+            str(v["c"]),
+            f"{v['p_value']:.2g}",
         )
-    for qtype, v in comparison["per_type"].items():
-        if v["drop"] is None:
-            continue
-        lines.append(
-            f"  {qtype:<30} {_pct(v['run']):>7} vs {_pct(v['reference']):>7}  drop {100 * v['drop']:+.1f}"
-        )
-    if comparison.get("within_reference_ci95"):
-        lines.append(f"  NO MEASURABLE DROP: {label} accuracy lies inside the {reference_label} 95% CI")
+
+    rows += [row(t, v) for t, v in comparison["per_type"].items()]
+    rows.append(row("overall", comparison["overall"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [
+        f"paired comparison: {label} vs {reference_label} on the same samples (b = {reference_label} right and "
+        f"{label} wrong, c = the reverse; points)"
+    ]
+    for i, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths,
+                                                                                                     strict=True))))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    for name in ("only_in_run", "only_in_reference", "gold_differs"):
+        listed = comparison[name]
+        if listed["n"]:
+            lines.append(f"{name.replace('_', ' ')}: {listed['n']} (e.g. {listed['examples'][:3]})")
+    lines.append(f"verdict: {comparison['verdict']}")
     return "\n".join(lines)
-
-
-def rescore(
-    predictions_path: str | Path,
-    output_summary_path: str | Path | None = None,
-    baseline: str | float = "majority",
-) -> dict[str, Any]:
-    """Re-score a predictions file from prediction + gold (stored hits ignored), write and return the summary."""
-    records = read_predictions(predictions_path)
-    summary = summarize(records, baseline=baseline)
-    write_summary(summary, output_summary_path or summary_path_for(predictions_path))
-    return summary
-
-
-def _parse_baseline(value: str) -> str | float:
-    return value if value in ("majority", "chance") else float(value)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Re-score a predictions file and print the per-type table.")
-    parser.add_argument("predictions", type=Path)
-    parser.add_argument("--summary", type=Path, default=None, help="where to write the summary JSON")
-    parser.add_argument(
-        "--baseline", type=_parse_baseline, default="majority", help="majority | chance | number"
-    )
-    parser.add_argument(
-        "--compare", type=Path, default=None, help="reference summary JSON (e.g. a normal run)"
-    )
-    parser.add_argument("--plot", type=Path, default=None, help="write the per-type PNG here")
-    args = parser.parse_args(argv)
-    summary = rescore(args.predictions, args.summary, baseline=args.baseline)
-    print(format_table(summary))
-    if args.compare:
-        reference = json.loads(args.compare.read_text(encoding="utf-8"))
-        print()
-        print(format_comparison(compare(summary, reference)))
-    if args.plot:
-        plot_per_type(summary, args.plot)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,11 +1,13 @@
 """LoRA / QLoRA fine-tuning: argument dataclasses → data check → backbone → PEFT → Trainer → outputs.
 
-Every Hugging Face ``TrainingArguments`` flag works; ours are in the three dataclasses below. Arguments may also come
-from one YAML or JSON file (``python train_vqa.py config.yaml``).
+Every Hugging Face ``TrainingArguments`` flag works; ours are in the dataclasses below. Arguments may also come from
+one YAML or JSON file, with command-line flags overriding it (``python train_vqa.py config.yaml --learning_rate 1e-4``).
+What happens to an existing ``--output_dir`` (refused, emptied, resumed) is decided by :mod:`surgvqa.rundir`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -15,17 +17,38 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import (
+    EarlyStoppingCallback,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
 from transformers.trainer_utils import enable_full_determinism
 
 from surgvqa import __version__
-from surgvqa.backbones import LoadOptions, backbone_for
-from surgvqa.checkpoint import save_new_token_rows, write_surgvqa_config
+from surgvqa.backbones import LoadOptions, backbone_for, get_backbone
+from surgvqa.backbones.base import prepare_quantized_for_training, upcast_trainable, vision_grid
+from surgvqa.checkpoint import save_new_token_rows
 from surgvqa.collate import OverlongSampleError, VQACollator
 from surgvqa.data import DataError, MediaConfig, Problem, Sample, SurgicalVQADataset, load_samples
+from surgvqa.errors import UserError, existing_dir, existing_file, one_line_errors, run_main
 from surgvqa.generate import generate_predictions
+from surgvqa.media import PixelBudget
 from surgvqa.metrics import build_candidates, strict_hit
-from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT
+from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, check_question_modality
+from surgvqa.run_config import (
+    CONFIG_NAME,
+    DEFAULT_FPS,
+    DEFAULT_MODEL_MAX_LENGTH,
+    FRAMES_AS,
+    MediaSettings,
+    RunConfig,
+    collator_kwargs,
+)
+from surgvqa.run_config import media_config as build_media_config
+from surgvqa.rundir import apply_plan, check_same_run, plan_output_dir
 from surgvqa.tokenizer import repair_tokenizer
 
 logger = logging.getLogger("surgvqa.train")
@@ -52,24 +75,50 @@ class DataArguments:
     audio_dir: str | None = field(default=None, metadata={"help": "root of the spoken questions (training)"})
     eval_frames_dir: str | None = field(default=None, metadata={"help": "default: --frames_dir"})
     eval_audio_dir: str | None = field(default=None, metadata={"help": "default: --audio_dir"})
-    frame_path_template: str = field(default="{video_id}/{frame}.jpg")
-    audio_path_template: str = field(default="{video_id}/{id}.wav")
-    frame_size: int = field(default=384, metadata={"help": "longest frame edge in pixels (the pixel budget)"})
-    max_pixels: int | None = field(default=None, metadata={"help": "alternative budget: frame_size = sqrt"})
+    frame_path_template: str = field(default=MediaConfig.frame_path_template)
+    audio_path_template: str = field(default=MediaConfig.audio_path_template)
+    frame_size: int = field(
+        default=MediaConfig.frame_size,
+        metadata={"help": "longest frame edge in pixels, on the vision grid (ignored with --max_pixels)"},
+    )
+    max_pixels: int | None = field(
+        default=None,
+        metadata={"help": "pixel budget per frame, a pixel count (e.g. 147456 = 384*384): transformers' smart_resize "
+                  "keeps the aspect ratio, grid-aligned edges and w*h <= max_pixels; replaces --frame_size"},
+    )
+    min_pixels: int | None = field(
+        default=None, metadata={"help": "smallest frame in pixels (smaller frames are enlarged); default one grid cell"}
+    )
     max_train_frames: int | None = field(default=None, metadata={"help": "evenly spaced, first and last kept"})
     max_eval_frames: int | None = field(default=None, metadata={"help": "default: the training frame count"})
-    question_modality: str = field(default="text", metadata={"help": "text | audio | text+audio"})
-    frames_as: str = field(default="video", metadata={"help": "video (temporal merging) | images"})
-    model_max_length: int = field(default=4096)
+    question_modality: str = field(default=MediaConfig.question_modality,
+                                   metadata={"help": "text | audio | text+audio"})
+    frames_as: str = field(default=FRAMES_AS[0], metadata={"help": "video (temporal merging) | images"})
+    model_max_length: int = field(default=DEFAULT_MODEL_MAX_LENGTH)
     skip_overlong: bool = field(default=False, metadata={"help": "skip (and count) samples longer than the limit"})
     skip_bad_samples: bool = field(default=False, metadata={"help": "skip (and list) samples with bad data"})
     eval_generate_samples: int = field(
-        default=0, metadata={"help": "generate on the first N eval samples each evaluation → eval_accuracy"}
+        default=0,
+        metadata={"help": "generate on N eval samples (seeded, stratified by question type) each evaluation → "
+                          "eval_accuracy; split across processes"},
+    )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={"help": "stop after this many evaluations without improving --metric_for_best_model"},
     )
     eval_max_new_tokens: int = field(default=48)
     eval_batch_size_generate: int = field(default=8)
     system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT)
-    fps: float = field(default=2.0, metadata={"help": "frame rate the frames were sampled at (rope timing)"})
+    fps: float = field(
+        default=DEFAULT_FPS,
+        metadata={"help": "rate (frames per second) at which the frames listed on a line were sampled; sets the "
+                  "video clock (M-RoPE time step) of lines without frame_numbers, or without --video_fps"},
+    )
+    video_fps: float | None = field(
+        default=None,
+        metadata={"help": "frame rate of the source videos: with it, a line's frame_numbers / video_fps give each kept "
+                  "frame's time, so any subsample keeps the true clock (e.g. 30 for 30-fps recordings)"},
+    )
 
 
 @dataclass
@@ -84,16 +133,61 @@ class LoraArguments:
     init_from: str | None = field(default=None, metadata={"help": "stage 2: the stage-1 output directory"})
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, LoraArguments, TrainingArguments]:
+@dataclass
+class SurgvqaTrainingArguments(TrainingArguments):
+    """Hugging Face ``TrainingArguments`` plus what a run directory needs (see :mod:`surgvqa.rundir`)."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "empty a non-empty --output_dir before training (otherwise such a directory is refused)"},
+    )
+
+
+ArgumentTuple = tuple[ModelArguments, DataArguments, LoraArguments, SurgvqaTrainingArguments]
+
+
+def make_parser() -> HfArgumentParser:
+    parser = one_line_errors(HfArgumentParser((ModelArguments, DataArguments, LoraArguments, SurgvqaTrainingArguments)))
+    parser.prog = "train_vqa.py"
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> ArgumentTuple:
+    """Flags, or a YAML/JSON file followed by flags that override it (``config.yaml --learning_rate 1e-4``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(argv[0])
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    if "--report_to" not in argv:
-        argv += ["--report_to", "none"]
-    return parser.parse_args_into_dataclasses(argv)
+    parser = make_parser()
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
+        parser.set_defaults(**_config_file(parser, argv[0]))
+        argv = argv[1:]
+    try:
+        *parsed, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    except ValueError as err:  # TrainingArguments refuses a combination of flags
+        raise UserError(str(err)) from err
+    if unknown:
+        raise UserError(f"unknown argument(s) {' '.join(unknown)}; see train_vqa.py --help")
+    return tuple(parsed)
+
+
+def _config_file(parser: HfArgumentParser, path: str) -> dict[str, Any]:
+    """The settings of a YAML/JSON recipe; an unknown key is an error naming it (a typo would be ignored)."""
+    import yaml
+
+    file = existing_file(path, "the arguments file")
+    text = file.read_text()
+    try:
+        values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as err:
+        raise UserError(f"{file}: not valid {'JSON' if file.suffix == '.json' else 'YAML'} ({err})") from err
+    if not isinstance(values, dict):
+        raise UserError(f"{file}: expected a mapping of argument names to values")
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"{file}: unknown argument(s) {', '.join(unknown)}; see train_vqa.py --help")
+    for action in parser._actions:  # argparse requires required arguments on the command line even with a default
+        if action.dest in values:
+            action.required = False
+    return values
 
 
 # -------------------------------------------------------------------------------------------------- checks
@@ -101,40 +195,72 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
                   args: TrainingArguments) -> None:
     """Refuse unsupported combinations before anything heavy happens."""
     if not data_args.train_data_path:
-        raise ValueError("--train_data_path is required")
-    if data_args.max_pixels is not None:
-        data_args.frame_size = int(math.isqrt(data_args.max_pixels))
+        raise UserError("--train_data_path is required (the training JSONL); see train_vqa.py --help")
+    check_question_modality(data_args.question_modality, "--question_modality")
+    if data_args.frames_as not in FRAMES_AS:
+        raise UserError(f"--frames_as must be one of {', '.join(FRAMES_AS)}; got {data_args.frames_as!r}")
+    model_path = Path(model_args.model_name_or_path)
+    if model_path.exists():  # recorded absolute (surgvqa_config.json and PEFT's adapter_config.json)
+        model_args.model_name_or_path = str(model_path.resolve())
+    PixelBudget(data_args.frame_size, data_args.max_pixels, data_args.min_pixels)  # refuses a bad budget
+    if data_args.fps <= 0 or (data_args.video_fps is not None and data_args.video_fps <= 0):
+        raise UserError(f"--fps and --video_fps must be > 0, got {data_args.fps} and {data_args.video_fps}")
     if model_args.load_in_4bit or model_args.load_in_8bit:
         if args.fp16:
-            raise ValueError("QLoRA computes in bf16: use --bf16 True instead of --fp16")
+            raise UserError("QLoRA computes in bf16: use --bf16 True instead of --fp16")
         if lora_args.train_projectors and model_args.load_in_8bit:
             logger.info("projectors stay unquantized under 8-bit loading and are trained in full precision")
     if data_args.eval_generate_samples and not data_args.eval_data_path:
-        raise ValueError("--eval_generate_samples needs --eval_data_path")
+        raise UserError("--eval_generate_samples needs --eval_data_path")
     if args.metric_for_best_model in ("accuracy", "eval_accuracy") and not data_args.eval_generate_samples:
-        raise ValueError(
+        raise UserError(
             "--metric_for_best_model accuracy is the generation-scored accuracy: set --eval_generate_samples N"
         )
+    if data_args.early_stopping_patience is not None:
+        if data_args.early_stopping_patience < 1:
+            raise UserError(f"--early_stopping_patience must be >= 1, got {data_args.early_stopping_patience}")
+        if not args.metric_for_best_model or args.eval_strategy == "no":
+            raise UserError(
+                "--early_stopping_patience needs --metric_for_best_model (e.g. eval_accuracy) and an --eval_strategy"
+            )
     if args.eval_strategy != "no" and not data_args.eval_data_path:
-        raise ValueError(f"--eval_strategy {args.eval_strategy} needs --eval_data_path")
+        raise UserError(f"--eval_strategy {args.eval_strategy} needs --eval_data_path")
     if model_args.dtype == "auto":
         model_args.dtype = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
     LoadOptions(dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
                 load_in_4bit=model_args.load_in_4bit, load_in_8bit=model_args.load_in_8bit).validate()
+    if (model_args.load_in_4bit or model_args.load_in_8bit) and not args.bf16:
+        # the towers and norms stay unquantized in bf16 / fp32: bf16 autocast runs them together
+        raise UserError("QLoRA computes in bf16: add --bf16 True")
+    existing_file(data_args.train_data_path, "--train_data_path")  # paths last: combinations need no files
+    if data_args.eval_data_path:
+        existing_file(data_args.eval_data_path, "--eval_data_path")
+    for name in ("frames_dir", "audio_dir", "eval_frames_dir", "eval_audio_dir"):
+        if getattr(data_args, name):
+            existing_dir(getattr(data_args, name), f"--{name}")
+
+
+def media_settings(data_args: DataArguments) -> MediaSettings:
+    """The run's preprocessing, as recorded in surgvqa_config.json (evaluation defaults to the training frames)."""
+    return MediaSettings(
+        frame_path_template=data_args.frame_path_template,
+        audio_path_template=data_args.audio_path_template,
+        frame_size=data_args.frame_size,
+        max_train_frames=data_args.max_train_frames,
+        max_eval_frames=data_args.max_eval_frames or data_args.max_train_frames,
+        question_modality=data_args.question_modality,
+        frames_as=data_args.frames_as,
+        fps=data_args.fps,
+        video_fps=data_args.video_fps,
+        max_pixels=data_args.max_pixels,
+        min_pixels=data_args.min_pixels,
+    )
 
 
 def media_config(data_args: DataArguments, *, eval: bool = False) -> MediaConfig:
     frames_dir = (data_args.eval_frames_dir if eval else None) or data_args.frames_dir
     audio_dir = (data_args.eval_audio_dir if eval else None) or data_args.audio_dir
-    return MediaConfig(
-        frames_dir=frames_dir,
-        audio_dir=audio_dir,
-        frame_path_template=data_args.frame_path_template,
-        audio_path_template=data_args.audio_path_template,
-        frame_size=data_args.frame_size,
-        max_frames=(data_args.max_eval_frames or data_args.max_train_frames) if eval else data_args.max_train_frames,
-        question_modality=data_args.question_modality,
-    )
+    return build_media_config(media_settings(data_args), frames_dir, audio_dir, train=not eval)
 
 
 def load_checked(path: str, media: MediaConfig, skip_bad: bool, scoring: bool = False) -> list[Sample]:
@@ -154,7 +280,7 @@ def drop_overlong(samples: list[Sample], collator: VQACollator, max_frames: int 
     import soundfile
     from PIL import Image
 
-    from surgvqa.media import fit_to_budget, subsample_indices
+    from surgvqa.media import subsample_indices
 
     kept, overlong = [], []
     size_cache: dict[tuple, tuple[int, int]] = {}
@@ -164,9 +290,8 @@ def drop_overlong(samples: list[Sample], collator: VQACollator, max_frames: int 
             continue
         with Image.open(sample.frame_paths[0]) as img:
             raw = img.size
-        if raw not in size_cache:
-            w, h = fit_to_budget(raw[0], raw[1], collator.frame_size)
-            size_cache[raw] = (h, w)
+        if raw not in size_cache:  # the collator's own budget function: the size the dataset resizes to
+            size_cache[raw] = collator.frame_hw(*raw)
         n_frames = len(subsample_indices(len(sample.frame_paths), max_frames))
         audio_len = None
         if sample.audio_path is not None and "audio" in collator.question_modality:
@@ -187,7 +312,7 @@ def drop_overlong(samples: list[Sample], collator: VQACollator, max_frames: int 
 
 # --------------------------------------------------------------------------------------------------- model
 def build_model(model_args: ModelArguments, lora_args: LoraArguments, args: TrainingArguments):
-    from peft import LoraConfig, prepare_model_for_kbit_training
+    from peft import LoraConfig
 
     backbone = backbone_for(model_args.model_name_or_path, model_args.backbone)
     options = LoadOptions(
@@ -204,9 +329,9 @@ def build_model(model_args: ModelArguments, lora_args: LoraArguments, args: Trai
 
     gc_kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
     args.gradient_checkpointing_kwargs = gc_kwargs
-    if options.quantized:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=args.gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
+    if options.quantized:  # only the norms in fp32; towers, embeddings and lm_head stay in the compute dtype
+        prepare_quantized_for_training(
+            model, gradient_checkpointing=args.gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
         )
     elif args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
@@ -224,6 +349,8 @@ def build_model(model_args: ModelArguments, lora_args: LoraArguments, args: Trai
         task_type="CAUSAL_LM",
     )
     model = backbone.make_trainable(model, lora_config, stage=lora_args.stage, init_from=lora_args.init_from)
+    if options.quantized:
+        upcast_trainable(model)
     if hasattr(model, "peft_config"):
         assert_lora_placement(model, backbone, allow_vision=lora_args.lora_vision_tower)
         model.print_trainable_parameters()
@@ -246,43 +373,93 @@ def assert_lora_placement(model, backbone, allow_vision: bool = False) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- trainer
+def stratified_subset(samples: list[Sample], n: int, seed: int) -> list[Sample]:
+    """A seeded sample of ``n`` samples, every question type represented in proportion (at least one each when
+    ``n`` allows), kept in file order. ``n`` >= len(samples) returns them all."""
+    import random
+    from collections import defaultdict
+
+    if n >= len(samples):
+        return list(samples)
+    by_type: dict[str, list[int]] = defaultdict(list)
+    for i, sample in enumerate(samples):
+        by_type[sample.question_type or ""].append(i)
+    types = sorted(by_type)
+    base = 1 if n >= len(types) else 0
+    quota = dict.fromkeys(types, base)
+    room = {t: len(by_type[t]) - base for t in types}
+    rest = n - base * len(types)
+    shares = {t: rest * room[t] / sum(room.values()) for t in types}
+    for t in types:
+        quota[t] += math.floor(shares[t])
+    for t in sorted(types, key=lambda t: (-(shares[t] - math.floor(shares[t])), t)):  # largest remainders
+        if sum(quota.values()) == n:
+            break
+        if quota[t] < len(by_type[t]):
+            quota[t] += 1
+    rng = random.Random(seed)
+    chosen = [i for t in types for i in rng.sample(by_type[t], quota[t])]
+    return [samples[i] for i in sorted(chosen)]
+
+
 class VQATrainer(Trainer):
-    """Eval loss without keeping logits, plus generation-scored accuracy on a bounded subset."""
+    """Eval loss without keeping logits, plus generation-scored accuracy on a bounded subset.
+
+    The accuracy is computed inside ``evaluation_loop``, so ``eval_accuracy`` is in the metrics that are logged,
+    passed to ``on_evaluate`` (``EarlyStoppingCallback``) and used for ``metric_for_best_model`` /
+    ``load_best_model_at_end``. Generation is split across processes (each generates about N / world_size
+    samples) and the per-sample results are gathered, so every process reports the same numbers.
+    """
 
     def __init__(self, *args, generation_eval: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.generation_eval = generation_eval
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        if self.generation_eval:
-            extra = self.generation_accuracy(metric_key_prefix)
-            self.log(extra)
-            metrics.update(extra)
-        return metrics
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        if self.generation_eval and description == "Evaluation":
+            output.metrics.update(self.generation_accuracy(metric_key_prefix))
+        return output
 
     def generation_accuracy(self, prefix: str = "eval") -> dict[str, float]:
+        from accelerate.utils import gather_object
+
         spec = self.generation_eval
         dataset, collator = spec["dataset"], spec["collator"]
         model = self.accelerator.unwrap_model(self.model)
-        hits, no_eos = 0, 0
         candidates = spec["candidates"]
-        by_key = {s.key: s for s in dataset.samples}
-        for prediction in generate_predictions(
-            model, self.processing_class.tokenizer, dataset, collator,
-            batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"],
-        ):
-            sample = by_key[prediction.key]
-            hits += strict_hit(prediction.text, sample.short_answer, candidates.get(sample.question_type, []))
-            no_eos += not prediction.stopped_by_eos
-        n = len(dataset)
-        return {f"{prefix}_accuracy": hits / n, f"{prefix}_no_eos": no_eos / n}
+        local: list[tuple[int, bool, bool]] = []
+        with self.accelerator.split_between_processes(list(range(len(dataset.samples)))) as mine:
+            part = SurgicalVQADataset([dataset.samples[i] for i in mine], dataset.media)
+            index = {dataset.samples[i].key: i for i in mine}
+            by_key = {s.key: s for s in part.samples}
+            if part.samples:
+                for prediction in generate_predictions(
+                    model, self.processing_class.tokenizer, part, collator,
+                    batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"],
+                ):
+                    sample = by_key[prediction.key]
+                    hit = strict_hit(prediction.text, sample.short_answer, candidates.get(sample.question_type, []))
+                    local.append((index[prediction.key], hit, not prediction.stopped_by_eos))
+        per_rank = gather_object([len(local)])
+        results = gather_object(local)
+        n = len(results)
+        if n != len(dataset.samples) or len({i for i, _, _ in results}) != n:
+            raise RuntimeError(f"generation eval gathered {n} results for {len(dataset.samples)} samples")
+        return {
+            f"{prefix}_accuracy": sum(hit for _, hit, _ in results) / n,
+            f"{prefix}_no_eos": sum(no_eos for _, _, no_eos in results) / n,
+            f"{prefix}_generated": float(n),
+            f"{prefix}_generated_per_process": float(max(per_rank)),
+        }
 
 
 class SurgvqaConfigCallback(TrainerCallback):
     """Write surgvqa_config.json (and new embedding rows) into every checkpoint so each one is evaluable."""
 
-    def __init__(self, config: dict, original_rows: int):
+    def __init__(self, config: RunConfig, original_rows: int):
         self.config = config
         self.original_rows = original_rows
 
@@ -294,46 +471,62 @@ class SurgvqaConfigCallback(TrainerCallback):
         return control
 
 
-def save_outputs_extras(path: Path, config: dict, model, original_rows: int) -> None:
-    write_surgvqa_config(path, config)
+def save_outputs_extras(path: Path, config: RunConfig, model, original_rows: int) -> None:
     if model is not None:
-        backbone_for(config["base_model"], config["backbone"]).save_extras(model, str(path))
-    if config.get("resized_vocab") and model is not None:
+        config = dataclasses.replace(config, **get_backbone(config.backbone).save_extras(model, str(path), config))
+    config.write(path)
+    if config.resized_vocab and model is not None:
         save_new_token_rows(model, path, original_rows)
 
 
-def run_config(model_args, data_args, lora_args, backbone, report, original_rows, model) -> dict:
-    rows = model.get_input_embeddings().num_embeddings
-    return {
-        "surgvqa_version": __version__,
-        "backbone": backbone.name,
-        "base_model": str(Path(model_args.model_name_or_path).resolve())
-        if Path(model_args.model_name_or_path).exists() else model_args.model_name_or_path,
-        "media": {
-            "frame_path_template": data_args.frame_path_template,
-            "audio_path_template": data_args.audio_path_template,
-            "frame_size": data_args.frame_size,
-            "max_train_frames": data_args.max_train_frames,
-            "max_eval_frames": data_args.max_eval_frames or data_args.max_train_frames,
-            "question_modality": data_args.question_modality,
-            "frames_as": data_args.frames_as,
-            "fps": data_args.fps,
-        },
-        "system_prompt": data_args.system_prompt,
-        "model_max_length": data_args.model_max_length,
-        "lora": asdict(lora_args),
-        "quantization": "4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None,
-        "dtype": model_args.dtype,
-        "tokenizer_repair": report.actions,
-        "resized_vocab": rows if rows != original_rows else None,
-        "original_vocab_rows": original_rows,
-        "train_data_path": _resolved(data_args.train_data_path),
-        "eval_data_path": _resolved(data_args.eval_data_path),
-        "frames_dir": _resolved(data_args.frames_dir),
-        "audio_dir": _resolved(data_args.audio_dir),
-        "eval_frames_dir": _resolved(data_args.eval_frames_dir or data_args.frames_dir),
-        "eval_audio_dir": _resolved(data_args.eval_audio_dir or data_args.audio_dir),
-    }
+#: the TrainingArguments that change what a run computes (recorded, and compared when a run is resumed)
+TRAINING_SETTINGS = (
+    "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "adam_beta1",
+    "adam_beta2", "adam_epsilon", "max_grad_norm", "optim", "num_train_epochs", "max_steps",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "world_size", "seed", "data_seed", "bf16", "fp16",
+    "gradient_checkpointing", "label_smoothing_factor", "neftune_noise_alpha",
+)
+#: RunConfig fields known only once the model is loaded (not compared when a run is resumed)
+_MODEL_DERIVED = ("tokenizer_repair", "resized_vocab", "original_vocab_rows", "graft", "surgvqa_version",
+                  "schema_version", "base_model_relative")
+
+
+def training_settings(args: TrainingArguments) -> dict[str, Any]:
+    """:data:`TRAINING_SETTINGS` of ``args``, as JSON values."""
+    values = {name: getattr(args, name, None) for name in TRAINING_SETTINGS}
+    return json.loads(json.dumps(values, default=str))
+
+
+def run_identity(config: RunConfig) -> dict[str, Any]:
+    """What makes two invocations the same run: the recorded settings, less what the loaded model adds."""
+    return {k: v for k, v in config.to_dict().items() if k not in _MODEL_DERIVED}
+
+
+def build_run_config(model_args, data_args, lora_args, backbone_name: str, args: TrainingArguments | None = None,
+                     report=None, original_rows: int | None = None, model=None) -> RunConfig:
+    """The run's surgvqa_config.json; without ``model`` (before it loads) the model-derived fields are empty."""
+    rows = model.get_input_embeddings().num_embeddings if model is not None else original_rows
+    return RunConfig(
+        surgvqa_version=__version__,
+        backbone=backbone_name,
+        base_model=model_args.model_name_or_path,  # absolute when local (validate_args)
+        media=media_settings(data_args),
+        system_prompt=data_args.system_prompt,
+        model_max_length=data_args.model_max_length,
+        lora=asdict(lora_args),
+        quantization="4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None,
+        dtype=model_args.dtype,
+        tokenizer_repair=list(report.actions) if report is not None else [],
+        resized_vocab=rows if rows != original_rows else None,
+        original_vocab_rows=original_rows,
+        training=training_settings(args) if args is not None else None,
+        train_data_path=_resolved(data_args.train_data_path),
+        eval_data_path=_resolved(data_args.eval_data_path),
+        frames_dir=_resolved(data_args.frames_dir),
+        audio_dir=_resolved(data_args.audio_dir),
+        eval_frames_dir=_resolved(data_args.eval_frames_dir or data_args.frames_dir),
+        eval_audio_dir=_resolved(data_args.eval_audio_dir or data_args.audio_dir),
+    )
 
 
 def _resolved(path: str | None) -> str | None:
@@ -357,18 +550,35 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         eval_samples = load_checked(data_args.eval_data_path, eval_media, data_args.skip_bad_samples,
                                     scoring=bool(data_args.eval_generate_samples))
 
-    # 2. model (seeded first: LoRA's random init must be reproducible for resume and comparisons)
+    # 2. the run directory: refused, emptied, resumed or started, before any weight loads
+    backbone_name = backbone_for(model_args.model_name_or_path, model_args.backbone).name
+    early = build_run_config(model_args, data_args, lora_args, backbone_name, args)
+    plan = plan_output_dir(
+        args.output_dir, args.resume_from_checkpoint, getattr(args, "overwrite_output_dir", False),
+        protected=(data_args.train_data_path, data_args.eval_data_path, data_args.frames_dir, data_args.audio_dir,
+                   data_args.eval_frames_dir, data_args.eval_audio_dir, model_args.model_name_or_path),
+    )
+    check_same_run(plan, run_identity(early))
+    with args.main_process_first(local=False, desc="preparing the output directory"):
+        if args.process_index == 0:
+            apply_plan(plan)
+            early.write(args.output_dir)  # whose directory this is, from the start
+    if plan.resume_from:
+        logger.info("resuming from %s", plan.resume_from)
+
+    # 3. model (seeded first: LoRA's random init must be reproducible for resume and comparisons)
     if args.full_determinism:
         enable_full_determinism(args.seed)
     else:
         set_seed(args.seed)
     model, processor, backbone, report, original_rows = build_model(model_args, lora_args, args)
-    collator_kwargs = dict(
-        question_modality=data_args.question_modality, frame_size=data_args.frame_size,
-        frames_as=data_args.frames_as, model_max_length=data_args.model_max_length,
-        system_prompt=data_args.system_prompt, fps=data_args.fps,
-    )
-    train_collator = VQACollator(processor, mode="train", **collator_kwargs)
+    grid = vision_grid(processor)  # frames are resized onto the backbone's vision grid
+    train_media = dataclasses.replace(train_media, pixel_multiple=grid)
+    if eval_media is not None:
+        eval_media = dataclasses.replace(eval_media, pixel_multiple=grid)
+    settings = dict(collator_kwargs(media_settings(data_args), data_args.system_prompt),
+                    model_max_length=data_args.model_max_length)
+    train_collator = VQACollator(processor, mode="train", **settings)
     train_samples = drop_overlong(train_samples, train_collator, train_media.max_frames,
                                   data_args.skip_overlong, data_args.model_max_length)
     train_dataset = SurgicalVQADataset(train_samples, train_media)
@@ -378,16 +588,17 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
                                      data_args.skip_overlong, data_args.model_max_length)
         eval_dataset = SurgicalVQADataset(eval_samples, eval_media)
         if data_args.eval_generate_samples:
-            subset = eval_samples[: data_args.eval_generate_samples]
+            subset = stratified_subset(eval_samples, data_args.eval_generate_samples,
+                                       args.data_seed if args.data_seed is not None else args.seed)
             generation_eval = {
                 "dataset": SurgicalVQADataset(subset, eval_media),
-                "collator": VQACollator(processor, mode="generate", **collator_kwargs),
+                "collator": VQACollator(processor, mode="generate", **settings),
                 "candidates": build_candidates((s.question_type, s.short_answer) for s in eval_samples),
                 "batch_size": data_args.eval_batch_size_generate,
                 "max_new_tokens": data_args.eval_max_new_tokens,
             }
 
-    config = run_config(model_args, data_args, lora_args, backbone, report, original_rows, model)
+    config = build_run_config(model_args, data_args, lora_args, backbone.name, args, report, original_rows, model)
     trainer = VQATrainer(
         model=model,
         args=args,
@@ -398,31 +609,80 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         generation_eval=generation_eval,
         callbacks=[SurgvqaConfigCallback(config, original_rows)],
     )
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    if data_args.early_stopping_patience is not None:
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=data_args.early_stopping_patience))
+    result = trainer.train(resume_from_checkpoint=plan.resume_from)
     trainer.save_model(args.output_dir)
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)  # train_results.json, all_results.json
+    trainer.save_state()  # trainer_state.json: the whole log history
     if trainer.is_world_process_zero():
         save_outputs_extras(Path(args.output_dir), config, trainer.model, original_rows)
-        (Path(args.output_dir) / "train_results.json").write_text(json.dumps(result.metrics, indent=2) + "\n")
         # the final directory holds no pickles: the Trainer's training_args.bin becomes readable JSON
         (Path(args.output_dir) / "training_args.json").write_text(args.to_json_string() + "\n")
         (Path(args.output_dir) / "training_args.bin").unlink(missing_ok=True)
-    logger.info("adapter, processor and %s written to %s", "surgvqa_config.json", args.output_dir)
+        curves = plot_training_curves(trainer.state.log_history, Path(args.output_dir) / CURVES_NAME)
+        if curves:
+            logger.info("loss curve: %s", curves)
+    logger.info("adapter, processor and %s written to %s", CONFIG_NAME, args.output_dir)
     return {"metrics": result.metrics, "trainer": trainer}
+
+CURVES_NAME = "training_curves.png"
+
+
+def plot_training_curves(log_history: list[dict], png_path: Path) -> Path | None:
+    """Training loss (and eval loss, eval accuracy when logged) against the step, as a PNG; None when nothing
+    was logged. matplotlib is imported here only (headless Agg canvas)."""
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    accuracy = [(e["step"], e["eval_accuracy"]) for e in log_history if "eval_accuracy" in e]
+    if not (train or evals or accuracy):
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    handles, labels = ax.get_legend_handles_labels()
+    if accuracy:
+        acc_ax = ax.twinx()
+        acc_ax.plot(*zip(*accuracy, strict=True), "s--", label="eval accuracy (generated)", color="tab:green")
+        acc_ax.set_ylabel("accuracy")
+        acc_ax.set_ylim(0, 1)
+        more_handles, more_labels = acc_ax.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path)
+    return png_path
+
+
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model_args, data_args, lora_args, args = parse_args(argv)
-    try:
-        train(model_args, data_args, lora_args, args)
-    except (DataError, OverlongSampleError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    """``train_vqa.py``: 0 trained; 2 a user error (bad flag, missing file, bad data), printed as ``error: …``."""
+    return run_main(lambda: train(*parse_args(argv)), logs=True)
 
 
 if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["DataArguments", "LoraArguments", "ModelArguments", "main", "parse_args", "train"]
+__all__ = [
+    "DataArguments",
+    "LoraArguments",
+    "ModelArguments",
+    "SurgvqaTrainingArguments",
+    "main",
+    "make_parser",
+    "parse_args",
+    "train",
+]

@@ -16,8 +16,11 @@ from surgvqa.metrics import (
     build_candidates,
     exact_match_hit,
     k_acc_hit,
+    mcnemar_exact_p,
     meteor,
     meteor_unavailable_reason,
+    paired_comparison,
+    paired_difference_interval,
     predicted_label,
     rouge_l,
     score_record,
@@ -461,3 +464,164 @@ def test_evaluate_modules_match_pure_functions(offline):
 def test_empty_gold_never_matches():
     assert strict_hit("anything at all", "", ["", "forceps"]) is False
     assert stated_answers("anything", ["", "forceps"]) == []
+
+
+# ---------------------------------------------------------------- paired comparison
+
+
+def test_mcnemar_exact_p_values():
+    # two-sided exact binomial on the discordant pairs: 2 * P(X <= min(b, c)), X ~ Bin(b + c, 1/2)
+    assert mcnemar_exact_p(0, 10) == pytest.approx(2 / 1024)
+    assert mcnemar_exact_p(10, 0) == pytest.approx(2 / 1024)
+    assert mcnemar_exact_p(3, 10) == pytest.approx(2 * (1 + 13 + 78 + 286) / 8192)
+    assert mcnemar_exact_p(5, 5) == 1.0
+    assert mcnemar_exact_p(0, 0) == 1.0
+    # thousands of discordant pairs: no float underflow (0.5 ** 3000 == 0.0)
+    assert 0 < mcnemar_exact_p(1400, 1600) < 0.001
+    assert mcnemar_exact_p(0, 3000) < 1e-300
+    with pytest.raises(ValueError):
+        mcnemar_exact_p(-1, 2)
+
+
+def test_paired_interval_values_and_properties():
+    # Newcombe method 10 pinned on two tables (both, run_only, reference_only, neither):
+    # (1, 1, 7, 12) -> -0.2857 [-0.5069, -0.0256]; (59, 6, 16, 80) -> -0.0621 [-0.1186, -0.0046]
+    lo, hi = paired_difference_interval(1, 1, 7, 12)
+    assert (lo, hi) == pytest.approx((-0.50692, -0.02555), abs=1e-4)
+    lo, hi = paired_difference_interval(59, 6, 16, 80)
+    assert (lo, hi) == pytest.approx((-0.11862, -0.00462), abs=1e-4)
+    # identical outcomes at an extreme: the interval is not a point (Wald would give [0, 0])
+    lo, hi = paired_difference_interval(50, 0, 0, 0)
+    assert lo < 0 < hi
+    # swapping the roles mirrors the interval
+    a = paired_difference_interval(30, 12, 3, 5)
+    b = paired_difference_interval(30, 3, 12, 5)
+    assert a == pytest.approx((-b[1], -b[0]))
+    # bounded, and always contains the estimate
+    lo, hi = paired_difference_interval(0, 0, 50, 0)
+    assert lo == -1.0 and hi < -0.8
+    assert paired_difference_interval(0, 0, 0, 0) == (-1.0, 1.0)
+
+
+def test_paired_interval_coverage_by_simulation():
+    """Seeded Monte Carlo: the 95 % interval covers the true paired difference close to 95 % of the time."""
+    import random
+
+    rng = random.Random(0)
+    # cell probabilities: both right, run only, reference only, neither (true difference = 0.10 - 0.25)
+    probs = (0.55, 0.10, 0.25, 0.10)
+    truth = probs[1] - probs[2]
+    covered = 0
+    trials = 2000
+    for _ in range(trials):
+        cells = [0, 0, 0, 0]
+        for _ in range(60):
+            u, acc = rng.random(), 0.0
+            for i, p in enumerate(probs):
+                acc += p
+                if u < acc:
+                    cells[i] += 1
+                    break
+            else:
+                cells[3] += 1
+        lo, hi = paired_difference_interval(*cells)
+        covered += lo <= truth <= hi
+    assert 0.92 <= covered / trials <= 0.985
+
+
+def _pair_rec(vid, idx, qtype, short, prediction):
+    return {"video_id": vid, "id": f"q{idx}", "question_type": qtype, "short_answer": short,
+            "answer": f"{short}.", "prediction": prediction}
+
+
+def _colour_runs(n_per_type=20, ablated_right=0):
+    """A reference that is always right and an ablated run that answers 'no' to every lighting question."""
+    ref, run = [], []
+    for i in range(n_per_type):
+        gold = "yes" if i % 2 else "no"
+        ref.append(_pair_rec("v1", i, "nbi_on", gold, f"{gold.capitalize()}, it is."))
+        pred = gold if i < ablated_right else "no"
+        run.append(_pair_rec("v1", i, "nbi_on", gold, f"{pred.capitalize()}, it is."))
+    for i in range(n_per_type):
+        gold = ["up", "down"][i % 2]
+        ref.append(_pair_rec("v2", i, "motion", gold, f"It moves {gold}."))  # same id, other video
+        run.append(_pair_rec("v2", i, "motion", gold, f"It moves {gold}."))
+    return run, ref
+
+
+def test_paired_comparison_numbers_per_type_and_verdict():
+    run, ref = _colour_runs()
+    before = json.dumps([run, ref])
+    result = paired_comparison(run, ref, removed="video")
+    assert json.dumps([run, ref]) == before  # inputs untouched
+    assert result["keys_match"] and result["n_paired"] == 40
+    nbi = result["per_type"]["nbi_on"]
+    assert (nbi["n"], nbi["run_accuracy"], nbi["reference_accuracy"]) == (20, 0.5, 1.0)
+    assert (nbi["both_right"], nbi["b"], nbi["c"], nbi["both_wrong"]) == (10, 10, 0, 0)
+    assert nbi["drop"] == pytest.approx(0.5) and nbi["difference"] == pytest.approx(-0.5)
+    assert nbi["p_value"] == pytest.approx(2 / 1024)
+    lo, hi = nbi["difference_ci95"]
+    assert lo < -0.5 < hi < 0
+    assert nbi["verdict"].startswith("video carries 50.0 pts, p = 0.002")
+    motion = result["per_type"]["motion"]
+    assert (motion["b"], motion["c"], motion["p_value"]) == (0, 0, 1.0)
+    assert motion["verdict"].startswith("no measurable drop without video")
+    overall = result["overall"]
+    assert (overall["n"], overall["run_hits"], overall["reference_hits"]) == (40, 30, 40)
+    assert result["verdict"] == overall["verdict"] and result["verdict"].startswith("video carries 25.0 pts")
+    assert "Newcombe" in result["method"]["interval"] and "McNemar" in result["method"]["test"]
+
+
+def test_paired_comparison_without_a_label_and_a_gain():
+    run, ref = _colour_runs()
+    result = paired_comparison(ref, run)  # roles swapped: the "run" is the better one
+    assert result["overall"]["difference"] == pytest.approx(0.25)
+    assert result["verdict"].startswith("the run scores 25.0 pts higher")
+    assert paired_comparison(run, ref, removed="video")["per_type"]["nbi_on"]["c"] == 0
+    swapped = paired_comparison(ref, run, removed="video")
+    assert swapped["verdict"].startswith("removing video RAISES accuracy")
+
+
+def test_paired_comparison_reports_mismatched_keys_and_gold():
+    run, ref = _colour_runs()
+    run = run[3:]  # three samples missing from the run
+    ref = ref + [_pair_rec("v3", 0, "motion", "up", "up")]
+    ref[20] = {**ref[20], "short_answer": "left"}  # same key, different gold (another data file)
+    result = paired_comparison(run, ref, removed="video")
+    assert not result["keys_match"]
+    assert result["only_in_run"]["n"] == 0
+    assert result["only_in_reference"]["n"] == 4
+    assert ["v3", "q0"] in result["only_in_reference"]["examples"]
+    assert result["gold_differs"] == {"n": 1, "examples": [["v2", "q0"]]}
+    assert result["n_paired"] == 36
+    assert result["verdict"].startswith("WARNING: the files do not hold the same samples")
+
+
+def test_paired_comparison_uses_given_candidates_and_refuses_duplicates():
+    ref = [_pair_rec("v", i, "tool", "snare", "A snare and forceps.") for i in range(4)]
+    run = [_pair_rec("v", i, "tool", "snare", "A snare.") for i in range(4)]
+    # with forceps in the closed set, the reference states two candidates (wrong); without, it is right
+    with_forceps = paired_comparison(run, ref, {"tool": ["forceps", "snare"]})
+    assert with_forceps["overall"]["reference_accuracy"] == 0.0
+    assert paired_comparison(run, ref, {"tool": ["snare"]})["overall"]["reference_accuracy"] == 1.0
+    with pytest.raises(ValueError, match="two records for"):
+        paired_comparison(run + run[:1], ref)
+
+
+def test_summarize_never_mutates_and_line_order_never_changes_a_score():
+    recs = [
+        {"question_type": "tool", "short_answer": "snare", "answer": "A snare.", "prediction": "A snare."},
+        {"question_type": "tool", "short_answer": "forceps", "answer": "Forceps.", "prediction": "Forceps."},
+        {"question_type": "tool", "short_answer": "catheter", "answer": "A catheter.",
+         "prediction": "A catheter and a snare."},
+        {"question_type": "tool", "short_answer": "snare", "answer": "A snare.", "prediction": "Snare, forceps."},
+    ]
+    given = {"tool": ["snare"]}  # the golds forceps/catheter are missing from the closed set
+    frozen = json.dumps([recs, given])
+    forward = summarize(recs, candidates=given)
+    assert json.dumps([recs, given]) == frozen
+    backward = summarize(list(reversed(recs)), candidates=given)
+    assert backward == forward
+    # every gold joins the closed set before scoring: the third and fourth predictions state two candidates
+    assert forward["per_type"]["tool"]["candidates"] == ["catheter", "forceps", "snare"]
+    assert forward["accuracy_hits"] == 2

@@ -1,4 +1,5 @@
-"""Tests for surgvqa.report: reading both predictions formats, re-scoring, table, plot, comparison."""
+"""Tests for surgvqa.report: reading both predictions formats and the meta line, the run summary, table, plot,
+the printed paired comparison."""
 
 from __future__ import annotations
 
@@ -7,15 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from surgvqa.metrics import summarize
+from surgvqa.metrics import paired_comparison, summarize
 from surgvqa.report import (
-    compare,
-    format_comparison,
+    META_KEY,
+    format_paired_comparison,
     format_table,
-    main,
+    partial_path_for,
     plot_per_type,
+    predictions_path_for,
     read_predictions,
-    rescore,
+    read_predictions_meta,
+    rescored_summary_path_for,
+    summarize_run,
     summary_path_for,
     write_summary,
 )
@@ -131,24 +135,51 @@ def test_read_predictions_warns_on_duplicate_keys(tmp_path):
 
 
 def test_summary_path_for():
+    assert rescored_summary_path_for("runs/x/preds.jsonl") == Path("runs/x/preds.jsonl.rescored.summary.json")
+    assert partial_path_for("runs/x/preds.jsonl") == Path("runs/x/preds.jsonl.partial")
     assert summary_path_for("runs/x/preds.jsonl") == Path("runs/x/preds.summary.json")
     assert summary_path_for("runs/x/preds.json") == Path("runs/x/preds.json.summary.json")
     assert summary_path_for("preds") == Path("preds.summary.json")
 
 
-def test_rescore_reproduces_summary_and_ignores_stored_hits(tmp_path):
+def test_meta_line_is_read_apart_from_the_records(tmp_path):
     recs = _records()
-    expected = summarize(recs)
-    stored = [dict(r, accuracy=True, k_acc=True, substring=True, exact_match=True) for r in recs]
-    preds = _write_jsonl(tmp_path / "preds.jsonl", stored)
-    got = rescore(preds)
-    assert got == expected
-    on_disk = json.loads((tmp_path / "preds.summary.json").read_text())
-    assert on_disk["accuracy"] == pytest.approx(expected["accuracy"])
-    assert on_disk["per_type"]["motion"]["ci95"] == pytest.approx(expected["per_type"]["motion"]["ci95"])
-    other = rescore(preds, tmp_path / "out" / "s.json", baseline=0.25)
-    assert other["baseline_kind"] == "fixed"
-    assert (tmp_path / "out" / "s.json").exists()
+    meta = {"checkpoint": "/x", "candidates": {"motion": ["down", "left", "right", "up"]}, "baseline": 0.25}
+    path = tmp_path / "preds.jsonl"
+    path.write_text(json.dumps({META_KEY: meta}) + "\n" + "".join(json.dumps(r) + "\n" for r in recs))
+    assert read_predictions_meta(path) == meta
+    assert read_predictions(path) == recs
+    # a file of the original toolkit (or an older surgvqa) has no meta
+    plain = _write_jsonl(tmp_path / "plain.jsonl", recs)
+    assert read_predictions_meta(plain) is None
+    assert read_predictions_meta(_write_jsonl(tmp_path / "l.json", [])) is None
+    # a partial file cut by a kill: the meta still reads
+    cut = tmp_path / "cut.jsonl.partial"
+    cut.write_text(path.read_text()[:-20])
+    assert read_predictions_meta(cut) == meta
+    # the meta line belongs first
+    late = tmp_path / "late.jsonl"
+    late.write_text(json.dumps(recs[0]) + "\n" + json.dumps({META_KEY: meta}) + "\n")
+    with pytest.raises(ValueError, match=r"late\.jsonl:2: a surgvqa_meta line must be the first line"):
+        read_predictions(late)
+
+
+def test_summarize_run_uses_the_meta_answer_sets_and_baseline():
+    recs = _records()
+    # the lines alone hold motion golds up/down/left/right; the run's closed set also had "stable"
+    meta = {"candidates": {"motion": ["down", "left", "right", "stable", "up"], "scope_motion": ["no", "yes"]},
+            "baseline": 0.25, "checkpoint": "/ckpt", "ablate": "video", "limit": 18}
+    frozen = json.dumps(meta)
+    with_meta = summarize_run(recs, meta)
+    assert json.dumps(meta) == frozen  # inputs untouched
+    assert with_meta["per_type"]["motion"]["chance_baseline"] == pytest.approx(1 / 5)
+    assert with_meta["baseline_kind"] == "fixed" and with_meta["baseline"] == 0.25
+    assert (with_meta["checkpoint"], with_meta["ablate"], with_meta["limit"]) == ("/ckpt", "video", 18)
+    assert with_meta["candidates_source"] == "meta"
+    alone = summarize_run(recs, None)
+    assert alone["per_type"]["motion"]["chance_baseline"] == pytest.approx(1 / 4)
+    assert alone["candidates_source"] == "records" and alone["baseline_kind"] == "majority"
+    assert summarize_run(recs, meta, baseline="chance")["baseline_kind"] == "chance"
 
 
 def test_write_summary_round_trip(tmp_path):
@@ -179,32 +210,43 @@ def test_plot_per_type_writes_png(tmp_path):
     assert len(data) > 5000
 
 
-def test_compare_states_the_drop():
-    normal = summarize(_records())
-    ablated_recs = _records()
-    for r in ablated_recs:
-        if r["question_type"] == "motion":
-            r["prediction"] = "stable"
-    ablated = summarize(ablated_recs)
-    cmp = compare(ablated, normal)
-    assert cmp["same_n"] is True
-    assert cmp["accuracy_drop"] == pytest.approx(normal["accuracy"] - ablated["accuracy"])
-    assert cmp["per_type"]["motion"]["drop"] == pytest.approx(normal["per_type"]["motion"]["accuracy"])
-    assert cmp["per_type"]["scope_motion"]["drop"] == pytest.approx(0.0)
-    assert cmp["metrics"]["meteor"]["drop"] is None or isinstance(cmp["metrics"]["meteor"]["drop"], float)
-    assert cmp["within_reference_ci95"] is False
-    # a modality the model ignores: no drop, inside the reference CI
-    same = compare(normal, normal)
-    assert same["accuracy_drop"] == 0.0 and same["within_reference_ci95"] is True
-    assert "NO MEASURABLE DROP" in format_comparison(same)
-    text = format_comparison(cmp, label="ablate=video", reference_label="normal")
-    assert "ablate=video vs normal" in text and "motion" in text
+def test_format_paired_comparison_rows_and_verdict():
+    normal = _records()
+    ablated = [dict(r, prediction="stable") if r["question_type"] == "motion" else r for r in _records()]
+    text = format_paired_comparison(
+        paired_comparison(ablated, normal, removed="video"), label="ablate=video", reference_label="normal"
+    )
+    lines = text.splitlines()
+    assert lines[0].startswith("paired comparison: ablate=video vs normal")
+    motion = next(line for line in lines if line.startswith("motion"))
+    # 5 of 8 motion answers were right in the normal run and none is after ablation
+    assert "62.5%" in motion and "0.0%" in motion and "-62.5" in motion
+    assert next(line for line in lines if line.startswith("overall"))
+    # 5 discordant pairs, all one way: exact McNemar p = 2/32 = 0.0625, not significant at 0.05 (the verdict
+    # follows the exact test even though the approximate interval already excludes 0)
+    assert lines[-1].startswith("verdict: no measurable drop without video (p = 0.062 >= 0.05)")
+    # the same pattern on two videos: 10 discordant pairs, p = 2/1024
+    def twice(recs):
+        return recs + [dict(r, video_id="002-002") for r in recs]
+
+    assert format_paired_comparison(paired_comparison(twice(ablated), twice(normal), removed="video")).endswith(
+        "verdict: video carries 27.8 pts, p = 0.002 (95% CI of run - reference [-41.4, -11.5] pts, n = 36)"
+    )
+    fewer = paired_comparison(ablated[:-2], normal, removed="video")
+    assert "only in reference: 2" in format_paired_comparison(fewer)
 
 
-def test_cli_main(tmp_path, capsys):
+def test_predictions_path_for_summaries(tmp_path):
     preds = _write_jsonl(tmp_path / "p.jsonl", _records())
-    ref = write_summary(summarize(_records()), tmp_path / "ref.summary.json")
-    assert main([str(preds), "--compare", str(ref), "--plot", str(tmp_path / "p.png")]) == 0
-    out = capsys.readouterr().out
-    assert "scope_motion" in out and "drop" in out
-    assert (tmp_path / "p.summary.json").exists() and (tmp_path / "p.png").exists()
+    assert predictions_path_for(preds) == preds
+    assert predictions_path_for(write_summary({"n": 1}, tmp_path / "p.summary.json")) == preds
+    other = _write_jsonl(tmp_path / "elsewhere.jsonl", _records())
+    recorded = write_summary({"predictions_file": str(other)}, tmp_path / "q.summary.json")
+    assert predictions_path_for(recorded) == other
+    assert predictions_path_for(write_summary({}, tmp_path / "p.jsonl.rescored.summary.json")) == preds
+    with pytest.raises(ValueError, match="predictions file is not there"):
+        predictions_path_for(write_summary({}, tmp_path / "gone.summary.json"))
+    with pytest.raises(ValueError, match="not found"):
+        predictions_path_for(tmp_path / "nothing.jsonl")
+    with pytest.raises(ValueError, match="is a directory"):
+        predictions_path_for(tmp_path)

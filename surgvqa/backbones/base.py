@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -88,22 +92,26 @@ class Backbone:
         return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
 
     def quantization_config(self, options: LoadOptions):
-        """bitsandbytes config keeping towers, projectors and lm_head in full precision (full names only:
-        bitsandbytes silently ignores short names that match no module path prefix)."""
-        if not options.quantized:
-            return None
-        from transformers import BitsAndBytesConfig
+        """bitsandbytes config keeping towers, projectors and lm_head in full precision."""
+        return bnb_config(options, [*self.tower_modules, *self.projector_modules, "lm_head"])
 
-        skip = [*self.tower_modules, *self.projector_modules, "lm_head"]
-        if options.load_in_4bit:
-            return BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16,
-                llm_int8_skip_modules=skip,
-            )
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    # -- the full checkpoint, for merging (a model family whose checkpoint holds more than ``load`` returns)
+    #: files beside the weights of a full checkpoint that a full-model merge copies (loaded by transformers)
+    full_model_files: tuple[str, ...] = ()
+
+    def full_model_problem(self, config: dict, path: str) -> str | None:
+        """Why ``path`` (its config.json is ``config``) cannot be loaded whole for a full-model merge; None if it
+        can."""
+        return (f"--full_omni: backbone {self.name!r} has no full-model form with parts beyond the language model; "
+                "drop --full_omni")
+
+    def load_full(self, path: str, options: LoadOptions) -> tuple[Any, Any]:
+        """(the whole model, the part adapters were trained on), unquantized, for a full-model merge."""
+        raise ValueError(self.full_model_problem({}, path))
+
+    def put_back(self, full, merged):
+        """``full`` with its trained part replaced by ``merged`` (the inverse of ``load_full``)."""
+        raise ValueError(self.full_model_problem({}, ""))
 
     def make_trainable(self, model, lora_config, stage: int | None = None, init_from: str | None = None):
         """Wrap ``model`` for training. Default: PEFT LoRA with ``lora_config`` (staged backbones override)."""
@@ -115,8 +123,18 @@ class Backbone:
 
         return get_peft_model(model, lora_config)
 
-    def save_extras(self, model, output_dir: str) -> None:
-        """Write backbone-specific trained weights beside the adapter (nothing for single-stage backbones)."""
+    def save_extras(self, model, output_dir: str, config) -> dict[str, Any]:
+        """Write backbone-specific trained weights beside the adapter; return the ``RunConfig`` fields to update
+        (``config`` is the run's RunConfig). Nothing for single-stage backbones."""
+        return {}
+
+    def save_merged(self, model, output_dir: str, config=None, **kwargs) -> None:
+        """Write a merged model; ``config`` is the merged checkpoint's RunConfig (base, adapters merged)."""
+        model.save_pretrained(output_dir, **kwargs)
+
+    def describe(self, model) -> str:
+        """One line saying what ``model`` is, for logs and evaluation output."""
+        return f"{self.name}: {getattr(model, 'name_or_path', '') or type(model).__name__}"
 
     def warn_if_slow_conv3d(self) -> str | None:
         """torch 2.9.x on CUDA runs Qwen's Conv3d patch embedding 4-20x slower (pytorch#166122)."""
@@ -131,3 +149,143 @@ class Backbone:
             logger.warning(message)
             return message
         return None
+
+
+# ------------------------------------------------------------------------------- shared by every backbone module
+def bnb_config(options: LoadOptions, skip_modules: list[str]):
+    """The bitsandbytes config of ``options`` (None when unquantized): nf4 + double quant + bf16 compute for 4-bit,
+    LLM.int8 for 8-bit. ``skip_modules`` stay in full precision; give full module paths (bitsandbytes silently
+    ignores short names that match no module path prefix)."""
+    if not options.quantized:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if options.load_in_4bit:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            llm_int8_skip_modules=list(skip_modules),
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip_modules))
+
+
+def vision_grid(processor) -> int:
+    """Pixels per side of one vision token: the patch size times the spatial merge of ``processor``'s video (else
+    image) processor, or of ``processor`` itself. 28 for Qwen2-VL, Qwen2.5-VL and Qwen2.5-Omni, 32 for Qwen3-VL."""
+    for part in (processor, getattr(processor, "video_processor", None), getattr(processor, "image_processor", None)):
+        patch = getattr(part, "patch_size", None)
+        if isinstance(patch, int) and patch > 0:
+            return patch * int(getattr(part, "merge_size", 1) or 1)
+    raise ValueError(f"{type(processor).__name__} has no vision patch size: not a Qwen-style vision processor")
+
+
+def on_vision_grid(frames: Iterable[np.ndarray], grid: int, max_edge: int | None = None) -> bool:
+    """Whether every frame's sides are multiples of ``grid`` (and, with ``max_edge``, no longer than it), so the
+    processor has nothing left to resize."""
+    for frame in frames:
+        height, width = np.asarray(frame).shape[:2]
+        if height % grid or width % grid or (max_edge is not None and max(height, width) > max_edge):
+            return False
+    return True
+
+
+def kept_video_tokens(num_tokens: int, token_kept_ratio: float = 1.0) -> int:
+    """Video tokens entering the language model when token merging keeps ``token_kept_ratio`` of a video's
+    ``num_tokens``: ``ceil(r * n)`` per video (``r = 1.0``: all of them)."""
+    if not 0.0 < token_kept_ratio <= 1.0:
+        raise ValueError(f"token_kept_ratio must be in (0, 1], got {token_kept_ratio!r}")
+    return num_tokens if token_kept_ratio == 1.0 else math.ceil(token_kept_ratio * num_tokens)
+
+
+def runnable_attention(model) -> contextlib.AbstractContextManager:
+    """A context in which ``model``'s attention can run on this machine. torch's CPU SDPA kernels for bf16/fp16
+    need AVX-512 (on an AVX2-only CPU, e.g. many AMD machines, they raise "pack_vnni2 is only supported when avx512
+    is supported"), so there half-precision attention on the CPU uses torch's math kernel instead."""
+    param = next(model.parameters(), None)
+    dtype = getattr(model, "dtype", None) or (param.dtype if param is not None else None)
+    if (param is None or param.device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16)
+            or torch.backends.cpu.get_cpu_capability().startswith("AVX512")):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+# ------------------------------------------------------------------------------------- quantized training prep
+_HALF = (torch.float16, torch.bfloat16)
+_NORM_CLASSES = tuple(c for c in (torch.nn.LayerNorm, torch.nn.GroupNorm, getattr(torch.nn, "RMSNorm", None)) if c)
+
+
+def is_norm(module: torch.nn.Module) -> bool:
+    """LayerNorm / RMSNorm / GroupNorm modules (by class, or by the name transformers gives its RMSNorms)."""
+    if isinstance(module, _NORM_CLASSES):
+        return True
+    name = type(module).__name__
+    return name.endswith(("RMSNorm", "LayerNorm")) and any(True for _ in module.parameters(recurse=False))
+
+
+def compute_in_fp32(module: torch.nn.Module) -> int:
+    """Hold ``module``'s own half-precision parameters in fp32 and run it in fp32: its floating inputs are cast to
+    fp32 and its output back to the input's dtype, so the layers around it keep their dtype (with or without
+    autocast). Returns the number of parameters upcast."""
+    upcast = 0
+    for param in module.parameters(recurse=False):
+        if param.dtype in _HALF:
+            param.data = param.data.float()
+            upcast += param.numel()
+    if getattr(module, "_surgvqa_fp32", False):
+        return upcast
+
+    def before(mod, args):
+        floating = [a for a in args if torch.is_tensor(a) and a.is_floating_point()]
+        mod._surgvqa_dtype = floating[0].dtype if floating else None
+        return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    def after(mod, args, output):
+        dtype = getattr(mod, "_surgvqa_dtype", None)
+        if dtype is not None and torch.is_tensor(output) and output.is_floating_point() and output.dtype != dtype:
+            return output.to(dtype)
+        return output
+
+    module.register_forward_pre_hook(before)
+    module.register_forward_hook(after)
+    module._surgvqa_fp32 = True
+    return upcast
+
+
+def prepare_quantized_for_training(model, *, gradient_checkpointing: bool,
+                                   gradient_checkpointing_kwargs: dict | None = None) -> dict[str, int]:
+    """Freeze a 4/8-bit model for (Q)LoRA, upcasting only what needs fp32.
+
+    PEFT's ``prepare_model_for_kbit_training`` casts every parameter that is not 4-bit to fp32: the vision and audio
+    towers, the embeddings and the lm_head (about 2.4 B parameters on Qwen2.5-Omni-7B, +4.7 GB). Here only the
+    normalisation layers run in fp32 (:func:`compute_in_fp32`: their statistics are the numerically fragile part);
+    towers, embeddings and lm_head stay in the compute dtype. Trainable parameters are upcast after the adapters are
+    added (:func:`upcast_trainable`). With gradient checkpointing the input embeddings' output requires grad, so the
+    checkpointed blocks of a frozen model still carry gradients to the adapters.
+
+    Returns ``{"norm_params_fp32": n, "params_kept_half": m}``.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    upcast = sum(compute_in_fp32(module) for module in model.modules() if is_norm(module))
+    kept = sum(p.numel() for p in model.parameters() if p.dtype in _HALF)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        model.enable_input_require_grads()
+    logger.info("quantized model prepared: %d norm parameters in fp32, %d parameters kept in half precision",
+                upcast, kept)
+    return {"norm_params_fp32": upcast, "params_kept_half": kept}
+
+
+def upcast_trainable(model) -> int:
+    """Run every module with trainable half-precision parameters (e.g. projectors in ``modules_to_save``) in fp32,
+    so the optimizer updates fp32 weights; LoRA weights are fp32 already (PEFT). Returns the parameters upcast."""
+    upcast = 0
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if any(p.requires_grad and p.dtype in _HALF for p in own):
+            upcast += compute_in_fp32(module)
+    return upcast
