@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from collections import Counter, defaultdict
@@ -39,6 +40,7 @@ BASE: dict = {
     "model": {"text_hidden": 128, "layers": 2, "tower_hidden": 32, "tower_depth": None, "patch_embed_std": None,
               "llm_gain": None, "patch_embed": "random"},
     "types": STATIC_TYPES + MOTION_TYPES,
+    "lighting": "mixed",
     "train_clips": 160,
     "heldout_clips": 60,
     "frame_size": 56,
@@ -54,6 +56,7 @@ BASE: dict = {
 VARIANTS: dict[str, dict] = {
     "base": {},
     "static": {"types": STATIC_TYPES},
+    "white_light": {"lighting": "white", "types": tuple(t for t in STATIC_TYPES + MOTION_TYPES if t != "nbi_status")},
     "motion": {"types": MOTION_TYPES},
     "112px": {"frame_size": 112},
     "llm_256x4": {"model": {"text_hidden": 256, "layers": 4}},
@@ -108,15 +111,15 @@ def tiny_model(shape: dict) -> Path:
     )
 
 
-def synthetic(num_clips: int, seed: int, video_ids: tuple[str, ...], types: list[str]) -> Path:
+def synthetic(num_clips: int, seed: int, video_ids: tuple[str, ...], types: list[str], lighting: str) -> Path:
     """Clips with 3 questions each, asked only of ``types`` (cached under runs/bench)."""
     script = REPO / "scripts" / "make_synthetic_dataset.py"
-    key = _common_digest((num_clips, seed, video_ids, sorted(types)), script)
+    key = _common_digest((num_clips, seed, video_ids, sorted(types), lighting), script)
     return cached_build(
         f"demo-data-{num_clips}clips-seed{seed}", key,
         lambda out: load_script("make_synthetic_dataset").make_dataset(
             out, num_clips, seed, video_ids=video_ids, frame_size=112, audio=False, progress=False,
-            question_types=types,
+            question_types=types, lighting=lighting,
         ),
     )
 
@@ -184,9 +187,10 @@ def run_variant(name: str, settings: dict, eval_every: int, work: Path) -> dict:
 
     torch.set_num_threads(1)
     model_dir = tiny_model(settings["model"])
-    train_set = synthetic(settings["train_clips"], 7, TRAIN_VIDEOS, settings["types"])
-    heldout_set = synthetic(settings["heldout_clips"], 8, (HELDOUT_VIDEO,), settings["types"])
-    work.mkdir(parents=True, exist_ok=True)
+    train_set = synthetic(settings["train_clips"], 7, TRAIN_VIDEOS, settings["types"], settings["lighting"])
+    heldout_set = synthetic(settings["heldout_clips"], 8, (HELDOUT_VIDEO,), settings["types"], settings["lighting"])
+    shutil.rmtree(work, ignore_errors=True)  # a fresh run: an output directory of another run is refused
+    work.mkdir(parents=True)
     train_file, heldout_file = train_set / "in_template.jsonl", heldout_set / "in_template.jsonl"
     size = settings["frame_size"]
     media = MediaConfig(frames_dir=str(heldout_set / "frames"), frame_size=size, max_frames=8)
