@@ -73,6 +73,8 @@ VARIANTS: dict[str, dict] = {
     "lora_r4": {"lora_r": 4},
     "llm_unit_gain": {"model": {"llm_gain": 1.0}},
     "patch_pool": {"model": {"patch_embed": "pool"}},
+    "nbi_tool": {"types": ("nbi_status", "tool_catheter_check")},
+    "nbi_tool_occl": {"types": ("nbi_status", "tool_catheter_check", "occlusion_check")},
 }
 
 
