@@ -260,12 +260,13 @@ SHORT = {
 def table(results: list[dict]) -> str:
     """Markdown: one row per variant, held-out accuracy at the end of the budget (majority in brackets)."""
     types = [t for t in (*STATIC_TYPES, *MOTION_TYPES) if any(t in r["majority"]["per_type"] for r in results)]
-    head = ["variant", "steps", "loss", "all (maj)", "const. frame", *(SHORT[t] for t in types), "s"]
+    head = ["variant", "train samples", "lr", "steps", "loss", "all (maj)", "const. frame",
+            *(SHORT[t] for t in types), "s"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         last = r["curve"][-1]
         cells = [
-            r["variant"], str(last["step"]), f"{last['loss']:.2f}" if last["loss"] is not None else "-",
+            r["variant"], str(r["train_samples"]), f"{r['settings']['lr']:g}", str(last["step"]), f"{last['loss']:.2f}" if last["loss"] is not None else "-",
             f"**{100 * last['overall']:.0f}** ({100 * r['majority']['overall']:.0f})",
             f"{100 * last['constant_frame']['overall']:.0f}" if "constant_frame" in last else "-",
         ]
