@@ -22,11 +22,17 @@ LR=${DEMO_LR:-1e-3}
 if [[ ! -f $TINY/model.safetensors ]]; then
   "$PYTHON" scripts/make_tiny_model.py --output_dir "$TINY"
 fi
-make_split() {  # make_split NAME SEED NUM_CLIPS VIDEO_IDS
-  [[ -f $DATA/$1/in_template.jsonl ]] && return
-  "$PYTHON" scripts/make_synthetic_dataset.py --output_dir "$DATA/$1" --seed "$2" --num_clips "$3" \
-    --video_ids "$4" --question_types "$TYPES" --no_audio
+make_split() {  # make_split NAME SEED NUM_CLIPS VIDEO_IDS (kept while its settings are unchanged)
+  local settings="--seed $2 --num_clips $3 --video_ids $4 --question_types $TYPES --no_audio"
+  [[ -f $DATA/$1/in_template.jsonl && "$(cat "$DATA/$1.settings" 2>/dev/null)" == "$settings" ]] && return
+  rm -rf "${DATA:?}/$1"
+  # shellcheck disable=SC2086  # the settings are words
+  "$PYTHON" scripts/make_synthetic_dataset.py --output_dir "$DATA/$1" $settings > "$DATA/$1.log" \
+    || { cat "$DATA/$1.log"; exit 1; }
+  echo "$settings" > "$DATA/$1.settings"
+  echo "$1 split: $(wc -l < "$DATA/$1/in_template.jsonl") questions, video(s) $4 ($DATA/$1)"
 }
+mkdir -p "$DATA"
 make_split train 7 160 002-002,002-003,002-004,002-005
 make_split val 8 16 002-006
 make_split test 9 60 002-007
