@@ -38,7 +38,7 @@ make_split val 8 16 002-006
 make_split test 9 60 002-007
 
 rm -rf "$OUT"
-echo "training (about $STEPS steps; a few minutes on 2 cores) ..."
+echo "training ($STEPS steps, about a CPU-minute) ..."
 MODEL=$TINY \
 TRAIN_DATA=$DATA/train/in_template.jsonl \
 VAL_DATA=$DATA/val/in_template.jsonl \
