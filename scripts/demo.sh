@@ -6,8 +6,8 @@
 #   3. evaluate the test video again with every frame replaced by one constant frame (--ablate video), paired
 #      against the normal run: the accuracy must fall back to the majority baseline
 #   4. write the HTML report of both runs
-# The question types are those whose answer is in every single frame (see benchmarks/README.md, "What the demo
-# model learns"): a tiny random model does not learn the motion types in a CPU budget.
+# The question types are those whose answer is in every single frame (see benchmarks/README.md, section 5,
+# demo_learning.py): a tiny random model does not learn the motion types in a CPU budget.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
