@@ -28,6 +28,7 @@ import math
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,7 @@ DIRECTIONS = {
     "stable": (0.0, 0.0),
 }
 MOTIONS = ("advancing", "withdrawing", "static")
+LIGHTING = ("mixed", "white", "nbi")
 MOTION_WEIGHTS = (0.4, 0.4, 0.2)
 
 # Geometry in normalized image coordinates (x right, y down, both in [0, 1]).
@@ -230,10 +232,16 @@ def _lesion_path(rng: np.random.Generator, quadrant: str, direction: str, lumen_
     raise RuntimeError(f"could not place a {direction} lesion path in the {quadrant} quadrant")
 
 
-def sample_clip(seed: int, index: int, video_id: str, first_frame: int) -> Clip:
-    """Draw one clip's attributes from its own RNG stream (independent of the other clips)."""
+def sample_clip(seed: int, index: int, video_id: str, first_frame: int, lighting: str = "mixed") -> Clip:
+    """Draw one clip's attributes from its own RNG stream (independent of the other clips).
+
+    ``lighting``: ``mixed`` (NBI or white light, drawn per clip), ``white`` or ``nbi`` (every clip; the other
+    attributes are drawn exactly as with ``mixed``).
+    """
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
     nbi = bool(rng.integers(2))
+    if lighting != "mixed":
+        nbi = lighting == "nbi"
     motion = MOTIONS[int(rng.choice(len(MOTIONS), p=MOTION_WEIGHTS))]
     small, large = rng.uniform(*LUMEN_SMALL), rng.uniform(*LUMEN_LARGE)
     if motion == "static":
@@ -337,12 +345,19 @@ def render_clip(clip: Clip, seed: int, size: int) -> list[np.ndarray]:
 
 
 def choose_questions(
-    clip: Clip, rng: np.random.Generator, counts: dict[str, Counter], k: int, pair_prob: float = 0.5
+    clip: Clip,
+    rng: np.random.Generator,
+    counts: dict[str, Counter],
+    k: int,
+    pair_prob: float = 0.5,
+    types: Sequence[str] | None = None,
 ) -> list[str]:
-    """Pick ``k`` question types for a clip, balancing types and answers; often pairs forward/backward."""
-    options = {q: a for q in QUESTION_TYPES if (a := answer_for(clip, q)) is not None}
+    """Pick ``k`` question types for a clip (of ``types``, default all), balancing types and answers; often pairs
+    forward/backward."""
+    options = {q: a for q in (types or QUESTION_TYPES) if (a := answer_for(clip, q)) is not None}
     chosen: list[str] = []
-    if clip.motion != "static" and k >= 2 and rng.random() < pair_prob:
+    pair = {"scope_forward_motion", "scope_backward_motion"}
+    if clip.motion != "static" and k >= 2 and pair <= options.keys() and rng.random() < pair_prob:
         chosen = ["scope_forward_motion", "scope_backward_motion"]
     while len(chosen) < min(k, len(options)):
 
@@ -371,11 +386,15 @@ def build_samples(
     video_ids: tuple[str, ...] | list[str] = DEFAULT_VIDEO_IDS,
     num_samples: int | None = None,
     questions_per_clip: int = 3,
+    question_types: Sequence[str] | None = None,
+    lighting: str = "mixed",
 ) -> tuple[list[Clip], list[dict], list[dict]]:
     """Draw the clips and their in/out-template JSONL rows (no files touched).
 
     ``num_clips`` clips get ``questions_per_clip`` questions each; with ``num_samples`` clips are added until
-    exactly that many rows exist (the last clip may get fewer questions).
+    exactly that many rows exist (the last clip may get fewer questions). ``question_types`` restricts the questions
+    asked (default: every type); the clips and their pixels do not depend on it. ``lighting`` other than ``mixed``
+    fixes the palette of every clip (see :func:`sample_clip`); ``nbi_status`` then has one answer and is not asked.
     """
     if num_clips is None and num_samples is None:
         raise ValueError("give num_clips or num_samples")
@@ -385,6 +404,17 @@ def build_samples(
         raise ValueError(f"video_ids must be distinct, non-empty and free of '/': {list(video_ids)}")
     if questions_per_clip < 1:
         raise ValueError("questions_per_clip must be >= 1")
+    if lighting not in LIGHTING:
+        raise ValueError(f"lighting must be one of {LIGHTING}, got {lighting!r}")
+    if question_types is not None:
+        unknown = sorted(set(question_types) - QUESTION_TYPES.keys())
+        if unknown or not question_types:
+            raise ValueError(f"question_types must be a non-empty subset of {list(QUESTION_TYPES)}; got {unknown}")
+        if lighting != "mixed" and "nbi_status" in question_types:
+            raise ValueError(f"with lighting {lighting!r} every clip has the same NBI answer: drop nbi_status")
+        question_types = [q for q in QUESTION_TYPES if q in question_types]
+    elif lighting != "mixed":
+        question_types = [q for q in QUESTION_TYPES if q != "nbi_status"]
     qrng = np.random.default_rng(np.random.SeedSequence([seed, 2**31 - 1]))
     counts: dict[str, Counter] = {q: Counter() for q in QUESTION_TYPES}
     next_id = dict.fromkeys(video_ids, 1)
@@ -396,10 +426,11 @@ def build_samples(
     index = 0
     while len(rows_in) < target:
         video_id = video_ids[index % len(video_ids)]
-        clip = sample_clip(seed, index, video_id, next_frame[video_id])
+        clip = sample_clip(seed, index, video_id, next_frame[video_id], lighting)
         next_frame[video_id] = clip.frame_numbers[-1] + FRAME_STEP * int(qrng.integers(2, 60))
         clips.append(clip)
-        for qtype in choose_questions(clip, qrng, counts, min(questions_per_clip, target - len(rows_in))):
+        k = min(questions_per_clip, target - len(rows_in))
+        for qtype in choose_questions(clip, qrng, counts, k, types=question_types):
             short = answer_for(clip, qtype)
             counts[qtype][short] += 1
             qt = QUESTION_TYPES[qtype]
@@ -435,6 +466,8 @@ def make_dataset(
     audio: bool = True,
     num_samples: int | None = None,
     questions_per_clip: int = 3,
+    question_types: Sequence[str] | None = None,
+    lighting: str = "mixed",
     voice: str = "en-us",
     rate: int = 160,
     overwrite: bool = False,
@@ -443,7 +476,9 @@ def make_dataset(
     """Write frames, in/out JSONL (and spoken questions unless ``audio=False``); return a summary dict."""
     if frame_size < 28:
         raise ValueError("frame_size must be >= 28")
-    clips, rows_in, rows_out = build_samples(num_clips, seed, video_ids, num_samples, questions_per_clip)
+    clips, rows_in, rows_out = build_samples(
+        num_clips, seed, video_ids, num_samples, questions_per_clip, question_types, lighting
+    )
     out = Path(output_dir)
     in_path, out_path = out / f"in_{prefix}.jsonl", out / f"out_{prefix}.jsonl"
     text_in = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows_in)
@@ -506,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
         "--num_samples", type=int, default=None, help="exact number of JSONL lines (overrides --num_clips)"
     )
     parser.add_argument("--questions_per_clip", type=int, default=3)
+    parser.add_argument(
+        "--question_types", default=None, help=f"comma-separated subset of: {', '.join(QUESTION_TYPES)} (default: all)"
+    )
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--video_ids", default=",".join(DEFAULT_VIDEO_IDS), help="comma-separated video ids")
     parser.add_argument("--frame_size", type=int, default=112)
@@ -514,6 +552,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--no_audio", action="store_true", help="skip the spoken questions (no espeak-ng needed)"
+    )
+    parser.add_argument(
+        "--lighting", choices=LIGHTING, default="mixed",
+        help="mixed: NBI or white light per clip; white / nbi: every clip (nbi_status is then not asked)",
     )
     parser.add_argument("--voice", default="en-us")
     parser.add_argument("--rate", type=int, default=160)
@@ -533,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
             audio=not args.no_audio,
             num_samples=args.num_samples,
             questions_per_clip=args.questions_per_clip,
+            question_types=[q.strip() for q in args.question_types.split(",")] if args.question_types else None,
+            lighting=args.lighting,
             voice=args.voice,
             rate=args.rate,
             overwrite=args.overwrite,

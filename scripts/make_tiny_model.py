@@ -174,8 +174,17 @@ def build_processor(tokenizer, frame_size: int = 56):
     )
 
 
-def build_config(tokenizer, text_hidden: int = 128, tower_hidden: int = 32, layers: int = 2):
+def build_config(
+    tokenizer,
+    text_hidden: int = 128,
+    tower_hidden: int = 32,
+    layers: int = 2,
+    tower_depth: int | None = None,
+):
+    """A Qwen2.5-Omni thinker config: ``layers`` language-model (and audio) layers, ``tower_depth`` vision blocks."""
     from transformers import Qwen2_5OmniThinkerConfig
+
+    tower_depth = tower_depth or layers
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_OMNI_SPECIAL_TOKENS}
     vocab_size = ((len(tokenizer) + 63) // 64) * 64  # padded like the real 152,064-row embedding
@@ -200,7 +209,7 @@ def build_config(tokenizer, text_hidden: int = 128, tower_hidden: int = 32, laye
             "eos_token_id": ids["<|im_end|>"],
         },
         vision_config={
-            "depth": layers,
+            "depth": tower_depth,
             "hidden_size": tower_hidden,
             "intermediate_size": tower_hidden * 2,
             "num_heads": 2,
@@ -209,7 +218,7 @@ def build_config(tokenizer, text_hidden: int = 128, tower_hidden: int = 32, laye
             "temporal_patch_size": 2,
             "window_size": 112,
             "out_hidden_size": text_hidden,
-            "fullatt_block_indexes": [layers - 1],
+            "fullatt_block_indexes": [tower_depth - 1],
         },
         audio_config={
             "num_mel_bins": 128,
@@ -236,14 +245,53 @@ def build_config(tokenizer, text_hidden: int = 128, tower_hidden: int = 32, laye
     return config
 
 
+def pooling_patch_embedding(weight):
+    """Colour-pooling filters for a Conv3d patch embedding of shape (out, 3, frames, patch, patch).
+
+    Output channel ``o`` is the mean of one colour of one frame over one region of the patch: the whole patch or one
+    of its four quarters (3 colours x frames x 5 regions; channels beyond that keep their random init). A trained
+    vision tower's first layer holds such low-frequency colour filters; a 0.02-std random projection hides local
+    colour in low-variance directions that a LoRA on a tiny random language model does not find in a short run.
+    """
+    import torch
+
+    out_channels, colours, frames, height, width = weight.shape
+    pooled = weight.detach().clone()
+    regions = [(slice(0, height), slice(0, width))]
+    regions += [(rows, cols) for rows in (slice(0, height // 2), slice(height // 2, height))
+                for cols in (slice(0, width // 2), slice(width // 2, width))]
+    o = 0
+    for rows, cols in regions:
+        for frame in range(frames):
+            for colour in range(colours):
+                if o == out_channels:
+                    return pooled
+                filt = torch.zeros(colours, frames, height, width)
+                filt[colour, frame, rows, cols] = 1.0
+                pooled[o] = filt / filt.sum()
+                o += 1
+    return pooled
+
+
 def build_tiny_model(
     output_dir: str | Path,
     seed: int = 0,
     vocab: str = "tiny",
     frame_size: int = 56,
     text_hidden: int | None = None,
+    layers: int = 2,
+    tower_hidden: int = 32,
+    tower_depth: int | None = None,
+    patch_embed_std: float | None = None,
+    llm_gain: float | None = None,
+    patch_embed: str = "random",
 ) -> Path:
-    """Write a tiny random thinker + processor to ``output_dir`` and return the path."""
+    """Write a tiny random thinker + processor to ``output_dir`` and return the path.
+
+    ``patch_embed_std`` re-initialises the vision patch embedding (default: the config's 0.02). ``llm_gain``
+    re-initialises the language model's linear layers with std ``llm_gain / sqrt(fan_in)`` and its token embedding
+    with std 1 (default: every weight at 0.02).
+    """
     import torch
     from transformers import GenerationConfig, Qwen2_5OmniThinkerForConditionalGeneration
 
@@ -251,13 +299,32 @@ def build_tiny_model(
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(vocab)
     processor = build_processor(tokenizer, frame_size=frame_size)
-    hidden = text_hidden or (128 if vocab == "tiny" else 32)
-    config = build_config(tokenizer, text_hidden=hidden)
+    # 128 for the real vocabulary too: at 32 a LoRA left the loss at 6.4 on the 50 samples of
+    # test_set/in_002-001.jsonl (greedy answers: random tokens); at 128 it memorises them (157 MB of safetensors,
+    # 155 MB of it the 151,680-row embedding and lm_head).
+    hidden = text_hidden or 128
+    config = build_config(
+        tokenizer, text_hidden=hidden, tower_hidden=tower_hidden, layers=layers, tower_depth=tower_depth
+    )
     model = Qwen2_5OmniThinkerForConditionalGeneration(config)
     # With the default 0.02 init the audio tower's sinusoidal position embedding drowns the mel content, so a
     # tiny model cannot learn from speech; a larger conv init makes the spoken question audible.
     for conv in (model.model.audio_tower.conv1, model.model.audio_tower.conv2):
         torch.nn.init.normal_(conv.weight, std=0.2)
+    if patch_embed_std is not None:
+        torch.nn.init.normal_(model.model.visual.patch_embed.proj.weight, std=patch_embed_std)
+    if patch_embed == "pool":
+        proj = model.model.visual.patch_embed.proj
+        with torch.no_grad():
+            proj.weight.copy_(pooling_patch_embedding(proj.weight))
+    elif patch_embed != "random":
+        raise ValueError(f"patch_embed must be 'random' or 'pool', got {patch_embed!r}")
+    if llm_gain is not None:
+        language_model = model.model.language_model
+        for module in language_model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.normal_(module.weight, std=llm_gain / module.in_features**0.5)
+        torch.nn.init.normal_(language_model.embed_tokens.weight, std=1.0)
     # A trained LM head gives confident logits; a 0.02-std random one gives near-uniform ones (logit std ~0.2),
     # so a LoRA on the layers would need many steps just to scale them up. Real checkpoints are unaffected.
     torch.nn.init.normal_(model.lm_head.weight, std=0.3)

@@ -23,6 +23,66 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+#: the smallest logit lead the gold token must have over every other token wherever a test asserts greedy text:
+#: float rounding on another CPU (ATEN_CPU_CAPABILITY default / avx2 / avx512) moves logits by ~1e-4, not by 1.
+MEMORISED_MARGIN = 1.0
+
+
+def answer_margins(model, processor, items: list[dict], frame_size: int, question_modality: str = "text") -> dict:
+    """Teacher-forced, per sample: the smallest (gold logit - best other logit) over its answer tokens and
+    ``<|im_end|>``. Greedy decoding reproduces an answer whose margin is positive; a margin far above the rounding
+    noise makes that hold on every CPU."""
+    import torch
+
+    from surgvqa.collate import IGNORE_INDEX, VQACollator
+
+    collator = VQACollator(processor, question_modality=question_modality, frame_size=frame_size, mode="train")
+    margins = {}
+    for item in items:  # one row at a time: no padding in the way
+        batch = collator([item])
+        labels = batch.pop("labels")[0, 1:]
+        with torch.no_grad():
+            logits = model(**batch).logits[0, :-1].float()
+        rows = (labels != IGNORE_INDEX).nonzero().flatten()
+        gold = logits[rows, labels[rows]]
+        others = logits[rows].clone()
+        others[torch.arange(len(rows)), labels[rows]] = float("-inf")
+        margins[item["sample"].key] = float((gold - others.max(dim=-1).values).min())
+    return margins
+
+
+#: where a test asserts that two computations of the same model (batch sizes, merged vs adapter) decode the same
+#: greedy text, the smallest top-1 / top-2 logit gap of that decoding must exceed this: the two computations differ
+#: by <= 1e-4 in the logits, so a gap above it cannot flip on any CPU, while a near tie could.
+GREEDY_GAP = 1e-3
+
+
+def greedy_gaps(model, tokenizer, items: list[dict], collator, max_new_tokens: int) -> list[float]:
+    """Per item (one row at a time), the smallest (top-1 - top-2) logit gap over its greedy steps up to EOS."""
+    import torch
+
+    from surgvqa.generate import _to_device, eos_token_ids, runnable_attention
+
+    eos = eos_token_ids(model, tokenizer)
+    device, dtype = next(model.parameters()).device, getattr(model, "dtype", None)
+    gaps = []
+    for item in items:
+        batch = collator([item])
+        batch.pop("keys")
+        with torch.no_grad(), runnable_attention(model):
+            out = model.generate(**_to_device(batch, device, dtype), max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, output_scores=True,
+                                 return_dict_in_generate=True)
+        smallest = float("inf")
+        for scores in out.scores:
+            top = scores[0].float().topk(2).values
+            smallest = min(smallest, float(top[0] - top[1]))
+            if int(scores[0].argmax()) in eos:
+                break
+        gaps.append(smallest)
+    return gaps
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Qwen2.5-Omni thinker + processor (tiny BPE vocab), saved with save_pretrained."""

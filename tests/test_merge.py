@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import GREEDY_GAP, greedy_gaps
 from safetensors.torch import load_file
 
 from surgvqa.merge import (
@@ -106,7 +107,27 @@ def adapter_b(work, merged_a) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ the merge
-def test_fp32_merge_reproduces_the_adapter(merged_a, adapter_a, tiny_model_dir):
+def greedy_gap(checkpoint: Path) -> float:
+    """The smallest top-1 / top-2 logit gap of ``checkpoint``'s greedy answers on its verify samples. "Merged and
+    adapter answers are identical" holds on every CPU only when it is far above the merge's logit difference."""
+    from surgvqa.backbones import LoadOptions
+    from surgvqa.checkpoint import load_for_inference
+    from surgvqa.collate import VQACollator
+    from surgvqa.run_config import RunConfig
+
+    model, processor, _ = load_for_inference(checkpoint, options=LoadOptions(dtype="float32"))
+    args = parse_args(["--base_model_path", "x", "--adapter_path", "y", "--output_dir", "z", *VERIFY_FLAGS])
+    dataset, kwargs, _ = verify_inputs(args, RunConfig.read(checkpoint))
+    collator = VQACollator(processor, mode="generate", **kwargs)
+    return min(greedy_gaps(model, processor.tokenizer, [dataset[i] for i in range(len(dataset))], collator, 6))
+
+
+@pytest.fixture(scope="module")
+def adapter_a_gap(adapter_a) -> float:
+    return greedy_gap(adapter_a)
+
+
+def test_fp32_merge_reproduces_the_adapter(merged_a, adapter_a, adapter_a_gap, tiny_model_dir):
     lora_b = [t for k, t in load_file(str(adapter_a / "adapter_model.safetensors")).items() if "lora_B" in k]
     assert all(t.abs().max() > 0 for t in lora_b), "training left a lora_B at zero: the test would be vacuous"
     check: Verification = merged_a["verification"]
@@ -114,6 +135,7 @@ def test_fp32_merge_reproduces_the_adapter(merged_a, adapter_a, tiny_model_dir):
     assert check.passed and check.answers_identical
     assert check.compared_positions > 0
     assert check.max_abs_logit_diff <= 1e-5
+    assert adapter_a_gap >= GREEDY_GAP  # so "identical answers" cannot depend on the CPU's rounding
 
     out = merged_a["output_dir"]
     merged, base = weights(out), weights(tiny_model_dir)
@@ -146,7 +168,7 @@ def test_output_is_standalone_and_documented(merged_a, adapter_a, tiny_model_dir
     assert json.loads((out / "merge_verification.json").read_text())["passed"]
 
 
-def test_evaluate_checkpoint_on_merged_matches_adapter(merged_a, adapter_a, work, test_set):
+def test_evaluate_checkpoint_on_merged_matches_adapter(merged_a, adapter_a, adapter_a_gap, work, test_set):
     from surgvqa.evaluate import main as evaluate_main
     from surgvqa.report import read_predictions
 
@@ -160,6 +182,7 @@ def test_evaluate_checkpoint_on_merged_matches_adapter(merged_a, adapter_a, work
         ])
         assert code == 0
         answers[name] = [r["prediction"] for r in read_predictions(output)]
+    assert adapter_a_gap >= GREEDY_GAP  # the same 2 samples as the verification: no near tie to flip
     assert len(answers["merged"]) == 2 and answers["merged"] == answers["adapter"]
 
 
@@ -198,6 +221,7 @@ def test_two_stage_chain_equals_sequential_merges(work, tiny_model_dir, adapter_
         outputs.append(run_outputs(model, processor, dataset, kwargs, 2, 6))
     same = compare_outputs(outputs[0], outputs[1], "float32", None, data_path)
     assert same.answers_identical and same.max_abs_logit_diff <= 1e-5
+    assert greedy_gap(chain["output_dir"]) >= GREEDY_GAP
 
     for result in (chain, sequential):  # both record the whole lineage from the original base
         config = result["config"]
