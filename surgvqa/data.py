@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from surgvqa.frame_cache import FrameCache
 from surgvqa.media import (
     ABLATIONS,
     DEFAULT_SAMPLING_RATE,
@@ -57,11 +58,16 @@ class SurgicalVQADataset(Dataset):
     ``media.ablate`` is ``"video"``/``"both"``. ``audio``: float32 16 kHz mono (``None`` for text questions);
     silence of the same length when ``ablate`` is ``"audio"``/``"both"``. A file that cannot be read raises
     :class:`MediaError` naming the sample and the path: nothing is substituted silently.
+
+    ``frame_cache`` (:class:`surgvqa.frame_cache.FrameCache`, optional): decoded, resized frames are read from it and
+    decoded only on a miss; the pixels are the same either way.
     """
 
-    def __init__(self, samples: Sequence[Sample], media: MediaConfig, max_frames: int | None = None) -> None:
+    def __init__(self, samples: Sequence[Sample], media: MediaConfig, max_frames: int | None = None,
+                 frame_cache: FrameCache | None = None) -> None:
         self.samples = list(samples)
         self.media = media
+        self.frame_cache = frame_cache
         self.max_frames = max_frames if max_frames is not None else media.max_frames
         if self.max_frames is not None and self.max_frames < 1:
             raise ValueError(f"max_frames must be >= 1 or None, got {self.max_frames}")
@@ -75,11 +81,20 @@ class SurgicalVQADataset(Dataset):
             n = self.media.num_video_frames
             if self.max_frames is not None:
                 n = min(n, self.max_frames)
-            return load_video_frames(sample.video_path, n, size)
+            if self.frame_cache is None:
+                return load_video_frames(sample.video_path, n, size)
+            clip = self.frame_cache.get(sample.video_path, ("video", n, size),
+                                        lambda: np.stack(load_video_frames(sample.video_path, n, size)))
+            return list(clip)
         if not sample.frame_paths:
             raise MediaError("sample has neither frame_paths nor video_path")
         indices = subsample_indices(len(sample.frame_paths), self.max_frames)
-        frames = [load_frame(sample.frame_paths[i], size) for i in indices]
+        if self.frame_cache is None:
+            frames = [load_frame(sample.frame_paths[i], size) for i in indices]
+        else:
+            cache = self.frame_cache
+            frames = [cache.get(path, ("frame", size), lambda path=path: load_frame(path, size))
+                      for path in (sample.frame_paths[i] for i in indices)]
         shapes = {f.shape for f in frames}
         if len(shapes) > 1:
             raise MediaError(

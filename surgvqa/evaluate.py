@@ -22,6 +22,7 @@ from surgvqa.backbones import LoadOptions
 from surgvqa.checkpoint import load_for_inference, read_surgvqa_config
 from surgvqa.collate import VQACollator
 from surgvqa.data import DataError, MediaConfig, SurgicalVQADataset, load_samples
+from surgvqa.frame_cache import eval_frame_cache
 from surgvqa.generate import generate_predictions
 from surgvqa.metrics import build_candidates, paired_comparison, score_record, summarize
 from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT
@@ -72,6 +73,13 @@ class EvalArguments:
     skip_bad_samples: bool = field(default=False)
     plot: str | None = field(default=None, metadata={"help": "write a per-type accuracy PNG here"})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)"})
+    frame_cache: str | None = field(
+        default=None,
+        metadata={"help": "none | memory | disk (default: the training run's disk frame cache when it still exists, "
+                          "otherwise none)"},
+    )
+    frame_cache_dir: str | None = field(default=None, metadata={"help": "disk frame cache location"})
+    frame_cache_max_gb: float | None = field(default=None, metadata={"help": "default: 32 on disk, 4 in memory"})
 
 
 def parse_baseline(value: str) -> str | float:
@@ -195,7 +203,10 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
             system_prompt=config.get("system_prompt", DEFAULT_SYSTEM_PROMPT),
             fps=saved.get("fps", 2.0),
         )
-        _generate_into(output, model, processor, SurgicalVQADataset(todo, media), collator, candidates, args)
+        frame_cache = eval_frame_cache(args.frame_cache, args.frame_cache_dir, args.frame_cache_max_gb,
+                                       config.get("frame_cache"))
+        dataset = SurgicalVQADataset(todo, media, frame_cache=frame_cache)
+        _generate_into(output, model, processor, dataset, collator, candidates, args)
 
     records = read_predictions(output)
     wanted = {s.key for s in samples}

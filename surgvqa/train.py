@@ -20,9 +20,11 @@ from transformers.trainer_utils import enable_full_determinism
 
 from surgvqa import __version__
 from surgvqa.backbones import LoadOptions, backbone_for
+from surgvqa.backbones.labelled_loss import labelled_loss, labelled_positions_only
 from surgvqa.checkpoint import save_new_token_rows, write_surgvqa_config
 from surgvqa.collate import OverlongSampleError, VQACollator
 from surgvqa.data import DataError, MediaConfig, Problem, Sample, SurgicalVQADataset, load_samples
+from surgvqa.frame_cache import check_frame_cache_settings, open_frame_cache
 from surgvqa.generate import generate_predictions
 from surgvqa.metrics import build_candidates, strict_hit
 from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT
@@ -42,6 +44,11 @@ class ModelArguments:
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: nf4, double quant, bf16 compute"})
     load_in_8bit: bool = field(default=False, metadata={"help": "8-bit base (LLM.int8)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "only for checkpoints that need custom code"})
+    loss_on_labelled_only: bool = field(
+        default=True,
+        metadata={"help": "apply the LM head only to answer positions (same loss, no full-vocabulary logits for the "
+                          "prompt); False: logits for every position"},
+    )
 
 
 @dataclass
@@ -70,6 +77,16 @@ class DataArguments:
     eval_batch_size_generate: int = field(default=8)
     system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT)
     fps: float = field(default=2.0, metadata={"help": "frame rate the frames were sampled at (rope timing)"})
+    frame_cache: str = field(
+        default="disk",
+        metadata={"help": "none | memory | disk: decode and resize each frame once, then read it back every epoch"},
+    )
+    frame_cache_dir: str | None = field(
+        default=None, metadata={"help": "disk frame cache location (default: <output_dir>/frame_cache)"}
+    )
+    frame_cache_max_gb: float | None = field(
+        default=None, metadata={"help": "frame cache bound (default: 32 on disk, 4 in memory)"}
+    )
 
 
 @dataclass
@@ -117,6 +134,7 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
         )
     if args.eval_strategy != "no" and not data_args.eval_data_path:
         raise ValueError(f"--eval_strategy {args.eval_strategy} needs --eval_data_path")
+    check_frame_cache_settings(data_args.frame_cache, data_args.frame_cache_max_gb)
     if model_args.dtype == "auto":
         model_args.dtype = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
     LoadOptions(dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
@@ -247,11 +265,25 @@ def assert_lora_placement(model, backbone, allow_vision: bool = False) -> None:
 
 # ------------------------------------------------------------------------------------------------- trainer
 class VQATrainer(Trainer):
-    """Eval loss without keeping logits, plus generation-scored accuracy on a bounded subset."""
+    """Eval loss without keeping logits, plus generation-scored accuracy on a bounded subset.
 
-    def __init__(self, *args, generation_eval: dict | None = None, **kwargs):
+    ``lm_head`` (the model's output embedding): training and evaluation loss apply it only to the labelled positions
+    (:mod:`surgvqa.backbones.labelled_loss`); ``None`` keeps the model's own loss on full logits.
+    """
+
+    def __init__(self, *args, generation_eval: dict | None = None, lm_head=None, **kwargs):
+        if lm_head is not None:
+            kwargs["compute_loss_func"] = labelled_loss
         super().__init__(*args, **kwargs)
         self.generation_eval = generation_eval
+        self.lm_head = lm_head
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels")
+        if self.lm_head is None or labels is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with labelled_positions_only(self.lm_head, labels):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
@@ -336,6 +368,13 @@ def run_config(model_args, data_args, lora_args, backbone, report, original_rows
     }
 
 
+def frame_cache_record(frame_cache) -> dict:
+    """The run's frame cache as surgvqa_config.json records it (evaluation reuses a disk cache it finds there)."""
+    if frame_cache is None:
+        return {"mode": "none", "dir": None}
+    return {"mode": frame_cache.mode, "dir": str(frame_cache.directory.parent) if frame_cache.directory else None}
+
+
 def _resolved(path: str | None) -> str | None:
     return str(Path(path).resolve()) if path else None
 
@@ -371,16 +410,20 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     train_collator = VQACollator(processor, mode="train", **collator_kwargs)
     train_samples = drop_overlong(train_samples, train_collator, train_media.max_frames,
                                   data_args.skip_overlong, data_args.model_max_length)
-    train_dataset = SurgicalVQADataset(train_samples, train_media)
+    frame_cache = open_frame_cache(data_args.frame_cache, data_args.frame_cache_dir, data_args.frame_cache_max_gb,
+                                   default_directory=Path(args.output_dir) / "frame_cache")
+    if frame_cache is not None:
+        logger.info("decoded frames are cached: %s", frame_cache)
+    train_dataset = SurgicalVQADataset(train_samples, train_media, frame_cache=frame_cache)
     eval_dataset = generation_eval = None
     if eval_samples:
         eval_samples = drop_overlong(eval_samples, train_collator, eval_media.max_frames,
                                      data_args.skip_overlong, data_args.model_max_length)
-        eval_dataset = SurgicalVQADataset(eval_samples, eval_media)
+        eval_dataset = SurgicalVQADataset(eval_samples, eval_media, frame_cache=frame_cache)
         if data_args.eval_generate_samples:
             subset = eval_samples[: data_args.eval_generate_samples]
             generation_eval = {
-                "dataset": SurgicalVQADataset(subset, eval_media),
+                "dataset": SurgicalVQADataset(subset, eval_media, frame_cache=frame_cache),
                 "collator": VQACollator(processor, mode="generate", **collator_kwargs),
                 "candidates": build_candidates((s.question_type, s.short_answer) for s in eval_samples),
                 "batch_size": data_args.eval_batch_size_generate,
@@ -388,6 +431,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
             }
 
     config = run_config(model_args, data_args, lora_args, backbone, report, original_rows, model)
+    config["frame_cache"] = frame_cache_record(frame_cache)
     trainer = VQATrainer(
         model=model,
         args=args,
@@ -396,6 +440,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         data_collator=train_collator,
         processing_class=processor,
         generation_eval=generation_eval,
+        lm_head=backbone.lm_head(model) if model_args.loss_on_labelled_only else None,
         callbacks=[SurgvqaConfigCallback(config, original_rows)],
     )
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
