@@ -175,6 +175,10 @@ class FrameCache:
                             f"{getattr(array, 'dtype', '')} for {path}; the cache holds uint8 arrays only")
         return array
 
+    def _recount(self) -> None:
+        self._bytes = _directory_bytes(self.directory)
+        self._written_since_count = 0
+
     def _note_full(self) -> None:
         if not self._full:
             self._full = True
@@ -187,20 +191,17 @@ class FrameCache:
     def _write(self, entry: str, array: np.ndarray) -> None:
         size = array.nbytes + 128
         with self._lock:
+            # other processes (workers, ranks) write to the same directory: recount after every 1/16 of the bound
+            # written here, and once more before declaring the cache full
+            if self._written_since_count > self.max_bytes // 16:
+                self._recount()
+            if not self._full and self._bytes + size > self.max_bytes and self._written_since_count:
+                self._recount()
             if self._full or self._bytes + size > self.max_bytes:
-                # other writers (workers, ranks) may have pruned or we may have counted stale bytes: recount once
-                if not self._full and self._written_since_count:
-                    self._bytes = _directory_bytes(self.directory)
-                    self._written_since_count = 0
-                if self._full or self._bytes + size > self.max_bytes:
-                    self._note_full()
-                    return
+                self._note_full()
+                return
             self._bytes += size
             self._written_since_count += size
-            # other processes write too: recount after every 1/16 of the bound written here
-            if self._written_since_count > self.max_bytes // 16:
-                self._bytes = _directory_bytes(self.directory)
-                self._written_since_count = 0
         shard, name = os.path.split(entry)
         try:
             os.makedirs(shard, exist_ok=True)
