@@ -24,6 +24,7 @@ from surgvqa.collate import VQACollator
 from surgvqa.data import DataError, MediaConfig, SurgicalVQADataset, load_samples
 from surgvqa.frame_cache import eval_frame_cache
 from surgvqa.generate import generate_predictions
+from surgvqa.lean_imports import checkpoint_needs_bitsandbytes, skip_bitsandbytes
 from surgvqa.metrics import build_candidates, paired_comparison, score_record, summarize
 from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT
 from surgvqa.report import (
@@ -277,8 +278,12 @@ def parse_args(argv: list[str] | None = None) -> EvalArguments:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    if argv is None:  # the command line: bitsandbytes only for a 4-bit load or a quantized checkpoint
+        skip_bitsandbytes(args.load_in_4bit or checkpoint_needs_bitsandbytes(args.checkpoint_path)
+                          or checkpoint_needs_bitsandbytes(args.base_model_path))
     try:
-        evaluate(parse_args(argv))
+        evaluate(args)
     except (DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -71,6 +71,7 @@ from surgvqa.checkpoint import (
     read_surgvqa_config,
     write_surgvqa_config,
 )
+from surgvqa.lean_imports import checkpoint_needs_bitsandbytes, skip_bitsandbytes
 
 logger = logging.getLogger("surgvqa.merge")
 
@@ -557,6 +558,8 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if argv is None:  # the command line: bitsandbytes only for the nf4 round trip or a quantized base
+        skip_bitsandbytes(args.merge_into == "dequantized" or checkpoint_needs_bitsandbytes(args.base_model_path))
     try:
         result = merge(args)
     except ValueError as err:

@@ -13,22 +13,22 @@ import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import enable_full_determinism
+from transformers import HfArgumentParser
 
 from surgvqa import __version__
 from surgvqa.backbones import LoadOptions, backbone_for
-from surgvqa.backbones.labelled_loss import labelled_loss, labelled_positions_only
-from surgvqa.checkpoint import save_new_token_rows, write_surgvqa_config
 from surgvqa.collate import OverlongSampleError, VQACollator
 from surgvqa.data import DataError, MediaConfig, Problem, Sample, SurgicalVQADataset, load_samples
 from surgvqa.frame_cache import check_frame_cache_settings, open_frame_cache
-from surgvqa.generate import generate_predictions
-from surgvqa.metrics import build_candidates, strict_hit
+from surgvqa.lean_imports import checkpoint_needs_bitsandbytes, skip_bitsandbytes
+from surgvqa.metrics import build_candidates
 from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT
 from surgvqa.tokenizer import repair_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
 
 logger = logging.getLogger("surgvqa.train")
 
@@ -102,6 +102,8 @@ class LoraArguments:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, LoraArguments, TrainingArguments]:
+    from transformers import TrainingArguments
+
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments))
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
@@ -263,77 +265,6 @@ def assert_lora_placement(model, backbone, allow_vision: bool = False) -> None:
         raise ValueError("LoRA matched no module: check --lora_target_regex against model.named_modules()")
 
 
-# ------------------------------------------------------------------------------------------------- trainer
-class VQATrainer(Trainer):
-    """Eval loss without keeping logits, plus generation-scored accuracy on a bounded subset.
-
-    ``lm_head`` (the model's output embedding): training and evaluation loss apply it only to the labelled positions
-    (:mod:`surgvqa.backbones.labelled_loss`); ``None`` keeps the model's own loss on full logits.
-    """
-
-    def __init__(self, *args, generation_eval: dict | None = None, lm_head=None, **kwargs):
-        if lm_head is not None:
-            kwargs["compute_loss_func"] = labelled_loss
-        super().__init__(*args, **kwargs)
-        self.generation_eval = generation_eval
-        self.lm_head = lm_head
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs.get("labels")
-        if self.lm_head is None or labels is None:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        with labelled_positions_only(self.lm_head, labels):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        if self.generation_eval:
-            extra = self.generation_accuracy(metric_key_prefix)
-            self.log(extra)
-            metrics.update(extra)
-        return metrics
-
-    def generation_accuracy(self, prefix: str = "eval") -> dict[str, float]:
-        spec = self.generation_eval
-        dataset, collator = spec["dataset"], spec["collator"]
-        model = self.accelerator.unwrap_model(self.model)
-        hits, no_eos = 0, 0
-        candidates = spec["candidates"]
-        by_key = {s.key: s for s in dataset.samples}
-        for prediction in generate_predictions(
-            model, self.processing_class.tokenizer, dataset, collator,
-            batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"],
-        ):
-            sample = by_key[prediction.key]
-            hits += strict_hit(prediction.text, sample.short_answer, candidates.get(sample.question_type, []))
-            no_eos += not prediction.stopped_by_eos
-        n = len(dataset)
-        return {f"{prefix}_accuracy": hits / n, f"{prefix}_no_eos": no_eos / n}
-
-
-class SurgvqaConfigCallback(TrainerCallback):
-    """Write surgvqa_config.json (and new embedding rows) into every checkpoint so each one is evaluable."""
-
-    def __init__(self, config: dict, original_rows: int):
-        self.config = config
-        self.original_rows = original_rows
-
-    def on_save(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero:
-            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if path.is_dir():
-                save_outputs_extras(path, self.config, model, self.original_rows)
-        return control
-
-
-def save_outputs_extras(path: Path, config: dict, model, original_rows: int) -> None:
-    write_surgvqa_config(path, config)
-    if model is not None:
-        backbone_for(config["base_model"], config["backbone"]).save_extras(model, str(path))
-    if config.get("resized_vocab") and model is not None:
-        save_new_token_rows(model, path, original_rows)
-
-
 def run_config(model_args, data_args, lora_args, backbone, report, original_rows, model) -> dict:
     rows = model.get_input_embeddings().num_embeddings
     return {
@@ -381,6 +312,11 @@ def _resolved(path: str | None) -> str | None:
 
 def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
           args: TrainingArguments) -> dict[str, Any]:
+    from transformers import set_seed
+    from transformers.trainer_utils import enable_full_determinism
+
+    from surgvqa.trainer import SurgvqaConfigCallback, VQATrainer, save_outputs_extras
+
     validate_args(model_args, data_args, lora_args, args)
     args.remove_unused_columns = False  # items carry media, not model kwargs
     args.prediction_loss_only = True  # eval keeps no logits: memory is per batch, not per dataset
@@ -455,8 +391,30 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     return {"metrics": result.metrics, "trainer": trainer}
 
 
+def needs_bitsandbytes(argv: list[str]) -> bool:
+    """Whether a training command line quantizes (parsed by the real parser, ModelArguments only, so that
+    ``TrainingArguments``, which imports peft and with it bitsandbytes, is not imported to find out)."""
+    parser = HfArgumentParser(ModelArguments)
+    try:
+        if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+            (model_args,) = parser.parse_yaml_file(argv[0], allow_extra_keys=True)
+        elif len(argv) == 1 and argv[0].endswith(".json"):
+            (model_args,) = parser.parse_json_file(argv[0], allow_extra_keys=True)
+        else:
+            model_args, _ = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    except (SystemExit, ValueError, OSError):  # the full parse reports it
+        return True
+    return (model_args.load_in_4bit or model_args.load_in_8bit
+            or checkpoint_needs_bitsandbytes(model_args.model_name_or_path))
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Train from the command line (``argv`` None: ``sys.argv``; only then is bitsandbytes kept out of an
+    unquantized process, see :mod:`surgvqa.lean_imports`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if argv is None:
+        argv = sys.argv[1:]
+        skip_bitsandbytes(needs_bitsandbytes(argv))
     model_args, data_args, lora_args, args = parse_args(argv)
     try:
         train(model_args, data_args, lora_args, args)
@@ -468,6 +426,20 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def __getattr__(name: str):
+    """``VQATrainer``, ``SurgvqaConfigCallback``, ``save_outputs_extras`` live in :mod:`surgvqa.trainer` (imported on
+    first use: it imports transformers' Trainer, and with it peft)."""
+    if name in ("VQATrainer", "SurgvqaConfigCallback", "save_outputs_extras", "TrainerCallback"):
+        if name == "TrainerCallback":
+            from transformers import TrainerCallback
+
+            return TrainerCallback
+        import surgvqa.trainer
+
+        return getattr(surgvqa.trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["DataArguments", "LoraArguments", "ModelArguments", "main", "parse_args", "train"]
