@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TINY ?= runs/tiny-omni
 DEMO_DATA ?= runs/demo-data
 
-.PHONY: venv system-deps demo test test-all lint bench clean
+.PHONY: venv system-deps demo test test-all lint bench memory-doc clean
 
 system-deps:
 	@command -v espeak-ng >/dev/null 2>&1 || { \
@@ -36,6 +36,12 @@ lint: venv
 
 bench: venv
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+
+# docs/MEMORY.md from `surgvqa plan` (token counts need the real Qwen vocabulary: a tiny model built with it)
+QWEN_VOCAB ?= runs/tiny-omni-qwen
+memory-doc: venv
+	test -f $(QWEN_VOCAB)/tokenizer.json || $(BIN)/python scripts/make_tiny_model.py --vocab qwen --output_dir $(QWEN_VOCAB)
+	$(BIN)/python scripts/make_memory_doc.py --processor $(QWEN_VOCAB)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -9,7 +9,6 @@ half-written directory (each build happens in a temporary directory that is rena
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import resource
@@ -33,21 +32,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from scripts import load_script  # noqa: E402  (re-exported for the benchmarks)
+
 
 # ------------------------------------------------------------------------------------------- build caching
-def load_script(name: str):
-    """Import ``scripts/<name>.py`` as a module (scripts/ is not a package)."""
-    module_name = f"surgvqa_bench_scripts_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    path = REPO / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def _digest(*parts: object, files: Sequence[Path] = ()) -> str:
     h = hashlib.sha256()
     for part in parts:

@@ -52,7 +52,7 @@ VARIANTS = {
 
 def tiny_graft() -> Path:
     files = [REPO / "scripts" / "make_tiny_graft.py", REPO / "scripts" / "make_tiny_model.py",
-             REPO / "surgvqa" / "backbones" / "qwen_vl_whisper.py"]
+             *sorted((REPO / "surgvqa" / "backbones" / "qwen_vl_whisper").glob("*.py"))]
 
     def build(out: Path) -> None:
         log("building the tiny Qwen2-VL + Whisper graft ...")

@@ -11,7 +11,7 @@ Three directories, all from transformers' own config classes:
                     1,500 encoder positions) and its WhisperFeatureExtractor
     DIR/            the graft, written by ``create_graft`` exactly as for the 7B models: config.json (model_type
                     qwen_vl_whisper, relative paths to the two above), a random projector, the VL processor with
-                    <|audio_bos|> <|AUDIO|> <|audio_eos|> added, graft_processor.json
+                    <|audio_bos|> <|AUDIO|> <|audio_eos|> added, the Whisper feature extractor
 
     python scripts/make_tiny_graft.py --output_dir runs/tiny-graft [--vl qwen2_vl|qwen2_5_vl|qwen3_vl] [--seed 0]
 """
@@ -19,13 +19,13 @@ Three directories, all from transformers' own config classes:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-if str(HERE.parent) not in sys.path:  # run from anywhere: the package is the repository's
-    sys.path.insert(0, str(HERE.parent))
+for _path in (HERE.parent, HERE):  # run from anywhere: the package is the repository's, make_tiny_model a sibling
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 # Qwen2-VL's added tokens in the order (and so with the relative ids) of the real tokenizer (<|endoftext|> = 151643
 # … <|video_pad|> = 151656), then Qwen2.5-VL's additions.
@@ -59,17 +59,11 @@ VL_CHAT_TEMPLATE = (
 VL_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
-def _tiny_model_script():
-    spec = importlib.util.spec_from_file_location("surgvqa_scripts_make_tiny_model", HERE / "make_tiny_model.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
 def build_vl_tokenizer(vocab_kind: str = "tiny"):
     """make_tiny_model's tokenizer (same BPE, pad <|endoftext|>, eos <|im_end|>) with Qwen-VL's special tokens."""
-    return _tiny_model_script().build_tokenizer(
+    from make_tiny_model import build_tokenizer
+
+    return build_tokenizer(
         vocab_kind, special_tokens=QWEN_VL_SPECIAL_TOKENS, model_specific_tokens=MODEL_SPECIFIC_TOKENS
     )
 
@@ -175,7 +169,7 @@ def build_tiny_graft(output_dir: str | Path, seed: int = 0, vl: str = "qwen2_vl"
     import transformers
     from transformers import GenerationConfig
 
-    from surgvqa.backbones.qwen_vl_whisper import create_graft
+    from surgvqa.backbones.qwen_vl_whisper.create import create_graft
 
     output_dir = Path(output_dir)
     torch.manual_seed(seed)

@@ -1,7 +1,8 @@
 """What a surgvqa output directory holds, and how to load any checkpoint for inference.
 
 A training output (or a ``checkpoint-N`` inside it) holds the PEFT adapter (safetensors), the repaired processor,
-``surgvqa_config.json`` (backbone, base model, preprocessing, LoRA, tokenizer repair) and, only when the vocabulary
+``surgvqa_config.json`` (:class:`surgvqa.run_config.RunConfig`: backbone, base model, preprocessing, LoRA,
+tokenizer repair) and, only when the vocabulary
 grew, ``surgvqa_new_token_rows.safetensors`` with the new embedding rows. ``load_for_inference`` accepts an adapter
 directory, a merged model directory or a plain base model (zero-shot).
 """
@@ -17,37 +18,54 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from surgvqa.backbones import LoadOptions, backbone_for
+from surgvqa.errors import UserError
+from surgvqa.run_config import RunConfig, resolve_recorded_path
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "surgvqa_config.json"
 NEW_ROWS_NAME = "surgvqa_new_token_rows.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-
-
-def read_surgvqa_config(path: str | Path) -> dict:
-    file = Path(path) / CONFIG_NAME
-    return json.loads(file.read_text()) if file.is_file() else {}
-
-
-def write_surgvqa_config(path: str | Path, config: dict) -> Path:
-    file = Path(path) / CONFIG_NAME
-    file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return file
 
 
 def is_adapter(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
+def recorded_base(path: str | Path) -> tuple[str | None, str | None]:
+    """(base model, its path relative to ``path``) as an adapter recorded them: surgvqa_config.json first, then
+    PEFT's ``base_model_name_or_path`` (relative paths there are taken relative to the adapter directory)."""
+    config = RunConfig.find(path)
+    if config is not None and config.base_model:
+        return config.base_model, config.base_model_relative
+    peft = json.loads((Path(path) / ADAPTER_CONFIG).read_text())
+    return peft.get("base_model_name_or_path"), None
+
+
 def adapter_base(path: str | Path) -> str | None:
-    """The base model an adapter was trained on (surgvqa_config first, then PEFT's record)."""
-    recorded = read_surgvqa_config(path).get("base_model")
-    if recorded:
-        return recorded
-    config = json.loads((Path(path) / ADAPTER_CONFIG).read_text())
-    return config.get("base_model_name_or_path")
+    """The base model an adapter was trained on, resolved to a directory that exists now (the recorded absolute
+    path, else the same position relative to the adapter: both were moved); the recorded string if none exists."""
+    base, relative = recorded_base(path)
+    return resolve_recorded_path(base, path, relative) or base
+
+
+def base_for_adapter(path: str | Path, base_model_path: str | None = None) -> str:
+    """The existing base model directory to load an adapter on: ``base_model_path`` when given, else the recorded
+    one (see :func:`adapter_base`). A missing one is a :class:`UserError` naming ``--base_model_path``."""
+    if base_model_path:
+        if not Path(base_model_path).is_dir():
+            raise UserError(f"--base_model_path {base_model_path} is not a directory; pass the local model the "
+                            "adapter was trained on")
+        return base_model_path
+    base, relative = recorded_base(path)
+    if not base:
+        raise UserError(f"{path} is an adapter without a recorded base model: pass --base_model_path (the local "
+                        "model it was trained on)")
+    found = resolve_recorded_path(base, path, relative)
+    if found is None:
+        tried = [base] + ([str(Path(path) / relative)] if relative else [])
+        raise UserError(f"{path} was trained on {base}, which does not exist here (tried {', '.join(tried)}); "
+                        "pass --base_model_path with the local model it was trained on")
+    return found
 
 
 def save_new_token_rows(model, output_dir: str | Path, first_new_row: int) -> Path | None:
@@ -91,21 +109,24 @@ def load_for_inference(
     backbone: str | None = None,
     merge_adapter: bool = False,
 ) -> tuple[Any, Any, dict]:
-    """(model, processor, surgvqa_config) for an adapter dir, a merged model dir or a base model."""
+    """(model, processor, record) for an adapter dir, a merged model dir or a base model.
+
+    ``record`` is the checkpoint's surgvqa_config.json as a dict (``RunConfig.to_dict()``; ``{}`` when there is
+    none) with ``backbone`` set to the backbone used.
+    """
     options = options or LoadOptions()
     checkpoint_path = Path(checkpoint_path)
-    config = read_surgvqa_config(checkpoint_path)
-    backbone_name = backbone or config.get("backbone")
+    run = RunConfig.find(checkpoint_path)
+    config = run.to_dict() if run is not None else {}
+    backbone_name = backbone or (run.backbone if run is not None else None)
     if is_adapter(checkpoint_path):
         from peft import PeftModel
 
-        base = base_model_path or adapter_base(checkpoint_path)
-        if not base:
-            raise ValueError(f"{checkpoint_path} is an adapter without a recorded base model: pass --base_model_path")
-        chosen = backbone_for(base, backbone_name)
+        base = base_for_adapter(checkpoint_path, base_model_path)
+        chosen = backbone_for(base, backbone_name, flag="--base_model_path")
         model = chosen.load(str(base), options)
         processor = chosen.load_processor(str(checkpoint_path), options.trust_remote_code)
-        vocab = config.get("resized_vocab")
+        vocab = run.resized_vocab if run is not None else None
         if vocab:
             if not load_new_token_rows(model, checkpoint_path, vocab):
                 raise ValueError(
@@ -117,12 +138,12 @@ def load_for_inference(
             model = model.merge_and_unload()
         logger.info("loaded adapter %s on base %s", checkpoint_path, base)
     else:
-        chosen = backbone_for(checkpoint_path, backbone_name)
+        chosen = backbone_for(checkpoint_path, backbone_name, flag="--checkpoint_path")
         model = chosen.load(str(checkpoint_path), options)
         processor = chosen.load_processor(str(checkpoint_path), options.trust_remote_code)
     from surgvqa.tokenizer import repair_tokenizer
 
     repair_tokenizer(processor.tokenizer, model)
     model.eval()
-    config.setdefault("backbone", chosen.name)
+    config["backbone"] = config.get("backbone") or chosen.name
     return model, processor, config

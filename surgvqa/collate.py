@@ -1,6 +1,7 @@
 """Batching: chat prompt → processor (once per batch) → answer tokens appended → labels masked by position.
 
-Training pads on the right and labels exactly ``answer + <|im_end|>``; generation uses the same code with no answer
+Training pads on the right and labels exactly ``answer + end of turn`` (the special token the chat template writes
+after an answer: ``<|im_end|>`` for Qwen); generation uses the same code with no answer
 and left padding. Audio is padded to the longest clip of the batch (not Whisper's 30 s window) and the feature mask
 tells the audio tower which frames are real.
 """
@@ -14,13 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, build_messages
+from surgvqa.backbones.base import on_vision_grid, vision_grid
+from surgvqa.media import MediaConfig
+from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, build_messages, check_question_modality
+from surgvqa.run_config import DEFAULT_FPS, FRAMES_AS
+from surgvqa.tokenizer import end_of_turn_token
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-#: the processor's default frame rate when none is saved with a checkpoint; sets video_second_per_grid.
-DEFAULT_FPS = 2.0
 
 
 class OverlongSampleError(ValueError):
@@ -31,14 +34,14 @@ class OverlongSampleError(ValueError):
 class VQACollator:
     """Turn dataset items (``{"sample", "frames", "audio"}``) into model inputs.
 
-    ``mode="train"`` appends the answer and ``<|im_end|>`` and returns ``labels``; ``mode="generate"`` returns the
+    ``mode="train"`` appends the answer and the end-of-turn token and returns ``labels``; ``mode="generate"`` returns the
     prompt only, left padded, plus ``keys`` (the (video_id, id) of each row).
     """
 
     processor: Any
-    question_modality: str = "text"
-    frame_size: int = 384
-    frames_as: str = "video"
+    question_modality: str = MediaConfig.question_modality
+    frame_size: int = MediaConfig.frame_size
+    frames_as: str = FRAMES_AS[0]
     mode: str = "train"
     model_max_length: int | None = None
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
@@ -48,14 +51,15 @@ class VQACollator:
     def __post_init__(self) -> None:
         if self.mode not in ("train", "generate"):
             raise ValueError(f"mode must be 'train' or 'generate', got {self.mode!r}")
-        if self.frames_as not in ("video", "images"):
-            raise ValueError(f"frames_as must be 'video' or 'images', got {self.frames_as!r}")
-        if self.question_modality not in ("text", "audio", "text+audio"):
-            raise ValueError(f"question_modality must be text, audio or text+audio; got {self.question_modality!r}")
+        if self.frames_as not in FRAMES_AS:
+            raise ValueError(f"frames_as must be one of {', '.join(FRAMES_AS)}; got {self.frames_as!r}")
+        check_question_modality(self.question_modality)
         tokenizer = self.processor.tokenizer
-        self.end_of_turn_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if self.end_of_turn_id is None or self.end_of_turn_id == tokenizer.unk_token_id:
-            raise ValueError("the tokenizer has no <|im_end|> token: this collator needs a Qwen chat tokenizer")
+        token = end_of_turn_token(tokenizer)
+        if token is None:
+            raise ValueError("the tokenizer's chat template writes no special token after an answer: the collator "
+                             "needs a chat tokenizer that marks the end of a turn (e.g. <|im_end|>)")
+        self.end_of_turn_id = tokenizer.convert_tokens_to_ids(token)
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token: run surgvqa.tokenizer.repair_tokenizer first")
 
@@ -66,7 +70,8 @@ class VQACollator:
 
     def pixel_kwargs(self) -> dict:
         """The pixel budget, always explicit: the processor's class-level defaults would otherwise upscale."""
-        size = {"shortest_edge": 28 * 28, "longest_edge": self.frame_size * self.frame_size}
+        grid = vision_grid(self.processor)
+        size = {"shortest_edge": grid * grid, "longest_edge": self.frame_size * self.frame_size}
         return {"size": size}
 
     def _frames_for_video(self, frames: list[np.ndarray]) -> list[np.ndarray]:
@@ -81,13 +86,6 @@ class VQACollator:
                 self._warned_odd = True
             frames = list(frames) + [frames[-1]] * pad
         return list(frames)
-
-    def _on_grid(self, frame: np.ndarray) -> bool:
-        """Frame already on the vision grid (patch x merge: 28 px for Qwen2/2.5, 32 for Qwen3) within budget."""
-        video_processor = self.processor.video_processor
-        grid = int(getattr(video_processor, "patch_size", 14)) * int(getattr(video_processor, "merge_size", 2))
-        h, w = frame.shape[:2]
-        return h % grid == 0 and w % grid == 0 and max(h, w) <= self.frame_size
 
     def prompt_text(self, question: str, num_frames: int, answer: str | None = None) -> str:
         messages = build_messages(
@@ -127,8 +125,9 @@ class VQACollator:
             kwargs["videos"] = videos
             kwargs["videos_kwargs"] = {
                 **self.pixel_kwargs(), "do_sample_frames": False, "fps": self.fps, "cap_pixels_per_frame": False,
-                # frames already on the 28-px grid within the budget (the dataset resized them): skip a second resize
-                "do_resize": not all(self._on_grid(f) for video in videos for f in video[:1]),
+                # frames already on the vision grid within the budget (the dataset resized them): no second resize
+                "do_resize": not on_vision_grid((video[0] for video in videos), vision_grid(self.processor),
+                                                self.frame_size),
             }
         if images:
             kwargs["images"] = images
@@ -186,9 +185,11 @@ class VQACollator:
         return batch
 
     # -- length pre-flight ---------------------------------------------------------------------------------
-    def sequence_length(self, question: str, answer: str, frame_hw: tuple[int, int], num_frames: int,
-                        audio_samples: int | None) -> int:
-        """Tokens a sample will take, from frame size and audio length alone (no decoding)."""
+    def token_counts(self, question: str, answer: str, frame_hw: tuple[int, int], num_frames: int,
+                     audio_samples: int | None) -> dict[str, int]:
+        """Tokens a sample will take, split by kind (``video``, ``image``, ``audio``, ``text``, ``answer`` -- the
+        labelled answer tokens, part of ``text`` in training -- and ``total``), from frame size and audio length
+        alone (no decoding): the processor's own ``_get_num_multimodal_tokens`` arithmetic."""
         if self.frames_as == "video":
             num_frames += -num_frames % self.temporal_patch_size
         text = self.prompt_text(question, num_frames)
@@ -197,17 +198,25 @@ class VQACollator:
         kwargs: dict[str, Any] = {}
         if self.frames_as == "video":
             kwargs["video_sizes"] = [(num_frames, h, w)]
-            kwargs["videos_kwargs"] = self.pixel_kwargs()
+            # the frame rate the batch is built with: Qwen3-VL writes one timestamp per frame pair into the prompt
+            kwargs["videos_kwargs"] = {**self.pixel_kwargs(), "fps": self.fps}
         else:
             kwargs["image_sizes"] = [(h, w)] * num_frames
             kwargs["images_kwargs"] = self.pixel_kwargs()
-        if audio_samples is not None and "audio" in self.question_modality:
+        with_audio = audio_samples is not None and "audio" in self.question_modality
+        if with_audio:
             kwargs["audio_lengths"] = [audio_samples]
         counts = self.processor._get_num_multimodal_tokens(**kwargs)
-        media = sum(getattr(counts, "num_video_tokens", None) or []) + sum(
-            getattr(counts, "num_image_tokens", None) or []
-        ) + sum(getattr(counts, "num_audio_tokens", None) or [])
-        placeholders = num_frames if self.frames_as == "images" else 1
-        placeholders += 1 if audio_samples is not None and "audio" in self.question_modality else 0
-        total = len(ids) - placeholders + media
-        return total + (len(self.answer_ids(answer)) if self.mode == "train" else 0)
+        video = sum(getattr(counts, "num_video_tokens", None) or [])
+        image = sum(getattr(counts, "num_image_tokens", None) or [])
+        audio = sum(getattr(counts, "num_audio_tokens", None) or [])
+        placeholders = (num_frames if self.frames_as == "images" else 1) + (1 if with_audio else 0)
+        answer_tokens = len(self.answer_ids(answer)) if self.mode == "train" else 0
+        text_tokens = len(ids) - placeholders + answer_tokens
+        return {"video": video, "image": image, "audio": audio, "text": text_tokens, "answer": answer_tokens,
+                "total": video + image + audio + text_tokens}
+
+    def sequence_length(self, question: str, answer: str, frame_hw: tuple[int, int], num_frames: int,
+                        audio_samples: int | None) -> int:
+        """Tokens a sample will take, from frame size and audio length alone (no decoding)."""
+        return self.token_counts(question, answer, frame_hw, num_frames, audio_samples)["total"]

@@ -4,15 +4,15 @@ Samples are built and validated by :mod:`surgvqa.samples` (every problem reporte
 media settings and decoding live in :mod:`surgvqa.media`. Both are re-exported here, so ``from surgvqa.data import
 MediaConfig, Sample, load_samples, SurgicalVQADataset`` keeps working.
 
-``python -m surgvqa.data check --data_path F [--frames_dir D] [--audio_dir A] ...`` builds all samples, prints a
-summary and every problem, and exits 1 if there is any problem.
+``python -m surgvqa.data check --data_path F [--frames_dir D] [--audio_dir A] ...`` (also ``surgvqa check …``)
+builds all samples, prints a summary and every problem, and exits 1 if the data has any problem, 2 if the call
+itself is wrong (a flag, a missing data file or directory).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from surgvqa.errors import ArgumentParser, UserError, existing_dir, existing_file, run_main
 from surgvqa.frame_cache import FrameCache
 from surgvqa.media import (
     ABLATIONS,
     DEFAULT_SAMPLING_RATE,
-    QUESTION_MODALITIES,
     MediaConfig,
     MediaError,
     audio_duration,
@@ -35,6 +35,7 @@ from surgvqa.media import (
     silence_like,
     subsample_indices,
 )
+from surgvqa.prompts import QUESTION_MODALITIES
 from surgvqa.samples import (
     AUDIO_EXTENSIONS,
     IMAGE_EXTENSIONS,
@@ -76,24 +77,24 @@ class SurgicalVQADataset(Dataset):
         return len(self.samples)
 
     def _frames(self, sample: Sample) -> list[np.ndarray]:
-        size = self.media.frame_size
+        size, grid = self.media.frame_size, self.media.pixel_multiple
         if sample.video_path is not None:
             n = self.media.num_video_frames
             if self.max_frames is not None:
                 n = min(n, self.max_frames)
             if self.frame_cache is None:
-                return load_video_frames(sample.video_path, n, size)
-            clip = self.frame_cache.get(sample.video_path, ("video", n, size),
-                                        lambda: np.stack(load_video_frames(sample.video_path, n, size)))
+                return load_video_frames(sample.video_path, n, size, grid)
+            clip = self.frame_cache.get(sample.video_path, ("video", n, size, grid),
+                                        lambda: np.stack(load_video_frames(sample.video_path, n, size, grid)))
             return list(clip)
         if not sample.frame_paths:
             raise MediaError("sample has neither frame_paths nor video_path")
         indices = subsample_indices(len(sample.frame_paths), self.max_frames)
         if self.frame_cache is None:
-            frames = [load_frame(sample.frame_paths[i], size) for i in indices]
+            frames = [load_frame(sample.frame_paths[i], size, grid) for i in indices]
         else:
             cache = self.frame_cache
-            frames = [cache.get(path, ("frame", size), lambda path=path: load_frame(path, size))
+            frames = [cache.get(path, ("frame", size, grid), lambda path=path: load_frame(path, size, grid))
                       for path in (sample.frame_paths[i] for i in indices)]
         shapes = {f.shape for f in frames}
         if len(shapes) > 1:
@@ -155,36 +156,49 @@ def summarize_samples(samples: Sequence[Sample]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m surgvqa.data", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="build every sample, print a summary and every problem")
+def make_check_parser(subparsers=None) -> argparse.ArgumentParser:
+    """The ``check`` arguments: a subcommand of ``subparsers`` (``python -m surgvqa.data check``) or standalone
+    (``surgvqa check``)."""
+    description = "build every sample, print a summary and every problem"
+    if subparsers is None:
+        check = ArgumentParser(prog="surgvqa check", description=description)
+    else:
+        check = subparsers.add_parser("check", help=description, description=description)
     check.add_argument("--data_path", required=True, help="JSONL file, one sample per line")
     check.add_argument("--frames_dir", default=None, help="root of frame images (default: <data dir>/frames)")
     check.add_argument("--audio_dir", default=None, help="root of spoken-question audio")
     check.add_argument("--frame_path_template", default=MediaConfig.frame_path_template)
     check.add_argument("--audio_path_template", default=MediaConfig.audio_path_template)
-    check.add_argument("--question_modality", default="text", choices=QUESTION_MODALITIES)
+    check.add_argument("--question_modality", default=MediaConfig.question_modality, choices=QUESTION_MODALITIES)
     check.add_argument(
         "--require_scoring_fields", action="store_true", help="also require question_type and short_answer"
     )
+    return check
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="python -m surgvqa.data", description=__doc__.splitlines()[0])
+    make_check_parser(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``check`` CLI: exit 0 when every sample is good, 1 when there is any problem, 2 on bad arguments."""
-    args = _parser().parse_args(argv)
-    try:
-        media = MediaConfig(
-            frames_dir=args.frames_dir,
-            audio_dir=args.audio_dir,
-            frame_path_template=args.frame_path_template,
-            audio_path_template=args.audio_path_template,
-            question_modality=args.question_modality,
-        )
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def check(args: argparse.Namespace) -> int:
+    """Build every sample, print the summary and every problem: 0 no problem, 1 a problem in the data."""
+    data_path = existing_file(args.data_path, "--data_path")
+    if args.frames_dir is not None:
+        existing_dir(args.frames_dir, "--frames_dir")
+    elif not (data_path.parent / "frames").is_dir():
+        raise UserError(f"--frames_dir is not given and the default {data_path.parent / 'frames'} does not exist; "
+                        "pass --frames_dir")
+    if args.audio_dir is not None:
+        existing_dir(args.audio_dir, "--audio_dir")
+    media = MediaConfig(
+        frames_dir=args.frames_dir,
+        audio_dir=args.audio_dir,
+        frame_path_template=args.frame_path_template,
+        audio_path_template=args.audio_path_template,
+        question_modality=args.question_modality,
+    )
     try:
         samples, problems = load_samples(
             args.data_path, media, require_scoring_fields=args.require_scoring_fields, skip_bad=True
@@ -205,6 +219,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def check_main(argv: Sequence[str] | None = None) -> int:
+    """``surgvqa check …``: exit 0 when every sample is good, 1 when the data has a problem, 2 on a bad
+    invocation (a flag, a missing data file or directory: one ``error: …`` line)."""
+    args = make_check_parser().parse_args(argv)
+    return run_main(lambda: check(args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m surgvqa.data check …``: the same exit codes as :func:`check_main`."""
+    args = _parser().parse_args(argv)
+    return run_main(lambda: check(args))
+
+
 __all__ = [
     "ABLATIONS",
     "AUDIO_EXTENSIONS",
@@ -219,6 +246,7 @@ __all__ = [
     "Problem",
     "Sample",
     "SurgicalVQADataset",
+    "check_main",
     "load_qa_text",
     "load_samples",
     "main",

@@ -4,11 +4,14 @@
         --audio_dir audio --output_file preds.jsonl
     python evaluate_checkpoint.py --score_predictions preds.jsonl      # re-score a file, no model needed
 
-Preprocessing defaults come from the checkpoint's ``surgvqa_config.json``; flags override them.
+Preprocessing comes from the checkpoint's ``surgvqa_config.json``; flags override it. A checkpoint without one is
+refused unless ``--frame_size``, ``--question_modality`` and ``--frames_as`` are all given, or
+``--allow_default_preprocessing True`` (the summary records which: ``preprocessing``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -18,15 +21,16 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
-from surgvqa.backbones import LoadOptions
-from surgvqa.checkpoint import load_for_inference, read_surgvqa_config
+from surgvqa.backbones import LoadOptions, get_backbone
+from surgvqa.backbones.base import vision_grid
+from surgvqa.checkpoint import load_for_inference
 from surgvqa.collate import VQACollator
-from surgvqa.data import DataError, MediaConfig, SurgicalVQADataset, load_samples
+from surgvqa.data import MediaConfig, SurgicalVQADataset, load_samples
+from surgvqa.errors import existing_dir, existing_file, one_line_errors, run_main, writable_file
 from surgvqa.frame_cache import eval_frame_cache
 from surgvqa.generate import generate_predictions
 from surgvqa.lean_imports import checkpoint_needs_bitsandbytes, skip_bitsandbytes
-from surgvqa.metrics import build_candidates, paired_comparison, score_record, summarize
-from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT
+from surgvqa.metrics import build_candidates, paired_comparison, parse_baseline, score_record, summarize
 from surgvqa.report import (
     format_paired_comparison,
     format_table,
@@ -37,6 +41,7 @@ from surgvqa.report import (
     summary_path_for,
     write_summary,
 )
+from surgvqa.run_config import EvalPreprocessing, RunConfig, eval_preprocessing
 
 logger = logging.getLogger("surgvqa.evaluate")
 
@@ -56,6 +61,9 @@ class EvalArguments:
     max_eval_frames: int | None = field(default=None)
     question_modality: str | None = field(default=None, metadata={"help": "text | audio | text+audio"})
     frames_as: str | None = field(default=None)
+    allow_default_preprocessing: bool = field(
+        default=False, metadata={"help": "a checkpoint without surgvqa_config.json: use the default preprocessing"}
+    )
     batch_size: int = field(default=8)
     max_new_tokens: int = field(default=64)
     baseline: str = field(default="majority", metadata={"help": "'majority', 'chance' or a number such as 0.46"})
@@ -83,18 +91,6 @@ class EvalArguments:
     frame_cache_max_gb: float | None = field(default=None, metadata={"help": "default: 32 on disk, 4 in memory"})
 
 
-def parse_baseline(value: str) -> str | float:
-    if value in ("majority", "chance"):
-        return value
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"--baseline must be 'majority', 'chance' or a number in [0, 1], got {value!r}") from None
-    if not 0 <= number <= 1:
-        raise ValueError(f"--baseline {number} is not a fraction in [0, 1] (write 0.46, not 46)")
-    return number
-
-
 # What each ablation removes, as the paired comparison's verdict names it ("video carries X pts").
 REMOVED = {"video": "video", "audio": "audio", "both": "video and audio"}
 
@@ -106,22 +102,35 @@ def compare_with(records: list[dict], reference: str, candidates: dict, ablate: 
     return {"reference": str(path.resolve()), **result}
 
 
-def resolve_media(args: EvalArguments, config: dict) -> MediaConfig:
-    saved = config.get("media", {})
+def resolve_preprocessing(args: EvalArguments) -> EvalPreprocessing:
+    """The checkpoint's recorded preprocessing with the flags given on top (refused when nothing is recorded
+    and the flags do not say it either; see the module docstring)."""
+    flags = {name: getattr(args, name) for name in ("frame_path_template", "audio_path_template", "frame_size",
+                                                    "question_modality", "frames_as")}
+    flags["max_eval_frames"] = args.max_eval_frames
+    return eval_preprocessing(RunConfig.find(args.checkpoint_path), flags, checkpoint=args.checkpoint_path,
+                              allow_defaults=args.allow_default_preprocessing)
 
-    def pick(flag, key, default):
-        return flag if flag is not None else saved.get(key, default)
 
-    return MediaConfig(
-        frames_dir=args.frames_dir,
-        audio_dir=args.audio_dir,
-        frame_path_template=pick(args.frame_path_template, "frame_path_template", "{video_id}/{frame}.jpg"),
-        audio_path_template=pick(args.audio_path_template, "audio_path_template", "{video_id}/{id}.wav"),
-        frame_size=pick(args.frame_size, "frame_size", 384),
-        max_frames=pick(args.max_eval_frames, "max_eval_frames", None),
-        question_modality=pick(args.question_modality, "question_modality", "text"),
-        ablate=args.ablate,
-    )
+def resolve_media(args: EvalArguments, preprocessing: EvalPreprocessing) -> MediaConfig:
+    return preprocessing.media_config(args.frames_dir, args.audio_dir, ablate=args.ablate)
+
+
+def check_paths(args: EvalArguments) -> None:
+    """Every path flag, before anything is read or written."""
+    if args.score_predictions:
+        existing_file(args.score_predictions, "--score_predictions")
+        if args.output_file:
+            writable_file(args.output_file, "--output_file")
+        return
+    for name in ("checkpoint_path", "eval_data_path", "output_file"):
+        if not getattr(args, name):
+            raise ValueError(f"--{name} is required (or use --score_predictions FILE)")
+    existing_dir(args.checkpoint_path, "--checkpoint_path")
+    existing_file(args.eval_data_path, "--eval_data_path")
+    writable_file(args.output_file, "--output_file")
+    if args.compare:
+        existing_file(args.compare, "--compare")
 
 
 def existing_keys(path: Path) -> set[tuple[str, str]]:
@@ -156,17 +165,14 @@ def _rewrite_complete_lines(path: Path) -> None:
 
 def evaluate(args: EvalArguments) -> dict[str, Any]:
     baseline = parse_baseline(args.baseline)
+    check_paths(args)
     if args.score_predictions:
         target = summary_path_for(args.output_file) if args.output_file else None
         summary = rescore(args.score_predictions, target, baseline=baseline)
         print(format_table(summary))
         return summary
-    for name in ("checkpoint_path", "eval_data_path", "output_file"):
-        if not getattr(args, name):
-            raise ValueError(f"--{name} is required (or use --score_predictions FILE)")
-
-    config = read_surgvqa_config(args.checkpoint_path)
-    media = resolve_media(args, config)
+    preprocessing = resolve_preprocessing(args)
+    media = resolve_media(args, preprocessing)
     samples, problems = load_samples(args.eval_data_path, media, require_scoring_fields=True,
                                      skip_bad=args.skip_bad_samples)
     if problems:
@@ -191,19 +197,12 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
                               load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code)
         model, processor, config = load_for_inference(args.checkpoint_path, args.base_model_path, options,
                                                       backbone=args.backbone)
+        print(f"model: {get_backbone(config['backbone']).describe(model)}")
         device = args.device or ("cuda" if _cuda() else "cpu")
         if not args.load_in_4bit:
             model.to(device)
-        saved = config.get("media", {})
-        collator = VQACollator(
-            processor,
-            question_modality=media.question_modality,
-            frame_size=media.frame_size,
-            frames_as=args.frames_as or saved.get("frames_as", "video"),
-            mode="generate",
-            system_prompt=config.get("system_prompt", DEFAULT_SYSTEM_PROMPT),
-            fps=saved.get("fps", 2.0),
-        )
+        collator = VQACollator(processor, mode="generate", **preprocessing.collator_kwargs())
+        media = dataclasses.replace(media, pixel_multiple=vision_grid(processor))  # the backbone's vision grid
         frame_cache = eval_frame_cache(args.frame_cache, args.frame_cache_dir, args.frame_cache_max_gb,
                                        config.get("frame_cache"))
         dataset = SurgicalVQADataset(todo, media, frame_cache=frame_cache)
@@ -217,8 +216,10 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
         predictions_file=str(output.resolve()),
         checkpoint=str(args.checkpoint_path), eval_data_path=str(args.eval_data_path), ablate=args.ablate,
         question_modality=media.question_modality, frame_size=media.frame_size, max_eval_frames=media.max_frames,
-        skipped_bad_samples=len(problems),
+        skipped_bad_samples=len(problems), preprocessing=preprocessing.source,
     )
+    if preprocessing.source == "defaults":
+        summary["allow_default_preprocessing"] = True
     if args.compare:
         summary["comparison"] = compare_with(records, args.compare, candidates, args.ablate)
     summary_file = write_summary(summary, summary_path_for(output))
@@ -271,23 +272,23 @@ def _generate_into(output: Path, model, processor, dataset, collator, candidates
 
 
 def parse_args(argv: list[str] | None = None) -> EvalArguments:
-    parser = HfArgumentParser(EvalArguments)
+    parser = one_line_errors(HfArgumentParser(EvalArguments))
+    parser.prog = "evaluate_checkpoint.py"
     (args,) = parser.parse_args_into_dataclasses(list(sys.argv[1:] if argv is None else argv))
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    if argv is None:  # the command line: bitsandbytes only for a 4-bit load or a quantized checkpoint
-        skip_bitsandbytes(args.load_in_4bit or checkpoint_needs_bitsandbytes(args.checkpoint_path)
-                          or checkpoint_needs_bitsandbytes(args.base_model_path))
-    try:
-        evaluate(args)
-    except (DataError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    """``evaluate_checkpoint.py``: 0 evaluated; 2 a user error (bad flag, missing file, bad data): ``error: …``."""
+
+    def body():
+        args = parse_args(argv)
+        if argv is None:  # the command line: bitsandbytes only for a 4-bit load or a quantized checkpoint
+            skip_bitsandbytes(args.load_in_4bit or checkpoint_needs_bitsandbytes(args.checkpoint_path)
+                              or checkpoint_needs_bitsandbytes(args.base_model_path))
+        return evaluate(args)
+
+    return run_main(body, logs=True)
 
 
 if __name__ == "__main__":

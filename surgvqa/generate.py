@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from surgvqa.tokenizer import end_of_turn_token
+
 
 @dataclass
 class Prediction:
@@ -61,7 +63,9 @@ def decode_new_tokens(tokens: torch.Tensor, tokenizer, eos_ids: Iterable[int]) -
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
-    ids = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
+    """Where generation stops: the chat template's end-of-turn token, the tokenizer's eos, the model's eos."""
+    end_of_turn = end_of_turn_token(tokenizer)
+    ids = {tokenizer.convert_tokens_to_ids(end_of_turn) if end_of_turn else None, tokenizer.eos_token_id}
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if gen_eos is not None:
         ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])

@@ -1,7 +1,7 @@
 """Media: the settings of where media live (:class:`MediaConfig`), contained path resolution, frame/video/audio
 decoding, resizing, subsampling, ablation.
 
-A leaf module: it imports nothing from ``surgvqa``. Every failure to read a file raises :class:`MediaError`
+A leaf module: of ``surgvqa`` it imports only the leaves ``prompts`` and ``errors``. Every failure to read a file raises :class:`MediaError`
 naming the path; nothing here substitutes data silently (``grey_like``/``silence_like`` exist for explicit
 modality ablation only).
 
@@ -20,8 +20,12 @@ from typing import Any
 
 import numpy as np
 
-# Qwen2.5 vision: patch 14 x spatial merge 2.
-QWEN_PIXEL_MULTIPLE = 28
+from surgvqa.prompts import check_question_modality
+
+#: the vision grid (patch x spatial merge) frames are resized to when the backbone has not said otherwise: 28 px, the
+#: grid of Qwen2-VL, Qwen2.5-VL and Qwen2.5-Omni. Training, evaluation and merging set ``MediaConfig.pixel_multiple``
+#: from the backbone's processor (``surgvqa.backbones.base.vision_grid``; 32 for Qwen3-VL).
+DEFAULT_PIXEL_MULTIPLE = 28
 DEFAULT_SAMPLING_RATE = 16000
 
 
@@ -29,7 +33,6 @@ class MediaError(ValueError):
     """A media file is missing, unreadable, corrupt, empty, or outside its root."""
 
 
-QUESTION_MODALITIES = ("text", "audio", "text+audio")
 ABLATIONS = (None, "video", "audio", "both")
 
 
@@ -55,12 +58,11 @@ class MediaConfig:
     num_video_frames: int = 8
     question_modality: str = "text"
     ablate: str | None = None
+    #: frames are resized to multiples of this (the backbone's vision grid), so the processor never resizes again
+    pixel_multiple: int = DEFAULT_PIXEL_MULTIPLE
 
     def __post_init__(self) -> None:
-        if self.question_modality not in QUESTION_MODALITIES:
-            raise ValueError(
-                f"question_modality must be one of {QUESTION_MODALITIES}, got {self.question_modality!r}"
-            )
+        check_question_modality(self.question_modality)
         if self.ablate not in ABLATIONS:
             raise ValueError(f"ablate must be one of {ABLATIONS}, got {self.ablate!r}")
         if self.needs_audio and not self.audio_dir:
@@ -74,9 +76,10 @@ class MediaConfig:
                 f"ablate={self.ablate!r} silences the audio, but question_modality 'text' has no audio; "
                 "use ablate='video' or an audio question_modality"
             )
-        if not isinstance(self.frame_size, int) or self.frame_size < 28:
+        if not isinstance(self.frame_size, int) or self.frame_size < self.pixel_multiple:
             raise ValueError(
-                f"frame_size must be an int >= 28 (Qwen patch 14 x merge 2), got {self.frame_size!r}"
+                f"frame_size must be an int >= {self.pixel_multiple} (the vision grid: patch x merge), "
+                f"got {self.frame_size!r}"
             )
         if self.max_frames is not None and self.max_frames < 1:
             raise ValueError(f"max_frames must be >= 1 or None (all frames), got {self.max_frames}")
@@ -165,7 +168,7 @@ def resolve_under(
 
 # -------------------------------------------------------------------------------------------------- frames
 def fit_to_budget(
-    width: int, height: int, frame_size: int, multiple: int = QWEN_PIXEL_MULTIPLE
+    width: int, height: int, frame_size: int, multiple: int = DEFAULT_PIXEL_MULTIPLE
 ) -> tuple[int, int]:
     """New ``(width, height)`` keeping the aspect ratio, longest edge <= ``frame_size``, both multiples of ``multiple``.
 
@@ -192,10 +195,10 @@ def fit_to_budget(
     return _round(width * scale), _round(height * scale)
 
 
-def _pil_to_array(img: Any, frame_size: int) -> np.ndarray:
+def _pil_to_array(img: Any, frame_size: int, multiple: int) -> np.ndarray:
     img = img.convert("RGB")
     array = np.array(img, dtype=np.uint8)
-    size = fit_to_budget(img.width, img.height, frame_size)
+    size = fit_to_budget(img.width, img.height, frame_size, multiple)
     if size != img.size:
         array = resize_uint8(array, size)
     return array
@@ -212,14 +215,14 @@ def resize_uint8(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out.permute(1, 2, 0).contiguous().numpy()
 
 
-def load_frame(path: Path | str, frame_size: int) -> np.ndarray:
+def load_frame(path: Path | str, frame_size: int, multiple: int = DEFAULT_PIXEL_MULTIPLE) -> np.ndarray:
     """Decode an image (JPEG/PNG/...) as uint8 HxWx3 RGB, resized (bicubic) to :func:`fit_to_budget`."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
             img.load()
-            return _pil_to_array(img, frame_size)
+            return _pil_to_array(img, frame_size, multiple)
     except FileNotFoundError as err:
         raise MediaError(f"frame file not found: {path}") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
@@ -275,7 +278,8 @@ def subsample_indices(n: int, k: int | None) -> list[int]:
     return [(2 * i * span + steps) // (2 * steps) for i in range(k)]
 
 
-def load_video_frames(path: Path | str, num_frames: int | None, frame_size: int) -> list[np.ndarray]:
+def load_video_frames(path: Path | str, num_frames: int | None, frame_size: int,
+                      multiple: int = DEFAULT_PIXEL_MULTIPLE) -> list[np.ndarray]:
     """Decode a video file with PyAV, keep ``num_frames`` evenly spaced frames (:func:`subsample_indices`), resize."""
     import av
 
@@ -298,7 +302,7 @@ def load_video_frames(path: Path | str, num_frames: int | None, frame_size: int)
             try:
                 for frame in container.decode(stream):
                     if wanted is None or count in wanted:
-                        kept[count] = _pil_to_array(frame.to_image(), frame_size)
+                        kept[count] = _pil_to_array(frame.to_image(), frame_size, multiple)
                     count += 1
             except (av.FFmpegError, OSError, ValueError) as err:
                 raise MediaError(f"cannot decode video {path} at frame {count}: {err}") from err

@@ -49,6 +49,7 @@ transformers with ``weights_only=True``; the talker needs it).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -61,32 +62,31 @@ import torch
 
 from surgvqa import __version__
 from surgvqa.backbones import LoadOptions, backbone_for, read_config
-from surgvqa.backbones.base import DTYPES
+from surgvqa.backbones.base import DTYPES, vision_grid
 from surgvqa.checkpoint import (
     ADAPTER_CONFIG,
     NEW_ROWS_NAME,
     adapter_base,
     is_adapter,
     load_new_token_rows,
-    read_surgvqa_config,
-    write_surgvqa_config,
 )
+from surgvqa.errors import ArgumentParser, UserError, existing_dir, run_main
 from surgvqa.lean_imports import checkpoint_needs_bitsandbytes, skip_bitsandbytes
+from surgvqa.run_config import CONFIG_NAME, TRAINING_FIELDS, RunConfig
 
 logger = logging.getLogger("surgvqa.merge")
 
 #: relative logit tolerance per dtype: max|Δ| <= tol * max(1, max|logit|) (see the module docstring)
 VERIFY_TOLERANCE = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 4e-2}
 VERIFICATION_NAME = "merge_verification.json"
-SPEAKER_FILE = "spk_dict.pt"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 #: surgvqa_config fields that describe one adapter, not the merged checkpoint (kept per stage in merged_from)
-LORA_ONLY_FIELDS = ("lora", "quantization", "resized_vocab", "original_vocab_rows")
+LORA_ONLY_FIELDS = TRAINING_FIELDS
 
 
 # ------------------------------------------------------------------------------------------------ arguments
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="merge_stage2_to_bf16.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--base_model_path", required=True, help="local, unquantized base (full Omni or thinker)")
@@ -129,10 +129,9 @@ def resolve(path: str | Path | None) -> str | None:
 
 def lineage(path: str | Path) -> tuple[str, tuple[str, ...]]:
     """(original base, adapters merged into it) of a model directory; a plain model is its own base."""
-    config = read_surgvqa_config(path) if Path(path).is_dir() else {}
-    chain = config.get("merged_from")
-    if chain and config.get("base_model"):
-        return resolve(config["base_model"]), tuple(resolve(stage["adapter"]) for stage in chain)
+    config = RunConfig.find(path) if Path(path).is_dir() else None
+    if config is not None and config.merged_from and config.base_model:
+        return resolve(config.base_model), tuple(resolve(stage["adapter"]) for stage in config.merged_from)
     return resolve(path), ()
 
 
@@ -141,7 +140,8 @@ class Stage:
     """One adapter of the chain, checked before any weight is loaded."""
 
     path: Path
-    config: dict
+    #: the adapter's surgvqa_config.json (None for an adapter trained elsewhere)
+    config: RunConfig | None
     recorded_base: str | None
     forced: bool = False
     quantization: str | None = None
@@ -157,8 +157,8 @@ class Stage:
             "forced": self.forced,
         }
         for key in LORA_ONLY_FIELDS:
-            if key != "quantization" and key in self.config:
-                entry[key] = self.config[key]
+            if key != "quantization" and self.config is not None:
+                entry[key] = getattr(self.config, key)
         return entry
 
 
@@ -169,15 +169,20 @@ def check_chain(base: str, adapters: list[str], force: bool = False) -> list[Sta
     for i, raw in enumerate(adapters):
         path = Path(raw)
         if not is_adapter(path):
-            raise ValueError(f"{path} is not a PEFT adapter directory (no {ADAPTER_CONFIG})")
-        config = read_surgvqa_config(path)
-        if config.get("resized_vocab") and not (path / NEW_ROWS_NAME).is_file():
+            raise UserError(f"--adapter_path {path} is not a PEFT adapter directory (no {ADAPTER_CONFIG})")
+        config = RunConfig.find(path)
+        if config is None and i == len(adapters) - 1:
+            raise UserError(
+                f"--adapter_path {path} has no {CONFIG_NAME}, so the merged checkpoint could not record how to "
+                "preprocess its inputs; merge adapters trained with train_vqa.py"
+            )
+        if config is not None and config.resized_vocab and not (path / NEW_ROWS_NAME).is_file():
             raise ValueError(
-                f"{path} resized the vocabulary to {config['resized_vocab']} rows but has no {NEW_ROWS_NAME}: the "
+                f"{path} resized the vocabulary to {config.resized_vocab} rows but has no {NEW_ROWS_NAME}: the "
                 "new embedding rows are lost and the merge would use random ones; re-save the adapter from training"
             )
         stage = Stage(path=path, config=config, recorded_base=adapter_base(path),
-                      quantization=config.get("quantization"))
+                      quantization=config.quantization if config is not None else None)
         expected = (base_lineage[0], base_lineage[1] + tuple(resolve(a) for a in adapters[:i]))
         found = lineage(stage.recorded_base) if stage.recorded_base else None
         if found != expected:
@@ -200,8 +205,9 @@ def check_chain(base: str, adapters: list[str], force: bool = False) -> list[Sta
 
 # ------------------------------------------------------------------------------------------------- refusals
 def base_quantization(base: str | Path) -> dict | None:
-    config = read_config(base)
-    return config.get("quantization_config") or (config.get("thinker_config") or {}).get("quantization_config")
+    config = read_config(base, "--base_model_path")
+    nested = (value.get("quantization_config") for value in config.values() if isinstance(value, dict))
+    return config.get("quantization_config") or next((q for q in nested if q), None)  # also in sub-model configs
 
 
 def check_request(args: argparse.Namespace) -> list[Stage]:
@@ -212,7 +218,7 @@ def check_request(args: argparse.Namespace) -> list[Stage]:
             "4/8 bits and the result cannot use FlashAttention. Drop --load_in_4bit/--load_in_8bit; QLoRA "
             "adapters merge into the bf16 base (or --merge_into dequantized)"
         )
-    base = Path(args.base_model_path)
+    base = existing_dir(args.base_model_path, "--base_model_path")
     quant = base_quantization(base)
     if quant:
         raise ValueError(
@@ -222,13 +228,12 @@ def check_request(args: argparse.Namespace) -> list[Stage]:
     if args.verify < 0:
         raise ValueError("--verify must be >= 0")
     stages = check_chain(str(base), list(args.adapter_path), force=args.force)
-    model_type = read_config(base).get("model_type")
-    if args.full_omni and model_type != "qwen2_5_omni":
-        raise ValueError(
-            f"--full_omni needs a full Qwen2.5-Omni base (model_type 'qwen2_5_omni'); {base} is {model_type!r}, "
-            "which has no talker to keep. Drop --full_omni to write the merged thinker"
-        )
-    names = {s.config.get("backbone") for s in stages} - {None}
+    names = {s.config.backbone for s in stages if s.config is not None}
+    if args.full_omni:
+        backbone = backbone_for(base, args.backbone or next(iter(names), None), flag="--base_model_path")
+        problem = backbone.full_model_problem(read_config(base, "--base_model_path"), str(base))
+        if problem:
+            raise UserError(problem)
     if len(names) > 1:
         raise ValueError(f"the adapters were trained on different backbones: {sorted(names)}")
     for stage in stages:
@@ -261,16 +266,8 @@ def load_base(args: argparse.Namespace, backbone_name: str | None):
     """(model to save, thinker to merge into, backbone): unquantized, in --dtype."""
     backbone = backbone_for(args.base_model_path, backbone_name)
     options = LoadOptions(dtype=args.dtype, attn_implementation=args.attn_implementation)
-    if args.full_omni:
-        from transformers import Qwen2_5OmniForConditionalGeneration
-
-        options.validate()
-        full = Qwen2_5OmniForConditionalGeneration.from_pretrained(
-            args.base_model_path, dtype=options.torch_dtype(), attn_implementation=options.attn_implementation
-        )
-        thinker = full.thinker
-        if getattr(thinker.config, "vision_start_token_id", None) is None:
-            thinker.config.vision_start_token_id = 151652  # as the backbone does for thinker-only loading
+    if args.full_omni:  # the whole checkpoint (Omni: thinker + talker); adapters merge into the thinker
+        full, thinker = backbone.load_full(str(args.base_model_path), options)
         return full, thinker, backbone
     model = backbone.load(str(args.base_model_path), options)
     return model, model, backbone
@@ -300,7 +297,7 @@ def lora_layers(peft_model) -> list[tuple[str, Any]]:
 
 def dequantize_targets(peft_model, stage: Stage, tower_modules: tuple[str, ...]) -> int:
     """Replace every LoRA-targeted LLM linear's base weight by its nf4 round trip; returns how many."""
-    train_dtype = DTYPES.get(str(stage.config.get("dtype")), torch.bfloat16)
+    train_dtype = DTYPES.get(str(stage.config.dtype if stage.config else None), torch.bfloat16)
     count = 0
     with torch.no_grad():
         for name, module in lora_layers(peft_model):
@@ -320,13 +317,13 @@ def apply_stage(thinker, stage: Stage, name: str, tower_modules: tuple[str, ...]
     from peft import PeftModel
 
     rows = thinker.get_input_embeddings().num_embeddings
-    expected = stage.config.get("original_vocab_rows")
+    expected = stage.config.original_vocab_rows if stage.config is not None else None
     if expected and expected != rows and not force:
         raise ValueError(
             f"{stage.path} was trained on a model with {expected} embedding rows, this chain position has {rows}: "
             "wrong base or wrong order (--force to merge anyway)"
         )
-    vocab = stage.config.get("resized_vocab")
+    vocab = stage.config.resized_vocab if stage.config is not None else None
     if vocab and not load_new_token_rows(thinker, stage.path, vocab):  # checked up front; kept as a guard
         raise ValueError(f"{stage.path}: {NEW_ROWS_NAME} is missing")
     model = PeftModel.from_pretrained(thinker, str(stage.path), adapter_name=name, is_trainable=False)
@@ -374,42 +371,29 @@ class Verification:
         return "\n".join(lines)
 
 
-def verify_inputs(args: argparse.Namespace, config: dict):
-    """(dataset, collator kwargs, data path) from the --verify_* flags and the last adapter's surgvqa_config."""
-    from surgvqa.data import MediaConfig, SurgicalVQADataset, load_samples
+def verify_inputs(args: argparse.Namespace, config: RunConfig):
+    """(dataset, collator kwargs, data path) from the --verify_* flags and the last adapter's RunConfig."""
+    from surgvqa.data import SurgicalVQADataset, load_samples
 
     data_path = args.verify_data_path
     frames_dir, audio_dir = args.verify_frames_dir, args.verify_audio_dir
     if data_path is None:
         for path_key, frames_key, audio_key in (("eval_data_path", "eval_frames_dir", "eval_audio_dir"),
                                                 ("train_data_path", "frames_dir", "audio_dir")):
-            if config.get(path_key) and Path(config[path_key]).is_file():
-                data_path = config[path_key]
-                frames_dir = frames_dir or config.get(frames_key) or config.get("frames_dir")
-                audio_dir = audio_dir or config.get(audio_key) or config.get("audio_dir")
+            recorded = getattr(config, path_key)
+            if recorded and Path(recorded).is_file():
+                data_path = recorded
+                frames_dir = frames_dir or getattr(config, frames_key) or config.frames_dir
+                audio_dir = audio_dir or getattr(config, audio_key) or config.audio_dir
                 break
     if data_path is None:
-        raise ValueError("--verify needs --verify_data_path (the adapter records no existing eval/train JSONL)")
-    saved = config.get("media", {})
-    media = MediaConfig(
-        frames_dir=frames_dir,
-        audio_dir=audio_dir,
-        frame_path_template=saved.get("frame_path_template", "{video_id}/{frame}.jpg"),
-        audio_path_template=saved.get("audio_path_template", "{video_id}/{id}.wav"),
-        frame_size=saved.get("frame_size", 384),
-        max_frames=saved.get("max_eval_frames"),
-        question_modality=saved.get("question_modality", "text"),
-    )
+        raise UserError("--verify needs --verify_data_path (the adapter records no existing eval/train JSONL)")
+    media = config.media_config(frames_dir, audio_dir)
     samples, _ = load_samples(data_path, media, skip_bad=True)
     if not samples:
         raise ValueError(f"--verify: no usable sample in {data_path}")
     dataset = SurgicalVQADataset(samples[: args.verify], media)
-    kwargs = dict(question_modality=media.question_modality, frame_size=media.frame_size,
-                  frames_as=saved.get("frames_as", "video"), system_prompt=config.get("system_prompt"),
-                  fps=saved.get("fps", 2.0))
-    if kwargs["system_prompt"] is None:
-        kwargs.pop("system_prompt")
-    return dataset, kwargs, str(data_path)
+    return dataset, config.collator_kwargs(), str(data_path)
 
 
 @torch.inference_mode()
@@ -459,15 +443,17 @@ def compare_outputs(reference, merged, dtype: str, tolerance: float | None, data
 
 
 # ---------------------------------------------------------------------------------------------------- output
-def merged_config(stages: list[Stage], args: argparse.Namespace, backbone_name: str, rows: int) -> dict:
-    """The last adapter's surgvqa_config, turned into the record of a merged checkpoint."""
-    config = dict(stages[-1].config)
-    prior = read_surgvqa_config(args.base_model_path).get("merged_from") or []
+def merged_config(stages: list[Stage], args: argparse.Namespace, backbone_name: str, rows: int) -> RunConfig:
+    """The last adapter's RunConfig, turned into the record of a merged checkpoint."""
+    last = stages[-1].config
+    assert last is not None  # check_chain refuses a last adapter without one
+    base_record = RunConfig.find(args.base_model_path)
+    prior = (base_record.merged_from if base_record is not None else None) or []
     original_base, _ = lineage(args.base_model_path)
-    for key in LORA_ONLY_FIELDS:
-        config.pop(key, None)
-    config.update(
-        backbone=config.get("backbone") or backbone_name,
+    return dataclasses.replace(
+        last,
+        **dict.fromkeys(LORA_ONLY_FIELDS),
+        backbone=last.backbone or backbone_name,
         base_model=original_base,
         merged_from=[*prior, *(stage.record() for stage in stages)],
         dtype=args.dtype,
@@ -475,7 +461,6 @@ def merged_config(stages: list[Stage], args: argparse.Namespace, backbone_name: 
         full_omni=bool(args.full_omni),
         merged_with=f"surgvqa {__version__}",
     )
-    return config
 
 
 def pickle_files(directory: Path, allowed: tuple[str, ...] = ()) -> list[str]:
@@ -484,22 +469,26 @@ def pickle_files(directory: Path, allowed: tuple[str, ...] = ()) -> list[str]:
     )
 
 
-def save_output(model, processor, config: dict, args: argparse.Namespace) -> Path:
+def save_output(model, processor, config: RunConfig, args: argparse.Namespace, backbone,
+                extra_files: tuple[str, ...] = ()) -> Path:
+    """Write the merged checkpoint through the backbone; ``extra_files`` (the backbone's full-model files, e.g.
+    Omni's speaker dictionary) are copied from the base."""
     output = Path(args.output_dir)
     if output.is_dir() and args.overwrite_output_dir:  # files an earlier merge wrote and this one may not
         stale = [*output.glob("*.safetensors"), *(output / n for n in (
-            "model.safetensors.index.json", SPEAKER_FILE, VERIFICATION_NAME))]
+            "model.safetensors.index.json", *extra_files, VERIFICATION_NAME))]
         for file in stale:
             file.unlink(missing_ok=True)
     output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output, max_shard_size=args.max_shard_size)
+    backbone.save_merged(model, output, config, max_shard_size=args.max_shard_size)
     processor.save_pretrained(output)
-    allowed: tuple[str, ...] = ()
-    if args.full_omni and (Path(args.base_model_path) / SPEAKER_FILE).is_file():
-        shutil.copy2(Path(args.base_model_path) / SPEAKER_FILE, output / SPEAKER_FILE)
-        allowed = (SPEAKER_FILE,)
-    write_surgvqa_config(output, config)
-    found = pickle_files(output, allowed)
+    allowed: list[str] = []
+    for name in extra_files:
+        if (Path(args.base_model_path) / name).is_file():
+            shutil.copy2(Path(args.base_model_path) / name, output / name)
+            allowed.append(name)
+    config.write(output)
+    found = pickle_files(output, tuple(allowed))
     if found:
         raise ValueError(f"pickle files were written to {output}: {found}; the merged checkpoint must be safetensors")
     return output
@@ -511,7 +500,7 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
     last = stages[-1]
     verify_data = verify_inputs(args, last.config) if args.verify else None  # fail before loading weights
     device = pick_device(args.device)
-    backbone_name = args.backbone or last.config.get("backbone")
+    backbone_name = args.backbone or last.config.backbone
     to_save, thinker, backbone = load_base(args, backbone_name)
     to_save.to(device)
     towers = tuple(backbone.tower_modules)
@@ -521,6 +510,8 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
         thinker = merge_stage(apply_stage(thinker, stage, f"stage{i + 1}", towers, args.force))
 
     processor = backbone.load_processor(str(last.path))
+    if verify_data is not None:  # frames are resized onto the backbone's vision grid
+        verify_data[0].media = dataclasses.replace(verify_data[0].media, pixel_multiple=vision_grid(processor))
     live = apply_stage(thinker, last, f"stage{len(stages)}", towers, args.force)
     from surgvqa.tokenizer import repair_tokenizer
 
@@ -535,10 +526,7 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
                                 args.verify_max_new_tokens)
     logger.info("stage %d: merging %s", len(stages), last.path)
     thinker = merge_stage(live)
-    if args.full_omni:
-        to_save.thinker = thinker
-    else:
-        to_save = thinker
+    to_save = backbone.put_back(to_save, thinker) if args.full_omni else thinker
     if verify_data is not None:
         merged = run_outputs(thinker, processor, dataset, collator_kwargs, args.verify_batch_size,
                              args.verify_max_new_tokens)
@@ -547,30 +535,29 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
 
     config = merged_config(stages, args, backbone.name, thinker.get_input_embeddings().num_embeddings)
     if verification is not None:
-        config["merge_verification"] = {k: v for k, v in asdict(verification).items() if k != "differing_answers"}
-    output = save_output(to_save, processor, config, args)
+        config.merge_verification = {k: v for k, v in asdict(verification).items() if k != "differing_answers"}
+    output = save_output(to_save, processor, config, args, backbone,
+                         backbone.full_model_files if args.full_omni else ())
     if verification is not None:
         (output / VERIFICATION_NAME).write_text(json.dumps(asdict(verification), indent=2) + "\n")
     print(f"merged {len(stages)} adapter(s) into {args.base_model_path} ({args.dtype}) -> {output}")
-    return {"output_dir": output, "verification": verification, "config": config}
+    return {"output_dir": output, "verification": verification, "config": config.to_dict()}
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    if argv is None:  # the command line: bitsandbytes only for the nf4 round trip or a quantized base
-        skip_bitsandbytes(args.merge_into == "dequantized" or checkpoint_needs_bitsandbytes(args.base_model_path))
-    try:
-        result = merge(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    verification = result["verification"]
-    if verification is not None and not verification.passed:
-        print("error: verification FAILED (the checkpoint was written, flagged in surgvqa_config.json)",
-              file=sys.stderr)
-        return 1
-    return 0
+    """``merge_stage2_to_bf16.py``: 0 merged (and verified); 1 verification failed; 2 refused (``error: …``)."""
+    def body() -> int:
+        args = parse_args(argv)
+        if argv is None:  # the command line: bitsandbytes only for the nf4 round trip or a quantized base
+            skip_bitsandbytes(args.merge_into == "dequantized" or checkpoint_needs_bitsandbytes(args.base_model_path))
+        verification = merge(args)["verification"]
+        if verification is not None and not verification.passed:
+            print("error: verification FAILED (the checkpoint was written, flagged in surgvqa_config.json)",
+                  file=sys.stderr)
+            return 1
+        return 0
+
+    return run_main(body, logs=True)
 
 
 if __name__ == "__main__":

@@ -332,6 +332,19 @@ def _frac(k: int, n: int) -> float | None:
     return k / n if n else None
 
 
+def parse_baseline(value: str | float) -> str | float:
+    """``--baseline``: "majority", "chance" or a fraction in [0, 1] (``46`` is refused: write ``0.46``)."""
+    if value in ("majority", "chance"):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--baseline must be 'majority', 'chance' or a number in [0, 1], got {value!r}") from None
+    if not 0 <= number <= 1:
+        raise ValueError(f"--baseline {number} is not a fraction in [0, 1] (write 0.46, not 46)")
+    return number
+
+
 def summarize(
     records: Iterable[Mapping[str, Any]],
     baseline: str | float = "majority",

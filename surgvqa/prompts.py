@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from surgvqa.errors import UserError
+
+#: what the prompt carries of the question: its text, its spoken audio, or both
+QUESTION_MODALITIES = ("text", "audio", "text+audio")
 DEFAULT_SYSTEM_PROMPT = (
     "You are a surgical video assistant. Watch the colonoscopy clip and answer the question in one sentence."
 )
@@ -19,8 +23,7 @@ def build_messages(
     system_prompt: str = DEFAULT_SYSTEM_PROMPT,
 ) -> list[dict]:
     """System, user (video or images, then audio, then text) and, when ``answer`` is given, the assistant turn."""
-    if question_modality not in ("text", "audio", "text+audio"):
-        raise ValueError(f"question_modality must be text, audio or text+audio; got {question_modality!r}")
+    check_question_modality(question_modality)
     content: list[dict] = []
     if use_video:
         content.append({"type": "video"})
@@ -38,3 +41,10 @@ def build_messages(
     if answer is not None:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return messages
+
+
+def check_question_modality(value: str, name: str = "question_modality") -> str:
+    """``value`` if it is one of :data:`QUESTION_MODALITIES`; else a UserError naming ``name`` (flag or key)."""
+    if value not in QUESTION_MODALITIES:
+        raise UserError(f"{name} must be one of {', '.join(QUESTION_MODALITIES)}; got {value!r}")
+    return value

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from surgvqa.metrics import paired_comparison, summarize
+from surgvqa.metrics import paired_comparison, parse_baseline, summarize
 
 # Our format (written by the evaluator) and the original toolkit's format.
 OURS_REQUIRED = ("id", "question_type", "short_answer", "answer", "prediction")
@@ -298,7 +298,10 @@ def rescore(
 
 
 def _parse_baseline(value: str) -> str | float:
-    return value if value in ("majority", "chance") else float(value)
+    try:
+        return parse_baseline(value)
+    except ValueError as err:  # argparse prints this message (it would hide a plain ValueError's)
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,7 +5,8 @@ Repair order: keep a pad that is set and differs from eos; else reuse an existin
 never emits (Qwen: ``<|endoftext|>`` while eos is ``<|im_end|>``), so no embedding changes; only if none exists add
 ``<|pad|>`` (and grow the embeddings only if the new id does not fit the existing rows).
 
-    python -m surgvqa.tokenizer verify MODEL_OR_CHECKPOINT     # exit 0 when safe, 1 with the repair it would apply
+    python -m surgvqa.tokenizer verify MODEL_OR_CHECKPOINT     # exit 0 when safe, 1 with the repair it would apply,
+                                                               # 2 when no tokenizer can be loaded from there
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from surgvqa.errors import ArgumentParser, UserError, existing_dir, run_main
 
 logger = logging.getLogger(__name__)
 
@@ -208,19 +210,43 @@ def verify(path: str | Path) -> tuple[int, str]:
     return (0 if report.ok else 1), text
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    v = sub.add_parser("verify", help="check pad/eos/end-of-turn tokens of a model or checkpoint directory")
-    v.add_argument("path")
-    args = parser.parse_args(argv)
+def make_verify_parser(subparsers=None) -> argparse.ArgumentParser:
+    """The ``verify`` arguments: a subcommand of ``subparsers`` or standalone (``surgvqa verify-tokenizer``)."""
+    description = "check pad/eos/end-of-turn tokens of a model or checkpoint directory"
+    if subparsers is None:
+        verify_parser = ArgumentParser(prog="surgvqa verify-tokenizer", description=description)
+    else:
+        verify_parser = subparsers.add_parser("verify", help=description, description=description)
+    verify_parser.add_argument("path", help="a local model or checkpoint directory")
+    return verify_parser
+
+
+def run_verify(path: str) -> int:
+    """Print the report: 0 safe, 1 the tokenizer needs the repair shown, 2 no tokenizer could be loaded."""
+    existing_dir(path, "the model or checkpoint directory")
     try:
-        code, text = verify(args.path)
+        code, text = verify(path)
     except (OSError, ValueError) as err:
-        print(f"cannot load a tokenizer from {args.path}: {err}", file=sys.stderr)
-        return 2
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot load a tokenizer from {path} ({reason}); pass a directory holding "
+                        "tokenizer.json / tokenizer_config.json (a model or a training output)") from err
     print(text)
     return code
+
+
+def verify_main(argv: list[str] | None = None) -> int:
+    """``surgvqa verify-tokenizer PATH``: 0 safe, 1 bad tokenizer, 2 bad invocation (``error: …``)."""
+    args = make_verify_parser().parse_args(argv)
+    return run_main(lambda: run_verify(args.path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m surgvqa.tokenizer verify PATH`` (``verify_tokenizer.sh``): exit codes of :func:`verify_main`."""
+    parser = ArgumentParser(prog="python -m surgvqa.tokenizer", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    make_verify_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return run_main(lambda: run_verify(args.path))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from one YAML or JSON file (``python train_vqa.py config.yaml``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -19,12 +20,24 @@ from transformers import HfArgumentParser
 
 from surgvqa import __version__
 from surgvqa.backbones import LoadOptions, backbone_for
+from surgvqa.backbones.base import vision_grid
 from surgvqa.collate import OverlongSampleError, VQACollator
 from surgvqa.data import DataError, MediaConfig, Problem, Sample, SurgicalVQADataset, load_samples
+from surgvqa.errors import UserError, existing_file, one_line_errors, run_main
 from surgvqa.frame_cache import check_frame_cache_settings, open_frame_cache
 from surgvqa.lean_imports import checkpoint_needs_bitsandbytes, skip_bitsandbytes
 from surgvqa.metrics import build_candidates
-from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT
+from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, check_question_modality
+from surgvqa.run_config import (
+    CONFIG_NAME,
+    DEFAULT_FPS,
+    DEFAULT_MODEL_MAX_LENGTH,
+    FRAMES_AS,
+    MediaSettings,
+    RunConfig,
+    collator_kwargs,
+)
+from surgvqa.run_config import media_config as build_media_config
 from surgvqa.tokenizer import repair_tokenizer
 
 if TYPE_CHECKING:
@@ -59,15 +72,17 @@ class DataArguments:
     audio_dir: str | None = field(default=None, metadata={"help": "root of the spoken questions (training)"})
     eval_frames_dir: str | None = field(default=None, metadata={"help": "default: --frames_dir"})
     eval_audio_dir: str | None = field(default=None, metadata={"help": "default: --audio_dir"})
-    frame_path_template: str = field(default="{video_id}/{frame}.jpg")
-    audio_path_template: str = field(default="{video_id}/{id}.wav")
-    frame_size: int = field(default=384, metadata={"help": "longest frame edge in pixels (the pixel budget)"})
+    frame_path_template: str = field(default=MediaConfig.frame_path_template)
+    audio_path_template: str = field(default=MediaConfig.audio_path_template)
+    frame_size: int = field(default=MediaConfig.frame_size,
+                            metadata={"help": "longest frame edge in pixels (the pixel budget)"})
     max_pixels: int | None = field(default=None, metadata={"help": "alternative budget: frame_size = sqrt"})
     max_train_frames: int | None = field(default=None, metadata={"help": "evenly spaced, first and last kept"})
     max_eval_frames: int | None = field(default=None, metadata={"help": "default: the training frame count"})
-    question_modality: str = field(default="text", metadata={"help": "text | audio | text+audio"})
-    frames_as: str = field(default="video", metadata={"help": "video (temporal merging) | images"})
-    model_max_length: int = field(default=4096)
+    question_modality: str = field(default=MediaConfig.question_modality,
+                                   metadata={"help": "text | audio | text+audio"})
+    frames_as: str = field(default=FRAMES_AS[0], metadata={"help": "video (temporal merging) | images"})
+    model_max_length: int = field(default=DEFAULT_MODEL_MAX_LENGTH)
     skip_overlong: bool = field(default=False, metadata={"help": "skip (and count) samples longer than the limit"})
     skip_bad_samples: bool = field(default=False, metadata={"help": "skip (and list) samples with bad data"})
     eval_generate_samples: int = field(
@@ -76,7 +91,7 @@ class DataArguments:
     eval_max_new_tokens: int = field(default=48)
     eval_batch_size_generate: int = field(default=8)
     system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT)
-    fps: float = field(default=2.0, metadata={"help": "frame rate the frames were sampled at (rope timing)"})
+    fps: float = field(default=DEFAULT_FPS, metadata={"help": "frame rate the frames were sampled at (rope timing)"})
     frame_cache: str = field(
         default="disk",
         metadata={"help": "none | memory | disk: decode and resize each frame once, then read it back every epoch"},
@@ -105,14 +120,25 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     from transformers import TrainingArguments
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(argv[0])
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
+    parser = one_line_errors(HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments)))
+    parser.prog = "train_vqa.py"
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        existing_file(argv[0], "the arguments file")
+        try:
+            if argv[0].endswith(".json"):
+                return parser.parse_json_file(argv[0])
+            return parser.parse_yaml_file(argv[0])
+        except ValueError as err:  # keys that are no argument, bad values
+            raise UserError(f"{argv[0]}: {err}") from err
     if "--report_to" not in argv:
         argv += ["--report_to", "none"]
-    return parser.parse_args_into_dataclasses(argv)
+    try:
+        *parsed, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    except ValueError as err:  # TrainingArguments refuses a combination of flags
+        raise UserError(str(err)) from err
+    if unknown:
+        raise UserError(f"unknown argument(s) {' '.join(unknown)}; see train_vqa.py --help")
+    return tuple(parsed)
 
 
 # -------------------------------------------------------------------------------------------------- checks
@@ -120,41 +146,56 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
                   args: TrainingArguments) -> None:
     """Refuse unsupported combinations before anything heavy happens."""
     if not data_args.train_data_path:
-        raise ValueError("--train_data_path is required")
+        raise UserError("--train_data_path is required (the training JSONL); see train_vqa.py --help")
+    check_question_modality(data_args.question_modality, "--question_modality")
+    if data_args.frames_as not in FRAMES_AS:
+        raise UserError(f"--frames_as must be one of {', '.join(FRAMES_AS)}; got {data_args.frames_as!r}")
+    model_path = Path(model_args.model_name_or_path)
+    if model_path.exists():  # recorded absolute (surgvqa_config.json and PEFT's adapter_config.json)
+        model_args.model_name_or_path = str(model_path.resolve())
     if data_args.max_pixels is not None:
         data_args.frame_size = int(math.isqrt(data_args.max_pixels))
     if model_args.load_in_4bit or model_args.load_in_8bit:
         if args.fp16:
-            raise ValueError("QLoRA computes in bf16: use --bf16 True instead of --fp16")
+            raise UserError("QLoRA computes in bf16: use --bf16 True instead of --fp16")
         if lora_args.train_projectors and model_args.load_in_8bit:
             logger.info("projectors stay unquantized under 8-bit loading and are trained in full precision")
     if data_args.eval_generate_samples and not data_args.eval_data_path:
-        raise ValueError("--eval_generate_samples needs --eval_data_path")
+        raise UserError("--eval_generate_samples needs --eval_data_path")
     if args.metric_for_best_model in ("accuracy", "eval_accuracy") and not data_args.eval_generate_samples:
-        raise ValueError(
+        raise UserError(
             "--metric_for_best_model accuracy is the generation-scored accuracy: set --eval_generate_samples N"
         )
     if args.eval_strategy != "no" and not data_args.eval_data_path:
-        raise ValueError(f"--eval_strategy {args.eval_strategy} needs --eval_data_path")
+        raise UserError(f"--eval_strategy {args.eval_strategy} needs --eval_data_path")
     check_frame_cache_settings(data_args.frame_cache, data_args.frame_cache_max_gb)
     if model_args.dtype == "auto":
         model_args.dtype = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
     LoadOptions(dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
                 load_in_4bit=model_args.load_in_4bit, load_in_8bit=model_args.load_in_8bit).validate()
+    existing_file(data_args.train_data_path, "--train_data_path")  # paths last: combinations need no files
+    if data_args.eval_data_path:
+        existing_file(data_args.eval_data_path, "--eval_data_path")
+
+
+def media_settings(data_args: DataArguments) -> MediaSettings:
+    """The run's preprocessing, as recorded in surgvqa_config.json (evaluation defaults to the training frames)."""
+    return MediaSettings(
+        frame_path_template=data_args.frame_path_template,
+        audio_path_template=data_args.audio_path_template,
+        frame_size=data_args.frame_size,
+        max_train_frames=data_args.max_train_frames,
+        max_eval_frames=data_args.max_eval_frames or data_args.max_train_frames,
+        question_modality=data_args.question_modality,
+        frames_as=data_args.frames_as,
+        fps=data_args.fps,
+    )
 
 
 def media_config(data_args: DataArguments, *, eval: bool = False) -> MediaConfig:
     frames_dir = (data_args.eval_frames_dir if eval else None) or data_args.frames_dir
     audio_dir = (data_args.eval_audio_dir if eval else None) or data_args.audio_dir
-    return MediaConfig(
-        frames_dir=frames_dir,
-        audio_dir=audio_dir,
-        frame_path_template=data_args.frame_path_template,
-        audio_path_template=data_args.audio_path_template,
-        frame_size=data_args.frame_size,
-        max_frames=(data_args.max_eval_frames or data_args.max_train_frames) if eval else data_args.max_train_frames,
-        question_modality=data_args.question_modality,
-    )
+    return build_media_config(media_settings(data_args), frames_dir, audio_dir, train=not eval)
 
 
 def load_checked(path: str, media: MediaConfig, skip_bad: bool, scoring: bool = False) -> list[Sample]:
@@ -185,7 +226,7 @@ def drop_overlong(samples: list[Sample], collator: VQACollator, max_frames: int 
         with Image.open(sample.frame_paths[0]) as img:
             raw = img.size
         if raw not in size_cache:
-            w, h = fit_to_budget(raw[0], raw[1], collator.frame_size)
+            w, h = fit_to_budget(raw[0], raw[1], collator.frame_size, vision_grid(collator.processor))
             size_cache[raw] = (h, w)
         n_frames = len(subsample_indices(len(sample.frame_paths), max_frames))
         audio_len = None
@@ -265,41 +306,31 @@ def assert_lora_placement(model, backbone, allow_vision: bool = False) -> None:
         raise ValueError("LoRA matched no module: check --lora_target_regex against model.named_modules()")
 
 
-def run_config(model_args, data_args, lora_args, backbone, report, original_rows, model) -> dict:
+def build_run_config(model_args, data_args, lora_args, backbone, report, original_rows, model) -> RunConfig:
     rows = model.get_input_embeddings().num_embeddings
-    return {
-        "surgvqa_version": __version__,
-        "backbone": backbone.name,
-        "base_model": str(Path(model_args.model_name_or_path).resolve())
-        if Path(model_args.model_name_or_path).exists() else model_args.model_name_or_path,
-        "media": {
-            "frame_path_template": data_args.frame_path_template,
-            "audio_path_template": data_args.audio_path_template,
-            "frame_size": data_args.frame_size,
-            "max_train_frames": data_args.max_train_frames,
-            "max_eval_frames": data_args.max_eval_frames or data_args.max_train_frames,
-            "question_modality": data_args.question_modality,
-            "frames_as": data_args.frames_as,
-            "fps": data_args.fps,
-        },
-        "system_prompt": data_args.system_prompt,
-        "model_max_length": data_args.model_max_length,
-        "lora": asdict(lora_args),
-        "quantization": "4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None,
-        "dtype": model_args.dtype,
-        "tokenizer_repair": report.actions,
-        "resized_vocab": rows if rows != original_rows else None,
-        "original_vocab_rows": original_rows,
-        "train_data_path": _resolved(data_args.train_data_path),
-        "eval_data_path": _resolved(data_args.eval_data_path),
-        "frames_dir": _resolved(data_args.frames_dir),
-        "audio_dir": _resolved(data_args.audio_dir),
-        "eval_frames_dir": _resolved(data_args.eval_frames_dir or data_args.frames_dir),
-        "eval_audio_dir": _resolved(data_args.eval_audio_dir or data_args.audio_dir),
-    }
+    return RunConfig(
+        surgvqa_version=__version__,
+        backbone=backbone.name,
+        base_model=model_args.model_name_or_path,  # absolute when local (validate_args)
+        media=media_settings(data_args),
+        system_prompt=data_args.system_prompt,
+        model_max_length=data_args.model_max_length,
+        lora=asdict(lora_args),
+        quantization="4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None,
+        dtype=model_args.dtype,
+        tokenizer_repair=list(report.actions),
+        resized_vocab=rows if rows != original_rows else None,
+        original_vocab_rows=original_rows,
+        train_data_path=_resolved(data_args.train_data_path),
+        eval_data_path=_resolved(data_args.eval_data_path),
+        frames_dir=_resolved(data_args.frames_dir),
+        audio_dir=_resolved(data_args.audio_dir),
+        eval_frames_dir=_resolved(data_args.eval_frames_dir or data_args.frames_dir),
+        eval_audio_dir=_resolved(data_args.eval_audio_dir or data_args.audio_dir),
+    )
 
 
-def frame_cache_record(frame_cache) -> dict:
+def frame_cache_record(frame_cache) -> dict[str, Any]:
     """The run's frame cache as surgvqa_config.json records it (evaluation reuses a disk cache it finds there)."""
     if frame_cache is None:
         return {"mode": "none", "dir": None}
@@ -338,12 +369,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     else:
         set_seed(args.seed)
     model, processor, backbone, report, original_rows = build_model(model_args, lora_args, args)
-    collator_kwargs = dict(
-        question_modality=data_args.question_modality, frame_size=data_args.frame_size,
-        frames_as=data_args.frames_as, model_max_length=data_args.model_max_length,
-        system_prompt=data_args.system_prompt, fps=data_args.fps,
-    )
-    train_collator = VQACollator(processor, mode="train", **collator_kwargs)
+    grid = vision_grid(processor)  # frames are resized onto the backbone's vision grid
+    train_media = dataclasses.replace(train_media, pixel_multiple=grid)
+    if eval_media is not None:
+        eval_media = dataclasses.replace(eval_media, pixel_multiple=grid)
+    settings = dict(collator_kwargs(media_settings(data_args), data_args.system_prompt),
+                    model_max_length=data_args.model_max_length)
+    train_collator = VQACollator(processor, mode="train", **settings)
     train_samples = drop_overlong(train_samples, train_collator, train_media.max_frames,
                                   data_args.skip_overlong, data_args.model_max_length)
     frame_cache = open_frame_cache(data_args.frame_cache, data_args.frame_cache_dir, data_args.frame_cache_max_gb,
@@ -360,14 +392,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
             subset = eval_samples[: data_args.eval_generate_samples]
             generation_eval = {
                 "dataset": SurgicalVQADataset(subset, eval_media, frame_cache=frame_cache),
-                "collator": VQACollator(processor, mode="generate", **collator_kwargs),
+                "collator": VQACollator(processor, mode="generate", **settings),
                 "candidates": build_candidates((s.question_type, s.short_answer) for s in eval_samples),
                 "batch_size": data_args.eval_batch_size_generate,
                 "max_new_tokens": data_args.eval_max_new_tokens,
             }
 
-    config = run_config(model_args, data_args, lora_args, backbone, report, original_rows, model)
-    config["frame_cache"] = frame_cache_record(frame_cache)
+    config = build_run_config(model_args, data_args, lora_args, backbone, report, original_rows, model)
+    config = dataclasses.replace(config, frame_cache=frame_cache_record(frame_cache))
     trainer = VQATrainer(
         model=model,
         args=args,
@@ -387,7 +419,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         # the final directory holds no pickles: the Trainer's training_args.bin becomes readable JSON
         (Path(args.output_dir) / "training_args.json").write_text(args.to_json_string() + "\n")
         (Path(args.output_dir) / "training_args.bin").unlink(missing_ok=True)
-    logger.info("adapter, processor and %s written to %s", "surgvqa_config.json", args.output_dir)
+    logger.info("adapter, processor and %s written to %s", CONFIG_NAME, args.output_dir)
     return {"metrics": result.metrics, "trainer": trainer}
 
 
@@ -409,19 +441,15 @@ def needs_bitsandbytes(argv: list[str]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train from the command line (``argv`` None: ``sys.argv``; only then is bitsandbytes kept out of an
-    unquantized process, see :mod:`surgvqa.lean_imports`)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """``train_vqa.py``: 0 trained; 2 a user error (bad flag, missing file, bad data), printed as ``error: …``.
+
+    ``argv`` None reads ``sys.argv``; only then is bitsandbytes kept out of an unquantized process
+    (:mod:`surgvqa.lean_imports`).
+    """
     if argv is None:
         argv = sys.argv[1:]
         skip_bitsandbytes(needs_bitsandbytes(argv))
-    model_args, data_args, lora_args, args = parse_args(argv)
-    try:
-        train(model_args, data_args, lora_args, args)
-    except (DataError, OverlongSampleError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_main(lambda: train(*parse_args(argv)), logs=True)
 
 
 if __name__ == "__main__":
@@ -431,11 +459,11 @@ if __name__ == "__main__":
 def __getattr__(name: str):
     """``VQATrainer``, ``SurgvqaConfigCallback``, ``save_outputs_extras`` live in :mod:`surgvqa.trainer` (imported on
     first use: it imports transformers' Trainer, and with it peft)."""
-    if name in ("VQATrainer", "SurgvqaConfigCallback", "save_outputs_extras", "TrainerCallback"):
-        if name == "TrainerCallback":
-            from transformers import TrainerCallback
+    if name == "TrainerCallback":
+        from transformers import TrainerCallback
 
-            return TrainerCallback
+        return TrainerCallback
+    if name in ("VQATrainer", "SurgvqaConfigCallback", "save_outputs_extras"):
         import surgvqa.trainer
 
         return getattr(surgvqa.trainer, name)

@@ -6,15 +6,17 @@ Imported by :func:`surgvqa.train.train` when training starts (importing ``transf
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 
-from surgvqa.backbones import backbone_for
+from surgvqa.backbones import get_backbone
 from surgvqa.backbones.labelled_loss import labelled_loss, labelled_positions_only
-from surgvqa.checkpoint import save_new_token_rows, write_surgvqa_config
+from surgvqa.checkpoint import save_new_token_rows
 from surgvqa.generate import generate_predictions
 from surgvqa.metrics import strict_hit
+from surgvqa.run_config import RunConfig
 
 
 class VQATrainer(Trainer):
@@ -67,7 +69,7 @@ class VQATrainer(Trainer):
 class SurgvqaConfigCallback(TrainerCallback):
     """Write surgvqa_config.json (and new embedding rows) into every checkpoint so each one is evaluable."""
 
-    def __init__(self, config: dict, original_rows: int):
+    def __init__(self, config: RunConfig, original_rows: int):
         self.config = config
         self.original_rows = original_rows
 
@@ -79,11 +81,11 @@ class SurgvqaConfigCallback(TrainerCallback):
         return control
 
 
-def save_outputs_extras(path: Path, config: dict, model, original_rows: int) -> None:
-    write_surgvqa_config(path, config)
+def save_outputs_extras(path: Path, config: RunConfig, model, original_rows: int) -> None:
     if model is not None:
-        backbone_for(config["base_model"], config["backbone"]).save_extras(model, str(path))
-    if config.get("resized_vocab") and model is not None:
+        config = dataclasses.replace(config, **get_backbone(config.backbone).save_extras(model, str(path), config))
+    config.write(path)
+    if config.resized_vocab and model is not None:
         save_new_token_rows(model, path, original_rows)
 
 

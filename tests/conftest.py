@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -10,6 +9,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # scripts/ is importable from the repository root
+    sys.path.insert(0, str(REPO))
+from scripts import load_script  # noqa: E402  (re-exported for the tests)
+
 TEST_SET = REPO / "test_set"
 SHARED = REPO.parent / "shared" / "data" / "real-colon-vqa"
 
@@ -18,16 +21,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models: one thread is as fast as two on an idle machine and many times faster on a loaded one.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-def load_script(name: str):
-    """Import ``scripts/<name>.py`` as a module (scripts are not part of the package)."""
-    path = REPO / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"surgvqa_scripts_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="session")

@@ -566,9 +566,21 @@ def test_check_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert f"{bad.data}:1" in out and "002-001_100.jpg" in out and "missing" in out
     assert f"{bad.data}:2" in out and "'answer' is empty" in out
     assert "2 problem(s)" in out and "--skip_bad_samples" in out
-    assert main(["check", "--data_path", str(tmp_path / "none.jsonl")]) == 1
-    assert "not found" in capsys.readouterr().out
+    # a wrong call, not a data problem: exit 2 and one line naming the flag
+    assert main(["check", "--data_path", str(tmp_path / "none.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --data_path") and "does not exist" in err and len(err.splitlines()) == 1
+    assert main(["check", "--data_path", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert main(["check", "--data_path", str(good.data), "--frames_dir", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.startswith("error: --frames_dir")
     assert main(["check", "--data_path", str(good.data), "--question_modality", "audio"]) == 2
+    assert capsys.readouterr().err.startswith("error: question_modality 'audio' needs spoken-question audio")
+    with pytest.raises(SystemExit) as info:
+        main(["check", "--data_path", str(good.data), "--question_modality", "video"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: argument --question_modality") and len(err.splitlines()) == 1
 
 
 def test_check_cli_as_module(tmp_path: Path) -> None:

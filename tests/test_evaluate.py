@@ -106,7 +106,7 @@ def test_baseline_parsing_and_required_flags(tmp_path):
         parse_baseline("46")
     with pytest.raises(ValueError, match="majority"):
         parse_baseline("mode")
-    assert main(["--eval_data_path", "x.jsonl"]) == 1
+    assert main(["--eval_data_path", "x.jsonl"]) == 2  # a user error: one line, exit 2
     args = parse_args(["--checkpoint_path", "c", "--eval_data_path", "e", "--output_file", "o", "--limit", "3"])
     assert args.limit == 3 and args.baseline == "majority"
 
@@ -118,6 +118,6 @@ def test_missing_frame_is_an_error_naming_the_sample(trained_adapter, test_set, 
     data.write_text(json.dumps(record) + "\n")
     code = main(["--checkpoint_path", str(trained_adapter), "--eval_data_path", str(data),
                  "--frames_dir", str(test_set / "frames"), "--output_file", str(tmp_path / "p.jsonl")])
-    assert code == 1
+    assert code == 2
     err = capsys.readouterr().err
     assert "002-001_0" in err and record["id"] in err

@@ -47,6 +47,16 @@ def graft_dir(tmp_path_factory) -> Path:
         return load_script("make_tiny_graft").build_tiny_graft(out, seed=0)
 
 
+@pytest.fixture(scope="session")
+def family_grafts(tmp_path_factory, graft_dir) -> dict[str, Path]:
+    """The same tiny graft on each Qwen-VL family (Qwen2-VL: ``graft_dir``)."""
+    grafts = {"qwen2_vl": graft_dir}
+    with one_thread():
+        for vl in ("qwen2_5_vl", "qwen3_vl"):
+            grafts[vl] = load_script("make_tiny_graft").build_tiny_graft(tmp_path_factory.mktemp(vl), seed=0, vl=vl)
+    return grafts
+
+
 def _train_args(model: Path, out: Path, data: Path, frames: Path, audio: Path | None, modality: str,
                 *extra: str) -> list[str]:
     args = [
@@ -108,8 +118,11 @@ def test_graft_directory_and_registry(graft_dir, loaded_graft):
     assert config["model_type"] == BACKBONE and backbone_for(graft_dir).name == BACKBONE
     assert config["vl_model_path"] == "vl_model" and config["audio_encoder_path"] == "whisper"  # relative
     assert config["vl_config"]["model_type"] == "qwen2_vl" and config["audio_config"]["num_mel_bins"] == 128
-    assert {"projector.safetensors", "graft_processor.json", "tokenizer.json", "chat_template.jinja"} <= {
+    assert {"projector.safetensors", "processor_config.json", "tokenizer.json", "chat_template.jinja"} <= {
         p.name for p in graft_dir.iterdir()}
+    saved = json.loads((graft_dir / "processor_config.json").read_text())  # the library's processor record
+    assert saved["processor_class"] == "QwenVLWhisperProcessor" and saved["vl_processor_class"] == "Qwen2VLProcessor"
+    assert saved["feature_extractor"]["feature_size"] == 128 and saved["audio_pooling"] == 2
     model, processor = loaded_graft
     tok = processor.tokenizer
     # Qwen-VL names, ids consistent with the VL config; audio tokens added after the VL vocabulary, in its rows
@@ -137,7 +150,8 @@ def test_create_reuses_audio_tokens_the_vocabulary_has(graft_dir, tmp_path):
     """A VL tokenizer that already has <|audio_bos|> <|AUDIO|> <|audio_eos|> keeps their ids (no new tokens)."""
     import shutil
 
-    from surgvqa.backbones.qwen_vl_whisper import QwenVLWhisperProcessor, create_graft
+    from surgvqa.backbones.qwen_vl_whisper.create import create_graft
+    from surgvqa.backbones.qwen_vl_whisper.processing import QwenVLWhisperProcessor
 
     vl = tmp_path / "vl_with_audio_tokens"
     shutil.copytree(graft_dir / "vl_model", vl)
@@ -150,6 +164,31 @@ def test_create_reuses_audio_tokens_the_vocabulary_has(graft_dir, tmp_path):
     for token in ("<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"):
         assert after.convert_tokens_to_ids(token) == before.convert_tokens_to_ids(token)
     assert json.loads((out / "config.json").read_text())["audio_token_id"] == before.convert_tokens_to_ids("<|AUDIO|>")
+
+
+def test_create_command(graft_dir, tmp_path, capsys):
+    """``python -m surgvqa.backbones.qwen_vl_whisper create`` (= ``….create``'s ``main(argv)``): a graft with the
+    settings asked for; a user error is one ``error:`` line and exit status 2."""
+    from surgvqa.backbones.qwen_vl_whisper.create import main
+
+    out = tmp_path / "graft"
+    assert main(["--vl_model", str(graft_dir / "vl_model"), "--audio_encoder", str(graft_dir / "whisper"),
+                 "--output_dir", str(out), "--projector", "mlp", "--audio_window", "trimmed"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["projector_type"], config["audio_window"], config["graft_stage"]) == ("mlp", "trimmed", 0)
+    assert Path(config["vl_model_path"]) == (graft_dir / "vl_model").resolve()  # absolute: nothing is copied
+    assert "--stage 1" in capsys.readouterr().out
+    assert main(["--vl_model", str(graft_dir / "whisper"), "--audio_encoder", str(graft_dir / "whisper"),
+                 "--output_dir", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "'whisper' is not one of qwen2_vl" in err[0]
+
+
+def test_vl_quantization_keeps_the_vision_tower_whole():
+    config = get_backbone(BACKBONE).vl_quantization_config(LoadOptions(load_in_4bit=True))
+    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
+    assert {"model.visual", "lm_head"} <= set(config.llm_int8_skip_modules)  # names inside the VL model
+    assert get_backbone(BACKBONE).vl_quantization_config(LoadOptions()) is None
 
 
 def test_audio_tokens_follow_audio_length(loaded_graft):
@@ -256,7 +295,7 @@ def _generate_and_argmax_loop(model, processor, batch, steps: int = 5):
 
 
 @pytest.mark.parametrize("vl", ["qwen2_5_vl", "qwen3_vl"])
-def test_other_qwen_vl_families(vl, tmp_path):
+def test_other_qwen_vl_families(vl, family_grafts):
     """Qwen2.5-VL (second_per_grid_ts from the frame rate) and Qwen3-VL (frame timestamps, deepstack: the VL model
     splices vision itself) under the same graft: training loss and gradients, generate parity, length check."""
     import soundfile
@@ -264,7 +303,7 @@ def test_other_qwen_vl_families(vl, tmp_path):
 
     from surgvqa.tokenizer import repair_tokenizer
 
-    graft = load_script("make_tiny_graft").build_tiny_graft(tmp_path / vl, seed=0, vl=vl)
+    graft = family_grafts[vl]
     backbone = get_backbone(BACKBONE)
     model = backbone.load(str(graft), LoadOptions(dtype="float32"))
     processor = backbone.load_processor(str(graft))
@@ -287,6 +326,91 @@ def test_other_qwen_vl_families(vl, tmp_path):
     generate_batch.pop("keys")
     out, manual = _generate_and_argmax_loop(model, processor, generate_batch, steps=3)
     assert torch.equal(out, manual)
+
+
+@pytest.mark.parametrize("vl", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_preflight_counts_tokens_at_the_collators_frame_rate(vl, family_grafts, test_set):
+    """The length pre-flight (train.py's overlong check) predicts the collated length at the collator's --fps: Qwen3-VL
+    writes a timestamp per frame pair into the prompt, so 24 frames take more tokens at 1 fps (stamps up to 22.5 s)
+    than at 4 fps (up to 5.6 s)."""
+    import soundfile
+
+    from surgvqa.collate import VQACollator
+    from surgvqa.data import MediaConfig, load_samples
+
+    processor = get_backbone(BACKBONE).load_processor(str(family_grafts[vl]))
+    media = MediaConfig(frames_dir=str(test_set / "frames"), audio_dir=str(test_set / "audio" / "in_002-001"),
+                        frame_size=56, question_modality="text+audio")
+    sample = load_samples(test_set / "in_002-001.jsonl", media)[0][0]
+    audio, _ = soundfile.read(str(sample.audio_path), dtype="float32")
+    frames = list(np.random.default_rng(0).integers(0, 256, size=(24, 56, 56, 3), dtype=np.uint8))
+    lengths = {}
+    for fps in (1.0, 2.0, 4.0):
+        for mode in ("train", "generate"):
+            collator = VQACollator(processor, question_modality="text+audio", frame_size=56, mode=mode, fps=fps)
+            batch = collator([{"sample": sample, "frames": frames, "audio": audio}])
+            lengths[fps, mode] = int(batch["attention_mask"].sum())
+            assert collator.sequence_length(sample.question, sample.answer, (56, 56), 24, len(audio)) == lengths[
+                fps, mode], (fps, mode)
+    if vl == "qwen3_vl":
+        assert lengths[1.0, "train"] > lengths[2.0, "train"] > lengths[4.0, "train"]
+    else:
+        assert len({lengths[fps, "train"] for fps in (1.0, 2.0, 4.0)}) == 1
+
+
+def test_preflight_frame_rate_for_omni(tiny_model_dir, test_set):
+    """The same pre-flight call on Qwen2.5-Omni (the frame rate sets positions there, not the token count)."""
+    from surgvqa.collate import VQACollator
+    from surgvqa.data import MediaConfig, SurgicalVQADataset, load_samples
+
+    processor = get_backbone("qwen2_5_omni").load_processor(str(tiny_model_dir))
+    media = MediaConfig(frames_dir=str(test_set / "frames"), audio_dir=str(test_set / "audio" / "in_002-001"),
+                        frame_size=56, question_modality="text+audio")
+    samples, _ = load_samples(test_set / "in_002-001.jsonl", media)
+    item = SurgicalVQADataset(samples[:1], media)[0]
+    for fps in (1.0, 2.0, 4.0):
+        collator = VQACollator(processor, question_modality="text+audio", frame_size=56, mode="train", fps=fps)
+        predicted = collator.sequence_length(samples[0].question, samples[0].answer, (56, 56), len(item["frames"]),
+                                             len(item["audio"]))
+        assert predicted == int(collator([item])["attention_mask"].sum()), fps
+
+
+@pytest.mark.parametrize("window", ["full", "trimmed"])
+def test_audio_tokens_do_not_depend_on_the_batch(loaded_graft, window):
+    """A clip's audio tokens alone equal its tokens batched with a clip three times longer (padded to it), in both
+    encoder windows; without the per-clip lengths (the batch's padding treated as audio) they would not."""
+    import soundfile as sf
+
+    from surgvqa.backbones.qwen_vl_whisper.audio import encode_trimmed, fit_window
+
+    model, processor = loaded_graft
+    speech, _ = sf.read(TEST_SET / "audio" / "in_002-001" / "002-001" / "qa_000001.wav", dtype="float32")
+    speech = speech + np.random.default_rng(0).normal(size=len(speech)).astype(np.float32) * 0.01  # room noise
+    longer = np.tile(speech, 3)
+    before = model.config.audio_window
+    model.config.audio_window = window
+    try:
+        alone = processor(text=["<|AUDIO|>"], audio=[speech], return_tensors="pt")
+        batched = processor(text=["<|AUDIO|>"] * 2, audio=[speech, longer], return_tensors="pt", padding=True)
+        assert batched["input_features"].shape[-1] > 2.5 * alone["input_features"].shape[-1]
+        with torch.no_grad():
+            tokens = model.get_audio_features(alone["input_features"], alone["feature_attention_mask"])
+            together = model.get_audio_features(batched["input_features"], batched["feature_attention_mask"])
+        n = processor.num_audio_tokens(len(speech))
+        assert tokens.shape[0] == n and together.shape[0] == n + processor.num_audio_tokens(len(longer))
+        torch.testing.assert_close(together[:n], tokens, rtol=1e-5, atol=1e-5)
+        # the same batch encoded as one block (padding seen as audio) moves the short clip's encoder states
+        features, encoder = batched["input_features"], model.audio_encoder
+        with torch.no_grad():
+            if window == "full":
+                blind = encoder(fit_window(features, 3000)).last_hidden_state
+                own = encoder(fit_window(features, 3000, batched["feature_attention_mask"].sum(-1))).last_hidden_state
+            else:
+                blind = encode_trimmed(encoder, features)
+                own = encode_trimmed(encoder, features, batched["feature_attention_mask"].sum(-1))
+        assert (blind[0] - own[0]).abs().max() > 1e-3
+    finally:
+        model.config.audio_window = before
 
 
 def test_frames_as_images(loaded_graft):
@@ -325,7 +449,7 @@ def test_whisper_window_rebuilt_exactly(loaded_graft):
     computed on 30 s of audio, except the two frames straddling the end of the clip."""
     import soundfile as sf
 
-    from surgvqa.backbones.qwen_vl_whisper import _fit_window
+    from surgvqa.backbones.qwen_vl_whisper.audio import fit_window
 
     _, processor = loaded_graft
     speech, _ = sf.read(TEST_SET / "audio" / "in_002-001" / "002-001" / "qa_000001.wav", dtype="float32")
@@ -334,7 +458,7 @@ def test_whisper_window_rebuilt_exactly(loaded_graft):
         ours = processor.audio_features(clips)
         reference = processor.feature_extractor(clips, sampling_rate=16000, padding="max_length",
                                                 max_length=480000, return_tensors="pt")["input_features"]
-        fitted = _fit_window(ours["input_features"], 3000)
+        fitted = fit_window(ours["input_features"], 3000)
         assert fitted.shape == reference.shape
         for i, n in enumerate(ours["feature_attention_mask"].sum(-1).tolist()):
             assert torch.equal(fitted[i, :, :n], reference[i, :, :n])
@@ -343,7 +467,8 @@ def test_whisper_window_rebuilt_exactly(loaded_graft):
 
 def test_trimmed_encoder_window_and_untrimmed_variant(graft_dir, tmp_path):
     """audio_window='trimmed' cuts the encoder input too; trim_audio=False is the original 1,500-token graft."""
-    from surgvqa.backbones.qwen_vl_whisper import QwenVLWhisperProcessor, load_graft
+    from surgvqa.backbones.qwen_vl_whisper.modeling import load_graft
+    from surgvqa.backbones.qwen_vl_whisper.processing import QwenVLWhisperProcessor
 
     model = load_graft(graft_dir, dtype=torch.float32)
     processor = QwenVLWhisperProcessor.from_pretrained(graft_dir)
@@ -369,7 +494,7 @@ def test_trimmed_encoder_window_and_untrimmed_variant(graft_dir, tmp_path):
 def test_stage1_writes_only_the_projector(graft_stages, graft_dir):
     stage1 = graft_stages["stage1"]
     files = {p.name for p in stage1.iterdir()}
-    assert {"config.json", "projector.safetensors", "graft_processor.json", "surgvqa_config.json"} <= files
+    assert {"config.json", "projector.safetensors", "processor_config.json", "surgvqa_config.json"} <= files
     assert not any(n.endswith("model.safetensors") or n.startswith("adapter_") for n in files)
     assert not (stage1 / "vl_model").exists() and not (stage1 / "audio_encoder").exists()
     assert sum(p.stat().st_size for p in stage1.glob("*.safetensors")) < 100_000  # the projector only
@@ -448,7 +573,7 @@ def test_stage_arguments_are_checked(graft_dir, tmp_path):
         get_backbone("qwen2_5_omni").make_trainable(model, None, stage=1)
 
 
-def test_evaluate_and_merge_flow(graft_stages, tmp_path, test_set):
+def test_evaluate_and_merge_flow(graft_stages, tmp_path, test_set, capsys):
     """evaluate_checkpoint on stage 1 (a plain graft dir) and stage 2 (an adapter on it); merge_stage2_to_bf16
     turns stage 2 into one self-contained directory that loads without PEFT and answers the same."""
     from surgvqa.checkpoint import load_for_inference
@@ -459,11 +584,14 @@ def test_evaluate_and_merge_flow(graft_stages, tmp_path, test_set):
     eval_args = ["--eval_data_path", str(test_set / "out_002-001.jsonl"), "--frames_dir", str(test_set / "frames"),
                  "--audio_dir", str(test_set / "audio" / "out_002-001"), "--limit", "4", "--batch_size", "4",
                  "--max_new_tokens", "6", "--device", "cpu"]
-    for checkpoint in (stage1, stage2):
+    for checkpoint, stage in ((stage1, "stage 1 (projector aligned)"), (stage2, "stage 1 (projector aligned); ")):
         out = tmp_path / f"{checkpoint.name}.jsonl"
         assert evaluate_main(["--checkpoint_path", str(checkpoint), "--output_file", str(out), *eval_args]) == 0
         summary = json.loads(out.with_suffix(".summary.json").read_text())
         assert summary["n"] == 4 and summary["question_modality"] == "text+audio"
+        printed = capsys.readouterr().out
+        assert f"model: {BACKBONE}: qwen2_vl (vl_model) + Whisper encoder" in printed and stage in printed
+    assert "+ LoRA adapter (unmerged)" in printed
 
     merged = tmp_path / "merged"
     assert merge_main(["--base_model_path", str(stage1), "--adapter_path", str(stage2),
@@ -475,11 +603,16 @@ def test_evaluate_and_merge_flow(graft_stages, tmp_path, test_set):
     assert (merged / "vl_model" / "model.safetensors").is_file() and (merged / "audio_encoder").is_dir()
     config = json.loads((merged / "config.json").read_text())
     assert config["vl_model_path"] == "vl_model" and config["audio_encoder_path"] == "audio_encoder"
+    # the merged graft says what it is: stage 2, which adapter was merged into which graft
+    assert config["graft_stage"] == 2 and json.loads((stage1 / "config.json").read_text())["graft_stage"] == 1
+    assert config["merged_adapters"] == [str(stage2.resolve())] and config["merged_base"] == str(stage1.resolve())
     assert json.loads((merged / "merge_verification.json").read_text())["passed"]
 
     adapter_model, processor, _ = load_for_inference(stage2)
     merged_model, merged_processor, merged_config = load_for_inference(merged)
     assert merged_config["backbone"] == BACKBONE and not hasattr(merged_model, "peft_config")
+    description = get_backbone(BACKBONE).describe(merged_model)
+    assert f"stage 2 (LoRA merged into the LLM): {stage2.resolve()} merged into {stage1.resolve()}" in description
     batch, _, _ = _batch(processor, "text+audio", n=2, mode="train")
     batch.pop("labels")
     with torch.no_grad():
@@ -492,8 +625,42 @@ def test_evaluate_and_merge_flow(graft_stages, tmp_path, test_set):
     assert torch.equal(vl.lm_head.weight, merged_model.vl_model.lm_head.weight)
 
 
+@pytest.mark.parametrize("window", ["full", "trimmed"])
+def test_greedy_answers_do_not_depend_on_the_eval_batch_size(graft_stages, test_set, window):
+    """The trained stage-2 graft (adapter on stage 1) answers 8 spoken+written questions (clips of 1.9-2.6 s)
+    identically at --batch_size 1 and 4, in both encoder windows; the last prompt position's logits agree too."""
+    from surgvqa.checkpoint import load_for_inference
+    from surgvqa.collate import VQACollator
+    from surgvqa.data import MediaConfig, SurgicalVQADataset, load_samples
+    from surgvqa.generate import generate_predictions
+
+    model, processor, _ = load_for_inference(graft_stages["stage2"], options=LoadOptions(dtype="float32"))
+    graft = model.get_base_model()
+    graft.config.audio_window = window
+    media = MediaConfig(frames_dir=str(test_set / "frames"), audio_dir=str(test_set / "audio" / "out_002-001"),
+                        frame_size=56, question_modality="text+audio")
+    samples, _ = load_samples(test_set / "out_002-001.jsonl", media)
+    dataset = SurgicalVQADataset(samples[:8], media)
+    collator = VQACollator(processor, question_modality="text+audio", frame_size=56, mode="generate")
+    answers, last_logits = {}, {}
+    for size in (1, 4):
+        predictions = generate_predictions(model, processor.tokenizer, dataset, collator, batch_size=size,
+                                           max_new_tokens=6)
+        answers[size] = [(p.key, p.text, p.stopped_by_eos, p.new_tokens) for p in predictions]
+        rows = []
+        for start in range(0, len(dataset), size):
+            batch = collator([dataset[i] for i in range(start, min(start + size, len(dataset)))])
+            batch.pop("keys")
+            with torch.no_grad():
+                rows.append(model(**batch).logits[:, -1])
+        last_logits[size] = torch.cat(rows)
+    assert answers[1] == answers[4]
+    assert len({text for _, text, _, _ in answers[1]}) > 1  # not one constant answer
+    torch.testing.assert_close(last_logits[4], last_logits[1], rtol=1e-4, atol=1e-4)
+
+
 def test_save_pretrained_round_trip(loaded_graft, tmp_path):
-    from surgvqa.backbones.qwen_vl_whisper import QwenVLWhisperForConditionalGeneration
+    from surgvqa.backbones.qwen_vl_whisper.modeling import QwenVLWhisperForConditionalGeneration
 
     model, processor = loaded_graft
     model.save_pretrained(tmp_path / "copy")

@@ -187,12 +187,13 @@ def test_two_stage_chain_equals_sequential_merges(work, tiny_model_dir, adapter_
 
     from surgvqa.backbones import LoadOptions
     from surgvqa.checkpoint import load_for_inference
+    from surgvqa.run_config import RunConfig
 
     outputs = []
     for path in (chain["output_dir"], sequential["output_dir"]):
-        model, processor, config = load_for_inference(path, options=LoadOptions(dtype="float32"))
+        model, processor, _ = load_for_inference(path, options=LoadOptions(dtype="float32"))
         args = parse_args(["--base_model_path", "x", "--adapter_path", "y", "--output_dir", "z", *VERIFY_FLAGS])
-        dataset, kwargs, data_path = verify_inputs(args, config)
+        dataset, kwargs, data_path = verify_inputs(args, RunConfig.read(path))
         outputs.append(run_outputs(model, processor, dataset, kwargs, 2, 6))
     same = compare_outputs(outputs[0], outputs[1], "float32", None, data_path)
     assert same.answers_identical and same.max_abs_logit_diff <= 1e-5

@@ -136,10 +136,11 @@ def _train(model_dir: Path, data: Path, frames: Path, out: Path):
 
 
 def test_added_pad_survives_training_and_reload(no_spare_dir, test_set, tmp_path):
-    from surgvqa.checkpoint import NEW_ROWS_NAME, load_for_inference, read_surgvqa_config
+    from surgvqa.checkpoint import NEW_ROWS_NAME, load_for_inference
     from surgvqa.collate import VQACollator
     from surgvqa.data import MediaConfig, SurgicalVQADataset, load_samples
     from surgvqa.generate import generate_predictions
+    from surgvqa.run_config import RunConfig
 
     data = tmp_path / "train.jsonl"
     lines = (test_set / "in_002-001.jsonl").read_text().splitlines()
@@ -151,8 +152,8 @@ def test_added_pad_survives_training_and_reload(no_spare_dir, test_set, tmp_path
     n = json.loads((no_spare_dir / "config.json").read_text())["text_config"]["vocab_size"]
     assert tok_trained.pad_token == NEW_PAD_TOKEN
 
-    config = read_surgvqa_config(out)
-    assert config["resized_vocab"] == n + 1 and config["original_vocab_rows"] == n
+    config = RunConfig.read(out)
+    assert config.resized_vocab == n + 1 and config.original_vocab_rows == n
     assert (out / NEW_ROWS_NAME).is_file()
 
     reloaded, processor, _ = load_for_inference(out)
@@ -201,7 +202,14 @@ def test_verify_exit_codes(tiny_model_dir, no_spare_dir, tmp_path, capsys):
     code, text = verify(no_spare_dir)
     assert code == 1 and f"add {NEW_PAD_TOKEN!r} as pad" in text
 
+    # a wrong call (exit 2, one "error:" line), not a bad tokenizer (exit 1)
     assert main(["verify", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(tmp_path / "missing") in err and len(err.splitlines()) == 1
+    (tmp_path / "empty").mkdir()
+    assert main(["verify", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot load a tokenizer from {tmp_path / 'empty'}") and len(err.splitlines()) == 1
 
 
 def test_verify_command_line(tiny_model_dir, tmp_path):
@@ -214,7 +222,7 @@ def test_verify_command_line(tiny_model_dir, tmp_path):
     if script.is_file() and shutil.which("bash"):
         command = ["bash", str(script), str(broken)]
         usage = subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=REPO, env=env, timeout=30)
-        assert usage.returncode == 2 and "usage" in usage.stderr
+        assert usage.returncode == 2 and "usage" in usage.stderr and usage.stderr.startswith("error: ")
     else:
         command = [sys.executable, "-m", "surgvqa.tokenizer", "verify", str(broken)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)

@@ -130,7 +130,7 @@ def test_yaml_config_and_original_flags(tmp_path):
     assert data_args.eval_audio_dir == "ea" and args.gradient_accumulation_steps == 4 and args.bf16
 
 
-def test_bad_data_fails_before_model_loads(tmp_path, test_set):
+def test_bad_data_fails_before_model_loads(tmp_path, test_set, capsys):
     from surgvqa.train import main
 
     bad = tmp_path / "bad.jsonl"
@@ -141,7 +141,9 @@ def test_bad_data_fails_before_model_loads(tmp_path, test_set):
     # the model path does not even exist: the data check must fail first, naming the line and the path
     code = main(["--model_name_or_path", str(tmp_path / "no-model"), "--train_data_path", str(bad),
                  "--frames_dir", str(test_set / "frames"), "--output_dir", str(tmp_path / "o"), "--use_cpu", "True"])
-    assert code == 1
+    assert code == 2  # a user error: bad data
+    err = capsys.readouterr().err
+    assert err.startswith("error: 1 problem(s) in the data") and f"{bad}:2" in err and "002-001_999999" in err
 
 
 def _bnb_cpu_ok() -> bool:

@@ -1,8 +1,9 @@
-"""Backbone registry: the only place that knows model families.
+"""Backbones: the only place that knows model families.
 
 A backbone says how to load a checkpoint (dtype, attention, quantization), which linear layers LoRA wraps, which
 modules are encoder towers and projectors, and how a prompt refers to the media. Training, evaluation and merging
-ask the registry; adding a family is one new module here plus one ``register`` call.
+ask this table; a backbone module never imports them. Adding a family is one new module here that exposes a
+module-level ``BACKBONE`` instance, plus one entry in :data:`BACKBONES` (nothing registers itself on import).
 """
 
 from __future__ import annotations
@@ -10,54 +11,50 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from surgvqa.backbones import qwen2_5_omni, qwen_vl_whisper
 from surgvqa.backbones.base import Backbone, LoadOptions
+from surgvqa.errors import UserError
 
-_REGISTRY: dict[str, Backbone] = {}
-
-
-def register(backbone: Backbone) -> Backbone:
-    if backbone.name in _REGISTRY:
-        raise ValueError(f"backbone {backbone.name!r} is registered twice")
-    _REGISTRY[backbone.name] = backbone
-    return backbone
+#: every backbone, by name; ``backbone_for`` tries them in this order
+BACKBONES: dict[str, Backbone] = {
+    backbone.name: backbone for backbone in (qwen2_5_omni.BACKBONE, qwen_vl_whisper.BACKBONE)
+}
 
 
 def available() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(BACKBONES)
 
 
 def get_backbone(name: str) -> Backbone:
     try:
-        return _REGISTRY[name]
+        return BACKBONES[name]
     except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(available())}") from None
+        raise UserError(f"unknown backbone {name!r}; available: {', '.join(available())}") from None
 
 
-def read_config(path: str | Path) -> dict:
+def read_config(path: str | Path, flag: str = "--model_name_or_path") -> dict:
+    """A model directory's config.json; ``flag`` is the option that named the directory (for the error)."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
-        raise ValueError(
-            f"{config_file} not found: --model_name_or_path must be a local model directory "
+        raise UserError(
+            f"{config_file} not found: {flag} must be a local model directory "
             "(download the checkpoint first, e.g. `hf download Qwen/Qwen2.5-Omni-7B --local-dir …`)"
         )
     return json.loads(config_file.read_text())
 
 
-def backbone_for(path: str | Path, name: str | None = None) -> Backbone:
+def backbone_for(path: str | Path, name: str | None = None, flag: str = "--model_name_or_path") -> Backbone:
     """The backbone named, or the one whose ``matches`` accepts the checkpoint's config.json."""
     if name:
         return get_backbone(name)
-    config = read_config(path)
-    for backbone in _REGISTRY.values():
+    config = read_config(path, flag)
+    for backbone in BACKBONES.values():
         if backbone.matches(config):
             return backbone
-    raise ValueError(
+    raise UserError(
         f"no backbone matches {path} (model_type={config.get('model_type')!r}); "
         f"pass --backbone with one of: {', '.join(available())}"
     )
 
 
-import surgvqa.backbones.qwen_vl_whisper  # noqa: E402, F401  (registers itself)
-from surgvqa.backbones import qwen2_5_omni  # noqa: E402  (registers itself)
-
-__all__ = ["Backbone", "LoadOptions", "available", "backbone_for", "get_backbone", "qwen2_5_omni", "register"]
+__all__ = ["BACKBONES", "Backbone", "LoadOptions", "available", "backbone_for", "get_backbone", "read_config"]

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -88,22 +91,26 @@ class Backbone:
         return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
 
     def quantization_config(self, options: LoadOptions):
-        """bitsandbytes config keeping towers, projectors and lm_head in full precision (full names only:
-        bitsandbytes silently ignores short names that match no module path prefix)."""
-        if not options.quantized:
-            return None
-        from transformers import BitsAndBytesConfig
+        """bitsandbytes config keeping towers, projectors and lm_head in full precision."""
+        return bnb_config(options, [*self.tower_modules, *self.projector_modules, "lm_head"])
 
-        skip = [*self.tower_modules, *self.projector_modules, "lm_head"]
-        if options.load_in_4bit:
-            return BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16,
-                llm_int8_skip_modules=skip,
-            )
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    # -- the full checkpoint, for merging (a model family whose checkpoint holds more than ``load`` returns)
+    #: files beside the weights of a full checkpoint that a full-model merge copies (loaded by transformers)
+    full_model_files: tuple[str, ...] = ()
+
+    def full_model_problem(self, config: dict, path: str) -> str | None:
+        """Why ``path`` (its config.json is ``config``) cannot be loaded whole for a full-model merge; None if it
+        can."""
+        return (f"--full_omni: backbone {self.name!r} has no full-model form with parts beyond the language model; "
+                "drop --full_omni")
+
+    def load_full(self, path: str, options: LoadOptions) -> tuple[Any, Any]:
+        """(the whole model, the part adapters were trained on), unquantized, for a full-model merge."""
+        raise ValueError(self.full_model_problem({}, path))
+
+    def put_back(self, full, merged):
+        """``full`` with its trained part replaced by ``merged`` (the inverse of ``load_full``)."""
+        raise ValueError(self.full_model_problem({}, ""))
 
     def make_trainable(self, model, lora_config, stage: int | None = None, init_from: str | None = None):
         """Wrap ``model`` for training. Default: PEFT LoRA with ``lora_config`` (staged backbones override)."""
@@ -122,8 +129,18 @@ class Backbone:
             raise ValueError(f"backbone {self.name!r}: the model has no output embedding (LM head)")
         return head
 
-    def save_extras(self, model, output_dir: str) -> None:
-        """Write backbone-specific trained weights beside the adapter (nothing for single-stage backbones)."""
+    def save_extras(self, model, output_dir: str, config) -> dict[str, Any]:
+        """Write backbone-specific trained weights beside the adapter; return the ``RunConfig`` fields to update
+        (``config`` is the run's RunConfig). Nothing for single-stage backbones."""
+        return {}
+
+    def save_merged(self, model, output_dir: str, config=None, **kwargs) -> None:
+        """Write a merged model; ``config`` is the merged checkpoint's RunConfig (base, adapters merged)."""
+        model.save_pretrained(output_dir, **kwargs)
+
+    def describe(self, model) -> str:
+        """One line saying what ``model`` is, for logs and evaluation output."""
+        return f"{self.name}: {getattr(model, 'name_or_path', '') or type(model).__name__}"
 
     def warn_if_slow_conv3d(self) -> str | None:
         """torch 2.9.x on CUDA runs Qwen's Conv3d patch embedding 4-20x slower (pytorch#166122)."""
@@ -138,3 +155,51 @@ class Backbone:
             logger.warning(message)
             return message
         return None
+
+
+# ------------------------------------------------------------------------------- shared by every backbone module
+def bnb_config(options: LoadOptions, skip_modules: list[str]):
+    """The bitsandbytes config of ``options`` (None when unquantized): nf4 + double quant + bf16 compute for 4-bit,
+    LLM.int8 for 8-bit. ``skip_modules`` stay in full precision; give full module paths (bitsandbytes silently
+    ignores short names that match no module path prefix)."""
+    if not options.quantized:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if options.load_in_4bit:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            llm_int8_skip_modules=list(skip_modules),
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip_modules))
+
+
+def vision_grid(processor) -> int:
+    """Pixels per side of one vision token: the patch size times the spatial merge of ``processor``'s video (else
+    image) processor, or of ``processor`` itself. 28 for Qwen2-VL, Qwen2.5-VL and Qwen2.5-Omni, 32 for Qwen3-VL."""
+    for part in (processor, getattr(processor, "video_processor", None), getattr(processor, "image_processor", None)):
+        patch = getattr(part, "patch_size", None)
+        if isinstance(patch, int) and patch > 0:
+            return patch * int(getattr(part, "merge_size", 1) or 1)
+    raise ValueError(f"{type(processor).__name__} has no vision patch size: not a Qwen-style vision processor")
+
+
+def on_vision_grid(frames: Iterable[np.ndarray], grid: int, max_edge: int | None = None) -> bool:
+    """Whether every frame's sides are multiples of ``grid`` (and, with ``max_edge``, no longer than it), so the
+    processor has nothing left to resize."""
+    for frame in frames:
+        height, width = np.asarray(frame).shape[:2]
+        if height % grid or width % grid or (max_edge is not None and max(height, width) > max_edge):
+            return False
+    return True
+
+
+def kept_video_tokens(num_tokens: int, token_kept_ratio: float = 1.0) -> int:
+    """Video tokens entering the language model when token merging keeps ``token_kept_ratio`` of a video's
+    ``num_tokens``: ``ceil(r * n)`` per video (``r = 1.0``: all of them)."""
+    if not 0.0 < token_kept_ratio <= 1.0:
+        raise ValueError(f"token_kept_ratio must be in (0, 1], got {token_kept_ratio!r}")
+    return num_tokens if token_kept_ratio == 1.0 else math.ceil(token_kept_ratio * num_tokens)

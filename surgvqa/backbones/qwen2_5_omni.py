@@ -8,6 +8,8 @@ from surgvqa.backbones.base import Backbone, LoadOptions
 
 logger = logging.getLogger(__name__)
 
+VISION_BOS_ID = 151652
+
 
 class Qwen25Omni(Backbone):
     name = "qwen2_5_omni"
@@ -34,9 +36,7 @@ class Qwen25Omni(Backbone):
             logger.info("loading only the thinker of the full Qwen2.5-Omni checkpoint %s", path)
             config = config.thinker_config
             kwargs["key_mapping"] = {r"^thinker\.": ""}
-        if getattr(config, "vision_start_token_id", None) is None:
-            # Qwen2_5OmniThinkerConfig does not define it; its rope index needs it (<|vision_bos|>).
-            config.vision_start_token_id = 151652
+        _set_vision_start(config)
         model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
             path,
             config=config,
@@ -50,14 +50,37 @@ class Qwen25Omni(Backbone):
         self.warn_if_slow_conv3d()
         return model
 
+    # -- the full model (thinker + talker + token2wav), for ``merge_stage2_to_bf16.py --full_omni``
+    full_model_files = ("spk_dict.pt",)  # the talker's speakers (the one pickle; transformers loads it weights-only)
 
-QWEN2_5_OMNI = Qwen25Omni()
+    def full_model_problem(self, config: dict, path: str) -> str | None:
+        model_type = config.get("model_type")
+        if model_type == "qwen2_5_omni":
+            return None
+        return (f"--full_omni needs a full Qwen2.5-Omni base (model_type 'qwen2_5_omni'); {path} is {model_type!r}, "
+                "which has no talker to keep. Drop --full_omni to write the merged thinker")
+
+    def load_full(self, path: str, options: LoadOptions):
+        from transformers import Qwen2_5OmniForConditionalGeneration
+
+        options.validate()
+        full = Qwen2_5OmniForConditionalGeneration.from_pretrained(
+            path, dtype=options.torch_dtype(), attn_implementation=options.attn_implementation
+        )
+        _set_vision_start(full.thinker.config)
+        return full, full.thinker
+
+    def put_back(self, full, merged):
+        full.thinker = merged
+        return full
 
 
-def _register() -> None:
-    from surgvqa.backbones import register
+def _set_vision_start(config) -> None:
+    """Qwen2_5OmniThinkerConfig does not define ``vision_start_token_id``; its rope index needs it
+    (``<|vision_bos|>``, id 151652 in every Qwen2.5-Omni vocabulary)."""
+    if getattr(config, "vision_start_token_id", None) is None:
+        config.vision_start_token_id = VISION_BOS_ID
 
-    register(QWEN2_5_OMNI)
 
-
-_register()
+#: the instance listed in ``surgvqa.backbones.BACKBONES``
+BACKBONE = QWEN2_5_OMNI = Qwen25Omni()

@@ -1,0 +1,82 @@
+"""User errors: one ``error: …`` line and exit 2; a library's exception keeps its traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from surgvqa.errors import ArgumentParser, UserError, existing_dir, existing_file, run_main, writable_file
+from surgvqa.metrics import parse_baseline
+
+
+def test_run_main_turns_user_errors_into_one_line(capsys, monkeypatch):
+    monkeypatch.delenv("SURGVQA_TRACEBACK", raising=False)
+
+    def bad_flag() -> int:
+        raise UserError("--frame_size 10 is below the 28 px grid; pass --frame_size 28 or more")
+
+    assert run_main(bad_flag) == 2
+    assert capsys.readouterr().err == "error: --frame_size 10 is below the 28 px grid; pass --frame_size 28 or more\n"
+
+    def our_check() -> int:  # a plain ValueError raised by surgvqa's own code counts as a user error too
+        existing_file(None, "--data_path")
+        return 0
+
+    assert run_main(our_check) == 2 and capsys.readouterr().err == "error: --data_path is required\n"
+    assert run_main(lambda: 0) == 0
+
+
+def test_a_library_error_keeps_its_traceback(monkeypatch):
+    monkeypatch.delenv("SURGVQA_TRACEBACK", raising=False)
+
+    def library_bug() -> int:
+        json.loads("{")  # raised inside the json module: a bug or a broken file, not a flag to fix
+        return 0
+
+    with pytest.raises(json.JSONDecodeError):
+        run_main(library_bug)
+    monkeypatch.setenv("SURGVQA_TRACEBACK", "1")
+    with pytest.raises(UserError):
+        run_main(lambda: (_ for _ in ()).throw(UserError("x")))
+
+
+def test_path_checks_name_the_flag(tmp_path):
+    (tmp_path / "f.jsonl").write_text("{}\n")
+    assert existing_file(tmp_path / "f.jsonl", "--data_path") == tmp_path / "f.jsonl"
+    with pytest.raises(UserError, match=r"^--data_path .* is a directory; pass a file$"):
+        existing_file(tmp_path, "--data_path")
+    with pytest.raises(UserError, match=r"^--data_path .* does not exist"):
+        existing_file(tmp_path / "nope.jsonl", "--data_path")
+    with pytest.raises(UserError, match=r"^--frames_dir .* is a file; pass a directory$"):
+        existing_dir(tmp_path / "f.jsonl", "--frames_dir")
+    with pytest.raises(UserError, match=r"^--output_file .* is a directory; pass a file name"):
+        writable_file(tmp_path, "--output_file")
+    with pytest.raises(UserError, match=r"f.jsonl is a file, not a directory"):
+        writable_file(tmp_path / "f.jsonl" / "p.jsonl", "--output_file")
+
+
+def test_argparse_errors_are_one_line(capsys):
+    parser = ArgumentParser(prog="surgvqa check")
+    parser.add_argument("--data_path", required=True)
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args([])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == ("error: the following arguments are required: --data_path; "
+                                       "see surgvqa check --help\n")
+
+
+def test_baseline_is_parsed_once_for_evaluate_and_report(tmp_path, capsys):
+    from surgvqa import evaluate, report
+
+    assert evaluate.parse_baseline is parse_baseline
+    assert parse_baseline("0.46") == pytest.approx(0.46) and parse_baseline("chance") == "chance"
+    with pytest.raises(ValueError, match="write 0.46, not 46"):
+        parse_baseline("46")
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text(json.dumps({"video_id": "v", "id": "q", "question_type": "t", "short_answer": "yes",
+                                       "answer": "Yes.", "prediction": "Yes."}) + "\n")
+    with pytest.raises(SystemExit) as info:  # report.py used to take 46 as a baseline of 4,600 %
+        report.main([str(predictions), "--baseline", "46"])
+    assert info.value.code == 2 and "write 0.46, not 46" in capsys.readouterr().err
+    assert report.main([str(predictions), "--baseline", "0.46"]) == 0

@@ -1,0 +1,280 @@
+"""surgvqa plan: exact tokens, exact weights, quantized storage, the budget search and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from surgvqa.backbones.base import kept_video_tokens
+from surgvqa.plan import PlanArguments, Planner, _largest, main, parse_bytes, sample_tokens
+
+REPO = Path(__file__).resolve().parents[1]
+OMNI_7B = REPO / "configs" / "models" / "qwen2_5_omni_7b_thinker.json"
+VL_7B = REPO / "configs" / "models" / "qwen2_5_vl_7b.json"
+
+
+def planner(model: Path, processor: Path | None = None, **kwargs) -> Planner:
+    return Planner(PlanArguments(model=str(model), processor=str(processor) if processor else None, **kwargs))
+
+
+def storage_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def loaded_tensors(model):
+    """Parameters plus bitsandbytes quantization state (absmax, codes, nested state, int8 scales)."""
+    for param in model.parameters():
+        yield param
+        state = getattr(param, "quant_state", None)
+        if state is not None:
+            yield from (state.absmax, state.code)
+            if state.nested:
+                yield from (state.offset, state.state2.absmax, state.state2.code)
+        if getattr(param, "SCB", None) is not None:
+            yield param.SCB
+
+
+# ------------------------------------------------------------------------------------------------- tokens
+@pytest.fixture(scope="module")
+def tiny_planner(tiny_model_dir) -> Planner:
+    return planner(tiny_model_dir)
+
+
+@pytest.mark.parametrize("modality", ["text", "text+audio"])
+def test_token_counts_equal_what_the_processor_produces(tiny_planner, modality):
+    """5 frame sizes x 3 frame counts (one odd: padded to the temporal patch), with and without a spoken question:
+    the planner's video / audio / total counts are those of the collated batch."""
+    from surgvqa.collate import VQACollator
+    from surgvqa.media import fit_to_budget
+
+    processor = tiny_planner.processor
+    tokenizer = processor.tokenizer
+    video_id = tokenizer.convert_tokens_to_ids("<|VIDEO|>")
+    audio_id = tokenizer.convert_tokens_to_ids("<|AUDIO|>")
+    args = tiny_planner.args
+    args.question_modality, args.audio_seconds = modality, 2.5
+    rng = np.random.default_rng(0)
+    for size in (56, 112, 168, 280, 384):
+        w, h = fit_to_budget(1352, 1080, size)
+        for frames in (2, 7, 16):
+            tokens = sample_tokens(processor, args, frames, size, "train")
+            item = {
+                "sample": SimpleNamespace(key=("v", "1"), question=args.question, answer=args.answer, source="t"),
+                "frames": [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(frames)],
+                "audio": rng.standard_normal(40000).astype(np.float32) if "audio" in modality else None,
+            }
+            collator = VQACollator(processor, question_modality=modality, frame_size=size, mode="train")
+            batch = collator([item])
+            ids = batch["input_ids"][0]
+            where = f"{frames} frames at {size} px, {modality}"
+            assert tokens.frame_hw == (h, w), where
+            assert tokens.video == int((ids == video_id).sum()), where
+            assert tokens.audio == int((ids == audio_id).sum()), where
+            assert tokens.total == ids.numel(), where
+            assert tokens.answer == int((batch["labels"][0] != -100).sum()), where
+            assert tokens.text == tokens.total - tokens.video - tokens.audio, where
+            assert tokens.patches == batch["pixel_values_videos"].shape[0], where
+
+
+def test_token_kept_ratio_keeps_ceil_r_n_video_tokens(tiny_planner):
+    args = tiny_planner.args
+    full = sample_tokens(tiny_planner.processor, args, 8, 224, "train")
+    args.token_kept_ratio = 0.3
+    try:
+        merged = sample_tokens(tiny_planner.processor, args, 8, 224, "train")
+    finally:
+        args.token_kept_ratio = 1.0
+    assert merged.video == -(-3 * full.video // 10) == kept_video_tokens(full.video, 0.3)
+    assert merged.total == full.total - full.video + merged.video
+    assert kept_video_tokens(130, 1.0) == 130 and kept_video_tokens(130, 0.5) == 65
+    with pytest.raises(ValueError, match="token_kept_ratio"):
+        kept_video_tokens(10, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------ weights
+def _small_model_dir(tmp_path: Path) -> Path:
+    from conftest import load_script
+
+    tiny = load_script("make_tiny_model")
+    tokenizer = tiny.build_tokenizer("tiny")
+    config = tiny.build_config(tokenizer, text_hidden=256, tower_hidden=64, layers=3)
+    config.text_config.intermediate_size = 688
+    config.save_pretrained(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("which", ["tiny", "small"])
+def test_parameter_counts_equal_the_instantiated_model(which, tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, Qwen2_5OmniThinkerForConditionalGeneration
+
+    from surgvqa.backbones import get_backbone
+
+    model_dir = tiny_model_dir if which == "tiny" else _small_model_dir(tmp_path)
+    plan = planner(model_dir, tiny_model_dir)
+    torch.manual_seed(0)
+    model = Qwen2_5OmniThinkerForConditionalGeneration(AutoConfig.from_pretrained(model_dir))
+    groups = {g.group: g.params for g in plan.groups}
+    assert sum(groups.values()) == sum(p.numel() for p in model.parameters())
+    inner = model.model
+    merger = sum(p.numel() for p in inner.visual.merger.parameters())
+    audio_proj = sum(p.numel() for p in inner.audio_tower.proj.parameters())
+    assert groups["vision tower"] == sum(p.numel() for p in inner.visual.parameters()) - merger
+    assert groups["audio tower"] == sum(p.numel() for p in inner.audio_tower.parameters()) - audio_proj
+    assert groups["projectors"] == merger + audio_proj
+    assert groups["lm_head"] == model.lm_head.weight.numel()
+    assert groups["embeddings"] == model.get_input_embeddings().weight.numel()
+    peft_model = get_peft_model(model, LoraConfig(r=16, target_modules=get_backbone("qwen2_5_omni").lora_target_regex))
+    assert plan.lora == sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+    assert plan.shape.layers == model.config.text_config.num_hidden_layers
+
+
+def test_bf16_bytes_equal_the_loaded_model(tiny_model_dir):
+    from surgvqa.backbones import LoadOptions, backbone_for
+
+    plan = planner(tiny_model_dir, dtype="bfloat16")
+    model = backbone_for(str(tiny_model_dir)).load(str(tiny_model_dir), LoadOptions(dtype="bfloat16"))
+    assert sum(g.eval_bytes for g in plan.groups) == storage_bytes(model.parameters())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_storage_equals_the_bitsandbytes_loaded_model(tiny_model_dir, bits):
+    """Eval: as loaded (towers, projectors, lm_head unquantized, in bf16). Train: after the training preparation,
+    which today casts every unquantized parameter to fp32."""
+    pytest.importorskip("bitsandbytes")
+    from peft import prepare_model_for_kbit_training
+
+    from surgvqa.backbones import LoadOptions, backbone_for
+
+    plan = planner(tiny_model_dir, dtype="bfloat16", load_in_4bit=bits == 4, load_in_8bit=bits == 8)
+    options = LoadOptions(dtype="bfloat16", load_in_4bit=bits == 4, load_in_8bit=bits == 8)
+    try:
+        model = backbone_for(str(tiny_model_dir)).load(str(tiny_model_dir), options)
+    except (RuntimeError, NotImplementedError) as err:  # pragma: no cover - depends on the bitsandbytes build
+        pytest.skip(f"bitsandbytes cannot load {bits}-bit on this machine: {err}")
+    quantized = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
+    assert quantized and all(n.startswith("model.language_model.layers.") for n in quantized)
+    assert sum(g.eval_bytes for g in plan.groups) == storage_bytes(loaded_tensors(model))
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    assert sum(g.train_bytes for g in plan.groups) == storage_bytes(loaded_tensors(model))
+
+
+# ------------------------------------------------------------------------------------------ shipped configs
+def test_shipped_7b_configs_build_offline_with_the_published_sizes(qwen_vocab_model_dir):
+    omni = planner(OMNI_7B, qwen_vocab_model_dir, question_modality="text+audio")
+    groups = {g.group: g.params for g in omni.groups}
+    assert sum(groups.values()) == 8_931_813_888
+    assert groups["lm_head"] == groups["embeddings"] == 152_064 * 3_584  # untied
+    assert omni.lora == 40_370_176  # r 16 on q,k,v,o,gate,up,down of 28 layers
+    # 8 frames of 1352x1080 at 384 px -> 364x280 -> 4 frame pairs x 13 x 10 merged patches; 3 s of audio -> 75
+    tokens = sample_tokens(omni.processor, omni.args, mode="train")
+    assert (tokens.video, tokens.audio, tokens.frame_hw) == (520, 75, (280, 364))
+    # the Qwen2.5-VL config: weights need no processor
+    from surgvqa.plan import build_config, layout_for, meta_model, weights
+
+    config = json.loads(VL_7B.read_text())
+    model = meta_model(build_config(config, None))
+    rows = {g.group: g.params for g in weights(model, layout_for(config), PlanArguments(model=str(VL_7B)))}
+    assert sum(rows.values()) == 8_292_166_656
+    assert "audio tower" not in rows
+
+
+# --------------------------------------------------------------------------------------------- the budget
+def test_largest_finds_the_boundary():
+    for limit in (1, 2, 3, 10, 37, 100):
+        assert _largest(lambda v, limit=limit: v <= limit, 1, 1, 1000) == limit
+    assert _largest(lambda v: v <= 50, 2, 2, 1000) == 50
+    assert _largest(lambda v: v <= 51, 28, 28, 28 * 96) == 28
+    assert _largest(lambda v: False, 2, 2, 1000) is None
+    assert _largest(lambda v: True, 2, 2, 64) == 64
+
+
+def test_budget_search_returns_the_largest_setting_that_fits(tiny_model_dir):
+    plan = planner(tiny_model_dir, budget="1GiB", overhead="0GiB", dtype="float32", device="cpu",
+                   model_max_length=100_000)
+    base = plan.eval_total(sample_tokens(plan.processor, plan.args, mode="generate"))["total"]
+    plan.args.budget = f"{(base + 40 * 2**20) / 2**20:.0f}MiB"  # room for a little more than the plan
+    found = plan.search()
+    frames = found["eval"]["max_frames"]
+    assert frames is not None and frames >= plan.args.frames
+
+    def eval_total(n_frames: int) -> int:
+        return plan.eval_total(sample_tokens(plan.processor, plan.args, n_frames, mode="generate"))["total"]
+
+    assert plan.fits(eval_total(frames)) and not plan.fits(eval_total(frames + 2))
+    batch = found["eval"]["max_batch"]
+    tokens = sample_tokens(plan.processor, plan.args, mode="generate")
+    assert plan.fits(plan.eval_total(tokens, batch)["total"]) and not plan.fits(plan.eval_total(tokens, batch + 1)["total"])
+
+
+def test_parse_bytes():
+    assert parse_bytes("40GiB") == 40 * 2**30
+    assert parse_bytes("24GB") == 24 * 10**9
+    assert parse_bytes("1.5G") == int(1.5 * 2**30)
+    assert parse_bytes("512MiB") == 512 * 2**20
+    for bad in ("40", "lots", "GiB"):
+        with pytest.raises(ValueError):
+            parse_bytes(bad)
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+def test_cli_json_and_table(tiny_model_dir, capsys):
+    assert main(["--model", str(tiny_model_dir), "--frames", "4", "--frame_size", "112", "--question_modality",
+                 "text+audio", "--budget", "8GiB", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["tokens"]["total"] == sum(plan["tokens"][k] for k in ("video", "image", "audio", "text"))
+    train = plan["train"]
+    assert train["total"] == sum(train["parts"].values()) and train["parts"]["activations"] > 0
+    assert plan["eval"]["parts"]["kv_cache"] > 0
+    assert plan["budget"]["train_fits"] and plan["budget"]["eval"]["max_batch"] >= 8
+    assert main(["--model", str(tiny_model_dir), "--gradient_checkpointing", "--logits", "labelled"]) == 0
+    table = capsys.readouterr().out
+    assert "tokens per sample" in table and "train_gc" in table and "total" in table
+
+
+def test_labelled_logits_and_checkpointing_lower_the_training_plan(tiny_model_dir):
+    full = planner(tiny_model_dir, frames=16, frame_size=224)
+    tokens = sample_tokens(full.processor, full.args, mode="train")
+    base = full.train_total(tokens)["parts"]["activations"]
+    full.args.logits = "labelled"
+    assert full.train_total(tokens)["parts"]["activations"] < base
+    full.args.logits, full.args.gradient_checkpointing = "full", True
+    assert full.train_total(tokens)["parts"]["activations"] < base
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget", "lots"], "memory size"),
+    (["--load_in_4bit", "--load_in_8bit"], "exclusive"),
+    (["--token_kept_ratio", "1.5"], "token_kept_ratio"),
+])
+def test_cli_user_errors_are_one_line(tiny_model_dir, capsys, argv, message):
+    assert main(["--model", str(tiny_model_dir), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_config_without_processor_says_how_to_get_one(capsys):
+    assert main(["--model", str(OMNI_7B)]) == 2
+    assert "--processor" in capsys.readouterr().err
+
+
+def test_shipped_coefficients_cover_every_regime_and_mode():
+    from surgvqa.plan import MODES, load_coefficients
+
+    fits = load_coefficients()["fits"]["cpu"]
+    for regime in ("float32", "bfloat16", "4bit"):
+        for mode in MODES:
+            entry = fits[regime][mode]
+            assert entry["coefficients"] and all(v >= 0 for v in entry["coefficients"].values())
+            assert entry["max_abs_rel_error"] <= 0.25, (regime, mode)  # goal 0.15: checkpointed tiny points miss it
