@@ -47,6 +47,9 @@ class VQACollator:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     fps: float = DEFAULT_FPS
     _warned_odd: bool = field(default=False, repr=False)
+    #: rendered prompts and tokenized answers: every epoch asks the same questions again (bounded, see _remember)
+    _prompts: dict = field(default_factory=dict, repr=False)
+    _answers: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in ("train", "generate"):
@@ -88,6 +91,13 @@ class VQACollator:
         return list(frames)
 
     def prompt_text(self, question: str, num_frames: int, answer: str | None = None) -> str:
+        key = (question, num_frames, answer)
+        text = self._prompts.get(key)
+        if text is None:
+            text = _remember(self._prompts, key, self._render_prompt(question, num_frames, answer))
+        return text
+
+    def _render_prompt(self, question: str, num_frames: int, answer: str | None) -> str:
         messages = build_messages(
             question,
             answer,
@@ -99,8 +109,11 @@ class VQACollator:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def answer_ids(self, answer: str) -> list[int]:
-        ids = self.processor.tokenizer(answer, add_special_tokens=False)["input_ids"]
-        return [*ids, self.end_of_turn_id]
+        ids = self._answers.get(answer)
+        if ids is None:
+            tokens = self.processor.tokenizer(answer, add_special_tokens=False)["input_ids"]
+            ids = _remember(self._answers, answer, (*tokens, self.end_of_turn_id))
+        return list(ids)
 
     # -- the call ------------------------------------------------------------------------------------------
     def __call__(self, items: list[dict]) -> dict[str, Any]:
@@ -220,3 +233,10 @@ class VQACollator:
                         audio_samples: int | None) -> int:
         """Tokens a sample will take, from frame size and audio length alone (no decoding)."""
         return self.token_counts(question, answer, frame_hw, num_frames, audio_samples)["total"]
+
+
+def _remember(memo: dict, key, value, limit: int = 1 << 16):
+    """``value``, kept in ``memo`` under ``key`` while it holds fewer than ``limit`` entries."""
+    if len(memo) < limit:
+        memo[key] = value
+    return value
