@@ -47,9 +47,15 @@ class VQACollator:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     fps: float = DEFAULT_FPS
     _warned_odd: bool = field(default=False, repr=False)
+    #: keep each item's encoding (its prompt ids, rows of pixel values, audio features) in memory up to this many GB,
+    #: and build a later batch made only of kept items from them instead of running the processor again (0: off).
+    #: Items name what they were made of in ``media_key`` (SurgicalVQADataset sets it); items without one are not kept.
+    encoding_cache_gb: float = 0.0
     #: rendered prompts and tokenized answers: every epoch asks the same questions again (bounded, see _remember)
     _prompts: dict = field(default_factory=dict, repr=False)
     _answers: dict = field(default_factory=dict, repr=False)
+    _encodings: dict = field(default_factory=dict, repr=False)
+    _encoding_bytes: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in ("train", "generate"):
@@ -118,6 +124,19 @@ class VQACollator:
     # -- the call ------------------------------------------------------------------------------------------
     def __call__(self, items: list[dict]) -> dict[str, Any]:
         samples = [item["sample"] for item in items]
+        keys = [item.get("media_key") for item in items] if self.encoding_cache_gb > 0 else []
+        kept = [self._encodings.get(key) for key in keys] if keys and None not in keys else []
+        if kept and None not in kept:
+            rows, encoded = _assemble(kept)
+        else:
+            rows, encoded = self._encode(items)
+            if keys and None not in keys:
+                self._keep(keys, items, rows, encoded)
+        rows = [list(row) for row in rows]
+        return self._finish(samples, rows, encoded)
+
+    def _encode(self, items: list[dict]) -> tuple[list[list[int]], dict[str, Any]]:
+        """The processor, once for the batch: each item's prompt ids (unpadded) and the media tensors."""
         texts, videos, images, audios = [], [], [], []
         for item in items:
             frames = item["frames"]
@@ -159,10 +178,26 @@ class VQACollator:
             encoded["input_features"] = encoded["input_features"][..., :frames]
             encoded["feature_attention_mask"] = encoded["feature_attention_mask"][:, :frames]
 
-        # Un-pad the prompts (the processor padded on the left), then rebuild rows with our own padding.
+        # Un-pad the prompts (the processor padded on the left); _finish rebuilds rows with our own padding.
         mask = encoded.pop("attention_mask").bool()
         padded = encoded.pop("input_ids")
-        rows = [padded[i][mask[i]].tolist() for i in range(len(items))]
+        return [padded[i][mask[i]].tolist() for i in range(len(items))], dict(encoded)
+
+    def _keep(self, keys: list, items: list[dict], rows: list[list[int]], encoded: dict[str, Any]) -> None:
+        """Store each item's share of a batch encoding while the bound allows (see ``encoding_cache_gb``)."""
+        parts = _split(rows, encoded, [len(item["frames"]) for item in items])
+        if parts is None:  # a processor output this collator cannot split per item: stop trying
+            self.encoding_cache_gb = 0.0
+            return
+        limit = self.encoding_cache_gb * 1024**3
+        for key, part in zip(keys, parts, strict=True):
+            size = 8 * len(part["ids"]) + sum(t.numel() * t.element_size() for t in part["tensors"].values())
+            if key not in self._encodings and self._encoding_bytes + size <= limit:
+                self._encodings[key] = part
+                self._encoding_bytes += size
+
+    def _finish(self, samples: list, rows: list[list[int]], encoded: dict[str, Any]) -> dict[str, Any]:
+        """Answers and labels appended (train), rows padded (right for train, left for generation)."""
         labels: list[list[int]] = []
         for i, sample in enumerate(samples):
             prompt_len = len(rows[i])
@@ -240,3 +275,57 @@ def _remember(memo: dict, key, value, limit: int = 1 << 16):
     if len(memo) < limit:
         memo[key] = value
     return value
+
+
+#: per-item processor outputs, batched by concatenation along dim 0 (one or more rows per item)
+_ROW_KEYS = ("pixel_values_videos", "video_grid_thw", "video_second_per_grid", "pixel_values", "image_grid_thw")
+_AUDIO_KEYS = ("input_features", "feature_attention_mask")
+
+
+def _split(rows: list[list[int]], encoded: dict[str, Any], frames: list[int]) -> list[dict] | None:
+    """Each item's share of a batch encoding: its prompt ids, its rows of pixel values and grids, its audio features
+    without the batch's padding. None when ``encoded`` holds anything not known to be per item."""
+    if set(encoded) - set(_ROW_KEYS) - set(_AUDIO_KEYS):
+        return None
+    n = len(rows)
+    parts: list[dict] = [{"ids": tuple(row), "tensors": {}} for row in rows]
+    if "video_grid_thw" in encoded:  # one video per item
+        starts = np.cumsum([0, *encoded["video_grid_thw"].prod(-1).tolist()])
+        for i, part in enumerate(parts):
+            part["tensors"]["pixel_values_videos"] = encoded["pixel_values_videos"][starts[i]:starts[i + 1]].clone()
+            for key in ("video_grid_thw", "video_second_per_grid"):
+                if key in encoded:
+                    part["tensors"][key] = encoded[key][i:i + 1].clone()
+    if "image_grid_thw" in encoded:  # one image per frame
+        first = np.cumsum([0, *frames])
+        starts = np.cumsum([0, *encoded["image_grid_thw"].prod(-1).tolist()])
+        for i, part in enumerate(parts):
+            a, b = first[i], first[i + 1]
+            part["tensors"]["pixel_values"] = encoded["pixel_values"][starts[a]:starts[b]].clone()
+            part["tensors"]["image_grid_thw"] = encoded["image_grid_thw"][a:b].clone()
+    if "input_features" in encoded:
+        lengths = encoded["feature_attention_mask"].sum(-1).tolist()
+        for i, part in enumerate(parts[:n]):
+            part["tensors"]["input_features"] = encoded["input_features"][i, :, :lengths[i]].clone()
+            part["mask_dtype"] = encoded["feature_attention_mask"].dtype
+    return parts
+
+
+def _assemble(parts: list[dict]) -> tuple[list[tuple[int, ...]], dict[str, Any]]:
+    """A batch encoding rebuilt from kept items: rows concatenated; audio features padded with zeros to the longest
+    clip of the batch (the feature mask marks the padding, and the audio towers read only the frames it marks, so
+    the model sees what it sees from a batch the processor made)."""
+    encoded: dict[str, Any] = {}
+    for key in _ROW_KEYS:
+        if key in parts[0]["tensors"]:
+            encoded[key] = torch.cat([part["tensors"][key] for part in parts])
+    if "input_features" in parts[0]["tensors"]:
+        features = [part["tensors"]["input_features"] for part in parts]
+        longest = max(f.shape[-1] for f in features)
+        batch = features[0].new_zeros((len(features), features[0].shape[0], longest))
+        mask = torch.zeros((len(features), longest), dtype=parts[0]["mask_dtype"])
+        for i, f in enumerate(features):
+            batch[i, :, :f.shape[-1]] = f
+            mask[i, :f.shape[-1]] = 1
+        encoded["input_features"], encoded["feature_attention_mask"] = batch, mask
+    return [part["ids"] for part in parts], encoded

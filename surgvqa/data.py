@@ -21,7 +21,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from surgvqa.errors import ArgumentParser, UserError, existing_dir, existing_file, run_main
-from surgvqa.frame_cache import FrameCache
+from surgvqa.frame_cache import FrameCache, file_identity
 from surgvqa.media import (
     ABLATIONS,
     DEFAULT_SAMPLING_RATE,
@@ -61,7 +61,8 @@ class SurgicalVQADataset(Dataset):
     :class:`MediaError` naming the sample and the path: nothing is substituted silently.
 
     ``frame_cache`` (:class:`surgvqa.frame_cache.FrameCache`, optional): decoded, resized frames are read from it and
-    decoded only on a miss; the pixels are the same either way.
+    decoded only on a miss; the pixels are the same either way. ``media_key`` identifies what the item was made of
+    (:meth:`media_key`), so a collator can reuse its encoding in a later epoch.
     """
 
     def __init__(self, samples: Sequence[Sample], media: MediaConfig, max_frames: int | None = None,
@@ -124,7 +125,24 @@ class SurgicalVQADataset(Dataset):
             frames = grey_like(frames)
         if self.media.ablate in ("audio", "both"):
             audio = silence_like(audio)
-        return {"sample": sample, "frames": frames, "audio": audio}
+        return {"sample": sample, "frames": frames, "audio": audio, "media_key": self.media_key(sample)}
+
+    def media_key(self, sample: Sample) -> tuple | None:
+        """What this item's inputs are made of, to tell whether an encoding of it is still valid: the question, every
+        media file used (path, size, mtime, inode) and the settings that turn them into pixels and samples. None
+        when a file cannot be stat'ed (nothing is reused then)."""
+        try:
+            if sample.video_path is not None:
+                files = (file_identity(sample.video_path),)
+            else:
+                indices = subsample_indices(len(sample.frame_paths), self.max_frames)
+                files = tuple(file_identity(sample.frame_paths[i]) for i in indices)
+            audio = file_identity(sample.audio_path) if self.media.needs_audio and sample.audio_path else None
+        except OSError:
+            return None
+        media = self.media
+        return (sample.key, sample.question, files, audio, media.frame_size, media.pixel_multiple,
+                media.num_video_frames, self.max_frames, media.question_modality, media.ablate)
 
 
 # ------------------------------------------------------------------------------------------------- summary

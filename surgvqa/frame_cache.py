@@ -73,6 +73,13 @@ def decoder_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
+def file_identity(path: str | os.PathLike[str]) -> tuple[str, int, int, int]:
+    """(absolute path, size, mtime in ns, inode): changes whenever the file is rewritten or replaced."""
+    absolute = os.path.abspath(os.fspath(path))
+    st = os.stat(absolute)
+    return absolute, st.st_size, st.st_mtime_ns, st.st_ino
+
+
 class FrameCache:
     """``get(path, settings, decode)``: the uint8 array ``decode()`` returns for ``path``, decoded at most once.
 
@@ -154,9 +161,8 @@ class FrameCache:
 
     def key(self, path: str | os.PathLike[str], settings: Hashable) -> str:
         """Hex digest of (resolved path, size, mtime ns, inode, settings, decoder fingerprint); stats the file."""
-        absolute = os.path.abspath(os.fspath(path))
-        st = os.stat(absolute)
-        material = f"{absolute}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{settings!r}\0{self.fingerprint}"
+        absolute, size, mtime_ns, inode = file_identity(path)
+        material = f"{absolute}\0{size}\0{mtime_ns}\0{inode}\0{settings!r}\0{self.fingerprint}"
         return hashlib.sha256(material.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
     def entry_path(self, key: str) -> str:

@@ -102,6 +102,13 @@ class DataArguments:
     frame_cache_max_gb: float | None = field(
         default=None, metadata={"help": "frame cache bound (default: 32 on disk, 4 in memory)"}
     )
+    encoding_cache_gb: float | None = field(
+        default=None,
+        metadata={"help": "keep each training sample's processor output (prompt ids, pixel values, audio features) "
+                          "in memory up to this many GB and reuse it in later epochs; 0: off (default: 2 when the "
+                          "collator runs in the training process, i.e. --dataloader_num_workers 0 or persistent "
+                          "workers, else 0)"},
+    )
 
 
 @dataclass
@@ -169,6 +176,8 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
     if args.eval_strategy != "no" and not data_args.eval_data_path:
         raise UserError(f"--eval_strategy {args.eval_strategy} needs --eval_data_path")
     check_frame_cache_settings(data_args.frame_cache, data_args.frame_cache_max_gb)
+    if data_args.encoding_cache_gb is not None and data_args.encoding_cache_gb < 0:
+        raise UserError(f"--encoding_cache_gb must be >= 0 (0: off), got {data_args.encoding_cache_gb}")
     if model_args.dtype == "auto":
         model_args.dtype = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
     LoadOptions(dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
@@ -330,6 +339,14 @@ def build_run_config(model_args, data_args, lora_args, backbone, report, origina
     )
 
 
+def encoding_cache_gb(data_args: DataArguments, args: TrainingArguments) -> float:
+    """The bound of the collator's encoding cache: as asked, else 2 GB when one collator lives for the whole run
+    (no DataLoader workers, or persistent ones); workers that exit every epoch would only fill and drop it."""
+    if data_args.encoding_cache_gb is not None:
+        return data_args.encoding_cache_gb
+    return 2.0 if args.dataloader_num_workers == 0 or args.dataloader_persistent_workers else 0.0
+
+
 def frame_cache_record(frame_cache) -> dict[str, Any]:
     """The run's frame cache as surgvqa_config.json records it (evaluation reuses a disk cache it finds there)."""
     if frame_cache is None:
@@ -375,7 +392,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         eval_media = dataclasses.replace(eval_media, pixel_multiple=grid)
     settings = dict(collator_kwargs(media_settings(data_args), data_args.system_prompt),
                     model_max_length=data_args.model_max_length)
-    train_collator = VQACollator(processor, mode="train", **settings)
+    train_collator = VQACollator(processor, mode="train", encoding_cache_gb=encoding_cache_gb(data_args, args),
+                                 **settings)
     train_samples = drop_overlong(train_samples, train_collator, train_media.max_frames,
                                   data_args.skip_overlong, data_args.model_max_length)
     frame_cache = open_frame_cache(data_args.frame_cache, data_args.frame_cache_dir, data_args.frame_cache_max_gb,
