@@ -8,8 +8,10 @@ language model, AdamW, DataLoader with 0 workers) on the tiny Qwen2.5-Omni think
 frames of 112 px resized to 56 px, a 3 s spoken question (tone WAV), question_modality text+audio, batch 8 (the
 side-by-side LLaMA-Factory harness's settings), so one epoch is 20 steps.
 
-* frame cache: ``--frame_cache none`` vs ``disk``, 2 epochs each; epoch 1 of ``disk`` decodes and writes every frame,
-  epoch 2 reads them back. Steps 1-2 of each epoch are left out of its mean (first-step effects).
+* data path, 2 epochs each: ``--frame_cache none --encoding_cache_gb 0`` (every frame decoded, every batch through
+  the processor), ``--frame_cache disk --encoding_cache_gb 0``, and the defaults (``disk`` plus the collator's
+  encoding cache). Epoch 1 decodes and writes every frame (and keeps every encoding); epoch 2 reads them back.
+  Steps 1-2 of each epoch are left out of its mean (first-step effects).
 * LM head: the same data on the tiny model with the real 151,643-token Qwen vocabulary (``--vocab qwen``), full
   logits (``--loss_on_labelled_only False``) vs labelled positions only: s/step and peak RSS.
 * computed: the logits the labelled-only loss avoids for Qwen2.5-Omni-7B (vocabulary 152,064) at 8 frames x 384 px
@@ -109,7 +111,7 @@ def child(spec: dict) -> None:
         "--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", "0.05", "--dataloader_num_workers", "0",
         "--use_cpu", "True", "--logging_steps", "1", "--save_strategy", "no", "--seed", "42", "--report_to", "none",
         "--disable_tqdm", "True", "--output_dir", str(out), "--frame_cache", spec["frame_cache"],
-        "--loss_on_labelled_only", str(spec["labelled"]),
+        "--loss_on_labelled_only", str(spec["labelled"]), "--encoding_cache_gb", str(spec["encoding_cache_gb"]),
     ]
     result = train_module.train(*train_module.parse_args(argv))
     trainer = result["trainer"]
@@ -186,23 +188,25 @@ def main(argv: list[str] | None = None) -> int:
     head_steps = 6 if args.quick else 12
     data, audio = harness_set()
     models = {"tiny": tiny_model(vocab="tiny"), "qwen": tiny_model(vocab="qwen")}
-    rows = [  # (name, model, frame cache, labelled-only, steps)
-        ("frame cache none", "tiny", "none", True, 2 * epoch),
-        ("frame cache disk", "tiny", "disk", True, 2 * epoch),
-        ("LM head: full logits", "qwen", "disk", False, head_steps),
-        ("LM head: labelled positions only", "qwen", "disk", True, head_steps),
+    rows = [  # (name, model, frame cache, encoding cache GB, labelled-only, steps)
+        ("frame cache none, encoding cache off", "tiny", "none", 0, True, 2 * epoch),
+        ("frame cache disk, encoding cache off", "tiny", "disk", 0, True, 2 * epoch),
+        ("frame cache disk + encoding cache (defaults)", "tiny", "disk", 2, True, 2 * epoch),
+        ("LM head: full logits", "qwen", "disk", 2, False, head_steps),
+        ("LM head: labelled positions only", "qwen", "disk", 2, True, head_steps),
     ]
+    data_rows = [name for name, *_ in rows[:3]]
     results: dict[str, list[dict]] = {name: [] for name, *_ in rows}
     script = Path(__file__).resolve()
     with tempfile.TemporaryDirectory(prefix="surgvqa-train-step-") as tmp:
         for r in range(rounds):
             order = rows if r % 2 == 0 else list(reversed(rows))
-            for name, model, cache, labelled, steps in order:
+            for name, model, cache, encoding, labelled, steps in order:
                 log(f"round {r + 1}/{rounds}: {name} ({steps} steps) ...")
                 spec = {"model": str(models[model]), "jsonl": str(data / "in_template.jsonl"),
                         "frames": str(data / "frames"), "audio": str(audio), "frame_cache": cache,
-                        "labelled": labelled, "steps": steps, "threads": args.threads,
-                        "out": str(Path(tmp) / f"{r}-{len(results[name])}-{cache}-{labelled}-{model}")}
+                        "labelled": labelled, "steps": steps, "threads": args.threads, "encoding_cache_gb": encoding,
+                        "out": str(Path(tmp) / f"round{r}-row{rows.index((name, model, cache, encoding, labelled, steps))}")}
                 results[name].append(run_child(script, ["--child", json.dumps(spec)], timeout=1800))
 
     def med(values):
@@ -212,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{rounds} round(s) ==")
     print(environment_line(threads=args.threads))
     cache_rows = []
-    for name in ("frame cache none", "frame cache disk"):
+    for name in data_rows:
         per_round = [epoch_means(res, epoch) for res in results[name]]
         for e in range(2):
             step = med([p[e][0] for p in per_round])
@@ -220,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             cache_rows.append([name, e + 1, f"{step:.4f}", f"{100 * share:.1f} %",
                                f"{med([res['peak_rss_mib'] for res in results[name]]):,.0f}"])
     print_table(["row (tiny vocab)", "epoch", "s/step", "waiting for data", "peak RSS MiB"], cache_rows,
-                title="frame cache (steps 3-20 of each epoch)")
-    disk = results["frame cache disk"][0]["cache"]
+                title="data path (steps 3-20 of each epoch)")
+    disk = results[data_rows[2]][0]["cache"]
     print(f"disk cache, main process: {disk['hits']} hits, {disk['misses']} misses, {disk['bytes'] / 1e6:.1f} MB")
 
     head_rows = []

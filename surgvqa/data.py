@@ -62,7 +62,7 @@ class SurgicalVQADataset(Dataset):
 
     ``frame_cache`` (:class:`surgvqa.frame_cache.FrameCache`, optional): decoded, resized frames are read from it and
     decoded only on a miss; the pixels are the same either way. ``media_key`` identifies what the item was made of
-    (:meth:`media_key`), so a collator can reuse its encoding in a later epoch.
+    (:meth:`_media_key`), so a collator can reuse its encoding in a later epoch.
     """
 
     def __init__(self, samples: Sequence[Sample], media: MediaConfig, max_frames: int | None = None,
@@ -77,7 +77,7 @@ class SurgicalVQADataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _frames(self, sample: Sample) -> list[np.ndarray]:
+    def _frames(self, sample: Sample, identities: tuple | None) -> list[np.ndarray]:
         size, grid = self.media.frame_size, self.media.pixel_multiple
         if sample.video_path is not None:
             n = self.media.num_video_frames
@@ -86,29 +86,31 @@ class SurgicalVQADataset(Dataset):
             if self.frame_cache is None:
                 return load_video_frames(sample.video_path, n, size, grid)
             clip = self.frame_cache.get(sample.video_path, ("video", n, size, grid),
-                                        lambda: np.stack(load_video_frames(sample.video_path, n, size, grid)))
+                                        lambda: np.stack(load_video_frames(sample.video_path, n, size, grid)),
+                                        identities[0] if identities else None)
             return list(clip)
         if not sample.frame_paths:
             raise MediaError("sample has neither frame_paths nor video_path")
-        indices = subsample_indices(len(sample.frame_paths), self.max_frames)
+        paths = [sample.frame_paths[i] for i in subsample_indices(len(sample.frame_paths), self.max_frames)]
         if self.frame_cache is None:
-            frames = [load_frame(sample.frame_paths[i], size, grid) for i in indices]
+            frames = [load_frame(path, size, grid) for path in paths]
         else:
-            cache = self.frame_cache
-            frames = [cache.get(path, ("frame", size, grid), lambda path=path: load_frame(path, size, grid))
-                      for path in (sample.frame_paths[i] for i in indices)]
+            cache, settings = self.frame_cache, ("frame", size, grid)
+            frames = [cache.get(path, settings, lambda path=path: load_frame(path, size, grid),
+                                identities[k] if identities else None) for k, path in enumerate(paths)]
         shapes = {f.shape for f in frames}
         if len(shapes) > 1:
             raise MediaError(
                 f"frames differ in size after resizing ({sorted(shapes)}); re-extract them at one "
-                f"resolution: {[str(sample.frame_paths[i]) for i in indices]}"
+                f"resolution: {[str(path) for path in paths]}"
             )
         return frames
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         sample = self.samples[i]
+        identities = self._identities(sample)
         try:
-            frames = self._frames(sample)
+            frames = self._frames(sample, identities)
             audio = None
             if self.media.needs_audio:
                 if sample.audio_path is None:
@@ -125,23 +127,31 @@ class SurgicalVQADataset(Dataset):
             frames = grey_like(frames)
         if self.media.ablate in ("audio", "both"):
             audio = silence_like(audio)
-        return {"sample": sample, "frames": frames, "audio": audio, "media_key": self.media_key(sample)}
+        return {"sample": sample, "frames": frames, "audio": audio, "media_key": self._media_key(sample, identities)}
 
-    def media_key(self, sample: Sample) -> tuple | None:
-        """What this item's inputs are made of, to tell whether an encoding of it is still valid: the question, every
-        media file used (path, size, mtime, inode) and the settings that turn them into pixels and samples. None
-        when a file cannot be stat'ed (nothing is reused then)."""
+    def _identities(self, sample: Sample) -> tuple | None:
+        """:func:`~surgvqa.frame_cache.file_identity` of each media file the item is made of (the video file or the
+        frames used, then the audio file when the question is spoken); None when one cannot be stat'ed (the
+        decoder then reports it)."""
         try:
             if sample.video_path is not None:
-                files = (file_identity(sample.video_path),)
+                files = [file_identity(sample.video_path)]
             else:
                 indices = subsample_indices(len(sample.frame_paths), self.max_frames)
-                files = tuple(file_identity(sample.frame_paths[i]) for i in indices)
-            audio = file_identity(sample.audio_path) if self.media.needs_audio and sample.audio_path else None
+                files = [file_identity(sample.frame_paths[i]) for i in indices]
+            if self.media.needs_audio and sample.audio_path is not None:
+                files.append(file_identity(sample.audio_path))
         except OSError:
             return None
+        return tuple(files)
+
+    def _media_key(self, sample: Sample, identities: tuple | None) -> tuple | None:
+        """What the item is made of, so a collator can tell whether an encoding of it is still valid: the question,
+        every media file (path, size, mtime, inode) and the settings that turn them into pixels and samples."""
+        if identities is None:
+            return None
         media = self.media
-        return (sample.key, sample.question, files, audio, media.frame_size, media.pixel_multiple,
+        return (sample.key, sample.question, identities, media.frame_size, media.pixel_multiple,
                 media.num_video_frames, self.max_frames, media.question_modality, media.ablate)
 
 

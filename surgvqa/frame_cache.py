@@ -128,11 +128,13 @@ class FrameCache:
         self._lock = threading.Lock()
 
     # -- the one call ------------------------------------------------------------------------------------
-    def get(self, path: str | os.PathLike[str], settings: Hashable, decode: Callable[[], np.ndarray]) -> np.ndarray:
+    def get(self, path: str | os.PathLike[str], settings: Hashable, decode: Callable[[], np.ndarray],
+            identity: tuple[str, int, int, int] | None = None) -> np.ndarray:
+        """``identity``: :func:`file_identity` of ``path`` when the caller has just taken it (saves a stat)."""
         if self.mode == "none":
             return decode()
         try:
-            key = self.key(path, settings)
+            key = self.key(path, settings, identity)
         except OSError:  # missing or unreadable: the decoder raises the error that names the file
             return decode()
         if self.mode == "memory":
@@ -159,9 +161,11 @@ class FrameCache:
         self._write(entry, array)
         return array
 
-    def key(self, path: str | os.PathLike[str], settings: Hashable) -> str:
-        """Hex digest of (resolved path, size, mtime ns, inode, settings, decoder fingerprint); stats the file."""
-        absolute, size, mtime_ns, inode = file_identity(path)
+    def key(self, path: str | os.PathLike[str], settings: Hashable,
+            identity: tuple[str, int, int, int] | None = None) -> str:
+        """Hex digest of (resolved path, size, mtime ns, inode, settings, decoder fingerprint); stats the file unless
+        its ``identity`` is given."""
+        absolute, size, mtime_ns, inode = identity or file_identity(path)
         material = f"{absolute}\0{size}\0{mtime_ns}\0{inode}\0{settings!r}\0{self.fingerprint}"
         return hashlib.sha256(material.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
