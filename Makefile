@@ -13,6 +13,10 @@ system-deps:
 	  echo "installing espeak-ng (offline TTS for spoken questions)"; \
 	  (apt-get update -qq && apt-get install -y -qq espeak-ng) >/dev/null || \
 	  echo "WARNING: could not install espeak-ng; data generation will need it"; }
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+	  echo "installing chromium + chromium-driver (headless browser for the HTML report test)"; \
+	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null || \
+	  echo "WARNING: could not install chromium; the browser test of the HTML report will be skipped"; }
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)

@@ -1,91 +1,89 @@
 #!/usr/bin/env bash
-# The one-A100 (40 GB) recipe: Qwen2.5-Omni-7B thinker, LoRA on the language model, 8 frames at 384 px for training
-# and evaluation, batch 1 x accumulation 4, lr 2e-4, 20 epochs, bf16, SDPA. Each epoch: eval loss plus the
-# generation-scored accuracy on the validation file; the best checkpoint by that accuracy is kept. Then the best
-# adapter is evaluated once on the test file (a video never used for training or checkpoint selection).
-#
-# Every path and setting is an environment variable; extra arguments go to train_vqa.py unchanged, e.g.
+# The one-A100 (40 GB) recipe, then one evaluation of the best adapter on the test file (a video never used for
+# training or checkpoint selection). The recipe itself is configs/a100_qwen2_5_omni.yaml (CONFIG=... picks another):
+# this script passes only what its environment variables change, and extra arguments go to train_vqa.py unchanged:
 #   MODEL=/models/Qwen2.5-Omni-7B DATA=/data/real-colon-vqa bash train_with_eval_FINAL.sh --load_in_4bit True
+#
+# Variables: MODEL DATA TRAIN_DATA VAL_DATA TEST_DATA FRAMES_DIR EVAL_FRAMES_DIR TEST_FRAMES_DIR AUDIO_DIR
+# EVAL_AUDIO_DIR TEST_AUDIO_DIR OUTPUT_DIR QUESTION_MODALITY FRAME_SIZE FRAMES EPOCHS MAX_STEPS LR BATCH GRAD_ACC
+# LORA_R (alpha = 2 r) EVAL_GENERATE_SAMPLES EVAL_STRATEGY EVAL_STEPS PRECISION (replaces "--bf16 True") EVAL_BATCH
+# WORKERS PYTHON CONFIG.
+#
+# Rerun after a crash with the same settings: training resumes from the last complete checkpoint in OUTPUT_DIR
+# (--resume_from_checkpoint auto). An OUTPUT_DIR holding another run's files is refused, never overwritten.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 PYTHON=${PYTHON:-python}
-MODEL=${MODEL:-/models/Qwen2.5-Omni-7B}
-DATA=${DATA:-data}
-TRAIN_DATA=${TRAIN_DATA:-$DATA/in_template_train.jsonl}
-VAL_DATA=${VAL_DATA:-$DATA/out_template_val.jsonl}
-TEST_DATA=${TEST_DATA:-$DATA/out_template_test.jsonl}
-FRAMES_DIR=${FRAMES_DIR:-$DATA/frames}
-EVAL_FRAMES_DIR=${EVAL_FRAMES_DIR:-$FRAMES_DIR}
-AUDIO_DIR=${AUDIO_DIR:-$DATA/audio/in_template}
-EVAL_AUDIO_DIR=${EVAL_AUDIO_DIR:-$DATA/audio/out_template}
-OUTPUT_DIR=${OUTPUT_DIR:-outputs/qwen2_5_omni_lora}
-QUESTION_MODALITY=${QUESTION_MODALITY:-text+audio}
-FRAME_SIZE=${FRAME_SIZE:-384}
-FRAMES=${FRAMES:-8}
-EPOCHS=${EPOCHS:-20}
-MAX_STEPS=${MAX_STEPS:--1}
-LR=${LR:-2e-4}
-BATCH=${BATCH:-1}
-GRAD_ACC=${GRAD_ACC:-4}
-LORA_R=${LORA_R:-16}
-EVAL_GENERATE_SAMPLES=${EVAL_GENERATE_SAMPLES:-200}
-EVAL_STRATEGY=${EVAL_STRATEGY:-epoch}
-EVAL_STEPS=${EVAL_STEPS:-500}
-PRECISION=${PRECISION:---bf16 True}
-EVAL_BATCH=${EVAL_BATCH:-8}
-
-audio_args=()
-if [[ "$QUESTION_MODALITY" != "text" ]]; then
-  audio_args=(--audio_dir "$AUDIO_DIR" --eval_audio_dir "$EVAL_AUDIO_DIR")
+CONFIG=${CONFIG:-configs/a100_qwen2_5_omni.yaml}
+if [[ -n "${DATA:-}" ]]; then
+  TRAIN_DATA=${TRAIN_DATA:-$DATA/in_template_train.jsonl}
+  VAL_DATA=${VAL_DATA:-$DATA/out_template_val.jsonl}
+  FRAMES_DIR=${FRAMES_DIR:-$DATA/frames}
+  AUDIO_DIR=${AUDIO_DIR:-$DATA/audio/in_template}
+  EVAL_AUDIO_DIR=${EVAL_AUDIO_DIR:-$DATA/audio/out_template}
 fi
 
-# shellcheck disable=SC2086
-"$PYTHON" train_vqa.py \
-  --model_name_or_path "$MODEL" \
-  --train_data_path "$TRAIN_DATA" \
-  --eval_data_path "$VAL_DATA" \
-  --frames_dir "$FRAMES_DIR" \
-  --eval_frames_dir "$EVAL_FRAMES_DIR" \
-  "${audio_args[@]}" \
-  --question_modality "$QUESTION_MODALITY" \
-  --frame_size "$FRAME_SIZE" \
-  --max_train_frames "$FRAMES" \
-  --max_eval_frames "$FRAMES" \
-  --output_dir "$OUTPUT_DIR" \
-  --per_device_train_batch_size "$BATCH" \
-  --per_device_eval_batch_size "$BATCH" \
-  --gradient_accumulation_steps "$GRAD_ACC" \
-  --learning_rate "$LR" \
-  --num_train_epochs "$EPOCHS" \
-  --max_steps "$MAX_STEPS" \
-  --lora_r "$LORA_R" \
-  --lora_alpha $((2 * LORA_R)) \
-  --warmup_steps 0.03 \
-  --lr_scheduler_type cosine \
-  --eval_strategy "$EVAL_STRATEGY" \
-  --eval_steps "$EVAL_STEPS" \
-  --save_strategy "$EVAL_STRATEGY" \
-  --save_steps "$EVAL_STEPS" \
-  --save_total_limit 2 \
-  --eval_generate_samples "$EVAL_GENERATE_SAMPLES" \
-  --load_best_model_at_end True \
-  --metric_for_best_model accuracy \
-  --greater_is_better True \
-  --attn_implementation sdpa \
-  --logging_steps 5 \
-  --dataloader_num_workers "${WORKERS:-4}" \
-  $PRECISION \
-  "$@"
+# The recipe's own values for what the evaluation step needs (one source of truth: the YAML file).
+eval "$("$PYTHON" - "$CONFIG" <<'PY'
+import shlex, sys, yaml
+recipe = yaml.safe_load(open(sys.argv[1])) or {}
+for key in ("output_dir", "frames_dir", "eval_audio_dir", "question_modality"):
+    value = recipe.get(key)
+    print(f"RECIPE_{key.upper()}={shlex.quote('' if value is None else str(value))}")
+PY
+)"
 
+args=()
+flag() {  # flag NAME VALUE...: pass --NAME VALUE for every value given
+  local name=$1; shift
+  for value in "$@"; do args+=("--$name" "$value"); done
+}
+[[ -n "${MODEL:-}" ]] && flag model_name_or_path "$MODEL"
+[[ -n "${TRAIN_DATA:-}" ]] && flag train_data_path "$TRAIN_DATA"
+[[ -n "${VAL_DATA:-}" ]] && flag eval_data_path "$VAL_DATA"
+[[ -n "${FRAMES_DIR:-}" ]] && flag frames_dir "$FRAMES_DIR"
+[[ -n "${EVAL_FRAMES_DIR:-}" ]] && flag eval_frames_dir "$EVAL_FRAMES_DIR"
+[[ -n "${QUESTION_MODALITY:-}" ]] && flag question_modality "$QUESTION_MODALITY"
+MODALITY=${QUESTION_MODALITY:-$RECIPE_QUESTION_MODALITY}
+if [[ "$MODALITY" == "text" ]]; then
+  flag audio_dir ""
+  flag eval_audio_dir ""
+else
+  [[ -n "${AUDIO_DIR:-}" ]] && flag audio_dir "$AUDIO_DIR"
+  [[ -n "${EVAL_AUDIO_DIR:-}" ]] && flag eval_audio_dir "$EVAL_AUDIO_DIR"
+fi
+[[ -n "${OUTPUT_DIR:-}" ]] && flag output_dir "$OUTPUT_DIR"
+[[ -n "${FRAME_SIZE:-}" ]] && flag frame_size "$FRAME_SIZE"
+[[ -n "${FRAMES:-}" ]] && { flag max_train_frames "$FRAMES"; flag max_eval_frames "$FRAMES"; }
+[[ -n "${EPOCHS:-}" ]] && flag num_train_epochs "$EPOCHS"
+[[ -n "${MAX_STEPS:-}" ]] && flag max_steps "$MAX_STEPS"
+[[ -n "${LR:-}" ]] && flag learning_rate "$LR"
+[[ -n "${BATCH:-}" ]] && { flag per_device_train_batch_size "$BATCH"; flag per_device_eval_batch_size "$BATCH"; }
+[[ -n "${GRAD_ACC:-}" ]] && flag gradient_accumulation_steps "$GRAD_ACC"
+[[ -n "${LORA_R:-}" ]] && { flag lora_r "$LORA_R"; flag lora_alpha $((2 * LORA_R)); }
+[[ -n "${EVAL_GENERATE_SAMPLES:-}" ]] && flag eval_generate_samples "$EVAL_GENERATE_SAMPLES"
+[[ -n "${EVAL_STRATEGY:-}" ]] && { flag eval_strategy "$EVAL_STRATEGY"; flag save_strategy "$EVAL_STRATEGY"; }
+[[ -n "${EVAL_STEPS:-}" ]] && { flag eval_steps "$EVAL_STEPS"; flag save_steps "$EVAL_STEPS"; }
+[[ -n "${WORKERS:-}" ]] && flag dataloader_num_workers "$WORKERS"
+precision=()
+if [[ -n "${PRECISION:-}" ]]; then
+  read -r -a precision <<< "$PRECISION"
+  precision=(--bf16 False "${precision[@]}")
+fi
+
+"$PYTHON" train_vqa.py "$CONFIG" "${args[@]}" "${precision[@]}" --resume_from_checkpoint auto "$@"
+
+OUT=${OUTPUT_DIR:-$RECIPE_OUTPUT_DIR}
 eval_audio=()
-if [[ "$QUESTION_MODALITY" != "text" ]]; then
-  eval_audio=(--audio_dir "${TEST_AUDIO_DIR:-$EVAL_AUDIO_DIR}")
+if [[ "$MODALITY" != "text" ]]; then
+  eval_audio=(--audio_dir "${TEST_AUDIO_DIR:-${EVAL_AUDIO_DIR:-$RECIPE_EVAL_AUDIO_DIR}}")
 fi
 "$PYTHON" evaluate_checkpoint.py \
-  --checkpoint_path "$OUTPUT_DIR" \
-  --eval_data_path "$TEST_DATA" \
-  --frames_dir "${TEST_FRAMES_DIR:-$FRAMES_DIR}" \
+  --checkpoint_path "$OUT" \
+  --eval_data_path "${TEST_DATA:-${DATA:-data}/out_template_test.jsonl}" \
+  --frames_dir "${TEST_FRAMES_DIR:-${FRAMES_DIR:-$RECIPE_FRAMES_DIR}}" \
   "${eval_audio[@]}" \
-  --batch_size "$EVAL_BATCH" \
-  --output_file "$OUTPUT_DIR/test_predictions.jsonl"
+  --batch_size "${EVAL_BATCH:-8}" \
+  --output_file "$OUT/test_predictions.jsonl" \
+  --overwrite True  # the adapter in OUTPUT_DIR was just (re)trained: earlier predictions of it are stale

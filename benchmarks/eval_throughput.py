@@ -79,7 +79,9 @@ def child(argv: list[str]) -> int:
         output_file=args.output_file, frame_size=FRAME_SIZE, batch_size=8, max_new_tokens=args.max_new_tokens,
         device="cpu",
     ))
-    predictions = sum(1 for line in Path(args.output_file).read_text().splitlines() if line.strip())
+    from surgvqa.report import read_predictions
+
+    predictions = len(read_predictions(args.output_file))  # records only: the meta line is not a prediction
     emit_result({
         "n": n, "predictions": predictions, "rss_before_mb": rss_before, "peak_before_mb": peak_before,
         "peak_mb": peak_rss_mb(), "eval_s": time.perf_counter() - start,

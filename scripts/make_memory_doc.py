@@ -102,8 +102,9 @@ def build(processor: str) -> str:
         "the training pre-flight), tested against collated batches;",
         "- **weights** — exact: parameters of the model built on the meta device from the shipped config, stored as "
         "our loader stores them (bf16; bitsandbytes nf4 with double quantization, towers, projectors and lm_head "
-        "unquantized), tested byte for byte against the bitsandbytes-loaded tiny model; during QLoRA training "
-        "`prepare_model_for_kbit_training` casts every unquantized parameter to fp32, which the train column shows;",
+        "unquantized), tested byte for byte against the bitsandbytes-loaded tiny model; during QLoRA training only "
+        "the norms are held in fp32 (`prepare_quantized_for_training`; PEFT's `prepare_model_for_kbit_training` "
+        "would cast every unquantized parameter to fp32), which the train column shows;",
         "- **LoRA, gradients, optimizer state, inputs, KV cache** — exact from shapes (LoRA adapters in fp32, AdamW "
         "two fp32 states per trainable parameter);",
         "- **activations** — fitted: bytes per element of a few per-token features (tokens × layers × hidden, × MLP "

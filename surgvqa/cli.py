@@ -22,8 +22,6 @@ class Command:
     module: str
     function: str
     help: str
-    #: arguments put before the user's (a module whose own CLI has a subcommand)
-    prefix: tuple[str, ...] = ()
 
 
 #: every command, in the order ``surgvqa --help`` lists them
@@ -40,10 +38,6 @@ COMMANDS: dict[str, Command] = {
     "plan": Command("surgvqa.plan", "main", "plan a run before spending GPU hours"),
     "create-graft": Command("surgvqa.backbones.qwen_vl_whisper.create", "main",
                             "write a Qwen-VL + Whisper graft directory (the qwen_vl_whisper backbone)"),
-}
-#: where a command lived before its module moved: (module, function, arguments put first)
-_FALLBACKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "create-graft": ("surgvqa.backbones.qwen_vl_whisper", "main", ("create",)),
 }
 
 
@@ -69,15 +63,11 @@ def resolve(name: str) -> Callable[[list[str]], int]:
     if name not in COMMANDS:
         raise UserError(f"unknown command {name!r}; commands: {', '.join(COMMANDS)} (see surgvqa --help)")
     command = COMMANDS[name]
-    module, function, prefix = _import(command.module), command.function, command.prefix
-    if module is None and name in _FALLBACKS:
-        fallback, function, prefix = _FALLBACKS[name]
-        module = _import(fallback)
+    module = _import(command.module)
     if module is None:
         raise UserError(f"`surgvqa {name}` needs the module {command.module}, which this installation does not "
                         "have; update surgvqa")
-    target = getattr(module, function)
-    return lambda argv: target([*prefix, *argv])
+    return getattr(module, command.function)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

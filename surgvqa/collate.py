@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from surgvqa.backbones.base import on_vision_grid, vision_grid
-from surgvqa.media import MediaConfig
+from surgvqa.backbones.base import vision_grid
+from surgvqa.media import MediaConfig, PixelBudget
 from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, build_messages, check_question_modality
 from surgvqa.run_config import DEFAULT_FPS, FRAMES_AS
 from surgvqa.tokenizer import end_of_turn_token
@@ -24,6 +24,43 @@ from surgvqa.tokenizer import end_of_turn_token
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+#: what the processors call the video clock (seconds per temporal grid step) in their output
+_CLOCK_KEYS = ("video_second_per_grid", "second_per_grid_ts")
+
+
+def frame_times(item: dict, fps: float, video_fps: float | None = None) -> list[float]:
+    """Seconds at which each kept frame of a dataset item was shot.
+
+    A video file's frames carry their presentation times (``frame_times``). Extracted frames use their
+    ``frame_numbers`` (the line's entries for the kept frames) divided by ``video_fps`` (the source video's frame
+    rate) when both exist, else their position in the line's frame list divided by ``fps`` (the rate at which the
+    listed frames were sampled). Either way the frames kept after subsampling keep their own times, so 4 of 8
+    frames span the same seconds as the 8.
+    """
+    if item.get("frame_times"):
+        return [float(t) for t in item["frame_times"]]
+    numbers = item.get("frame_numbers")
+    if video_fps and numbers:
+        return [float(n) / video_fps for n in numbers]
+    indices = item.get("frame_indices") or list(range(len(item["frames"])))
+    return [i / fps for i in indices]
+
+
+def second_per_grid(times: list[float], temporal_patch_size: int, fps: float) -> float:
+    """The M-RoPE time step of one video: seconds between consecutive temporal grids (``temporal_patch_size``
+    frames each, the last frame repeated to fill the last grid), fitted through the first and last grid.
+
+    The processors assume evenly spaced frames at one ``fps`` (``temporal_patch_size / fps``); here the step comes
+    from the frames actually kept, so a subsampled clip keeps the clock of the full clip.
+    """
+    tp = max(1, temporal_patch_size)
+    padded = list(times) + [times[-1]] * (-len(times) % tp)
+    starts = padded[::tp]
+    if len(starts) >= 2 and starts[-1] > starts[0]:
+        return (starts[-1] - starts[0]) / (len(starts) - 1)
+    if len(times) >= 2 and times[-1] > times[0]:  # one grid: its frames' mean spacing
+        return tp * (times[-1] - times[0]) / (len(times) - 1)
+    return tp / fps
 
 
 class OverlongSampleError(ValueError):
@@ -46,6 +83,9 @@ class VQACollator:
     model_max_length: int | None = None
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     fps: float = DEFAULT_FPS
+    video_fps: float | None = None
+    max_pixels: int | None = None
+    min_pixels: int | None = None
     _warned_odd: bool = field(default=False, repr=False)
     #: keep each item's encoding (its prompt ids, rows of pixel values, audio features) in memory up to this many GB,
     #: and build a later batch made only of kept items from them instead of running the processor again (0: off).
@@ -71,17 +111,30 @@ class VQACollator:
         self.end_of_turn_id = tokenizer.convert_tokens_to_ids(token)
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token: run surgvqa.tokenizer.repair_tokenizer first")
+        if not self.fps or self.fps <= 0:
+            raise ValueError(f"fps must be > 0, got {self.fps!r}")
+        if self.video_fps is not None and self.video_fps <= 0:
+            raise ValueError(f"video_fps must be > 0 (the source video's frame rate) or None, got {self.video_fps!r}")
+        self.budget = PixelBudget(self.frame_size, self.max_pixels, self.min_pixels, self.grid_factor)
 
     # -- pieces --------------------------------------------------------------------------------------------
     @property
     def temporal_patch_size(self) -> int:
         return int(getattr(self.processor.video_processor, "temporal_patch_size", 1) or 1)
 
+    @property
+    def grid_factor(self) -> int:
+        """The vision grid in pixels: patch x spatial merge (28 for Qwen2/2.5, 32 for Qwen3)."""
+        return vision_grid(self.processor)
+
     def pixel_kwargs(self) -> dict:
         """The pixel budget, always explicit: the processor's class-level defaults would otherwise upscale."""
-        grid = vision_grid(self.processor)
-        size = {"shortest_edge": grid * grid, "longest_edge": self.frame_size * self.frame_size}
-        return {"size": size}
+        return {"size": self.budget.processor_size()}
+
+    def frame_hw(self, width: int, height: int) -> tuple[int, int]:
+        """``(height, width)`` a source frame of ``width x height`` reaches the processor with (the dataset's resize)."""
+        w, h = self.budget.target_size(width, height)
+        return h, w
 
     def _frames_for_video(self, frames: list[np.ndarray]) -> list[np.ndarray]:
         """Qwen merges frames in pairs: an odd count gets its last frame repeated, deliberately and once logged."""
@@ -95,6 +148,11 @@ class VQACollator:
                 self._warned_odd = True
             frames = list(frames) + [frames[-1]] * pad
         return list(frames)
+
+    def _on_grid(self, frame: np.ndarray) -> bool:
+        """Frame already what the pixel budget makes of it (on the vision grid, within budget)."""
+        h, w = frame.shape[:2]
+        return self.budget.on_grid(w, h)
 
     def prompt_text(self, question: str, num_frames: int, answer: str | None = None) -> str:
         key = (question, num_frames, answer)
@@ -132,12 +190,11 @@ class VQACollator:
             rows, encoded = self._encode(items)
             if keys and None not in keys:
                 self._keep(keys, items, rows, encoded)
-        rows = [list(row) for row in rows]
-        return self._finish(samples, rows, encoded)
+        return self._finish(samples, [list(row) for row in rows], encoded)
 
     def _encode(self, items: list[dict]) -> tuple[list[list[int]], dict[str, Any]]:
         """The processor, once for the batch: each item's prompt ids (unpadded) and the media tensors."""
-        texts, videos, images, audios = [], [], [], []
+        texts, videos, images, audios, clocks = [], [], [], [], []
         for item in items:
             frames = item["frames"]
             if not frames:
@@ -145,6 +202,8 @@ class VQACollator:
             texts.append(self.prompt_text(item["sample"].question, len(frames)))
             if self.frames_as == "video":
                 videos.append(self._frames_for_video(frames))
+                times = frame_times(item, self.fps, self.video_fps)
+                clocks.append(second_per_grid(times, self.temporal_patch_size, self.fps))
             else:
                 images.extend(frames)
             if "audio" in self.question_modality:
@@ -156,10 +215,12 @@ class VQACollator:
         if videos:
             kwargs["videos"] = videos
             kwargs["videos_kwargs"] = {
-                **self.pixel_kwargs(), "do_sample_frames": False, "fps": self.fps, "cap_pixels_per_frame": False,
+                # fps: the rate the processor assumes for the first video (Qwen3-VL writes frame timestamps from
+                # it); every video's own clock replaces the processor's below
+                **self.pixel_kwargs(), "do_sample_frames": False, "cap_pixels_per_frame": False,
+                "fps": self.temporal_patch_size / clocks[0],
                 # frames already on the vision grid within the budget (the dataset resized them): no second resize
-                "do_resize": not on_vision_grid((video[0] for video in videos), vision_grid(self.processor),
-                                                self.frame_size),
+                "do_resize": not all(self._on_grid(video[0]) for video in videos),
             }
         if images:
             kwargs["images"] = images
@@ -173,6 +234,9 @@ class VQACollator:
             longest = max(len(a) for a in audios)
             kwargs["audio_kwargs"] = {"max_length": longest + extractor.n_fft // 2, "truncation": False}
         encoded = self.processor(**kwargs)
+        for key in _CLOCK_KEYS:
+            if videos and key in encoded:
+                encoded[key] = torch.tensor(clocks, dtype=torch.as_tensor(encoded[key]).dtype)
         if audios:  # drop the all-padding tail: every clip keeps ceil(samples / hop) frames, as at 30 s
             frames = int(encoded["feature_attention_mask"].sum(-1).max())
             encoded["input_features"] = encoded["input_features"][..., :frames]
@@ -278,7 +342,7 @@ def _remember(memo: dict, key, value, limit: int = 1 << 16):
 
 
 #: per-item processor outputs, batched by concatenation along dim 0 (one or more rows per item)
-_ROW_KEYS = ("pixel_values_videos", "video_grid_thw", "video_second_per_grid", "pixel_values", "image_grid_thw")
+_ROW_KEYS = ("pixel_values_videos", "video_grid_thw", *_CLOCK_KEYS, "pixel_values", "image_grid_thw")
 _AUDIO_KEYS = ("input_features", "feature_attention_mask")
 
 
@@ -293,7 +357,7 @@ def _split(rows: list[list[int]], encoded: dict[str, Any], frames: list[int]) ->
         starts = np.cumsum([0, *encoded["video_grid_thw"].prod(-1).tolist()])
         for i, part in enumerate(parts):
             part["tensors"]["pixel_values_videos"] = encoded["pixel_values_videos"][starts[i]:starts[i + 1]].clone()
-            for key in ("video_grid_thw", "video_second_per_grid"):
+            for key in ("video_grid_thw", *_CLOCK_KEYS):
                 if key in encoded:
                     part["tensors"][key] = encoded[key][i:i + 1].clone()
     if "image_grid_thw" in encoded:  # one image per frame

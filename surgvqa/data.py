@@ -24,11 +24,15 @@ from surgvqa.errors import ArgumentParser, UserError, existing_dir, existing_fil
 from surgvqa.frame_cache import FrameCache, file_identity
 from surgvqa.media import (
     ABLATIONS,
+    CONSTANT_VIDEO_ABLATIONS,
     DEFAULT_SAMPLING_RATE,
+    SHUFFLE_ABLATIONS,
+    SILENT_AUDIO_ABLATIONS,
     MediaConfig,
     MediaError,
     audio_duration,
-    grey_like,
+    constant_frames_like,
+    derangement,
     load_audio,
     load_frame,
     load_video_frames,
@@ -51,108 +55,175 @@ from surgvqa.samples import (
 
 
 # ------------------------------------------------------------------------------------------------- dataset
+def ablation_donors(samples: Sequence[Sample], seed: int) -> dict[tuple[str, str], Sample]:
+    """For the shuffle ablations: each sample's donor, another sample (from another video where possible).
+
+    A seeded :func:`~surgvqa.media.derangement` over ``samples`` in their given order, so the same samples and
+    seed always give the same donors (a resumed evaluation serves every sample the same media again).
+    """
+    order = derangement([s.video_id for s in samples], seed)
+    return {s.key: samples[j] for s, j in zip(samples, order, strict=True)}
+
+
 class SurgicalVQADataset(Dataset):
-    """Samples plus decoded media: ``{"sample", "frames", "audio"}`` (no tokenization, so items are cheap to cache).
+    """Samples plus decoded media: ``{"sample", "frames", "audio", "frame_indices", "frame_times"}`` (no
+    tokenization, so items are cheap to cache).
 
     ``frames``: uint8 HxWx3 arrays, subsampled with :func:`subsample_indices` to ``max_frames`` (which overrides
-    ``media.max_frames``: train and eval may differ) and resized to ``media.frame_size``; mean-grey when
-    ``media.ablate`` is ``"video"``/``"both"``. ``audio``: float32 16 kHz mono (``None`` for text questions);
-    silence of the same length when ``ablate`` is ``"audio"``/``"both"``. A file that cannot be read raises
-    :class:`MediaError` naming the sample and the path: nothing is substituted silently.
+    ``media.max_frames``: train and eval may differ) and resized to the pixel budget ``media.budget``. ``audio``:
+    float32 16 kHz mono (``None`` for text questions). A file that cannot be read raises :class:`MediaError` naming
+    the sample and the path: nothing is substituted silently. For the video clock the item also carries
+    ``frame_indices`` (which of the line's frames were kept), ``frame_numbers`` (their ``frame_numbers`` entries,
+    when the line has them) and, for a video file, ``frame_times`` (the kept frames' presentation times in seconds);
+    the collator turns them into the M-RoPE time step.
 
-    ``frame_cache`` (:class:`surgvqa.frame_cache.FrameCache`, optional): decoded, resized frames are read from it and
-    decoded only on a miss; the pixels are the same either way. ``media_key`` identifies what the item was made of
-    (:meth:`_media_key`), so a collator can reuse its encoding in a later epoch.
+    Modality ablation (``media.ablate``), media still decoded so a missing file is still an error:
+
+    - ``video`` / ``both``: every frame of every sample becomes the constant colour ``video_fill`` (the
+      processor's normalisation mean, i.e. zeros after normalisation), frame count and size kept;
+    - ``audio`` / ``both``: the spoken question becomes silence of the same length;
+    - ``video_shuffle`` / ``audio_shuffle``: the frames / audio of ``donors[sample.key]`` (see
+      :func:`ablation_donors`) instead of the sample's own.
+
+    ``frame_cache`` (:class:`surgvqa.frame_cache.FrameCache`, optional): decoded, resized frames (of frame files;
+    video files are decoded every time, their frame times come with the decode) are read from it and decoded only on
+    a miss; the pixels are the same either way. Each item's ``media_key`` says what it was made of
+    (:meth:`_media_key`), so a collator can reuse its encoding of the item in a later epoch.
     """
 
-    def __init__(self, samples: Sequence[Sample], media: MediaConfig, max_frames: int | None = None,
-                 frame_cache: FrameCache | None = None) -> None:
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        media: MediaConfig,
+        max_frames: int | None = None,
+        *,
+        video_fill: Sequence[int] | None = None,
+        donors: dict[tuple[str, str], Sample] | None = None,
+        frame_cache: FrameCache | None = None,
+    ) -> None:
         self.samples = list(samples)
         self.media = media
         self.frame_cache = frame_cache
         self.max_frames = max_frames if max_frames is not None else media.max_frames
         if self.max_frames is not None and self.max_frames < 1:
             raise ValueError(f"max_frames must be >= 1 or None, got {self.max_frames}")
+        if media.ablate in CONSTANT_VIDEO_ABLATIONS and video_fill is None:
+            raise ValueError(
+                f"ablate={media.ablate!r} needs video_fill, the constant RGB colour of the ablated frames (the "
+                "processor's normalisation mean)"
+            )
+        if media.ablate in SHUFFLE_ABLATIONS:
+            if donors is None:
+                raise ValueError(f"ablate={media.ablate!r} needs donors (see ablation_donors)")
+            missing = [s.key for s in self.samples if s.key not in donors]
+            if missing:
+                raise ValueError(f"ablate={media.ablate!r}: no donor for {len(missing)} sample(s), e.g. {missing[0]}")
+        self.video_fill = tuple(int(v) for v in video_fill) if video_fill is not None else None
+        self.donors = donors
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _frames(self, sample: Sample, identities: tuple | None) -> list[np.ndarray]:
-        size, grid = self.media.frame_size, self.media.pixel_multiple
+    def _frames(self, sample: Sample, timing: dict[str, Any], identities: tuple | None = None) -> list[np.ndarray]:
+        size, grid = self.media.budget, self.media.pixel_multiple
         if sample.video_path is not None:
             n = self.media.num_video_frames
             if self.max_frames is not None:
                 n = min(n, self.max_frames)
-            if self.frame_cache is None:
-                return load_video_frames(sample.video_path, n, size, grid)
-            clip = self.frame_cache.get(sample.video_path, ("video", n, size, grid),
-                                        lambda: np.stack(load_video_frames(sample.video_path, n, size, grid)),
-                                        identities[0] if identities else None)
-            return list(clip)
+            times: list[float] = []
+            frames = load_video_frames(sample.video_path, n, size, grid, times=times)
+            timing["frame_times"] = times or None
+            return frames
         if not sample.frame_paths:
             raise MediaError("sample has neither frame_paths nor video_path")
-        paths = [sample.frame_paths[i] for i in subsample_indices(len(sample.frame_paths), self.max_frames)]
+        indices = subsample_indices(len(sample.frame_paths), self.max_frames)
+        timing["frame_indices"] = indices
+        numbers = sample.extra.get("frame_numbers")
+        if isinstance(numbers, list) and len(numbers) == len(sample.frame_paths):
+            timing["frame_numbers"] = [numbers[i] for i in indices]
         if self.frame_cache is None:
-            frames = [load_frame(path, size, grid) for path in paths]
+            frames = [load_frame(sample.frame_paths[i], size, grid) for i in indices]
         else:
             cache, settings = self.frame_cache, ("frame", size, grid)
-            frames = [cache.get(path, settings, lambda path=path: load_frame(path, size, grid),
-                                identities[k] if identities else None) for k, path in enumerate(paths)]
+            frames = [cache.get(sample.frame_paths[i], settings,
+                                lambda path=sample.frame_paths[i]: load_frame(path, size, grid),
+                                identities[k] if identities else None) for k, i in enumerate(indices)]
         shapes = {f.shape for f in frames}
         if len(shapes) > 1:
             raise MediaError(
                 f"frames differ in size after resizing ({sorted(shapes)}); re-extract them at one "
-                f"resolution: {[str(path) for path in paths]}"
+                f"resolution: {[str(sample.frame_paths[i]) for i in indices]}"
             )
         return frames
 
+    def _audio(self, sample: Sample) -> np.ndarray | None:
+        if not self.media.needs_audio:
+            return None
+        if sample.audio_path is None:
+            raise MediaError(
+                f"question_modality {self.media.question_modality!r} needs audio but the "
+                "sample has no audio_path; build samples with the same MediaConfig"
+            )
+        return load_audio(sample.audio_path, DEFAULT_SAMPLING_RATE)
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         sample = self.samples[i]
-        identities = self._identities(sample)
+        ablate = self.media.ablate
+        frame_source = self.donors[sample.key] if ablate == "video_shuffle" else sample
+        audio_source = self.donors[sample.key] if ablate == "audio_shuffle" else sample
+        timing: dict[str, Any] = {"frame_indices": None, "frame_numbers": None, "frame_times": None}
+        frame_files = self._frame_identities(frame_source)
+        audio_file = self._audio_identity(audio_source)
         try:
-            frames = self._frames(sample, identities)
-            audio = None
-            if self.media.needs_audio:
-                if sample.audio_path is None:
-                    raise MediaError(
-                        f"question_modality {self.media.question_modality!r} needs audio but the "
-                        "sample has no audio_path; build samples with the same MediaConfig"
-                    )
-                audio = load_audio(sample.audio_path, DEFAULT_SAMPLING_RATE)
+            frames = self._frames(frame_source, timing, frame_files)
+            audio = self._audio(audio_source)
         except MediaError as err:
+            donor = ""
+            if frame_source is not sample or audio_source is not sample:
+                other = frame_source if frame_source is not sample else audio_source
+                donor = f" (media of (video_id={other.video_id!r}, id={other.id!r}) under ablate={ablate!r})"
             raise MediaError(
-                f"sample (video_id={sample.video_id!r}, id={sample.id!r}) from {sample.source or '?'}: {err}"
+                f"sample (video_id={sample.video_id!r}, id={sample.id!r}) from {sample.source or '?'}{donor}: {err}"
             ) from err
-        if self.media.ablate in ("video", "both"):
-            frames = grey_like(frames)
-        if self.media.ablate in ("audio", "both"):
+        if ablate in CONSTANT_VIDEO_ABLATIONS:
+            frames = constant_frames_like(frames, self.video_fill)
+        if ablate in SILENT_AUDIO_ABLATIONS:
             audio = silence_like(audio)
-        return {"sample": sample, "frames": frames, "audio": audio, "media_key": self._media_key(sample, identities)}
+        key = self._media_key(sample, frame_files, audio_file, timing)
+        return {"sample": sample, "frames": frames, "audio": audio, **timing, "media_key": key}
 
-    def _identities(self, sample: Sample) -> tuple | None:
-        """:func:`~surgvqa.frame_cache.file_identity` of each media file the item is made of (the video file or the
-        frames used, then the audio file when the question is spoken); None when one cannot be stat'ed (the
-        decoder then reports it)."""
+    def _frame_identities(self, sample: Sample) -> tuple | None:
+        """:func:`~surgvqa.frame_cache.file_identity` of the video file or of each frame used; None when one cannot
+        be stat'ed (the decoder then reports it)."""
         try:
             if sample.video_path is not None:
-                files = [file_identity(sample.video_path)]
-            else:
-                indices = subsample_indices(len(sample.frame_paths), self.max_frames)
-                files = [file_identity(sample.frame_paths[i]) for i in indices]
-            if self.media.needs_audio and sample.audio_path is not None:
-                files.append(file_identity(sample.audio_path))
+                return (file_identity(sample.video_path),)
+            indices = subsample_indices(len(sample.frame_paths), self.max_frames)
+            return tuple(file_identity(sample.frame_paths[i]) for i in indices)
         except OSError:
             return None
-        return tuple(files)
 
-    def _media_key(self, sample: Sample, identities: tuple | None) -> tuple | None:
+    def _audio_identity(self, sample: Sample) -> tuple | None:
+        if not self.media.needs_audio or sample.audio_path is None:
+            return None
+        try:
+            return file_identity(sample.audio_path)
+        except OSError:
+            return None
+
+    def _media_key(self, sample: Sample, frame_files: tuple | None, audio_file: tuple | None,
+                   timing: dict[str, Any]) -> tuple | None:
         """What the item is made of, so a collator can tell whether an encoding of it is still valid: the question,
-        every media file (path, size, mtime, inode) and the settings that turn them into pixels and samples."""
-        if identities is None:
+        every media file used (path, size, mtime, inode; a donor's under a shuffle ablation), the frames' times and
+        the settings that turn them into pixels and samples, the ablation included. None when a file could not be
+        stat'ed."""
+        if frame_files is None or (self.media.needs_audio and audio_file is None):
             return None
         media = self.media
-        return (sample.key, sample.question, identities, media.frame_size, media.pixel_multiple,
-                media.num_video_frames, self.max_frames, media.question_modality, media.ablate)
+        times = tuple(tuple(v) if isinstance(v, list) else v for v in timing.values())
+        return (sample.key, sample.question, frame_files, audio_file, times, repr(media.budget),
+                media.pixel_multiple, media.num_video_frames, self.max_frames, media.question_modality, media.ablate,
+                self.video_fill)
 
 
 # ------------------------------------------------------------------------------------------------- summary
@@ -194,7 +265,11 @@ def make_check_parser(subparsers=None) -> argparse.ArgumentParser:
         check = subparsers.add_parser("check", help=description, description=description)
     check.add_argument("--data_path", required=True, help="JSONL file, one sample per line")
     check.add_argument("--frames_dir", default=None, help="root of frame images (default: <data dir>/frames)")
-    check.add_argument("--audio_dir", default=None, help="root of spoken-question audio")
+    check.add_argument(
+        "--audio_dir", default=None,
+        help="root of spoken-question audio; when given, every sample's audio is found and decoded, whatever "
+        "--question_modality says",
+    )
     check.add_argument("--frame_path_template", default=MediaConfig.frame_path_template)
     check.add_argument("--audio_path_template", default=MediaConfig.audio_path_template)
     check.add_argument("--question_modality", default=MediaConfig.question_modality, choices=QUESTION_MODALITIES)
@@ -229,11 +304,18 @@ def check(args: argparse.Namespace) -> int:
     )
     try:
         samples, problems = load_samples(
-            args.data_path, media, require_scoring_fields=args.require_scoring_fields, skip_bad=True
+            args.data_path, media, require_scoring_fields=args.require_scoring_fields, skip_bad=True,
+            decode_media=True, check_audio=True,
         )
     except DataError as err:
         samples, problems = [], err.problems
     print(json.dumps({"data_path": args.data_path, **summarize_samples(samples)}, indent=2))
+    print(
+        "media: every frame, video and audio file decoded with the training loader's own decoders"
+        if args.audio_dir else
+        "media: every frame and video file decoded with the training loader's own decoders; audio NOT checked "
+        "(no --audio_dir given)"
+    )
     for problem in problems:
         print(f"PROBLEM {problem}")
     if problems:
@@ -263,10 +345,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 __all__ = [
     "ABLATIONS",
     "AUDIO_EXTENSIONS",
+    "CONSTANT_VIDEO_ABLATIONS",
     "IMAGE_EXTENSIONS",
     "QUESTION_MODALITIES",
     "REQUIRED_FIELDS",
     "SCORING_FIELDS",
+    "SHUFFLE_ABLATIONS",
+    "SILENT_AUDIO_ABLATIONS",
     "SKIP_HINT",
     "DataError",
     "MediaConfig",
@@ -274,6 +359,7 @@ __all__ = [
     "Problem",
     "Sample",
     "SurgicalVQADataset",
+    "ablation_donors",
     "check_main",
     "load_qa_text",
     "load_samples",

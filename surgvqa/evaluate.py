@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint by generated answers: streaming, resumable predictions file + summary + table.
+"""Evaluate a checkpoint by generated answers: a self-describing predictions file, its summary, the table.
 
     python evaluate_checkpoint.py --checkpoint_path OUT --eval_data_path test.jsonl --frames_dir frames \
         --audio_dir audio --output_file preds.jsonl
@@ -6,44 +6,67 @@
 
 Preprocessing comes from the checkpoint's ``surgvqa_config.json``; flags override it. A checkpoint without one is
 refused unless ``--frame_size``, ``--question_modality`` and ``--frames_as`` are all given, or
-``--allow_default_preprocessing True`` (the summary records which: ``preprocessing``).
+``--allow_default_preprocessing True`` (the meta line and the summary record which: ``preprocessing``).
+
+Nothing is lost and nothing is mixed: predictions stream to ``<output>.partial`` (first line: the run's meta
+record) and the finished file replaces ``<output>`` in one rename, so a failed or killed run leaves an existing
+output untouched; an existing output is replaced only with ``--overwrite True``; ``--resume True`` continues a
+partial (or complete) file only when its meta record matches this run, field by field.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
+import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from transformers import HfArgumentParser
 
+from surgvqa import __version__
 from surgvqa.backbones import LoadOptions, get_backbone
 from surgvqa.backbones.base import vision_grid
 from surgvqa.checkpoint import load_for_inference
 from surgvqa.collate import VQACollator
-from surgvqa.data import MediaConfig, SurgicalVQADataset, load_samples
+from surgvqa.data import (
+    CONSTANT_VIDEO_ABLATIONS,
+    SHUFFLE_ABLATIONS,
+    MediaConfig,
+    Sample,
+    SurgicalVQADataset,
+    ablation_donors,
+    load_samples,
+)
 from surgvqa.errors import existing_dir, existing_file, one_line_errors, run_main, writable_file
 from surgvqa.frame_cache import eval_frame_cache
 from surgvqa.generate import generate_predictions
 from surgvqa.lean_imports import checkpoint_needs_bitsandbytes, skip_bitsandbytes
-from surgvqa.metrics import build_candidates, paired_comparison, parse_baseline, score_record, summarize
+from surgvqa.media import ABLATION_REMOVES
+from surgvqa.metrics import SCORING_VERSION, build_candidates, paired_comparison, parse_baseline, score_record
 from surgvqa.report import (
+    META_KEY,
     format_paired_comparison,
     format_table,
+    partial_path_for,
     plot_per_type,
     predictions_path_for,
     read_predictions,
-    rescore,
+    read_predictions_meta,
+    rescored_summary_path_for,
+    summarize_run,
     summary_path_for,
     write_summary,
 )
 from surgvqa.run_config import EvalPreprocessing, RunConfig, eval_preprocessing
 
 logger = logging.getLogger("surgvqa.evaluate")
+
+META_FORMAT = 1
 
 
 @dataclass
@@ -52,7 +75,11 @@ class EvalArguments:
     eval_data_path: str | None = field(default=None)
     frames_dir: str | None = field(default=None)
     audio_dir: str | None = field(default=None)
-    output_file: str | None = field(default=None, metadata={"help": "predictions JSONL (summary beside it)"})
+    output_file: str | None = field(
+        default=None,
+        metadata={"help": "predictions JSONL (summary beside it); with --score_predictions: the summary JSON"},
+    )
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing --output_file (at the end)"})
     base_model_path: str | None = field(default=None, metadata={"help": "override the adapter's recorded base"})
     backbone: str | None = field(default=None)
     frame_path_template: str | None = field(default=None)
@@ -66,21 +93,36 @@ class EvalArguments:
     )
     batch_size: int = field(default=8)
     max_new_tokens: int = field(default=64)
-    baseline: str = field(default="majority", metadata={"help": "'majority', 'chance' or a number such as 0.46"})
+    baseline: str | None = field(
+        default=None,
+        metadata={"help": "'majority' (default), 'chance' or a number such as 0.46; re-scoring: the run's"},
+    )
     limit: int | None = field(default=None, metadata={"help": "evaluate only the first N samples"})
     dtype: str = field(default="auto")
     attn_implementation: str = field(default="sdpa")
     load_in_4bit: bool = field(default=False)
     trust_remote_code: bool = field(default=False)
-    resume: bool = field(default=False, metadata={"help": "skip (video_id, id) keys already in --output_file"})
-    ablate: str | None = field(default=None, metadata={"help": "video | audio | both: grey frames / silence"})
+    resume: bool = field(
+        default=False,
+        metadata={"help": "continue <output>.partial (or <output>) when its meta line matches this run"},
+    )
+    ablate: str | None = field(
+        default=None,
+        metadata={"help": "video (one constant frame for all) | video_shuffle (another sample's frames) | audio "
+                          "(silence) | audio_shuffle (another sample's audio) | both (video + audio)"},
+    )
+    ablation_seed: int = field(default=0, metadata={"help": "seed of the shuffle ablations' donor assignment"})
     compare: str | None = field(
         default=None,
         metadata={"help": "reference run's predictions file (or its summary): paired comparison on the same samples"},
     )
-    score_predictions: str | None = field(default=None, metadata={"help": "re-score this predictions file"})
+    score_predictions: str | None = field(
+        default=None,
+        metadata={"help": "re-score this predictions file with the answer sets of its meta line (no model)"},
+    )
     skip_bad_samples: bool = field(default=False)
     plot: str | None = field(default=None, metadata={"help": "write a per-type accuracy PNG here"})
+    report: str | None = field(default=None, metadata={"help": "write an HTML report of the run here"})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)"})
     frame_cache: str | None = field(
         default=None,
@@ -91,17 +133,25 @@ class EvalArguments:
     frame_cache_max_gb: float | None = field(default=None, metadata={"help": "default: 32 on disk, 4 in memory"})
 
 
-# What each ablation removes, as the paired comparison's verdict names it ("video carries X pts").
-REMOVED = {"video": "video", "audio": "audio", "both": "video and audio"}
+
+def video_fill(processor, frames_as: str) -> tuple[int, int, int]:
+    """The uint8 RGB colour that the processor normalises to (about) zero: its normalisation mean."""
+    part = processor.image_processor if frames_as == "images" else processor.video_processor
+    mean = getattr(part, "image_mean", None)
+    scale = getattr(part, "rescale_factor", 1 / 255) if getattr(part, "do_rescale", True) else 1.0
+    if mean is None or len(mean) != 3:
+        raise ValueError(f"{type(part).__name__} has no 3-channel image_mean; --ablate video cannot pick its fill")
+    return tuple(int(round(min(255.0, max(0.0, m / scale)))) for m in mean)
 
 
-def compare_with(records: list[dict], reference: str, candidates: dict, ablate: str | None) -> dict[str, Any]:
+def compare_with(records: list[dict], reference: str, candidates: dict | None, ablate: str | None) -> dict:
     """Paired comparison of this run's records with a reference run's predictions file (or its summary)."""
     path = predictions_path_for(reference)
-    result = paired_comparison(records, read_predictions(path), candidates, removed=REMOVED.get(ablate))
+    result = paired_comparison(records, read_predictions(path), candidates, removed=ABLATION_REMOVES.get(ablate))
     return {"reference": str(path.resolve()), **result}
 
 
+# ------------------------------------------------------------------------------------------- run settings
 def resolve_preprocessing(args: EvalArguments) -> EvalPreprocessing:
     """The checkpoint's recorded preprocessing with the flags given on top (refused when nothing is recorded
     and the flags do not say it either; see the module docstring)."""
@@ -116,121 +166,377 @@ def resolve_media(args: EvalArguments, preprocessing: EvalPreprocessing) -> Medi
     return preprocessing.media_config(args.frames_dir, args.audio_dir, ablate=args.ablate)
 
 
+def sha256_file(path: str | Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+# Model weights in a checkpoint directory (an adapter, a merged model, a base model); optimizer/scheduler state
+# and training_args.bin are not weights.
+_NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "scheduler.pt"}
+
+
+def weights_sha256(checkpoint_path: str | Path) -> str:
+    """One sha256 over the relative paths and bytes of every ``*.safetensors`` / ``*.bin`` weight file of a
+    checkpoint directory, sub-directories included (a graft keeps its parts in ``vl_model/``, ``audio_encoder/``)
+    but not the ``checkpoint-N/`` folders of a training output. A 7B model directory is read once (~15 GB); an
+    adapter is a few MB."""
+    root = Path(checkpoint_path)
+    files = sorted(
+        p for p in root.rglob("*")
+        if p.is_file() and p.suffix in (".safetensors", ".bin") and p.name not in _NOT_WEIGHTS
+        and not any(part.startswith("checkpoint-") for part in p.relative_to(root).parts[:-1])
+    ) if root.is_dir() else []
+    if not files:
+        raise ValueError(
+            f"--checkpoint_path {root} holds no weight files (*.safetensors / *.bin); give an adapter, merged "
+            "model or base model directory"
+        )
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + sha256_file(path).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def _abs(path: str | None) -> str | None:
+    return str(Path(path).resolve()) if path else None
+
+
+def run_meta(args: EvalArguments, preprocessing: EvalPreprocessing, media: MediaConfig, samples: list[Sample],
+             n_skipped: int, candidates: dict[str, list[str]]) -> dict[str, Any]:
+    """The meta record: everything that decides this run's lines, plus what re-scoring needs."""
+    config = RunConfig.find(args.checkpoint_path)
+    collator = preprocessing.collator_kwargs()
+    return {
+        "format": META_FORMAT,
+        "surgvqa_version": __version__,
+        "checkpoint": _abs(args.checkpoint_path),
+        "checkpoint_sha256": weights_sha256(args.checkpoint_path),
+        "base_model": _abs(args.base_model_path) or (config.base_model if config else None),
+        "backbone": args.backbone or (config.backbone if config else None),
+        "eval_data_path": _abs(args.eval_data_path),
+        "eval_data_sha256": sha256_file(args.eval_data_path),
+        "frames_dir": _abs(media.frames_dir) or str(Path(args.eval_data_path).resolve().parent / "frames"),
+        "audio_dir": _abs(media.audio_dir),
+        "frame_path_template": media.frame_path_template,
+        "audio_path_template": media.audio_path_template,
+        "ablate": media.ablate,
+        "ablation_seed": args.ablation_seed if media.ablate in SHUFFLE_ABLATIONS else None,
+        "preprocessing": preprocessing.source,
+        "question_modality": media.question_modality,
+        "frames_as": collator["frames_as"],
+        "frame_size": media.frame_size,
+        "max_eval_frames": media.max_frames,
+        "fps": collator["fps"],
+        "system_prompt": collator["system_prompt"],
+        "max_new_tokens": args.max_new_tokens,
+        "dtype": args.dtype,
+        "load_in_4bit": args.load_in_4bit,
+        "limit": args.limit,
+        "skip_bad_samples": args.skip_bad_samples,
+        "skipped_bad_samples": n_skipped,
+        "n_samples": len(samples),
+        "scoring": SCORING_VERSION,
+        "baseline": parse_baseline(args.baseline) if args.baseline else "majority",
+        "candidates": candidates,
+    }
+
+
+# Fields that decide what a line holds: --resume continues a file only when all of them match.
+RESUME_FIELDS = (
+    "checkpoint_sha256", "base_model", "backbone", "eval_data_sha256", "frames_dir", "audio_dir",
+    "frame_path_template", "audio_path_template", "ablate", "ablation_seed", "question_modality", "frames_as",
+    "frame_size", "max_eval_frames", "fps", "system_prompt", "max_new_tokens", "dtype", "load_in_4bit", "scoring",
+    "candidates",
+)
+
+
+def meta_mismatch(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """The first field (of RESUME_FIELDS) that differs, described, or None when the runs match."""
+    for name in RESUME_FIELDS:
+        if old.get(name) != new.get(name):
+            was, now = json.dumps(old.get(name))[:80], json.dumps(new.get(name))[:80]
+            return f"{name} differs ({was} in the file, {now} in this run)"
+    return None
+
+
+# ------------------------------------------------------------------------------------------- output safety
 def check_paths(args: EvalArguments) -> None:
     """Every path flag, before anything is read or written."""
     if args.score_predictions:
         existing_file(args.score_predictions, "--score_predictions")
         if args.output_file:
             writable_file(args.output_file, "--output_file")
+        if args.compare:
+            existing_file(args.compare, "--compare")
         return
     for name in ("checkpoint_path", "eval_data_path", "output_file"):
         if not getattr(args, name):
             raise ValueError(f"--{name} is required (or use --score_predictions FILE)")
     existing_dir(args.checkpoint_path, "--checkpoint_path")
     existing_file(args.eval_data_path, "--eval_data_path")
+    for name in ("frames_dir", "audio_dir"):
+        if getattr(args, name):
+            existing_dir(getattr(args, name), f"--{name}")
     writable_file(args.output_file, "--output_file")
     if args.compare:
         existing_file(args.compare, "--compare")
 
 
-def existing_keys(path: Path) -> set[tuple[str, str]]:
-    if not path.is_file():
-        return set()
-    keys = set()
-    with path.open() as handle:
+def check_outputs(args: EvalArguments, output: Path, inputs: list[str | None]) -> None:
+    """Refuse an output that is a directory or that would overwrite one of this run's inputs."""
+    if output.is_dir():
+        raise ValueError(f"--output_file {output} is a directory; pass a file name, e.g. {output / 'preds.jsonl'}")
+    written = {output.resolve(): "--output_file"}
+    if not args.score_predictions:
+        written[summary_path_for(output).resolve()] = "the summary"
+        written[partial_path_for(output).resolve()] = "the partial file"
+    for flag in ("plot", "report"):
+        if getattr(args, flag):
+            written[Path(getattr(args, flag)).resolve()] = f"--{flag}"
+    for value in inputs:
+        if not value:
+            continue
+        path = Path(value).resolve()
+        if path in written:
+            raise ValueError(
+                f"{written[path]} would overwrite the input {value}; choose another --output_file / --plot / --report"
+            )
+
+
+def _complete_lines(path: Path) -> list[str]:
+    """The record lines of a file, without its meta line and without a last line cut by a kill."""
+    lines = []
+    with path.open(encoding="utf-8") as handle:
         for line in handle:
-            line = line.strip()
-            if not line:
+            if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill: dropped, the sample is redone
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill: the sample is generated again
+            if isinstance(obj, dict) and META_KEY in obj:
                 continue
-            keys.add((record["video_id"], record["id"]))
-    return keys
+            lines.append(line.rstrip("\n"))
+    return lines
 
 
-def _rewrite_complete_lines(path: Path) -> None:
-    """Drop a trailing partial line left by a kill so appended lines stay valid JSONL."""
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    good = []
-    for ln in lines:
-        try:
-            json.loads(ln)
-            good.append(ln)
-        except json.JSONDecodeError:
-            pass
-    path.write_text("".join(f"{ln}\n" for ln in good))
+def refuse_to_overwrite(args: EvalArguments, output: Path) -> None:
+    """Before anything heavy: an existing output or partial file needs ``--overwrite True`` or ``--resume True``
+    (and both files at once need ``--overwrite True`` to resume, since the partial then replaces the output)."""
+    partial = partial_path_for(output)
+    if args.resume:
+        if partial.exists() and output.exists() and not args.overwrite:
+            raise ValueError(
+                f"both {output} and {partial} exist; --resume continues the partial file and replaces {output} at "
+                "the end: add --overwrite True to allow that, or move one of them"
+            )
+        return
+    if partial.exists() and not args.overwrite:
+        raise ValueError(
+            f"{partial} is left from an interrupted run; pass --resume True to continue it, or --overwrite True "
+            "to start again"
+        )
+    if output.exists() and not args.overwrite:
+        raise ValueError(
+            f"--output_file {output} exists; pass --overwrite True to replace it (only once this run completes), "
+            "--resume True to continue it, or choose another file"
+        )
 
 
+def previous_lines(args: EvalArguments, output: Path, meta: dict, samples: list[Sample]) -> dict[tuple, str]:
+    """With ``--resume``: the lines of the partial (or finished) output that this run keeps, keyed on
+    (video_id, id), after checking that its meta line matches this run; otherwise none."""
+    if not args.resume:
+        return {}
+    partial = partial_path_for(output)
+    source = partial if partial.exists() else output if output.exists() else None
+    if source is None:
+        logger.info("resume: %s does not exist yet; starting from the first sample", output)
+        return {}
+    old = read_predictions_meta(source)
+    if old is None:
+        raise ValueError(
+            f"--resume: {source} has no {META_KEY} line (written by an older version or another tool), so it cannot "
+            "be checked against this run; start a new --output_file"
+        )
+    mismatch = meta_mismatch(old, meta)
+    if mismatch:
+        raise ValueError(
+            f"--resume: {source} was written by a different run: {mismatch}. Resume only continues the same run; "
+            "start a new --output_file, or pass the same settings"
+        )
+    wanted = {s.key for s in samples}
+    kept: dict[tuple, str] = {}
+    for line in _complete_lines(source):
+        record = json.loads(line)
+        key = (record.get("video_id"), record.get("id"))
+        if key not in wanted:
+            raise ValueError(
+                f"--resume: {source} holds a prediction for {key}, which this run does not evaluate (a different "
+                "--limit or --skip_bad_samples?); pass the same flags, or start a new --output_file"
+            )
+        kept.setdefault(key, line)
+    logger.info("resume: %d of %d samples already in %s", len(kept), len(samples), source)
+    return kept
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------- the run
 def evaluate(args: EvalArguments) -> dict[str, Any]:
-    baseline = parse_baseline(args.baseline)
-    check_paths(args)
+    if args.baseline:
+        parse_baseline(args.baseline)
     if args.score_predictions:
-        target = summary_path_for(args.output_file) if args.output_file else None
-        summary = rescore(args.score_predictions, target, baseline=baseline)
-        print(format_table(summary))
-        return summary
+        return rescore(args)
+    check_paths(args)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    output = Path(args.output_file)
+    check_outputs(args, output, [args.eval_data_path, args.compare,
+                                 str(predictions_path_for(args.compare)) if args.compare else None])
+    refuse_to_overwrite(args, output)
+
     preprocessing = resolve_preprocessing(args)
     media = resolve_media(args, preprocessing)
     samples, problems = load_samples(args.eval_data_path, media, require_scoring_fields=True,
                                      skip_bad=args.skip_bad_samples)
     if problems:
         logger.warning("skipped %d bad sample(s):\n%s", len(problems), "\n".join(f"  {p}" for p in problems[:50]))
+    # The closed answer set per type comes from every usable sample of the file, before --limit, so a limited
+    # run is scored like the full one; the meta line records it, so re-scoring uses the same sets.
     candidates = build_candidates((s.question_type, s.short_answer) for s in samples)
     if args.limit is not None:
         samples = samples[: args.limit]
+    if not samples:
+        raise ValueError(f"--eval_data_path {args.eval_data_path}: no usable samples to evaluate")
+    meta = run_meta(args, preprocessing, media, samples, len(problems), candidates)
+    kept = previous_lines(args, output, meta, samples)
+    todo = [s for s in samples if s.key not in kept]
+    # donors over every evaluated sample (not only the ones left after --resume): the same sample always gets
+    # the same donor
+    donors = ablation_donors(samples, args.ablation_seed) if media.ablate in SHUFFLE_ABLATIONS else None
 
-    output = Path(args.output_file)
     output.parent.mkdir(parents=True, exist_ok=True)
-    if args.resume and output.is_file():
-        _rewrite_complete_lines(output)
-        done = existing_keys(output)
-        todo = [s for s in samples if s.key not in done]
-        logger.info("resume: %d of %d samples already in %s", len(samples) - len(todo), len(samples), output)
-    else:
-        output.write_text("")
-        todo = samples
+    partial = partial_path_for(output)
+    meta_line = json.dumps({META_KEY: meta}, sort_keys=True)
+    _write_atomically(partial, "".join(f"{line}\n" for line in [meta_line, *kept.values()]))
+    try:
+        _run_model(args, media, preprocessing, todo, donors, candidates, partial)
+    except Exception:
+        if not _complete_lines(partial):  # nothing to resume from: leave no partial file behind
+            partial.unlink(missing_ok=True)
+        raise
+    # The finished file: the meta line, then one line per sample in the data file's order; it replaces the
+    # output in one rename, so the output is never half-written.
+    lines = {}
+    for line in _complete_lines(partial):
+        record = json.loads(line)
+        lines.setdefault((record["video_id"], record["id"]), line)
+    missing = [s.key for s in samples if s.key not in lines]
+    if missing:
+        raise RuntimeError(f"{len(missing)} sample(s) have no prediction in {partial}, e.g. {missing[0]}")
+    _write_atomically(partial, "".join(f"{line}\n" for line in [meta_line, *(lines[s.key] for s in samples)]))
+    os.replace(partial, output)
 
-    if todo:
-        options = LoadOptions(dtype=args.dtype, attn_implementation=args.attn_implementation,
-                              load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code)
-        model, processor, config = load_for_inference(args.checkpoint_path, args.base_model_path, options,
-                                                      backbone=args.backbone)
-        print(f"model: {get_backbone(config['backbone']).describe(model)}")
-        device = args.device or ("cuda" if _cuda() else "cpu")
-        if not args.load_in_4bit:
-            model.to(device)
-        collator = VQACollator(processor, mode="generate", **preprocessing.collator_kwargs())
-        media = dataclasses.replace(media, pixel_multiple=vision_grid(processor))  # the backbone's vision grid
-        frame_cache = eval_frame_cache(args.frame_cache, args.frame_cache_dir, args.frame_cache_max_gb,
-                                       config.get("frame_cache"))
-        dataset = SurgicalVQADataset(todo, media, frame_cache=frame_cache)
-        _generate_into(output, model, processor, dataset, collator, candidates, args)
+    summary = _finish(read_predictions(output), meta, output, summary_path_for(output), args)
+    return summary
 
-    records = read_predictions(output)
-    wanted = {s.key for s in samples}
-    records = [r for r in records if (r.get("video_id"), r.get("id")) in wanted]
-    summary = summarize(records, baseline=baseline, candidates=candidates)
-    summary.update(
-        predictions_file=str(output.resolve()),
-        checkpoint=str(args.checkpoint_path), eval_data_path=str(args.eval_data_path), ablate=args.ablate,
-        question_modality=media.question_modality, frame_size=media.frame_size, max_eval_frames=media.max_frames,
-        skipped_bad_samples=len(problems), preprocessing=preprocessing.source,
-    )
-    if preprocessing.source == "defaults":
-        summary["allow_default_preprocessing"] = True
+
+def _run_model(args: EvalArguments, media: MediaConfig, preprocessing: EvalPreprocessing, todo: list[Sample],
+               donors, candidates, partial: Path) -> None:
+    """Load the model and append a line to ``partial`` for every sample in ``todo`` (nothing to do: no load)."""
+    if not todo:
+        return
+    options = LoadOptions(dtype=args.dtype, attn_implementation=args.attn_implementation,
+                          load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code)
+    model, processor, config = load_for_inference(args.checkpoint_path, args.base_model_path, options,
+                                                  backbone=args.backbone)
+    print(f"model: {get_backbone(config['backbone']).describe(model)}")
+    device = args.device or ("cuda" if _cuda() else "cpu")
+    if not args.load_in_4bit:
+        model.to(device)
+    collator = VQACollator(processor, mode="generate", **preprocessing.collator_kwargs())
+    media = dataclasses.replace(media, pixel_multiple=vision_grid(processor))  # the backbone's vision grid
+    fill = video_fill(processor, collator.frames_as) if media.ablate in CONSTANT_VIDEO_ABLATIONS else None
+    frame_cache = eval_frame_cache(args.frame_cache, args.frame_cache_dir, args.frame_cache_max_gb,
+                                   config.get("frame_cache"))
+    dataset = SurgicalVQADataset(todo, media, video_fill=fill, donors=donors, frame_cache=frame_cache)
+    _generate_into(partial, model, processor, dataset, collator, candidates, args)
+
+
+def _finish(records: list[dict], meta: dict | None, predictions: Path, summary_file: Path,
+            args: EvalArguments) -> dict[str, Any]:
+    """Summary (+ comparison) of a predictions file, written and printed; the same for a run and a re-score."""
+    baseline = parse_baseline(args.baseline) if args.baseline else None
+    summary = summarize_run(records, meta, baseline=baseline)
+    summary["predictions_file"] = str(predictions.resolve())
+    ablate = meta.get("ablate") if meta else None
     if args.compare:
-        summary["comparison"] = compare_with(records, args.compare, candidates, args.ablate)
-    summary_file = write_summary(summary, summary_path_for(output))
+        summary["comparison"] = compare_with(records, args.compare, meta.get("candidates") if meta else None, ablate)
+    write_summary(summary, summary_file)
     print(format_table(summary))
     if args.compare:
-        label = f"ablate={args.ablate}" if args.ablate else "run"
+        label = f"ablate={ablate}" if ablate else "run"
         print(format_paired_comparison(summary["comparison"], label=label, reference_label="reference"))
     if args.plot:
         plot_per_type(summary, args.plot)
-    print(f"predictions: {output}\nsummary:     {summary_file}")
+    if args.report:
+        write_report(predictions, args, meta)
+    print(f"predictions: {predictions}\nsummary:     {summary_file}")
     return summary
+
+
+def write_report(predictions: Path, args: EvalArguments, meta: dict | None) -> Path:
+    """The HTML report of a predictions file (``surgvqa.html_report``, imported only when asked for)."""
+    try:
+        from surgvqa.html_report import build_report
+    except ImportError as err:
+        raise ValueError(
+            f"--report needs surgvqa.html_report, which cannot be imported here ({err}); update surgvqa, or drop "
+            "--report and build the report later from the predictions file"
+        ) from None
+    compare = [predictions_path_for(args.compare)] if args.compare else []
+    return build_report(predictions, args.report, compare=compare,
+                        frames_dir=args.frames_dir or (meta or {}).get("frames_dir"),
+                        audio_dir=args.audio_dir or (meta or {}).get("audio_dir"))
+
+
+# Flags that only make sense with a model run: re-scoring refuses them instead of ignoring them.
+_RESCORE_FLAGS = {"score_predictions", "output_file", "overwrite", "compare", "baseline", "plot", "report",
+                  "frames_dir", "audio_dir"}
+
+
+def rescore(args: EvalArguments) -> dict[str, Any]:
+    """``--score_predictions FILE``: the summary of FILE from its predictions and its meta line (no model)."""
+    defaults = EvalArguments()
+    ignored = [f"--{f.name}" for f in fields(EvalArguments)
+               if f.name not in _RESCORE_FLAGS and getattr(args, f.name) != getattr(defaults, f.name)]
+    if ignored:
+        raise ValueError(
+            f"--score_predictions re-scores a finished file without a model; {', '.join(ignored)} would be ignored "
+            "(the run's settings are in the file's meta line): drop them"
+        )
+    if (args.frames_dir or args.audio_dir) and not args.report:
+        raise ValueError("--frames_dir / --audio_dir with --score_predictions only locate media for --report")
+    check_paths(args)
+    source = Path(args.score_predictions)
+    if args.baseline:
+        parse_baseline(args.baseline)
+    target = Path(args.output_file) if args.output_file else rescored_summary_path_for(source)
+    check_outputs(args, target, [str(source), args.compare,
+                                 str(predictions_path_for(args.compare)) if args.compare else None])
+    if args.output_file and target.exists() and not args.overwrite:
+        raise ValueError(f"--output_file {target} exists; pass --overwrite True to replace it, or choose another file")
+    meta = read_predictions_meta(source)
+    if meta is None:
+        logger.warning("%s has no %s line: the closed answer sets are gathered from its own gold answers, which "
+                       "can differ from the run's", source, META_KEY)
+    return _finish(read_predictions(source), meta, source, target, args)
 
 
 def _cuda() -> bool:
@@ -239,13 +545,13 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _generate_into(output: Path, model, processor, dataset, collator, candidates, args: EvalArguments) -> None:
+def _generate_into(partial: Path, model, processor, dataset, collator, candidates, args: EvalArguments) -> None:
     from tqdm.auto import tqdm
 
     by_key = {s.key: s for s in dataset.samples}
     hits = seen = 0
     bar = tqdm(total=len(dataset), desc="evaluating", unit="sample")
-    with output.open("a") as handle:
+    with partial.open("a", encoding="utf-8") as handle:
         for prediction in generate_predictions(model, processor.tokenizer, dataset, collator,
                                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens):
             sample = by_key[prediction.key]
@@ -261,6 +567,9 @@ def _generate_into(output: Path, model, processor, dataset, collator, candidates
                 "new_tokens": prediction.new_tokens,
                 "latency_ms": round(prediction.latency_ms, 2),
             }
+            if dataset.donors is not None:
+                donor = dataset.donors[sample.key]
+                record["ablation_source"] = [donor.video_id, donor.id]
             record.update(score_record(record, candidates))
             handle.write(json.dumps(record) + "\n")
             handle.flush()

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from surgvqa.backbones.base import runnable_attention
 from surgvqa.tokenizer import end_of_turn_token
 
 
@@ -96,13 +97,14 @@ def generate_batch(model, tokenizer, batch: dict[str, Any], max_new_tokens: int 
     inputs = _to_device(batch, device, dtype)
     eos = eos_token_ids(model, tokenizer)
     start = time.perf_counter()
-    output = model.generate(
-        **inputs,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    with runnable_attention(model):
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     if not isinstance(output, torch.Tensor):  # GenerateOutput
         output = output.sequences
     elapsed_ms = (time.perf_counter() - start) * 1000 / len(keys)

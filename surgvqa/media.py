@@ -2,8 +2,8 @@
 decoding, resizing, subsampling, ablation.
 
 A leaf module: of ``surgvqa`` it imports only the leaves ``prompts`` and ``errors``. Every failure to read a file raises :class:`MediaError`
-naming the path; nothing here substitutes data silently (``grey_like``/``silence_like`` exist for explicit
-modality ablation only).
+naming the path; nothing here substitutes data silently (``constant_frames_like``, ``silence_like`` and
+``derangement`` exist for explicit modality ablation only).
 
 Heavy imports (PyAV, soundfile, torch/torchaudio) happen inside the functions that need them, so importing
 this module is cheap.
@@ -11,8 +11,10 @@ this module is cheap.
 
 from __future__ import annotations
 
+import io
 import os
 import string
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,18 @@ class MediaError(ValueError):
     """A media file is missing, unreadable, corrupt, empty, or outside its root."""
 
 
-ABLATIONS = (None, "video", "audio", "both")
+ABLATIONS = (None, "video", "audio", "both", "video_shuffle", "audio_shuffle")
+CONSTANT_VIDEO_ABLATIONS = ("video", "both")  # every frame becomes one constant frame
+SILENT_AUDIO_ABLATIONS = ("audio", "both")  # the spoken question becomes silence of the same length
+SHUFFLE_ABLATIONS = ("video_shuffle", "audio_shuffle")  # another sample's frames / audio
+#: what each ablation removes, as a paired comparison's verdict names it ("video carries X pts")
+ABLATION_REMOVES = {
+    "video": "video",
+    "audio": "audio",
+    "both": "video and audio",
+    "video_shuffle": "the sample's own video",
+    "audio_shuffle": "the sample's own audio",
+}
 
 
 # ------------------------------------------------------------------------------------------------- config
@@ -45,8 +58,9 @@ class MediaConfig:
     ``<directory of the data file>/frames``. ``audio_dir``: root of spoken-question audio, required when
     ``question_modality`` is ``"audio"`` or ``"text+audio"``. Templates are formatted with ``video_id``,
     ``frame`` and ``id`` (frames; must use ``{frame}``) or ``video_id`` and ``id`` (audio; must use both, so
-    the audio of ``(002-002, qa_X)`` can never serve ``(002-001, qa_X)``). ``ablate`` replaces the video by
-    mean-grey frames and/or the audio by silence of the same length (modality ablation).
+    the audio of ``(002-002, qa_X)`` can never serve ``(002-001, qa_X)``). ``ablate`` (modality ablation):
+    ``video`` = every frame one constant frame, ``audio`` = silence of the same length, ``both`` = the two,
+    ``video_shuffle`` / ``audio_shuffle`` = another sample's frames / audio (see ``SurgicalVQADataset``).
     """
 
     frames_dir: str | None
@@ -60,6 +74,9 @@ class MediaConfig:
     ablate: str | None = None
     #: frames are resized to multiples of this (the backbone's vision grid), so the processor never resizes again
     pixel_multiple: int = DEFAULT_PIXEL_MULTIPLE
+    #: a pixel-count budget per frame (smart_resize) instead of the longest edge ``frame_size``
+    max_pixels: int | None = None
+    min_pixels: int | None = None
 
     def __post_init__(self) -> None:
         check_question_modality(self.question_modality)
@@ -71,16 +88,12 @@ class MediaConfig:
                 "set; pass --audio_dir (generate audio with scripts/make_spoken_questions.py) or use "
                 "--question_modality text"
             )
-        if self.ablate in ("audio", "both") and not self.needs_audio:
+        if self.ablate in ("audio", "both", "audio_shuffle") and not self.needs_audio:
             raise ValueError(
-                f"ablate={self.ablate!r} silences the audio, but question_modality 'text' has no audio; "
-                "use ablate='video' or an audio question_modality"
+                f"ablate={self.ablate!r} removes the spoken question, but question_modality 'text' has no audio; "
+                "use ablate='video' / 'video_shuffle' or an audio question_modality"
             )
-        if not isinstance(self.frame_size, int) or self.frame_size < self.pixel_multiple:
-            raise ValueError(
-                f"frame_size must be an int >= {self.pixel_multiple} (the vision grid: patch x merge), "
-                f"got {self.frame_size!r}"
-            )
+        self.budget  # noqa: B018  (validates frame_size / max_pixels / min_pixels against the vision grid)
         if self.max_frames is not None and self.max_frames < 1:
             raise ValueError(f"max_frames must be >= 1 or None (all frames), got {self.max_frames}")
         if self.num_video_frames < 1:
@@ -96,6 +109,11 @@ class MediaConfig:
     def needs_audio(self) -> bool:
         """True when the question is (also) spoken, i.e. every sample needs an audio file."""
         return self.question_modality != "text"
+
+    @property
+    def budget(self) -> PixelBudget:
+        """The pixel budget frames are resized to (see :class:`PixelBudget`)."""
+        return PixelBudget(self.frame_size, self.max_pixels, self.min_pixels, self.pixel_multiple)
 
 
 def _check_template(name: str, template: str, allowed: tuple[str, ...], required: tuple[str, ...]) -> None:
@@ -167,6 +185,82 @@ def resolve_under(
 
 
 # -------------------------------------------------------------------------------------------------- frames
+@dataclass(frozen=True)
+class PixelBudget:
+    """How large a frame may be when it reaches the vision tower.
+
+    ``max_pixels`` (a pixel count, as in the Qwen processors) given: the frame is resized with transformers'
+    ``smart_resize`` — aspect ratio kept, both edges multiples of ``factor``, ``min_pixels <= w * h <= max_pixels``.
+    Otherwise ``frame_size`` caps the longest edge (:func:`fit_to_budget`). ``factor`` is the vision grid (patch x
+    spatial merge: 28 for Qwen2/2.5, 32 for Qwen3). The dataset, the length pre-flight and the collator all size
+    frames with :meth:`target_size`, so the processor never resizes a second time.
+    """
+
+    frame_size: int | None = 384
+    max_pixels: int | None = None
+    min_pixels: int | None = None
+    factor: int = DEFAULT_PIXEL_MULTIPLE
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.factor, int) or self.factor < 1:
+            raise ValueError(f"pixel factor must be a positive int, got {self.factor!r}")
+        if self.max_pixels is None:
+            if not isinstance(self.frame_size, int) or self.frame_size < self.factor:
+                raise ValueError(
+                    f"frame_size must be an int >= {self.factor} (the vision grid: patch x merge), "
+                    f"got {self.frame_size!r}"
+                )
+        elif not isinstance(self.max_pixels, int) or self.max_pixels < self.factor * self.factor:
+            raise ValueError(
+                f"max_pixels is a pixel count (e.g. 147456 = 384 x 384) and must be >= {self.factor ** 2} "
+                f"(one {self.factor}x{self.factor} grid cell), got {self.max_pixels!r}"
+            )
+        if self.min_pixels is not None:
+            if not isinstance(self.min_pixels, int) or self.min_pixels < 1:
+                raise ValueError(f"min_pixels must be a positive pixel count, got {self.min_pixels!r}")
+            if self.min_pixels > self.max_area:
+                raise ValueError(
+                    f"min_pixels {self.min_pixels} is larger than the budget's maximum {self.max_area} pixels; "
+                    "lower --min_pixels or raise --max_pixels / --frame_size"
+                )
+
+    @property
+    def max_area(self) -> int:
+        """The most pixels a frame may have."""
+        return self.max_pixels if self.max_pixels is not None else int(self.frame_size) ** 2
+
+    @property
+    def min_area(self) -> int:
+        """The fewest pixels a frame may have (default: one grid cell)."""
+        return self.min_pixels if self.min_pixels is not None else self.factor * self.factor
+
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
+        """``(width, height)`` a ``width x height`` frame is resized to."""
+        if width < 1 or height < 1:
+            raise ValueError(f"image size must be positive, got {width}x{height}")
+        if self.max_pixels is None:
+            w, h = fit_to_budget(width, height, int(self.frame_size), self.factor)
+            if w * h >= self.min_area:
+                return w, h
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        h, w = smart_resize(height, width, factor=self.factor, min_pixels=self.min_area, max_pixels=self.max_area)
+        return w, h
+
+    def processor_size(self) -> dict[str, int]:
+        """The same budget in the Qwen processors' terms (``shortest_edge``/``longest_edge`` are pixel counts)."""
+        return {"shortest_edge": self.min_area, "longest_edge": self.max_area}
+
+    def on_grid(self, width: int, height: int) -> bool:
+        """True when a frame of this size is already what :meth:`target_size` makes of it."""
+        return self.target_size(width, height) == (width, height)
+
+
+def as_budget(size: PixelBudget | int, multiple: int = DEFAULT_PIXEL_MULTIPLE) -> PixelBudget:
+    """A :class:`PixelBudget` from a budget or a longest-edge ``frame_size`` on the ``multiple`` grid."""
+    return size if isinstance(size, PixelBudget) else PixelBudget(frame_size=int(size), factor=multiple)
+
+
 def fit_to_budget(
     width: int, height: int, frame_size: int, multiple: int = DEFAULT_PIXEL_MULTIPLE
 ) -> tuple[int, int]:
@@ -195,13 +289,15 @@ def fit_to_budget(
     return _round(width * scale), _round(height * scale)
 
 
-def _pil_to_array(img: Any, frame_size: int, multiple: int) -> np.ndarray:
-    img = img.convert("RGB")
-    array = np.array(img, dtype=np.uint8)
-    size = fit_to_budget(img.width, img.height, frame_size, multiple)
-    if size != img.size:
-        array = resize_uint8(array, size)
-    return array
+def _pil_to_array(img: Any, size: PixelBudget | int, multiple: int = DEFAULT_PIXEL_MULTIPLE) -> np.ndarray:
+    return fit_frame(np.array(img.convert("RGB"), dtype=np.uint8), size, multiple)
+
+
+def fit_frame(array: np.ndarray, size: PixelBudget | int, multiple: int = DEFAULT_PIXEL_MULTIPLE) -> np.ndarray:
+    """An HxWx3 uint8 frame resized to its pixel budget (unchanged when it already fits)."""
+    h, w = array.shape[:2]
+    target = as_budget(size, multiple).target_size(w, h)
+    return array if target == (w, h) else resize_uint8(array, target)
 
 
 def resize_uint8(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -215,30 +311,77 @@ def resize_uint8(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out.permute(1, 2, 0).contiguous().numpy()
 
 
-def load_frame(path: Path | str, frame_size: int, multiple: int = DEFAULT_PIXEL_MULTIPLE) -> np.ndarray:
-    """Decode an image (JPEG/PNG/...) as uint8 HxWx3 RGB, resized (bicubic) to :func:`fit_to_budget`."""
+_JPEG_MAGIC = b"\xff\xd8"
+
+
+def _read_media_file(path: Path | str, what: str) -> bytes:
+    p = Path(path)
+    if p.is_dir():
+        raise MediaError(f"{p} is a directory where a {what} file is expected; point the path at the file")
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError as err:
+        raise MediaError(f"{what} file not found: {p}") from err
+    except OSError as err:
+        raise MediaError(f"cannot read {what} file {p}: {err}") from err
+    if not data:
+        raise MediaError(f"{what} file {p} is empty (0 bytes); re-extract it")
+    return data
+
+
+def decode_image(path: Path | str) -> np.ndarray:
+    """Decode an image file as uint8 HxWx3 RGB at its full size, refusing damaged files.
+
+    JPEG goes through libjpeg-turbo (``simplejpeg``, the library PIL uses, so the pixels are PIL's) with its
+    corrupt-data warnings raised as errors: a scan cut short, a premature end of a data segment or a bad Huffman
+    code is a :class:`MediaError`, not a frame with a grey lower half. (A flipped bit inside a coefficient's
+    magnitude bits changes one 8x8 block and leaves no trace any decoder could see: JPEG has no checksum.) Other
+    formats go through PIL; a truncated PNG or a PNG whose zlib data is damaged raises.
+    """
+    data = _read_media_file(path, "frame")
+    if data[:2] == _JPEG_MAGIC:
+        import simplejpeg
+
+        try:
+            colorspace = simplejpeg.decode_jpeg_header(data)[2]
+        except ValueError as err:
+            raise MediaError(f"damaged JPEG {path}: {err}; re-extract the frame") from err
+        if colorspace not in ("CMYK", "YCCK"):  # PIL converts CMYK (Adobe) JPEGs; libjpeg-turbo cannot
+            try:
+                return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+            except ValueError as err:
+                raise MediaError(
+                    f"damaged JPEG {path}: libjpeg reports '{err}' (decoded, the frame would be partly grey or "
+                    "garbled); re-extract the frame"
+                ) from err
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return _pil_to_array(img, frame_size, multiple)
-    except FileNotFoundError as err:
-        raise MediaError(f"frame file not found: {path}") from err
+            return np.array(img.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise MediaError(
-            f"cannot decode frame {path}: {err} (corrupt or not an image; re-extract it)"
-        ) from err
+        raise MediaError(f"cannot decode frame {path}: {err} (damaged or not an image; re-extract it)") from err
+
+
+def load_frame(path: Path | str, frame_size: PixelBudget | int, multiple: int = DEFAULT_PIXEL_MULTIPLE) -> np.ndarray:
+    """Decode an image (:func:`decode_image`, which refuses damaged files) and resize it (antialiased bicubic) to
+    the pixel budget ``frame_size`` (a :class:`PixelBudget`, or a longest edge on the ``multiple`` grid): one
+    function from a path and size settings to a uint8 HxWx3 array."""
+    return fit_frame(decode_image(path), frame_size, multiple)
 
 
 def verify_image(path: Path | str) -> tuple[int, int]:
     """Cheap integrity check without a full decode; returns ``(width, height)``.
 
     PIL ``verify()`` (checks PNG chunk CRCs; for JPEG it only parses the headers), plus, for JPEG, the
-    end-of-image marker ``FFD9`` must appear in the last 1 KiB, which catches truncated files.
+    end-of-image marker ``FFD9`` must appear in the last 1 KiB, which catches truncated files. Damage inside the
+    JPEG scan passes this check: only a full decode (:func:`decode_image`, run by ``surgvqa.data check``) sees it.
     """
     from PIL import Image, UnidentifiedImageError
 
+    if Path(path).is_dir():
+        raise MediaError(f"{path} is a directory where a frame file is expected; point the path at the file")
     try:
         with Image.open(path) as img:
             size, fmt = img.size, img.format
@@ -278,10 +421,18 @@ def subsample_indices(n: int, k: int | None) -> list[int]:
     return [(2 * i * span + steps) // (2 * steps) for i in range(k)]
 
 
-def load_video_frames(path: Path | str, num_frames: int | None, frame_size: int,
-                      multiple: int = DEFAULT_PIXEL_MULTIPLE) -> list[np.ndarray]:
-    """Decode a video file with PyAV, keep ``num_frames`` evenly spaced frames (:func:`subsample_indices`), resize."""
+def load_video_frames(path: Path | str, num_frames: int | None, frame_size: PixelBudget | int,
+                      multiple: int = DEFAULT_PIXEL_MULTIPLE, times: list[float] | None = None) -> list[np.ndarray]:
+    """Decode a video file with PyAV, keep ``num_frames`` evenly spaced frames (:func:`subsample_indices`), resize
+    to the pixel budget ``frame_size`` (a :class:`PixelBudget`, or a longest edge on the ``multiple`` grid).
+
+    ``times``, when given, receives each kept frame's presentation time in seconds (the video's own clock).
+    """
     import av
+
+    if Path(path).is_dir():
+        raise MediaError(f"{path} is a directory where a video file is expected; point the path at the file")
+    stamps: dict[int, float] = {}
 
     def _open() -> Any:
         try:
@@ -303,6 +454,8 @@ def load_video_frames(path: Path | str, num_frames: int | None, frame_size: int,
                 for frame in container.decode(stream):
                     if wanted is None or count in wanted:
                         kept[count] = _pil_to_array(frame.to_image(), frame_size, multiple)
+                        if frame.time is not None:
+                            stamps[count] = float(frame.time)
                     count += 1
             except (av.FFmpegError, OSError, ValueError) as err:
                 raise MediaError(f"cannot decode video {path} at frame {count}: {err}") from err
@@ -316,11 +469,11 @@ def load_video_frames(path: Path | str, num_frames: int | None, frame_size: int,
         indices = subsample_indices(declared, num_frames)
         kept, count = _decode(set(indices))
         if count == declared:
-            return [kept[i] for i in indices]
+            return _with_times(kept, indices, stamps, times)
         # The container's frame count was wrong: resample with the real count.
         indices = subsample_indices(count, num_frames)
         if count and set(indices) <= kept.keys():
-            return [kept[i] for i in indices]
+            return _with_times(kept, indices, stamps, times)
         kept, count = _decode(set(indices))
     else:
         _, count = _decode(set())
@@ -328,6 +481,13 @@ def load_video_frames(path: Path | str, num_frames: int | None, frame_size: int,
         kept, count = _decode(set(indices))
     if count == 0:
         raise MediaError(f"video file {path} has no decodable frames")
+    return _with_times(kept, indices, stamps, times)
+
+
+def _with_times(kept: dict[int, np.ndarray], indices: list[int], stamps: dict[int, float],
+                times: list[float] | None) -> list[np.ndarray]:
+    if times is not None:
+        times[:] = [stamps[i] for i in indices] if all(i in stamps for i in indices) else []
     return [kept[i] for i in indices]
 
 
@@ -335,6 +495,8 @@ def verify_video(path: Path | str) -> None:
     """Cheap integrity check of a video file: it opens, has a video stream, and its first frame decodes."""
     import av
 
+    if Path(path).is_dir():
+        raise MediaError(f"{path} is a directory where a video file is expected; point the path at the file")
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -350,15 +512,47 @@ def verify_video(path: Path | str) -> None:
     raise MediaError(f"video file {path} has no decodable frames")
 
 
-def grey_like(frames: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Each frame replaced by a frame of its own per-channel mean (same shape, uint8): video ablation."""
-    out = []
-    for frame in frames:
-        arr = np.asarray(frame)
-        axes = tuple(range(arr.ndim - 1)) if arr.ndim >= 3 else None
-        mean = np.rint(arr.astype(np.float64).mean(axis=axes)).clip(0, 255).astype(np.uint8)
-        out.append(np.broadcast_to(mean, arr.shape).copy())
-    return out
+def constant_frames_like(frames: Sequence[np.ndarray], rgb: Sequence[int]) -> list[np.ndarray]:
+    """Every frame replaced by one constant colour ``rgb`` (same count and shape, uint8): video ablation.
+
+    The colour is the same for every frame of every sample (callers pass the processor's normalisation mean, so
+    the model sees zeros after normalisation); nothing of the clip survives but the frame count and size.
+    """
+    fill = np.asarray(rgb, dtype=np.int64)
+    if fill.shape != (3,) or fill.min() < 0 or fill.max() > 255:
+        raise ValueError(f"constant_frames_like: rgb must be 3 values in 0-255, got {list(rgb)}")
+    return [np.broadcast_to(fill.astype(np.uint8), np.asarray(f).shape).copy() for f in frames]
+
+
+def derangement(groups: Sequence[Any], seed: int) -> list[int]:
+    """A seeded permutation ``p`` with ``p[i] != i`` that gives each position a donor from another group.
+
+    ``groups[i]`` is the group of item ``i`` (the video of a sample). Groups are shuffled internally and in
+    order (seeded), laid out one after another with the largest first, and each position takes the item ``m``
+    places further on (``m`` = the largest group's size). This pairs every item with another group whenever the
+    largest group holds at most half of the items, and otherwise as many items as possible (the rest get another
+    item of their own group). Needs at least two items.
+    """
+    import random
+
+    n = len(groups)
+    if n < 2:
+        raise ValueError(f"a shuffle ablation needs at least 2 samples to exchange media, got {n}")
+    rng = random.Random(seed)
+    members: dict[Any, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    blocks = list(members.values())
+    for block in blocks:
+        rng.shuffle(block)
+    rng.shuffle(blocks)
+    blocks.sort(key=len, reverse=True)  # stable: equal sizes keep their shuffled order
+    order = [i for block in blocks for i in block]
+    shift = len(blocks[0]) if len(blocks[0]) < n else rng.randrange(1, n)
+    donors = [0] * n
+    for pos, item in enumerate(order):
+        donors[item] = order[(pos + shift) % n]
+    return donors
 
 
 # --------------------------------------------------------------------------------------------------- audio
@@ -380,15 +574,54 @@ def _read_with_torchaudio(path: Path | str) -> tuple[np.ndarray, int]:
     return waveform.numpy().T.astype(np.float32), int(rate)
 
 
+def _check_audio_file(p: Path) -> None:
+    """A missing path, a directory, or a RIFF WAV whose header disagrees with its length raises MediaError."""
+    if p.is_dir():
+        raise MediaError(f"{p} is a directory where an audio file is expected; point the path at the file")
+    if not p.is_file():
+        raise MediaError(f"audio file not found: {p}")
+    problem = wav_length_problem(p)
+    if problem:
+        raise MediaError(f"damaged WAV {p}: {problem}; re-generate it (scripts/make_spoken_questions.py)")
+
+
+def wav_length_problem(path: Path | str) -> str | None:
+    """Why a RIFF/WAVE file's header disagrees with its size (``None`` when it agrees or is not RIFF WAVE).
+
+    libsndfile reads a WAV cut in half without complaint (it plays the half that is there); the ``data`` chunk's
+    declared length says how much audio there should be.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(12)
+        if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
+            return None
+        order = "<" if head[:4] == b"RIFF" else ">"
+        size = os.fstat(fh.fileno()).st_size
+        pos = 12
+        while pos + 8 <= size:
+            fh.seek(pos)
+            chunk_id, length = struct.unpack(order + "4sI", fh.read(8))
+            if chunk_id == b"data":
+                available = size - pos - 8
+                if length != available and (length > available or length in (0, 0xFFFFFFFF)):
+                    return (
+                        f"the header declares {length} bytes of audio data but the file holds {available} "
+                        "(the file was cut short, or written by a stream that never filled in the length)"
+                    )
+                return None
+            pos += 8 + length + (length & 1)
+        return f"no 'data' chunk in {size} bytes (the file was cut short before its audio)"
+
+
 def load_audio(path: Path | str, sampling_rate: int = DEFAULT_SAMPLING_RATE) -> np.ndarray:
     """Decode audio as float32 mono at ``sampling_rate``: soundfile (wav/flac/ogg/mp3), torchaudio as fallback.
 
     Channels are mixed to mono by their mean; resampling uses ``torchaudio.functional.resample``. A missing,
-    corrupt or zero-length file raises :class:`MediaError` naming the path.
+    corrupt or zero-length file, and a WAV whose header length disagrees with its data (:func:`wav_length_problem`),
+    raise :class:`MediaError` naming the path.
     """
     p = Path(path)
-    if not p.is_file():
-        raise MediaError(f"audio file not found: {p}")
+    _check_audio_file(p)
     try:
         data, rate = _read_with_soundfile(p)
     except Exception as sf_err:  # soundfile raises several types (LibsndfileError, RuntimeError, ...)
@@ -418,13 +651,13 @@ def load_audio(path: Path | str, sampling_rate: int = DEFAULT_SAMPLING_RATE) -> 
 def audio_duration(path: Path | str) -> float:
     """Seconds of audio, probed cheaply with ``soundfile.info`` (full decode only as a fallback, e.g. old mp3).
 
-    Missing, corrupt or zero-length files raise :class:`MediaError`.
+    Missing, corrupt or zero-length files, and WAVs whose header disagrees with their length, raise
+    :class:`MediaError`.
     """
     import soundfile as sf
 
     p = Path(path)
-    if not p.is_file():
-        raise MediaError(f"audio file not found: {p}")
+    _check_audio_file(p)
     try:
         info = sf.info(str(p))
     except Exception as err:

@@ -62,7 +62,7 @@ import torch
 
 from surgvqa import __version__
 from surgvqa.backbones import LoadOptions, backbone_for, read_config
-from surgvqa.backbones.base import DTYPES, vision_grid
+from surgvqa.backbones.base import DTYPES, runnable_attention, vision_grid
 from surgvqa.checkpoint import (
     ADAPTER_CONFIG,
     NEW_ROWS_NAME,
@@ -411,7 +411,8 @@ def run_outputs(model, processor, dataset, collator_kwargs: dict, batch_size: in
     train = VQACollator(processor, mode="train", **collator_kwargs)
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=train):
         labels = batch.pop("labels")
-        logits = model(**_to_device(batch, device, dtype)).logits.float().cpu()
+        with runnable_attention(model):
+            logits = model(**_to_device(batch, device, dtype)).logits.float().cpu()
         scored = labels[:, 1:] != IGNORE_INDEX  # the logit at t predicts token t + 1
         logits_out.extend(logits[i, :-1][scored[i]] for i in range(len(labels)))
     generate = VQACollator(processor, mode="generate", **collator_kwargs)

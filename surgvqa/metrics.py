@@ -250,7 +250,7 @@ def rouge_l(preds: Sequence[str], refs: Sequence[str]) -> float:
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"])
-    return sum(
+    return math.fsum(  # fsum: exact, so the mean does not depend on the order of the samples
         scorer.score(r or "", p or "")["rougeL"].fmeasure for p, r in zip(preds, refs, strict=True)
     ) / len(preds)
 
@@ -285,7 +285,7 @@ def meteor(preds: Sequence[str], refs: Sequence[str]) -> float | None:
         ]
     except (LookupError, OSError):
         return None
-    return sum(scores) / len(scores)
+    return math.fsum(scores) / len(scores)
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -300,6 +300,14 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _union(given: Iterable[str], golds: Iterable[str]) -> list[str]:
+    """``given`` plus each gold answer it lacks (case-insensitive), sorted; a yes/no set stays exactly yes/no."""
+    out = list(given)
+    for gold in golds:
+        out = _with_gold(out, gold)
+    return sorted(out, key=_norm_key)
 
 
 def _type_of(record: Mapping[str, Any]) -> str:
@@ -359,9 +367,12 @@ def summarize(
     recs = list(records)
     if not recs:
         raise ValueError("summarize: no records")
+    gold_sets = build_candidates((r.get("question_type"), str(r["short_answer"])) for r in recs)
     if candidates is None:
-        candidates = build_candidates((r.get("question_type"), str(r["short_answer"])) for r in recs)
-    candidates = {t: list(c) for t, c in candidates.items()}
+        candidates = gold_sets
+    # The closed set of each type, fixed before any record is scored (so no score depends on the order of the
+    # lines): the given set plus any gold answer it lacks. The caller's mapping is never modified.
+    candidates = {t: _union(candidates.get(t, ()), gold_sets.get(t, ())) for t in {*candidates, *gold_sets}}
 
     hits: Counter[str] = Counter()
     k_n = 0
@@ -373,9 +384,7 @@ def summarize(
     refs: list[str] = []
     for rec in recs:
         qtype = _type_of(rec)
-        cands = _candidates_for(rec, candidates)
-        if len(cands) > len(candidates.get(qtype, ())):
-            candidates[qtype] = cands  # the gold answer was missing from the given closed set
+        cands = candidates[qtype]
         score = score_record(rec, candidates)
         prediction = rec.get("prediction") or ""
         gold = next(
@@ -477,8 +486,8 @@ def summarize(
         "chance_baseline": chance_overall,
         "no_eos": no_eos,
         "eos_unknown": eos_unknown,
-        "mean_new_tokens": sum(new_tokens) / len(new_tokens) if new_tokens else None,
-        "mean_latency_ms": sum(latencies) / len(latencies) if latencies else None,
+        "mean_new_tokens": math.fsum(new_tokens) / len(new_tokens) if new_tokens else None,
+        "mean_latency_ms": math.fsum(latencies) / len(latencies) if latencies else None,
         "n_types": len(per_type),
         "collapsed_types": [t for t, v in per_type.items() if v["collapse"]],
         "per_type": per_type,

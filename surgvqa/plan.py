@@ -187,9 +187,9 @@ def layout_for(config: dict, backbone_name: str | None = None) -> Layout:
             quant_skip=("model.visual", "lm_head"),
         )
     if backbone_name is None:
-        from surgvqa.backbones import _REGISTRY
+        from surgvqa.backbones import BACKBONES
 
-        matches = [b for b in _REGISTRY.values() if b.matches(config)]
+        matches = [b for b in BACKBONES.values() if b.matches(config)]
         if not matches:
             raise PlanError(f"no backbone plans model_type {model_type!r}: pass --backbone "
                             "(qwen2_5_omni, qwen_vl_whisper) or a Qwen2.5-Omni / Qwen-VL config")
@@ -306,11 +306,14 @@ def _generating_model(model):
 
 
 # ------------------------------------------------------------------------------------------------ weights
-def kbit_training_dtype() -> str:
-    """dtype of every unquantized floating parameter (towers, embeddings, lm_head, norms, biases) once training
-    prepares a 4/8-bit model: peft's ``prepare_model_for_kbit_training`` (called by ``surgvqa.train.build_model``)
-    casts them all to fp32. Evaluation loads without it and keeps the compute dtype."""
-    return "float32"
+def kbit_training_dtype(compute: str, module=None) -> str:
+    """dtype of an unquantized floating parameter of ``module`` once training prepares a 4/8-bit model
+    (``surgvqa.backbones.base.prepare_quantized_for_training``, called by ``surgvqa.train.build_model``): fp32 in
+    the norms, the compute dtype everywhere else (towers, embeddings, lm_head, biases). Evaluation loads without
+    the preparation and keeps the compute dtype throughout."""
+    from surgvqa.backbones.base import is_norm
+
+    return "float32" if module is not None and is_norm(module) else compute
 
 
 def _skipped(name: str, skip: tuple[str, ...]) -> bool:
@@ -371,7 +374,7 @@ def weights(model, layout: Layout, args: PlanArguments) -> list[GroupRow]:
                 train = stored
             else:
                 stored = plain
-                train = numel * DTYPE_BYTES[kbit_training_dtype()] if quant else plain
+                train = numel * DTYPE_BYTES[kbit_training_dtype(dtype, module)] if quant else plain
             row = rows[group]
             row.params += numel
             row.train_bytes += train
@@ -627,9 +630,9 @@ class Planner:
         return parts, activation_features(self.shape, batch, tokens.total, tokens.total, "generate")
 
     def lm_head_cast_bytes(self) -> int:
-        """Training a 4/8-bit model: the lm_head is fp32 (``kbit_training_dtype``) and autocast keeps its
-        compute-dtype copy for the backward pass."""
-        if not self.args.quantization or kbit_training_dtype() == self.args.dtype:
+        """Training a 4/8-bit model with an lm_head held in another dtype than the compute dtype: autocast keeps
+        a compute-dtype copy for the backward pass (none today: the lm_head stays in the compute dtype)."""
+        if not self.args.quantization or kbit_training_dtype(self.args.dtype) == self.args.dtype:
             return 0
         head = next((g for g in self.groups if g.group == "lm_head"), None)
         return head.params * DTYPE_BYTES[self.args.dtype] if head else 0

@@ -1,13 +1,16 @@
-"""Predictions files in, summaries out: reading (ours and the original toolkit's format), re-scoring, the printed
-per-type table, the per-type plot, and the printed paired comparison of a run with a reference run.
+"""Predictions files in, summaries out (a library; re-scoring's command line is ``evaluate_checkpoint.py
+--score_predictions``): reading predictions files (ours, with their meta line, and the original toolkit's format),
+the summary of a run, the printed per-type table, the per-type plot, the printed paired comparison.
 
-Nothing here trusts the per-metric hits stored in a predictions file: scores are always re-computed from the
+A predictions file written by the evaluator is self-describing: its first line is ``{"surgvqa_meta": {...}}``
+(checkpoint and weights hash, eval data and its hash, ablation, preprocessing, generation settings, the scoring
+version and the closed answer set per type used), every other line one prediction record keyed on
+(video_id, id). Nothing here trusts the per-metric hits stored in a file: scores are always re-computed from the
 prediction and the gold answers by ``surgvqa.metrics``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import warnings
 from collections import Counter
@@ -15,7 +18,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from surgvqa.metrics import paired_comparison, parse_baseline, summarize
+from surgvqa.metrics import summarize
+
+META_KEY = "surgvqa_meta"
 
 # Our format (written by the evaluator) and the original toolkit's format.
 OURS_REQUIRED = ("id", "question_type", "short_answer", "answer", "prediction")
@@ -43,14 +48,49 @@ def _normalize_record(obj: Any, where: str) -> dict[str, Any]:
     return rec
 
 
+def _meta_of(obj: Any) -> dict[str, Any] | None:
+    if isinstance(obj, dict) and META_KEY in obj:
+        if not isinstance(obj[META_KEY], dict):
+            raise ValueError(f"the {META_KEY} line must hold a JSON object")
+        return obj[META_KEY]
+    return None
+
+
+def read_predictions_meta(path: str | Path) -> dict[str, Any] | None:
+    """The run description on the first line of a predictions file, or None (a file of the original toolkit or an
+    older surgvqa). Reads only that line, so it also works on a ``.partial`` file cut by a kill."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            if line.lstrip().startswith("["):
+                return None
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:1: malformed JSON line ({exc.msg})") from exc
+            try:
+                return _meta_of(obj)
+            except ValueError as exc:
+                raise ValueError(f"{path}:1: {exc}") from None
+    return None
+
+
 def read_predictions(path: str | Path) -> list[dict[str, Any]]:
-    """Read a predictions file (JSONL or a JSON list) in our format or the original toolkit's.
+    """The prediction records of a file (JSONL or a JSON list), our format or the original toolkit's; the meta
+    line is skipped (see :func:`read_predictions_meta`).
 
     The original format's question_id/ground_truth/predicted_answer become id/answer/prediction. Records without
     video_id are keyed on id alone, with a warning (ids repeat across videos in REAL-Colon-VQA).
-    Raises ValueError naming file:line (or file[item]) for malformed lines and missing fields.
+    Raises ValueError naming file:line (or file[item]) for malformed lines, missing fields and a meta line that is
+    not the first line.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a predictions file (.jsonl)")
+    if not path.is_file():
+        raise ValueError(f"{path} not found; give a predictions file (.jsonl)")
     text = path.read_text(encoding="utf-8")
     items: list[tuple[str, Any]] = []
     if text.lstrip().startswith("["):
@@ -62,6 +102,7 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
             raise ValueError(f"{path}: expected a JSON list of records")
         items = [(f"{path}[item {i}]", obj) for i, obj in enumerate(data)]
     else:
+        first = True
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
@@ -69,6 +110,12 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: malformed JSON line ({exc.msg})") from exc
+            if isinstance(obj, dict) and META_KEY in obj:
+                if not first:
+                    raise ValueError(f"{path}:{lineno}: a {META_KEY} line must be the first line of the file")
+                first = False
+                continue
+            first = False
             items.append((f"{path}:{lineno}", obj))
     records = [_normalize_record(obj, where) for where, obj in items]
 
@@ -86,12 +133,56 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+# Run settings copied from the meta line into the summary (names as in the meta line).
+SUMMARY_META_FIELDS = (
+    "checkpoint", "checkpoint_sha256", "eval_data_path", "eval_data_sha256", "ablate", "ablation_seed",
+    "preprocessing", "question_modality", "frames_as", "frame_size", "max_eval_frames", "max_new_tokens", "limit",
+    "skip_bad_samples", "skipped_bad_samples",
+)
+
+
+def summarize_run(
+    records: Sequence[Mapping[str, Any]],
+    meta: Mapping[str, Any] | None,
+    baseline: str | float | None = None,
+) -> dict[str, Any]:
+    """The summary of a run: a pure function of its records and meta line (the evaluator and re-scoring both call
+    this, so re-scoring a file reproduces the run's summary number for number).
+
+    The closed answer sets are the meta line's (the ones the run used, gathered from the whole eval file before
+    ``--limit`` / after ``--skip_bad_samples``); without a meta line they are gathered from the records' gold
+    answers (``candidates_source: "records"``). ``baseline``: None = the run's (meta) or "majority".
+    """
+    candidates = meta.get("candidates") if meta else None
+    if baseline is None:
+        baseline = meta.get("baseline", "majority") if meta else "majority"
+    summary = summarize(records, baseline=baseline, candidates=candidates)
+    summary["candidates_source"] = "meta" if candidates is not None else "records"
+    for name in SUMMARY_META_FIELDS:
+        summary[name] = meta.get(name) if meta else None
+    if summary["preprocessing"] == "defaults":  # a checkpoint without surgvqa_config.json, defaults allowed
+        summary["allow_default_preprocessing"] = True
+    return summary
+
+
 def summary_path_for(output_file: str | Path) -> Path:
     """``preds.jsonl`` -> ``preds.summary.json``; any other name gets ``.summary.json`` appended."""
     p = Path(output_file)
     if p.suffix == ".jsonl":
         return p.with_suffix(".summary.json")
     return p.with_name(p.name + ".summary.json")
+
+
+def rescored_summary_path_for(predictions: str | Path) -> Path:
+    """``preds.jsonl`` -> ``preds.jsonl.rescored.summary.json`` (re-scoring never replaces the run's summary)."""
+    p = Path(predictions)
+    return p.with_name(p.name + ".rescored.summary.json")
+
+
+def partial_path_for(output_file: str | Path) -> Path:
+    """``preds.jsonl`` -> ``preds.jsonl.partial``: where an evaluation streams its lines until it completes."""
+    p = Path(output_file)
+    return p.with_name(p.name + ".partial")
 
 
 def write_summary(summary: Mapping[str, Any], path: str | Path) -> Path:
@@ -283,49 +374,3 @@ def format_paired_comparison(
             lines.append(f"{name.replace('_', ' ')}: {listed['n']} (e.g. {listed['examples'][:3]})")
     lines.append(f"verdict: {comparison['verdict']}")
     return "\n".join(lines)
-
-
-def rescore(
-    predictions_path: str | Path,
-    output_summary_path: str | Path | None = None,
-    baseline: str | float = "majority",
-) -> dict[str, Any]:
-    """Re-score a predictions file from prediction + gold (stored hits ignored), write and return the summary."""
-    records = read_predictions(predictions_path)
-    summary = summarize(records, baseline=baseline)
-    write_summary(summary, output_summary_path or summary_path_for(predictions_path))
-    return summary
-
-
-def _parse_baseline(value: str) -> str | float:
-    try:
-        return parse_baseline(value)
-    except ValueError as err:  # argparse prints this message (it would hide a plain ValueError's)
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Re-score a predictions file and print the per-type table.")
-    parser.add_argument("predictions", type=Path)
-    parser.add_argument("--summary", type=Path, default=None, help="where to write the summary JSON")
-    parser.add_argument(
-        "--baseline", type=_parse_baseline, default="majority", help="majority | chance | number"
-    )
-    parser.add_argument(
-        "--compare", type=Path, default=None, help="reference predictions file (or its summary JSON)"
-    )
-    parser.add_argument("--plot", type=Path, default=None, help="write the per-type PNG here")
-    args = parser.parse_args(argv)
-    summary = rescore(args.predictions, args.summary, baseline=args.baseline)
-    print(format_table(summary))
-    if args.compare:
-        reference = read_predictions(predictions_path_for(args.compare))
-        print()
-        print(format_paired_comparison(paired_comparison(read_predictions(args.predictions), reference)))
-    if args.plot:
-        plot_per_type(summary, args.plot)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -63,7 +63,13 @@ class MediaSettings:
     max_eval_frames: int | None
     question_modality: str
     frames_as: str
+    #: frames per second of the frames a line lists (the video clock of lines without frame_numbers / video_fps)
     fps: float
+    #: the source video's frame rate: a kept frame's time is its frame_numbers entry / video_fps
+    video_fps: float | None = None
+    #: pixel-count budget per frame (smart_resize); replaces frame_size when set
+    max_pixels: int | None = None
+    min_pixels: int | None = None
 
     @classmethod
     def defaults(cls, **given: Any) -> MediaSettings:
@@ -116,6 +122,8 @@ class RunConfig:
     quantization: str | None = None
     resized_vocab: int | None = None
     original_vocab_rows: int | None = None
+    #: a training output: the TrainingArguments that change what it computes (learning rate, steps, batch, seed)
+    training: dict[str, Any] | None = None
     # -- backbone-specific record (the Qwen-VL + Whisper graft: stage, encoder, projector)
     graft: dict[str, Any] | None = None
     # -- a merged checkpoint (written by surgvqa.merge)
@@ -184,6 +192,8 @@ class RunConfig:
                 spec.default is None and record[name] is None and (merged or name not in TRAINING_FIELDS)
             ):
                 del record[name]
+        optional = {f.name for f in dataclasses.fields(MediaSettings) if f.default is None}
+        record["media"] = {k: v for k, v in record["media"].items() if not (k in optional and v is None)}
         return record
 
     def write(self, directory: str | Path) -> Path:
@@ -222,6 +232,8 @@ def media_config(media: MediaSettings, frames_dir: str | None, audio_dir: str | 
         frame_path_template=media.frame_path_template,
         audio_path_template=media.audio_path_template,
         frame_size=media.frame_size,
+        max_pixels=media.max_pixels,
+        min_pixels=media.min_pixels,
         max_frames=media.max_train_frames if train else media.max_eval_frames,
         question_modality=media.question_modality,
         ablate=ablate,
@@ -234,6 +246,9 @@ def collator_kwargs(media: MediaSettings, system_prompt: str) -> dict[str, Any]:
         "frame_size": media.frame_size,
         "frames_as": media.frames_as,
         "fps": media.fps,
+        "video_fps": media.video_fps,
+        "max_pixels": media.max_pixels,
+        "min_pixels": media.min_pixels,
         "system_prompt": system_prompt,
     }
 
@@ -287,13 +302,16 @@ def eval_preprocessing(config: RunConfig | None, flags: Mapping[str, Any], *, ch
     if unknown:
         raise ValueError(f"not preprocessing settings: {sorted(unknown)}")
     given = {k: v for k, v in flags.items() if v is not None}
+    if "question_modality" in given:
+        check_question_modality(given["question_modality"], "--question_modality")
+    if given.get("frames_as", FRAMES_AS[0]) not in FRAMES_AS:
+        raise UserError(f"--frames_as must be one of {', '.join(FRAMES_AS)}; got {given['frames_as']!r}")
+    if "frame_size" in given:  # a longest-edge flag replaces a recorded pixel-count budget
+        given.setdefault("max_pixels", None)
     if config is not None:
-        media = dataclasses.replace(config.media, **given)
-        media.check("flags")
-        return EvalPreprocessing(media, config.system_prompt, CONFIG_NAME)
+        return EvalPreprocessing(dataclasses.replace(config.media, **given), config.system_prompt, CONFIG_NAME)
     missing = [name for name in PREPROCESSING_FLAGS if name not in given]
     media = MediaSettings.defaults(**given)
-    media.check("flags")
     if missing and not allow_defaults:
         defaults = ", ".join(f"--{name} {getattr(media, name)}" for name in missing)
         raise UserError(

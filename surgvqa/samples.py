@@ -19,6 +19,9 @@ from surgvqa.media import (
     MediaConfig,
     MediaError,
     audio_duration,
+    decode_image,
+    load_audio,
+    load_video_frames,
     resolve_under,
     verify_image,
     verify_video,
@@ -101,6 +104,26 @@ def _jsonable(value: Any) -> bool:
     return True
 
 
+def unsafe_component(value: str) -> str | None:
+    """Why ``value`` cannot be one path component (``None`` when it can).
+
+    ``id`` and ``video_id`` name files and directories through the path templates: with a separator,
+    ``(002-001, sub/qa_1)`` and ``(002-001/sub, qa_1)`` would read the same file; ``..`` climbs out; NUL ends a C
+    string; a leading ``-`` reads as an option to command-line tools.
+    """
+    if "/" in value or "\\" in value:
+        return "contains a path separator ('/' or '\\')"
+    if value in (".", ".."):
+        return f"is {value!r}, which names a directory, not a file"
+    if "\x00" in value:
+        return "contains a NUL byte"
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return "contains a control character"
+    if value.startswith("-"):
+        return "starts with '-' (command-line tools read it as an option)"
+    return None
+
+
 def _alternatives(relative: str, extensions: tuple[str, ...]) -> list[str]:
     """``relative`` first, then the same path with each other extension of the family (if it has one)."""
     root, ext = os.path.splitext(relative)
@@ -116,13 +139,17 @@ class _Validator:
     """Turns raw records into Samples, collecting every problem. Caches media checks by resolved path."""
 
     def __init__(
-        self, media: MediaConfig, frames_root: Path, *, require_scoring_fields: bool, check_media: bool
+        self, media: MediaConfig, frames_root: Path, *, require_scoring_fields: bool, check_media: bool,
+        decode_media: bool = False, check_audio: bool = False,
     ):
         self.media = media
         self.frames_root = frames_root
         self.audio_root = Path(media.audio_dir) if media.audio_dir else None
         self.require_scoring_fields = require_scoring_fields
         self.check_media = check_media
+        self.decode_media = decode_media and check_media
+        #: audio is looked up (and checked) for spoken questions, and for text questions when asked to
+        self.want_audio = media.needs_audio or (check_audio and self.audio_root is not None)
         self._image_cache: dict[Path, tuple[int, int] | MediaError] = {}
         self._audio_cache: dict[Path, MediaError | None] = {}
         self._video_cache: dict[Path, MediaError | None] = {}
@@ -148,6 +175,11 @@ class _Validator:
                 bad(f"field '{name}' must be a string, got {_type_name(value)}; quote it")
             elif not value.strip():
                 bad(f"field '{name}' is empty or whitespace; fill it in or remove the line")
+            elif name in ("id", "video_id") and (why := unsafe_component(value)):
+                bad(
+                    f"field '{name}' {value!r} {why}; it names a file or directory, so it must be a single safe path "
+                    "component: rename it (letters, digits, '_', '-', '.', not starting with '-')"
+                )
         for name in SCORING_FIELDS:
             value = rec.get(name)
             if value is None:
@@ -165,6 +197,16 @@ class _Validator:
                 bad("field 'frames' is an empty list; name at least one frame")
             elif not all(f.strip() for f in frames):
                 bad("field 'frames' contains an empty frame name")
+        numbers = rec.get("frame_numbers")
+        if numbers is not None:
+            if not isinstance(numbers, list) or not all(
+                isinstance(n, int | float) and not isinstance(n, bool) for n in numbers
+            ):
+                bad(f"field 'frame_numbers' must be a list of numbers, got {_type_name(numbers)}")
+            elif isinstance(frames, list) and frames and all(isinstance(f, str) for f in frames) and len(numbers) != len(frames):
+                bad(f"field 'frame_numbers' has {len(numbers)} entries but 'frames' has {len(frames)}; one per frame")
+            elif any(b <= a for a, b in zip(numbers, numbers[1:], strict=False)):
+                bad("field 'frame_numbers' must increase strictly (it times the frames for --video_fps)")
         for name in ("video", "audio"):
             value = rec.get(name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
@@ -172,7 +214,8 @@ class _Validator:
 
     # -- media
     def _find(self, root: Path, candidates: list[str]) -> tuple[Path | None, list[str], MediaError | None]:
-        """First existing candidate under ``root``; the paths tried; a containment error (stops the search)."""
+        """First existing candidate under ``root``; the paths tried; a containment error or a directory where a
+        file is expected (either stops the search)."""
         tried: list[str] = []
         for rel in candidates:
             try:
@@ -184,12 +227,18 @@ class _Validator:
                 return path, tried, None
             if path.is_file():
                 return path, tried, None
+            if path.is_dir():
+                return None, tried, MediaError(f"{path} is a directory where a file is expected")
         return None, tried, None
 
     def _verify_image(self, path: Path) -> tuple[int, int] | MediaError:
         if path not in self._image_cache:
             try:
-                self._image_cache[path] = verify_image(path)
+                if self.decode_media:  # the loader's own decoder: what passes here, training can read
+                    h, w = decode_image(path).shape[:2]
+                    self._image_cache[path] = (w, h)
+                else:
+                    self._image_cache[path] = verify_image(path)
             except MediaError as err:
                 self._image_cache[path] = err
         return self._image_cache[path]
@@ -203,7 +252,7 @@ class _Validator:
             rel = template.format(video_id=rec["video_id"], frame=frame, id=rec["id"])
             path, tried, err = self._find(self.frames_root, _alternatives(rel, IMAGE_EXTENSIONS))
             if err is not None:
-                bad(f"frame {frame!r}: {err}; fix the frame name or --frame_path_template ({template!r})")
+                bad(f"frame {frame!r}: {err}; fix the frame name, the files or --frame_path_template ({template!r})")
             elif path is None:
                 missing.append(f"{frame!r} (tried {', '.join(tried)})")
             else:
@@ -236,7 +285,10 @@ class _Validator:
         if self.check_media:
             if path not in self._video_cache:
                 try:
-                    verify_video(path)
+                    if self.decode_media:
+                        load_video_frames(path, None, self.media.budget)
+                    else:
+                        verify_video(path)
                     self._video_cache[path] = None
                 except MediaError as e:
                     self._video_cache[path] = e
@@ -265,7 +317,10 @@ class _Validator:
         if self.check_media:
             if path not in self._audio_cache:
                 try:
-                    audio_duration(path)
+                    if self.decode_media:
+                        load_audio(path)  # the loader's own decoder
+                    else:
+                        audio_duration(path)
                     self._audio_cache[path] = None
                 except MediaError as e:
                     self._audio_cache[path] = e
@@ -290,7 +345,7 @@ class _Validator:
             frame_paths = self._frames(rec, bad)
         else:
             video_path = self._video(rec, bad)
-        if self.media.needs_audio:
+        if self.want_audio:
             audio_path = self._audio(rec, bad)
         if problems:
             return None, problems
@@ -323,9 +378,12 @@ def _validate(
     require_scoring_fields: bool,
     skip_bad: bool,
     check_media: bool,
+    decode_media: bool = False,
+    check_audio: bool = False,
 ) -> tuple[list[Sample], list[Problem]]:
     validator = _Validator(
-        media, frames_root, require_scoring_fields=require_scoring_fields, check_media=check_media
+        media, frames_root, require_scoring_fields=require_scoring_fields, check_media=check_media,
+        decode_media=decode_media, check_audio=check_audio,
     )
     samples: list[Sample] = []
     problems: list[Problem] = []
@@ -336,7 +394,7 @@ def _validate(
     if (
         check_media
         and validator.audio_root is not None
-        and media.needs_audio
+        and validator.want_audio
         and not validator.audio_root.is_dir()
     ):
         problems.append(
@@ -423,6 +481,10 @@ def _frames_root(media: MediaConfig, data_path: Path) -> Path:
 
 
 def _open_check(data_path: Path) -> None:
+    if data_path.is_dir():
+        raise DataError([Problem(
+            str(data_path), None, f"data path {data_path} is a directory, not a JSONL file; pass the .jsonl file"
+        )])
     if not data_path.is_file():
         raise DataError([Problem(str(data_path), None, f"data file {data_path} not found; fix --data_path")])
 
@@ -434,14 +496,19 @@ def load_samples(
     require_scoring_fields: bool = False,
     skip_bad: bool = False,
     check_media: bool = True,
+    decode_media: bool = False,
+    check_audio: bool = False,
 ) -> tuple[list[Sample], list[Problem]]:
     """Read and validate every line of a JSONL file; return ``(samples, problems)``.
 
     Raises :class:`DataError` listing every problem unless ``skip_bad`` (then bad lines are dropped and their
     problems returned for the caller to report). ``check_media=True`` checks that every frame/audio/video file
-    exists (trying ``.jpg/.jpeg/.png`` resp. ``.wav/.flac/.mp3/.ogg`` alternatives) and is readable (PIL
-    ``verify()``, ``soundfile.info``, first video frame); ``check_media=False`` only resolves paths and checks
-    they stay inside their roots (no file access beyond symlink resolution). A missing data file always raises.
+    exists (trying ``.jpg/.jpeg/.png`` resp. ``.wav/.flac/.mp3/.ogg`` alternatives) and is readable: by its
+    headers (PIL ``verify()``, JPEG end marker, WAV length, ``soundfile.info``, first video frame), or, with
+    ``decode_media=True``, by decoding it with the loader's own functions (:func:`~surgvqa.media.decode_image`,
+    :func:`~surgvqa.media.load_audio`), which also finds damage inside a JPEG scan. ``check_media=False`` only
+    resolves paths and checks they stay inside their roots. Audio is looked up for spoken questions, and for text
+    questions too with ``check_audio=True`` (when ``media.audio_dir`` is set). A missing data file always raises.
     """
     path = Path(data_path)
     _open_check(path)
@@ -453,6 +520,8 @@ def load_samples(
         require_scoring_fields=require_scoring_fields,
         skip_bad=skip_bad,
         check_media=check_media,
+        decode_media=decode_media,
+        check_audio=check_audio,
     )
 
 

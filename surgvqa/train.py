@@ -1,7 +1,8 @@
 """LoRA / QLoRA fine-tuning: argument dataclasses → data check → backbone → PEFT → Trainer → outputs.
 
-Every Hugging Face ``TrainingArguments`` flag works; ours are in the three dataclasses below. Arguments may also come
-from one YAML or JSON file (``python train_vqa.py config.yaml``).
+Every Hugging Face ``TrainingArguments`` flag works; ours are in the dataclasses below. Arguments may also come from
+one YAML or JSON file, with command-line flags overriding it (``python train_vqa.py config.yaml --learning_rate 1e-4``).
+What happens to an existing ``--output_dir`` (refused, emptied, resumed) is decided by :mod:`surgvqa.rundir`.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from transformers import HfArgumentParser
 
 from surgvqa import __version__
 from surgvqa.backbones import LoadOptions, backbone_for
-from surgvqa.backbones.base import vision_grid
+from surgvqa.backbones.base import prepare_quantized_for_training, upcast_trainable, vision_grid
 from surgvqa.collate import OverlongSampleError, VQACollator
 from surgvqa.data import DataError, MediaConfig, Problem, Sample, SurgicalVQADataset, load_samples
-from surgvqa.errors import UserError, existing_file, one_line_errors, run_main
+from surgvqa.errors import UserError, existing_dir, existing_file, one_line_errors, run_main
 from surgvqa.frame_cache import check_frame_cache_settings, open_frame_cache
 from surgvqa.lean_imports import checkpoint_needs_bitsandbytes, skip_bitsandbytes
+from surgvqa.media import PixelBudget
 from surgvqa.metrics import build_candidates
 from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, check_question_modality
 from surgvqa.run_config import (
@@ -38,10 +40,13 @@ from surgvqa.run_config import (
     collator_kwargs,
 )
 from surgvqa.run_config import media_config as build_media_config
+from surgvqa.rundir import apply_plan, check_same_run, plan_output_dir
 from surgvqa.tokenizer import repair_tokenizer
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
+
+    from surgvqa.training_args import SurgvqaTrainingArguments
 
 logger = logging.getLogger("surgvqa.train")
 
@@ -74,9 +79,18 @@ class DataArguments:
     eval_audio_dir: str | None = field(default=None, metadata={"help": "default: --audio_dir"})
     frame_path_template: str = field(default=MediaConfig.frame_path_template)
     audio_path_template: str = field(default=MediaConfig.audio_path_template)
-    frame_size: int = field(default=MediaConfig.frame_size,
-                            metadata={"help": "longest frame edge in pixels (the pixel budget)"})
-    max_pixels: int | None = field(default=None, metadata={"help": "alternative budget: frame_size = sqrt"})
+    frame_size: int = field(
+        default=MediaConfig.frame_size,
+        metadata={"help": "longest frame edge in pixels, on the vision grid (ignored with --max_pixels)"},
+    )
+    max_pixels: int | None = field(
+        default=None,
+        metadata={"help": "pixel budget per frame, a pixel count (e.g. 147456 = 384*384): transformers' smart_resize "
+                  "keeps the aspect ratio, grid-aligned edges and w*h <= max_pixels; replaces --frame_size"},
+    )
+    min_pixels: int | None = field(
+        default=None, metadata={"help": "smallest frame in pixels (smaller frames are enlarged); default one grid cell"}
+    )
     max_train_frames: int | None = field(default=None, metadata={"help": "evenly spaced, first and last kept"})
     max_eval_frames: int | None = field(default=None, metadata={"help": "default: the training frame count"})
     question_modality: str = field(default=MediaConfig.question_modality,
@@ -86,12 +100,27 @@ class DataArguments:
     skip_overlong: bool = field(default=False, metadata={"help": "skip (and count) samples longer than the limit"})
     skip_bad_samples: bool = field(default=False, metadata={"help": "skip (and list) samples with bad data"})
     eval_generate_samples: int = field(
-        default=0, metadata={"help": "generate on the first N eval samples each evaluation → eval_accuracy"}
+        default=0,
+        metadata={"help": "generate on N eval samples (seeded, stratified by question type) each evaluation → "
+                          "eval_accuracy; split across processes"},
+    )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={"help": "stop after this many evaluations without improving --metric_for_best_model"},
     )
     eval_max_new_tokens: int = field(default=48)
     eval_batch_size_generate: int = field(default=8)
     system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT)
-    fps: float = field(default=DEFAULT_FPS, metadata={"help": "frame rate the frames were sampled at (rope timing)"})
+    fps: float = field(
+        default=DEFAULT_FPS,
+        metadata={"help": "rate (frames per second) at which the frames listed on a line were sampled; sets the "
+                  "video clock (M-RoPE time step) of lines without frame_numbers, or without --video_fps"},
+    )
+    video_fps: float | None = field(
+        default=None,
+        metadata={"help": "frame rate of the source videos: with it, a line's frame_numbers / video_fps give each kept "
+                  "frame's time, so any subsample keeps the true clock (e.g. 30 for 30-fps recordings)"},
+    )
     frame_cache: str = field(
         default="disk",
         metadata={"help": "none | memory | disk: decode and resize each frame once, then read it back every epoch"},
@@ -123,22 +152,24 @@ class LoraArguments:
     init_from: str | None = field(default=None, metadata={"help": "stage 2: the stage-1 output directory"})
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, LoraArguments, TrainingArguments]:
-    from transformers import TrainingArguments
+ArgumentTuple = tuple[ModelArguments, DataArguments, LoraArguments, SurgvqaTrainingArguments]
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = one_line_errors(HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments)))
+
+def make_parser() -> HfArgumentParser:
+    from surgvqa.training_args import SurgvqaTrainingArguments
+
+    parser = one_line_errors(HfArgumentParser((ModelArguments, DataArguments, LoraArguments, SurgvqaTrainingArguments)))
     parser.prog = "train_vqa.py"
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
-        existing_file(argv[0], "the arguments file")
-        try:
-            if argv[0].endswith(".json"):
-                return parser.parse_json_file(argv[0])
-            return parser.parse_yaml_file(argv[0])
-        except ValueError as err:  # keys that are no argument, bad values
-            raise UserError(f"{argv[0]}: {err}") from err
-    if "--report_to" not in argv:
-        argv += ["--report_to", "none"]
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> ArgumentTuple:
+    """Flags, or a YAML/JSON file followed by flags that override it (``config.yaml --learning_rate 1e-4``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser()
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
+        parser.set_defaults(**_config_file(parser, argv[0]))
+        argv = argv[1:]
     try:
         *parsed, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     except ValueError as err:  # TrainingArguments refuses a combination of flags
@@ -146,6 +177,28 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     if unknown:
         raise UserError(f"unknown argument(s) {' '.join(unknown)}; see train_vqa.py --help")
     return tuple(parsed)
+
+
+def _config_file(parser: HfArgumentParser, path: str) -> dict[str, Any]:
+    """The settings of a YAML/JSON recipe; an unknown key is an error naming it (a typo would be ignored)."""
+    import yaml
+
+    file = existing_file(path, "the arguments file")
+    text = file.read_text()
+    try:
+        values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as err:
+        raise UserError(f"{file}: not valid {'JSON' if file.suffix == '.json' else 'YAML'} ({err})") from err
+    if not isinstance(values, dict):
+        raise UserError(f"{file}: expected a mapping of argument names to values")
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"{file}: unknown argument(s) {', '.join(unknown)}; see train_vqa.py --help")
+    for action in parser._actions:  # argparse requires required arguments on the command line even with a default
+        if action.dest in values:
+            action.required = False
+    return values
 
 
 # -------------------------------------------------------------------------------------------------- checks
@@ -160,8 +213,9 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
     model_path = Path(model_args.model_name_or_path)
     if model_path.exists():  # recorded absolute (surgvqa_config.json and PEFT's adapter_config.json)
         model_args.model_name_or_path = str(model_path.resolve())
-    if data_args.max_pixels is not None:
-        data_args.frame_size = int(math.isqrt(data_args.max_pixels))
+    PixelBudget(data_args.frame_size, data_args.max_pixels, data_args.min_pixels)  # refuses a bad budget
+    if data_args.fps <= 0 or (data_args.video_fps is not None and data_args.video_fps <= 0):
+        raise UserError(f"--fps and --video_fps must be > 0, got {data_args.fps} and {data_args.video_fps}")
     if model_args.load_in_4bit or model_args.load_in_8bit:
         if args.fp16:
             raise UserError("QLoRA computes in bf16: use --bf16 True instead of --fp16")
@@ -173,6 +227,13 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
         raise UserError(
             "--metric_for_best_model accuracy is the generation-scored accuracy: set --eval_generate_samples N"
         )
+    if data_args.early_stopping_patience is not None:
+        if data_args.early_stopping_patience < 1:
+            raise UserError(f"--early_stopping_patience must be >= 1, got {data_args.early_stopping_patience}")
+        if not args.metric_for_best_model or args.eval_strategy == "no":
+            raise UserError(
+                "--early_stopping_patience needs --metric_for_best_model (e.g. eval_accuracy) and an --eval_strategy"
+            )
     if args.eval_strategy != "no" and not data_args.eval_data_path:
         raise UserError(f"--eval_strategy {args.eval_strategy} needs --eval_data_path")
     check_frame_cache_settings(data_args.frame_cache, data_args.frame_cache_max_gb)
@@ -182,9 +243,15 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
         model_args.dtype = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
     LoadOptions(dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
                 load_in_4bit=model_args.load_in_4bit, load_in_8bit=model_args.load_in_8bit).validate()
+    if (model_args.load_in_4bit or model_args.load_in_8bit) and not args.bf16:
+        # the towers and norms stay unquantized in bf16 / fp32: bf16 autocast runs them together
+        raise UserError("QLoRA computes in bf16: add --bf16 True")
     existing_file(data_args.train_data_path, "--train_data_path")  # paths last: combinations need no files
     if data_args.eval_data_path:
         existing_file(data_args.eval_data_path, "--eval_data_path")
+    for name in ("frames_dir", "audio_dir", "eval_frames_dir", "eval_audio_dir"):
+        if getattr(data_args, name):
+            existing_dir(getattr(data_args, name), f"--{name}")
 
 
 def media_settings(data_args: DataArguments) -> MediaSettings:
@@ -198,6 +265,9 @@ def media_settings(data_args: DataArguments) -> MediaSettings:
         question_modality=data_args.question_modality,
         frames_as=data_args.frames_as,
         fps=data_args.fps,
+        video_fps=data_args.video_fps,
+        max_pixels=data_args.max_pixels,
+        min_pixels=data_args.min_pixels,
     )
 
 
@@ -224,7 +294,7 @@ def drop_overlong(samples: list[Sample], collator: VQACollator, max_frames: int 
     import soundfile
     from PIL import Image
 
-    from surgvqa.media import fit_to_budget, subsample_indices
+    from surgvqa.media import subsample_indices
 
     kept, overlong = [], []
     size_cache: dict[tuple, tuple[int, int]] = {}
@@ -234,9 +304,8 @@ def drop_overlong(samples: list[Sample], collator: VQACollator, max_frames: int 
             continue
         with Image.open(sample.frame_paths[0]) as img:
             raw = img.size
-        if raw not in size_cache:
-            w, h = fit_to_budget(raw[0], raw[1], collator.frame_size, vision_grid(collator.processor))
-            size_cache[raw] = (h, w)
+        if raw not in size_cache:  # the collator's own budget function: the size the dataset resizes to
+            size_cache[raw] = collator.frame_hw(*raw)
         n_frames = len(subsample_indices(len(sample.frame_paths), max_frames))
         audio_len = None
         if sample.audio_path is not None and "audio" in collator.question_modality:
@@ -257,7 +326,7 @@ def drop_overlong(samples: list[Sample], collator: VQACollator, max_frames: int 
 
 # --------------------------------------------------------------------------------------------------- model
 def build_model(model_args: ModelArguments, lora_args: LoraArguments, args: TrainingArguments):
-    from peft import LoraConfig, prepare_model_for_kbit_training
+    from peft import LoraConfig
 
     backbone = backbone_for(model_args.model_name_or_path, model_args.backbone)
     options = LoadOptions(
@@ -274,9 +343,9 @@ def build_model(model_args: ModelArguments, lora_args: LoraArguments, args: Trai
 
     gc_kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
     args.gradient_checkpointing_kwargs = gc_kwargs
-    if options.quantized:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=args.gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
+    if options.quantized:  # only the norms in fp32; towers, embeddings and lm_head stay in the compute dtype
+        prepare_quantized_for_training(
+            model, gradient_checkpointing=args.gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
         )
     elif args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
@@ -294,6 +363,8 @@ def build_model(model_args: ModelArguments, lora_args: LoraArguments, args: Trai
         task_type="CAUSAL_LM",
     )
     model = backbone.make_trainable(model, lora_config, stage=lora_args.stage, init_from=lora_args.init_from)
+    if options.quantized:
+        upcast_trainable(model)
     if hasattr(model, "peft_config"):
         assert_lora_placement(model, backbone, allow_vision=lora_args.lora_vision_tower)
         model.print_trainable_parameters()
@@ -315,11 +386,66 @@ def assert_lora_placement(model, backbone, allow_vision: bool = False) -> None:
         raise ValueError("LoRA matched no module: check --lora_target_regex against model.named_modules()")
 
 
-def build_run_config(model_args, data_args, lora_args, backbone, report, original_rows, model) -> RunConfig:
-    rows = model.get_input_embeddings().num_embeddings
+# ------------------------------------------------------------------------------------------------- trainer
+def stratified_subset(samples: list[Sample], n: int, seed: int) -> list[Sample]:
+    """A seeded sample of ``n`` samples, every question type represented in proportion (at least one each when
+    ``n`` allows), kept in file order. ``n`` >= len(samples) returns them all."""
+    import random
+    from collections import defaultdict
+
+    if n >= len(samples):
+        return list(samples)
+    by_type: dict[str, list[int]] = defaultdict(list)
+    for i, sample in enumerate(samples):
+        by_type[sample.question_type or ""].append(i)
+    types = sorted(by_type)
+    base = 1 if n >= len(types) else 0
+    quota = dict.fromkeys(types, base)
+    room = {t: len(by_type[t]) - base for t in types}
+    rest = n - base * len(types)
+    shares = {t: rest * room[t] / sum(room.values()) for t in types}
+    for t in types:
+        quota[t] += math.floor(shares[t])
+    for t in sorted(types, key=lambda t: (-(shares[t] - math.floor(shares[t])), t)):  # largest remainders
+        if sum(quota.values()) == n:
+            break
+        if quota[t] < len(by_type[t]):
+            quota[t] += 1
+    rng = random.Random(seed)
+    chosen = [i for t in types for i in rng.sample(by_type[t], quota[t])]
+    return [samples[i] for i in sorted(chosen)]
+
+
+#: the TrainingArguments that change what a run computes (recorded, and compared when a run is resumed)
+TRAINING_SETTINGS = (
+    "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "adam_beta1",
+    "adam_beta2", "adam_epsilon", "max_grad_norm", "optim", "num_train_epochs", "max_steps",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "world_size", "seed", "data_seed", "bf16", "fp16",
+    "gradient_checkpointing", "label_smoothing_factor", "neftune_noise_alpha",
+)
+#: RunConfig fields known only once the model is loaded (not compared when a run is resumed)
+_MODEL_DERIVED = ("tokenizer_repair", "resized_vocab", "original_vocab_rows", "graft", "surgvqa_version",
+                  "schema_version", "base_model_relative", "frame_cache")  # frame_cache: changes no result
+
+
+def training_settings(args: TrainingArguments) -> dict[str, Any]:
+    """:data:`TRAINING_SETTINGS` of ``args``, as JSON values."""
+    values = {name: getattr(args, name, None) for name in TRAINING_SETTINGS}
+    return json.loads(json.dumps(values, default=str))
+
+
+def run_identity(config: RunConfig) -> dict[str, Any]:
+    """What makes two invocations the same run: the recorded settings, less what the loaded model adds."""
+    return {k: v for k, v in config.to_dict().items() if k not in _MODEL_DERIVED}
+
+
+def build_run_config(model_args, data_args, lora_args, backbone_name: str, args: TrainingArguments | None = None,
+                     report=None, original_rows: int | None = None, model=None) -> RunConfig:
+    """The run's surgvqa_config.json; without ``model`` (before it loads) the model-derived fields are empty."""
+    rows = model.get_input_embeddings().num_embeddings if model is not None else original_rows
     return RunConfig(
         surgvqa_version=__version__,
-        backbone=backbone.name,
+        backbone=backbone_name,
         base_model=model_args.model_name_or_path,  # absolute when local (validate_args)
         media=media_settings(data_args),
         system_prompt=data_args.system_prompt,
@@ -327,9 +453,10 @@ def build_run_config(model_args, data_args, lora_args, backbone, report, origina
         lora=asdict(lora_args),
         quantization="4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None,
         dtype=model_args.dtype,
-        tokenizer_repair=list(report.actions),
+        tokenizer_repair=list(report.actions) if report is not None else [],
         resized_vocab=rows if rows != original_rows else None,
         original_vocab_rows=original_rows,
+        training=training_settings(args) if args is not None else None,
         train_data_path=_resolved(data_args.train_data_path),
         eval_data_path=_resolved(data_args.eval_data_path),
         frames_dir=_resolved(data_args.frames_dir),
@@ -360,7 +487,7 @@ def _resolved(path: str | None) -> str | None:
 
 def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
           args: TrainingArguments) -> dict[str, Any]:
-    from transformers import set_seed
+    from transformers import EarlyStoppingCallback, set_seed
     from transformers.trainer_utils import enable_full_determinism
 
     from surgvqa.trainer import SurgvqaConfigCallback, VQATrainer, save_outputs_extras
@@ -380,7 +507,27 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         eval_samples = load_checked(data_args.eval_data_path, eval_media, data_args.skip_bad_samples,
                                     scoring=bool(data_args.eval_generate_samples))
 
-    # 2. model (seeded first: LoRA's random init must be reproducible for resume and comparisons)
+    # 2. the run directory: refused, emptied, resumed or started, before any weight loads
+    backbone_name = backbone_for(model_args.model_name_or_path, model_args.backbone).name
+    early = build_run_config(model_args, data_args, lora_args, backbone_name, args)
+    plan = plan_output_dir(
+        args.output_dir, args.resume_from_checkpoint, getattr(args, "overwrite_output_dir", False),
+        protected=(data_args.train_data_path, data_args.eval_data_path, data_args.frames_dir, data_args.audio_dir,
+                   data_args.eval_frames_dir, data_args.eval_audio_dir, model_args.model_name_or_path),
+    )
+    check_same_run(plan, run_identity(early))
+    with args.main_process_first(local=False, desc="preparing the output directory"):
+        if args.process_index == 0:
+            apply_plan(plan)
+            early.write(args.output_dir)  # whose directory this is, from the start
+    if plan.resume_from:
+        logger.info("resuming from %s", plan.resume_from)
+    frame_cache = open_frame_cache(data_args.frame_cache, data_args.frame_cache_dir, data_args.frame_cache_max_gb,
+                                   default_directory=Path(args.output_dir) / "frame_cache")
+    if frame_cache is not None:
+        logger.info("decoded frames are cached: %s", frame_cache)
+
+    # 3. model (seeded first: LoRA's random init must be reproducible for resume and comparisons)
     if args.full_determinism:
         enable_full_determinism(args.seed)
     else:
@@ -396,10 +543,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
                                  **settings)
     train_samples = drop_overlong(train_samples, train_collator, train_media.max_frames,
                                   data_args.skip_overlong, data_args.model_max_length)
-    frame_cache = open_frame_cache(data_args.frame_cache, data_args.frame_cache_dir, data_args.frame_cache_max_gb,
-                                   default_directory=Path(args.output_dir) / "frame_cache")
-    if frame_cache is not None:
-        logger.info("decoded frames are cached: %s", frame_cache)
     train_dataset = SurgicalVQADataset(train_samples, train_media, frame_cache=frame_cache)
     eval_dataset = generation_eval = None
     if eval_samples:
@@ -407,7 +550,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
                                      data_args.skip_overlong, data_args.model_max_length)
         eval_dataset = SurgicalVQADataset(eval_samples, eval_media, frame_cache=frame_cache)
         if data_args.eval_generate_samples:
-            subset = eval_samples[: data_args.eval_generate_samples]
+            subset = stratified_subset(eval_samples, data_args.eval_generate_samples,
+                                       args.data_seed if args.data_seed is not None else args.seed)
             generation_eval = {
                 "dataset": SurgicalVQADataset(subset, eval_media, frame_cache=frame_cache),
                 "collator": VQACollator(processor, mode="generate", **settings),
@@ -416,7 +560,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
                 "max_new_tokens": data_args.eval_max_new_tokens,
             }
 
-    config = build_run_config(model_args, data_args, lora_args, backbone, report, original_rows, model)
+    config = build_run_config(model_args, data_args, lora_args, backbone.name, args, report, original_rows, model)
     config = dataclasses.replace(config, frame_cache=frame_cache_record(frame_cache))
     trainer = VQATrainer(
         model=model,
@@ -429,33 +573,81 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         lm_head=backbone.lm_head(model) if model_args.loss_on_labelled_only else None,
         callbacks=[SurgvqaConfigCallback(config, original_rows)],
     )
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    if data_args.early_stopping_patience is not None:
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=data_args.early_stopping_patience))
+    result = trainer.train(resume_from_checkpoint=plan.resume_from)
     trainer.save_model(args.output_dir)
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)  # train_results.json, all_results.json
+    trainer.save_state()  # trainer_state.json: the whole log history
     if trainer.is_world_process_zero():
         save_outputs_extras(Path(args.output_dir), config, trainer.model, original_rows)
-        (Path(args.output_dir) / "train_results.json").write_text(json.dumps(result.metrics, indent=2) + "\n")
         # the final directory holds no pickles: the Trainer's training_args.bin becomes readable JSON
         (Path(args.output_dir) / "training_args.json").write_text(args.to_json_string() + "\n")
         (Path(args.output_dir) / "training_args.bin").unlink(missing_ok=True)
+        curves = plot_training_curves(trainer.state.log_history, Path(args.output_dir) / CURVES_NAME)
+        if curves:
+            logger.info("loss curve: %s", curves)
     logger.info("adapter, processor and %s written to %s", CONFIG_NAME, args.output_dir)
     return {"metrics": result.metrics, "trainer": trainer}
 
+CURVES_NAME = "training_curves.png"
+
+
+def plot_training_curves(log_history: list[dict], png_path: Path) -> Path | None:
+    """Training loss (and eval loss, eval accuracy when logged) against the step, as a PNG; None when nothing
+    was logged. matplotlib is imported here only (headless Agg canvas)."""
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    accuracy = [(e["step"], e["eval_accuracy"]) for e in log_history if "eval_accuracy" in e]
+    if not (train or evals or accuracy):
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    handles, labels = ax.get_legend_handles_labels()
+    if accuracy:
+        acc_ax = ax.twinx()
+        acc_ax.plot(*zip(*accuracy, strict=True), "s--", label="eval accuracy (generated)", color="tab:green")
+        acc_ax.set_ylabel("accuracy")
+        acc_ax.set_ylim(0, 1)
+        more_handles, more_labels = acc_ax.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path)
+    return png_path
+
+
+
 
 def needs_bitsandbytes(argv: list[str]) -> bool:
-    """Whether a training command line quantizes (parsed by the real parser, ModelArguments only, so that
-    ``TrainingArguments``, which imports peft and with it bitsandbytes, is not imported to find out)."""
+    """Whether a training command line quantizes, read by the real parser with ModelArguments only (the full parser
+    needs ``TrainingArguments``, whose import imports peft and with it bitsandbytes)."""
     parser = HfArgumentParser(ModelArguments)
     try:
-        if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-            (model_args,) = parser.parse_yaml_file(argv[0], allow_extra_keys=True)
-        elif len(argv) == 1 and argv[0].endswith(".json"):
-            (model_args,) = parser.parse_json_file(argv[0], allow_extra_keys=True)
-        else:
-            model_args, _ = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
-    except (SystemExit, ValueError, OSError):  # the full parse reports it
+        if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
+            import yaml
+
+            values = yaml.safe_load(Path(argv[0]).read_text())  # JSON is YAML
+            known = {f.name for f in dataclasses.fields(ModelArguments)}
+            parser.set_defaults(**{k: v for k, v in (values or {}).items() if k in known})
+            argv = argv[1:]
+        model_args, _ = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    except (SystemExit, ValueError, OSError, AttributeError, ImportError, Exception):  # the full parse reports it
         return True
-    return (model_args.load_in_4bit or model_args.load_in_8bit
-            or checkpoint_needs_bitsandbytes(model_args.model_name_or_path))
+    return bool(model_args.load_in_4bit or model_args.load_in_8bit
+                or checkpoint_needs_bitsandbytes(model_args.model_name_or_path))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -470,13 +662,14 @@ def main(argv: list[str] | None = None) -> int:
     return run_main(lambda: train(*parse_args(argv)), logs=True)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def __getattr__(name: str):
-    """``VQATrainer``, ``SurgvqaConfigCallback``, ``save_outputs_extras`` live in :mod:`surgvqa.trainer` (imported on
-    first use: it imports transformers' Trainer, and with it peft)."""
+    """Names whose module imports transformers' Trainer or TrainingArguments (and with them peft), imported on first
+    use: ``SurgvqaTrainingArguments`` (:mod:`surgvqa.training_args`), ``VQATrainer``, ``SurgvqaConfigCallback``,
+    ``save_outputs_extras`` (:mod:`surgvqa.trainer`)."""
+    if name == "SurgvqaTrainingArguments":
+        from surgvqa.training_args import SurgvqaTrainingArguments
+
+        return SurgvqaTrainingArguments
     if name == "TrainerCallback":
         from transformers import TrainerCallback
 
@@ -488,4 +681,17 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["DataArguments", "LoraArguments", "ModelArguments", "main", "parse_args", "train"]
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = [
+    "DataArguments",
+    "LoraArguments",
+    "ModelArguments",
+    "SurgvqaTrainingArguments",
+    "main",
+    "make_parser",
+    "parse_args",
+    "train",
+]

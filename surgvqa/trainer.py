@@ -14,6 +14,7 @@ from transformers import Trainer, TrainerCallback
 from surgvqa.backbones import get_backbone
 from surgvqa.backbones.labelled_loss import labelled_loss, labelled_positions_only
 from surgvqa.checkpoint import save_new_token_rows
+from surgvqa.data import SurgicalVQADataset
 from surgvqa.generate import generate_predictions
 from surgvqa.metrics import strict_hit
 from surgvqa.run_config import RunConfig
@@ -24,6 +25,11 @@ class VQATrainer(Trainer):
 
     ``lm_head`` (the model's output embedding): training and evaluation loss apply it only to the labelled positions
     (:mod:`surgvqa.backbones.labelled_loss`); ``None`` keeps the model's own loss on full logits.
+
+    The accuracy is computed inside ``evaluation_loop``, so ``eval_accuracy`` is in the metrics that are logged,
+    passed to ``on_evaluate`` (``EarlyStoppingCallback``) and used for ``metric_for_best_model`` /
+    ``load_best_model_at_end``. Generation is split across processes (each generates about N / world_size
+    samples) and the per-sample results are gathered, so every process reports the same numbers.
     """
 
     def __init__(self, *args, generation_eval: dict | None = None, lm_head=None, **kwargs):
@@ -40,30 +46,46 @@ class VQATrainer(Trainer):
         with labelled_positions_only(self.lm_head, labels):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        if self.generation_eval:
-            extra = self.generation_accuracy(metric_key_prefix)
-            self.log(extra)
-            metrics.update(extra)
-        return metrics
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        if self.generation_eval and description == "Evaluation":
+            output.metrics.update(self.generation_accuracy(metric_key_prefix))
+        return output
 
     def generation_accuracy(self, prefix: str = "eval") -> dict[str, float]:
+        from accelerate.utils import gather_object
+
         spec = self.generation_eval
         dataset, collator = spec["dataset"], spec["collator"]
         model = self.accelerator.unwrap_model(self.model)
-        hits, no_eos = 0, 0
         candidates = spec["candidates"]
-        by_key = {s.key: s for s in dataset.samples}
-        for prediction in generate_predictions(
-            model, self.processing_class.tokenizer, dataset, collator,
-            batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"],
-        ):
-            sample = by_key[prediction.key]
-            hits += strict_hit(prediction.text, sample.short_answer, candidates.get(sample.question_type, []))
-            no_eos += not prediction.stopped_by_eos
-        n = len(dataset)
-        return {f"{prefix}_accuracy": hits / n, f"{prefix}_no_eos": no_eos / n}
+        local: list[tuple[int, bool, bool]] = []
+        with self.accelerator.split_between_processes(list(range(len(dataset.samples)))) as mine:
+            part = SurgicalVQADataset([dataset.samples[i] for i in mine], dataset.media,
+                                      frame_cache=dataset.frame_cache)
+            index = {dataset.samples[i].key: i for i in mine}
+            by_key = {s.key: s for s in part.samples}
+            if part.samples:
+                for prediction in generate_predictions(
+                    model, self.processing_class.tokenizer, part, collator,
+                    batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"],
+                ):
+                    sample = by_key[prediction.key]
+                    hit = strict_hit(prediction.text, sample.short_answer, candidates.get(sample.question_type, []))
+                    local.append((index[prediction.key], hit, not prediction.stopped_by_eos))
+        per_rank = gather_object([len(local)])
+        results = gather_object(local)
+        n = len(results)
+        if n != len(dataset.samples) or len({i for i, _, _ in results}) != n:
+            raise RuntimeError(f"generation eval gathered {n} results for {len(dataset.samples)} samples")
+        return {
+            f"{prefix}_accuracy": sum(hit for _, hit, _ in results) / n,
+            f"{prefix}_no_eos": sum(no_eos for _, _, no_eos in results) / n,
+            f"{prefix}_generated": float(n),
+            f"{prefix}_generated_per_process": float(max(per_rank)),
+        }
 
 
 class SurgvqaConfigCallback(TrainerCallback):

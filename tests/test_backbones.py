@@ -88,3 +88,27 @@ def test_end_of_turn_comes_from_the_chat_template(tiny_model_dir):
     labels = batch["labels"][0][batch["labels"][0] != -100].tolist()
     assert labels[-1] == processor.tokenizer.convert_tokens_to_ids("<|box_end|>")
     assert processor.tokenizer.decode(labels) == "No.<|box_end|>"
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_half_precision_attention_runs_on_every_cpu_kernel_path(capability):
+    """torch's CPU SDPA kernel for bf16 needs AVX-512 at longer sequences; runnable_attention falls back to the
+    math kernel on the other paths, so bf16 evaluation and merge verification run on any x86 CPU."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, torch.nn.functional as F\n"
+        "from surgvqa.backbones.base import runnable_attention\n"
+        "model = torch.nn.Linear(4, 4).to(torch.bfloat16)\n"
+        "q = torch.randn(1, 2, 128, 16, dtype=torch.bfloat16)\n"
+        "with runnable_attention(model):\n"
+        "    out = F.scaled_dot_product_attention(q, q, q, is_causal=True)\n"
+        "ref = F.scaled_dot_product_attention(q.float(), q.float(), q.float(), is_causal=True)\n"
+        "print(float((out.float() - ref).abs().max()))\n"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.strip().splitlines()[-1]) < 0.05  # bf16 rounding of a softmax-weighted mean

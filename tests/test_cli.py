@@ -45,7 +45,7 @@ def test_commands_run_the_tools(test_set, tiny_model_dir, capsys):
     assert code == 0 and "OK: 50 sample(s), no problems." in capsys.readouterr().out
     assert cli.main(["verify-tokenizer", str(tiny_model_dir)]) == 0
     assert "OK" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as info:  # resolved lazily, wherever the graft keeps its creator
+    with pytest.raises(SystemExit) as info:  # the graft's creator, imported only now
         cli.main(["create-graft", "--help"])
     assert info.value.code == 0 and "--vl_model" in capsys.readouterr().out
 
@@ -85,6 +85,8 @@ USER_ERRORS = [
     ("train --model_name_or_path missing",
      lambda w: ["train", "--model_name_or_path", str(w["root"] / "none"), "--train_data_path", w["data"],
                 "--frames_dir", w["frames"]], "--model_name_or_path must be a local model directory"),
+    ("train --frames_dir missing",
+     lambda w: ["train", "--train_data_path", w["data"], "--frames_dir", str(w["root"] / "none")], "--frames_dir"),
     ("train --frame_size 10",
      lambda w: ["train", "--train_data_path", w["data"], "--frames_dir", w["frames"], "--frame_size", "10"],
      "frame_size must be an int >= 28"),
@@ -102,13 +104,19 @@ USER_ERRORS = [
     ("evaluate --checkpoint_path missing",
      lambda w: ["evaluate", "--checkpoint_path", str(w["root"] / "none"), "--eval_data_path", w["data"],
                 "--output_file", str(w["root"] / "p.jsonl")], "--checkpoint_path"),
+    ("evaluate --frames_dir missing",
+     lambda w: ["evaluate", "--checkpoint_path", w["model"], "--eval_data_path", w["data"], "--output_file",
+                str(w["root"] / "p.jsonl"), "--frames_dir", str(w["root"] / "none")], "--frames_dir"),
     ("evaluate --baseline 46", lambda w: ["evaluate", "--baseline", "46"], "write 0.46, not 46"),
     ("evaluate a model without surgvqa_config.json",
      lambda w: ["evaluate", "--checkpoint_path", w["model"], "--eval_data_path", w["data"], "--output_file",
                 str(w["root"] / "p.jsonl")], "--allow_default_preprocessing True"),
     ("evaluate --question_modality video",
      lambda w: ["evaluate", "--checkpoint_path", w["model"], "--eval_data_path", w["data"], "--output_file",
-                str(w["root"] / "p.jsonl"), "--question_modality", "video"], "question_modality must be one of"),
+                str(w["root"] / "p.jsonl"), "--question_modality", "video"], "--question_modality must be one of"),
+    ("evaluate --frames_as movie",
+     lambda w: ["evaluate", "--checkpoint_path", w["model"], "--eval_data_path", w["data"], "--output_file",
+                str(w["root"] / "p.jsonl"), "--frames_as", "movie"], "--frames_as must be one of video, images"),
     ("merge, no arguments", lambda w: ["merge"], "the following arguments are required: --base_model_path"),
     ("merge --base_model_path missing",
      lambda w: ["merge", "--base_model_path", str(w["root"] / "none"), "--adapter_path", w["model"],

@@ -22,6 +22,7 @@ from surgvqa.data import (
     Problem,
     Sample,
     SurgicalVQADataset,
+    ablation_donors,
     load_qa_text,
     load_samples,
     main,
@@ -46,6 +47,8 @@ def _record(video_id: str = "002-001", qid: str = "qa_000001", n_frames: int = 4
         "answer": "Yes, clean mucosa is visible.",
         "short_answer": "yes",
     }
+    if "frames" in over and "frame_numbers" not in over:  # a line that names other frames has no numbers
+        del rec["frame_numbers"]
     rec.update(over)
     return rec
 
@@ -459,19 +462,22 @@ def test_dataset_subsamples_resizes_and_overrides_max_frames(tmp_path: Path) -> 
     assert len(SurgicalVQADataset(samples, world.media(frame_size=56))[0]["frames"]) == 8
 
 
+FILL = (123, 117, 104)
+
+
 @pytest.mark.parametrize("ablate", ["video", "audio", "both"])
 def test_dataset_ablation(tmp_path: Path, ablate: str) -> None:
     world = World(tmp_path, [_record(n_frames=3)])
     normal = world.media(question_modality="text+audio", frame_size=56)
     ablated = world.media(question_modality="text+audio", frame_size=56, ablate=ablate)
     samples, _ = load_samples(world.data, normal)
-    ref, item = SurgicalVQADataset(samples, normal)[0], SurgicalVQADataset(samples, ablated)[0]
+    ref = SurgicalVQADataset(samples, normal)[0]
+    item = SurgicalVQADataset(samples, ablated, video_fill=FILL)[0]
     assert [f.shape for f in item["frames"]] == [f.shape for f in ref["frames"]]
     assert item["audio"].shape == ref["audio"].shape and ref["audio"].any()
     if ablate in ("video", "both"):
-        for grey, orig in zip(item["frames"], ref["frames"], strict=True):
-            assert len(np.unique(grey.reshape(-1, 3), axis=0)) == 1
-            assert np.abs(grey[0, 0].astype(int) - orig.reshape(-1, 3).mean(0)).max() <= 1
+        for frame in item["frames"]:  # the given constant, not the clip's own colour
+            np.testing.assert_array_equal(frame, np.broadcast_to(np.array(FILL, np.uint8), frame.shape))
     else:
         for got, orig in zip(item["frames"], ref["frames"], strict=True):
             np.testing.assert_array_equal(got, orig)
@@ -479,6 +485,41 @@ def test_dataset_ablation(tmp_path: Path, ablate: str) -> None:
         assert not item["audio"].any()
     else:
         np.testing.assert_array_equal(item["audio"], ref["audio"])
+    if ablate != "audio":
+        with pytest.raises(ValueError, match="needs video_fill"):
+            SurgicalVQADataset(samples, ablated)
+
+
+@pytest.mark.parametrize("ablate", ["video_shuffle", "audio_shuffle"])
+def test_dataset_shuffle_ablation_serves_the_donors_media(tmp_path: Path, ablate: str) -> None:
+    # distinct frame counts and audio lengths, so whose media a sample got is visible
+    records = [_record("002-001", "qa_1", n_frames=2), _record("002-001", "qa_2", n_frames=3),
+               _record("002-002", "qa_1", n_frames=4)]
+    world = World(tmp_path, records)
+    normal = world.media(question_modality="text+audio", frame_size=56)
+    samples, _ = load_samples(world.data, normal)
+    donors = ablation_donors(samples, seed=0)
+    assert all(donors[s.key].key != s.key for s in samples)
+    assert ablation_donors(samples, seed=0) == donors
+    ref = SurgicalVQADataset(samples, normal)
+    shuffled = SurgicalVQADataset(samples, world.media(question_modality="text+audio", frame_size=56,
+                                                       ablate=ablate), donors=donors)
+    index = {s.key: i for i, s in enumerate(samples)}
+    for i, sample in enumerate(samples):
+        got, own, donor = shuffled[i], ref[i], ref[index[donors[sample.key].key]]
+        assert got["sample"] is sample
+        moved, kept = ("frames", "audio") if ablate == "video_shuffle" else ("audio", "frames")
+        assert len(got[moved]) == len(donor[moved]) != len(own[moved])
+        for a, b in zip(got[moved], donor[moved], strict=True):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(got[kept], own[kept], strict=True):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="needs donors"):
+        SurgicalVQADataset(samples, shuffled.media)
+    with pytest.raises(ValueError, match="no donor for 1 sample"):
+        SurgicalVQADataset(samples, shuffled.media, donors={k: v for k, v in list(donors.items())[1:]})
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        ablation_donors(samples[:1], seed=0)
 
 
 def test_dataset_unreadable_frame_raises_with_key_and_path(tmp_path: Path) -> None:

@@ -66,8 +66,8 @@ def test_argparse_errors_are_one_line(capsys):
                                        "see surgvqa check --help\n")
 
 
-def test_baseline_is_parsed_once_for_evaluate_and_report(tmp_path, capsys):
-    from surgvqa import evaluate, report
+def test_baseline_is_parsed_once_for_evaluate_and_rescoring(tmp_path, capsys):
+    from surgvqa import evaluate
 
     assert evaluate.parse_baseline is parse_baseline
     assert parse_baseline("0.46") == pytest.approx(0.46) and parse_baseline("chance") == "chance"
@@ -76,7 +76,7 @@ def test_baseline_is_parsed_once_for_evaluate_and_report(tmp_path, capsys):
     predictions = tmp_path / "p.jsonl"
     predictions.write_text(json.dumps({"video_id": "v", "id": "q", "question_type": "t", "short_answer": "yes",
                                        "answer": "Yes.", "prediction": "Yes."}) + "\n")
-    with pytest.raises(SystemExit) as info:  # report.py used to take 46 as a baseline of 4,600 %
-        report.main([str(predictions), "--baseline", "46"])
-    assert info.value.code == 2 and "write 0.46, not 46" in capsys.readouterr().err
-    assert report.main([str(predictions), "--baseline", "0.46"]) == 0
+    # re-scoring (its one command line: evaluate_checkpoint.py --score_predictions) refuses 46 as 4,600 %
+    assert evaluate.main(["--score_predictions", str(predictions), "--baseline", "46"]) == 2
+    assert "write 0.46, not 46" in capsys.readouterr().err
+    assert evaluate.main(["--score_predictions", str(predictions), "--baseline", "0.46"]) == 0

@@ -1,94 +1,306 @@
-"""evaluate_checkpoint.py end to end on the tiny trained adapter: streaming output, summary, resume, re-scoring."""
+"""evaluate_checkpoint.py end to end on the tiny trained adapter: the self-describing predictions file, summary,
+re-scoring that reproduces the run, output safety, resume, ablations and the paired comparison."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from surgvqa.evaluate import main, parse_args, parse_baseline
+from surgvqa.evaluate import RESUME_FIELDS, main, parse_args, parse_baseline
+from surgvqa.report import META_KEY, read_predictions, read_predictions_meta, summarize_run
 
+REPO = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {"n", "accuracy", "k_acc", "substring_acc", "exact_match", "bleu4", "rouge_l", "baseline", "per_type"}
 RECORD_KEYS = {"video_id", "id", "question_type", "question", "answer", "short_answer", "prediction", "accuracy",
                "k_acc", "substring", "exact_match", "stopped_by_eos", "new_tokens", "latency_ms"}
+META_FIELDS = {"checkpoint", "checkpoint_sha256", "eval_data_path", "eval_data_sha256", "ablate", "question_modality",
+               "frame_size", "max_eval_frames", "max_new_tokens", "scoring", "candidates"}
 
 
 def _lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The prediction records of a file (its meta line skipped)."""
+    return [r for r in (json.loads(x) for x in path.read_text().splitlines() if x.strip()) if META_KEY not in r]
+
+
+def _without_latency(path: Path) -> list[dict]:
+    """Every line, meta included, minus the one field that is a wall-clock measurement."""
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [{k: v for k, v in r.items() if k != "latency_ms"} for r in rows]
+
+
+def _args(adapter, data, frames, out, *extra) -> list[str]:
+    return ["--checkpoint_path", str(adapter), "--eval_data_path", str(data), "--frames_dir", str(frames),
+            "--output_file", str(out), "--batch_size", "8", "--max_new_tokens", "24", "--device", "cpu", *extra]
 
 
 @pytest.fixture(scope="module")
 def evaluated(trained_adapter, test_set, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "preds.jsonl"
-    code = main([
-        "--checkpoint_path", str(trained_adapter), "--eval_data_path", str(test_set / "out_002-001.jsonl"),
-        "--frames_dir", str(test_set / "frames"), "--output_file", str(out), "--batch_size", "8",
-        "--max_new_tokens", "24", "--device", "cpu",
-    ])
-    assert code == 0
+    assert main(_args(trained_adapter, test_set / "out_002-001.jsonl", test_set / "frames", out)) == 0
     return out
 
 
-def test_output_file_and_summary(evaluated, test_set):
-    records = _lines(evaluated)
-    assert len(records) == 50
+def test_output_file_meta_line_and_summary(evaluated, test_set, trained_adapter):
+    first = json.loads(evaluated.read_text().splitlines()[0])
+    assert list(first) == [META_KEY]
+    meta = read_predictions_meta(evaluated)
+    assert META_FIELDS <= set(meta)
+    assert meta["checkpoint"] == str(trained_adapter.resolve()) and len(meta["checkpoint_sha256"]) == 64
+    assert meta["eval_data_path"] == str((test_set / "out_002-001.jsonl").resolve())
+    assert meta["ablate"] is None and meta["max_new_tokens"] == 24 and meta["question_modality"] == "text"
+    assert meta["candidates"]["lesion_motion_direction"]  # the closed answer set per type the run used
+    records = read_predictions(evaluated)
+    assert records == _lines(evaluated) and len(records) == 50
     assert all(RECORD_KEYS <= set(r) for r in records)
     assert len({(r["video_id"], r["id"]) for r in records}) == 50
+    assert not evaluated.with_name("preds.jsonl.partial").exists()  # renamed at the end
     summary = json.loads(evaluated.with_name("preds.summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
-    assert summary["n"] == 50
+    assert summary["n"] == 50 and summary["candidates_source"] == "meta"
     assert all(0.0 <= summary[k] <= 1.0 for k in ("accuracy", "k_acc", "substring_acc", "exact_match", "rouge_l"))
-    # the summary is a pure function of the file: recount accuracy from the per-sample hits
     assert summary["accuracy"] == pytest.approx(sum(bool(r["accuracy"]) for r in records) / 50)
     # preprocessing came from the adapter's surgvqa_config.json (56 px frames), not the 384 px default
-    assert summary["frame_size"] == 56
-    gold = {(json.loads(x)["video_id"], json.loads(x)["id"]): json.loads(x)["answer"]
-            for x in (test_set / "out_002-001.jsonl").read_text().splitlines()}
-    assert all(gold[(r["video_id"], r["id"])] == r["answer"] for r in records)
+    assert summary["frame_size"] == 56 and meta["frame_size"] == 56
+    # lines are in the data file's order, whatever the batches
+    order = [(json.loads(x)["video_id"], json.loads(x)["id"])
+             for x in (test_set / "out_002-001.jsonl").read_text().splitlines()]
+    assert [(r["video_id"], r["id"]) for r in records] == order
 
 
-def test_score_predictions_reproduces_summary(evaluated, tmp_path):
+def _rescore(predictions: Path, *extra: str) -> dict:
+    assert main(["--score_predictions", str(predictions), *extra]) == 0
+    return json.loads(predictions.with_name(predictions.name + ".rescored.summary.json").read_text())
+
+
+def _assert_same_summary(run: dict, rescored: dict) -> None:
+    """Every number (and every other field) equal, except where the predictions file lives."""
+    run = {k: v for k, v in run.items() if k != "predictions_file"}
+    rescored = {k: v for k, v in rescored.items() if k != "predictions_file"}
+    assert rescored == run
+
+
+def test_score_predictions_reproduces_the_summary_exactly(evaluated, tmp_path):
     copy = tmp_path / "copy.jsonl"
     copy.write_text(evaluated.read_text())
-    assert main(["--score_predictions", str(copy)]) == 0
-    original = json.loads(evaluated.with_name("preds.summary.json").read_text())
-    rescored = json.loads((tmp_path / "copy.summary.json").read_text())
-    for key in ("n", "accuracy", "k_acc", "substring_acc", "exact_match", "bleu4", "rouge_l", "baseline"):
-        assert rescored[key] == pytest.approx(original[key]), key
-    assert rescored["per_type"].keys() == original["per_type"].keys()
+    rescored = _rescore(copy)
+    _assert_same_summary(json.loads(evaluated.with_name("preds.summary.json").read_text()), rescored)
+    assert not (tmp_path / "copy.summary.json").exists()  # the run's summary name is never taken by a re-score
+    # line order never changes a score
+    lines = copy.read_text().splitlines()
+    shuffled = tmp_path / "shuffled.jsonl"
+    shuffled.write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")
+    _assert_same_summary(rescored, _rescore(shuffled))
+    # --output_file names the summary; --baseline overrides the run's
+    target = tmp_path / "elsewhere.json"
+    assert main(["--score_predictions", str(copy), "--output_file", str(target), "--baseline", "chance"]) == 0
+    assert json.loads(target.read_text())["baseline_kind"] == "chance"
+    assert main(["--score_predictions", str(copy), "--output_file", str(target)]) == 2  # exists: not replaced
 
 
-def test_resume_after_kill_has_no_duplicates(evaluated, trained_adapter, test_set, tmp_path):
-    partial = tmp_path / "partial.jsonl"
+@pytest.mark.parametrize("case", ["limit", "skip_bad_samples"])
+def test_rescoring_equals_the_run_after_limit_and_skipped_samples(trained_adapter, test_set, tmp_path, case):
+    """The closed answer sets come from the whole usable file; re-scoring uses the recorded ones, not the lines'."""
+    data = tmp_path / "eval.jsonl"
+    lines = (test_set / "out_002-001.jsonl").read_text().splitlines()
+    extra = ["--limit", "7"]
+    if case == "skip_bad_samples":
+        bad = [json.loads(x) for x in lines[:3]]
+        for record in bad:
+            record["frames"][0] = "no_such_frame"
+        lines = [json.dumps(r) for r in bad] + lines[3:12]
+        extra = ["--skip_bad_samples", "True"]
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run.jsonl"
+    assert main(_args(trained_adapter, data, test_set / "frames", out, *extra)) == 0
+    run = json.loads((tmp_path / "run.summary.json").read_text())
+    assert run["n"] == (7 if case == "limit" else 9)
+    if case == "skip_bad_samples":
+        assert run["skipped_bad_samples"] == 3
+    if case == "limit":  # the 7 lines alone hold fewer answers: their own answer sets would give other numbers
+        alone = summarize_run(read_predictions(out), None)
+        assert alone["candidates"] != run["candidates"] and alone["chance_baseline"] != run["chance_baseline"]
+    # the run's settings (skipped count, limit, checkpoint, ...) and every number come back from the file alone
+    _assert_same_summary(run, _rescore(out))
+
+
+def test_rescoring_refuses_flags_it_would_ignore(evaluated, tmp_path, capsys):
+    for extra in (["--checkpoint_path", "x"], ["--eval_data_path", "x.jsonl"], ["--ablate", "video"],
+                  ["--limit", "3"], ["--resume", "True"]):
+        assert main(["--score_predictions", str(evaluated), *extra]) == 2
+        assert f"{extra[0]} would be ignored" in capsys.readouterr().err
+    assert main(["--score_predictions", str(evaluated), "--output_file", str(evaluated)]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert main(["--score_predictions", str(tmp_path / "nope.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["--score_predictions", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_rescoring_honours_compare(evaluated, tmp_path):
+    copy = tmp_path / "copy.jsonl"
+    copy.write_text(evaluated.read_text())
+    rescored = _rescore(copy, "--compare", str(evaluated))
+    assert rescored["comparison"]["keys_match"] and rescored["comparison"]["overall"]["b"] == 0
+    assert rescored["comparison"]["verdict"].startswith("no measurable difference")
+
+
+def test_scoring_an_original_toolkit_file_without_meta(tmp_path, evaluated):
+    original = tmp_path / "orig.jsonl"
+    original.write_text("".join(json.dumps({"question_id": r["id"], "question_type": r["question_type"],
+                                            "ground_truth": r["answer"], "short_answer": r["short_answer"],
+                                            "predicted_answer": r["prediction"]}) + "\n"
+                                for r in read_predictions(evaluated)))
+    with pytest.warns(UserWarning, match="no video_id"):
+        summary = _rescore(original)
+    assert summary["candidates_source"] == "records" and summary["checkpoint"] is None
+
+
+# ---------------------------------------------------------------------------------- nothing lost, nothing mixed
+def test_output_equal_to_an_input_is_refused(trained_adapter, test_set, tmp_path, capsys):
+    data = tmp_path / "eval.jsonl"
+    data.write_text((test_set / "out_002-001.jsonl").read_text())
+    before = data.read_bytes()
+    for extra in ([], ["--overwrite", "True"]):
+        assert main(_args(trained_adapter, data, test_set / "frames", data, *extra)) == 2
+        assert "would overwrite the input" in capsys.readouterr().err
+        assert data.read_bytes() == before
+    assert main(_args(trained_adapter, data, test_set / "frames", tmp_path)) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_existing_output_is_never_truncated(evaluated, trained_adapter, test_set, tmp_path, capsys):
+    out = tmp_path / "preds.jsonl"
+    out.write_text(evaluated.read_text())
+    before = out.read_bytes()
+    # no --overwrite: refused before anything is written
+    assert main(_args(trained_adapter, test_set / "out_002-001.jsonl", test_set / "frames", out)) == 2
+    assert "--overwrite True" in capsys.readouterr().err
+    # --overwrite, but the run fails (a broken checkpoint): the old file stays byte-identical, no partial left
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in trained_adapter.iterdir():
+        if f.is_file():
+            (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError):  # a library's error inside the run: it keeps its traceback
+        main(_args(broken, test_set / "out_002-001.jsonl", test_set / "frames", out, "--overwrite", "True"))
+    assert out.read_bytes() == before
+    assert not (tmp_path / "preds.jsonl.partial").exists()
+
+
+def test_resume_refuses_another_run_naming_the_field(evaluated, trained_adapter, tiny_model_dir, test_set, tmp_path,
+                                                     capsys):
+    assert {"checkpoint_sha256", "eval_data_sha256", "ablate", "frame_size"} <= set(RESUME_FIELDS)
+    partial = tmp_path / "preds.jsonl.partial"
     lines = evaluated.read_text().splitlines()
-    # 20 finished lines plus a line cut mid-write by a kill
-    partial.write_text("\n".join(lines[:20]) + "\n" + lines[20][:30])
-    code = main([
-        "--checkpoint_path", str(trained_adapter), "--eval_data_path", str(test_set / "out_002-001.jsonl"),
-        "--frames_dir", str(test_set / "frames"), "--output_file", str(partial), "--resume", "True",
-        "--batch_size", "8", "--max_new_tokens", "24", "--device", "cpu",
-    ])
-    assert code == 0
-    records = _lines(partial)
-    keys = [(r["video_id"], r["id"]) for r in records]
-    assert len(keys) == 50 and len(set(keys)) == 50
-    # greedy decoding: resumed predictions equal the uninterrupted run's
-    first = {(r["video_id"], r["id"]): r["prediction"] for r in _lines(evaluated)}
-    assert all(first[(r["video_id"], r["id"])] == r["prediction"] for r in records)
+    other_data = tmp_path / "in.jsonl"
+    other_data.write_text((test_set / "in_002-001.jsonl").read_text())  # the same keys, other questions
+    cases = {
+        "eval_data_sha256": _args(trained_adapter, other_data, test_set / "frames", tmp_path / "preds.jsonl"),
+        "ablate": _args(trained_adapter, test_set / "out_002-001.jsonl", test_set / "frames",
+                        tmp_path / "preds.jsonl", "--ablate", "video"),
+        "checkpoint_sha256": _args(tiny_model_dir, test_set / "out_002-001.jsonl", test_set / "frames",
+                                   tmp_path / "preds.jsonl", "--frame_size", "56", "--question_modality", "text",
+                                   "--frames_as", "video"),
+        "frame_size": _args(trained_adapter, test_set / "out_002-001.jsonl", test_set / "frames",
+                            tmp_path / "preds.jsonl", "--frame_size", "112"),
+    }
+    for field_name, args in cases.items():
+        partial.write_text("\n".join(lines[:21]) + "\n")
+        before = partial.read_bytes()
+        assert main([*args, "--resume", "True"]) == 2
+        err = capsys.readouterr().err
+        assert f"{field_name} differs" in err, err
+        assert partial.read_bytes() == before
+    # a file without a meta line cannot be checked: refused too
+    partial.write_text("\n".join(lines[1:21]) + "\n")
+    assert main([*cases["frame_size"][:-2], "--resume", "True"]) == 2
+    assert f"has no {META_KEY} line" in capsys.readouterr().err
+    # and without --resume, a partial file is not silently discarded
+    assert main(cases["frame_size"][:-2]) == 2
+    assert "interrupted run" in capsys.readouterr().err
 
 
-def test_ablate_video_and_compare(evaluated, trained_adapter, test_set, tmp_path, capsys):
+def test_resume_of_a_cut_partial_equals_the_uninterrupted_run(evaluated, trained_adapter, test_set, tmp_path):
+    out = tmp_path / "preds.jsonl"
+    lines = evaluated.read_text().splitlines()
+    # the meta line, 20 finished lines, then a line cut mid-write by a kill
+    (tmp_path / "preds.jsonl.partial").write_text("\n".join(lines[:21]) + "\n" + lines[21][:30])
+    assert main(_args(trained_adapter, test_set / "out_002-001.jsonl", test_set / "frames", out,
+                      "--resume", "True")) == 0
+    assert _without_latency(out) == _without_latency(evaluated)
+    assert not (tmp_path / "preds.jsonl.partial").exists()
+
+
+@pytest.mark.slow
+def test_kill_then_resume_equals_an_uninterrupted_run(evaluated, trained_adapter, test_set, tmp_path, caplog):
+    """A real SIGKILL of evaluate_checkpoint.py mid-run, then --resume: the same lines, no duplicates."""
+    out = tmp_path / "preds.jsonl"
+    partial = tmp_path / "preds.jsonl.partial"
+    args = [sys.executable, str(REPO / "evaluate_checkpoint.py"),
+            *_args(trained_adapter, test_set / "out_002-001.jsonl", test_set / "frames", out)]
+    args[args.index("--batch_size") + 1] = "2"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (partial.is_file() and partial.read_text().count("\n") >= 11):
+        assert proc.poll() is None, "the evaluation ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and partial.exists()
+    with caplog.at_level("INFO", logger="surgvqa.evaluate"):
+        assert main([*args[2:], "--resume", "True"]) == 0
+    resumed = [r.getMessage() for r in caplog.records if "already in" in r.getMessage()]
+    assert resumed and not resumed[0].startswith("resume: 0 of")  # it continued, it did not start over
+    assert _without_latency(out) == _without_latency(evaluated)
+
+
+def test_report_flag_calls_the_html_report_or_says_it_is_missing(evaluated, tmp_path, monkeypatch, capsys):
+    import types
+
+    copy = tmp_path / "copy.jsonl"
+    copy.write_text(evaluated.read_text())
+    monkeypatch.setitem(sys.modules, "surgvqa.html_report", None)  # not importable
+    assert main(["--score_predictions", str(copy), "--report", str(tmp_path / "r.html")]) == 2
+    assert "--report needs surgvqa.html_report" in capsys.readouterr().err
+    calls = []
+    fake = types.ModuleType("surgvqa.html_report")
+    fake.build_report = lambda predictions, output, **kw: calls.append((predictions, output, kw)) or Path(output)
+    monkeypatch.setitem(sys.modules, "surgvqa.html_report", fake)
+    assert main(["--score_predictions", str(copy), "--report", str(tmp_path / "r.html"),
+                 "--compare", str(evaluated)]) == 0
+    (predictions, output, kw), = calls
+    assert predictions == copy and output == str(tmp_path / "r.html")
+    assert kw["compare"] == [evaluated] and kw["frames_dir"] == read_predictions_meta(evaluated)["frames_dir"]
+    assert set(kw) == {"compare", "frames_dir", "audio_dir"}
+
+
+# -------------------------------------------------------------------------------------- ablation + comparison
+@pytest.mark.parametrize("ablate", ["video", "video_shuffle"])
+def test_ablate_video_and_compare(evaluated, trained_adapter, test_set, tmp_path, capsys, ablate):
+    """The shipped test_set end to end under each video ablation, compared with the normal run."""
     out = tmp_path / "blind.jsonl"
-    code = main([
-        "--checkpoint_path", str(trained_adapter), "--eval_data_path", str(test_set / "out_002-001.jsonl"),
-        "--frames_dir", str(test_set / "frames"), "--output_file", str(out), "--ablate", "video",
-        "--compare", str(evaluated.with_name("preds.summary.json")), "--limit", "16", "--baseline", "0.46",
-        "--max_new_tokens", "24", "--device", "cpu",
-    ])
-    assert code == 0
+    assert main(_args(trained_adapter, test_set / "out_002-001.jsonl", test_set / "frames", out, "--ablate", ablate,
+                      "--compare", str(evaluated.with_name("preds.summary.json")), "--limit", "16",
+                      "--baseline", "0.46")) == 0
     summary = json.loads(out.with_name("blind.summary.json").read_text())
-    assert summary["ablate"] == "video" and summary["n"] == 16
+    assert summary["ablate"] == ablate and summary["n"] == 16
+    assert read_predictions_meta(out)["ablate"] == ablate
+    records = _lines(out)
+    if ablate == "video_shuffle":  # one video in test_set: donors come from it, never the sample itself
+        assert summary["ablation_seed"] == 0
+        assert all(r["ablation_source"] != [r["video_id"], r["id"]] for r in records)
+    else:
+        assert all("ablation_source" not in r for r in records)
     assert summary["baseline"] == pytest.approx(0.46)
     comparison = summary["comparison"]
     assert comparison["reference"] == str(evaluated.resolve())  # found from the summary path
@@ -96,7 +308,9 @@ def test_ablate_video_and_compare(evaluated, trained_adapter, test_set, tmp_path
     assert comparison["n_paired"] == 16 and comparison["only_in_reference"]["n"] == 34
     assert comparison["verdict"].startswith("WARNING: the files do not hold the same samples")
     assert {"b", "c", "p_value", "difference_ci95"} <= set(comparison["overall"])
-    assert "paired comparison: ablate=video vs reference" in capsys.readouterr().out
+    assert f"paired comparison: ablate={ablate} vs reference" in capsys.readouterr().out
+    # re-scoring the ablated run reproduces it, its comparison included
+    _assert_same_summary(summary, _rescore(out, "--compare", str(evaluated)))
 
 
 def test_baseline_parsing_and_required_flags(tmp_path):
@@ -108,7 +322,7 @@ def test_baseline_parsing_and_required_flags(tmp_path):
         parse_baseline("mode")
     assert main(["--eval_data_path", "x.jsonl"]) == 2  # a user error: one line, exit 2
     args = parse_args(["--checkpoint_path", "c", "--eval_data_path", "e", "--output_file", "o", "--limit", "3"])
-    assert args.limit == 3 and args.baseline == "majority"
+    assert args.limit == 3 and args.baseline is None
 
 
 def test_missing_frame_is_an_error_naming_the_sample(trained_adapter, test_set, tmp_path, capsys):
@@ -121,3 +335,109 @@ def test_missing_frame_is_an_error_naming_the_sample(trained_adapter, test_set, 
     assert code == 2
     err = capsys.readouterr().err
     assert "002-001_0" in err and record["id"] in err
+    assert not (tmp_path / "p.jsonl").exists() and not (tmp_path / "p.jsonl.partial").exists()
+
+
+# ------------------------------------------------------------------------------ a colour-only task (NBI tint)
+NBI_RGB, WHITE_LIGHT_RGB = (40, 150, 140), (200, 90, 100)
+NBI_ANSWERS = {"yes": "Yes, NBI light is on.", "no": "No, white light is on."}
+
+
+def _write_colour_clips(root: Path, videos: list[str], per_video: int, seed: int) -> Path:
+    """Clips whose only cue is the global tint: NBI green-blue vs white-light red-pink, under per-frame noise
+    and a random blob, so no two frames are alike; half of each video's clips are NBI."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:56, :56]
+    records = []
+    for video in videos:
+        for k in range(per_video):
+            short = "yes" if k % 2 == 0 else "no"
+            names = []
+            for j in range(2):
+                img = np.array(NBI_RGB if short == "yes" else WHITE_LIGHT_RGB, np.float32)
+                img = img + rng.normal(0, 25, (56, 56, 1)) + rng.normal(0, 10, (56, 56, 3))
+                cy, cx = rng.integers(8, 48, 2)
+                img[(yy - cy) ** 2 + (xx - cx) ** 2 < 60] += rng.integers(-60, 60)
+                name = f"{video}_{k}_{j}"
+                path = root / "frames" / video / f"{name}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path, quality=95)
+                names.append(name)
+            records.append({"id": f"qa_{k:04d}", "video_id": video, "frames": names,
+                            "question": "Is NBI light on in these frames?", "question_type": "nbi_status",
+                            "answer": NBI_ANSWERS[short], "short_answer": short})
+    data = root / f"{videos[0][0]}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return data
+
+
+@pytest.fixture(scope="module")
+def colour_task(tiny_model_dir, tmp_path_factory):
+    """A tiny adapter trained (with a wide margin: final loss ~1e-4) to answer 'is NBI on?' from the tint."""
+    from surgvqa.train import main as train_main
+
+    root = tmp_path_factory.mktemp("colour")
+    train = _write_colour_clips(root, ["t1", "t2", "t3", "t4"], 16, seed=0)
+    held_out = _write_colour_clips(root, ["e1", "e2", "e3"], 40, seed=1)
+    adapter = root / "adapter"
+    assert train_main([
+        "--model_name_or_path", str(tiny_model_dir), "--train_data_path", str(train),
+        "--frames_dir", str(root / "frames"), "--frame_size", "56", "--output_dir", str(adapter),
+        "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--lr_scheduler_type", "constant",
+        "--max_steps", "40", "--save_strategy", "no", "--logging_steps", "10", "--use_cpu", "True", "--seed", "0",
+        "--disable_tqdm", "True",
+    ]) == 0
+    return {"root": root, "adapter": adapter, "eval": held_out}
+
+
+def _colour_eval(task, name: str, *extra: str) -> dict:
+    out = task["root"] / f"{name}.jsonl"
+    assert main([
+        "--checkpoint_path", str(task["adapter"]), "--eval_data_path", str(task["eval"]),
+        "--frames_dir", str(task["root"] / "frames"), "--output_file", str(out), "--batch_size", "16",
+        "--max_new_tokens", "10", "--device", "cpu", *extra,
+    ]) == 0
+    return json.loads(out.with_name(f"{name}.summary.json").read_text())
+
+
+def test_colour_task_ablations_remove_the_tint(colour_task):
+    """The answer is the frames' colour: removing the video (one constant frame for all) or giving each sample
+    another sample's frames must bring a >= 90 % model down to the majority baseline, with a paired p < 0.01."""
+    normal = _colour_eval(colour_task, "normal")
+    assert normal["n"] == 120 and normal["accuracy"] >= 0.90
+    reference = str(colour_task["root"] / "normal.jsonl")
+    for ablate in ("video", "video_shuffle"):
+        ablated = _colour_eval(colour_task, ablate, "--ablate", ablate, "--compare", reference)
+        assert ablated["majority_baseline"] == pytest.approx(0.5)
+        assert abs(ablated["accuracy"] - ablated["majority_baseline"]) <= 0.05, (ablate, ablated["accuracy"])
+        comparison = ablated["comparison"]
+        assert comparison["keys_match"] and comparison["n_paired"] == 120
+        assert comparison["overall"]["p_value"] < 0.01
+        assert comparison["overall"]["drop"] >= 0.40
+        assert "carries" in comparison["verdict"]
+    # every shuffled sample saw another video's clip
+    shuffled = _lines(colour_task["root"] / "video_shuffle.jsonl")
+    assert all(r["ablation_source"][0] != r["video_id"] for r in shuffled)
+
+
+def test_weights_hash_covers_sub_directories_but_not_training_checkpoints(tmp_path):
+    from surgvqa.evaluate import weights_sha256
+
+    (tmp_path / "vl_model").mkdir()
+    (tmp_path / "vl_model" / "model.safetensors").write_bytes(b"a")
+    (tmp_path / "projector.safetensors").write_bytes(b"b")
+    (tmp_path / "training_args.bin").write_bytes(b"not weights")
+    first = weights_sha256(tmp_path)
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "adapter_model.safetensors").write_bytes(b"c")
+    (tmp_path / "training_args.bin").write_bytes(b"changed")
+    assert weights_sha256(tmp_path) == first
+    (tmp_path / "vl_model" / "model.safetensors").write_bytes(b"A")
+    assert weights_sha256(tmp_path) != first
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="holds no weight files"):
+        weights_sha256(empty)

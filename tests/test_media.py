@@ -13,8 +13,9 @@ from PIL import Image
 from surgvqa.media import (
     MediaError,
     audio_duration,
+    constant_frames_like,
+    derangement,
     fit_to_budget,
-    grey_like,
     load_audio,
     load_frame,
     load_video_frames,
@@ -246,15 +247,43 @@ def test_load_audio_errors(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- ablation
-def test_grey_like_and_silence_like() -> None:
+def test_constant_frames_like_ignores_the_clip() -> None:
     rng = np.random.default_rng(0)
-    frames = [rng.integers(0, 256, (28, 56, 3), dtype=np.uint8), np.full((56, 28, 3), (10, 20, 30), np.uint8)]
-    grey = grey_like(frames)
-    assert [g.shape for g in grey] == [f.shape for f in frames]
-    assert all(g.dtype == np.uint8 for g in grey)
-    np.testing.assert_array_equal(grey[0][0, 0], np.rint(frames[0].reshape(-1, 3).mean(0)).astype(np.uint8))
-    assert len(np.unique(grey[0].reshape(-1, 3), axis=0)) == 1
-    np.testing.assert_array_equal(grey[1], frames[1])  # a uniform frame is its own mean
+    nbi = [np.full((28, 56, 3), (20, 160, 150), np.uint8), rng.integers(0, 256, (28, 56, 3), dtype=np.uint8)]
+    white = [np.full((28, 56, 3), (200, 90, 90), np.uint8)] * 2
+    a, b = constant_frames_like(nbi, (123, 117, 104)), constant_frames_like(white, (123, 117, 104))
+    assert [f.shape for f in a] == [f.shape for f in nbi] and all(f.dtype == np.uint8 for f in a)
+    # every frame of every clip is the same array: no tint, no per-frame mean survives
+    for frame in a + b:
+        np.testing.assert_array_equal(frame, np.full((28, 56, 3), (123, 117, 104), np.uint8))
+    with pytest.raises(ValueError, match="3 values"):
+        constant_frames_like(nbi, (1, 2))
+    with pytest.raises(ValueError, match="0-255"):
+        constant_frames_like(nbi, (1, 2, 300))
+
+
+def test_derangement_prefers_another_group_and_is_seeded() -> None:
+    groups = ["v1"] * 5 + ["v2"] * 4 + ["v3"] * 3
+    p = derangement(groups, seed=0)
+    assert sorted(p) == list(range(12))  # a permutation
+    assert all(p[i] != i for i in range(12))
+    assert all(groups[p[i]] != groups[i] for i in range(12))  # largest group <= half: every donor elsewhere
+    assert derangement(groups, seed=0) == p
+    assert derangement(groups, seed=1) != p
+    # a dominant group: as many cross-group donors as possible (n - m for the m-item group), none is itself
+    big = ["a"] * 7 + ["b"] * 3
+    q = derangement(big, seed=0)
+    assert sorted(q) == list(range(10)) and all(q[i] != i for i in range(10))
+    assert sum(big[q[i]] != big[i] for i in range(10)) == 6  # 3 "b" get an "a", 3 "a" get a "b"
+    # one group: still a derangement
+    r = derangement(["only"] * 6, seed=3)
+    assert sorted(r) == list(range(6)) and all(r[i] != i for i in range(6))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        derangement(["x"], seed=0)
+
+
+def test_silence_like() -> None:
+    rng = np.random.default_rng(0)
     audio = rng.standard_normal(1234).astype(np.float32)
     silent = silence_like(audio)
     assert silent is not None and silent.shape == audio.shape and silent.dtype == np.float32

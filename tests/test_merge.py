@@ -148,6 +148,7 @@ def test_output_is_standalone_and_documented(merged_a, adapter_a, tiny_model_dir
 
 def test_evaluate_checkpoint_on_merged_matches_adapter(merged_a, adapter_a, work, test_set):
     from surgvqa.evaluate import main as evaluate_main
+    from surgvqa.report import read_predictions
 
     answers = {}
     for name, checkpoint in (("adapter", adapter_a), ("merged", merged_a["output_dir"])):
@@ -158,7 +159,7 @@ def test_evaluate_checkpoint_on_merged_matches_adapter(merged_a, adapter_a, work
             "--batch_size", "2", "--max_new_tokens", "6", "--device", "cpu",
         ])
         assert code == 0
-        answers[name] = [json.loads(line)["prediction"] for line in output.read_text().splitlines()]
+        answers[name] = [r["prediction"] for r in read_predictions(output)]
     assert len(answers["merged"]) == 2 and answers["merged"] == answers["adapter"]
 
 

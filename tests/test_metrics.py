@@ -606,3 +606,22 @@ def test_paired_comparison_uses_given_candidates_and_refuses_duplicates():
     assert paired_comparison(run, ref, {"tool": ["snare"]})["overall"]["reference_accuracy"] == 1.0
     with pytest.raises(ValueError, match="two records for"):
         paired_comparison(run + run[:1], ref)
+
+
+def test_summarize_never_mutates_and_line_order_never_changes_a_score():
+    recs = [
+        {"question_type": "tool", "short_answer": "snare", "answer": "A snare.", "prediction": "A snare."},
+        {"question_type": "tool", "short_answer": "forceps", "answer": "Forceps.", "prediction": "Forceps."},
+        {"question_type": "tool", "short_answer": "catheter", "answer": "A catheter.",
+         "prediction": "A catheter and a snare."},
+        {"question_type": "tool", "short_answer": "snare", "answer": "A snare.", "prediction": "Snare, forceps."},
+    ]
+    given = {"tool": ["snare"]}  # the golds forceps/catheter are missing from the closed set
+    frozen = json.dumps([recs, given])
+    forward = summarize(recs, candidates=given)
+    assert json.dumps([recs, given]) == frozen
+    backward = summarize(list(reversed(recs)), candidates=given)
+    assert backward == forward
+    # every gold joins the closed set before scoring: the third and fourth predictions state two candidates
+    assert forward["per_type"]["tool"]["candidates"] == ["catheter", "forceps", "snare"]
+    assert forward["accuracy_hits"] == 2

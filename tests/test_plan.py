@@ -151,11 +151,10 @@ def test_bf16_bytes_equal_the_loaded_model(tiny_model_dir):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_storage_equals_the_bitsandbytes_loaded_model(tiny_model_dir, bits):
     """Eval: as loaded (towers, projectors, lm_head unquantized, in bf16). Train: after the training preparation,
-    which today casts every unquantized parameter to fp32."""
+    which keeps them in bf16 and holds only the norms in fp32."""
     pytest.importorskip("bitsandbytes")
-    from peft import prepare_model_for_kbit_training
-
     from surgvqa.backbones import LoadOptions, backbone_for
+    from surgvqa.backbones.base import prepare_quantized_for_training
 
     plan = planner(tiny_model_dir, dtype="bfloat16", load_in_4bit=bits == 4, load_in_8bit=bits == 8)
     options = LoadOptions(dtype="bfloat16", load_in_4bit=bits == 4, load_in_8bit=bits == 8)
@@ -166,7 +165,7 @@ def test_quantized_storage_equals_the_bitsandbytes_loaded_model(tiny_model_dir, 
     quantized = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
     assert quantized and all(n.startswith("model.language_model.layers.") for n in quantized)
     assert sum(g.eval_bytes for g in plan.groups) == storage_bytes(loaded_tensors(model))
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    prepare_quantized_for_training(model, gradient_checkpointing=False)
     assert sum(g.train_bytes for g in plan.groups) == storage_bytes(loaded_tensors(model))
 
 

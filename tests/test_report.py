@@ -1,4 +1,5 @@
-"""Tests for surgvqa.report: reading both predictions formats, re-scoring, table, plot, comparison."""
+"""Tests for surgvqa.report: reading both predictions formats and the meta line, the run summary, table, plot,
+the printed paired comparison."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ import pytest
 
 from surgvqa.metrics import paired_comparison, summarize
 from surgvqa.report import (
+    META_KEY,
     format_paired_comparison,
     format_table,
-    main,
+    partial_path_for,
     plot_per_type,
     predictions_path_for,
     read_predictions,
-    rescore,
+    read_predictions_meta,
+    rescored_summary_path_for,
+    summarize_run,
     summary_path_for,
     write_summary,
 )
@@ -131,24 +135,51 @@ def test_read_predictions_warns_on_duplicate_keys(tmp_path):
 
 
 def test_summary_path_for():
+    assert rescored_summary_path_for("runs/x/preds.jsonl") == Path("runs/x/preds.jsonl.rescored.summary.json")
+    assert partial_path_for("runs/x/preds.jsonl") == Path("runs/x/preds.jsonl.partial")
     assert summary_path_for("runs/x/preds.jsonl") == Path("runs/x/preds.summary.json")
     assert summary_path_for("runs/x/preds.json") == Path("runs/x/preds.json.summary.json")
     assert summary_path_for("preds") == Path("preds.summary.json")
 
 
-def test_rescore_reproduces_summary_and_ignores_stored_hits(tmp_path):
+def test_meta_line_is_read_apart_from_the_records(tmp_path):
     recs = _records()
-    expected = summarize(recs)
-    stored = [dict(r, accuracy=True, k_acc=True, substring=True, exact_match=True) for r in recs]
-    preds = _write_jsonl(tmp_path / "preds.jsonl", stored)
-    got = rescore(preds)
-    assert got == expected
-    on_disk = json.loads((tmp_path / "preds.summary.json").read_text())
-    assert on_disk["accuracy"] == pytest.approx(expected["accuracy"])
-    assert on_disk["per_type"]["motion"]["ci95"] == pytest.approx(expected["per_type"]["motion"]["ci95"])
-    other = rescore(preds, tmp_path / "out" / "s.json", baseline=0.25)
-    assert other["baseline_kind"] == "fixed"
-    assert (tmp_path / "out" / "s.json").exists()
+    meta = {"checkpoint": "/x", "candidates": {"motion": ["down", "left", "right", "up"]}, "baseline": 0.25}
+    path = tmp_path / "preds.jsonl"
+    path.write_text(json.dumps({META_KEY: meta}) + "\n" + "".join(json.dumps(r) + "\n" for r in recs))
+    assert read_predictions_meta(path) == meta
+    assert read_predictions(path) == recs
+    # a file of the original toolkit (or an older surgvqa) has no meta
+    plain = _write_jsonl(tmp_path / "plain.jsonl", recs)
+    assert read_predictions_meta(plain) is None
+    assert read_predictions_meta(_write_jsonl(tmp_path / "l.json", [])) is None
+    # a partial file cut by a kill: the meta still reads
+    cut = tmp_path / "cut.jsonl.partial"
+    cut.write_text(path.read_text()[:-20])
+    assert read_predictions_meta(cut) == meta
+    # the meta line belongs first
+    late = tmp_path / "late.jsonl"
+    late.write_text(json.dumps(recs[0]) + "\n" + json.dumps({META_KEY: meta}) + "\n")
+    with pytest.raises(ValueError, match=r"late\.jsonl:2: a surgvqa_meta line must be the first line"):
+        read_predictions(late)
+
+
+def test_summarize_run_uses_the_meta_answer_sets_and_baseline():
+    recs = _records()
+    # the lines alone hold motion golds up/down/left/right; the run's closed set also had "stable"
+    meta = {"candidates": {"motion": ["down", "left", "right", "stable", "up"], "scope_motion": ["no", "yes"]},
+            "baseline": 0.25, "checkpoint": "/ckpt", "ablate": "video", "limit": 18}
+    frozen = json.dumps(meta)
+    with_meta = summarize_run(recs, meta)
+    assert json.dumps(meta) == frozen  # inputs untouched
+    assert with_meta["per_type"]["motion"]["chance_baseline"] == pytest.approx(1 / 5)
+    assert with_meta["baseline_kind"] == "fixed" and with_meta["baseline"] == 0.25
+    assert (with_meta["checkpoint"], with_meta["ablate"], with_meta["limit"]) == ("/ckpt", "video", 18)
+    assert with_meta["candidates_source"] == "meta"
+    alone = summarize_run(recs, None)
+    assert alone["per_type"]["motion"]["chance_baseline"] == pytest.approx(1 / 4)
+    assert alone["candidates_source"] == "records" and alone["baseline_kind"] == "majority"
+    assert summarize_run(recs, meta, baseline="chance")["baseline_kind"] == "chance"
 
 
 def test_write_summary_round_trip(tmp_path):
@@ -219,13 +250,3 @@ def test_predictions_path_for_summaries(tmp_path):
         predictions_path_for(tmp_path / "nothing.jsonl")
     with pytest.raises(ValueError, match="is a directory"):
         predictions_path_for(tmp_path)
-
-
-def test_cli_main(tmp_path, capsys):
-    preds = _write_jsonl(tmp_path / "p.jsonl", _records())
-    _write_jsonl(tmp_path / "ref.jsonl", _records())
-    ref = write_summary(summarize(_records()), tmp_path / "ref.summary.json")
-    assert main([str(preds), "--compare", str(ref), "--plot", str(tmp_path / "p.png")]) == 0
-    out = capsys.readouterr().out
-    assert "scope_motion" in out and "verdict: no measurable difference" in out
-    assert (tmp_path / "p.summary.json").exists() and (tmp_path / "p.png").exists()

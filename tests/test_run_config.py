@@ -122,7 +122,8 @@ def test_media_config_and_collator_settings_come_from_the_record(tmp_path):
     assert (media.frame_size, media.max_frames, media.question_modality, media.ablate) == (56, 4, "text+audio",
                                                                                             "video")
     assert config.collator_kwargs() == {"question_modality": "text+audio", "frame_size": 56, "frames_as": "video",
-                                        "fps": 2.0, "system_prompt": "You are a surgical video assistant."}
+                                        "fps": 2.0, "video_fps": None, "max_pixels": None, "min_pixels": None,
+                                        "system_prompt": "You are a surgical video assistant."}
 
 
 def test_defaults_are_those_of_media_config():
@@ -219,6 +220,7 @@ def test_evaluating_a_checkpoint_without_record(trained_adapter, test_set, tmp_p
     assert summary["preprocessing"] == "flags" and summary["frame_size"] == 56
     assert "allow_default_preprocessing" not in summary
 
-    assert evaluate_main(args + ["--frame_size", "56", "--allow_default_preprocessing", "True"]) == 0
+    assert evaluate_main(args + ["--frame_size", "56", "--allow_default_preprocessing", "True",
+                                 "--overwrite", "True"]) == 0  # replaces the previous p.jsonl
     summary = json.loads((tmp_path / "p.summary.json").read_text())
     assert summary["preprocessing"] == "defaults" and summary["allow_default_preprocessing"] is True

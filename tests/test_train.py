@@ -20,6 +20,8 @@ from surgvqa.train import (
     build_model,
     lora_module_names,
     parse_args,
+    stratified_subset,
+    train,
     validate_args,
 )
 
@@ -60,6 +62,15 @@ def test_trained_adapter_outputs(trained_adapter, tiny_model_dir):
     assert weights, "empty adapter"
     assert all("language_model.layers" in name for name in weights), "LoRA weights outside the language model"
     assert any(float(t.abs().max()) > 0 for name, t in weights.items() if "lora_B" in name), "LoRA B never trained"
+    # the Trainer's own records, and the loss curve
+    state = json.loads((trained_adapter / "trainer_state.json").read_text())
+    assert state["global_step"] == 40 and sum("loss" in e for e in state["log_history"]) == 4
+    results = json.loads((trained_adapter / "all_results.json").read_text())
+    assert results["train_loss"] > 0 and "train_runtime" in results
+    assert (trained_adapter / "train_results.json").is_file()
+    png = (trained_adapter / "training_curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    assert config["training"]["learning_rate"] == 3e-3 and config["training"]["max_steps"] == 40
 
 
 def test_lora_only_in_language_model(tiny_model_dir, capsys):
@@ -130,6 +141,87 @@ def test_yaml_config_and_original_flags(tmp_path):
     assert data_args.eval_audio_dir == "ea" and args.gradient_accumulation_steps == 4 and args.bf16
 
 
+def test_recipe_file_then_flags_that_override_it(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("train_data_path: t.jsonl\noutput_dir: o\nlearning_rate: 2.0e-4\nlora_r: 8\nbf16: false\n")
+    _, data_args, lora_args, args = parse_args([str(config), "--learning_rate", "1e-4", "--use_cpu", "True"])
+    assert (args.learning_rate, lora_args.lora_r, data_args.train_data_path) == (1e-4, 8, "t.jsonl")
+    assert args.report_to in ([], "none", ["none"])  # left to the user: nothing forced, nothing reported by default
+    _, _, _, args = parse_args([str(config), "--use_cpu", "True", "--report_to", "tensorboard"])
+    assert args.report_to == ["tensorboard"]
+    (tmp_path / "typo.yaml").write_text("learning_rte: 1e-4\n")
+    with pytest.raises(ValueError, match="unknown argument.*learning_rte"):
+        parse_args([str(tmp_path / "typo.yaml")])
+
+
+def _complete_checkpoint(out: Path, step: int, *, complete: bool = True) -> Path:
+    path = out / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "adapter_model.safetensors").write_bytes(b"x")
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    if complete:
+        (path / "surgvqa_config.json").write_text("{}")
+    return path
+
+
+def test_output_dir_plans(tmp_path):
+    from surgvqa.rundir import RunDirError, apply_plan, plan_output_dir
+
+    out = tmp_path / "run"
+    assert plan_output_dir(out, None, False).resume_from is None  # missing: fresh
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_bytes(b"old")
+    with pytest.raises(RunDirError, match="not empty.*overwrite_output_dir"):
+        plan_output_dir(out, None, False)
+    _complete_checkpoint(out, 4)
+    _complete_checkpoint(out, 8)
+    killed = _complete_checkpoint(out, 12, complete=False)  # written while being killed
+    with pytest.raises(RunDirError, match="holds checkpoints of an earlier run.*resume_from_checkpoint True"):
+        plan_output_dir(out, None, False)
+    for flag in ("True", "last", "true"):
+        assert plan_output_dir(out, flag, False).resume_from == str(out / "checkpoint-8")
+    with pytest.raises(RunDirError, match="not a complete checkpoint"):
+        plan_output_dir(out, str(killed), False)
+    with pytest.raises(RunDirError, match="pass one of them"):
+        plan_output_dir(out, "True", True)
+    # auto: a directory without a run record is not ours
+    with pytest.raises(RunDirError, match="not a surgvqa run"):
+        plan_output_dir(out, "auto", False)
+    (out / "surgvqa_config.json").write_text(json.dumps({"media": {"fps": 2.0}, "surgvqa_version": "0"}))
+    plan = plan_output_dir(out, "auto", False)
+    assert plan.resume_from == str(out / "checkpoint-8")
+    from surgvqa.rundir import check_same_run
+
+    check_same_run(plan, {"media": {"fps": 2.0}, "surgvqa_version": "1"})
+    with pytest.raises(RunDirError, match=r"holds another run.*media\.fps: 2\.0 -> 3\.0"):
+        check_same_run(plan, {"media": {"fps": 3.0}})
+    # overwrite empties, but never a directory holding this run's inputs
+    with pytest.raises(RunDirError, match="holds"):
+        plan_output_dir(out, None, True, protected=[out / "checkpoint-4"])
+    plan = plan_output_dir(out, None, True, protected=[tmp_path / "data.jsonl"])
+    apply_plan(plan)
+    assert out.is_dir() and not any(out.iterdir())
+    with pytest.raises(RunDirError, match="no complete checkpoint"):
+        plan_output_dir(out, "True", False)
+
+
+def test_used_output_dir_refused_then_overwritten(tiny_model_dir, test_set, tmp_path, capsys):
+    from surgvqa.train import main
+
+    out = tmp_path / "used"
+    out.mkdir()
+    (out / "test_predictions.jsonl").write_text("{}\n")
+    (out / "checkpoint-7").mkdir()
+    args = _args(tiny_model_dir, test_set, out, "--max_steps", "1", "--save_strategy", "no")
+    assert main(args) == 2
+    assert "holds checkpoints of an earlier run" in capsys.readouterr().err
+    assert (out / "test_predictions.jsonl").is_file()  # nothing touched
+    assert main([*args, "--overwrite_output_dir", "True"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert "test_predictions.jsonl" not in names and "checkpoint-7" not in names
+    assert "adapter_model.safetensors" in names
+
+
 def test_bad_data_fails_before_model_loads(tmp_path, test_set, capsys):
     from surgvqa.train import main
 
@@ -184,43 +276,135 @@ def test_quantized_load_and_one_step(bits, tiny_model_dir, test_set, tmp_path):
             assert type(module).__name__ not in ("Linear4bit", "Linear8bitLt"), f"{name} was quantized"
 
 
+def _qlora_model(tiny_model_dir, test_set):
+    if not _bnb_cpu_ok():
+        pytest.skip("bitsandbytes cannot run on this machine's CPU")
+    parsed = parse_args(["--model_name_or_path", str(tiny_model_dir),
+                         "--train_data_path", str(test_set / "in_002-001.jsonl"),
+                         "--output_dir", "/tmp/x", "--use_cpu", "True", "--load_in_4bit", "True", "--bf16", "True",
+                         "--gradient_checkpointing", "True", "--train_projectors", "True"])
+    validate_args(*parsed)
+    model_args, _, lora_args, args = parsed
+    model, processor, *_ = build_model(model_args, lora_args, args)
+    return model, processor
+
+
+def test_4bit_build_keeps_towers_embeddings_and_head_in_bf16(tiny_model_dir, test_set):
+    """QLoRA prep: only norms (fp32, run in fp32) and trainable weights are upcast; the towers, embeddings and
+    lm_head stay bf16; checkpointed blocks get input gradients."""
+    from surgvqa.backbones.base import is_norm
+
+    model, _ = _qlora_model(tiny_model_dir, test_set)
+    norms = {name for name, module in model.named_modules() if is_norm(module)}
+    seen = {"4bit": 0, "norm": 0, "lora": 0, "saved": 0, "bf16": 0}
+    for name, param in model.named_parameters():
+        owner = name.rsplit(".", 1)[0]
+        if type(param).__name__ == "Params4bit":
+            seen["4bit"] += 1
+        elif "lora_" in name:
+            assert param.dtype == torch.float32 and param.requires_grad, name
+            seen["lora"] += 1
+        elif "modules_to_save" in name:
+            assert param.dtype == torch.float32 and param.requires_grad, name
+            seen["saved"] += 1
+        elif owner in norms:
+            assert param.dtype == torch.float32 and not param.requires_grad, name
+            seen["norm"] += 1
+        else:
+            assert param.dtype == torch.bfloat16 and not param.requires_grad, name
+            seen["bf16"] += 1
+    assert all(seen.values()), seen
+    names = [n for n, p in model.named_parameters() if p.dtype == torch.bfloat16]
+    for part in ("visual.blocks", "audio_tower.layers", "embed_tokens", "lm_head"):
+        assert any(part in n for n in names), f"{part} not kept in bf16"
+    assert model.get_input_embeddings()(torch.tensor([[1, 2]])).requires_grad  # input grads for checkpointing
+
+
+def test_4bit_forward_without_autocast_and_backward(tiny_model_dir, test_set):
+    """The norms cast back to their input's dtype: a forward without autocast (as generation runs) and a backward
+    through the bf16 towers and the 4-bit language model both work."""
+    from surgvqa.collate import VQACollator
+    from surgvqa.data import MediaConfig, SurgicalVQADataset, load_samples
+
+    model, processor = _qlora_model(tiny_model_dir, test_set)
+    media = MediaConfig(frames_dir=str(test_set / "frames"), audio_dir=str(test_set / "audio" / "in_002-001"),
+                        frame_size=56, question_modality="text+audio")
+    samples, _ = load_samples(test_set / "in_002-001.jsonl", media)
+    dataset = SurgicalVQADataset(samples[:2], media)
+    batch = VQACollator(processor, question_modality="text+audio", frame_size=56)([dataset[0], dataset[1]])
+    model.train()
+    try:
+        loss = model(**batch).loss  # no autocast: each norm casts back to its input's dtype
+    except RuntimeError as err:  # e.g. bf16 SDPA with ATEN_CPU_CAPABILITY forced below the CPU's
+        pytest.skip(f"bf16 attention is not supported with this CPU's kernels: {err}")
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None for g in grads)
+
+
 def _adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "adapter_model.safetensors"))
 
 
+def _recipe_env(tiny_model_dir, test_set, out: Path, data: Path) -> dict:
+    """train_with_eval_FINAL.sh on the tiny model: 40 deterministic CPU steps, a checkpoint every 4."""
+    return {
+        **os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
+        "MODEL": str(tiny_model_dir), "TRAIN_DATA": str(test_set / "in_002-001.jsonl"),
+        "VAL_DATA": str(data), "TEST_DATA": str(data), "FRAMES_DIR": str(test_set / "frames"),
+        "OUTPUT_DIR": str(out), "QUESTION_MODALITY": "text", "FRAME_SIZE": "56", "FRAMES": "8", "BATCH": "2",
+        "GRAD_ACC": "1", "LR": "3e-3", "MAX_STEPS": "40", "EVAL_STRATEGY": "steps", "EVAL_STEPS": "4",
+        "EVAL_GENERATE_SAMPLES": "2", "EVAL_BATCH": "4", "WORKERS": "0",
+        "PRECISION": "--use_cpu True --disable_tqdm True --full_determinism True --seed 0 --data_seed 0",
+    }
+
+
 @pytest.mark.slow
-def test_kill_and_resume_matches_uninterrupted(tiny_model_dir, test_set, tmp_path):
-    """kill -9 after the first checkpoint, resume: the final adapter equals an uninterrupted run."""
-    common = ["--max_steps", "40", "--save_strategy", "steps", "--save_steps", "4", "--learning_rate", "3e-3",
-              "--lr_scheduler_type", "constant", "--full_determinism", "True"]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+def test_recipe_killed_at_a_random_step_resumes_to_the_same_adapter(tiny_model_dir, test_set, tmp_path):
+    """kill -9 (the whole recipe) at a random step, run `bash train_with_eval_FINAL.sh` again with the same
+    settings: it resumes from the last complete checkpoint and ends with the adapter of an uninterrupted run."""
+    import random
+
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join((test_set / "out_002-001.jsonl").read_text().splitlines(keepends=True)[:4]))
+    extra = ["--logging_steps", "1", "--eval_max_new_tokens", "4"]
+    script = str(REPO / "train_with_eval_FINAL.sh")
     straight = tmp_path / "straight"
-    subprocess.run([sys.executable, str(REPO / "train_vqa.py"), *_args(tiny_model_dir, test_set, straight, *common)],
-                   check=True, env=env, capture_output=True)
+    subprocess.run(["bash", script, *extra], env=_recipe_env(tiny_model_dir, test_set, straight, data),
+                   check=True, capture_output=True)
+
+    seed = random.randrange(10**6)
+    kill_at = random.Random(seed).randint(2, 36)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "train_vqa.py"), *_args(tiny_model_dir, test_set, killed, *common)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    checkpoint = killed / "checkpoint-4"
-    deadline = time.time() + 300
-    complete = ("trainer_state.json", "rng_state.pth", "optimizer.pt", "adapter_model.safetensors")
-    while not all((checkpoint / name).is_file() for name in complete):
-        assert proc.poll() is None, "training ended before its first checkpoint"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "adapter_model.safetensors").exists(), "run finished before the kill"
-    subprocess.run(
-        [sys.executable, str(REPO / "train_vqa.py"),
-         *_args(tiny_model_dir, test_set, killed, *common, "--resume_from_checkpoint", str(checkpoint))],
-        check=True, env=env, capture_output=True,
-    )
+    env = _recipe_env(tiny_model_dir, test_set, killed, data)
+    log = tmp_path / "killed.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(["bash", script, *extra], env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        deadline = time.time() + 600
+        while log.read_text().count("'loss':") < kill_at:
+            assert proc.poll() is None, f"recipe ended before step {kill_at}:\n{log.read_text()[-3000:]}"
+            assert time.time() < deadline
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (killed / "adapter_model.safetensors").exists(), "the run finished before the kill"
+    rerun = subprocess.run(["bash", script, *extra], env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    if kill_at >= 5:  # a complete checkpoint existed: resumed, not restarted
+        assert "resuming from" in rerun.stderr, f"seed {seed}, kill at step {kill_at}"
     a, b = _adapter_tensors(straight), _adapter_tensors(killed)
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6,
+                                   msg=lambda m, n=name: f"{n} (seed {seed}, killed at step {kill_at}): {m}")
+    # the same directory with other settings is another run: refused, nothing touched
+    before = sorted(p.name for p in killed.iterdir())
+    other = subprocess.run(["bash", script, *extra], env={**env, "LR": "1e-3"}, capture_output=True, text=True)
+    assert other.returncode == 2
+    assert "holds another run" in other.stderr and "training.learning_rate: 0.003 -> 0.001" in other.stderr
+    assert sorted(p.name for p in killed.iterdir()) == before
 
 
 @pytest.mark.slow
@@ -230,7 +414,10 @@ def test_two_process_ddp_on_cpu(tiny_model_dir, test_set, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
          str(REPO / "train_vqa.py"),
-         *_args(tiny_model_dir, test_set, out, "--max_steps", "3", "--save_strategy", "no", "--ddp_backend", "gloo")],
+         *_args(tiny_model_dir, test_set, out, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "3",
+                "--ddp_backend", "gloo", "--eval_data_path", str(test_set / "out_002-001.jsonl"),
+                "--eval_strategy", "steps", "--eval_steps", "3", "--per_device_eval_batch_size", "4",
+                "--eval_generate_samples", "8", "--eval_max_new_tokens", "8")],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -239,6 +426,11 @@ def test_two_process_ddp_on_cpu(tiny_model_dir, test_set, tmp_path):
     assert state["train_loss"] > 0
     # 3 steps x 2 per device x 2 processes = 12 of 50 samples: both ranks consumed data
     assert state["epoch"] == pytest.approx(12 / 50, abs=0.01)
+    # generation-scored accuracy: 8 samples, split 4 + 4 between the two processes, gathered
+    logged = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
+    evaluation = next(entry for entry in logged if "eval_accuracy" in entry)
+    assert evaluation["eval_generated"] == 8 and evaluation["eval_generated_per_process"] == 4
+    assert 0.0 <= evaluation["eval_accuracy"] <= 1.0
 
 
 def test_shipped_recipe_config_parses():
@@ -253,3 +445,51 @@ def test_shipped_recipe_config_parses():
     model_args, data_args, lora_args, args = parser.parse_dict({**config, "use_cpu": True})
     assert args.metric_for_best_model == "eval_accuracy" or args.metric_for_best_model == "accuracy"
     assert (data_args.max_train_frames, data_args.frame_size, args.gradient_accumulation_steps) == (8, 384, 4)
+
+
+def _sample(i: int, qtype: str):
+    from surgvqa.data import Sample
+
+    return Sample(video_id="v", id=f"q{i}", question="?", answer="a", question_type=qtype, short_answer="yes")
+
+
+def test_stratified_subset_is_seeded_proportional_and_covers_every_type():
+    samples = [_sample(i, t) for i, t in enumerate(["a"] * 60 + ["b"] * 30 + ["c"] * 9 + ["d"])]
+    subset = stratified_subset(samples, 20, seed=0)
+    counts = {t: sum(s.question_type == t for s in subset) for t in "abcd"}
+    assert counts == {"a": 11, "b": 6, "c": 2, "d": 1}  # 1 each, then 16 in proportion to the rest
+    assert len({s.key for s in subset}) == 20
+    assert [samples.index(s) for s in subset] == sorted(samples.index(s) for s in subset)  # file order
+    assert stratified_subset(samples, 20, seed=0) == subset
+    assert stratified_subset(samples, 20, seed=1) != subset
+    # not the first N lines (which would all be type "a")
+    assert subset != samples[:20]
+    assert stratified_subset(samples, 500, seed=0) == samples
+    assert len(stratified_subset(samples, 3, seed=0)) == 3  # fewer than the types: the largest shares
+
+
+def test_eval_accuracy_reaches_early_stopping_and_best_model(tiny_model_dir, test_set, tmp_path):
+    """eval_accuracy is in the metrics on_evaluate sees: EarlyStoppingCallback(patience=1) on eval_accuracy stops
+    the run (learning rate 0: the accuracy cannot improve after the first evaluation), and the best checkpoint is
+    chosen by it."""
+    out = tmp_path / "early"
+    parsed = parse_args(_args(
+        tiny_model_dir, test_set, out, "--max_steps", "20", "--learning_rate", "0",
+        "--eval_data_path", str(test_set / "out_002-001.jsonl"), "--eval_strategy", "steps", "--eval_steps", "2",
+        "--save_strategy", "steps", "--save_steps", "2", "--per_device_eval_batch_size", "8",
+        "--eval_generate_samples", "6", "--eval_max_new_tokens", "8", "--metric_for_best_model", "eval_accuracy",
+        "--load_best_model_at_end", "True", "--early_stopping_patience", "1",
+    ))
+    trainer = train(*parsed)["trainer"]
+    evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert [e["step"] for e in evaluations] == [2, 4]  # stopped after one evaluation without improvement
+    assert all("eval_accuracy" in e and e["eval_generated"] == 6 for e in evaluations)
+    assert trainer.state.global_step == 4
+    assert trainer.state.best_metric == evaluations[0]["eval_accuracy"]
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+
+
+def test_early_stopping_needs_a_metric(tiny_model_dir, test_set, tmp_path):
+    parsed = parse_args(_args(tiny_model_dir, test_set, tmp_path / "x", "--early_stopping_patience", "1"))
+    with pytest.raises(ValueError, match="needs --metric_for_best_model"):
+        validate_args(*parsed)
