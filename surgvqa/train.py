@@ -152,7 +152,8 @@ class LoraArguments:
     init_from: str | None = field(default=None, metadata={"help": "stage 2: the stage-1 output directory"})
 
 
-ArgumentTuple = tuple[ModelArguments, DataArguments, LoraArguments, SurgvqaTrainingArguments]
+#: what :func:`parse_args` returns (a string: SurgvqaTrainingArguments is imported only when arguments are parsed)
+ArgumentTuple = "tuple[ModelArguments, DataArguments, LoraArguments, SurgvqaTrainingArguments]"
 
 
 def make_parser() -> HfArgumentParser:

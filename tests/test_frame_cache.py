@@ -188,9 +188,10 @@ def test_dataset_with_cache_equals_dataset_without(tmp_path, test_set):
             assert all(x.tobytes() == y.tobytes() and x.shape == y.shape for x, y in zip(a, b, strict=True))
     assert cache.hits >= 30  # the second epoch read everything back
     ablated = SurgicalVQADataset(samples[:1], MediaConfig(frames_dir=str(test_set / "frames"), frame_size=56,
-                                                           ablate="video"), frame_cache=cache)
-    grey = ablated[0]["frames"]
-    assert all(len(np.unique(f.reshape(-1, 3), axis=0)) == 1 for f in grey)  # ablation applies after the cache
+                                                           ablate="video"), video_fill=(1, 2, 3), frame_cache=cache)
+    constant = ablated[0]["frames"]
+    assert all((f == np.array([1, 2, 3], dtype=np.uint8)).all() for f in constant)  # ablation applies after the cache
+    assert cached[0]["frames"][0].tobytes() == plain[0]["frames"][0].tobytes()  # and never reaches the cache
 
 
 def test_settings_are_checked_and_evaluation_reuses_the_training_cache(tmp_path):
