@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -145,3 +147,40 @@ def test_training_logs_the_same_losses_either_way(tiny_model_dir, test_set, tmp_
     full = run(tmp_path / "full", "False")
     labelled = run(tmp_path / "labelled", "True")
     assert np.allclose(labelled, full, rtol=1e-4, atol=0), (labelled, full)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_same_losses_and_one_shared_frame_cache(tiny_model_dir, test_set, tmp_path):
+    """Two CPU processes (gloo) with labelled-only logits log the losses of full logits; both ranks decode into one
+    disk frame cache, whose entries are whole .npy files."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    shared = tmp_path / "frames-cache"
+
+    def run(name: str, labelled: str, port: int) -> list[float]:
+        out = tmp_path / name
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+             str(repo / "train_vqa.py"), "--model_name_or_path", str(tiny_model_dir),
+             "--train_data_path", str(test_set / "in_002-001.jsonl"), "--frames_dir", str(test_set / "frames"),
+             "--frame_size", "56", "--output_dir", str(out), "--per_device_train_batch_size", "2",
+             "--learning_rate", "3e-3", "--max_steps", "3", "--logging_steps", "1", "--save_strategy", "no",
+             "--use_cpu", "True", "--seed", "0", "--data_seed", "0", "--disable_tqdm", "True", "--lora_dropout", "0",
+             "--ddp_backend", "gloo", "--frame_cache_dir", str(shared), "--loss_on_labelled_only", labelled],
+            env=env, capture_output=True, text=True, timeout=900,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        state = json.loads((out / "trainer_state.json").read_text())
+        return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+    full = run("full", "False", 29541)
+    labelled = run("labelled", "True", 29542)
+    assert len(full) == 3 and np.allclose(labelled, full, rtol=1e-4, atol=0), (labelled, full)
+    entries = sorted(shared.rglob("*.npy"))
+    assert entries and not list(shared.rglob("*.tmp"))
+    assert all(np.load(entry).dtype == np.uint8 for entry in entries)
