@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +196,18 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _aligned(rows: Sequence[Sequence[str]], right: Container[int]) -> list[str]:
+    """Rows as text columns two spaces apart (columns in ``right`` right-justified), a dashed rule under the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for i, row in enumerate(rows):
+        cells = (c.rjust(w) if j in right else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths, strict=True)))
+        lines.append("  ".join(cells))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
+
+
 def format_table(summary: Mapping[str, Any]) -> str:
     """A per-type table (n, strict accuracy, Wilson CI, baselines, top predicted answer, COLLAPSE) + overall."""
     per_type = summary["per_type"]
@@ -215,16 +227,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
                 "COLLAPSE" if t["collapse"] else "",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    right = {1, 2, 4, 5}
-    lines = []
-    for i, row in enumerate(rows):
-        cells = [
-            c.rjust(w) if j in right else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        lines.append("  ".join(cells).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    lines = [line.rstrip() for line in _aligned(rows, right={1, 2, 4, 5})]
     lo, hi = summary["accuracy_ci95"]
     n = summary["n"]
     delta = summary["delta_vs_baseline"]
@@ -272,24 +275,11 @@ def plot_per_type(summary: Mapping[str, Any], png_path: str | Path) -> Path:
     ax = fig.add_subplot()
     colors = ["tab:red" if per_type[t]["collapse"] else "tab:blue" for t in names]
     ax.bar(xs, acc, yerr=[err_lo, err_hi], capsize=3, color=colors, label="strict accuracy (95% CI)")
-    ax.scatter(
-        xs,
-        [per_type[t]["majority_baseline"] for t in names],
-        marker="_",
-        s=300,
-        color="black",
-        zorder=3,
-        label="majority baseline",
-    )
-    ax.scatter(
-        xs,
-        [per_type[t]["chance_baseline"] for t in names],
-        marker="x",
-        s=25,
-        color="gray",
-        zorder=3,
-        label="chance",
-    )
+    for key, marker, size, color, label in (
+        ("majority_baseline", "_", 300, "black", "majority baseline"),
+        ("chance_baseline", "x", 25, "gray", "chance"),
+    ):
+        ax.scatter(xs, [per_type[t][key] for t in names], marker=marker, s=size, color=color, zorder=3, label=label)
     ax.set_xticks(xs)
     ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
@@ -358,16 +348,11 @@ def format_paired_comparison(
 
     rows += [row(t, v) for t, v in comparison["per_type"].items()]
     rows.append(row("overall", comparison["overall"]))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [
         f"paired comparison: {label} vs {reference_label} on the same samples (b = {reference_label} right and "
-        f"{label} wrong, c = the reverse; points)"
+        f"{label} wrong, c = the reverse; points)",
+        *_aligned(rows, right=range(1, len(header))),
     ]
-    for i, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths,
-                                                                                                     strict=True))))
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
     for name in ("only_in_run", "only_in_reference", "gold_differs"):
         listed = comparison[name]
         if listed["n"]:
