@@ -180,17 +180,40 @@ class VQACollator:
         return list(ids)
 
     # -- the call ------------------------------------------------------------------------------------------
+    def has_encoding(self, media_key: tuple | None) -> bool:
+        """This collator holds the encoding of an item made of ``media_key`` (the dataset may then skip its media)."""
+        return media_key is not None and media_key in self._encodings
+
     def __call__(self, items: list[dict]) -> dict[str, Any]:
         samples = [item["sample"] for item in items]
-        keys = [item.get("media_key") for item in items] if self.encoding_cache_gb > 0 else []
-        kept = [self._encodings.get(key) for key in keys] if keys and None not in keys else []
-        if kept and None not in kept:
+        keys = [item.get("media_key") for item in self._check_media(items)]
+        kept = [self._encodings.get(key) if key is not None else None for key in keys]
+        if kept and None not in kept:  # every item kept: no processor
             rows, encoded = _assemble(kept)
-        else:
+        elif not any(kept) or self.encoding_cache_gb <= 0:  # none kept (or no cache): the processor, once
             rows, encoded = self._encode(items)
-            if keys and None not in keys:
+            if self.encoding_cache_gb > 0 and None not in keys:
                 self._keep(keys, items, rows, encoded)
+        else:  # some kept: the processor for the others, then the batch from the items' parts
+            missing = [i for i, part in enumerate(kept) if part is None]
+            new_rows, new_encoded = self._encode([items[i] for i in missing])
+            parts = _split(new_rows, new_encoded, [len(items[i]["frames"]) for i in missing])
+            if parts is None:
+                raise RuntimeError("the processor output cannot be split per item, yet some items were kept")
+            for i, part in zip(missing, parts, strict=True):
+                kept[i] = part
+            if None not in keys:
+                self._keep([keys[i] for i in missing], [items[i] for i in missing], new_rows, new_encoded)
+            rows, encoded = _assemble(kept)
         return self._finish(samples, [list(row) for row in rows], encoded)
+
+    def _check_media(self, items: list[dict]) -> list[dict]:
+        """``items``; an item that came without its media (the dataset's ``has_encoding``) must have been kept."""
+        for item in items:
+            if item.get("frames") is None and not self.has_encoding(item.get("media_key")):
+                raise RuntimeError(f"{item['sample'].key}: the item came without its media but this collator "
+                                   "holds no encoding of it (a dataset's has_encoding must be this collator's)")
+        return items
 
     def _encode(self, items: list[dict]) -> tuple[list[list[int]], dict[str, Any]]:
         """The processor, once for the batch: each item's prompt ids (unpadded) and the media tensors."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -89,6 +89,12 @@ class SurgicalVQADataset(Dataset):
     video files are decoded every time, their frame times come with the decode) are read from it and decoded only on
     a miss; the pixels are the same either way. Each item's ``media_key`` says what it was made of
     (:meth:`_media_key`), so a collator can reuse its encoding of the item in a later epoch.
+
+    ``has_encoding`` (optional, e.g. :meth:`surgvqa.collate.VQACollator.has_encoding`): when it says the consumer
+    already holds the encoding of an item made of frame files with this ``media_key`` (same files by path, size,
+    mtime and inode, same settings), the item comes without ``frames`` and ``audio`` (both None): decoding them again
+    would only be thrown away. Files are still stat'ed, so a file that is gone or rewritten changes the key and is
+    decoded (and reported) as usual.
     """
 
     def __init__(
@@ -100,8 +106,10 @@ class SurgicalVQADataset(Dataset):
         video_fill: Sequence[int] | None = None,
         donors: dict[tuple[str, str], Sample] | None = None,
         frame_cache: FrameCache | None = None,
+        has_encoding: Callable[[tuple], bool] | None = None,
     ) -> None:
         self.samples = list(samples)
+        self.has_encoding = has_encoding
         self.media = media
         self.frame_cache = frame_cache
         self.max_frames = max_frames if max_frames is not None else media.max_frames
@@ -136,11 +144,7 @@ class SurgicalVQADataset(Dataset):
             return frames
         if not sample.frame_paths:
             raise MediaError("sample has neither frame_paths nor video_path")
-        indices = subsample_indices(len(sample.frame_paths), self.max_frames)
-        timing["frame_indices"] = indices
-        numbers = sample.extra.get("frame_numbers")
-        if isinstance(numbers, list) and len(numbers) == len(sample.frame_paths):
-            timing["frame_numbers"] = [numbers[i] for i in indices]
+        indices = self._frame_timing(sample, timing)
         if self.frame_cache is None:
             frames = [load_frame(sample.frame_paths[i], size, grid) for i in indices]
         else:
@@ -155,6 +159,15 @@ class SurgicalVQADataset(Dataset):
                 f"resolution: {[str(sample.frame_paths[i]) for i in indices]}"
             )
         return frames
+
+    def _frame_timing(self, sample: Sample, timing: dict[str, Any]) -> list[int]:
+        """The frame files kept (indices into the line's list), recorded in ``timing`` with their frame numbers."""
+        indices = subsample_indices(len(sample.frame_paths), self.max_frames)
+        timing["frame_indices"] = indices
+        numbers = sample.extra.get("frame_numbers")
+        if isinstance(numbers, list) and len(numbers) == len(sample.frame_paths):
+            timing["frame_numbers"] = [numbers[i] for i in indices]
+        return indices
 
     def _audio(self, sample: Sample) -> np.ndarray | None:
         if not self.media.needs_audio:
@@ -174,6 +187,11 @@ class SurgicalVQADataset(Dataset):
         timing: dict[str, Any] = {"frame_indices": None, "frame_numbers": None, "frame_times": None}
         frame_files = self._frame_identities(frame_source)
         audio_file = self._audio_identity(audio_source)
+        if self.has_encoding is not None and frame_source.video_path is None and frame_source.frame_paths:
+            self._frame_timing(frame_source, timing)  # the key holds the frames' times; no decode needed for them
+            key = self._media_key(sample, frame_files, audio_file, timing)
+            if key is not None and self.has_encoding(key):
+                return {"sample": sample, "frames": None, "audio": None, **timing, "media_key": key}
         try:
             frames = self._frames(frame_source, timing, frame_files)
             audio = self._audio(audio_source)

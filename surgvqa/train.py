@@ -544,7 +544,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
                                  **settings)
     train_samples = drop_overlong(train_samples, train_collator, train_media.max_frames,
                                   data_args.skip_overlong, data_args.model_max_length)
-    train_dataset = SurgicalVQADataset(train_samples, train_media, frame_cache=frame_cache)
+    # items whose encoding the collator holds come without their media (no decode in later epochs)
+    train_dataset = SurgicalVQADataset(train_samples, train_media, frame_cache=frame_cache,
+                                       has_encoding=train_collator.has_encoding)
     eval_dataset = generation_eval = None
     if eval_samples:
         eval_samples = drop_overlong(eval_samples, train_collator, eval_media.max_frames,

@@ -40,11 +40,23 @@ class VQATrainer(Trainer):
         self.lm_head = lm_head
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:  # a training forward needs no key/value cache (the model would build one)
+            inputs = {**inputs, "use_cache": False}
         labels = inputs.get("labels")
         if self.lm_head is None or labels is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         with labelled_positions_only(self.lm_head, labels):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def floating_point_ops(self, inputs) -> int:
+        """Trainer's estimate (6 x input tokens x non-embedding parameters) with the parameter count taken once:
+        the Trainer would walk every parameter of the model at every step to log ``total_flos``."""
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if getattr(self, "_non_embedding_parameters", None) is None:
+            self._non_embedding_parameters = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main_input].numel() * self._non_embedding_parameters
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix: str = "eval"):
