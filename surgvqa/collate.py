@@ -8,6 +8,7 @@ tells the audio tower which frames are real.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -205,7 +206,10 @@ class VQACollator:
             if None not in keys:
                 self._keep([keys[i] for i in missing], [items[i] for i in missing], new_rows, new_encoded)
             rows, encoded = _assemble(kept)
-        return self._finish(samples, [list(row) for row in rows], encoded)
+        batch = self._finish(samples, [list(row) for row in rows], encoded)
+        if self.mode == "train" and self.encoding_cache_gb > 0 and keys and None not in keys:
+            batch["media_ids"] = torch.tensor([media_id(key) for key in keys], dtype=torch.long)
+        return batch
 
     def _check_media(self, items: list[dict]) -> list[dict]:
         """``items``; an item that came without its media (the dataset's ``has_encoding``) must have been kept."""
@@ -355,6 +359,14 @@ class VQACollator:
                         audio_samples: int | None) -> int:
         """Tokens a sample will take, from frame size and audio length alone (no decoding)."""
         return self.token_counts(question, answer, frame_hw, num_frames, audio_samples)["total"]
+
+
+def media_id(media_key: tuple) -> int:
+    """A 64-bit id of what an item is made of (its ``media_key``), the same in every process: batches carry these
+    as ``media_ids`` so the model side can keep per-item outputs of its frozen encoders
+    (:mod:`surgvqa.backbones.encoder_cache`)."""
+    digest = hashlib.blake2b(repr(media_key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 def _remember(memo: dict, key, value, limit: int = 1 << 16):

@@ -22,6 +22,7 @@ from transformers import HfArgumentParser
 from surgvqa import __version__
 from surgvqa.backbones import LoadOptions, backbone_for
 from surgvqa.backbones.base import prepare_quantized_for_training, upcast_trainable, vision_grid
+from surgvqa.backbones.encoder_cache import EncoderOutputCache
 from surgvqa.collate import OverlongSampleError, VQACollator
 from surgvqa.data import DataError, MediaConfig, Problem, Sample, SurgicalVQADataset, load_samples
 from surgvqa.errors import UserError, existing_dir, existing_file, one_line_errors, run_main
@@ -574,6 +575,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         processing_class=processor,
         generation_eval=generation_eval,
         lm_head=backbone.lm_head(model) if model_args.loss_on_labelled_only else None,
+        encoder_cache=(EncoderOutputCache(int(train_collator.encoding_cache_gb * 1024**3))
+                       if train_collator.encoding_cache_gb > 0 else None),
         callbacks=[SurgvqaConfigCallback(config, original_rows)],
     )
     if data_args.early_stopping_patience is not None:

@@ -6,12 +6,14 @@ Imported by :func:`surgvqa.train.train` when training starts (importing ``transf
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 
 from surgvqa.backbones import get_backbone
+from surgvqa.backbones.encoder_cache import EncoderOutputCache, reuse_encoder_outputs
 from surgvqa.backbones.labelled_loss import labelled_loss, labelled_positions_only
 from surgvqa.checkpoint import save_new_token_rows
 from surgvqa.data import SurgicalVQADataset
@@ -25,6 +27,8 @@ class VQATrainer(Trainer):
 
     ``lm_head`` (the model's output embedding): training and evaluation loss apply it only to the labelled positions
     (:mod:`surgvqa.backbones.labelled_loss`); ``None`` keeps the model's own loss on full logits.
+    ``encoder_cache``: frozen towers' outputs kept per item across epochs (:mod:`surgvqa.backbones.encoder_cache`),
+    for batches that carry ``media_ids``; ``None``: the towers run every step.
 
     The accuracy is computed inside ``evaluation_loop``, so ``eval_accuracy`` is in the metrics that are logged,
     passed to ``on_evaluate`` (``EarlyStoppingCallback``) and used for ``metric_for_best_model`` /
@@ -32,20 +36,26 @@ class VQATrainer(Trainer):
     samples) and the per-sample results are gathered, so every process reports the same numbers.
     """
 
-    def __init__(self, *args, generation_eval: dict | None = None, lm_head=None, **kwargs):
+    def __init__(self, *args, generation_eval: dict | None = None, lm_head=None,
+                 encoder_cache: EncoderOutputCache | None = None, **kwargs):
         if lm_head is not None:
             kwargs["compute_loss_func"] = labelled_loss
         super().__init__(*args, **kwargs)
         self.generation_eval = generation_eval
         self.lm_head = lm_head
+        self.encoder_cache = encoder_cache
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        media_ids = inputs.pop("media_ids", None)  # which items the rows are (the collator's media_id)
         if model.training:  # a training forward needs no key/value cache (the model would build one)
-            inputs = {**inputs, "use_cache": False}
+            inputs["use_cache"] = False
         labels = inputs.get("labels")
-        if self.lm_head is None or labels is None:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        with labelled_positions_only(self.lm_head, labels):
+        with contextlib.ExitStack() as stack:
+            if self.encoder_cache is not None:
+                stack.enter_context(reuse_encoder_outputs(model, self.encoder_cache, media_ids))
+            if self.lm_head is not None and labels is not None:
+                stack.enter_context(labelled_positions_only(self.lm_head, labels))
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def floating_point_ops(self, inputs) -> int:
