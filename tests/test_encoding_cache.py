@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 import random
 
-import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
 from surgvqa.collate import VQACollator
@@ -23,20 +21,6 @@ def processor(tiny_model_dir):
     return AutoProcessor.from_pretrained(tiny_model_dir)
 
 
-@pytest.fixture(scope="module")
-def audio_dir(tmp_path_factory, test_set):
-    """Spoken questions of different lengths (0.8-2.3 s, not multiples of the STFT hop) for test_set's samples."""
-    root = tmp_path_factory.mktemp("audio")
-    for i, line in enumerate((test_set / "in_002-001.jsonl").read_text().splitlines()):
-        rec = __import__("json").loads(line)
-        path = root / rec["video_id"] / f"{rec['id']}.wav"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        n = 12800 + 1537 * (i % 11)
-        t = np.arange(n) / 16000
-        sf.write(path, (0.2 * np.sin(2 * np.pi * (200 + 10 * i) * t)).astype(np.float32), 16000)
-    return root
-
-
 def _dataset(test_set, audio_dir, modality: str, n: int = 12, **media) -> SurgicalVQADataset:
     config = MediaConfig(frames_dir=str(test_set / "frames"), audio_dir=str(audio_dir), frame_size=FRAME,
                          question_modality=modality, **media)
@@ -46,6 +30,7 @@ def _dataset(test_set, audio_dir, modality: str, n: int = 12, **media) -> Surgic
 
 
 def _assert_same_model_input(a: dict, b: dict) -> None:
+    a, b = ({k: v for k, v in batch.items() if k != "media_ids"} for batch in (a, b))  # item ids, not model input
     assert a.keys() == b.keys()
     for key, value in a.items():
         if key == "input_features":  # frames past a clip's end are padding the audio tower never reads
@@ -137,3 +122,35 @@ def test_media_key_changes_with_what_the_item_is_made_of(tmp_path, test_set, aud
     ]
     keys = {dataset[0]["media_key"], *(d[0]["media_key"] for d in other_settings)}
     assert len(keys) == 4
+
+
+def test_items_come_without_media_once_kept_and_mixed_batches(processor, test_set, audio_dir, tmp_path):
+    """A dataset asking the collator (has_encoding) skips the media of kept items; the collator builds a batch of
+    kept and new items as the processor would; a rewritten file changes the key, so it is decoded again."""
+    import shutil
+
+    frames = tmp_path / "frames"
+    shutil.copytree(test_set / "frames", frames)
+    config = MediaConfig(frames_dir=str(frames), audio_dir=str(audio_dir), frame_size=FRAME,
+                         question_modality="text+audio")
+    samples, _ = load_samples(test_set / "in_002-001.jsonl", config)
+    plain_data = SurgicalVQADataset(samples[:6], config)
+    collator = VQACollator(processor, question_modality="text+audio", frame_size=FRAME, encoding_cache_gb=1)
+    dataset = SurgicalVQADataset(samples[:6], config, has_encoding=collator.has_encoding)
+    plain = VQACollator(processor, question_modality="text+audio", frame_size=FRAME)
+    first = [dataset[i] for i in range(3)]
+    assert all(item["frames"] is not None and item["audio"] is not None for item in first)
+    batch = collator(first)
+    assert batch["media_ids"].shape == (3,) and len(set(batch["media_ids"].tolist())) == 3
+    again = [dataset[i] for i in (4, 0, 3, 2)]  # two kept (no media), two new
+    assert [item["frames"] is None for item in again] == [False, True, False, True]
+    assert all(item["audio"] is None for item in again if item["frames"] is None)
+    assert again[1]["media_key"] == first[0]["media_key"]
+    _assert_same_model_input(plain([plain_data[i] for i in (4, 0, 3, 2)]), collator(again))
+    assert len(collator._encodings) == 5
+    path = samples[0].frame_paths[0]
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1000))
+    assert dataset[0]["frames"] is not None  # rewritten: a new key, decoded again
+    with pytest.raises(RuntimeError, match="without its media"):
+        VQACollator(processor, question_modality="text+audio", frame_size=FRAME, encoding_cache_gb=1)([again[1]])
