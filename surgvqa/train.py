@@ -135,7 +135,9 @@ class DataArguments:
     encoding_cache_gb: float | None = field(
         default=None,
         metadata={"help": "keep each training sample's processor output (prompt ids, pixel values, audio features) "
-                          "in memory up to this many GB and reuse it in later epochs; 0: off (default: 2 when the "
+                          "in memory up to this many GB and reuse it in later epochs (a kept sample's media is not "
+                          "decoded again, and the frozen towers' outputs for it are kept within the same bound); "
+                          "0: off (default: 2 when the "
                           "collator runs in the training process, i.e. --dataloader_num_workers 0 or persistent "
                           "workers, else 0)"},
     )
