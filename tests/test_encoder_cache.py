@@ -1,5 +1,5 @@
-"""Frozen encoder outputs kept per item: the same loss and LoRA gradients as running the towers; towers that train
-or drop out are never cached."""
+"""Frozen encoder outputs (and M-RoPE positions) kept per item: the same loss and LoRA gradients as running the
+towers; towers that train or drop out are never cached."""
 
 from __future__ import annotations
 
@@ -69,7 +69,13 @@ def test_same_loss_and_lora_gradients_with_kept_encoder_outputs(tiny_model_dir, 
     assert runs == {"visual": 2, "audio_tower": 2}
     filled = _run(model, first, cache)  # a miss: the towers run, each item's share is kept
     assert runs == {"visual": 3, "audio_tower": 3} and len(cache.entries) == 8
-    served = _run(model, second, cache)  # other composition, all items kept: no tower runs
+    assert len(cache.positions) == 4  # each row's M-RoPE positions
+    rope = type(towers).get_rope_index
+    type(towers).get_rope_index = lambda *a, **k: pytest.fail("positions computed again")
+    try:
+        served = _run(model, second, cache)  # other composition, all items kept: no tower runs, no rope loop
+    finally:
+        type(towers).get_rope_index = rope
     assert runs == {"visual": 3, "audio_tower": 3} and cache.hits == 2
     for (loss_a, grads_a), (loss_b, grads_b) in zip(reference, [filled, served], strict=True):
         torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-6)

@@ -6,6 +6,7 @@ model's ``get_video_features`` / ``get_image_features`` / ``get_audio_features``
 outputs are kept (keyed on the item's ``media_ids``, a hash of what the item is made of, see
 :func:`surgvqa.collate.media_id`) are served from memory, a batch with any item not kept runs the tower as usual and
 keeps each item's share. The language model is shown the embeddings the tower made of the same pixels and samples.
+The M-RoPE position ids of each row (a Python loop over the tokens in ``get_rope_index``) are kept the same way.
 
 A tower that is trainable (vision LoRA, a trained projector inside it) or has a dropout probability above 0 while in
 training mode is never cached. Outputs are kept on the CPU (bounded by ``max_bytes``) and moved back to the model's
@@ -49,6 +50,8 @@ class EncoderOutputCache:
         self.max_bytes = max_bytes
         self.bytes = 0
         self.entries: dict[tuple[str, int], torch.Tensor] = {}
+        #: (item, hash of the row's real tokens) -> (M-RoPE positions of those tokens, delta): a few KB per item
+        self.positions: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -93,6 +96,9 @@ def reuse_encoder_outputs(model: torch.nn.Module, cache: EncoderOutputCache, med
             original = getattr(owner, name)
             setattr(owner, name, _cached_getter(name, original, owner, cache, ids))
             wrapped.append(name)
+    if hasattr(owner, "get_rope_index"):
+        owner.get_rope_index = _cached_rope_index(owner.get_rope_index, cache, ids)
+        wrapped.append("get_rope_index")
     try:
         yield
     finally:
@@ -113,6 +119,32 @@ def _cached_getter(name: str, original, owner: torch.nn.Module, cache: EncoderOu
         return out
 
     return getter
+
+
+def _cached_rope_index(original, cache: EncoderOutputCache, ids: list[int]):
+    """The M-RoPE position ids of each row (3 x its real tokens) and its delta, kept under the item and the row's
+    tokens: they follow from the tokens, the grids and the video clock alone (the item's media)."""
+
+    def get_rope_index(input_ids=None, *args: Any, **kwargs: Any):
+        mask = _arg(args, kwargs, 2, "attention_mask")
+        if input_ids is None or mask is None or mask.dim() != 2 or input_ids.shape[0] != len(ids):
+            return original(input_ids, *args, **kwargs)
+        real = mask == 1
+        keys = [(i, hash(row[keep].cpu().numpy().tobytes())) for i, row, keep in zip(ids, input_ids, real, strict=True)]
+        kept = [cache.positions.get(key) for key in keys]
+        if None not in kept:
+            positions = torch.ones((3, *input_ids.shape), dtype=input_ids.dtype, device=input_ids.device)
+            for row, (pos, _) in enumerate(kept):
+                positions[:, row, real[row]] = pos.to(positions.device)
+            deltas = torch.stack([delta for _, delta in kept]).to(input_ids.device)
+            return positions, deltas
+        positions, deltas = original(input_ids, *args, **kwargs)
+        if positions.shape == (3, *input_ids.shape) and deltas.shape[0] == len(ids):
+            for row, key in enumerate(keys):
+                cache.positions.setdefault(key, (positions[:, row, real[row]].cpu(), deltas[row].cpu()))
+        return positions, deltas
+
+    return get_rope_index
 
 
 def _arg(args: tuple, kwargs: dict, index: int, key: str):
