@@ -8,6 +8,7 @@ tells the audio tower which frames are real.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,6 +91,15 @@ class VQACollator:
     #: video token merging: each video gets ceil(r x n) placeholders (the model merges its tokens to match)
     token_kept_ratio: float = 1.0
     _warned_odd: bool = field(default=False, repr=False)
+    #: keep each item's encoding (its prompt ids, rows of pixel values, audio features) in memory up to this many GB,
+    #: and build a later batch made only of kept items from them instead of running the processor again (0: off).
+    #: Items name what they were made of in ``media_key`` (SurgicalVQADataset sets it); items without one are not kept.
+    encoding_cache_gb: float = 0.0
+    #: rendered prompts and tokenized answers: every epoch asks the same questions again (bounded, see _remember)
+    _prompts: dict = field(default_factory=dict, repr=False)
+    _answers: dict = field(default_factory=dict, repr=False)
+    _encodings: dict = field(default_factory=dict, repr=False)
+    _encoding_bytes: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in ("train", "generate"):
@@ -170,6 +180,13 @@ class VQACollator:
         return self.budget.on_grid(w, h)
 
     def prompt_text(self, question: str, num_frames: int, answer: str | None = None) -> str:
+        key = (question, num_frames, answer)
+        text = self._prompts.get(key)
+        if text is None:
+            text = _remember(self._prompts, key, self._render_prompt(question, num_frames, answer))
+        return text
+
+    def _render_prompt(self, question: str, num_frames: int, answer: str | None) -> str:
         messages = build_messages(
             question,
             answer,
@@ -181,12 +198,53 @@ class VQACollator:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def answer_ids(self, answer: str) -> list[int]:
-        ids = self.processor.tokenizer(answer, add_special_tokens=False)["input_ids"]
-        return [*ids, self.end_of_turn_id]
+        ids = self._answers.get(answer)
+        if ids is None:
+            tokens = self.processor.tokenizer(answer, add_special_tokens=False)["input_ids"]
+            ids = _remember(self._answers, answer, (*tokens, self.end_of_turn_id))
+        return list(ids)
 
     # -- the call ------------------------------------------------------------------------------------------
+    def has_encoding(self, media_key: tuple | None) -> bool:
+        """This collator holds the encoding of an item made of ``media_key`` (the dataset may then skip its media)."""
+        return media_key is not None and media_key in self._encodings
+
     def __call__(self, items: list[dict]) -> dict[str, Any]:
         samples = [item["sample"] for item in items]
+        keys = [item.get("media_key") for item in self._check_media(items)]
+        kept = [self._encodings.get(key) if key is not None else None for key in keys]
+        if kept and None not in kept:  # every item kept: no processor
+            rows, encoded = _assemble(kept)
+        elif not any(kept) or self.encoding_cache_gb <= 0:  # none kept (or no cache): the processor, once
+            rows, encoded = self._encode(items)
+            if self.encoding_cache_gb > 0 and None not in keys:
+                self._keep(keys, items, rows, encoded)
+        else:  # some kept: the processor for the others, then the batch from the items' parts
+            missing = [i for i, part in enumerate(kept) if part is None]
+            new_rows, new_encoded = self._encode([items[i] for i in missing])
+            parts = _split(new_rows, new_encoded, [len(items[i]["frames"]) for i in missing])
+            if parts is None:
+                raise RuntimeError("the processor output cannot be split per item, yet some items were kept")
+            for i, part in zip(missing, parts, strict=True):
+                kept[i] = part
+            if None not in keys:
+                self._keep([keys[i] for i in missing], [items[i] for i in missing], new_rows, new_encoded)
+            rows, encoded = _assemble(kept)
+        batch = self._finish(samples, [list(row) for row in rows], encoded)
+        if self.mode == "train" and self.encoding_cache_gb > 0 and keys and None not in keys:
+            batch["media_ids"] = torch.tensor([media_id(key) for key in keys], dtype=torch.long)
+        return batch
+
+    def _check_media(self, items: list[dict]) -> list[dict]:
+        """``items``; an item that came without its media (the dataset's ``has_encoding``) must have been kept."""
+        for item in items:
+            if item.get("frames") is None and not self.has_encoding(item.get("media_key")):
+                raise RuntimeError(f"{item['sample'].key}: the item came without its media but this collator "
+                                   "holds no encoding of it (a dataset's has_encoding must be this collator's)")
+        return items
+
+    def _encode(self, items: list[dict]) -> tuple[list[list[int]], dict[str, Any]]:
+        """The processor, once for the batch: each item's prompt ids (unpadded) and the media tensors."""
         texts, videos, images, audios, clocks = [], [], [], [], []
         for item in items:
             frames = item["frames"]
@@ -235,11 +293,28 @@ class VQACollator:
             encoded["input_features"] = encoded["input_features"][..., :frames]
             encoded["feature_attention_mask"] = encoded["feature_attention_mask"][:, :frames]
 
-        # Un-pad the prompts (the processor padded on the left), then rebuild rows with our own padding.
+        # Un-pad the prompts (the processor padded on the left); _finish rebuilds rows with our own padding.
         mask = encoded.pop("attention_mask").bool()
         padded = encoded.pop("input_ids")
         rows = self._merged_video_rows([padded[i][mask[i]].tolist() for i in range(len(items))],
                                        encoded.get("video_grid_thw"))
+        return rows, dict(encoded)
+
+    def _keep(self, keys: list, items: list[dict], rows: list[list[int]], encoded: dict[str, Any]) -> None:
+        """Store each item's share of a batch encoding while the bound allows (see ``encoding_cache_gb``)."""
+        parts = _split(rows, encoded, [len(item["frames"]) for item in items])
+        if parts is None:  # a processor output this collator cannot split per item: stop trying
+            self.encoding_cache_gb = 0.0
+            return
+        limit = self.encoding_cache_gb * 1024**3
+        for key, part in zip(keys, parts, strict=True):
+            size = 8 * len(part["ids"]) + sum(t.numel() * t.element_size() for t in part["tensors"].values())
+            if key not in self._encodings and self._encoding_bytes + size <= limit:
+                self._encodings[key] = part
+                self._encoding_bytes += size
+
+    def _finish(self, samples: list, rows: list[list[int]], encoded: dict[str, Any]) -> dict[str, Any]:
+        """Answers and labels appended (train), rows padded (right for train, left for generation)."""
         labels: list[list[int]] = []
         for i, sample in enumerate(samples):
             prompt_len = len(rows[i])
@@ -311,3 +386,72 @@ class VQACollator:
                         audio_samples: int | None) -> int:
         """Tokens a sample will take, from frame size and audio length alone (no decoding)."""
         return self.token_counts(question, answer, frame_hw, num_frames, audio_samples)["total"]
+
+
+def media_id(media_key: tuple) -> int:
+    """A 64-bit id of what an item is made of (its ``media_key``), the same in every process: batches carry these
+    as ``media_ids`` so the model side can keep per-item outputs of its frozen encoders
+    (:mod:`surgvqa.backbones.encoder_cache`)."""
+    digest = hashlib.blake2b(repr(media_key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def _remember(memo: dict, key, value, limit: int = 1 << 16):
+    """``value``, kept in ``memo`` under ``key`` while it holds fewer than ``limit`` entries."""
+    if len(memo) < limit:
+        memo[key] = value
+    return value
+
+
+#: per-item processor outputs, batched by concatenation along dim 0 (one or more rows per item)
+_ROW_KEYS = ("pixel_values_videos", "video_grid_thw", *_CLOCK_KEYS, "pixel_values", "image_grid_thw")
+_AUDIO_KEYS = ("input_features", "feature_attention_mask")
+
+
+def _split(rows: list[list[int]], encoded: dict[str, Any], frames: list[int]) -> list[dict] | None:
+    """Each item's share of a batch encoding: its prompt ids, its rows of pixel values and grids, its audio features
+    without the batch's padding. None when ``encoded`` holds anything not known to be per item."""
+    if set(encoded) - set(_ROW_KEYS) - set(_AUDIO_KEYS):
+        return None
+    n = len(rows)
+    parts: list[dict] = [{"ids": tuple(row), "tensors": {}} for row in rows]
+    if "video_grid_thw" in encoded:  # one video per item
+        starts = np.cumsum([0, *encoded["video_grid_thw"].prod(-1).tolist()])
+        for i, part in enumerate(parts):
+            part["tensors"]["pixel_values_videos"] = encoded["pixel_values_videos"][starts[i]:starts[i + 1]].clone()
+            for key in ("video_grid_thw", *_CLOCK_KEYS):
+                if key in encoded:
+                    part["tensors"][key] = encoded[key][i:i + 1].clone()
+    if "image_grid_thw" in encoded:  # one image per frame
+        first = np.cumsum([0, *frames])
+        starts = np.cumsum([0, *encoded["image_grid_thw"].prod(-1).tolist()])
+        for i, part in enumerate(parts):
+            a, b = first[i], first[i + 1]
+            part["tensors"]["pixel_values"] = encoded["pixel_values"][starts[a]:starts[b]].clone()
+            part["tensors"]["image_grid_thw"] = encoded["image_grid_thw"][a:b].clone()
+    if "input_features" in encoded:
+        lengths = encoded["feature_attention_mask"].sum(-1).tolist()
+        for i, part in enumerate(parts[:n]):
+            part["tensors"]["input_features"] = encoded["input_features"][i, :, :lengths[i]].clone()
+            part["mask_dtype"] = encoded["feature_attention_mask"].dtype
+    return parts
+
+
+def _assemble(parts: list[dict]) -> tuple[list[tuple[int, ...]], dict[str, Any]]:
+    """A batch encoding rebuilt from kept items: rows concatenated; audio features padded with zeros to the longest
+    clip of the batch (the feature mask marks the padding, and the audio towers read only the frames it marks, so
+    the model sees what it sees from a batch the processor made)."""
+    encoded: dict[str, Any] = {}
+    for key in _ROW_KEYS:
+        if key in parts[0]["tensors"]:
+            encoded[key] = torch.cat([part["tensors"][key] for part in parts])
+    if "input_features" in parts[0]["tensors"]:
+        features = [part["tensors"]["input_features"] for part in parts]
+        longest = max(f.shape[-1] for f in features)
+        batch = features[0].new_zeros((len(features), features[0].shape[0], longest))
+        mask = torch.zeros((len(features), longest), dtype=parts[0]["mask_dtype"])
+        for i, f in enumerate(features):
+            batch[i, :, :f.shape[-1]] = f
+            mask[i, :f.shape[-1]] = 1
+        encoded["input_features"], encoded["feature_attention_mask"] = batch, mask
+    return [part["ids"] for part in parts], encoded

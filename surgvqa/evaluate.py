@@ -43,7 +43,9 @@ from surgvqa.data import (
     load_samples,
 )
 from surgvqa.errors import existing_dir, existing_file, one_line_errors, run_main, writable_file
+from surgvqa.frame_cache import eval_frame_cache
 from surgvqa.generate import generate_predictions
+from surgvqa.lean_imports import checkpoint_needs_bitsandbytes, skip_bitsandbytes
 from surgvqa.media import ABLATION_REMOVES
 from surgvqa.metrics import SCORING_VERSION, build_candidates, paired_comparison, parse_baseline, score_record
 from surgvqa.report import (
@@ -125,6 +127,13 @@ class EvalArguments:
     plot: str | None = field(default=None, metadata={"help": "write a per-type accuracy PNG here"})
     report: str | None = field(default=None, metadata={"help": "write an HTML report of the run here"})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)"})
+    frame_cache: str | None = field(
+        default=None,
+        metadata={"help": "none | memory | disk (default: the training run's disk frame cache when it still exists, "
+                          "otherwise none)"},
+    )
+    frame_cache_dir: str | None = field(default=None, metadata={"help": "disk frame cache location"})
+    frame_cache_max_gb: float | None = field(default=None, metadata={"help": "default: 32 on disk, 4 in memory"})
 
 
 
@@ -461,7 +470,9 @@ def _run_model(args: EvalArguments, media: MediaConfig, preprocessing: EvalPrepr
     collator = VQACollator(processor, mode="generate", **preprocessing.collator_kwargs())
     media = dataclasses.replace(media, pixel_multiple=vision_grid(processor))  # the backbone's vision grid
     fill = video_fill(processor, collator.frames_as) if media.ablate in CONSTANT_VIDEO_ABLATIONS else None
-    dataset = SurgicalVQADataset(todo, media, video_fill=fill, donors=donors)
+    frame_cache = eval_frame_cache(args.frame_cache, args.frame_cache_dir, args.frame_cache_max_gb,
+                                   config.get("frame_cache"))
+    dataset = SurgicalVQADataset(todo, media, video_fill=fill, donors=donors, frame_cache=frame_cache)
     _generate_into(partial, model, processor, dataset, collator, candidates, args)
 
 
@@ -585,7 +596,15 @@ def parse_args(argv: list[str] | None = None) -> EvalArguments:
 
 def main(argv: list[str] | None = None) -> int:
     """``evaluate_checkpoint.py``: 0 evaluated; 2 a user error (bad flag, missing file, bad data): ``error: …``."""
-    return run_main(lambda: evaluate(parse_args(argv)), logs=True)
+
+    def body():
+        args = parse_args(argv)
+        if argv is None:  # the command line: bitsandbytes only for a 4-bit load or a quantized checkpoint
+            skip_bitsandbytes(args.load_in_4bit or checkpoint_needs_bitsandbytes(args.checkpoint_path)
+                              or checkpoint_needs_bitsandbytes(args.base_model_path))
+        return evaluate(args)
+
+    return run_main(body, logs=True)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ from surgvqa.checkpoint import (
     load_new_token_rows,
 )
 from surgvqa.errors import ArgumentParser, UserError, existing_dir, run_main
+from surgvqa.lean_imports import checkpoint_needs_bitsandbytes, skip_bitsandbytes
 from surgvqa.run_config import CONFIG_NAME, TRAINING_FIELDS, RunConfig
 
 logger = logging.getLogger("surgvqa.merge")
@@ -550,7 +551,10 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """``merge_stage2_to_bf16.py``: 0 merged (and verified); 1 verification failed; 2 refused (``error: …``)."""
     def body() -> int:
-        verification = merge(parse_args(argv))["verification"]
+        args = parse_args(argv)
+        if argv is None:  # the command line: bitsandbytes only for the nf4 round trip or a quantized base
+            skip_bitsandbytes(args.merge_into == "dequantized" or checkpoint_needs_bitsandbytes(args.base_model_path))
+        verification = merge(args)["verification"]
         if verification is not None and not verification.passed:
             print("error: verification FAILED (the checkpoint was written, flagged in surgvqa_config.json)",
                   file=sys.stderr)

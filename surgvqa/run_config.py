@@ -134,6 +134,9 @@ class RunConfig:
     full_omni: bool | None = None
     merged_with: str | None = None
     merge_verification: dict[str, Any] | None = None
+    # -- the decoded-frame cache a training run used ({"mode": "none"|"memory"|"disk", "dir": path or None});
+    #    evaluation reuses a disk cache that still exists
+    frame_cache: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------------------------------------- reading
     @classmethod

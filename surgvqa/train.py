@@ -15,28 +15,21 @@ import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import (
-    EarlyStoppingCallback,
-    HfArgumentParser,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-    set_seed,
-)
-from transformers.trainer_utils import enable_full_determinism
+from transformers import HfArgumentParser
 
 from surgvqa import __version__
-from surgvqa.backbones import LoadOptions, backbone_for, get_backbone
+from surgvqa.backbones import LoadOptions, backbone_for
 from surgvqa.backbones.base import prepare_quantized_for_training, upcast_trainable, vision_grid
-from surgvqa.checkpoint import save_new_token_rows
+from surgvqa.backbones.encoder_cache import EncoderOutputCache
 from surgvqa.collate import OverlongSampleError, VQACollator
 from surgvqa.data import DataError, MediaConfig, Problem, Sample, SurgicalVQADataset, load_samples
 from surgvqa.errors import UserError, existing_dir, existing_file, one_line_errors, run_main
-from surgvqa.generate import generate_predictions
+from surgvqa.frame_cache import check_frame_cache_settings, open_frame_cache
+from surgvqa.lean_imports import checkpoint_needs_bitsandbytes, skip_bitsandbytes
 from surgvqa.media import PixelBudget
-from surgvqa.metrics import build_candidates, strict_hit
+from surgvqa.metrics import build_candidates
 from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, check_question_modality
 from surgvqa.run_config import (
     CONFIG_NAME,
@@ -50,6 +43,11 @@ from surgvqa.run_config import (
 from surgvqa.run_config import media_config as build_media_config
 from surgvqa.rundir import apply_plan, check_same_run, plan_output_dir
 from surgvqa.tokenizer import repair_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
+
+    from surgvqa.training_args import SurgvqaTrainingArguments
 
 logger = logging.getLogger("surgvqa.train")
 
@@ -68,6 +66,11 @@ class ModelArguments:
     token_kept_ratio: float = field(default=1.0, metadata={
         "help": "video token merging: each video enters the language model as ceil(r x n) tokens, similar tokens "
                 "averaged (0 < r <= 1; 1.0 = off); recorded, so evaluation uses it too"})
+    loss_on_labelled_only: bool = field(
+        default=True,
+        metadata={"help": "apply the LM head only to answer positions (same loss, no full-vocabulary logits for the "
+                          "prompt); False: logits for every position"},
+    )
 
 
 @dataclass
@@ -122,6 +125,25 @@ class DataArguments:
         metadata={"help": "frame rate of the source videos: with it, a line's frame_numbers / video_fps give each kept "
                   "frame's time, so any subsample keeps the true clock (e.g. 30 for 30-fps recordings)"},
     )
+    frame_cache: str = field(
+        default="disk",
+        metadata={"help": "none | memory | disk: decode and resize each frame once, then read it back every epoch"},
+    )
+    frame_cache_dir: str | None = field(
+        default=None, metadata={"help": "disk frame cache location (default: <output_dir>/frame_cache)"}
+    )
+    frame_cache_max_gb: float | None = field(
+        default=None, metadata={"help": "frame cache bound (default: 32 on disk, 4 in memory)"}
+    )
+    encoding_cache_gb: float | None = field(
+        default=None,
+        metadata={"help": "keep each training sample's processor output (prompt ids, pixel values, audio features) "
+                          "in memory up to this many GB and reuse it in later epochs (a kept sample's media is not "
+                          "decoded again, and the frozen towers' outputs for it are kept within the same bound); "
+                          "0: off (default: 2 when the "
+                          "collator runs in the training process, i.e. --dataloader_num_workers 0 or persistent "
+                          "workers, else 0)"},
+    )
 
 
 @dataclass
@@ -136,20 +158,13 @@ class LoraArguments:
     init_from: str | None = field(default=None, metadata={"help": "stage 2: the stage-1 output directory"})
 
 
-@dataclass
-class SurgvqaTrainingArguments(TrainingArguments):
-    """Hugging Face ``TrainingArguments`` plus what a run directory needs (see :mod:`surgvqa.rundir`)."""
-
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "empty a non-empty --output_dir before training (otherwise such a directory is refused)"},
-    )
-
-
-ArgumentTuple = tuple[ModelArguments, DataArguments, LoraArguments, SurgvqaTrainingArguments]
+#: what :func:`parse_args` returns (a string: SurgvqaTrainingArguments is imported only when arguments are parsed)
+ArgumentTuple = "tuple[ModelArguments, DataArguments, LoraArguments, SurgvqaTrainingArguments]"
 
 
 def make_parser() -> HfArgumentParser:
+    from surgvqa.training_args import SurgvqaTrainingArguments
+
     parser = one_line_errors(HfArgumentParser((ModelArguments, DataArguments, LoraArguments, SurgvqaTrainingArguments)))
     parser.prog = "train_vqa.py"
     return parser
@@ -232,6 +247,9 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
             )
     if args.eval_strategy != "no" and not data_args.eval_data_path:
         raise UserError(f"--eval_strategy {args.eval_strategy} needs --eval_data_path")
+    check_frame_cache_settings(data_args.frame_cache, data_args.frame_cache_max_gb)
+    if data_args.encoding_cache_gb is not None and data_args.encoding_cache_gb < 0:
+        raise UserError(f"--encoding_cache_gb must be >= 0 (0: off), got {data_args.encoding_cache_gb}")
     if model_args.dtype == "auto":
         model_args.dtype = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
     LoadOptions(dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
@@ -410,83 +428,6 @@ def stratified_subset(samples: list[Sample], n: int, seed: int) -> list[Sample]:
     return [samples[i] for i in sorted(chosen)]
 
 
-class VQATrainer(Trainer):
-    """Eval loss without keeping logits, plus generation-scored accuracy on a bounded subset.
-
-    The accuracy is computed inside ``evaluation_loop``, so ``eval_accuracy`` is in the metrics that are logged,
-    passed to ``on_evaluate`` (``EarlyStoppingCallback``) and used for ``metric_for_best_model`` /
-    ``load_best_model_at_end``. Generation is split across processes (each generates about N / world_size
-    samples) and the per-sample results are gathered, so every process reports the same numbers.
-    """
-
-    def __init__(self, *args, generation_eval: dict | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.generation_eval = generation_eval
-
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix: str = "eval"):
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
-                                         metric_key_prefix)
-        if self.generation_eval and description == "Evaluation":
-            output.metrics.update(self.generation_accuracy(metric_key_prefix))
-        return output
-
-    def generation_accuracy(self, prefix: str = "eval") -> dict[str, float]:
-        from accelerate.utils import gather_object
-
-        spec = self.generation_eval
-        dataset, collator = spec["dataset"], spec["collator"]
-        model = self.accelerator.unwrap_model(self.model)
-        candidates = spec["candidates"]
-        local: list[tuple[int, bool, bool]] = []
-        with self.accelerator.split_between_processes(list(range(len(dataset.samples)))) as mine:
-            part = SurgicalVQADataset([dataset.samples[i] for i in mine], dataset.media)
-            index = {dataset.samples[i].key: i for i in mine}
-            by_key = {s.key: s for s in part.samples}
-            if part.samples:
-                for prediction in generate_predictions(
-                    model, self.processing_class.tokenizer, part, collator,
-                    batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"],
-                ):
-                    sample = by_key[prediction.key]
-                    hit = strict_hit(prediction.text, sample.short_answer, candidates.get(sample.question_type, []))
-                    local.append((index[prediction.key], hit, not prediction.stopped_by_eos))
-        per_rank = gather_object([len(local)])
-        results = gather_object(local)
-        n = len(results)
-        if n != len(dataset.samples) or len({i for i, _, _ in results}) != n:
-            raise RuntimeError(f"generation eval gathered {n} results for {len(dataset.samples)} samples")
-        return {
-            f"{prefix}_accuracy": sum(hit for _, hit, _ in results) / n,
-            f"{prefix}_no_eos": sum(no_eos for _, _, no_eos in results) / n,
-            f"{prefix}_generated": float(n),
-            f"{prefix}_generated_per_process": float(max(per_rank)),
-        }
-
-
-class SurgvqaConfigCallback(TrainerCallback):
-    """Write surgvqa_config.json (and new embedding rows) into every checkpoint so each one is evaluable."""
-
-    def __init__(self, config: RunConfig, original_rows: int):
-        self.config = config
-        self.original_rows = original_rows
-
-    def on_save(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero:
-            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if path.is_dir():
-                save_outputs_extras(path, self.config, model, self.original_rows)
-        return control
-
-
-def save_outputs_extras(path: Path, config: RunConfig, model, original_rows: int) -> None:
-    if model is not None:
-        config = dataclasses.replace(config, **get_backbone(config.backbone).save_extras(model, str(path), config))
-    config.write(path)
-    if config.resized_vocab and model is not None:
-        save_new_token_rows(model, path, original_rows)
-
-
 #: the TrainingArguments that change what a run computes (recorded, and compared when a run is resumed)
 TRAINING_SETTINGS = (
     "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "adam_beta1",
@@ -496,7 +437,7 @@ TRAINING_SETTINGS = (
 )
 #: RunConfig fields known only once the model is loaded (not compared when a run is resumed)
 _MODEL_DERIVED = ("tokenizer_repair", "resized_vocab", "original_vocab_rows", "graft", "surgvqa_version",
-                  "schema_version", "base_model_relative")
+                  "schema_version", "base_model_relative", "frame_cache")  # frame_cache: changes no result
 
 
 def training_settings(args: TrainingArguments) -> dict[str, Any]:
@@ -538,12 +479,32 @@ def build_run_config(model_args, data_args, lora_args, backbone_name: str, args:
     )
 
 
+def encoding_cache_gb(data_args: DataArguments, args: TrainingArguments) -> float:
+    """The bound of the collator's encoding cache: as asked, else 2 GB when one collator lives for the whole run
+    (no DataLoader workers, or persistent ones); workers that exit every epoch would only fill and drop it."""
+    if data_args.encoding_cache_gb is not None:
+        return data_args.encoding_cache_gb
+    return 2.0 if args.dataloader_num_workers == 0 or args.dataloader_persistent_workers else 0.0
+
+
+def frame_cache_record(frame_cache) -> dict[str, Any]:
+    """The run's frame cache as surgvqa_config.json records it (evaluation reuses a disk cache it finds there)."""
+    if frame_cache is None:
+        return {"mode": "none", "dir": None}
+    return {"mode": frame_cache.mode, "dir": str(frame_cache.directory.parent) if frame_cache.directory else None}
+
+
 def _resolved(path: str | None) -> str | None:
     return str(Path(path).resolve()) if path else None
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
           args: TrainingArguments) -> dict[str, Any]:
+    from transformers import EarlyStoppingCallback, set_seed
+    from transformers.trainer_utils import enable_full_determinism
+
+    from surgvqa.trainer import SurgvqaConfigCallback, VQATrainer, save_outputs_extras
+
     validate_args(model_args, data_args, lora_args, args)
     args.remove_unused_columns = False  # items carry media, not model kwargs
     args.prediction_loss_only = True  # eval keeps no logits: memory is per batch, not per dataset
@@ -574,6 +535,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
             early.write(args.output_dir)  # whose directory this is, from the start
     if plan.resume_from:
         logger.info("resuming from %s", plan.resume_from)
+    frame_cache = open_frame_cache(data_args.frame_cache, data_args.frame_cache_dir, data_args.frame_cache_max_gb,
+                                   default_directory=Path(args.output_dir) / "frame_cache")
+    if frame_cache is not None:
+        logger.info("decoded frames are cached: %s", frame_cache)
 
     # 3. model (seeded first: LoRA's random init must be reproducible for resume and comparisons)
     if args.full_determinism:
@@ -587,20 +552,23 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         eval_media = dataclasses.replace(eval_media, pixel_multiple=grid)
     settings = dict(collator_kwargs(media_settings(data_args), data_args.system_prompt, model_args.token_kept_ratio),
                     model_max_length=data_args.model_max_length)
-    train_collator = VQACollator(processor, mode="train", **settings)
+    train_collator = VQACollator(processor, mode="train", encoding_cache_gb=encoding_cache_gb(data_args, args),
+                                 **settings)
     train_samples = drop_overlong(train_samples, train_collator, train_media.max_frames,
                                   data_args.skip_overlong, data_args.model_max_length)
-    train_dataset = SurgicalVQADataset(train_samples, train_media)
+    # items whose encoding the collator holds come without their media (no decode in later epochs)
+    train_dataset = SurgicalVQADataset(train_samples, train_media, frame_cache=frame_cache,
+                                       has_encoding=train_collator.has_encoding)
     eval_dataset = generation_eval = None
     if eval_samples:
         eval_samples = drop_overlong(eval_samples, train_collator, eval_media.max_frames,
                                      data_args.skip_overlong, data_args.model_max_length)
-        eval_dataset = SurgicalVQADataset(eval_samples, eval_media)
+        eval_dataset = SurgicalVQADataset(eval_samples, eval_media, frame_cache=frame_cache)
         if data_args.eval_generate_samples:
             subset = stratified_subset(eval_samples, data_args.eval_generate_samples,
                                        args.data_seed if args.data_seed is not None else args.seed)
             generation_eval = {
-                "dataset": SurgicalVQADataset(subset, eval_media),
+                "dataset": SurgicalVQADataset(subset, eval_media, frame_cache=frame_cache),
                 "collator": VQACollator(processor, mode="generate", **settings),
                 "candidates": build_candidates((s.question_type, s.short_answer) for s in eval_samples),
                 "batch_size": data_args.eval_batch_size_generate,
@@ -608,6 +576,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
             }
 
     config = build_run_config(model_args, data_args, lora_args, backbone.name, args, report, original_rows, model)
+    config = dataclasses.replace(config, frame_cache=frame_cache_record(frame_cache))
     trainer = VQATrainer(
         model=model,
         args=args,
@@ -616,6 +585,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         data_collator=train_collator,
         processing_class=processor,
         generation_eval=generation_eval,
+        lm_head=backbone.lm_head(model) if model_args.loss_on_labelled_only else None,
+        encoder_cache=(EncoderOutputCache(int(train_collator.encoding_cache_gb * 1024**3))
+                       if train_collator.encoding_cache_gb > 0 else None),
         callbacks=[SurgvqaConfigCallback(config, original_rows)],
     )
     if data_args.early_stopping_patience is not None:
@@ -676,9 +648,54 @@ def plot_training_curves(log_history: list[dict], png_path: Path) -> Path | None
 
 
 
+def needs_bitsandbytes(argv: list[str]) -> bool:
+    """Whether a training command line quantizes, read by the real parser with ModelArguments only (the full parser
+    needs ``TrainingArguments``, whose import imports peft and with it bitsandbytes)."""
+    parser = HfArgumentParser(ModelArguments)
+    try:
+        if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
+            import yaml
+
+            values = yaml.safe_load(Path(argv[0]).read_text())  # JSON is YAML
+            known = {f.name for f in dataclasses.fields(ModelArguments)}
+            parser.set_defaults(**{k: v for k, v in (values or {}).items() if k in known})
+            argv = argv[1:]
+        model_args, _ = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    except (SystemExit, ValueError, OSError, AttributeError, ImportError, Exception):  # the full parse reports it
+        return True
+    return bool(model_args.load_in_4bit or model_args.load_in_8bit
+                or checkpoint_needs_bitsandbytes(model_args.model_name_or_path))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``train_vqa.py``: 0 trained; 2 a user error (bad flag, missing file, bad data), printed as ``error: …``."""
+    """``train_vqa.py``: 0 trained; 2 a user error (bad flag, missing file, bad data), printed as ``error: …``.
+
+    ``argv`` None reads ``sys.argv``; only then is bitsandbytes kept out of an unquantized process
+    (:mod:`surgvqa.lean_imports`).
+    """
+    if argv is None:
+        argv = sys.argv[1:]
+        skip_bitsandbytes(needs_bitsandbytes(argv))
     return run_main(lambda: train(*parse_args(argv)), logs=True)
+
+
+def __getattr__(name: str):
+    """Names whose module imports transformers' Trainer or TrainingArguments (and with them peft), imported on first
+    use: ``SurgvqaTrainingArguments`` (:mod:`surgvqa.training_args`), ``VQATrainer``, ``SurgvqaConfigCallback``,
+    ``save_outputs_extras`` (:mod:`surgvqa.trainer`)."""
+    if name == "SurgvqaTrainingArguments":
+        from surgvqa.training_args import SurgvqaTrainingArguments
+
+        return SurgvqaTrainingArguments
+    if name == "TrainerCallback":
+        from transformers import TrainerCallback
+
+        return TrainerCallback
+    if name in ("VQATrainer", "SurgvqaConfigCallback", "save_outputs_extras"):
+        import surgvqa.trainer
+
+        return getattr(surgvqa.trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

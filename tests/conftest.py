@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -128,3 +129,20 @@ def trained_adapter(tmp_path_factory, tiny_model_dir, test_set) -> Path:
     ])
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def audio_dir(tmp_path_factory, test_set) -> Path:
+    """Spoken questions of different lengths (0.8-2.3 s, not multiples of the STFT hop) for test_set's samples."""
+    import numpy as np
+    import soundfile as sf
+
+    root = tmp_path_factory.mktemp("audio")
+    for i, line in enumerate((test_set / "in_002-001.jsonl").read_text().splitlines()):
+        rec = json.loads(line)
+        path = root / rec["video_id"] / f"{rec['id']}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        n = 12800 + 1537 * (i % 11)
+        t = np.arange(n) / 16000
+        sf.write(path, (0.2 * np.sin(2 * np.pi * (200 + 10 * i) * t)).astype(np.float32), 16000)
+    return root

@@ -123,6 +123,13 @@ class Backbone:
 
         return get_peft_model(model, lora_config)
 
+    def lm_head(self, model) -> torch.nn.Module:
+        """The module that maps hidden states to vocabulary logits (labelled-only loss hooks its input)."""
+        head = model.get_output_embeddings()
+        if head is None:
+            raise ValueError(f"backbone {self.name!r}: the model has no output embedding (LM head)")
+        return head
+
     def save_extras(self, model, output_dir: str, config) -> dict[str, Any]:
         """Write backbone-specific trained weights beside the adapter; return the ``RunConfig`` fields to update
         (``config`` is the run's RunConfig). Nothing for single-stage backbones."""

@@ -1,0 +1,136 @@
+"""The Trainer of surgvqa: labelled-only loss, eval loss without kept logits, generation-scored eval accuracy,
+and surgvqa_config.json written into every checkpoint.
+
+Imported by :func:`surgvqa.train.train` when training starts (importing ``transformers.Trainer`` imports peft).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+
+from transformers import Trainer, TrainerCallback
+
+from surgvqa.backbones import get_backbone
+from surgvqa.backbones.encoder_cache import EncoderOutputCache, reuse_encoder_outputs
+from surgvqa.backbones.labelled_loss import labelled_loss, labelled_positions_only
+from surgvqa.checkpoint import save_new_token_rows
+from surgvqa.data import SurgicalVQADataset
+from surgvqa.generate import generate_predictions
+from surgvqa.metrics import strict_hit
+from surgvqa.run_config import RunConfig
+
+
+class VQATrainer(Trainer):
+    """Eval loss without keeping logits, plus generation-scored accuracy on a bounded subset.
+
+    ``lm_head`` (the model's output embedding): training and evaluation loss apply it only to the labelled positions
+    (:mod:`surgvqa.backbones.labelled_loss`); ``None`` keeps the model's own loss on full logits.
+    ``encoder_cache``: frozen towers' outputs kept per item across epochs (:mod:`surgvqa.backbones.encoder_cache`),
+    for batches that carry ``media_ids``; ``None``: the towers run every step.
+
+    The accuracy is computed inside ``evaluation_loop``, so ``eval_accuracy`` is in the metrics that are logged,
+    passed to ``on_evaluate`` (``EarlyStoppingCallback``) and used for ``metric_for_best_model`` /
+    ``load_best_model_at_end``. Generation is split across processes (each generates about N / world_size
+    samples) and the per-sample results are gathered, so every process reports the same numbers.
+    """
+
+    def __init__(self, *args, generation_eval: dict | None = None, lm_head=None,
+                 encoder_cache: EncoderOutputCache | None = None, **kwargs):
+        if lm_head is not None:
+            kwargs["compute_loss_func"] = labelled_loss
+        super().__init__(*args, **kwargs)
+        self.generation_eval = generation_eval
+        self.lm_head = lm_head
+        self.encoder_cache = encoder_cache
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        media_ids = inputs.pop("media_ids", None)  # which items the rows are (the collator's media_id)
+        if model.training:  # a training forward needs no key/value cache (the model would build one)
+            inputs["use_cache"] = False
+        labels = inputs.get("labels")
+        with contextlib.ExitStack() as stack:
+            if self.encoder_cache is not None:
+                stack.enter_context(reuse_encoder_outputs(model, self.encoder_cache, media_ids))
+            if self.lm_head is not None and labels is not None:
+                stack.enter_context(labelled_positions_only(self.lm_head, labels))
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def floating_point_ops(self, inputs) -> int:
+        """Trainer's estimate (6 x input tokens x non-embedding parameters) with the parameter count taken once:
+        the Trainer would walk every parameter of the model at every step to log ``total_flos``."""
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if getattr(self, "_non_embedding_parameters", None) is None:
+            self._non_embedding_parameters = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main_input].numel() * self._non_embedding_parameters
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        if self.generation_eval and description == "Evaluation":
+            output.metrics.update(self.generation_accuracy(metric_key_prefix))
+        return output
+
+    def generation_accuracy(self, prefix: str = "eval") -> dict[str, float]:
+        from accelerate.utils import gather_object
+
+        spec = self.generation_eval
+        dataset, collator = spec["dataset"], spec["collator"]
+        model = self.accelerator.unwrap_model(self.model)
+        candidates = spec["candidates"]
+        local: list[tuple[int, bool, bool]] = []
+        with self.accelerator.split_between_processes(list(range(len(dataset.samples)))) as mine:
+            part = SurgicalVQADataset([dataset.samples[i] for i in mine], dataset.media,
+                                      frame_cache=dataset.frame_cache)
+            index = {dataset.samples[i].key: i for i in mine}
+            by_key = {s.key: s for s in part.samples}
+            if part.samples:
+                for prediction in generate_predictions(
+                    model, self.processing_class.tokenizer, part, collator,
+                    batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"],
+                ):
+                    sample = by_key[prediction.key]
+                    hit = strict_hit(prediction.text, sample.short_answer, candidates.get(sample.question_type, []))
+                    local.append((index[prediction.key], hit, not prediction.stopped_by_eos))
+        per_rank = gather_object([len(local)])
+        results = gather_object(local)
+        n = len(results)
+        if n != len(dataset.samples) or len({i for i, _, _ in results}) != n:
+            raise RuntimeError(f"generation eval gathered {n} results for {len(dataset.samples)} samples")
+        return {
+            f"{prefix}_accuracy": sum(hit for _, hit, _ in results) / n,
+            f"{prefix}_no_eos": sum(no_eos for _, _, no_eos in results) / n,
+            f"{prefix}_generated": float(n),
+            f"{prefix}_generated_per_process": float(max(per_rank)),
+        }
+
+
+class SurgvqaConfigCallback(TrainerCallback):
+    """Write surgvqa_config.json (and new embedding rows) into every checkpoint so each one is evaluable."""
+
+    def __init__(self, config: RunConfig, original_rows: int):
+        self.config = config
+        self.original_rows = original_rows
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero:
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if path.is_dir():
+                save_outputs_extras(path, self.config, model, self.original_rows)
+        return control
+
+
+def save_outputs_extras(path: Path, config: RunConfig, model, original_rows: int) -> None:
+    if model is not None:
+        config = dataclasses.replace(config, **get_backbone(config.backbone).save_extras(model, str(path), config))
+    config.write(path)
+    if config.resized_vocab and model is not None:
+        save_new_token_rows(model, path, original_rows)
+
+
+__all__ = ["SurgvqaConfigCallback", "VQATrainer", "save_outputs_extras"]

@@ -1,0 +1,101 @@
+"""Frozen encoder outputs (and M-RoPE positions) kept per item: the same loss and LoRA gradients as running the
+towers; towers that train or drop out are never cached."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from surgvqa.backbones import get_backbone
+from surgvqa.backbones.base import LoadOptions
+from surgvqa.backbones.encoder_cache import EncoderOutputCache, deterministic_frozen, reuse_encoder_outputs
+from surgvqa.collate import VQACollator
+from surgvqa.data import MediaConfig, SurgicalVQADataset, load_samples
+
+
+@pytest.fixture(scope="module")
+def batches(tiny_model_dir, test_set, audio_dir):
+    """Two batches of the same items in other compositions (media_ids set by a caching collator)."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    config = MediaConfig(frames_dir=str(test_set / "frames"), audio_dir=str(audio_dir), frame_size=56,
+                         question_modality="text+audio")
+    samples, problems = load_samples(test_set / "in_002-001.jsonl", config)
+    assert not problems
+    dataset = SurgicalVQADataset(samples[:4], config)
+    items = [dataset[i] for i in range(4)]
+    collator = VQACollator(processor, question_modality="text+audio", frame_size=56, encoding_cache_gb=1)
+    return collator(items), collator([items[2], items[0], items[3]])
+
+
+def _model(model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    backbone = get_backbone("qwen2_5_omni")
+    torch.manual_seed(0)
+    model = backbone.load(str(model_dir), LoadOptions(dtype="float32"))
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=backbone.lora_target_regex,
+                        task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return model.train()
+
+
+def _run(model, batch, cache=None):
+    model.zero_grad(set_to_none=True)
+    inputs = {k: v for k, v in batch.items() if k != "media_ids"}
+    if cache is None:
+        loss = model(**inputs).loss
+    else:
+        with reuse_encoder_outputs(model, cache, batch["media_ids"]):
+            loss = model(**inputs).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_same_loss_and_lora_gradients_with_kept_encoder_outputs(tiny_model_dir, batches):
+    model = _model(tiny_model_dir)
+    towers = model.base_model.model.model
+    runs = {"visual": 0, "audio_tower": 0}
+    for name in runs:
+        getattr(towers, name).register_forward_hook(lambda *a, n=name: runs.__setitem__(n, runs[n] + 1))
+    first, second = batches
+    cache = EncoderOutputCache(1 << 30)
+    reference = [_run(model, batch) for batch in (first, second)]
+    assert runs == {"visual": 2, "audio_tower": 2}
+    filled = _run(model, first, cache)  # a miss: the towers run, each item's share is kept
+    assert runs == {"visual": 3, "audio_tower": 3} and len(cache.entries) == 8
+    assert len(cache.positions) == 4  # each row's M-RoPE positions
+    rope = type(towers).get_rope_index
+    type(towers).get_rope_index = lambda *a, **k: pytest.fail("positions computed again")
+    try:
+        served = _run(model, second, cache)  # other composition, all items kept: no tower runs, no rope loop
+    finally:
+        type(towers).get_rope_index = rope
+    assert runs == {"visual": 3, "audio_tower": 3} and cache.hits == 2
+    for (loss_a, grads_a), (loss_b, grads_b) in zip(reference, [filled, served], strict=True):
+        torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-6)
+        assert grads_a.keys() == grads_b.keys() and any("lora_A" in n for n in grads_a)
+        for name in grads_a:
+            assert grads_a[name].abs().sum() > 0, name
+            torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7)
+    assert not hasattr(towers, "__dict__") or "get_video_features" not in vars(towers)  # unwrapped afterwards
+
+
+def test_trainable_or_dropping_towers_are_not_cached(tiny_model_dir, batches):
+    model = _model(tiny_model_dir)
+    towers = model.base_model.model.model
+    assert deterministic_frozen(towers.visual) and deterministic_frozen(towers.audio_tower)
+    towers.audio_tower.config.dropout = 0.1  # functional dropout read from the config
+    assert not deterministic_frozen(towers.audio_tower)
+    assert deterministic_frozen(towers.audio_tower.eval())
+    next(towers.visual.parameters()).requires_grad_(True)
+    assert not deterministic_frozen(towers.visual)
+    towers.audio_tower.train()
+    cache = EncoderOutputCache(1 << 30)
+    _run(model, batches[0], cache)
+    assert cache.entries == {}
