@@ -1,0 +1,269 @@
+"""Training's arguments: the dataclasses of surgvqa's own flags, the parser (every Hugging Face
+``TrainingArguments`` flag too; or a YAML/JSON recipe file followed by flags that override it), and
+:func:`validate_args`, which refuses every unsupported combination before anything heavy happens.
+
+``SurgvqaTrainingArguments`` (:mod:`surgvqa.training_args`) is imported only when arguments are parsed: importing
+``TrainingArguments`` imports peft, and the command line decides first whether bitsandbytes is needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from transformers import HfArgumentParser
+
+from surgvqa.backbones import LoadOptions
+from surgvqa.errors import UserError, existing_dir, existing_file, one_line_errors
+from surgvqa.frame_cache import check_frame_cache_settings
+from surgvqa.lean_imports import checkpoint_needs_bitsandbytes
+from surgvqa.media import MediaConfig, PixelBudget
+from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, check_question_modality
+from surgvqa.run_config import DEFAULT_FPS, DEFAULT_MODEL_MAX_LENGTH, FRAMES_AS
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
+
+
+logger = logging.getLogger("surgvqa.train")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="Qwen/Qwen2.5-Omni-7B", metadata={"help": "local model directory (full Omni or thinker-only)"}
+    )
+    backbone: str | None = field(default=None, metadata={"help": "registry name; default: read from config.json"})
+    dtype: str = field(default="auto", metadata={"help": "auto | bfloat16 | float16 | float32"})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flash_attention_2"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: nf4, double quant, bf16 compute"})
+    load_in_8bit: bool = field(default=False, metadata={"help": "8-bit base (LLM.int8)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "only for checkpoints that need custom code"})
+    token_kept_ratio: float = field(default=1.0, metadata={
+        "help": "video token merging: each video enters the language model as ceil(r x n) tokens, similar tokens "
+                "averaged (0 < r <= 1; 1.0 = off); recorded, so evaluation uses it too"})
+    loss_on_labelled_only: bool = field(
+        default=True,
+        metadata={"help": "apply the LM head only to answer positions (same loss, no full-vocabulary logits for the "
+                          "prompt); False: logits for every position"},
+    )
+
+
+@dataclass
+class DataArguments:
+    train_data_path: str = field(default=None, metadata={"help": "training JSONL (REAL-Colon-VQA schema)"})
+    eval_data_path: str | None = field(default=None, metadata={"help": "evaluation JSONL (held-out video)"})
+    frames_dir: str | None = field(default=None, metadata={"help": "root of the frames of the training file"})
+    audio_dir: str | None = field(default=None, metadata={"help": "root of the spoken questions (training)"})
+    eval_frames_dir: str | None = field(default=None, metadata={"help": "default: --frames_dir"})
+    eval_audio_dir: str | None = field(default=None, metadata={"help": "default: --audio_dir"})
+    frame_path_template: str = field(default=MediaConfig.frame_path_template)
+    audio_path_template: str = field(default=MediaConfig.audio_path_template)
+    frame_size: int = field(
+        default=MediaConfig.frame_size,
+        metadata={"help": "longest frame edge in pixels, on the vision grid (ignored with --max_pixels)"},
+    )
+    max_pixels: int | None = field(
+        default=None,
+        metadata={"help": "pixel budget per frame, a pixel count (e.g. 147456 = 384*384): transformers' smart_resize "
+                  "keeps the aspect ratio, grid-aligned edges and w*h <= max_pixels; replaces --frame_size"},
+    )
+    min_pixels: int | None = field(
+        default=None, metadata={"help": "smallest frame in pixels (smaller frames are enlarged); default one grid cell"}
+    )
+    max_train_frames: int | None = field(default=None, metadata={"help": "evenly spaced, first and last kept"})
+    max_eval_frames: int | None = field(default=None, metadata={"help": "default: the training frame count"})
+    question_modality: str = field(default=MediaConfig.question_modality,
+                                   metadata={"help": "text | audio | text+audio"})
+    frames_as: str = field(default=FRAMES_AS[0], metadata={"help": "video (temporal merging) | images"})
+    model_max_length: int = field(default=DEFAULT_MODEL_MAX_LENGTH)
+    skip_overlong: bool = field(default=False, metadata={"help": "skip (and count) samples longer than the limit"})
+    skip_bad_samples: bool = field(default=False, metadata={"help": "skip (and list) samples with bad data"})
+    eval_generate_samples: int = field(
+        default=0,
+        metadata={"help": "generate on N eval samples (seeded, stratified by question type) each evaluation → "
+                          "eval_accuracy; split across processes"},
+    )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={"help": "stop after this many evaluations without improving --metric_for_best_model"},
+    )
+    eval_max_new_tokens: int = field(default=48)
+    eval_batch_size_generate: int = field(default=8)
+    system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT)
+    fps: float = field(
+        default=DEFAULT_FPS,
+        metadata={"help": "rate (frames per second) at which the frames listed on a line were sampled; sets the "
+                  "video clock (M-RoPE time step) of lines without frame_numbers, or without --video_fps"},
+    )
+    video_fps: float | None = field(
+        default=None,
+        metadata={"help": "frame rate of the source videos: with it, a line's frame_numbers / video_fps give each kept "
+                  "frame's time, so any subsample keeps the true clock (e.g. 30 for 30-fps recordings)"},
+    )
+    frame_cache: str = field(
+        default="disk",
+        metadata={"help": "none | memory | disk: decode and resize each frame once, then read it back every epoch"},
+    )
+    frame_cache_dir: str | None = field(
+        default=None, metadata={"help": "disk frame cache location (default: <output_dir>/frame_cache)"}
+    )
+    frame_cache_max_gb: float | None = field(
+        default=None, metadata={"help": "frame cache bound (default: 32 on disk, 4 in memory)"}
+    )
+    encoding_cache_gb: float | None = field(
+        default=None,
+        metadata={"help": "keep each training sample's processor output (prompt ids, pixel values, audio features) "
+                          "in memory up to this many GB and reuse it in later epochs (a kept sample's media is not "
+                          "decoded again, and the frozen towers' outputs for it are kept within the same bound); "
+                          "0: off (default: 2 when the "
+                          "collator runs in the training process, i.e. --dataloader_num_workers 0 or persistent "
+                          "workers, else 0)"},
+    )
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_regex: str | None = field(default=None, metadata={"help": "default: the backbone's LLM regex"})
+    train_projectors: bool = field(default=False, metadata={"help": "also train the multimodal projectors"})
+    lora_vision_tower: bool = field(default=False, metadata={"help": "also put LoRA on the vision tower"})
+    stage: int | None = field(default=None, metadata={"help": "staged backbones: 1 = projector only, 2 = LoRA"})
+    init_from: str | None = field(default=None, metadata={"help": "stage 2: the stage-1 output directory"})
+
+
+#: what :func:`parse_args` returns (a string: SurgvqaTrainingArguments is imported only when arguments are parsed)
+ArgumentTuple = "tuple[ModelArguments, DataArguments, LoraArguments, SurgvqaTrainingArguments]"
+
+
+def make_parser() -> HfArgumentParser:
+    from surgvqa.training_args import SurgvqaTrainingArguments
+
+    parser = one_line_errors(HfArgumentParser((ModelArguments, DataArguments, LoraArguments, SurgvqaTrainingArguments)))
+    parser.prog = "train_vqa.py"
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> ArgumentTuple:
+    """Flags, or a YAML/JSON file followed by flags that override it (``config.yaml --learning_rate 1e-4``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser()
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
+        parser.set_defaults(**_config_file(parser, argv[0]))
+        argv = argv[1:]
+    try:
+        *parsed, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    except ValueError as err:  # TrainingArguments refuses a combination of flags
+        raise UserError(str(err)) from err
+    if unknown:
+        raise UserError(f"unknown argument(s) {' '.join(unknown)}; see train_vqa.py --help")
+    return tuple(parsed)
+
+
+def _config_file(parser: HfArgumentParser, path: str) -> dict[str, Any]:
+    """The settings of a YAML/JSON recipe; an unknown key is an error naming it (a typo would be ignored)."""
+    import yaml
+
+    file = existing_file(path, "the arguments file")
+    text = file.read_text()
+    try:
+        values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as err:
+        raise UserError(f"{file}: not valid {'JSON' if file.suffix == '.json' else 'YAML'} ({err})") from err
+    if not isinstance(values, dict):
+        raise UserError(f"{file}: expected a mapping of argument names to values")
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"{file}: unknown argument(s) {', '.join(unknown)}; see train_vqa.py --help")
+    for action in parser._actions:  # argparse requires required arguments on the command line even with a default
+        if action.dest in values:
+            action.required = False
+    return values
+
+
+# -------------------------------------------------------------------------------------------------- checks
+def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
+                  args: TrainingArguments) -> None:
+    """Refuse unsupported combinations before anything heavy happens."""
+    if not data_args.train_data_path:
+        raise UserError("--train_data_path is required (the training JSONL); see train_vqa.py --help")
+    check_question_modality(data_args.question_modality, "--question_modality")
+    if data_args.frames_as not in FRAMES_AS:
+        raise UserError(f"--frames_as must be one of {', '.join(FRAMES_AS)}; got {data_args.frames_as!r}")
+    model_path = Path(model_args.model_name_or_path)
+    if model_path.exists():  # recorded absolute (surgvqa_config.json and PEFT's adapter_config.json)
+        model_args.model_name_or_path = str(model_path.resolve())
+    PixelBudget(data_args.frame_size, data_args.max_pixels, data_args.min_pixels)  # refuses a bad budget
+    if data_args.fps <= 0 or (data_args.video_fps is not None and data_args.video_fps <= 0):
+        raise UserError(f"--fps and --video_fps must be > 0, got {data_args.fps} and {data_args.video_fps}")
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        if args.fp16:
+            raise UserError("QLoRA computes in bf16: use --bf16 True instead of --fp16")
+        if lora_args.train_projectors and model_args.load_in_8bit:
+            logger.info("projectors stay unquantized under 8-bit loading and are trained in full precision")
+    if not 0.0 < model_args.token_kept_ratio <= 1.0:
+        raise UserError(f"--token_kept_ratio must be in (0, 1] (1.0: no merging); got {model_args.token_kept_ratio}")
+    if model_args.token_kept_ratio < 1.0 and data_args.frames_as != "video":
+        raise UserError("--token_kept_ratio merges the tokens of a video: it needs --frames_as video")
+    if data_args.eval_generate_samples and not data_args.eval_data_path:
+        raise UserError("--eval_generate_samples needs --eval_data_path")
+    if args.metric_for_best_model in ("accuracy", "eval_accuracy") and not data_args.eval_generate_samples:
+        raise UserError(
+            "--metric_for_best_model accuracy is the generation-scored accuracy: set --eval_generate_samples N"
+        )
+    if data_args.early_stopping_patience is not None:
+        if data_args.early_stopping_patience < 1:
+            raise UserError(f"--early_stopping_patience must be >= 1, got {data_args.early_stopping_patience}")
+        if not args.metric_for_best_model or args.eval_strategy == "no":
+            raise UserError(
+                "--early_stopping_patience needs --metric_for_best_model (e.g. eval_accuracy) and an --eval_strategy"
+            )
+    if args.eval_strategy != "no" and not data_args.eval_data_path:
+        raise UserError(f"--eval_strategy {args.eval_strategy} needs --eval_data_path")
+    check_frame_cache_settings(data_args.frame_cache, data_args.frame_cache_max_gb)
+    if data_args.encoding_cache_gb is not None and data_args.encoding_cache_gb < 0:
+        raise UserError(f"--encoding_cache_gb must be >= 0 (0: off), got {data_args.encoding_cache_gb}")
+    if model_args.dtype == "auto":
+        model_args.dtype = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
+    LoadOptions(dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
+                load_in_4bit=model_args.load_in_4bit, load_in_8bit=model_args.load_in_8bit).validate()
+    if (model_args.load_in_4bit or model_args.load_in_8bit) and not args.bf16:
+        # the towers and norms stay unquantized in bf16 / fp32: bf16 autocast runs them together
+        raise UserError("QLoRA computes in bf16: add --bf16 True")
+    existing_file(data_args.train_data_path, "--train_data_path")  # paths last: combinations need no files
+    if data_args.eval_data_path:
+        existing_file(data_args.eval_data_path, "--eval_data_path")
+    for name in ("frames_dir", "audio_dir", "eval_frames_dir", "eval_audio_dir"):
+        if getattr(data_args, name):
+            existing_dir(getattr(data_args, name), f"--{name}")
+
+
+def needs_bitsandbytes(argv: list[str]) -> bool:
+    """Whether a training command line quantizes, read by the real parser with ModelArguments only (the full parser
+    needs ``TrainingArguments``, whose import imports peft and with it bitsandbytes)."""
+    parser = HfArgumentParser(ModelArguments)
+    try:
+        if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
+            import yaml
+
+            values = yaml.safe_load(Path(argv[0]).read_text())  # JSON is YAML
+            known = {f.name for f in dataclasses.fields(ModelArguments)}
+            parser.set_defaults(**{k: v for k, v in (values or {}).items() if k in known})
+            argv = argv[1:]
+        model_args, _ = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    except (SystemExit, ValueError, OSError, AttributeError, ImportError, Exception):  # the full parse reports it
+        return True
+    return bool(model_args.load_in_4bit or model_args.load_in_8bit
+                or checkpoint_needs_bitsandbytes(model_args.model_name_or_path))
+
+
+__all__ = ["ArgumentTuple", "DataArguments", "LoraArguments", "ModelArguments", "make_parser", "needs_bitsandbytes",
+           "parse_args", "validate_args"]
