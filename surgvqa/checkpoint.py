@@ -4,11 +4,13 @@ A training output (or a ``checkpoint-N`` inside it) holds the PEFT adapter (safe
 ``surgvqa_config.json`` (:class:`surgvqa.run_config.RunConfig`: backbone, base model, preprocessing, LoRA,
 tokenizer repair) and, only when the vocabulary
 grew, ``surgvqa_new_token_rows.safetensors`` with the new embedding rows. ``load_for_inference`` accepts an adapter
-directory, a merged model directory or a plain base model (zero-shot).
+directory, a merged model directory or a plain base model (zero-shot). ``weights_sha256`` names a checkpoint's
+weights in a predictions file's meta line.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -147,3 +149,35 @@ def load_for_inference(
     model.eval()
     config["backbone"] = config.get("backbone") or chosen.name
     return model, processor, config
+
+
+def sha256_file(path: str | Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+# Model weights in a checkpoint directory (an adapter, a merged model, a base model); optimizer/scheduler state
+# and training_args.bin are not weights.
+_NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "scheduler.pt"}
+
+
+def weights_sha256(checkpoint_path: str | Path) -> str:
+    """One sha256 over the relative paths and bytes of every ``*.safetensors`` / ``*.bin`` weight file of a
+    checkpoint directory, sub-directories included (a graft keeps its parts in ``vl_model/``, ``audio_encoder/``)
+    but not the ``checkpoint-N/`` folders of a training output. A 7B model directory is read once (~15 GB); an
+    adapter is a few MB."""
+    root = Path(checkpoint_path)
+    files = sorted(
+        p for p in root.rglob("*")
+        if p.is_file() and p.suffix in (".safetensors", ".bin") and p.name not in _NOT_WEIGHTS
+        and not any(part.startswith("checkpoint-") for part in p.relative_to(root).parts[:-1])
+    ) if root.is_dir() else []
+    if not files:
+        raise ValueError(
+            f"--checkpoint_path {root} holds no weight files (*.safetensors / *.bin); give an adapter, merged "
+            "model or base model directory"
+        )
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + sha256_file(path).encode() + b"\n")
+    return digest.hexdigest()

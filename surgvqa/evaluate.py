@@ -17,7 +17,6 @@ partial (or complete) file only when its meta record matches this run, field by 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from transformers import HfArgumentParser
 from surgvqa import __version__
 from surgvqa.backbones import LoadOptions, get_backbone
 from surgvqa.backbones.base import vision_grid
-from surgvqa.checkpoint import load_for_inference
+from surgvqa.checkpoint import load_for_inference, sha256_file, weights_sha256
 from surgvqa.collate import VQACollator
 from surgvqa.data import (
     CONSTANT_VIDEO_ABLATIONS,
@@ -168,38 +167,6 @@ def resolve_preprocessing(args: EvalArguments) -> EvalPreprocessing:
 
 def resolve_media(args: EvalArguments, preprocessing: EvalPreprocessing) -> MediaConfig:
     return preprocessing.media_config(args.frames_dir, args.audio_dir, ablate=args.ablate)
-
-
-def sha256_file(path: str | Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-# Model weights in a checkpoint directory (an adapter, a merged model, a base model); optimizer/scheduler state
-# and training_args.bin are not weights.
-_NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "scheduler.pt"}
-
-
-def weights_sha256(checkpoint_path: str | Path) -> str:
-    """One sha256 over the relative paths and bytes of every ``*.safetensors`` / ``*.bin`` weight file of a
-    checkpoint directory, sub-directories included (a graft keeps its parts in ``vl_model/``, ``audio_encoder/``)
-    but not the ``checkpoint-N/`` folders of a training output. A 7B model directory is read once (~15 GB); an
-    adapter is a few MB."""
-    root = Path(checkpoint_path)
-    files = sorted(
-        p for p in root.rglob("*")
-        if p.is_file() and p.suffix in (".safetensors", ".bin") and p.name not in _NOT_WEIGHTS
-        and not any(part.startswith("checkpoint-") for part in p.relative_to(root).parts[:-1])
-    ) if root.is_dir() else []
-    if not files:
-        raise ValueError(
-            f"--checkpoint_path {root} holds no weight files (*.safetensors / *.bin); give an adapter, merged "
-            "model or base model directory"
-        )
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + sha256_file(path).encode() + b"\n")
-    return digest.hexdigest()
 
 
 def _abs(path: str | None) -> str | None:

@@ -431,7 +431,7 @@ def test_colour_task_ablations_remove_the_tint(colour_task):
 
 
 def test_weights_hash_covers_sub_directories_but_not_training_checkpoints(tmp_path):
-    from surgvqa.evaluate import weights_sha256
+    from surgvqa.checkpoint import weights_sha256
 
     (tmp_path / "vl_model").mkdir()
     (tmp_path / "vl_model" / "model.safetensors").write_bytes(b"a")
