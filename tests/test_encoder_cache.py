@@ -29,12 +29,13 @@ def batches(tiny_model_dir, test_set, audio_dir):
     return collator(items), collator([items[2], items[0], items[3]])
 
 
-def _model(model_dir):
+def _model(model_dir, token_kept_ratio: float = 1.0):
     from peft import LoraConfig, get_peft_model
 
     backbone = get_backbone("qwen2_5_omni")
     torch.manual_seed(0)
     model = backbone.load(str(model_dir), LoadOptions(dtype="float32"))
+    backbone.enable_token_merging(model, token_kept_ratio)
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=backbone.lora_target_regex,
                         task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
@@ -99,3 +100,29 @@ def test_trainable_or_dropping_towers_are_not_cached(tiny_model_dir, batches):
     cache = EncoderOutputCache(1 << 30)
     _run(model, batches[0], cache)
     assert cache.entries == {}
+
+
+def test_kept_encoder_outputs_under_token_merging(tiny_model_dir, test_set, audio_dir):
+    """Token merging reads the kept tower outputs and the kept positions of the full (unmerged) rows: the same loss
+    and LoRA gradients as running the towers, at r = 0.5."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    config = MediaConfig(frames_dir=str(test_set / "frames"), audio_dir=str(audio_dir), frame_size=56,
+                         question_modality="text+audio")
+    samples, problems = load_samples(test_set / "in_002-001.jsonl", config)
+    assert not problems
+    dataset = SurgicalVQADataset(samples[:3], config)
+    items = [dataset[i] for i in range(3)]
+    collator = VQACollator(processor, question_modality="text+audio", frame_size=56, encoding_cache_gb=1,
+                           token_kept_ratio=0.5)
+    first, second = collator(items), collator([items[2], items[0]])
+    model = _model(tiny_model_dir, token_kept_ratio=0.5)
+    cache = EncoderOutputCache(1 << 30)
+    reference = [_run(model, batch) for batch in (first, second)]
+    runs = [_run(model, first, cache), _run(model, second, cache)]
+    assert cache.hits >= 2 and cache.positions  # the second batch served from the cache
+    for (loss_a, grads_a), (loss_b, grads_b) in zip(reference, runs, strict=True):
+        torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-6)
+        for name in grads_a:
+            torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7)

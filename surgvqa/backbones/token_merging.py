@@ -268,9 +268,12 @@ def _thinker_inputs(thinker, ratio: float, kwargs: dict, generating: bool) -> di
     feature_mask = kwargs.get("feature_attention_mask")
     audio_lengths = feature_mask.sum(-1) if feature_mask is not None else kwargs.get("audio_feature_lengths")
 
+    # the inner model's method (the same function): where kept positions are served (backbones.encoder_cache)
+    get_rope_index = getattr(inner, "get_rope_index", thinker.get_rope_index)
+
     def rope_index(full_ids: torch.Tensor, full_mask: torch.Tensor) -> torch.Tensor:
-        positions, _ = thinker.get_rope_index(full_ids, kwargs.get("image_grid_thw"), grid, full_mask, False,
-                                              audio_lengths, kwargs.get("video_second_per_grid"))
+        positions, _ = get_rope_index(full_ids, kwargs.get("image_grid_thw"), grid, full_mask, False,
+                                      audio_lengths, kwargs.get("video_second_per_grid"))
         return positions
 
     positions, deltas = merged_position_ids(input_ids, attention_mask, thinker.config.video_token_id, merged,
