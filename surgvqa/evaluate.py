@@ -197,8 +197,11 @@ def run_meta(args: EvalArguments, preprocessing: EvalPreprocessing, media: Media
         "question_modality": media.question_modality,
         "frames_as": collator["frames_as"],
         "frame_size": media.frame_size,
+        "max_pixels": media.max_pixels,
+        "min_pixels": media.min_pixels,
         "max_eval_frames": media.max_frames,
         "fps": collator["fps"],
+        "video_fps": collator["video_fps"],
         "system_prompt": collator["system_prompt"],
         "token_kept_ratio": collator["token_kept_ratio"],
         "max_new_tokens": args.max_new_tokens,
@@ -218,7 +221,8 @@ def run_meta(args: EvalArguments, preprocessing: EvalPreprocessing, media: Media
 RESUME_FIELDS = (
     "checkpoint_sha256", "base_model", "backbone", "eval_data_sha256", "frames_dir", "audio_dir",
     "frame_path_template", "audio_path_template", "ablate", "ablation_seed", "question_modality", "frames_as",
-    "frame_size", "max_eval_frames", "fps", "system_prompt", "token_kept_ratio", "max_new_tokens", "dtype",
+    "frame_size", "max_pixels", "min_pixels", "max_eval_frames", "fps", "video_fps", "system_prompt",
+    "token_kept_ratio", "max_new_tokens", "dtype",
     "load_in_4bit", "scoring", "candidates",
 )
 
@@ -382,6 +386,9 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
     # The closed answer set per type comes from every usable sample of the file, before --limit, so a limited
     # run is scored like the full one; the meta line records it, so re-scoring uses the same sets.
     candidates = build_candidates((s.question_type, s.short_answer) for s in samples)
+    # Shuffle donors likewise from every usable sample, before --limit and --resume: a sample's donor never depends
+    # on how many samples a run (or a resumed run) evaluates.
+    donors = ablation_donors(samples, args.ablation_seed) if media.ablate in SHUFFLE_ABLATIONS else None
     if args.limit is not None:
         samples = samples[: args.limit]
     if not samples:
@@ -389,9 +396,6 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
     meta = run_meta(args, preprocessing, media, samples, len(problems), candidates)
     kept = previous_lines(args, output, meta, samples)
     todo = [s for s in samples if s.key not in kept]
-    # donors over every evaluated sample (not only the ones left after --resume): the same sample always gets
-    # the same donor
-    donors = ablation_donors(samples, args.ablation_seed) if media.ablate in SHUFFLE_ABLATIONS else None
 
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path_for(output)
@@ -480,7 +484,7 @@ def write_report(predictions: Path, args: EvalArguments, meta: dict | None) -> P
                         audio_dir=args.audio_dir or (meta or {}).get("audio_dir"))
 
 
-# Flags that only make sense with a model run: re-scoring refuses them instead of ignoring them.
+# The flags re-scoring uses; any other flag set away from its default needs a model run and is refused.
 _RESCORE_FLAGS = {"score_predictions", "output_file", "overwrite", "compare", "baseline", "plot", "report",
                   "frames_dir", "audio_dir"}
 

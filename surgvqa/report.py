@@ -136,11 +136,11 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
 # Run settings copied from the meta line into the summary (names as in the meta line).
 SUMMARY_META_FIELDS = (
     "checkpoint", "checkpoint_sha256", "eval_data_path", "eval_data_sha256", "ablate", "ablation_seed",
-    "preprocessing", "question_modality", "frames_as", "frame_size", "max_eval_frames", "max_new_tokens", "limit",
-    "skip_bad_samples", "skipped_bad_samples", "token_kept_ratio",
+    "preprocessing", "question_modality", "frames_as", "frame_size", "max_pixels", "min_pixels", "max_eval_frames",
+    "video_fps", "max_new_tokens", "limit", "skip_bad_samples", "skipped_bad_samples", "token_kept_ratio",
 )
 #: what a meta line written before a field existed meant by its absence
-META_DEFAULTS = {"token_kept_ratio": 1.0}
+META_DEFAULTS = {"token_kept_ratio": 1.0, "max_pixels": None, "min_pixels": None, "video_fps": None}
 
 
 def summarize_run(
