@@ -365,7 +365,8 @@ def summarize(
         candidates = gold_sets
     # The closed set of each type, fixed before any record is scored (so no score depends on the order of the
     # lines): the given set plus any gold answer it lacks. The caller's mapping is never modified.
-    candidates = {t: _union(candidates.get(t, ()), gold_sets.get(t, ())) for t in {*candidates, *gold_sets}}
+    types = {*candidates, *gold_sets, *(_type_of(r) for r in recs)}  # a type whose gold answers are all blank too
+    candidates = {t: _union(candidates.get(t, ()), gold_sets.get(t, ())) for t in types}
 
     hits: Counter[str] = Counter()
     k_n = 0
@@ -419,7 +420,7 @@ def summarize(
         cands = candidates[qtype]
         top_gold, top_gold_n = sorted(t["gold"].items(), key=lambda kv: (-kv[1], _norm_key(kv[0])))[0]
         majority_hits += top_gold_n
-        chance = 1.0 / len(cands)
+        chance = 1.0 / len(cands) if cands else 0.0
         chance_sum += t["n"] * chance
         real = [(a, c) for a, c in t["pred"].items() if a not in (NONE_LABEL, AMBIGUOUS_LABEL)]
         top_pred, top_pred_n = sorted(t["pred"].items(), key=lambda kv: (-kv[1], kv[0]))[0]

@@ -625,3 +625,13 @@ def test_summarize_never_mutates_and_line_order_never_changes_a_score():
     # every gold joins the closed set before scoring: the third and fourth predictions state two candidates
     assert forward["per_type"]["tool"]["candidates"] == ["catheter", "forceps", "snare"]
     assert forward["accuracy_hits"] == 2
+
+
+def test_a_type_whose_gold_answers_are_all_blank_scores_zero_without_crashing():
+    """Files of the original toolkit may hold blank short answers; such a type has no closed set: every line is a
+    miss (a blank gold never scores), and the summary still lists the type."""
+    recs = _records() + [_rec("unlabelled", "", "Yes.", idx=200 + i) for i in range(3)]
+    s = summarize(recs)
+    assert s["per_type"]["unlabelled"]["n"] == 3
+    assert s["per_type"]["unlabelled"]["accuracy"] == 0.0
+    assert s["per_type"]["unlabelled"]["chance_baseline"] == 0.0
