@@ -119,7 +119,7 @@ def planner_for(model_dir: Path, regime: str, gc_on: bool, device: str):
 
     options = mc.regime_options(regime)
     return Planner(PlanArguments(model=str(model_dir), dtype=options["dtype"], load_in_4bit=options["load_in_4bit"],
-                                 gradient_checkpointing=gc_on, device=device, **RECIPE))
+                                 gradient_checkpointing=gc_on, device=device, logits="full", **RECIPE))
 
 
 def run_regime(model_dir: Path, regime: str, device: str, steps: int) -> list[dict]:

@@ -247,7 +247,7 @@ def planner_for(model_dir: Path, regime: str, gradient_checkpointing: bool, devi
     options = regime_options(regime)
     args = PlanArguments(model=str(model_dir), dtype=options["dtype"], load_in_4bit=options["load_in_4bit"],
                          gradient_checkpointing=gradient_checkpointing, max_new_tokens=GENERATE_NEW_TOKENS,
-                         device=device)
+                         device=device, logits="full")  # the measured step is the model's own loss on full logits
     return Planner(args)
 
 

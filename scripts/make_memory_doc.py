@@ -25,7 +25,7 @@ RECIPE = ["--frames", "8", "--frame_size", "384", "--question_modality", "text+a
 SCENARIOS = [
     ("bf16 LoRA (the A100 recipe)", []),
     ("bf16 LoRA, gradient checkpointing", ["--gradient_checkpointing"]),
-    ("bf16 LoRA, labelled-only logits", ["--logits", "labelled"]),
+    ("bf16 LoRA, full logits (--loss_on_labelled_only False)", ["--logits", "full"]),
     ("bf16 LoRA, token_kept_ratio 0.5", ["--token_kept_ratio", "0.5"]),
     ("4-bit QLoRA", ["--load_in_4bit"]),
     ("4-bit QLoRA, gradient checkpointing", ["--load_in_4bit", "--gradient_checkpointing"]),

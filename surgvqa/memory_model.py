@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from surgvqa.errors import UserError
+
 COEFFICIENTS_FILE = Path(__file__).with_name("memory_coefficients.json")
 GiB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -29,8 +31,8 @@ GROUPS = ("LLM layers", "embeddings", "lm_head", "vision tower", "audio tower", 
 MODES = ("train", "train_gc", "generate")
 
 
-class PlanError(ValueError):
-    """A user error: printed as one ``error:`` line."""
+class PlanError(UserError):
+    """A user error: printed as one ``error:`` line (exit 2)."""
 
 
 def parse_bytes(text: str) -> int:

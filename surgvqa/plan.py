@@ -22,6 +22,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from surgvqa.errors import one_line_errors, run_main
 from surgvqa.memory_model import (
     DTYPE_BYTES,
     MODES,
@@ -350,20 +351,19 @@ def make_plan(args: PlanArguments) -> Plan:
 def parse_args(argv: list[str] | None = None) -> PlanArguments:
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(PlanArguments, prog="surgvqa plan", description=__doc__.split("\n\n")[0])
+    parser = one_line_errors(HfArgumentParser(PlanArguments, prog="surgvqa plan",
+                                              description=__doc__.split("\n\n")[0]))
     (args,) = parser.parse_args_into_dataclasses(list(sys.argv[1:] if argv is None else argv))
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
+    def body() -> None:
+        args = parse_args(argv)
         plan = make_plan(args)
-    except PlanError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(asdict(plan), indent=2) if args.json else render(plan))
-    return 0
+        print(json.dumps(asdict(plan), indent=2) if args.json else render(plan))
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

@@ -56,8 +56,9 @@ class PlanArguments:
     optim: str = field(default="adamw_torch_fused", metadata={"help": " | ".join(OPTIMIZER_STATE)})
     token_kept_ratio: float = field(default=1.0, metadata={
         "help": "visual token merging: ceil(r x n) video tokens kept per video (1.0 = off)"})
-    logits: str = field(default="full", metadata={
-        "help": "full: the LM head runs on every position | labelled: on the labelled (answer) positions only"})
+    logits: str = field(default="labelled", metadata={
+        "help": "labelled: the LM head runs on the labelled (answer) positions only, as training does by default | "
+                "full: on every position (training with --loss_on_labelled_only False)"})
     model_max_length: int = field(default=4096, metadata={"help": "longest sequence training accepts"})
     budget: str | None = field(default=None, metadata={"help": "GPU memory, e.g. 40GiB, 24GB: search what fits"})
     overhead: str = field(default="1GiB", metadata={

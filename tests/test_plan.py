@@ -247,6 +247,7 @@ def test_labelled_logits_and_checkpointing_lower_the_training_plan(tiny_model_di
     """Labelled-only logits shrink the LM-head phase and never raise the step's peak; they lower it where the head
     is the largest phase (the 7B's 152,064-row vocabulary). Checkpointing lowers the peak."""
     full = planner(OMNI_7B if model == "omni-7b" else tiny_model_dir, tiny_model_dir, frames=16, frame_size=224)
+    full.args.logits = "full"
     tokens = sample_tokens(full.processor, full.args, mode="train")
     base = full.train_total(tokens)
     full.args.logits = "labelled"
