@@ -120,8 +120,8 @@ class DataArguments:
         default=None,
         metadata={"help": "keep each training sample's processor output (prompt ids, pixel values, audio features) "
                           "in memory up to this many GB and reuse it in later epochs (a kept sample's media is not "
-                          "decoded again, and the frozen towers' outputs for it are kept within the same bound); "
-                          "0: off (default: 2 when the "
+                          "decoded again); the frozen towers' outputs (Qwen2.5-Omni) are kept too, within a second "
+                          "bound of the same size, so memory use is up to twice this; 0: off (default: 2 when the "
                           "collator runs in the training process, i.e. --dataloader_num_workers 0 or persistent "
                           "workers, else 0)"},
     )
@@ -226,6 +226,11 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
             raise UserError(
                 "--early_stopping_patience needs --metric_for_best_model (e.g. eval_accuracy) and an --eval_strategy"
             )
+    if getattr(args, "label_smoothing_factor", 0.0):
+        raise UserError(
+            "--label_smoothing_factor is not supported: the loss is the model's own (or the labelled-only one), which "
+            "the Trainer's label smoother does not replace; drop the flag"
+        )
     if args.eval_strategy != "no" and not data_args.eval_data_path:
         raise UserError(f"--eval_strategy {args.eval_strategy} needs --eval_data_path")
     check_frame_cache_settings(data_args.frame_cache, data_args.frame_cache_max_gb)
@@ -246,22 +251,33 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
             existing_dir(getattr(data_args, name), f"--{name}")
 
 
+@dataclass
+class _Optimizer:
+    optim: str = "adamw_torch"
+
+
+#: optimizers of ``--optim`` that bitsandbytes implements (8-bit, paged, Lion, AdEMAMix, ...)
+_BNB_OPTIM = ("bnb", "8bit", "paged", "lion", "ademamix")
+
+
 def needs_bitsandbytes(argv: list[str]) -> bool:
-    """Whether a training command line quantizes, read by the real parser with ModelArguments only (the full parser
-    needs ``TrainingArguments``, whose import imports peft and with it bitsandbytes)."""
-    parser = HfArgumentParser(ModelArguments)
+    """Whether a training command line quantizes or picks a bitsandbytes optimizer, read by the real parser with
+    ModelArguments only (the full parser needs ``TrainingArguments``, whose import imports peft and with it
+    bitsandbytes)."""
+    parser = HfArgumentParser((ModelArguments, _Optimizer))
     try:
         if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
             import yaml
 
             values = yaml.safe_load(Path(argv[0]).read_text())  # JSON is YAML
-            known = {f.name for f in dataclasses.fields(ModelArguments)}
+            known = {f.name for f in (*dataclasses.fields(ModelArguments), *dataclasses.fields(_Optimizer))}
             parser.set_defaults(**{k: v for k, v in (values or {}).items() if k in known})
             argv = argv[1:]
-        model_args, _ = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
-    except (SystemExit, ValueError, OSError, AttributeError, ImportError, Exception):  # the full parse reports it
+        model_args, optimizer, _ = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    except (SystemExit, Exception):  # the full parse reports it
         return True
     return bool(model_args.load_in_4bit or model_args.load_in_8bit
+                or any(name in str(optimizer.optim).lower() for name in _BNB_OPTIM)
                 or checkpoint_needs_bitsandbytes(model_args.model_name_or_path))
 
 

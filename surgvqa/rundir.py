@@ -53,8 +53,10 @@ class RunDirPlan:
     output_dir: Path
     resume_from: str | None = None
     empty_first: bool = False
-    #: in ``auto`` mode: the settings of the run found in the directory (compared in :func:`check_same_run`)
+    #: the settings of the run being continued (compared in :func:`check_same_run`)
     recorded: dict[str, Any] | None = None
+    #: an explicit --resume_from_checkpoint may extend the run (num_train_epochs, max_steps); auto may not
+    extending: bool = False
     notes: list[str] = field(default_factory=list)
 
 
@@ -135,6 +137,8 @@ def plan_output_dir(output_dir: str | Path, resume_from_checkpoint: str | bool |
                 "--resume_from_checkpoint True to resume from the last complete checkpoint of --output_dir"
             )
         plan.resume_from = str(resume)
+        plan.recorded = _read_record(Path(resume) / RUN_RECORD) or _read_record(out / RUN_RECORD)
+        plan.extending = True
         return plan
     if mode in LAST:
         last = last_complete_checkpoint(out)
@@ -145,6 +149,8 @@ def plan_output_dir(output_dir: str | Path, resume_from_checkpoint: str | bool |
                 f"{found}); start a fresh run without the flag, in an empty directory"
             )
         plan.resume_from = str(last)
+        plan.recorded = _read_record(last / RUN_RECORD) or _read_record(out / RUN_RECORD)
+        plan.extending = True
         return plan
     if not contents:
         return plan
@@ -210,18 +216,26 @@ def differences(recorded: Mapping[str, Any], current: Mapping[str, Any], prefix:
     return out
 
 
+#: what an explicit --resume_from_checkpoint may change: how long the run goes on
+_EXTENDABLE = ("training.num_train_epochs:", "training.max_steps:")
+
+
 def check_same_run(plan: RunDirPlan, current: Mapping[str, Any]) -> None:
-    """In ``auto`` mode, refuse a directory that holds another run: its recorded settings differ from ``current``
-    (the settings known before the model loads; only the keys of ``current`` are compared)."""
+    """Refuse to continue a run whose recorded settings differ from ``current`` (the settings known before the
+    model loads; only the keys of ``current`` are compared). An explicit ``--resume_from_checkpoint`` may extend the
+    run (more epochs or steps); ``auto`` (the recipe rerun after a crash) may not."""
     if plan.recorded is None:
         return
     current = json.loads(json.dumps(current))
     diff = differences({k: plan.recorded.get(k) for k in current}, current)
+    if plan.extending:
+        diff = [d for d in diff if not d.startswith(_EXTENDABLE)]
     if diff:
         raise RunDirError(
             f"--output_dir {plan.output_dir} holds another run: its {RUN_RECORD} differs in "
             + "; ".join(diff[:8]) + ("; ..." if len(diff) > 8 else "")
-            + ". Choose another OUTPUT_DIR / --output_dir, or pass --overwrite_output_dir True to delete that run"
+            + ". To continue it, use its recorded settings; otherwise choose another OUTPUT_DIR / --output_dir, or "
+            "pass --overwrite_output_dir True to delete that run"
         )
 
 

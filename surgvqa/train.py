@@ -27,12 +27,13 @@ from surgvqa.arguments import (
     parse_args,
     validate_args,
 )
+from surgvqa.audio import DEFAULT_SAMPLING_RATE, audio_duration
 from surgvqa.backbones import LoadOptions, backbone_for
 from surgvqa.backbones.base import prepare_quantized_for_training, upcast_trainable, vision_grid
 from surgvqa.backbones.encoder_cache import EncoderOutputCache
 from surgvqa.collate import OverlongSampleError, VQACollator
 from surgvqa.data import DataError, MediaConfig, Problem, Sample, SurgicalVQADataset, load_samples
-from surgvqa.errors import run_main
+from surgvqa.errors import UserError, run_main
 from surgvqa.frame_cache import open_frame_cache
 from surgvqa.lean_imports import skip_bitsandbytes
 from surgvqa.metrics import build_candidates
@@ -91,7 +92,6 @@ def load_checked(path: str, media: MediaConfig, skip_bad: bool, scoring: bool = 
 def drop_overlong(samples: list[Sample], collator: VQACollator, max_frames: int | None, skip: bool,
                   max_length: int) -> list[Sample]:
     """Pre-flight: token count per sample from frame headers and audio lengths (nothing decoded)."""
-    import soundfile
     from PIL import Image
 
     from surgvqa.media import subsample_indices
@@ -109,8 +109,7 @@ def drop_overlong(samples: list[Sample], collator: VQACollator, max_frames: int 
         n_frames = len(subsample_indices(len(sample.frame_paths), max_frames))
         audio_len = None
         if sample.audio_path is not None and "audio" in collator.question_modality:
-            info = soundfile.info(str(sample.audio_path))
-            audio_len = math.ceil(info.frames * 16000 / info.samplerate)
+            audio_len = math.ceil(audio_duration(sample.audio_path) * DEFAULT_SAMPLING_RATE)
         length = collator.sequence_length(sample.question, sample.answer, size_cache[raw], n_frames, audio_len)
         (overlong if length > max_length else kept).append(sample)
     if overlong:
@@ -182,7 +181,8 @@ def assert_lora_placement(model, backbone, allow_vision: bool = False) -> None:
     for name in lora_module_names(model):
         for tower in towers:
             if re.search(rf"(^|\.){re.escape(tower)}\.", name):
-                raise AssertionError(f"LoRA module {name} is inside the tower {tower}")
+                raise UserError(f"--lora_target_regex puts LoRA module {name} inside the tower {tower}: narrow the "
+                                "regex to the language model, or pass --lora_vision_tower True to adapt the tower")
     if not lora_module_names(model):
         raise ValueError("LoRA matched no module: check --lora_target_regex against model.named_modules()")
 
@@ -222,7 +222,8 @@ TRAINING_SETTINGS = (
     "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "adam_beta1",
     "adam_beta2", "adam_epsilon", "max_grad_norm", "optim", "num_train_epochs", "max_steps",
     "per_device_train_batch_size", "gradient_accumulation_steps", "world_size", "seed", "data_seed", "bf16", "fp16",
-    "gradient_checkpointing", "label_smoothing_factor", "neftune_noise_alpha",
+    "gradient_checkpointing", "label_smoothing_factor", "neftune_noise_alpha", "optim_args",
+    "average_tokens_across_devices", "group_by_length", "dataloader_drop_last",
 )
 #: RunConfig fields known only once the model is loaded (not compared when a run is resumed)
 _MODEL_DERIVED = ("tokenizer_repair", "resized_vocab", "original_vocab_rows", "graft", "surgvqa_version",
@@ -372,6 +373,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=train_collator,
+        eval_collator=VQACollator(processor, mode="train", **settings) if eval_dataset is not None else None,
         processing_class=processor,
         generation_eval=generation_eval,
         lm_head=backbone.lm_head(model) if model_args.loss_on_labelled_only else None,

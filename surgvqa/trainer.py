@@ -37,13 +37,25 @@ class VQATrainer(Trainer):
     """
 
     def __init__(self, *args, generation_eval: dict | None = None, lm_head=None,
-                 encoder_cache: EncoderOutputCache | None = None, **kwargs):
+                 encoder_cache: EncoderOutputCache | None = None, eval_collator=None, **kwargs):
         if lm_head is not None:
             kwargs["compute_loss_func"] = labelled_loss
         super().__init__(*args, **kwargs)
         self.generation_eval = generation_eval
         self.lm_head = lm_head
         self.encoder_cache = encoder_cache
+        self.eval_collator = eval_collator
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """With ``eval_collator``: eval batches through their own collator, so evaluation items never take the
+        training collator's cache bound (and carry no ``media_ids``)."""
+        if self.eval_collator is None:
+            return super().get_eval_dataloader(eval_dataset)
+        train_collator, self.data_collator = self.data_collator, self.eval_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
@@ -52,7 +64,7 @@ class VQATrainer(Trainer):
             inputs["use_cache"] = False
         labels = inputs.get("labels")
         with contextlib.ExitStack() as stack:
-            if self.encoder_cache is not None:
+            if self.encoder_cache is not None and model.training:  # kept outputs are for training items
                 stack.enter_context(reuse_encoder_outputs(model, self.encoder_cache, media_ids))
             if self.lm_head is not None and labels is not None:
                 stack.enter_context(labelled_positions_only(self.lm_head, labels))

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from surgvqa.backbones import LoadOptions, get_backbone
+from surgvqa.errors import UserError
 from surgvqa.train import (
     assert_lora_placement,
     build_model,
@@ -83,12 +84,12 @@ def test_lora_only_in_language_model(tiny_model_dir, capsys):
     assert len(names) == 2 * 7  # 2 layers x q,k,v,o,gate,up,down
     assert all(".language_model.layers." in n for n in names)
     assert "trainable params:" in capsys.readouterr().out
-    # a plain name list would also wrap tower modules: the assertion catches it
+    # a plain name list would also wrap tower modules: the placement check refuses it
     from peft import LoraConfig, get_peft_model
 
     base = backbone.load(str(tiny_model_dir), LoadOptions(dtype="float32"))
     naive = get_peft_model(base, LoraConfig(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "proj"]))
-    with pytest.raises(AssertionError, match="inside the tower"):
+    with pytest.raises(UserError, match="inside the tower"):
         assert_lora_placement(naive, backbone)
 
 
@@ -195,6 +196,15 @@ def test_output_dir_plans(tmp_path):
     check_same_run(plan, {"media": {"fps": 2.0}, "surgvqa_version": "1"})
     with pytest.raises(RunDirError, match=r"holds another run.*media\.fps: 2\.0 -> 3\.0"):
         check_same_run(plan, {"media": {"fps": 3.0}})
+    with pytest.raises(RunDirError, match="training"):  # auto (the recipe rerun after a crash) never extends
+        check_same_run(plan, {"media": {"fps": 2.0}, "training": {"max_steps": 16}})
+    # an explicit resume compares the recorded settings too (the checkpoint's record), but may run longer
+    (out / "checkpoint-8" / "surgvqa_config.json").write_text(
+        json.dumps({"media": {"fps": 2.0}, "training": {"max_steps": 8, "learning_rate": 0.1}}))
+    explicit = plan_output_dir(out, "True", False)
+    check_same_run(explicit, {"media": {"fps": 2.0}, "training": {"max_steps": 16, "learning_rate": 0.1}})
+    with pytest.raises(RunDirError, match=r"training\.learning_rate: 0\.1 -> 0\.2"):
+        check_same_run(explicit, {"training": {"max_steps": 8, "learning_rate": 0.2}})
     # overwrite empties, but never a directory holding this run's inputs
     with pytest.raises(RunDirError, match="holds"):
         plan_output_dir(out, None, True, protected=[out / "checkpoint-4"])
@@ -492,4 +502,27 @@ def test_eval_accuracy_reaches_early_stopping_and_best_model(tiny_model_dir, tes
 def test_early_stopping_needs_a_metric(tiny_model_dir, test_set, tmp_path):
     parsed = parse_args(_args(tiny_model_dir, test_set, tmp_path / "x", "--early_stopping_patience", "1"))
     with pytest.raises(ValueError, match="needs --metric_for_best_model"):
+        validate_args(*parsed)
+
+
+@pytest.mark.parametrize(
+    ("argv", "needed"),
+    [
+        ([], False),
+        (["--load_in_4bit", "True"], True),
+        (["--optim", "adamw_torch"], False),
+        (["--optim", "adamw_bnb_8bit"], True),  # a bitsandbytes optimizer in an unquantized run
+        (["--optim", "paged_adamw_32bit"], True),
+    ],
+)
+def test_bitsandbytes_is_loaded_when_the_command_line_needs_it(tiny_model_dir, argv, needed):
+    from surgvqa.arguments import needs_bitsandbytes
+
+    assert needs_bitsandbytes(["--model_name_or_path", str(tiny_model_dir), *argv]) is needed
+
+
+def test_label_smoothing_is_refused_with_the_reason():
+    parsed = parse_args(["--train_data_path", "x.jsonl", "--output_dir", "/tmp/x", "--use_cpu", "True",
+                         "--label_smoothing_factor", "0.1"])
+    with pytest.raises(UserError, match="label_smoothing_factor is not supported"):
         validate_args(*parsed)
