@@ -3,8 +3,6 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-TINY ?= runs/tiny-omni
-DEMO_DATA ?= runs/demo-data
 
 .PHONY: venv system-deps demo test test-all lint bench memory-doc clean
 

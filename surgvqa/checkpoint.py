@@ -156,9 +156,9 @@ def sha256_file(path: str | Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-# Model weights in a checkpoint directory (an adapter, a merged model, a base model); optimizer/scheduler state
-# and training_args.bin are not weights.
-_NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "scheduler.pt"}
+# Model weights in a checkpoint directory (an adapter, a merged model, a base model): *.safetensors / *.bin but
+# training_args.bin.
+_NOT_WEIGHTS = {"training_args.bin"}
 
 
 def weights_sha256(checkpoint_path: str | Path) -> str:

@@ -63,8 +63,8 @@ def ablation_donors(samples: Sequence[Sample], seed: int) -> dict[tuple[str, str
 
 
 class SurgicalVQADataset(Dataset):
-    """Samples plus decoded media: ``{"sample", "frames", "audio", "frame_indices", "frame_times"}`` (no
-    tokenization, so items are cheap to cache).
+    """Samples plus decoded media: ``{"sample", "frames", "audio", "frame_indices", "frame_numbers", "frame_times",
+    "media_key"}`` (no tokenization, so items are cheap to cache).
 
     ``frames``: uint8 HxWx3 arrays, subsampled with :func:`subsample_indices` to ``max_frames`` (which overrides
     ``media.max_frames``: train and eval may differ) and resized to the pixel budget ``media.budget``. ``audio``:

@@ -11,9 +11,9 @@ A clip's frames are decoded again for every question asked about it and again ev
   for one pass over a set where clips repeat, e.g. evaluation.
 * ``none``: decode every time.
 
-Never stale: the key hashes the file's resolved path, size, mtime (ns) and inode, the caller's settings (frame size,
-frame count, ...), a hash of ``surgvqa/media.py`` (the decode and resize code) and the Pillow and torchvision
-versions, so a changed file, setting or decoder misses. Bounded: entries are added until ``max_bytes`` is reached,
+Never stale: the key hashes the file's resolved path, size, mtime (ns) and inode, the caller's settings (pixel budget,
+vision grid), a hash of ``surgvqa/media.py`` (the decode and resize code) and the versions of the decoding and
+resizing libraries (:func:`decoder_fingerprint`), so a changed file, setting or decoder misses. Bounded: entries are added until ``max_bytes`` is reached,
 after which frames are decoded without caching (a training loop reads every frame every epoch, so keeping a fixed
 subset beats evicting, which would miss on every read once the set is larger than the bound); a disk cache over its
 bound when it is opened is pruned, least recently written first. Safe under concurrent writers: an entry is written
@@ -58,14 +58,15 @@ class FrameCacheError(ValueError):
 def decoder_fingerprint() -> str:
     """What the cached pixels depend on besides the file and the settings: the decode/resize code and libraries.
 
-    ``surgvqa/media.py`` is hashed whole (an edit there re-decodes everything, which is safe); Pillow decodes the
-    JPEGs and torchvision resizes them, so their versions are part of it too.
+    ``surgvqa/media.py`` is hashed whole (an edit there re-decodes everything, which is safe); simplejpeg decodes
+    the JPEGs (Pillow the other images), transformers' ``smart_resize`` sizes pixel budgets, torchvision resizes and
+    PyAV decodes video files, so their versions are part of it too.
     """
     from importlib.metadata import PackageNotFoundError, version
 
     media_py = Path(__file__).with_name("media.py")
     h = hashlib.sha256(media_py.read_bytes())
-    for package in ("pillow", "torchvision", "av"):
+    for package in ("simplejpeg", "pillow", "transformers", "torchvision", "av"):
         try:
             h.update(f"|{package}={version(package)}".encode())
         except PackageNotFoundError:

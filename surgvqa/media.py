@@ -1,5 +1,5 @@
 """Media: the settings of where media live (:class:`MediaConfig`), contained path resolution, frame and video
-decoding, pixel budgets and resizing, subsampling, the ablation table and helpers. Audio decoding is in
+decoding, pixel budgets and resizing, subsampling, the ablation table and its functions. Audio decoding is in
 :mod:`surgvqa.audio`.
 
 A leaf module: of ``surgvqa`` it imports only the leaf ``prompts``. Every failure to read a file raises

@@ -124,7 +124,8 @@ class RunConfig:
     quantization: str | None = None
     resized_vocab: int | None = None
     original_vocab_rows: int | None = None
-    #: a training output: the TrainingArguments that change what it computes (learning rate, steps, batch, seed)
+    # -- kept in a merged checkpoint too (there: those of the last adapter merged)
+    #: the TrainingArguments that change what a training run computes (learning rate, steps, batch, seed)
     training: dict[str, Any] | None = None
     # -- backbone-specific record (the Qwen-VL + Whisper graft: stage, encoder, projector)
     graft: dict[str, Any] | None = None

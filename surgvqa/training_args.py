@@ -1,7 +1,7 @@
 """``SurgvqaTrainingArguments``: Hugging Face ``TrainingArguments`` plus what a run directory needs.
 
 Its own module because importing ``TrainingArguments`` imports peft (and, when installed, bitsandbytes):
-:mod:`surgvqa.train` imports it only when it parses arguments, after the command line has decided whether
+:mod:`surgvqa.arguments` imports it only when it parses arguments, after the command line has decided whether
 bitsandbytes is needed (:mod:`surgvqa.lean_imports`).
 """
 

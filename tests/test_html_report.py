@@ -303,7 +303,7 @@ def test_spoken_question_resampling_keeps_speech_band_and_drops_aliases(tmp_path
     for freq, rms in ((1000, 0.354), (7000, 0.0)):  # 7 kHz would alias to 1 kHz at 8 kHz without the low-pass
         path = tmp_path / f"{freq}.wav"
         sf.write(path, (0.5 * np.sin(2 * np.pi * freq * t)).astype("float32"), 16000)
-        wave = html_report._speech_at_audio_rate(path)
+        wave = html_report.media._speech_at_audio_rate(path)
         assert wave.shape == (8000,)
         assert float(np.sqrt((wave[100:-100] ** 2).mean())) == pytest.approx(rms, abs=0.01)
     data, mime = html_report.audio_ogg(tmp_path / "1000.wav")[0]
@@ -473,7 +473,7 @@ def test_report_in_a_real_browser(two_video_eval, tmp_path):
                           audio_dir=two_video_eval["root"] / "audio")
     records = html_report.read_predictions(two_video_eval["preds"])
     meta = html_report.read_predictions_meta(two_video_eval["preds"])
-    summary = summarize(records, candidates=html_report._meta(meta, "candidates"))
+    summary = summarize(records, candidates=html_report.runs.meta_field(meta, "candidates"))
     wrong = {(r["video_id"], r["id"]) for r in records if not score_record(r, summary["candidates"])["accuracy"]}
     assert 0 < len(wrong) < len(records), "the tiny model should get some samples right and some wrong"
     frames_of = {(r["video_id"], r["id"]): r["frames"] for r in two_video_eval["data_rows"]}

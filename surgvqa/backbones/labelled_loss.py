@@ -80,8 +80,3 @@ def labelled_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: torch.
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(loss.device)
     return loss / num_items_in_batch
-
-
-def full_logits_bytes(positions: int, vocab_size: int, dtype_bytes: int = 4) -> int:
-    """Bytes of the ``positions x vocab`` logits a full LM head makes for one sample (fp32: the loss upcasts)."""
-    return positions * vocab_size * dtype_bytes

@@ -45,14 +45,12 @@ from surgvqa.html_report.media import (
     Encoded,
     MediaOutput,
     MediaStore,
-    _speech_at_audio_rate,  # noqa: F401  (reached through the package by tests)
     audio_ogg,
     thumbnail_jpeg,
     video_thumbs,
 )
 from surgvqa.html_report.page import check_output, render_page
 from surgvqa.html_report.runs import Key, ReportError, load_run, pair_runs, record_key
-from surgvqa.html_report.runs import meta_field as _meta  # noqa: F401  (the name earlier code reached)
 from surgvqa.html_report.sections import section_compare, section_summary, section_types
 from surgvqa.html_report.training import load_training, section_training
 from surgvqa.html_report.viewer import render_card, section_samples

@@ -1,4 +1,4 @@
-"""The few HTML helpers every part of the page uses: escaping, percentages, key-value tables."""
+"""The few HTML functions every part of the page uses: escaping, percentages, key-value tables."""
 
 from __future__ import annotations
 

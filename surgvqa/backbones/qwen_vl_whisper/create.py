@@ -121,7 +121,10 @@ def _graft_processor(vl_model_path, whisper_path, vl_config, audio_config, audio
     tokenizer.chat_template = CHAT_TEMPLATE
     try:
         extractor = WhisperFeatureExtractor.from_pretrained(str(whisper_path))
-    except OSError:
+    except OSError as err:  # an encoder-only Whisper export: the standard extractor at the encoder's mel bins
+        logger.warning("%s has no readable preprocessor_config.json (%s): using Whisper's standard feature "
+                       "extractor with %d mel bins (16 kHz, 30 s window)", whisper_path, err,
+                       audio_config.num_mel_bins)
         extractor = WhisperFeatureExtractor(feature_size=audio_config.num_mel_bins)
     if extractor.feature_size != audio_config.num_mel_bins:
         raise ValueError(f"{whisper_path}: feature extractor has {extractor.feature_size} mel bins, the encoder "
