@@ -171,6 +171,14 @@ def build_model(model_args: ModelArguments, lora_args: LoraArguments, args: Trai
     return model, processor, backbone, report, original_rows
 
 
+def _wait_for_every_process(args: TrainingArguments) -> None:
+    if args.world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+
 def lora_module_names(model) -> list[str]:
     return [name for name, module in model.named_modules() if hasattr(module, "lora_A") and len(module.lora_A)]
 
@@ -319,6 +327,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
                    data_args.eval_frames_dir, data_args.eval_audio_dir, model_args.model_name_or_path),
     )
     check_same_run(plan, run_identity(early))
+    _wait_for_every_process(args)  # every process has read the directory before the main process changes it
     with args.main_process_first(local=False, desc="preparing the output directory"):
         if args.process_index == 0:
             apply_plan(plan)
