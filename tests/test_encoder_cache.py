@@ -13,19 +13,25 @@ from surgvqa.collate import VQACollator
 from surgvqa.data import MediaConfig, SurgicalVQADataset, load_samples
 
 
-@pytest.fixture(scope="module")
-def batches(tiny_model_dir, test_set, audio_dir):
-    """Two batches of the same items in other compositions (media_ids set by a caching collator)."""
+def _items_and_collator(model_dir, test_set, audio_dir, n: int, token_kept_ratio: float = 1.0):
+    """``n`` dataset items and a caching collator (it sets ``media_ids``)."""
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
     config = MediaConfig(frames_dir=str(test_set / "frames"), audio_dir=str(audio_dir), frame_size=56,
                          question_modality="text+audio")
     samples, problems = load_samples(test_set / "in_002-001.jsonl", config)
     assert not problems
-    dataset = SurgicalVQADataset(samples[:4], config)
-    items = [dataset[i] for i in range(4)]
-    collator = VQACollator(processor, question_modality="text+audio", frame_size=56, encoding_cache_gb=1)
+    dataset = SurgicalVQADataset(samples[:n], config)
+    collator = VQACollator(processor, question_modality="text+audio", frame_size=56, encoding_cache_gb=1,
+                           token_kept_ratio=token_kept_ratio)
+    return [dataset[i] for i in range(n)], collator
+
+
+@pytest.fixture(scope="module")
+def batches(tiny_model_dir, test_set, audio_dir):
+    """Two batches of the same items in other compositions (media_ids set by a caching collator)."""
+    items, collator = _items_and_collator(tiny_model_dir, test_set, audio_dir, 4)
     return collator(items), collator([items[2], items[0], items[3]])
 
 
@@ -105,17 +111,7 @@ def test_trainable_or_dropping_towers_are_not_cached(tiny_model_dir, batches):
 def test_kept_encoder_outputs_under_token_merging(tiny_model_dir, test_set, audio_dir):
     """Token merging reads the kept tower outputs and the kept positions of the full (unmerged) rows: the same loss
     and LoRA gradients as running the towers, at r = 0.5."""
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
-    config = MediaConfig(frames_dir=str(test_set / "frames"), audio_dir=str(audio_dir), frame_size=56,
-                         question_modality="text+audio")
-    samples, problems = load_samples(test_set / "in_002-001.jsonl", config)
-    assert not problems
-    dataset = SurgicalVQADataset(samples[:3], config)
-    items = [dataset[i] for i in range(3)]
-    collator = VQACollator(processor, question_modality="text+audio", frame_size=56, encoding_cache_gb=1,
-                           token_kept_ratio=0.5)
+    items, collator = _items_and_collator(tiny_model_dir, test_set, audio_dir, 3, token_kept_ratio=0.5)
     first, second = collator(items), collator([items[2], items[0]])
     model = _model(tiny_model_dir, token_kept_ratio=0.5)
     cache = EncoderOutputCache(1 << 30)
