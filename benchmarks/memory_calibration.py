@@ -258,19 +258,27 @@ def check_tokens(batch: dict, tokens, batch_size: int, where: str) -> None:
                              f"{tuple(batch['input_ids'].shape)}")
 
 
-def sweep_train(name: str, model_dir: Path, regime: str, gc_on: bool, device: str, points) -> list[Point]:
+def point_batch(planner, processor, point, mode: str, label: str):
+    """(planned tokens, collated batch) of one sweep point, the batch checked against the planner's token count."""
     from surgvqa.plan_counts import sample_tokens
 
+    frames, size, modality, batch_size = point
+    args = planner.args
+    args.frames, args.frame_size, args.question_modality = frames, size, modality
+    tokens = sample_tokens(planner.processor, args, mode=mode)
+    batch = collate(processor, args, batch_size, mode)
+    check_tokens(batch, tokens, batch_size, label)
+    return tokens, batch
+
+
+def sweep_train(name: str, model_dir: Path, regime: str, gc_on: bool, device: str, points) -> list[Point]:
     planner = planner_for(model_dir, regime, gc_on, device)
     model, processor, targs, autocast_dtype = build_trainable(model_dir, regime, gc_on, device)
     optimizer = make_optimizer(model, targs)
     results = []
     for frames, size, modality, batch_size in points:
-        args = planner.args
-        args.frames, args.frame_size, args.question_modality = frames, size, modality
-        tokens = sample_tokens(planner.processor, args, mode="train")
-        batch = collate(processor, args, batch_size, "train")
-        check_tokens(batch, tokens, batch_size, f"{name} {regime} train")
+        tokens, batch = point_batch(planner, processor, (frames, size, modality, batch_size), "train",
+                                    f"{name} {regime} train")
         train_step(model, optimizer, batch, autocast_dtype, device)  # warm-up: optimizer state exists after it
         static = storage_bytes([*model_tensors(model), *optimizer_tensors(optimizer), *batch_tensors(batch)])
         with PeakMeter(device, static, first_phase="forward") as meter, PhaseMarks(model, meter):
@@ -289,17 +297,12 @@ def sweep_train(name: str, model_dir: Path, regime: str, gc_on: bool, device: st
 
 
 def sweep_generate(name: str, model_dir: Path, regime: str, device: str, points) -> list[Point]:
-    from surgvqa.plan_counts import sample_tokens
-
     planner = planner_for(model_dir, regime, False, device)
     model, processor = build_for_generation(model_dir, regime, device)
     results = []
     for frames, size, modality, batch_size in points:
-        args = planner.args
-        args.frames, args.frame_size, args.question_modality = frames, size, modality
-        tokens = sample_tokens(planner.processor, args, mode="generate")
-        batch = collate(processor, args, batch_size, "generate")
-        check_tokens(batch, tokens, batch_size, f"{name} {regime} generate")
+        tokens, batch = point_batch(planner, processor, (frames, size, modality, batch_size), "generate",
+                                    f"{name} {regime} generate")
         generate_step(model, processor.tokenizer, batch, 2, device)  # warm-up (lazy kernels, caches)
         static = storage_bytes([*model_tensors(model), *batch_tensors(batch)])
         with PeakMeter(device, static, first_phase="prefill") as meter:

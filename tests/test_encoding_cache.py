@@ -99,7 +99,8 @@ def test_bound_and_items_without_a_key(processor, test_set, audio_dir):
     assert unkeyed._encodings == {}
 
 
-def test_media_key_changes_with_what_the_item_is_made_of(tmp_path, test_set, audio_dir):
+def _samples_on_copied_frames(tmp_path, test_set, audio_dir):
+    """(config, samples) over a copy of the test frames, so a test may rewrite one."""
     import shutil
 
     frames = tmp_path / "frames"
@@ -107,6 +108,11 @@ def test_media_key_changes_with_what_the_item_is_made_of(tmp_path, test_set, aud
     config = MediaConfig(frames_dir=str(frames), audio_dir=str(audio_dir), frame_size=FRAME,
                          question_modality="text+audio")
     samples, _ = load_samples(test_set / "in_002-001.jsonl", config)
+    return config, samples
+
+
+def test_media_key_changes_with_what_the_item_is_made_of(tmp_path, test_set, audio_dir):
+    config, samples = _samples_on_copied_frames(tmp_path, test_set, audio_dir)
     dataset = SurgicalVQADataset(samples[:2], config)
     key = dataset[0]["media_key"]
     assert key == dataset[0]["media_key"] and key != dataset[1]["media_key"]
@@ -127,13 +133,7 @@ def test_media_key_changes_with_what_the_item_is_made_of(tmp_path, test_set, aud
 def test_items_come_without_media_once_kept_and_mixed_batches(processor, test_set, audio_dir, tmp_path):
     """A dataset asking the collator (has_encoding) skips the media of kept items; the collator builds a batch of
     kept and new items as the processor would; a rewritten file changes the key, so it is decoded again."""
-    import shutil
-
-    frames = tmp_path / "frames"
-    shutil.copytree(test_set / "frames", frames)
-    config = MediaConfig(frames_dir=str(frames), audio_dir=str(audio_dir), frame_size=FRAME,
-                         question_modality="text+audio")
-    samples, _ = load_samples(test_set / "in_002-001.jsonl", config)
+    config, samples = _samples_on_copied_frames(tmp_path, test_set, audio_dir)
     plain_data = SurgicalVQADataset(samples[:6], config)
     collator = VQACollator(processor, question_modality="text+audio", frame_size=FRAME, encoding_cache_gb=1)
     dataset = SurgicalVQADataset(samples[:6], config, has_encoding=collator.has_encoding)
