@@ -1,10 +1,15 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
+# Installs are reproducible: .venv gets exactly the versions in constraints.txt (what the suite last passed with).
+# `make test-latest` runs the suite against the newest versions pyproject.toml's ranges allow (in .venv-latest);
+# `make lock` runs it, then writes those versions to constraints.txt. Upgrading is a deliberate, tested change.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := constraints.txt
+LATEST ?= .venv-latest
 
-.PHONY: venv system-deps demo test test-all lint bench memory-doc clean
+.PHONY: venv system-deps demo test test-all test-latest lock lint bench memory-doc clean
 
 system-deps:
 	@command -v espeak-ng >/dev/null 2>&1 || { \
@@ -16,10 +21,10 @@ system-deps:
 	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null || \
 	  echo "WARNING: could not install chromium; the browser test of the HTML report will be skipped"; }
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c $(LOCK) -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -32,6 +37,20 @@ test: venv system-deps
 
 test-all: venv system-deps
 	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+# a fresh venv with the newest versions the ranges allow (no constraints), then the default suite
+test-latest: system-deps
+	rm -rf $(LATEST)
+	$(PY) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q --upgrade pip
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+	$(LATEST)/bin/pip list --format=freeze | grep -i -E '^(torch|transformers|peft|accelerate|bitsandbytes)=='
+	$(LATEST)/bin/python -m pytest -q
+
+# the versions test-latest just passed with become the lock
+lock: test-latest
+	{ echo "# The exact versions the test suite passed with (make lock; make venv installs these)."; \
+	  $(LATEST)/bin/pip freeze --exclude-editable; } > $(LOCK)
 
 lint: venv
 	$(BIN)/ruff check .
@@ -46,4 +65,4 @@ memory-doc: venv
 	$(BIN)/python scripts/make_memory_doc.py --processor $(QWEN_VOCAB)
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache $(LATEST)

@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from surgvqa.backbones.base import kept_video_tokens, vision_grid
+from surgvqa.backbones.base import kept_video_tokens, num_audio_tokens, vision_grid
 from surgvqa.backbones.token_merging import merge_placeholders
 from surgvqa.media import MediaConfig, PixelBudget
 from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, build_messages, check_question_modality
 from surgvqa.run_config import DEFAULT_FPS, FRAMES_AS
+from surgvqa.samples import Sample
 from surgvqa.tokenizer import end_of_turn_token
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,8 @@ class VQACollator:
     _answers: dict = field(default_factory=dict, repr=False)
     _encodings: dict = field(default_factory=dict, repr=False)
     _encoding_bytes: int = field(default=0, repr=False)
+    #: the length pre-flight's vision token counts per frame shape (see _vision_tokens)
+    _vision_counts: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in ("train", "generate"):
@@ -351,41 +354,70 @@ class VQACollator:
 
     # -- length pre-flight ---------------------------------------------------------------------------------
     def token_counts(self, question: str, answer: str, frame_hw: tuple[int, int], num_frames: int,
-                     audio_samples: int | None) -> dict[str, int]:
+                     audio_samples: int | None, frame_times: list[float] | None = None) -> dict[str, int]:
         """Tokens a sample will take, split by kind (``video``, ``image``, ``audio``, ``text``, ``answer`` -- the
         labelled answer tokens, part of ``text`` in training -- and ``total``), from frame size and audio length
-        alone (no decoding): the processor's own ``_get_num_multimodal_tokens`` arithmetic."""
-        if self.frames_as == "video":
-            num_frames += -num_frames % self.temporal_patch_size
-        text = self.prompt_text(question, num_frames)
-        ids = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-        h, w = frame_hw
-        kwargs: dict[str, Any] = {}
-        if self.frames_as == "video":
-            kwargs["video_sizes"] = [(num_frames, h, w)]
-            # the frame rate the batch is built with: Qwen3-VL writes one timestamp per frame pair into the prompt
-            kwargs["videos_kwargs"] = {**self.pixel_kwargs(), "fps": self.fps}
-        else:
-            kwargs["image_sizes"] = [(h, w)] * num_frames
-            kwargs["images_kwargs"] = self.pixel_kwargs()
+        alone (no decoding).
+
+        The vision part is what the processor itself makes of stand-in frames of that shape and clock (cached per
+        shape): placeholders and whatever text it writes around them (Qwen3-VL's frame timestamps), never re-derived
+        from its formatting. Audio tokens are the count the processor exposes (:func:`num_audio_tokens`)."""
+        prompt = len(self.processor.tokenizer(self.prompt_text(question, num_frames),
+                                              add_special_tokens=False)["input_ids"])
+        vision = self._vision_tokens(tuple(frame_hw), num_frames, tuple(frame_times) if frame_times else None)
+        video = kept_video_tokens(vision["video"], self.token_kept_ratio) if vision["video"] else 0
         with_audio = audio_samples is not None and "audio" in self.question_modality
-        if with_audio:
-            kwargs["audio_lengths"] = [audio_samples]
-        counts = self.processor._get_num_multimodal_tokens(**kwargs)
-        video = sum(kept_video_tokens(n, self.token_kept_ratio)  # token merging: what enters the LLM
-                    for n in getattr(counts, "num_video_tokens", None) or [])
-        image = sum(getattr(counts, "num_image_tokens", None) or [])
-        audio = sum(getattr(counts, "num_audio_tokens", None) or [])
-        placeholders = (num_frames if self.frames_as == "images" else 1) + (1 if with_audio else 0)
+        audio = num_audio_tokens(self.processor, audio_samples) if with_audio else 0
         answer_tokens = len(self.answer_ids(answer)) if self.mode == "train" else 0
-        text_tokens = len(ids) - placeholders + answer_tokens
-        return {"video": video, "image": image, "audio": audio, "text": text_tokens, "answer": answer_tokens,
-                "total": video + image + audio + text_tokens}
+        # the audio placeholder of the prompt becomes `audio` tokens; the vision placeholders became vision["added"]
+        total = prompt + vision["added"] - (vision["video"] - video) + (audio - 1 if with_audio else 0) + answer_tokens
+        return {"video": video, "image": vision["image"], "audio": audio,
+                "text": total - video - vision["image"] - audio, "answer": answer_tokens, "total": total}
+
+    def _vision_tokens(self, frame_hw: tuple[int, int], num_frames: int,
+                       frame_times: tuple[float, ...] | None) -> dict[str, int]:
+        """Video/image placeholder tokens and all tokens the processor adds to a prompt for ``num_frames`` frames
+        of ``frame_hw`` at this collator's clock: one processor call on zero frames, cached per shape."""
+        key = (frame_hw, num_frames, frame_times)
+        if key in self._vision_counts:
+            return self._vision_counts[key]
+        h, w = frame_hw
+        if num_frames * h * w * 3 > _STAND_IN_BYTES:
+            raise ValueError(f"{num_frames} frames of {w}x{h} px are more than {_STAND_IN_BYTES >> 30} GiB of "
+                             "pixels per clip: no model takes that many tokens; lower the number of frames")
+        stand_in = VQACollator(self.processor, question_modality="text", frame_size=self.frame_size,
+                               frames_as=self.frames_as, mode="generate", system_prompt=self.system_prompt,
+                               fps=self.fps, video_fps=self.video_fps, max_pixels=self.max_pixels,
+                               min_pixels=self.min_pixels)
+        frame = np.zeros((h, w, 3), dtype=np.uint8)
+        sample = Sample(video_id="stand-in", id="stand-in", question="?", answer="")
+        item: dict[str, Any] = {"sample": sample, "frames": [frame] * num_frames}
+        if frame_times:
+            item["frame_times"] = list(frame_times)
+        rows, _ = stand_in._encode([item])
+        text = stand_in.prompt_text(sample.question, num_frames)
+        bare = len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        row = torch.tensor(rows[0])
+        counts = {kind: int((row == token).sum()) if token is not None else 0
+                  for kind, token in (("video", _token_id(self.processor, "video_token")),
+                                      ("image", _token_id(self.processor, "image_token")))}
+        counts["added"] = len(rows[0]) - bare
+        return _remember(self._vision_counts, key, counts, limit=1024)
 
     def sequence_length(self, question: str, answer: str, frame_hw: tuple[int, int], num_frames: int,
-                        audio_samples: int | None) -> int:
+                        audio_samples: int | None, frame_times: list[float] | None = None) -> int:
         """Tokens a sample will take, from frame size and audio length alone (no decoding)."""
-        return self.token_counts(question, answer, frame_hw, num_frames, audio_samples)["total"]
+        return self.token_counts(question, answer, frame_hw, num_frames, audio_samples, frame_times)["total"]
+
+
+#: the largest stand-in clip the length pre-flight builds (a bound on absurd frame counts, not a model limit)
+_STAND_IN_BYTES = 1 << 30
+
+
+def _token_id(processor, name: str) -> int | None:
+    """The id of the processor's ``video_token`` / ``image_token`` placeholder, None when it has none."""
+    token = getattr(processor, name, None)
+    return None if token is None else processor.tokenizer.convert_tokens_to_ids(token)
 
 
 def media_id(media_key: tuple) -> int:

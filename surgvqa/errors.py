@@ -3,8 +3,8 @@
 Raise :class:`UserError` (a ``ValueError``) with a message that names the flag or the file and says how to fix it.
 The command line (:func:`run_main`) prints it as one ``error: …`` line and exits 2, never with a traceback; so does
 any ``ValueError`` raised by surgvqa's own checks (set ``SURGVQA_TRACEBACK=1`` to see the traceback instead). An
-exception from a library keeps its traceback: that is a bug to report, not a flag to fix. A leaf module: it imports
-nothing from ``surgvqa``.
+exception from a library keeps its traceback: that is a bug to report, not a flag to fix. Every command starts here,
+so here it also warns about untested library versions (:mod:`surgvqa.versions`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from surgvqa.versions import warn_untested_versions
 
 #: the exit status of a command that was called wrongly (2, as argparse uses for bad arguments)
 USAGE_EXIT = 2
@@ -84,6 +86,7 @@ def run_main(body: Callable[[], object], *, logs: bool = False) -> int:
     """
     if logs:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warn_untested_versions()
     try:
         result = body()
     except ValueError as err:

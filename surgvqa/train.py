@@ -31,7 +31,7 @@ from surgvqa.audio import DEFAULT_SAMPLING_RATE, audio_duration
 from surgvqa.backbones import LoadOptions, backbone_for
 from surgvqa.backbones.base import prepare_quantized_for_training, upcast_trainable, vision_grid
 from surgvqa.backbones.encoder_cache import EncoderOutputCache
-from surgvqa.collate import OverlongSampleError, VQACollator
+from surgvqa.collate import OverlongSampleError, VQACollator, frame_times
 from surgvqa.data import DataError, MediaConfig, Problem, Sample, SurgicalVQADataset, load_samples
 from surgvqa.errors import UserError, run_main
 from surgvqa.frame_cache import open_frame_cache
@@ -106,11 +106,15 @@ def drop_overlong(samples: list[Sample], collator: VQACollator, max_frames: int 
             raw = img.size
         if raw not in size_cache:  # the collator's own budget function: the size the dataset resizes to
             size_cache[raw] = collator.frame_hw(*raw)
-        n_frames = len(subsample_indices(len(sample.frame_paths), max_frames))
+        indices = subsample_indices(len(sample.frame_paths), max_frames)
         audio_len = None
         if sample.audio_path is not None and "audio" in collator.question_modality:
             audio_len = math.ceil(audio_duration(sample.audio_path) * DEFAULT_SAMPLING_RATE)
-        length = collator.sequence_length(sample.question, sample.answer, size_cache[raw], n_frames, audio_len)
+        times = frame_times({"frames": indices, "frame_indices": indices,
+                             "frame_numbers": [sample.extra["frame_numbers"][i] for i in indices]
+                             if sample.extra.get("frame_numbers") else None}, collator.fps, collator.video_fps)
+        length = collator.sequence_length(sample.question, sample.answer, size_cache[raw], len(indices), audio_len,
+                                          times)
         (overlong if length > max_length else kept).append(sample)
     if overlong:
         listed = ", ".join(f"{s.key}" for s in overlong[:20])

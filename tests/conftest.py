@@ -52,6 +52,42 @@ def answer_margins(model, processor, items: list[dict], frame_size: int, questio
     return margins
 
 
+#: torch's CPU kernel paths (ATEN_CPU_CAPABILITY), lowest first; a CPU runs its own and every lower one
+CPU_KERNEL_PATHS = ("default", "avx2", "avx512")
+
+
+def cpu_kernel_path() -> str:
+    """The highest kernel path this CPU supports, as torch picks it with no ATEN_CPU_CAPABILITY set (asked in a
+    child process: a variable set in this one would answer for itself)."""
+    import functools
+    import subprocess
+
+    @functools.cache
+    def ask() -> str:
+        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+        code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        return out.stdout.strip().splitlines()[-1]
+
+    return kernel_path_of(ask())
+
+
+def kernel_path_of(capability: str) -> str:
+    """``torch.backends.cpu.get_cpu_capability()``'s answer (``AVX512``, ``AVX2``, ``DEFAULT``, or another
+    architecture's name) as a kernel path of :data:`CPU_KERNEL_PATHS`."""
+    name = capability.lower()
+    return name if name in CPU_KERNEL_PATHS else "default"
+
+
+def require_kernel_path(path: str, cpu_path: str | None = None) -> None:
+    """Skip, saying why, a test that forces ``ATEN_CPU_CAPABILITY=path`` on a CPU without that path: torch would
+    run the path's instructions anyway and die with SIGILL."""
+    cpu_path = cpu_path or cpu_kernel_path()
+    if CPU_KERNEL_PATHS.index(path) > CPU_KERNEL_PATHS.index(cpu_path):
+        pytest.skip(f"ATEN_CPU_CAPABILITY={path} needs a CPU with {path.upper()}; this CPU's highest kernel path "
+                    f"is {cpu_path} (the child would die with SIGILL)")
+
+
 #: where a test asserts that two computations of the same model (batch sizes, merged vs adapter) decode the same
 #: greedy text, the smallest top-1 / top-2 logit gap of that decoding must exceed this: the two computations differ
 #: by <= 1e-4 in the logits, so a gap above it cannot flip on any CPU, while a near tie could.

@@ -7,6 +7,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from conftest import cpu_kernel_path, kernel_path_of, require_kernel_path
 from PIL import Image
 
 from surgvqa.backbones import BACKBONES, backbone_for, get_backbone, qwen2_5_omni, qwen_vl_whisper
@@ -90,6 +91,18 @@ def test_end_of_turn_comes_from_the_chat_template(tiny_model_dir):
     assert processor.tokenizer.decode(labels) == "No.<|box_end|>"
 
 
+def test_kernel_paths_beyond_the_cpu_are_skipped_with_the_reason():
+    """A test may only force a kernel path the CPU has: on an AVX2-only CPU the avx512 path skips (saying why)
+    instead of dying with SIGILL; the lower paths run everywhere."""
+    assert kernel_path_of("AVX512") == "avx512" and kernel_path_of("DEFAULT") == "default"
+    assert kernel_path_of("ZVECTOR") == "default"  # another architecture: only the default path is known here
+    with pytest.raises(pytest.skip.Exception, match="this CPU's highest kernel path is avx2"):
+        require_kernel_path("avx512", cpu_path="avx2")
+    for path in ("default", "avx2"):
+        require_kernel_path(path, cpu_path="avx2")  # no skip
+    assert cpu_kernel_path() in ("default", "avx2", "avx512")
+
+
 @pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
 def test_half_precision_attention_runs_on_every_cpu_kernel_path(capability):
     """torch's CPU SDPA kernel for bf16 needs AVX-512 at longer sequences; runnable_attention falls back to the
@@ -97,6 +110,8 @@ def test_half_precision_attention_runs_on_every_cpu_kernel_path(capability):
     import os
     import subprocess
     import sys
+
+    require_kernel_path(capability)
 
     code = (
         "import torch, torch.nn.functional as F\n"

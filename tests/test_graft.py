@@ -358,6 +358,27 @@ def test_preflight_counts_tokens_at_the_collators_frame_rate(vl, family_grafts, 
         assert len({lengths[fps, "train"] for fps in (1.0, 2.0, 4.0)}) == 1
 
 
+def test_preflight_counts_qwen3_vl_timestamps_at_the_clips_own_clock(family_grafts, test_set):
+    """With --video_fps, a clip's clock comes from its frame_numbers: Qwen3-VL's timestamps (written by its
+    processor) then run to 70 s instead of 3.5 s, and the pre-flight, given the kept frames' times, counts them
+    as the processor writes them."""
+    from surgvqa.collate import VQACollator, frame_times
+    from surgvqa.data import MediaConfig, load_samples
+
+    processor = get_backbone(BACKBONE).load_processor(str(family_grafts["qwen3_vl"]))
+    media = MediaConfig(frames_dir=str(test_set / "frames"), audio_dir=str(test_set / "audio" / "in_002-001"),
+                        frame_size=56, question_modality="text")
+    sample = load_samples(test_set / "in_002-001.jsonl", media)[0][0]
+    frames = list(np.random.default_rng(0).integers(0, 256, size=(8, 56, 56, 3), dtype=np.uint8))
+    item = {"sample": sample, "frames": frames, "audio": None, "frame_numbers": [300 * i for i in range(8)]}
+    collator = VQACollator(processor, question_modality="text", frame_size=56, mode="train", video_fps=30.0)
+    collated = int(collator([item])["attention_mask"].sum())
+    times = frame_times(item, collator.fps, collator.video_fps)
+    assert times[-1] == 70.0
+    assert collator.sequence_length(sample.question, sample.answer, (56, 56), 8, None, times) == collated
+    assert collator.sequence_length(sample.question, sample.answer, (56, 56), 8, None) < collated  # "<3.0 seconds>"
+
+
 def test_preflight_frame_rate_for_omni(tiny_model_dir, test_set):
     """The same pre-flight call on Qwen2.5-Omni (the frame rate sets positions there, not the token count)."""
     from surgvqa.collate import VQACollator

@@ -216,6 +216,18 @@ def kept_video_tokens(num_tokens: int, token_kept_ratio: float = 1.0) -> int:
     return num_tokens if token_kept_ratio == 1.0 else math.ceil(token_kept_ratio * num_tokens)
 
 
+def num_audio_tokens(processor, samples: int) -> int:
+    """Audio tokens a clip of ``samples`` (16 kHz) becomes: the count the family's processor exposes
+    (``_get_num_multimodal_tokens(audio_lengths=...)``), asked here and nowhere else."""
+    counter = getattr(processor, "_get_num_multimodal_tokens", None)
+    counts = counter(audio_lengths=[samples]) if counter is not None else None
+    tokens = getattr(counts, "num_audio_tokens", None) if counts is not None else None
+    if not tokens:
+        raise ValueError(f"{type(processor).__name__} does not count audio tokens: this model family takes no "
+                         "spoken questions; use --question_modality text")
+    return int(tokens[0])
+
+
 def runnable_attention(model) -> contextlib.AbstractContextManager:
     """A context in which ``model``'s attention can run on this machine. torch's CPU SDPA kernels for bf16/fp16
     need AVX-512 (on an AVX2-only CPU, e.g. many AMD machines, they raise "pack_vnni2 is only supported when avx512

@@ -198,23 +198,12 @@ class QwenVLWhisperProcessor(ProcessorMixin):
         return BatchFeature(data, tensor_type=return_tensors)
 
     def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, audio_lengths=None, **kwargs):
-        """Tokens each placeholder expands to: the VL processor's vision counts (plus, for Qwen3-VL, the frame
-        timestamps at ``videos_kwargs["fps"]`` and the per-frame vision markers it inserts) and the audio tokens of
-        each clip."""
-        vl_processor = self.vl_processor
-        counts = vl_processor._get_num_multimodal_tokens(image_sizes=image_sizes, video_sizes=video_sizes, **kwargs)
+        """Tokens each placeholder expands to: the VL processor's vision counts and the audio tokens of each clip.
+        Text the VL processor writes around its placeholders (Qwen3-VL's frame timestamps) is not counted here: the
+        length pre-flight measures it by running the processor (``VQACollator.token_counts``)."""
+        counts = self.vl_processor._get_num_multimodal_tokens(image_sizes=image_sizes, video_sizes=video_sizes,
+                                                              **kwargs)
         data = {k: getattr(counts, k, None) for k in ("num_image_tokens", "num_video_tokens", "num_image_patches")}
-        if video_sizes is not None and hasattr(vl_processor, "_calculate_timestamps"):
-            fps = float((kwargs.get("videos_kwargs") or {}).get("fps") or 2.0)
-            patch = self.video_processor.temporal_patch_size
-            extra = []
-            for frames, _, _ in video_sizes:
-                stamps = vl_processor._calculate_timestamps(list(range(int(frames))), fps, patch)
-                # each stamp sits between special tokens: tokenized on its own, as in the prompt
-                words = [f"<{t:.1f} seconds>" for t in stamps]
-                encoded = self.tokenizer(words, add_special_tokens=False)["input_ids"]
-                extra.append(sum(len(ids) for ids in encoded) + 2 * len(stamps))
-            data["num_video_tokens"] = [n + e for n, e in zip(data["num_video_tokens"], extra, strict=True)]
         if audio_lengths is not None:
             data["num_audio_tokens"] = [self.num_audio_tokens(n) for n in audio_lengths]
         return MultiModalData(**data)
