@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -56,20 +57,20 @@ def answer_margins(model, processor, items: list[dict], frame_size: int, questio
 CPU_KERNEL_PATHS = ("default", "avx2", "avx512")
 
 
+@functools.cache
 def cpu_kernel_path() -> str:
-    """The highest kernel path this CPU supports, as torch picks it with no ATEN_CPU_CAPABILITY set (asked in a
-    child process: a variable set in this one would answer for itself)."""
-    import functools
+    """The highest kernel path this CPU supports, as torch picks it with no ATEN_CPU_CAPABILITY set: asked here,
+    or in a child process without the variable when this one has it (it would answer for itself)."""
     import subprocess
 
-    @functools.cache
-    def ask() -> str:
-        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
-        code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-        return out.stdout.strip().splitlines()[-1]
+    import torch
 
-    return kernel_path_of(ask())
+    if "ATEN_CPU_CAPABILITY" not in os.environ:
+        return kernel_path_of(torch.backends.cpu.get_cpu_capability())
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return kernel_path_of(out.stdout.strip().splitlines()[-1])
 
 
 def kernel_path_of(capability: str) -> str:
