@@ -396,10 +396,19 @@ def _directory_bytes(directory: Path) -> int:
     return sum(st.st_size for path, st in _entries(directory.parent) if not path.name.endswith(".tmp"))
 
 
-def check_frame_cache_settings(mode: str, max_gb: float | None = None) -> None:
-    """Refuse an unknown mode or a negative bound (before anything is loaded)."""
+def check_frame_cache_settings(mode: str | None, max_gb: float | None = None,
+                               directory: str | os.PathLike[str] | None = None) -> None:
+    """Refuse an unknown mode, a negative bound, or a directory given to a mode that keeps none (it would be
+    ignored: the user asked for a cache there and would not get one), before anything is loaded."""
+    if mode is None:
+        return
     if mode not in FRAME_CACHE_MODES:
         raise FrameCacheError(f"--frame_cache must be one of {', '.join(FRAME_CACHE_MODES)}, got {mode!r}")
+    if directory is not None and mode != "disk":
+        raise FrameCacheError(
+            f"--frame_cache {mode} keeps no files, so --frame_cache_dir {directory} would be ignored: pass "
+            f"--frame_cache disk to cache frames there, or drop --frame_cache_dir"
+        )
     if max_gb is not None and max_gb < 0:
         raise FrameCacheError(f"--frame_cache_max_gb must be >= 0, got {max_gb}")
 
@@ -408,7 +417,7 @@ def open_frame_cache(mode: str, directory: str | os.PathLike[str] | None = None,
                      default_directory: str | os.PathLike[str] | None = None) -> FrameCache | None:
     """The cache a run asked for: ``None`` for ``none``; ``disk`` without ``directory`` uses ``default_directory``;
     ``max_gb`` None means 32 GB on disk and 4 GB in memory."""
-    check_frame_cache_settings(mode, max_gb)
+    check_frame_cache_settings(mode, max_gb, directory)
     if mode == "none":
         return None
     if max_gb is None:
