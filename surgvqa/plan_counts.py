@@ -390,7 +390,7 @@ def load_processor(args: PlanArguments, checkpoint: Path | None, backbone_name: 
         return get_backbone(name).load_processor(str(where))
     except (OSError, ValueError, KeyError) as err:  # e.g. a tokenizer without the image / audio processor
         flag = f"--processor {args.processor}" if args.processor else f"--model {args.model}"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
         raise PlanError(
             f"{flag}: {where} holds no complete processor ({first}); the plan needs the tokenizer, the image and "
             "the audio processor: pass --processor DIR with a saved processor (the checkpoint you will train, or "
