@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where a training step goes: s/step, the share spent waiting for data, peak RSS; frame cache and LM head rows.
 
-    python benchmarks/train_step.py [--quick] [--rounds R] [--threads N]
+    python benchmarks/train_step.py [--quick] [--rounds R] [--threads N] [--only content_check]
 
 Each row is one fresh process running ``surgvqa.train.train`` (the real training loop: Trainer, LoRA r16 on the
 language model, AdamW, DataLoader with 0 workers) on the tiny Qwen2.5-Omni thinker with 160 synthetic samples: 8 JPEG
@@ -12,6 +12,9 @@ side-by-side LLaMA-Factory harness's settings), so one epoch is 20 steps.
   the processor), ``--frame_cache disk --encoding_cache_gb 0``, and the defaults (``disk`` plus the collator's
   encoding cache). Epoch 1 decodes and writes every frame (and keeps every encoding); epoch 2 reads them back.
   Steps 1-2 of each epoch are left out of its mean (first-step effects).
+* the frame cache's content checks: ``--frame_cache disk --encoding_cache_gb 0`` again with the checks swapped out
+  (the key from the file's stat instead of a hash of its bytes, no checksum of the pixels): the epoch-2 ratio is what
+  proving every entry by its content costs (``--only content_check`` runs just these two rows).
 * LM head: the same data on the tiny model with the real 151,643-token Qwen vocabulary (``--vocab qwen``), full
   logits (``--loss_on_labelled_only False``) vs labelled positions only: s/step and peak RSS.
 * computed: the logits the labelled-only loss avoids for Qwen2.5-Omni-7B (vocabulary 152,064) at 8 frames x 384 px
@@ -91,9 +94,13 @@ def child(spec: dict) -> None:
 
     train_module.VQATrainer.get_batch_samples = timed_fetch
 
+    checking = [0.0]  # seconds spent in the frame cache's content checks so far
+    check_at_end: list[float] = []
+
     class Stamp(train_module.TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             ends.append(time.perf_counter())
+            check_at_end.append(checking[0])
 
     original_init = train_module.VQATrainer.__init__
 
@@ -102,6 +109,29 @@ def child(spec: dict) -> None:
         original_init(self, *args, **kwargs)
 
     train_module.VQATrainer.__init__ = init
+    from surgvqa.frame_cache import FrameCache
+
+    def timing(check):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return check(*args, **kwargs)
+            finally:
+                checking[0] += time.perf_counter() - start
+        return timed
+
+    # time the checks where they run (in the same steps)
+    FrameCache.source_digest = timing(FrameCache.source_digest)
+    FrameCache.array_digest = staticmethod(timing(FrameCache.array_digest))
+    if not spec.get("content_check", True):  # price the checks: stat-based key, no pixel checksum
+        import os
+
+        def stat_digest(self, path):
+            st = os.stat(path)
+            return f"stat:{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+        FrameCache.source_digest = stat_digest
+        FrameCache.array_digest = staticmethod(lambda data: bytes(16))
     out = Path(spec["out"])
     argv = [
         "--model_name_or_path", spec["model"], "--train_data_path", spec["jsonl"], "--frames_dir", spec["frames"],
@@ -120,7 +150,8 @@ def child(spec: dict) -> None:
     waits = fetch[1:len(ends)]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     cache = trainer.train_dataset.frame_cache
-    emit_result({"steps": steps, "waits": waits, "peak_rss_mib": peak_rss_mb(), "losses": losses,
+    checks = [b - a for a, b in zip(check_at_end, check_at_end[1:], strict=False)]
+    emit_result({"steps": steps, "waits": waits, "checks": checks, "peak_rss_mib": peak_rss_mb(), "losses": losses,
                  "cache": cache.stats() if cache is not None else None})
 
 
@@ -170,10 +201,36 @@ def logits_figure(model_dir: Path, test_set: Path) -> dict:
             "avoided_fp32": (pos - lab) * QWEN_7B_VOCAB * 4, "avoided_bf16": (pos - lab) * QWEN_7B_VOCAB * 2}
 
 
+def hash_vs_decode(tmp: Path, reps: int = 20) -> tuple[float, float, int]:
+    """(ms to hash, ms to decode + resize to 384 px) one REAL-Colon-sized JPEG (1352x1080, smooth + noise), bytes."""
+    import numpy as np
+    from PIL import Image
+
+    from surgvqa.frame_cache import content_digest
+    from surgvqa.media import load_frame
+
+    rng = np.random.default_rng(0)
+    w, h = REAL_COLON_FRAME
+    ramp = np.linspace(0, 200, w)[None, :, None] + np.linspace(0, 50, h)[:, None, None]
+    pixels = np.clip(ramp + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+    path = tmp / "real-colon-sized.jpg"
+    Image.fromarray(pixels).save(path, quality=92)
+    times = {}
+    for name, call in (("hash", lambda: content_digest(path)), ("decode", lambda: load_frame(path, 384))):
+        call()
+        start = time.perf_counter()
+        for _ in range(reps):
+            call()
+        times[name] = (time.perf_counter() - start) / reps * 1e3
+    return times["hash"], times["decode"], path.stat().st_size
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 round, fewer LM-head steps")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per row (default 1)")
+    parser.add_argument("--only", choices=["content_check"], default=None,
+                        help="content_check: only the frame cache rows with its content checks on and off")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     add_threads_arg(parser)
     args = parser.parse_args(argv)
@@ -188,14 +245,18 @@ def main(argv: list[str] | None = None) -> int:
     head_steps = 6 if args.quick else 12
     data, audio = harness_set()
     models = {"tiny": tiny_model(vocab="tiny"), "qwen": tiny_model(vocab="qwen")}
+    unchecked = "frame cache disk without content checks, encoding cache off"
     rows = [  # (name, model, frame cache, encoding cache GB, labelled-only, steps)
         ("frame cache none, encoding cache off", "tiny", "none", 0, True, 2 * epoch),
         ("frame cache disk, encoding cache off", "tiny", "disk", 0, True, 2 * epoch),
+        (unchecked, "tiny", "disk", 0, True, 2 * epoch),
         ("frame cache disk + encoding cache (defaults)", "tiny", "disk", 2, True, 2 * epoch),
         ("LM head: full logits", "qwen", "disk", 2, False, head_steps),
         ("LM head: labelled positions only", "qwen", "disk", 2, True, head_steps),
     ]
-    data_rows = [name for name, *_ in rows[:3]]
+    if args.only == "content_check":
+        rows = rows[1:3]
+    data_rows = [name for name, *_ in rows if name.startswith("frame cache")]
     results: dict[str, list[dict]] = {name: [] for name, *_ in rows}
     script = Path(__file__).resolve()
     with tempfile.TemporaryDirectory(prefix="surgvqa-train-step-") as tmp:
@@ -206,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec = {"model": str(models[model]), "jsonl": str(data / "in_template.jsonl"),
                         "frames": str(data / "frames"), "audio": str(audio), "frame_cache": cache,
                         "labelled": labelled, "steps": steps, "threads": args.threads, "encoding_cache_gb": encoding,
+                        "content_check": name != unchecked,
                         "out": str(Path(tmp) / f"round{r}-row{rows.index((name, model, cache, encoding, labelled, steps))}")}
                 results[name].append(run_child(script, ["--child", json.dumps(spec)], timeout=1800))
 
@@ -225,7 +287,23 @@ def main(argv: list[str] | None = None) -> int:
                                f"{med([res['peak_rss_mib'] for res in results[name]]):,.0f}"])
     print_table(["row (tiny vocab)", "epoch", "s/step", "waiting for data", "peak RSS MiB"], cache_rows,
                 title="data path (steps 3-20 of each epoch)")
-    disk = results[data_rows[2]][0]["cache"]
+    on = results["frame cache disk, encoding cache off"]
+    checked = med([epoch_means(res, epoch)[1][0] for res in on])
+    plain = med([epoch_means(res, epoch)[1][0] for res in results[unchecked]])
+    lo, hi = epoch + 1, 2 * epoch - 1  # epoch 2 less its first 2 steps, as in the table
+    share = med([statistics.mean(r["checks"][lo:hi]) / statistics.mean(r["steps"][lo:hi]) for r in on])
+    print(f"content checks, epoch 2 (every frame read back from the disk cache), timed inside the same steps: "
+          f"{1e3 * med([statistics.mean(r['checks'][lo:hi]) for r in on]):.2f} ms of a {1e3 * checked:.0f} ms "
+          f"step = {100 * share:.2f} %")
+    print(f"rows on / off (separate processes, one after the other: wall-clock noise included): s/step "
+          f"{checked / plain:.3f}")
+    with tempfile.TemporaryDirectory(prefix="surgvqa-hash-") as tmp:
+        hashed, decoded, size = hash_vs_decode(Path(tmp))
+    print(f"one 1352x1080 JPEG ({size / 1e3:.0f} kB): content hash {hashed:.3f} ms, decode + resize to 384 px "
+          f"{decoded:.1f} ms (the hash costs {100 * hashed / decoded:.2f} % of the decode a hit saves)")
+    if args.only == "content_check":
+        return 0
+    disk = results[data_rows[-1]][0]["cache"]
     print(f"disk cache, main process: {disk['hits']} hits, {disk['misses']} misses, {disk['bytes'] / 1e6:.1f} MB")
 
     head_rows = []

@@ -84,6 +84,12 @@ class DataArguments:
     model_max_length: int = field(default=DEFAULT_MODEL_MAX_LENGTH)
     skip_overlong: bool = field(default=False, metadata={"help": "skip (and count) samples longer than the limit"})
     skip_bad_samples: bool = field(default=False, metadata={"help": "skip (and list) samples with bad data"})
+    allow_changed_data: bool = field(
+        default=False,
+        metadata={"help": "resume a run although an input it was trained on changed (training or eval data, the "
+                          "media its samples use, the base model's weights); the change is recorded in "
+                          "surgvqa_config.json (data_changes). Without it such a resume is refused"},
+    )
     eval_generate_samples: int = field(
         default=0,
         metadata={"help": "generate on N eval samples (seeded, stratified by question type) each evaluation → "
@@ -233,7 +239,7 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
         )
     if args.eval_strategy != "no" and not data_args.eval_data_path:
         raise UserError(f"--eval_strategy {args.eval_strategy} needs --eval_data_path")
-    check_frame_cache_settings(data_args.frame_cache, data_args.frame_cache_max_gb)
+    check_frame_cache_settings(data_args.frame_cache, data_args.frame_cache_max_gb, data_args.frame_cache_dir)
     if data_args.encoding_cache_gb is not None and data_args.encoding_cache_gb < 0:
         raise UserError(f"--encoding_cache_gb must be >= 0 (0: off), got {data_args.encoding_cache_gb}")
     if model_args.dtype == "auto":

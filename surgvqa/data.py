@@ -89,8 +89,8 @@ class SurgicalVQADataset(Dataset):
 
     ``has_encoding`` (optional, e.g. :meth:`surgvqa.collate.VQACollator.has_encoding`): when it says the consumer
     already holds the encoding of an item made of frame files with this ``media_key`` (same files by path, size,
-    mtime and inode, same settings), the item comes without ``frames`` and ``audio`` (both None): decoding them again
-    would only be thrown away. Files are still stat'ed, so a file that is gone or rewritten changes the key and is
+    mtime, ctime and inode, same settings), the item comes without ``frames`` and ``audio`` (both None): decoding
+    them again would only be thrown away. Files are still stat'ed, so a file that is gone or rewritten changes the key and is
     decoded (and reported) as usual.
     """
 
@@ -129,7 +129,7 @@ class SurgicalVQADataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _frames(self, sample: Sample, timing: dict[str, Any], identities: tuple | None = None) -> list[np.ndarray]:
+    def _frames(self, sample: Sample, timing: dict[str, Any]) -> list[np.ndarray]:
         size, grid = self.media.budget, self.media.pixel_multiple
         if sample.video_path is not None:
             n = self.media.num_video_frames
@@ -147,8 +147,7 @@ class SurgicalVQADataset(Dataset):
         else:
             cache, settings = self.frame_cache, ("frame", size, grid)
             frames = [cache.get(sample.frame_paths[i], settings,
-                                lambda path=sample.frame_paths[i]: load_frame(path, size, grid),
-                                identities[k] if identities else None) for k, i in enumerate(indices)]
+                                lambda path=sample.frame_paths[i]: load_frame(path, size, grid)) for i in indices]
         shapes = {f.shape for f in frames}
         if len(shapes) > 1:
             raise MediaError(
@@ -190,7 +189,7 @@ class SurgicalVQADataset(Dataset):
             if key is not None and self.has_encoding(key):
                 return {"sample": sample, "frames": None, "audio": None, **timing, "media_key": key}
         try:
-            frames = self._frames(frame_source, timing, frame_files)
+            frames = self._frames(frame_source, timing)
             audio = self._audio(audio_source)
         except MediaError as err:
             donor = ""
@@ -229,7 +228,7 @@ class SurgicalVQADataset(Dataset):
     def _media_key(self, sample: Sample, frame_files: tuple | None, audio_file: tuple | None,
                    timing: dict[str, Any]) -> tuple | None:
         """What the item is made of, so a collator can tell whether an encoding of it is still valid: the question,
-        every media file used (path, size, mtime, inode; a donor's under a shuffle ablation), the frames' times and
+        every media file used (path, size, mtime, ctime, inode; a donor's under a shuffle ablation), the frames' times and
         the settings that turn them into pixels and samples, the ablation included. None when a file could not be
         stat'ed."""
         if frame_files is None or (self.media.needs_audio and audio_file is None):

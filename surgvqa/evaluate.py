@@ -17,6 +17,7 @@ partial (or complete) file only when its meta record matches this run, field by 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ from surgvqa.data import (
     load_samples,
 )
 from surgvqa.errors import existing_dir, existing_file, one_line_errors, run_main, writable_file
-from surgvqa.frame_cache import eval_frame_cache
+from surgvqa.frame_cache import check_frame_cache_settings, eval_frame_cache
 from surgvqa.generate import generate_predictions
 from surgvqa.lean_imports import checkpoint_needs_bitsandbytes, skip_bitsandbytes
 from surgvqa.media import ABLATION_REMOVES
@@ -77,7 +78,13 @@ class EvalArguments:
     audio_dir: str | None = field(default=None)
     output_file: str | None = field(
         default=None,
-        metadata={"help": "predictions JSONL (summary beside it); with --score_predictions: the summary JSON"},
+        metadata={"help": "predictions JSONL (summary beside it: PRED.summary.json). With --score_predictions "
+                          "use --summary_file (--output_file still names the summary there, with a warning)"},
+    )
+    summary_file: str | None = field(
+        default=None,
+        metadata={"help": "with --score_predictions: where the re-scored summary JSON goes (default: "
+                          "PRED.rescored.summary.json beside the predictions file)"},
     )
     overwrite: bool = field(default=False, metadata={"help": "replace an existing --output_file (at the end)"})
     base_model_path: str | None = field(default=None, metadata={"help": "override the adapter's recorded base"})
@@ -241,11 +248,20 @@ def check_paths(args: EvalArguments) -> None:
     """Every path flag, before anything is read or written."""
     if args.score_predictions:
         existing_file(args.score_predictions, "--score_predictions")
+        if args.output_file and args.summary_file:
+            raise ValueError("--output_file and --summary_file both name the re-scored summary: pass --summary_file "
+                             "only")
         if args.output_file:
             writable_file(args.output_file, "--output_file")
+        if args.summary_file:
+            writable_file(args.summary_file, "--summary_file")
         if args.compare:
             existing_file(args.compare, "--compare")
         return
+    if args.summary_file:
+        raise ValueError(f"--summary_file names the summary of --score_predictions; a model run writes its summary "
+                         f"beside --output_file (PRED.summary.json): drop --summary_file {args.summary_file}")
+    check_frame_cache_settings(args.frame_cache, args.frame_cache_max_gb, args.frame_cache_dir)
     for name in ("checkpoint_path", "eval_data_path", "output_file"):
         if not getattr(args, name):
             raise ValueError(f"--{name} is required (or use --score_predictions FILE)")
@@ -259,11 +275,12 @@ def check_paths(args: EvalArguments) -> None:
         existing_file(args.compare, "--compare")
 
 
-def check_outputs(args: EvalArguments, output: Path, inputs: list[str | None]) -> None:
-    """Refuse an output that is a directory or that would overwrite one of this run's inputs."""
+def check_outputs(args: EvalArguments, output: Path, inputs: list[str | None], flag: str = "--output_file") -> None:
+    """Refuse an output that is a directory or that would overwrite one of this run's inputs; an HTML report that
+    cannot be written there."""
     if output.is_dir():
-        raise ValueError(f"--output_file {output} is a directory; pass a file name, e.g. {output / 'preds.jsonl'}")
-    written = {output.resolve(): "--output_file"}
+        raise ValueError(f"{flag} {output} is a directory; pass a file name, e.g. {output / 'preds.jsonl'}")
+    written = {output.resolve(): flag}
     if not args.score_predictions:
         written[summary_path_for(output).resolve()] = "the summary"
         written[partial_path_for(output).resolve()] = "the partial file"
@@ -278,6 +295,10 @@ def check_outputs(args: EvalArguments, output: Path, inputs: list[str | None]) -
             raise ValueError(
                 f"{written[path]} would overwrite the input {value}; choose another --output_file / --plot / --report"
             )
+    if args.report:  # before any evaluation, naming this command's flag
+        if Path(args.report).resolve() == output.resolve():
+            raise ValueError(f"--report {args.report} is {flag} too; choose another file name for the report")
+        _html_report().check_output(Path(args.report), [Path(v) for v in inputs if v], flag="--report")
 
 
 def _complete_lines(path: Path) -> list[str]:
@@ -469,24 +490,29 @@ def _finish(records: list[dict], meta: dict | None, predictions: Path, summary_f
     return summary
 
 
-def write_report(predictions: Path, args: EvalArguments, meta: dict | None) -> Path:
-    """The HTML report of a predictions file (``surgvqa.html_report``, imported only when asked for)."""
+def _html_report():
+    """``surgvqa.html_report``, imported only when a report is asked for."""
     try:
-        from surgvqa.html_report import build_report
+        html_report = importlib.import_module("surgvqa.html_report")
     except ImportError as err:
         raise ValueError(
             f"--report needs surgvqa.html_report, which cannot be imported here ({err}); update surgvqa, or drop "
             "--report and build the report later from the predictions file"
         ) from None
+    return html_report
+
+
+def write_report(predictions: Path, args: EvalArguments, meta: dict | None) -> Path:
+    """The HTML report of a predictions file."""
     compare = [predictions_path_for(args.compare)] if args.compare else []
-    return build_report(predictions, args.report, compare=compare,
-                        frames_dir=args.frames_dir or (meta or {}).get("frames_dir"),
-                        audio_dir=args.audio_dir or (meta or {}).get("audio_dir"))
+    return _html_report().build_report(predictions, args.report, compare=compare,
+                                       frames_dir=args.frames_dir or (meta or {}).get("frames_dir"),
+                                       audio_dir=args.audio_dir or (meta or {}).get("audio_dir"))
 
 
 # The flags re-scoring uses; any other flag set away from its default needs a model run and is refused.
-_RESCORE_FLAGS = {"score_predictions", "output_file", "overwrite", "compare", "baseline", "plot", "report",
-                  "frames_dir", "audio_dir"}
+_RESCORE_FLAGS = {"score_predictions", "output_file", "summary_file", "overwrite", "compare", "baseline", "plot",
+                  "report", "frames_dir", "audio_dir"}
 
 
 def rescore(args: EvalArguments) -> dict[str, Any]:
@@ -505,11 +531,16 @@ def rescore(args: EvalArguments) -> dict[str, Any]:
     source = Path(args.score_predictions)
     if args.baseline:
         parse_baseline(args.baseline)
-    target = Path(args.output_file) if args.output_file else rescored_summary_path_for(source)
+    given = args.summary_file or args.output_file
+    flag = "--summary_file" if args.summary_file else "--output_file"
+    if args.output_file:
+        logger.warning("--output_file with --score_predictions names the re-scored summary JSON, not a predictions "
+                       "file: %s; --summary_file says so (the same effect)", args.output_file)
+    target = Path(given) if given else rescored_summary_path_for(source)
     check_outputs(args, target, [str(source), args.compare,
-                                 str(predictions_path_for(args.compare)) if args.compare else None])
-    if args.output_file and target.exists() and not args.overwrite:
-        raise ValueError(f"--output_file {target} exists; pass --overwrite True to replace it, or choose another file")
+                                 str(predictions_path_for(args.compare)) if args.compare else None], flag)
+    if given and target.exists() and not args.overwrite:
+        raise ValueError(f"{flag} {target} exists; pass --overwrite True to replace it, or choose another file")
     meta = read_predictions_meta(source)
     if meta is None:
         logger.warning("%s has no %s line: the closed answer sets are gathered from its own gold answers, which "

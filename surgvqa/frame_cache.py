@@ -11,15 +11,19 @@ A clip's frames are decoded again for every question asked about it and again ev
   for one pass over a set where clips repeat, e.g. evaluation.
 * ``none``: decode every time.
 
-Never stale: the key hashes the file's resolved path, size, mtime (ns) and inode, the caller's settings (pixel budget,
-vision grid), a hash of ``surgvqa/media.py`` (the decode and resize code) and the versions of the decoding and
-resizing libraries (:func:`decoder_fingerprint`), so a changed file, setting or decoder misses. Bounded: entries are added until ``max_bytes`` is reached,
+Never stale: the key hashes the bytes of the frame file (:func:`content_digest`: xxHash3-128, or BLAKE2b where
+the ``xxhash`` package is missing; never its path, size or times, which a rewrite that keeps them, e.g. ``rsync -t``
+or ``cp -p``, would leave unchanged), the caller's settings (pixel budget, vision grid), a hash of ``surgvqa/media.py``
+(the decode and resize code) and the versions of the decoding and resizing libraries (:func:`decoder_fingerprint`),
+so a changed file, setting or decoder misses, and a file moved or copied elsewhere hits. Hashing a JPEG costs
+microseconds; decoding it milliseconds (``benchmarks/train_step.py`` measures the whole check). Never damaged: every
+disk entry ends with a checksum of its pixels, verified on every read; an entry that fails it (or is cut short) is
+decoded again, rewritten, and reported once per process. Bounded: entries are added until ``max_bytes`` is reached,
 after which frames are decoded without caching (a training loop reads every frame every epoch, so keeping a fixed
 subset beats evicting, which would miss on every read once the set is larger than the bound); a disk cache over its
 bound when it is opened is pruned, least recently written first. Safe under concurrent writers: an entry is written
 to a temporary file in its own directory and renamed into place with ``os.replace``, so readers see a whole file or
-none; two writers of one entry write the same bytes and the last rename wins. A cache entry that cannot be read is
-decoded again and rewritten, never returned.
+none; two writers of one entry write the same bytes and the last rename wins.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ DEFAULT_MAX_GB = 32.0
 #: the default bound of a memory cache (per process: every DataLoader worker holds its own).
 DEFAULT_MEMORY_MAX_GB = 4.0
 #: bumped when the on-disk layout changes; old entries then live in a directory nobody reads (pruned by size).
-FORMAT_VERSION = 1
+#: 2: content-addressed keys, a checksum of the pixels after the array
+FORMAT_VERSION = 2
 _NPY_MAGIC = b"\x93NUMPY\x01\x00"
 _HEADER_RE = re.compile(rb"^\{'descr': '\|u1', 'fortran_order': False, 'shape': \(([0-9, ]*)\), \}\s*\n$")
 
@@ -74,11 +79,35 @@ def decoder_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def file_identity(path: str | os.PathLike[str]) -> tuple[str, int, int, int]:
-    """(absolute path, size, mtime in ns, inode): changes whenever the file is rewritten or replaced."""
+try:  # a dependency of ``datasets``; ~50x faster than BLAKE2b
+    import xxhash
+
+    HASH_NAME = "xxh3_128"
+
+    def _hash(data) -> bytes:
+        return xxhash.xxh3_128_digest(data)
+except ImportError:  # pragma: no cover - datasets installs it
+    HASH_NAME = "blake2b-128"
+
+    def _hash(data) -> bytes:
+        return hashlib.blake2b(data, digest_size=16).digest()
+
+#: bytes of the checksum that ends every disk entry
+CHECKSUM_BYTES = 16
+
+
+def content_digest(path: str | os.PathLike[str]) -> str:
+    """Hex hash (:data:`HASH_NAME`) of the file's bytes; raises OSError when it cannot be read."""
+    with open(path, "rb") as fh:
+        return _hash(fh.read()).hex()
+
+
+def file_identity(path: str | os.PathLike[str]) -> tuple[str, int, int, int, int]:
+    """(absolute path, size, mtime ns, ctime ns, inode): changes whenever the file is rewritten or replaced, even
+    when its mtime is set back (that sets the ctime). In-process keys only; the disk cache keys on the content."""
     absolute = os.path.abspath(os.fspath(path))
     st = os.stat(absolute)
-    return absolute, st.st_size, st.st_mtime_ns, st.st_ino
+    return absolute, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
 class FrameCache:
@@ -87,6 +116,7 @@ class FrameCache:
     ``settings`` is anything hashable with a stable ``repr`` that, with the file, determines the pixels (e.g.
     ``("frame", 384)``). ``decode`` is called on a miss; it must return a uint8 array and raise for a bad file
     (nothing is cached then). Pickles for DataLoader workers (the memory dict is copied, the disk directory shared).
+    :meth:`source_digest` and :meth:`array_digest` are the content checks (the benchmark swaps them to price them).
     """
 
     def __init__(self, mode: str = "disk", directory: str | os.PathLike[str] | None = None,
@@ -103,8 +133,9 @@ class FrameCache:
         self._bytes = 0  # memory: bytes held; disk: bytes in the directory when last counted + written since
         self._written_since_count = 0
         self._full = False
+        self._damage_reported = False
         self._lock = threading.Lock()
-        self.hits = self.misses = self.uncached = 0
+        self.hits = self.misses = self.uncached = self.damaged = 0
         if mode == "disk":
             self.directory = Path(directory).expanduser().resolve() / f"v{FORMAT_VERSION}"
             self._dir_str = str(self.directory)
@@ -129,13 +160,11 @@ class FrameCache:
         self._lock = threading.Lock()
 
     # -- the one call ------------------------------------------------------------------------------------
-    def get(self, path: str | os.PathLike[str], settings: Hashable, decode: Callable[[], np.ndarray],
-            identity: tuple[str, int, int, int] | None = None) -> np.ndarray:
-        """``identity``: :func:`file_identity` of ``path`` when the caller has just taken it (saves a stat)."""
+    def get(self, path: str | os.PathLike[str], settings: Hashable, decode: Callable[[], np.ndarray]) -> np.ndarray:
         if self.mode == "none":
             return decode()
         try:
-            key = self.key(path, settings, identity)
+            key = self.key(path, settings)
         except OSError:  # missing or unreadable: the decoder raises the error that names the file
             return decode()
         if self.mode == "memory":
@@ -153,22 +182,30 @@ class FrameCache:
                     self._note_full()
             return array
         entry = self.entry_path(key)
-        cached = _read_entry(entry)
-        if cached is not None:
+        cached = self._read(entry)
+        if isinstance(cached, np.ndarray):
             self.hits += 1
             return cached
+        if cached is _DAMAGED:
+            self._note_damaged(entry, path)
         array = self._checked(decode(), path)
         self.misses += 1
         self._write(entry, array)
         return array
 
-    def key(self, path: str | os.PathLike[str], settings: Hashable,
-            identity: tuple[str, int, int, int] | None = None) -> str:
-        """Hex digest of (resolved path, size, mtime ns, inode, settings, decoder fingerprint); stats the file unless
-        its ``identity`` is given."""
-        absolute, size, mtime_ns, inode = identity or file_identity(path)
-        material = f"{absolute}\0{size}\0{mtime_ns}\0{inode}\0{settings!r}\0{self.fingerprint}"
+    def key(self, path: str | os.PathLike[str], settings: Hashable) -> str:
+        """Hex digest of (the file's content hash, settings, decoder fingerprint); reads the file."""
+        material = f"{self.source_digest(path)}\0{settings!r}\0{self.fingerprint}"
         return hashlib.sha256(material.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+    def source_digest(self, path: str | os.PathLike[str]) -> str:
+        """What identifies the frame file: the hash of its bytes, named by its algorithm."""
+        return f"{HASH_NAME}:{content_digest(path)}"
+
+    @staticmethod
+    def array_digest(data) -> bytes:
+        """The checksum a disk entry stores after its pixels (:data:`CHECKSUM_BYTES` bytes)."""
+        return _hash(data)
 
     def entry_path(self, key: str) -> str:
         return os.path.join(self._dir_str, key[:2], key + ".npy")
@@ -176,7 +213,7 @@ class FrameCache:
     def stats(self) -> dict[str, int | str | float]:
         """Counts of this process (each DataLoader worker counts its own)."""
         return {"mode": self.mode, "hits": self.hits, "misses": self.misses, "uncached": self.uncached,
-                "bytes": self._bytes, "max_bytes": self.max_bytes}
+                "damaged": self.damaged, "bytes": self._bytes, "max_bytes": self.max_bytes}
 
     # -- internals ---------------------------------------------------------------------------------------
     @staticmethod
@@ -185,6 +222,29 @@ class FrameCache:
             raise TypeError(f"frame decoder returned {type(array).__name__} "
                             f"{getattr(array, 'dtype', '')} for {path}; the cache holds uint8 arrays only")
         return array
+
+    def _read(self, entry: str) -> np.ndarray | object | None:
+        """The entry's pixels when whole and matching their checksum; :data:`_DAMAGED` when the file exists but is
+        not; None when there is no entry."""
+        found = _read_entry(entry)
+        if found is None or found is _DAMAGED:
+            return found
+        mapped, offset, shape, count = found
+        if len(mapped) != offset + count + CHECKSUM_BYTES:
+            return _DAMAGED
+        with memoryview(mapped) as view:
+            ok = self.array_digest(view[offset:offset + count]) == mapped[offset + count:]
+        if not ok:
+            return _DAMAGED
+        return np.frombuffer(mapped, dtype=np.uint8, count=count, offset=offset).reshape(shape)
+
+    def _note_damaged(self, entry: str, path) -> None:
+        self.damaged += 1
+        if not self._damage_reported:
+            self._damage_reported = True
+            logger.warning("frame cache entry %s (of %s) is damaged: it fails its checksum or is cut short; decoding "
+                           "the frame again and rewriting the entry (further damaged entries are counted in the "
+                           "cache's stats, not reported)", entry, path)
 
     def _recount(self) -> None:
         self._bytes = _directory_bytes(self.directory)
@@ -200,7 +260,7 @@ class FrameCache:
         self.uncached += 1
 
     def _write(self, entry: str, array: np.ndarray) -> None:
-        size = array.nbytes + 128
+        size = array.nbytes + 128 + CHECKSUM_BYTES
         with self._lock:
             # other processes (workers, ranks) write to the same directory: recount after every 1/16 of the bound
             # written here, and once more before declaring the cache full
@@ -219,7 +279,9 @@ class FrameCache:
             fd, tmp = tempfile.mkstemp(prefix=f".{name[:8]}-", suffix=".tmp", dir=shard)
             try:
                 with os.fdopen(fd, "wb") as fh:
-                    np.lib.format.write_array(fh, np.ascontiguousarray(array), allow_pickle=False)
+                    contiguous = np.ascontiguousarray(array)
+                    np.lib.format.write_array(fh, contiguous, allow_pickle=False)
+                    fh.write(self.array_digest(contiguous.reshape(-1)))
                 os.replace(tmp, entry)
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -278,8 +340,13 @@ def _parse_header(header: bytes) -> tuple[tuple[int, ...], int] | None:
     return _HEADERS[header]
 
 
-def _read_entry(entry: str) -> np.ndarray | None:
-    """The entry's array, memory-mapped copy-on-write; None when it is missing or not a whole uint8 .npy file."""
+#: an entry file that exists but cannot be used (cut short, not ours, failing its checksum)
+_DAMAGED = object()
+
+
+def _read_entry(entry: str) -> tuple[mmap.mmap, int, tuple[int, ...], int] | object | None:
+    """(the file memory-mapped copy-on-write, offset, shape and size of its uint8 pixels); None when there is no
+    file, :data:`_DAMAGED` when it does not start as a uint8 .npy file with all its pixels."""
     try:
         fd = os.open(entry, os.O_RDONLY)
     except OSError:
@@ -287,16 +354,16 @@ def _read_entry(entry: str) -> np.ndarray | None:
     try:
         mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
     except (OSError, ValueError):  # an empty file cannot be mapped
-        return None
+        return _DAMAGED
     finally:
         os.close(fd)
     if mapped[:8] != _NPY_MAGIC:
-        return None
+        return _DAMAGED
     header_len = int.from_bytes(mapped[8:10], "little")
     parsed = _parse_header(mapped[10:10 + header_len])
-    if parsed is None or len(mapped) != 10 + header_len + parsed[1]:
-        return None
-    return np.frombuffer(mapped, dtype=np.uint8, count=parsed[1], offset=10 + header_len).reshape(parsed[0])
+    if parsed is None or len(mapped) < 10 + header_len + parsed[1]:
+        return _DAMAGED
+    return mapped, 10 + header_len, parsed[0], parsed[1]
 
 
 _VERSION_DIR = re.compile(r"^v\d+$")
@@ -329,10 +396,19 @@ def _directory_bytes(directory: Path) -> int:
     return sum(st.st_size for path, st in _entries(directory.parent) if not path.name.endswith(".tmp"))
 
 
-def check_frame_cache_settings(mode: str, max_gb: float | None = None) -> None:
-    """Refuse an unknown mode or a negative bound (before anything is loaded)."""
+def check_frame_cache_settings(mode: str | None, max_gb: float | None = None,
+                               directory: str | os.PathLike[str] | None = None) -> None:
+    """Refuse an unknown mode, a negative bound, or a directory given to a mode that keeps none (it would be
+    ignored: the user asked for a cache there and would not get one), before anything is loaded."""
+    if mode is None:
+        return
     if mode not in FRAME_CACHE_MODES:
         raise FrameCacheError(f"--frame_cache must be one of {', '.join(FRAME_CACHE_MODES)}, got {mode!r}")
+    if directory is not None and mode != "disk":
+        raise FrameCacheError(
+            f"--frame_cache {mode} keeps no files, so --frame_cache_dir {directory} would be ignored: pass "
+            f"--frame_cache disk to cache frames there, or drop --frame_cache_dir"
+        )
     if max_gb is not None and max_gb < 0:
         raise FrameCacheError(f"--frame_cache_max_gb must be >= 0, got {max_gb}")
 
@@ -341,7 +417,7 @@ def open_frame_cache(mode: str, directory: str | os.PathLike[str] | None = None,
                      default_directory: str | os.PathLike[str] | None = None) -> FrameCache | None:
     """The cache a run asked for: ``None`` for ``none``; ``disk`` without ``directory`` uses ``default_directory``;
     ``max_gb`` None means 32 GB on disk and 4 GB in memory."""
-    check_frame_cache_settings(mode, max_gb)
+    check_frame_cache_settings(mode, max_gb, directory)
     if mode == "none":
         return None
     if max_gb is None:

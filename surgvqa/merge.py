@@ -250,6 +250,9 @@ def check_request(args: argparse.Namespace) -> list[Stage]:
     protected = {resolve(base), *(resolve(s.path) for s in stages)}
     if resolve(output) in protected:
         raise ValueError(f"--output_dir {output} is the base or an adapter directory: choose a new directory")
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output_dir {output} is a file, not a directory: choose a new directory (nothing was "
+                         "loaded or written)")
     if output.is_dir() and any(output.iterdir()) and not args.overwrite_output_dir:
         raise ValueError(f"--output_dir {output} is not empty: pass --overwrite_output_dir or choose a new one")
     return stages

@@ -70,6 +70,8 @@ class Plan:
     eval: dict
     calibration: dict
     budget: dict | None = None
+    #: the training sample against --model_max_length (training refuses a longer one)
+    length: dict | None = None
 
 
 class Planner:
@@ -207,10 +209,25 @@ class Planner:
         return result
 
     # -- the plan ----------------------------------------------------------------------------------------
+    def check_positions(self, train_tokens: Tokens, eval_tokens: Tokens) -> None:
+        """Refuse sizes the model cannot read at all (over its ``max_position_embeddings``): no memory plan for
+        them, only what to change."""
+        args = self.args
+        limit = getattr(self.config.get_text_config(), "max_position_embeddings", None)
+        longest = max(train_tokens.total, eval_tokens.total + args.max_new_tokens)
+        if limit and longest > limit:
+            raise PlanError(
+                f"--frames {args.frames} x --frame_size {args.frame_size} make {longest:,} tokens per sample, more "
+                f"than the {limit:,} positions the model reads (max_position_embeddings; --model_max_length "
+                f"{args.model_max_length:,}): no memory plan for that. Lower --frames or --frame_size (the plan at "
+                f"--frames 8 --budget SIZE says how many fit)"
+            )
+
     def plan(self) -> Plan:
         args = self.args
         train_tokens = sample_tokens(self.processor, args, mode="train")
         eval_tokens = sample_tokens(self.processor, args, mode="generate")
+        self.check_positions(train_tokens, eval_tokens)
         train = self.train_total(train_tokens)
         evaluation = self.eval_total(eval_tokens)
         reg = regime(args.quantization, args.dtype)
@@ -227,6 +244,8 @@ class Planner:
             tokens=asdict(train_tokens), eval_tokens=asdict(eval_tokens),
             weights=[asdict(g) for g in self.groups], trainable=self.trainable(), train=train, eval=evaluation,
             calibration=calibration, budget=self.search() if args.budget else None,
+            length={"model_max_length": args.model_max_length, "train_sequence": train_tokens.total,
+                    "train_fits": train_tokens.total <= args.model_max_length},
         )
 
 
@@ -289,6 +308,10 @@ def render(plan: Plan) -> str:
     lines.append(f"  video {t['video']:>6}   image {t['image']:>4}   audio {t['audio']:>4}   text {t['text']:>4}"
                  f"   total {t['total']:>6}   (answer {t['answer']} labelled; generation prompt "
                  f"{plan.eval_tokens['total']})")
+    if plan.length and not plan.length["train_fits"]:
+        lines.append(f"  LENGTH: a training sample is {t['total']:,} tokens, over --model_max_length "
+                     f"{a['model_max_length']:,}: training refuses it, so training does not fit (length) at any "
+                     "memory; lower --frames / --frame_size or raise --model_max_length")
     lines.append("")
     lines.append(f"{'weights (exact)':<22}{'params':>14}{'train':>14}{'eval':>14}")
     for g in plan.weights:
@@ -328,8 +351,7 @@ def render(plan: Plan) -> str:
         b = plan.budget
         lines.append("")
         lines.append(f"budget {gib(b['budget_bytes'])} (minus {gib(b['overhead_bytes'])} overhead): "
-                     f"train {'fits' if b['train_fits'] else 'does NOT fit'}, "
-                     f"eval {'fits' if b['eval_fits'] else 'does NOT fit'}")
+                     f"train {b['train_verdict']}, eval {b['eval_verdict']}")
         lines.append(f"  train: up to {b['train']['max_frames'] or 'no'} frames at {a['frame_size']} px; up to "
                      f"{b['train']['max_frame_size'] or 'no'} px at {a['frames']} frames "
                      f"(sequence <= --model_max_length {a['model_max_length']})")
@@ -343,8 +365,13 @@ def make_plan(args: PlanArguments) -> Plan:
     planner = Planner(args)
     plan = planner.plan()
     if plan.budget is not None:
-        plan.budget["train_fits"] = planner.fits(plan.train["total"])
+        memory = planner.fits(plan.train["total"])
+        length = plan.length["train_fits"]
+        plan.budget["train_fits"] = memory and length
         plan.budget["eval_fits"] = planner.fits(plan.eval["total"])
+        reasons = [name for name, ok in (("length", length), ("memory", memory)) if not ok]
+        plan.budget["train_verdict"] = f"does not fit ({', '.join(reasons)})" if reasons else "fits"
+        plan.budget["eval_verdict"] = "fits" if plan.budget["eval_fits"] else "does not fit (memory)"
     return plan
 
 

@@ -382,11 +382,20 @@ def load_processor(args: PlanArguments, checkpoint: Path | None, backbone_name: 
             "the 7B's (python scripts/make_tiny_model.py --vocab qwen --output_dir runs/tiny-omni-qwen)"
         )
     name = backbone_name if backbone_name in ("qwen2_5_omni", "qwen_vl_whisper") else None
-    if name is None:  # a bare Qwen-VL
-        from transformers import AutoProcessor
+    try:
+        if name is None:  # a bare Qwen-VL
+            from transformers import AutoProcessor
 
-        return AutoProcessor.from_pretrained(str(where))
-    return get_backbone(name).load_processor(str(where))
+            return AutoProcessor.from_pretrained(str(where))
+        return get_backbone(name).load_processor(str(where))
+    except (OSError, ValueError, KeyError) as err:  # e.g. a tokenizer without the image / audio processor
+        flag = f"--processor {args.processor}" if args.processor else f"--model {args.model}"
+        first = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
+        raise PlanError(
+            f"{flag}: {where} holds no complete processor ({first}); the plan needs the tokenizer, the image and "
+            "the audio processor: pass --processor DIR with a saved processor (the checkpoint you will train, or "
+            "python scripts/make_tiny_model.py --vocab qwen --output_dir runs/tiny-omni-qwen)"
+        ) from err
 
 
 @dataclass

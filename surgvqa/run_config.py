@@ -14,6 +14,9 @@ Schema versions (``schema_version``; :data:`MIGRATIONS` turns an older file into
   data roots were recorded lack ``train_data_path`` … ``eval_audio_dir`` (read as unknown: ``None``).
 * 1 — ``schema_version`` and ``base_model_relative`` (the base model's path relative to the checkpoint directory,
   used when the recorded absolute path no longer exists because both were moved).
+* 2 — ``inputs`` (fingerprints of the data, media and base model a training run read; see
+  :func:`surgvqa.rundir.input_fingerprints`) and ``data_changes``. A version-1 training output reads with
+  ``inputs`` unknown (``None``): it is still resumed, without the data check.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, check_question_modality
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "surgvqa_config.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: how frames reach the processor: one video (temporal merging) or separate images
 FRAMES_AS = ("video", "images")
 #: the frame rate extracted frames are assumed to have when none is recorded (sets the video's rope timing)
@@ -138,6 +141,9 @@ class RunConfig:
     # -- the decoded-frame cache a training run used ({"mode": "none"|"memory"|"disk", "dir": path or None});
     #    evaluation reuses a disk cache that still exists
     frame_cache: dict[str, Any] | None = None
+    # -- what a training run read (compared when it is resumed) and the changes a resume was allowed to make
+    inputs: dict[str, Any] | None = None
+    data_changes: list[dict[str, Any]] | None = None
 
     # ----------------------------------------------------------------------------------------------- reading
     @classmethod
@@ -358,8 +364,14 @@ def _from_v0(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+def _from_v1(raw: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 → 2: a record from before input fingerprints has them as unknown."""
+    raw.setdefault("inputs", None)
+    return raw
+
+
 #: ``MIGRATIONS[v]`` turns a version-``v`` record into a version-``v + 1`` one
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _from_v0}
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _from_v0, 1: _from_v1}
 
 
 # ------------------------------------------------------------------------------------------------ validation

@@ -13,6 +13,18 @@ A training output directory holds one run. Before any weight loads, :func:`plan_
 * ``--resume_from_checkpoint PATH``: that checkpoint, which must be complete;
 * anything else in a directory with files: refused, saying which of the above to use.
 
+A run directory counts as used only once training has written its first checkpoint or its final files: a start that
+failed before (a bad flag found late, an over-long sample) leaves only its run record (and the frame cache, logs), and
+the corrected rerun starts afresh there.
+
+Resuming (``auto``, ``True``/``last``, a path) also compares what the run was trained on: the run record holds a
+fingerprint of every input (:func:`input_fingerprints`: the training and evaluation JSONL by size and sha256; the
+media files their samples use by a stat manifest, i.e. a sha256 over each file's path, size and mtime, which is cheap
+and catches a replaced or re-extracted frame set but not a rewrite that restores size and mtime; the base model by
+the sha256 of its weight files, as evaluation records a checkpoint). A changed input is refused, naming it, unless
+``--allow_changed_data True`` is given; the change is then recorded (``data_changes``). A run record written before
+fingerprints existed resumes with a warning that the data could not be compared.
+
 A checkpoint is complete when its ``surgvqa_config.json`` exists: training writes it from the Trainer's ``on_save``
 callback, which runs after the Trainer has written the weights, optimizer, scheduler, RNG and ``trainer_state.json``.
 A checkpoint whose writing was cut short by a kill has no such file (or no readable ``trainer_state.json`` for its
@@ -21,15 +33,18 @@ step) and is never picked.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from surgvqa.checkpoint import sha256_file, weights_sha256
 from surgvqa.errors import UserError
 from surgvqa.run_config import CONFIG_NAME as RUN_RECORD
 
@@ -154,6 +169,11 @@ def plan_output_dir(output_dir: str | Path, resume_from_checkpoint: str | bool |
         return plan
     if not contents:
         return plan
+    if _failed_start(out, contents):
+        plan.empty_first = True
+        plan.notes.append(f"{out} holds only what a start that failed before its first checkpoint left "
+                          f"({', '.join(p.name for p in contents)}): starting the run afresh")
+        return plan
     if overwrite:
         _refuse_protected(out, protected)
         plan.empty_first = True
@@ -184,6 +204,20 @@ def plan_output_dir(output_dir: str | Path, resume_from_checkpoint: str | bool |
         f"--output_dir {out} is not empty ({names}): training would overwrite or mix with those files. Choose "
         "another --output_dir, or pass --overwrite_output_dir True to empty it first"
     )
+
+
+#: what a training start leaves before its first checkpoint: the run record, the default frame cache, the logs
+_START_LEFTOVERS = {RUN_RECORD: False, "frame_cache": True, "runs": True}  # name: is a directory
+
+
+def _failed_start(out: Path, contents: list[Path]) -> bool:
+    """A directory holding this toolkit's run record and nothing a training step writes (no checkpoint, no final
+    files): a start that failed before training began (it is reused, not refused)."""
+    names = {p.name: p for p in contents}
+    if RUN_RECORD not in names or _read_record(out / RUN_RECORD) is None:
+        return False
+    return all(name in _START_LEFTOVERS and path.is_dir() == _START_LEFTOVERS[name] and not path.is_symlink()
+               for name, path in names.items())
 
 
 def _refuse_protected(out: Path, protected: Iterable[str | Path | None]) -> None:
@@ -250,3 +284,100 @@ def apply_plan(plan: RunDirPlan) -> None:
             else:
                 entry.unlink()
     plan.output_dir.mkdir(parents=True, exist_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def file_fingerprint(path: str | Path | None) -> dict[str, Any] | None:
+    """``{"path", "size", "sha256"}`` of a data file (None for none)."""
+    if not path:
+        return None
+    resolved = Path(path).resolve()
+    return {"path": str(resolved), "size": resolved.stat().st_size, "sha256": sha256_file(resolved)}
+
+
+def media_manifest(paths: Iterable[str | Path]) -> dict[str, Any]:
+    """A stat manifest of media files: their count, total bytes and one sha256 over each file's resolved path, size
+    and mtime (ns), sorted. Cheap (one stat per file, no read); a missing file counts as size -1."""
+    digest = hashlib.sha256()
+    count = total = 0
+    for path in sorted({os.path.abspath(os.fspath(p)) for p in paths}):
+        try:
+            st = os.stat(path)
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            size, mtime = -1, 0
+        digest.update(f"{path}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
+        count += 1
+        total += max(size, 0)
+    return {"files": count, "bytes": total, "stat_manifest_sha256": digest.hexdigest()}
+
+
+def sample_media(samples: Sequence[Any]) -> list[str]:
+    """Every frame, video and audio file the samples use (what a :class:`surgvqa.data.Sample` names)."""
+    out: list[str] = []
+    for sample in samples:
+        out += [str(p) for p in getattr(sample, "frame_paths", None) or []]
+        out += [str(p) for p in (getattr(sample, "video_path", None), getattr(sample, "audio_path", None)) if p]
+    return out
+
+
+def input_fingerprints(train_data: str | None, eval_data: str | None, train_samples: Sequence[Any],
+                       eval_samples: Sequence[Any], base_model: str) -> dict[str, Any]:
+    """What a run is trained on, as its record holds it (see the module docstring for what each part checks)."""
+    base: dict[str, Any] = {"path": base_model, "weights_sha256": None}
+    if Path(base_model).is_dir():
+        try:
+            base["weights_sha256"] = weights_sha256(base_model)
+        except ValueError:  # no weight files: the loader says so
+            pass
+    inputs = {"train_data": file_fingerprint(train_data), "train_media": media_manifest(sample_media(train_samples)),
+              "base_model": base}
+    if eval_data:
+        inputs["eval_data"] = file_fingerprint(eval_data)
+        inputs["eval_media"] = media_manifest(sample_media(eval_samples))
+    return inputs
+
+
+_INPUT_NAMES = {"train_data": "training data", "eval_data": "evaluation data",
+                "train_media": "the media files of the training samples (frames, videos, audio)",
+                "eval_media": "the media files of the evaluation samples (frames, videos, audio)",
+                "base_model": "the base model's weights"}
+
+
+def changed_inputs(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """One line per input whose fingerprint differs, naming the input and what differs."""
+    out = []
+    for key, name in _INPUT_NAMES.items():
+        a, b = recorded.get(key), current.get(key)
+        if a == b:
+            continue
+        a, b = a or {}, b or {}
+        where = b.get("path") or a.get("path")
+        details = [f"{field} {a.get(field)!r} -> {b.get(field)!r}" for field in
+                   ("path", "size", "sha256", "files", "bytes", "stat_manifest_sha256", "weights_sha256")
+                   if a.get(field) != b.get(field)]
+        out.append(f"{name}{f' {where}' if where else ''} changed ({', '.join(details)})")
+    return out
+
+
+def check_same_inputs(plan: RunDirPlan, current: Mapping[str, Any], allow: bool) -> list[str]:
+    """Refuse to resume a run on inputs other than those it was trained on (``--allow_changed_data True`` lets it,
+    and the caller records the returned changes). A record without fingerprints (an older run) is resumed with a
+    warning."""
+    if plan.resume_from is None or plan.recorded is None:
+        return []
+    recorded = plan.recorded.get("inputs")
+    if recorded is None:
+        logger.warning("%s records no fingerprints of its inputs (written before they were recorded): resuming "
+                       "without checking that the data is the same", plan.resume_from)
+        return []
+    changed = changed_inputs(recorded, current)
+    if changed and not allow:
+        raise RunDirError(
+            f"cannot resume from {plan.resume_from}: it was trained on other inputs: " + "; ".join(changed)
+            + ". Restore them, start a new run in another --output_dir, or pass --allow_changed_data True to "
+            "continue on the changed inputs (recorded in " + RUN_RECORD + ")"
+        )
+    for line in changed:
+        logger.warning("resuming on changed inputs (--allow_changed_data True): %s", line)
+    return changed

@@ -44,7 +44,7 @@ from surgvqa.run_config import (
     collator_kwargs,
 )
 from surgvqa.run_config import media_config as build_media_config
-from surgvqa.rundir import apply_plan, check_same_run, plan_output_dir
+from surgvqa.rundir import apply_plan, check_same_inputs, check_same_run, input_fingerprints, plan_output_dir
 from surgvqa.tokenizer import repair_tokenizer
 
 if TYPE_CHECKING:
@@ -239,7 +239,8 @@ TRAINING_SETTINGS = (
 )
 #: RunConfig fields known only once the model is loaded (not compared when a run is resumed)
 _MODEL_DERIVED = ("tokenizer_repair", "resized_vocab", "original_vocab_rows", "graft", "surgvqa_version",
-                  "schema_version", "base_model_relative", "frame_cache")  # frame_cache: changes no result
+                  "schema_version", "base_model_relative", "frame_cache",  # frame_cache: changes no result
+                  "inputs", "data_changes")  # compared by check_same_inputs
 
 
 def training_settings(args: TrainingArguments) -> dict[str, Any]:
@@ -331,6 +332,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
                    data_args.eval_frames_dir, data_args.eval_audio_dir, model_args.model_name_or_path),
     )
     check_same_run(plan, run_identity(early))
+    inputs = input_fingerprints(data_args.train_data_path, data_args.eval_data_path, train_samples, eval_samples,
+                                model_args.model_name_or_path)
+    changes = check_same_inputs(plan, inputs, data_args.allow_changed_data)
+    history = list((plan.recorded or {}).get("data_changes") or []) if plan.resume_from else []
+    if changes:
+        history.append({"resumed_from": plan.resume_from, "changed": changes})
+    early = dataclasses.replace(early, inputs=inputs, data_changes=history or None)
     _wait_for_every_process(args)  # every process has read the directory before the main process changes it
     with args.main_process_first(local=False, desc="preparing the output directory"):
         if args.process_index == 0:
@@ -379,7 +387,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
             }
 
     config = build_run_config(model_args, data_args, lora_args, backbone.name, args, report, original_rows, model)
-    config = dataclasses.replace(config, frame_cache=frame_cache_record(frame_cache))
+    config = dataclasses.replace(config, frame_cache=frame_cache_record(frame_cache), inputs=early.inputs,
+                                 data_changes=early.data_changes)
     trainer = VQATrainer(
         model=model,
         args=args,

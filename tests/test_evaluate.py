@@ -97,11 +97,11 @@ def test_score_predictions_reproduces_the_summary_exactly(evaluated, tmp_path):
     shuffled = tmp_path / "shuffled.jsonl"
     shuffled.write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")
     _assert_same_summary(rescored, _rescore(shuffled))
-    # --output_file names the summary; --baseline overrides the run's
+    # --summary_file names the summary; --baseline overrides the run's
     target = tmp_path / "elsewhere.json"
-    assert main(["--score_predictions", str(copy), "--output_file", str(target), "--baseline", "chance"]) == 0
+    assert main(["--score_predictions", str(copy), "--summary_file", str(target), "--baseline", "chance"]) == 0
     assert json.loads(target.read_text())["baseline_kind"] == "chance"
-    assert main(["--score_predictions", str(copy), "--output_file", str(target)]) == 2  # exists: not replaced
+    assert main(["--score_predictions", str(copy), "--summary_file", str(target)]) == 2  # exists: not replaced
 
 
 @pytest.mark.parametrize("case", ["limit", "skip_bad_samples"])
@@ -269,6 +269,57 @@ def test_kill_then_resume_equals_an_uninterrupted_run(evaluated, trained_adapter
     assert _without_latency(out) == _without_latency(reference)
 
 
+def test_rescoring_summary_has_its_own_flag_and_the_old_spelling_warns(evaluated, tmp_path, capsys, caplog):
+    copy = tmp_path / "copy.jsonl"
+    copy.write_text(evaluated.read_text())
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert "--summary_file" in capsys.readouterr().out
+    old = tmp_path / "old-spelling.json"
+    with caplog.at_level("WARNING", logger="surgvqa.evaluate"):
+        assert main(["--score_predictions", str(copy), "--output_file", str(old)]) == 0
+    assert json.loads(old.read_text())["n"] > 0  # still the summary, as before
+    assert "--output_file with --score_predictions names the re-scored summary JSON" in caplog.text
+    assert main(["--score_predictions", str(copy), "--output_file", str(old), "--summary_file",
+                 str(tmp_path / "b.json")]) == 2
+    assert "pass --summary_file only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["directory", "foreign_file"])
+def test_report_is_checked_before_the_evaluation_naming_its_flag(trained_adapter, test_set, tmp_path, monkeypatch,
+                                                                 capsys, case):
+    report = tmp_path / "report.html"
+    if case == "directory":
+        report.mkdir()
+    else:
+        report.write_text("my notes")
+    monkeypatch.setattr("surgvqa.evaluate.load_for_inference", lambda *a, **k: pytest.fail("the model loaded"))
+    out = tmp_path / "preds.jsonl"
+    assert main(_args(trained_adapter, test_set / "out_002-001.jsonl", test_set / "frames", out,
+                      "--report", str(report))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --report {report} ") and "--output " not in err
+    assert not out.exists() and not out.with_name("preds.jsonl.partial").exists()
+
+
+def test_frame_cache_dir_without_a_disk_cache_is_refused(trained_adapter, test_set, tmp_path, monkeypatch, capsys):
+    from surgvqa.train import main as train_main
+
+    monkeypatch.setattr("surgvqa.evaluate.load_for_inference", lambda *a, **k: pytest.fail("the model loaded"))
+    for mode in ("memory", "none"):
+        assert main(_args(trained_adapter, test_set / "out_002-001.jsonl", test_set / "frames",
+                          tmp_path / "preds.jsonl", "--frame_cache", mode, "--frame_cache_dir",
+                          str(tmp_path / "X"))) == 2
+        assert capsys.readouterr().err.startswith(f"error: --frame_cache {mode} keeps no files, so "
+                                                  f"--frame_cache_dir {tmp_path / 'X'} would be ignored")
+    assert train_main(["--model_name_or_path", str(tmp_path / "no-model"), "--train_data_path",
+                       str(test_set / "in_002-001.jsonl"), "--frames_dir", str(test_set / "frames"),
+                       "--output_dir", str(tmp_path / "run"), "--use_cpu", "True", "--frame_cache", "memory",
+                       "--frame_cache_dir", str(tmp_path / "X")]) == 2
+    assert "--frame_cache memory keeps no files" in capsys.readouterr().err
+    assert not (tmp_path / "X").exists() and not (tmp_path / "run").exists()
+
+
 def test_report_flag_calls_the_html_report_or_says_it_is_missing(evaluated, tmp_path, monkeypatch, capsys):
     import types
 
@@ -277,9 +328,10 @@ def test_report_flag_calls_the_html_report_or_says_it_is_missing(evaluated, tmp_
     monkeypatch.setitem(sys.modules, "surgvqa.html_report", None)  # not importable
     assert main(["--score_predictions", str(copy), "--report", str(tmp_path / "r.html")]) == 2
     assert "--report needs surgvqa.html_report" in capsys.readouterr().err
-    calls = []
+    calls, checked = [], []
     fake = types.ModuleType("surgvqa.html_report")
     fake.build_report = lambda predictions, output, **kw: calls.append((predictions, output, kw)) or Path(output)
+    fake.check_output = lambda output, inputs, flag: checked.append((output, flag))  # before the run
     monkeypatch.setitem(sys.modules, "surgvqa.html_report", fake)
     assert main(["--score_predictions", str(copy), "--report", str(tmp_path / "r.html"),
                  "--compare", str(evaluated)]) == 0
@@ -287,6 +339,7 @@ def test_report_flag_calls_the_html_report_or_says_it_is_missing(evaluated, tmp_
     assert predictions == copy and output == str(tmp_path / "r.html")
     assert kw["compare"] == [evaluated] and kw["frames_dir"] == read_predictions_meta(evaluated)["frames_dir"]
     assert set(kw) == {"compare", "frames_dir", "audio_dir"}
+    assert checked == [(tmp_path / "r.html", "--report")]
 
 
 # -------------------------------------------------------------------------------------- ablation + comparison

@@ -111,6 +111,74 @@ def test_a_damaged_entry_is_decoded_again_not_returned(tmp_path):
     assert cache.get(path, ("frame", 56), lambda: decode(path)).tobytes() == good.tobytes() and decode.calls == 1
 
 
+def _same_size_jpegs(tmp_path, seeds=(1, 2)) -> list[bytes]:
+    """JPEG bytes of different pixels, padded with a comment segment to one byte size."""
+    raw = []
+    for seed in seeds:
+        _jpeg(tmp_path / "tmp.jpg", seed=seed)
+        raw.append((tmp_path / "tmp.jpg").read_bytes())
+    longest = max(len(r) for r in raw)
+    out = []
+    for seed, r in zip(seeds, raw, strict=True):
+        pad = longest - len(r)
+        if pad:
+            rng = np.random.default_rng(seed)
+            image = Image.fromarray(rng.integers(0, 256, (84, 112, 3), dtype=np.uint8))
+            image.save(tmp_path / "tmp.jpg", quality=90, comment=b"x" * (pad - 4))  # COM segment: 4 + len bytes
+            r = (tmp_path / "tmp.jpg").read_bytes()
+        out.append(r)
+    assert len({len(r) for r in out}) == 1 and out[0] != out[1]
+    return out
+
+
+def test_a_same_size_rewrite_with_its_mtime_restored_misses(tmp_path):
+    """rsync -t / cp -p / tar x: other pixels, the same byte size, the old mtime (and inode: rewritten in place)."""
+    old, new = _same_size_jpegs(tmp_path)
+    path = tmp_path / "f.jpg"
+    path.write_bytes(old)
+    before = os.stat(path)
+    cache = open_frame_cache("disk", tmp_path / "cache")
+    stale = cache.get(path, ("frame", 56), lambda: load_frame(path, 56))
+    with open(path, "r+b") as fh:  # in place: same inode
+        fh.write(new)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+    fresh = load_frame(path, 56)
+    assert fresh.tobytes() != stale.tobytes()
+    for reader in (cache, open_frame_cache("disk", tmp_path / "cache"), open_frame_cache("memory")):
+        assert reader.get(path, ("frame", 56), lambda: load_frame(path, 56)).tobytes() == fresh.tobytes()
+    # the content, not the path, is the key: a copy elsewhere is served from the cache
+    copy = tmp_path / "copy.jpg"
+    copy.write_bytes(new)
+    assert cache.get(copy, ("frame", 56), lambda: pytest.fail("decoded again")).tobytes() == fresh.tobytes()
+
+
+def test_a_zeroed_entry_fails_its_checksum_is_decoded_again_and_reported_once(tmp_path, caplog):
+    cache = open_frame_cache("disk", tmp_path / "cache")
+    paths = [_jpeg(tmp_path / f"{i}.jpg", seed=i) for i in range(2)]
+    good = [cache.get(p, ("frame", 56), lambda p=p: load_frame(p, 56)) for p in paths]
+    for p, array in zip(paths, good, strict=True):  # zero the pixels, keep the header and the length
+        entry = cache.entry_path(cache.key(p, ("frame", 56)))
+        size = os.path.getsize(entry)
+        with open(entry, "r+b") as fh:
+            np.lib.format.read_magic(fh)
+            np.lib.format.read_array_header_1_0(fh)
+            fh.write(bytes(array.nbytes))  # from the first pixel on
+        assert os.path.getsize(entry) == size
+    reader = open_frame_cache("disk", tmp_path / "cache")  # a later process
+    decode = CountingDecoder()
+    with caplog.at_level("WARNING", logger="surgvqa.frame_cache"):
+        again = [reader.get(p, ("frame", 56), lambda p=p: decode(p)) for p in paths]
+    assert [a.tobytes() for a in again] == [g.tobytes() for g in good]  # not black frames
+    assert decode.calls == 2 and reader.stats()["damaged"] == 2
+    reports = [r for r in caplog.records if "damaged" in r.getMessage()]
+    assert len(reports) == 1 and "decoding the frame again" in reports[0].getMessage()
+    # rewritten: whole again
+    assert reader.get(paths[0], ("frame", 56), lambda: decode(paths[0])).tobytes() == good[0].tobytes()
+    assert decode.calls == 2
+
+
 def test_bounded(tmp_path):
     paths = [_jpeg(tmp_path / f"{i}.jpg", seed=i) for i in range(6)]
     one = load_frame(paths[0], 56).nbytes

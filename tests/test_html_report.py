@@ -7,7 +7,9 @@ import base64
 import hashlib
 import io
 import json
+import math
 import os
+import re
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -364,6 +366,35 @@ def test_training_curves_and_settings(small_run, tmp_path):
     (ckpt / "trainer_state.json").unlink()
     text = build_report(small_run["preds"], tmp_path / "report.html", train_dir=run).read_text(encoding="utf-8")
     assert "no trainer_state.json" in text and "media.frame_size" in text
+
+
+@pytest.mark.parametrize("case", ["nan_from_step_6", "all_nan", "inf", "minus_inf"])
+def test_non_finite_losses_are_gaps_with_a_marked_point_and_a_note(small_run, tmp_path, capsys, case):
+    """What a diverged (e.g. fp16) run writes: json.dump's NaN / Infinity in trainer_state.json."""
+    run = tmp_path / "diverged"
+    run.mkdir()
+    value = {"nan_from_step_6": float("nan"), "all_nan": float("nan"), "inf": float("inf"),
+             "minus_inf": float("-inf")}[case]
+    first_bad = 1 if case == "all_nan" else 6
+    history = [{"step": s, "loss": value if s >= first_bad else 2.0 / s} for s in range(1, 11)]
+    history.append({"step": 10, "eval_loss": value, "eval_accuracy": 0.25})
+    (run / "trainer_state.json").write_text(json.dumps({"log_history": history, "global_step": 10,
+                                                       "best_metric": value}))
+    out = tmp_path / "report.html"
+    assert main([str(small_run["preds"]), "--output", str(out), "--train_dir", str(run)]) == 0
+    assert capsys.readouterr().err == ""
+    text = out.read_text(encoding="utf-8")
+    shown = {"inf": "inf", "minus_inf": "-inf"}.get(case, "NaN")
+    assert f"train loss became {shown} at step {first_bad} ({11 - first_bad} of 10 logged values" in text
+    assert f"eval loss became {shown} at step 10" in text
+    training = text[text.index('id="training"'):]
+    chart = training[training.index("<svg"):training.index("</svg>")]
+    coordinates = re.findall(r' (?:points|cx|cy|x|y|x1|y1|x2|y2)="([^"]*)"', chart)
+    assert coordinates and all(math.isfinite(float(v)) for c in coordinates for v in re.split(r"[ ,]+", c) if v)
+    assert chart.count('class="nonfinite"') == (10 - first_bad + 1) + 1  # every bad train point, the eval loss
+    assert f"train loss step 6: {shown}</title>" in chart
+    if case == "nan_from_step_6":  # the finite part is still a line
+        assert chart.count("<polyline") == 1
 
 
 @pytest.mark.parametrize("case", ["missing", "directory", "output_is_input", "foreign_output", "train_dir",

@@ -295,6 +295,21 @@ def test_main_exit_codes(work, tiny_model_dir, adapter_a, monkeypatch, capsys):
     assert main(argv) == 1
 
 
+def test_an_output_dir_that_is_a_file_is_refused_before_loading(work, tiny_model_dir, adapter_a, monkeypatch,
+                                                                  capsys):
+    existing = work / "notes.txt"
+    existing.write_text("mine")
+    monkeypatch.setattr("surgvqa.merge.load_base", lambda *a, **k: pytest.fail("the base was loaded"))
+    argv = ["--base_model_path", str(tiny_model_dir), "--adapter_path", str(adapter_a), "--output_dir",
+            str(existing)]
+    for extra in ([], ["--overwrite_output_dir"]):
+        assert main(argv + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1] == f"error: --output_dir {existing} is a file, not a directory: choose a new directory " \
+            "(nothing was loaded or written)"
+    assert existing.read_text() == "mine"
+
+
 def test_compare_outputs_rules():
     from surgvqa.generate import Prediction
 

@@ -277,6 +277,43 @@ def test_config_without_processor_says_how_to_get_one(capsys):
     assert "--processor" in capsys.readouterr().err
 
 
+def test_a_processor_directory_with_only_a_tokenizer_is_one_error_line(tiny_model_dir, tmp_path, capsys):
+    only_tokenizer = tmp_path / "tokenizer-only"
+    only_tokenizer.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny_model_dir / name).is_file():
+            (only_tokenizer / name).write_bytes((tiny_model_dir / name).read_bytes())
+    assert main(["--model", str(OMNI_7B), "--processor", str(only_tokenizer)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --processor {only_tokenizer}: ") and err.count("\n") == 1
+    assert "holds no complete processor" in err
+
+
+def test_a_sequence_over_model_max_length_does_not_fit_length(tiny_model_dir, capsys):
+    """72 frames x 384 px at 4-bit with checkpointing fit 80 GiB in memory, but not in --model_max_length 4096."""
+    argv = ["--model", str(OMNI_7B), "--processor", str(tiny_model_dir), "--frames", "72", "--budget", "80GiB",
+            "--load_in_4bit", "--gradient_checkpointing"]
+    assert main([*argv, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["length"]["train_sequence"] > plan["length"]["model_max_length"] == 4096
+    assert plan["length"]["train_fits"] is False
+    assert plan["budget"]["train_fits"] is False and plan["budget"]["train_verdict"] == "does not fit (length)"
+    assert plan["budget"]["eval_verdict"] == "fits"
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "train does not fit (length), eval fits" in table and "over --model_max_length 4,096" in table
+    # raising the limit makes it fit
+    assert main([*argv, "--model_max_length", "8192", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["budget"]["train_verdict"] == "fits"
+
+
+def test_absurd_sizes_get_one_line_not_a_plan(tiny_model_dir, capsys):
+    assert main(["--model", str(OMNI_7B), "--processor", str(tiny_model_dir), "--frames", "100000", "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("error: --frames 100000 x --frame_size 384 make ")
+    assert "32,768 positions the model reads" in captured.err and captured.err.count("\n") == 1
+
+
 def test_shipped_coefficients_cover_every_regime_and_mode():
     from surgvqa.plan import MODES, load_coefficients
 

@@ -74,6 +74,16 @@ def test_v0_file_from_before_data_roots_were_recorded(tmp_path):
     assert (config.train_data_path, config.frames_dir, config.eval_audio_dir) == (None, None, None)
 
 
+def test_v1_training_output_reads_with_inputs_unknown_and_writes_v2(tmp_path):
+    """A run directory of the release before input fingerprints (schema 1) still reads (and resumes, unchecked)."""
+    v1 = {**V0_TRAINING, "schema_version": 1, "base_model_relative": None}
+    config = RunConfig.read(_write(tmp_path / "v1", v1))
+    assert config.schema_version == SCHEMA_VERSION == 2 and config.inputs is None and config.data_changes is None
+    fingerprints = {"train_data": {"path": "/data/t.jsonl", "size": 3, "sha256": "ab"}}
+    written = json.loads(dataclasses.replace(config, inputs=fingerprints).write(tmp_path / "v2").read_text())
+    assert written["schema_version"] == 2 and written["inputs"] == fingerprints and "data_changes" not in written
+
+
 def test_v0_merged_checkpoint_reads(tmp_path):
     merged = {k: v for k, v in V0_TRAINING.items() if k not in ("lora", "quantization", "resized_vocab",
                                                                   "original_vocab_rows")}

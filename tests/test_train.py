@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -230,6 +231,77 @@ def test_used_output_dir_refused_then_overwritten(tiny_model_dir, test_set, tmp_
     names = {p.name for p in out.iterdir()}
     assert "test_predictions.jsonl" not in names and "checkpoint-7" not in names
     assert "adapter_model.safetensors" in names
+
+
+def test_resume_refuses_replaced_training_data_unless_allowed(tiny_model_dir, test_set, tmp_path, capsys, caplog):
+    """Train 3 steps saving each, lose the later checkpoints as a crash would, replace the training JSONL at the
+    same path with other lines: `auto` refuses, naming the file; --allow_changed_data True resumes and records it."""
+    from surgvqa.train import main
+
+    data = tmp_path / "train.jsonl"
+    lines = (test_set / "in_002-001.jsonl").read_text().splitlines(keepends=True)
+    data.write_text("".join(lines[:8]))
+    out = tmp_path / "run"
+    args = [*_args(tiny_model_dir, test_set, out, "--max_steps", "3", "--save_steps", "1"),
+            "--train_data_path", str(data)]
+    assert main(args) == 0
+    for step in (2, 3):
+        shutil.rmtree(out / f"checkpoint-{step}")
+    before = json.loads((out / "surgvqa_config.json").read_text())
+    size = data.stat().st_size
+    data.write_text("".join(lines[8:16]))  # other lines, same path
+    capsys.readouterr()
+    resume = [*args, "--resume_from_checkpoint", "auto"]
+    assert main(resume) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot resume from {out / 'checkpoint-1'}: it was trained on other inputs: "
+                          f"training data {data.resolve()} changed (")
+    assert "--allow_changed_data True" in err and err.count("\n") == 1
+    assert not (out / "checkpoint-2").exists()  # nothing trained, nothing written
+    recorded = before["inputs"]["train_data"]
+    assert recorded["path"] == str(data.resolve()) and recorded["size"] == size
+    with caplog.at_level("INFO"):
+        assert main([*resume, "--allow_changed_data", "True"]) == 0
+    assert "resuming from" in caplog.text and "resuming on changed inputs" in caplog.text
+    record = json.loads((out / "surgvqa_config.json").read_text())
+    (change,) = record["data_changes"]
+    assert change["resumed_from"] == str(out / "checkpoint-1") and "training data" in change["changed"][0]
+    assert record["inputs"]["train_data"]["sha256"] != recorded["sha256"]
+    assert json.loads((out / "checkpoint-3" / "surgvqa_config.json").read_text())["data_changes"] == [change]
+
+
+def test_a_run_record_without_fingerprints_still_resumes(tmp_path, caplog):
+    """A run directory written before inputs were recorded (schema 1) resumes, saying the data was not compared."""
+    from surgvqa.rundir import check_same_inputs, plan_output_dir
+
+    out = tmp_path / "old"
+    out.mkdir()
+    _complete_checkpoint(out, 2)
+    (out / "surgvqa_config.json").write_text(json.dumps({"schema_version": 1, "media": {"fps": 2.0}}))
+    plan = plan_output_dir(out, "auto", False)
+    with caplog.at_level("WARNING", logger="surgvqa.rundir"):
+        assert check_same_inputs(plan, {"train_data": {"path": "x", "size": 1, "sha256": "a"}}, False) == []
+    assert "records no fingerprints" in caplog.text
+
+
+def test_a_failed_start_leaves_the_directory_reusable(tiny_model_dir, test_set, tmp_path, capsys, caplog):
+    """A start that fails after writing the run record (an unusable --frame_cache_dir) is no run: the corrected
+    rerun starts there; a directory with a checkpoint still counts as used."""
+    from surgvqa.train import main
+
+    out = tmp_path / "run"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    args = _args(tiny_model_dir, test_set, out, "--max_steps", "1", "--save_strategy", "no")
+    assert main([*args, "--frame_cache_dir", str(blocker / "cache")]) == 2
+    assert "frame cache directory" in capsys.readouterr().err
+    assert (out / "surgvqa_config.json").is_file()
+    with caplog.at_level("WARNING"):
+        assert main(args) == 0
+    assert "starting the run afresh" in caplog.text
+    assert (out / "adapter_model.safetensors").is_file()
+    assert main(args) == 2  # now used: refused as before
+    assert "not empty" in capsys.readouterr().err
 
 
 def test_bad_data_fails_before_model_loads(tmp_path, test_set, capsys):

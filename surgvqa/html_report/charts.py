@@ -25,6 +25,22 @@ def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     return ticks
 
 
+def _fmt_value(v: float) -> str:
+    """NaN, inf, -inf as a run's log writes them; a finite value to 4 significant digits."""
+    return "NaN" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else f"{v:.4g}"
+
+
+def _finite_runs(points: Sequence[tuple[float, float]]) -> list[list[tuple[float, float]]]:
+    """The stretches of consecutive points with a finite value (a non-finite one ends a stretch)."""
+    runs: list[list[tuple[float, float]]] = [[]]
+    for a, b in points:
+        if math.isfinite(b):
+            runs[-1].append((a, b))
+        elif runs[-1]:
+            runs.append([])
+    return [r for r in runs if r]
+
+
 def _fmt_tick(v: float) -> str:
     return f"{v:.0f}" if abs(v) >= 100 or v == int(v) else f"{v:.3g}"
 
@@ -136,11 +152,15 @@ def svg_lines(
     marker_label: str = "",
     percent: bool = False,
 ) -> str:
-    """A line chart of (step, value) series with nice ticks; an optional vertical marker (the best checkpoint)."""
+    """A line chart of (step, value) series with nice ticks; an optional vertical marker (the best checkpoint).
+
+    A value that is not finite (NaN, inf: a diverged run) breaks its line there and is marked by a cross on the
+    plot's top edge (bottom for -inf), titled with its step and value; the axis is scaled to the finite values.
+    """
     width, height = 560, 250
     left, right, top, bottom = 56, 16, 28, 38
-    xs = [p[0] for _, pts in series for p in pts]
-    ys = [p[1] for _, pts in series for p in pts]
+    xs = [p[0] for _, pts in series for p in pts if math.isfinite(p[0])]
+    ys = [p[1] for _, pts in series for p in pts if math.isfinite(p[1])] or [0.0, 1.0]
     if not xs:
         return ""
     x_lo, x_hi = min(xs), max(xs)
@@ -181,11 +201,21 @@ def svg_lines(
     lx = left
     for j, (label, pts) in enumerate(series):
         color = PALETTE[j % len(PALETTE)]
-        path = " ".join(f"{px(a):.1f},{py(b):.1f}" for a, b in pts)
-        parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.8"/>')
-        if len(pts) <= 60:
+        pts = [(a, b) for a, b in pts if math.isfinite(a)]
+        finite = [(a, b) for a, b in pts if math.isfinite(b)]
+        for run in _finite_runs(pts):
+            if len(run) > 1:
+                path = " ".join(f"{px(a):.1f},{py(b):.1f}" for a, b in run)
+                parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.8"/>')
+        if len(finite) <= 60 or len(finite) < len(pts):  # a lone finite point between gaps must show
             parts.extend(f'<circle cx="{px(a):.1f}" cy="{py(b):.1f}" r="2.6" fill="{color}">'
-                         f'<title>{esc(label)} step {_fmt_tick(a)}: {b:.4g}</title></circle>' for a, b in pts)
+                         f'<title>{esc(label)} step {_fmt_tick(a)}: {b:.4g}</title></circle>' for a, b in finite)
+        for a, b in pts:
+            if not math.isfinite(b):
+                y = top + ph if b < 0 else top
+                parts.append(f'<g class="nonfinite"><path d="M{px(a) - 4:.1f},{y - 4:.1f}l8,8m0,-8l-8,8" '
+                             f'stroke="#c8372d" stroke-width="2"/><title>{esc(label)} step {_fmt_tick(a)}: '
+                             f'{_fmt_value(b)}</title></g>')
         parts.append(f'<rect x="{lx}" y="8" width="12" height="4" fill="{color}"/>'
                      f'<text x="{lx + 16}" y="14">{esc(label)}</text>')
         lx += 30 + 7 * len(label)

@@ -60,19 +60,19 @@ def render_page(
     )
 
 
-def check_output(output: Path, inputs: Iterable[Path]) -> None:
+def check_output(output: Path, inputs: Iterable[Path], flag: str = "--output") -> None:
     """Refuse an output that is a directory, one of the inputs, or an existing file that is not a surgvqa report
-    (recognised by the generator tag that :func:`render_page` writes)."""
+    (recognised by the generator tag that :func:`render_page` writes). ``flag``: the option that named it."""
     if output.is_dir():
-        raise ReportError(f"--output {output} is a directory; give a file name such as {output / 'report.html'}")
+        raise ReportError(f"{flag} {output} is a directory; give a file name such as {output / 'report.html'}")
     resolved = output.resolve()
     for path in inputs:
         if path.exists() and path.resolve() == resolved:
-            raise ReportError(f"--output {output} is one of the inputs ({path}); choose another file name")
+            raise ReportError(f"{flag} {output} is one of the inputs ({path}); choose another file name")
     if output.is_file():
         with output.open("rb") as handle:
             head = handle.read(400)
         if b'name="generator" content="surgvqa' not in head:
             raise ReportError(
-                f"--output {output} exists and is not a surgvqa report; choose another file name or remove it"
+                f"{flag} {output} exists and is not a surgvqa report; choose another file name or remove it"
             )

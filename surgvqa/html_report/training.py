@@ -4,6 +4,7 @@ latest checkpoint's), the run's settings (:class:`surgvqa.run_config.RunConfig`)
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,19 +100,46 @@ def _flatten(obj: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return rows
 
 
+def _points(history: list[Any], key: str) -> list[tuple[float, float]]:
+    """(step, value) of every log entry with ``key`` and a numeric step; a value that is no number reads as NaN."""
+    out = []
+    for entry in history:
+        if isinstance(entry, Mapping) and key in entry and _finite(entry.get("step")):
+            value = entry[key]
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            out.append((entry["step"], float(value) if ok else math.nan))
+    return out
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def nonfinite_note(name: str, points: list[tuple[float, float]]) -> str | None:
+    """"train loss became NaN at step 6 (3 of 10 logged values are not finite: drawn as gaps, marked x)"; None when
+    every value is a finite number."""
+    bad = [(step, value) for step, value in points if not _finite(value)]
+    if not bad:
+        return None
+    step, value = bad[0]
+    shown = "NaN" if math.isnan(value) else "inf" if value > 0 else "-inf"
+    return (f"{name} became {shown} at step {step} ({len(bad)} of {len(points)} logged values are not finite: "
+            "drawn as gaps, marked x); the run diverged there (fp16 overflow, a too high learning rate)")
+
+
 def section_training(training: Training) -> str:
     """Loss and eval-accuracy curves, the trainer state's facts and the run's settings."""
     parts = ['<section id="training"><h2>Training</h2>']
     parts.append(f'<p class="muted mono">{esc(training.directory)}</p>')
     state = training.state or {}
     history = state.get("log_history") or []
-    loss = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
-    eval_loss = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
-    eval_acc = [(h["step"], h["eval_accuracy"]) for h in history if "eval_accuracy" in h and "step" in h]
+    loss, eval_loss, eval_acc = (_points(history, key) for key in ("loss", "eval_loss", "eval_accuracy"))
     best = state.get("best_model_checkpoint")
     best_step = None
     if best and str(best).rsplit("-", 1)[-1].isdigit():
         best_step = int(str(best).rsplit("-", 1)[-1])
+    notes = [note for name, points in (("train loss", loss), ("eval loss", eval_loss), ("eval accuracy", eval_acc))
+             if (note := nonfinite_note(name, points))]
     charts = []
     if loss or eval_loss:
         series = [s for s in (("train loss", loss), ("eval loss", eval_loss)) if s[1]]
@@ -120,6 +148,8 @@ def section_training(training: Training) -> str:
         charts.append(("eval accuracy (generated answers, strict)",
                        svg_lines([("eval_accuracy", eval_acc)], y_label="eval accuracy", y_range=(0.0, 1.0),
                                  marker_x=best_step, marker_label="best", percent=True)))
+    if notes:
+        parts.append('<ul class="notes">' + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
     if charts:
         parts.append('<div class="grid2 even">')
         for title, svg in charts:
@@ -132,8 +162,9 @@ def section_training(training: Training) -> str:
                  ("epoch", state.get("epoch"))]
         if best:
             facts += [("best checkpoint", best), ("best metric", state.get("best_metric"))]
-        if eval_acc:
-            top = max(eval_acc, key=lambda p: p[1])
+        finite_acc = [p for p in eval_acc if _finite(p[1])]
+        if finite_acc:
+            top = max(finite_acc, key=lambda p: p[1])
             facts.append(("highest eval_accuracy", f"{pct(top[1])} at step {top[0]}"))
         parts.append(f'<div class="panel" style="margin-top:12px">{kv_table(facts)}</div>')
     settings_rows: list[tuple[str, Any]] = []
