@@ -382,9 +382,8 @@ class VQACollator:
         if key in self._vision_counts:
             return self._vision_counts[key]
         h, w = frame_hw
-        if num_frames * h * w * 3 > _STAND_IN_BYTES:
-            raise ValueError(f"{num_frames} frames of {w}x{h} px are more than {_STAND_IN_BYTES >> 30} GiB of "
-                             "pixels per clip: no model takes that many tokens; lower the number of frames")
+        if num_frames * h * w * 3 > _STAND_IN_BYTES:  # beyond any model's length: the processor's own count
+            return self._exposed_vision_tokens(frame_hw, num_frames)
         stand_in = VQACollator(self.processor, question_modality="text", frame_size=self.frame_size,
                                frames_as=self.frames_as, mode="generate", system_prompt=self.system_prompt,
                                fps=self.fps, video_fps=self.video_fps, max_pixels=self.max_pixels,
@@ -403,6 +402,21 @@ class VQACollator:
                                       ("image", _token_id(self.processor, "image_token")))}
         counts["added"] = len(rows[0]) - bare
         return _remember(self._vision_counts, key, counts, limit=1024)
+
+    def _exposed_vision_tokens(self, frame_hw: tuple[int, int], num_frames: int) -> dict[str, int]:
+        """Placeholder tokens for a clip too large to stand in for (more than 1 GiB of pixels): the count the
+        processor exposes, without the text it writes around them -- a lower bound, far beyond any model's length."""
+        if self.frames_as == "video":
+            num_frames += -num_frames % self.temporal_patch_size
+            counts = self.processor._get_num_multimodal_tokens(
+                video_sizes=[(num_frames, *frame_hw)], videos_kwargs=self.pixel_kwargs())
+            video, image = sum(counts.num_video_tokens), 0
+        else:
+            counts = self.processor._get_num_multimodal_tokens(
+                image_sizes=[frame_hw] * num_frames, images_kwargs=self.pixel_kwargs())
+            video, image = 0, sum(counts.num_image_tokens)
+        placeholders = 1 if self.frames_as == "video" else num_frames
+        return {"video": video, "image": image, "added": video + image - placeholders}
 
     def sequence_length(self, question: str, answer: str, frame_hw: tuple[int, int], num_frames: int,
                         audio_samples: int | None, frame_times: list[float] | None = None) -> int:
