@@ -22,6 +22,7 @@ from surgvqa.backbones import LoadOptions
 from surgvqa.errors import UserError, existing_dir, existing_file, one_line_errors
 from surgvqa.frame_cache import check_frame_cache_settings
 from surgvqa.lean_imports import checkpoint_needs_bitsandbytes
+from surgvqa.lora import check_variants
 from surgvqa.media import MediaConfig, PixelBudget
 from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, check_question_modality
 from surgvqa.run_config import DEFAULT_FPS, DEFAULT_MODEL_MAX_LENGTH, FRAMES_AS
@@ -143,6 +144,14 @@ class LoraArguments:
     lora_vision_tower: bool = field(default=False, metadata={"help": "also put LoRA on the vision tower"})
     stage: int | None = field(default=None, metadata={"help": "staged backbones: 1 = projector only, 2 = LoRA"})
     init_from: str | None = field(default=None, metadata={"help": "stage 2: the stage-1 output directory"})
+    use_dora: bool = field(default=False, metadata={"help": "DoRA: LoRA on the direction, a trained magnitude per "
+                                                          "output (PEFT's use_dora)"})
+    use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale LoRA by alpha / sqrt(r), not alpha / r"})
+    init_lora_weights: str = field(default="default", metadata={
+        "help": "LoRA's starting point (PEFT's): default | gaussian | pissa | pissa_niter_N | olora. PiSSA and OLoRA "
+                "rewrite the base; the final adapter is converted to apply to the original base"})
+    loraplus_lr_ratio: float | None = field(default=None, metadata={
+        "help": "LoRA+: the B matrices learn at this multiple of --learning_rate (16 in the LoRA+ paper)"})
 
 
 #: what :func:`parse_args` returns (a string: SurgvqaTrainingArguments is imported only when arguments are parsed)
@@ -215,6 +224,7 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
             raise UserError("QLoRA computes in bf16: use --bf16 True instead of --fp16")
         if lora_args.train_projectors and model_args.load_in_8bit:
             logger.info("projectors stay unquantized under 8-bit loading and are trained in full precision")
+    check_variants(lora_args, "4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None)
     if not 0.0 < model_args.token_kept_ratio <= 1.0:
         raise UserError(f"--token_kept_ratio must be in (0, 1] (1.0: no merging); got {model_args.token_kept_ratio}")
     if model_args.token_kept_ratio < 1.0 and data_args.frames_as != "video":

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from surgvqa.backbones import LoadOptions, backbone_for
 from surgvqa.errors import UserError
+from surgvqa.lora import check_converted
 from surgvqa.run_config import RunConfig, resolve_recorded_path
 
 logger = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ def load_for_inference(
     if is_adapter(checkpoint_path):
         from peft import PeftModel
 
+        check_converted(checkpoint_path)  # before any weight loads
         base = base_for_adapter(checkpoint_path, base_model_path)
         chosen = backbone_for(base, backbone_name, flag="--base_model_path")
         model = chosen.load(str(base), options)

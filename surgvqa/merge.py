@@ -72,6 +72,7 @@ from surgvqa.checkpoint import (
 )
 from surgvqa.errors import ArgumentParser, UserError, existing_dir, run_main
 from surgvqa.lean_imports import checkpoint_needs_bitsandbytes, skip_bitsandbytes
+from surgvqa.lora import check_converted
 from surgvqa.run_config import CONFIG_NAME, TRAINING_FIELDS, RunConfig
 
 logger = logging.getLogger("surgvqa.merge")
@@ -170,6 +171,7 @@ def check_chain(base: str, adapters: list[str], force: bool = False) -> list[Sta
         path = Path(raw)
         if not is_adapter(path):
             raise UserError(f"--adapter_path {path} is not a PEFT adapter directory (no {ADAPTER_CONFIG})")
+        check_converted(path)
         config = RunConfig.find(path)
         if config is None and i == len(adapters) - 1:
             raise UserError(

@@ -36,6 +36,8 @@ from surgvqa.data import DataError, MediaConfig, Problem, Sample, SurgicalVQADat
 from surgvqa.errors import UserError, run_main
 from surgvqa.frame_cache import open_frame_cache
 from surgvqa.lean_imports import skip_bitsandbytes
+from surgvqa.lora import changes_base, save_converted, save_initial_adapter
+from surgvqa.lora import config_kwargs as lora_variant_kwargs
 from surgvqa.metrics import build_candidates
 from surgvqa.run_config import (
     CONFIG_NAME,
@@ -165,6 +167,7 @@ def build_model(model_args: ModelArguments, lora_args: LoraArguments, args: Trai
         target_modules=target,
         modules_to_save=list(backbone.projector_modules) if lora_args.train_projectors else None,
         task_type="CAUSAL_LM",
+        **lora_variant_kwargs(lora_args),
     )
     model = backbone.make_trainable(model, lora_config, stage=lora_args.stage, init_from=lora_args.init_from)
     if options.quantized:
@@ -402,11 +405,17 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         encoder_cache=(EncoderOutputCache(int(train_collator.encoding_cache_gb * 1024**3))
                        if train_collator.encoding_cache_gb > 0 else None),
         callbacks=[SurgvqaConfigCallback(config, original_rows)],
+        loraplus_lr_ratio=lora_args.loraplus_lr_ratio,
     )
     if data_args.early_stopping_patience is not None:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=data_args.early_stopping_patience))
+    base_changed = changes_base(lora_args.init_lora_weights) and hasattr(trainer.model, "peft_config")
+    if base_changed and trainer.is_world_process_zero():  # the starting point, for the conversion at the end
+        save_initial_adapter(trainer.model, args.output_dir)
     result = trainer.train(resume_from_checkpoint=plan.resume_from)
     trainer.save_model(args.output_dir)
+    if base_changed and trainer.is_world_process_zero():  # PiSSA/OLoRA: an adapter of the original base
+        save_converted(trainer.model, args.output_dir)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)  # train_results.json, all_results.json
     trainer.save_state()  # trainer_state.json: the whole log history

@@ -18,6 +18,7 @@ from surgvqa.backbones.labelled_loss import labelled_loss, labelled_positions_on
 from surgvqa.checkpoint import save_new_token_rows
 from surgvqa.data import SurgicalVQADataset
 from surgvqa.generate import generate_predictions
+from surgvqa.lora import loraplus_optimizer
 from surgvqa.metrics import strict_hit
 from surgvqa.run_config import RunConfig
 
@@ -37,7 +38,8 @@ class VQATrainer(Trainer):
     """
 
     def __init__(self, *args, generation_eval: dict | None = None, lm_head=None,
-                 encoder_cache: EncoderOutputCache | None = None, eval_collator=None, **kwargs):
+                 encoder_cache: EncoderOutputCache | None = None, eval_collator=None,
+                 loraplus_lr_ratio: float | None = None, **kwargs):
         if lm_head is not None:
             kwargs["compute_loss_func"] = labelled_loss
         super().__init__(*args, **kwargs)
@@ -45,6 +47,14 @@ class VQATrainer(Trainer):
         self.lm_head = lm_head
         self.encoder_cache = encoder_cache
         self.eval_collator = eval_collator
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+
+    def create_optimizer(self, model=None):
+        """With ``loraplus_lr_ratio``: the LoRA+ optimizer (B matrices at that multiple of the learning rate)."""
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+        self.optimizer = loraplus_optimizer(self, self.loraplus_lr_ratio)
+        return self.optimizer
 
     def get_eval_dataloader(self, eval_dataset=None):
         """With ``eval_collator``: eval batches through their own collator, so evaluation items never take the

@@ -121,6 +121,26 @@ def greedy_gaps(model, tokenizer, items: list[dict], collator, max_new_tokens: i
     return gaps
 
 
+#: merge --verify's sample flags, as the merge tests and checkpoint_greedy_gap use them
+VERIFY_FLAGS = ["--verify", "2", "--verify_batch_size", "2", "--verify_max_new_tokens", "6", "--device", "cpu"]
+
+
+def checkpoint_greedy_gap(checkpoint: Path) -> float:
+    """The smallest top-1 / top-2 logit gap of ``checkpoint``'s greedy answers on its merge-verify samples. "Merged
+    and adapter answers are identical" holds on every CPU only when it is far above the merge's logit difference."""
+    from surgvqa.backbones import LoadOptions
+    from surgvqa.checkpoint import load_for_inference
+    from surgvqa.collate import VQACollator
+    from surgvqa.merge import parse_args, verify_inputs
+    from surgvqa.run_config import RunConfig
+
+    model, processor, _ = load_for_inference(checkpoint, options=LoadOptions(dtype="float32"))
+    args = parse_args(["--base_model_path", "x", "--adapter_path", "y", "--output_dir", "z", *VERIFY_FLAGS])
+    dataset, kwargs, _ = verify_inputs(args, RunConfig.read(checkpoint))
+    collator = VQACollator(processor, mode="generate", **kwargs)
+    return min(greedy_gaps(model, processor.tokenizer, [dataset[i] for i in range(len(dataset))], collator, 6))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Qwen2.5-Omni thinker + processor (tiny BPE vocab), saved with save_pretrained."""

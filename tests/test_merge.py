@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GREEDY_GAP, greedy_gaps
+from conftest import GREEDY_GAP, VERIFY_FLAGS, checkpoint_greedy_gap
 from safetensors.torch import load_file
 
 from surgvqa.merge import (
@@ -32,7 +32,6 @@ TRAIN_FLAGS = [
     "--learning_rate", "2e-2", "--max_steps", "4", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.0",
     "--save_strategy", "no", "--logging_steps", "50", "--use_cpu", "True", "--seed", "0", "--disable_tqdm", "True",
 ]
-VERIFY_FLAGS = ["--verify", "2", "--verify_batch_size", "2", "--verify_max_new_tokens", "6", "--device", "cpu"]
 Q_PROJ = "model.language_model.layers.0.self_attn.q_proj"  # module name (adapter keys)
 Q_KEY = "model.layers.0.self_attn.q_proj.weight"  # the same weight as save_pretrained writes it
 
@@ -107,24 +106,9 @@ def adapter_b(work, merged_a) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ the merge
-def greedy_gap(checkpoint: Path) -> float:
-    """The smallest top-1 / top-2 logit gap of ``checkpoint``'s greedy answers on its verify samples. "Merged and
-    adapter answers are identical" holds on every CPU only when it is far above the merge's logit difference."""
-    from surgvqa.backbones import LoadOptions
-    from surgvqa.checkpoint import load_for_inference
-    from surgvqa.collate import VQACollator
-    from surgvqa.run_config import RunConfig
-
-    model, processor, _ = load_for_inference(checkpoint, options=LoadOptions(dtype="float32"))
-    args = parse_args(["--base_model_path", "x", "--adapter_path", "y", "--output_dir", "z", *VERIFY_FLAGS])
-    dataset, kwargs, _ = verify_inputs(args, RunConfig.read(checkpoint))
-    collator = VQACollator(processor, mode="generate", **kwargs)
-    return min(greedy_gaps(model, processor.tokenizer, [dataset[i] for i in range(len(dataset))], collator, 6))
-
-
 @pytest.fixture(scope="module")
 def adapter_a_gap(adapter_a) -> float:
-    return greedy_gap(adapter_a)
+    return checkpoint_greedy_gap(adapter_a)
 
 
 def test_fp32_merge_reproduces_the_adapter(merged_a, adapter_a, adapter_a_gap, tiny_model_dir):
@@ -221,7 +205,7 @@ def test_two_stage_chain_equals_sequential_merges(work, tiny_model_dir, adapter_
         outputs.append(run_outputs(model, processor, dataset, kwargs, 2, 6))
     same = compare_outputs(outputs[0], outputs[1], "float32", None, data_path)
     assert same.answers_identical and same.max_abs_logit_diff <= 1e-5
-    assert greedy_gap(chain["output_dir"]) >= GREEDY_GAP
+    assert checkpoint_greedy_gap(chain["output_dir"]) >= GREEDY_GAP
 
     for result in (chain, sequential):  # both record the whole lineage from the original base
         config = result["config"]
