@@ -334,6 +334,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         protected=(data_args.train_data_path, data_args.eval_data_path, data_args.frames_dir, data_args.audio_dir,
                    data_args.eval_frames_dir, data_args.eval_audio_dir, model_args.model_name_or_path),
     )
+    if plan.recorded and plan.recorded.get("lora"):  # a record from before a LoRA setting existed: its default
+        plan.recorded["lora"] = {**asdict(LoraArguments()), **plan.recorded["lora"]}
     check_same_run(plan, run_identity(early))
     inputs = input_fingerprints(data_args.train_data_path, data_args.eval_data_path, train_samples, eval_samples,
                                 model_args.model_name_or_path)

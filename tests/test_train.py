@@ -284,6 +284,29 @@ def test_a_run_record_without_fingerprints_still_resumes(tmp_path, caplog):
     assert "records no fingerprints" in caplog.text
 
 
+def test_a_run_directory_of_the_previous_release_resumes(tiny_model_dir, test_set, tmp_path, caplog):
+    """A run record as the previous release wrote it (schema 1: no input fingerprints, no LoRA variant settings)
+    resumes: the settings it lacks are the ones that release always used."""
+    from surgvqa.train import main
+
+    out = tmp_path / "run"
+    args = _args(tiny_model_dir, test_set, out, "--max_steps", "2", "--save_steps", "1")
+    assert main(args) == 0
+    shutil.rmtree(out / "checkpoint-2")
+    for record in (out / "surgvqa_config.json", out / "checkpoint-1" / "surgvqa_config.json"):
+        old = json.loads(record.read_text())
+        old["schema_version"] = 1
+        for key in ("inputs", "data_changes"):
+            old.pop(key, None)
+        for key in ("use_dora", "use_rslora", "init_lora_weights", "loraplus_lr_ratio"):
+            del old["lora"][key]
+        record.write_text(json.dumps(old))
+    with caplog.at_level("INFO"):
+        assert main([*args, "--resume_from_checkpoint", "auto"]) == 0
+    assert f"resuming from {out / 'checkpoint-1'}" in caplog.text
+    assert (out / "checkpoint-2").is_dir()
+
+
 def test_a_failed_start_leaves_the_directory_reusable(tiny_model_dir, test_set, tmp_path, capsys, caplog):
     """A start that fails after writing the run record (an unusable --frame_cache_dir) is no run: the corrected
     rerun starts there; a directory with a checkpoint still counts as used."""
