@@ -42,6 +42,7 @@ from surgvqa.plan_counts import (
     PlanArguments,
     Tokens,
     build_config,
+    dora_norm_elements,
     kbit_training_dtype,
     largest_quantized_linear,
     layout_for,
@@ -88,6 +89,8 @@ class Planner:
         self.processor = load_processor(args, checkpoint, self.layout.backbone)
         self.groups = weights(self.model, self.layout, args)
         self.lora = lora_params(self.model, self.layout, args)
+        # DoRA's norm of W + BA: the product in fp32 (the adapter's dtype) beside the weight in the compute dtype
+        self.dora_norm = dora_norm_elements(self.model, self.layout, args) * (4 + DTYPE_BYTES[args.dtype])
         self.saved_params, self.saved_bytes = trained_module_params(self.model, self.layout, args)
         if args.quantization:
             self.shape.largest_linear = largest_quantized_linear(self.model, self.layout)
@@ -130,6 +133,7 @@ class Planner:
             "inputs": self.inputs_bytes(tokens, batch),
             "dequantize": self.shape.largest_linear * DTYPE_BYTES[args.dtype],
             "lm_head_cast": self.lm_head_cast_bytes(),
+            "dora_norm": self.dora_norm,
         }
         return mode, parts, activation_features(self.shape, batch, tokens.total, logit_tokens, mode, tokens.patches)
 
@@ -145,6 +149,7 @@ class Planner:
             "inputs": self.inputs_bytes(tokens, batch),
             "kv_cache": kv,
             "dequantize": self.shape.largest_linear * DTYPE_BYTES[args.dtype],
+            "dora_norm": self.dora_norm,
         }
         return parts, activation_features(self.shape, batch, tokens.total, tokens.total, "generate", tokens.patches)
 
@@ -299,7 +304,7 @@ def render(plan: Plan) -> str:
     lines.append(
         f"  {a['frames']} frames x {a['frame_size']} px ({a['source_size']} -> {w}x{h}), {a['question_modality']}"
         + (f" ({a['audio_seconds']:g} s)" if "audio" in a["question_modality"] else "")
-        + f", batch {a['batch']}, LoRA r{a['lora_r']}, {quant}, gradient checkpointing "
+        + f", batch {a['batch']}, {'DoRA' if a['use_dora'] else 'LoRA'} r{a['lora_r']}, {quant}, gradient checkpointing "
         + ("on" if a["gradient_checkpointing"] else "off") + f", {a['optim']}, logits {a['logits']}"
         + (f", token_kept_ratio {a['token_kept_ratio']:g}" if a["token_kept_ratio"] != 1.0 else "")
     )
@@ -325,7 +330,8 @@ def render(plan: Plan) -> str:
     train, ev = plan.train, plan.eval
     labels = {"weights": "weights", "trainable_params": "trainable params", "gradients": "gradients",
               "optimizer": "optimizer state", "inputs": "inputs", "activations": "activations (fitted)",
-              "dequantize": "4/8-bit dequantize", "lm_head_cast": "lm_head bf16 copy", "adapter": "adapter", "kv_cache": "KV cache (exact)"}
+              "dequantize": "4/8-bit dequantize", "lm_head_cast": "lm_head bf16 copy", "adapter": "adapter", "kv_cache": "KV cache (exact)",
+              "dora_norm": "DoRA weight norm"}
     lines.append(f"training: batch {train['batch']} x {train['sequence']} tokens ({train['mode']})")
     phases = train["activation_phases"]
     peak = max(phases, key=phases.get) if phases else None
@@ -345,6 +351,9 @@ def render(plan: Plan) -> str:
         err = cal["max_error_on_calibration"]
         lines.append(f"activations ({mode}, {cal['regime']}): {cal['source']}"
                      + (f"; worst calibration error {100 * err:.1f} %" if err is not None else ""))
+    if a["use_dora"]:
+        lines.append("DoRA: activations are fitted on plain LoRA; DoRA also keeps each adapted Linear's output for its "
+                     "backward (not in the fit)")
     lines.append("totals are allocated tensor bytes (torch.cuda.max_memory_allocated); the GPU also holds the CUDA "
                  "context and allocator slack (--overhead)")
     if plan.budget:

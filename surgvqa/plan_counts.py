@@ -50,6 +50,9 @@ class PlanArguments:
     load_in_8bit: bool = field(default=False, metadata={"help": "8-bit base (LLM.int8)"})
     gradient_checkpointing: bool = field(default=False)
     lora_r: int = field(default=16)
+    use_dora: bool = field(default=False, metadata={
+        "help": "DoRA: a trained magnitude per output of each adapted Linear, and one layer's W + BA at a time for "
+                "its norm"})
     lora_dropout: float = field(default=0.05)
     lora_target_regex: str | None = field(default=None, metadata={"help": "default: the backbone's"})
     train_projectors: bool = field(default=False, metadata={"help": "also train the multimodal projectors"})
@@ -339,18 +342,28 @@ def largest_quantized_linear(model, layout: Layout) -> int:
         default=0)
 
 
-def lora_params(model, layout: Layout, args: PlanArguments) -> int:
-    """Parameters LoRA adds: r x (in + out) for every Linear PEFT's regex (``re.fullmatch``) selects."""
+def adapted_linears(model, layout: Layout, args: PlanArguments) -> list:
+    """The Linear layers PEFT's regex (``re.fullmatch``) selects for LoRA."""
     from torch import nn
 
     regex = args.lora_target_regex or layout.lora_target_regex
-    total = 0
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and re.fullmatch(regex, name):
-            total += args.lora_r * (module.in_features + module.out_features)
-    if total == 0:
+    linears = [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(regex, name)]
+    if not linears:
         raise PlanError(f"the LoRA regex {regex!r} matches no Linear layer of this model")
-    return total
+    return linears
+
+
+def lora_params(model, layout: Layout, args: PlanArguments) -> int:
+    """Parameters LoRA adds: r x (in + out) for every adapted Linear, plus its out magnitudes with DoRA."""
+    return sum(args.lora_r * (m.in_features + m.out_features) + (m.out_features if args.use_dora else 0)
+               for m in adapted_linears(model, layout, args))
+
+
+def dora_norm_elements(model, layout: Layout, args: PlanArguments) -> int:
+    """Elements of the largest W + BA DoRA forms for its weight norm (one layer at a time; 0 without DoRA)."""
+    if not args.use_dora:
+        return 0
+    return max(m.in_features * m.out_features for m in adapted_linears(model, layout, args))
 
 
 def trained_module_params(model, layout: Layout, args: PlanArguments) -> tuple[int, int]:

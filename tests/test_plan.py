@@ -385,3 +385,22 @@ def test_optimizer_step_term_counts_the_trainable_parameters(tiny_model_dir):
             assert {k for k in features if k.endswith(":step")} == {"backward:step"}
             assert features["backward:step"] == plan.trainable()["params"]
     assert plans[16].shape.trainable == 4 * plans[4].shape.trainable
+
+
+def test_dora_adds_its_magnitudes_and_the_norm_of_one_merged_weight(tiny_model_dir):
+    """DoRA's trainable parameters are PEFT's own count (LoRA pairs plus one magnitude per output of each adapted
+    Linear); training and generation hold one layer's W + BA (fp32) beside W (bf16) for its norm."""
+    from peft import LoraConfig, get_peft_model
+
+    from surgvqa.backbones import LoadOptions, backbone_for
+
+    lora, dora = planner(tiny_model_dir, lora_r=4), planner(tiny_model_dir, lora_r=4, use_dora=True)
+    backbone = backbone_for(str(tiny_model_dir))
+    model = backbone.load(str(tiny_model_dir), LoadOptions(dtype="float32"))
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=backbone.lora_target_regex, use_dora=True))
+    assert dora.lora == sum(p.numel() for p in peft_model.parameters() if p.requires_grad) > lora.lora
+    largest = max(m.base_layer.weight.numel() for m in peft_model.modules() if hasattr(m, "lora_magnitude_vector"))
+    tokens = sample_tokens(dora.processor, dora.args, mode="train")
+    assert dora.train_breakdown(tokens)[1]["dora_norm"] == largest * (4 + 2) > 0
+    assert dora.eval_breakdown(tokens)[0]["dora_norm"] == largest * 6
+    assert lora.train_breakdown(tokens)[1]["dora_norm"] == 0
