@@ -31,6 +31,7 @@ from surgvqa import __version__
 from surgvqa.backbones import LoadOptions, get_backbone
 from surgvqa.backbones.base import vision_grid
 from surgvqa.checkpoint import load_for_inference, sha256_file, weights_sha256
+from surgvqa.clusters import Clustering
 from surgvqa.collate import VQACollator
 from surgvqa.data import (
     CONSTANT_VIDEO_ABLATIONS,
@@ -118,6 +119,13 @@ class EvalArguments:
         default=None,
         metadata={"help": "reference run's predictions file (or its summary): paired comparison on the same samples"},
     )
+    cluster_by: str | None = field(
+        default=None, metadata={"help": "segment (default) | clip | video | none: the questions that are resampled "
+                                        "together for the clustered intervals; re-scoring: the run's"})
+    cluster_gap: int | None = field(
+        default=None, metadata={"help": "clips of one video within this many frames form one segment (default 30)"})
+    bootstrap: int | None = field(default=None, metadata={"help": "cluster-bootstrap resamples (default 2000)"})
+    bootstrap_seed: int | None = field(default=None, metadata={"help": "seed of the cluster bootstrap (default 0)"})
     score_predictions: str | None = field(
         default=None,
         metadata={"help": "re-score this predictions file with the answer sets of its meta line (no model)"},
@@ -146,10 +154,18 @@ def video_fill(processor, frames_as: str) -> tuple[int, int, int]:
     return tuple(int(round(min(255.0, max(0.0, m / scale)))) for m in mean)
 
 
-def compare_with(records: list[dict], reference: str, candidates: dict | None, ablate: str | None) -> dict:
+def clustering_of(args: EvalArguments, meta: dict | None) -> Clustering:
+    """The run's clustering (its meta line's, else the defaults) with the flags given on top."""
+    return Clustering.from_meta(meta, cluster_by=args.cluster_by, cluster_gap=args.cluster_gap,
+                                bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed)
+
+
+def compare_with(records: list[dict], reference: str, candidates: dict | None, ablate: str | None,
+                 clustering: Clustering | None = None) -> dict:
     """Paired comparison of this run's records with a reference run's predictions file (or its summary)."""
     path = predictions_path_for(reference)
-    result = paired_comparison(records, read_predictions(path), candidates, removed=ABLATION_REMOVES.get(ablate))
+    result = paired_comparison(records, read_predictions(path), candidates, removed=ABLATION_REMOVES.get(ablate),
+                               clustering=clustering)
     return {"reference": str(path.resolve()), **result}
 
 
@@ -214,6 +230,7 @@ def run_meta(args: EvalArguments, preprocessing: EvalPreprocessing, media: Media
         "scoring": SCORING_VERSION,
         "baseline": parse_baseline(args.baseline) if args.baseline else "majority",
         "candidates": candidates,
+        **clustering_of(args, None).as_meta(),
     }
 
 
@@ -370,6 +387,7 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
     if args.score_predictions:
         return rescore(args)
     check_paths(args)
+    clustering_of(args, None)  # a bad --cluster_by / --cluster_gap / --bootstrap fails before the model loads
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     output = Path(args.output_file)
@@ -451,11 +469,13 @@ def _finish(records: list[dict], meta: dict | None, predictions: Path, summary_f
             args: EvalArguments) -> dict[str, Any]:
     """Summary (+ comparison) of a predictions file, written and printed; the same for a run and a re-score."""
     baseline = parse_baseline(args.baseline) if args.baseline else None
-    summary = summarize_run(records, meta, baseline=baseline)
+    clustering = clustering_of(args, meta)
+    summary = summarize_run(records, meta, baseline=baseline, clustering=clustering)
     summary["predictions_file"] = str(predictions.resolve())
     ablate = meta.get("ablate") if meta else None
     if args.compare:
-        summary["comparison"] = compare_with(records, args.compare, meta.get("candidates") if meta else None, ablate)
+        summary["comparison"] = compare_with(records, args.compare, meta.get("candidates") if meta else None, ablate,
+                                             clustering)
     write_summary(summary, summary_file)
     print(format_table(summary))
     if args.compare:
@@ -486,7 +506,7 @@ def write_report(predictions: Path, args: EvalArguments, meta: dict | None) -> P
 
 # The flags re-scoring uses; any other flag set away from its default needs a model run and is refused.
 _RESCORE_FLAGS = {"score_predictions", "output_file", "overwrite", "compare", "baseline", "plot", "report",
-                  "frames_dir", "audio_dir"}
+                  "frames_dir", "audio_dir", "cluster_by", "cluster_gap", "bootstrap", "bootstrap_seed"}
 
 
 def rescore(args: EvalArguments) -> dict[str, Any]:
@@ -540,6 +560,7 @@ def _generate_into(partial: Path, model, processor, dataset, collator, candidate
                 "question": sample.question,
                 "answer": sample.answer,
                 "short_answer": sample.short_answer,
+                **clip_fields(sample),
                 "prediction": prediction.text,
                 "stopped_by_eos": prediction.stopped_by_eos,
                 "new_tokens": prediction.new_tokens,
@@ -556,6 +577,16 @@ def _generate_into(partial: Path, model, processor, dataset, collator, candidate
             bar.update(1)
             bar.set_postfix(accuracy=f"{hits / seen:.3f}")
     bar.close()
+
+
+def clip_fields(sample: Sample) -> dict[str, Any]:
+    """The clip's frame names and numbers, so re-scoring finds the segments from the predictions file alone."""
+    out: dict[str, Any] = {}
+    if sample.frame_paths:
+        out["frames"] = [p.stem for p in sample.frame_paths]
+    if isinstance(sample.extra.get("frame_numbers"), list):
+        out["frame_numbers"] = sample.extra["frame_numbers"]
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> EvalArguments:
