@@ -215,7 +215,8 @@ def _aligned(rows: Sequence[Sequence[str]], right: Container[int]) -> list[str]:
     return lines
 
 
-def _ci(interval: Sequence[float] | None) -> str:
+def format_ci(interval: Sequence[float] | None) -> str:
+    """``[lo, hi]`` in points with one decimal, or ``n/a``."""
     return "n/a" if interval is None else f"[{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
 
 
@@ -238,15 +239,15 @@ def format_clustered(summary: Mapping[str, Any]) -> list[str]:
                      f"resamples, seed {how['bootstrap_seed']}{deff}")
     for name, label in (("k_acc", "K-ACC"), ("substring", "substring")):
         if clustered[name]["ci95"] is not None:
-            lines.append(f"  {label} clustered 95% CI {_ci(clustered[name]['ci95'])}")
+            lines.append(f"  {label} clustered 95% CI {format_ci(clustered[name]['ci95'])}")
     across = clustered.get("across_videos")
     if across and across["ci95"] is not None:
-        lines.append(f"  videos resampled too (wider): {_ci(across['ci95'])}")
+        lines.append(f"  videos resampled too (wider): {format_ci(across['ci95'])}")
     if how["n_videos"] > 1:
         rows = [("video", "n", "acc", "clustered 95% CI", f"{unit}s", "Wilson 95% CI")]
         for video, v in clustered["per_video"].items():
-            rows.append((video or "-", str(v["n"]), _pct(v["accuracy"]), _ci(v["clustered"]["ci95"]),
-                         str(v["clustered"]["n_clusters"]), _ci(v["ci95"])))
+            rows.append((video or "-", str(v["n"]), _pct(v["accuracy"]), format_ci(v["clustered"]["ci95"]),
+                         str(v["clustered"]["n_clusters"]), format_ci(v["ci95"])))
         lines += ["", *(line.rstrip() for line in _aligned(rows, right={1, 2, 4}))]
     if clustered.get("note"):
         lines.append(f"note: {clustered['note']}")
@@ -268,7 +269,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
                 qtype,
                 str(t["n"]),
                 _pct(t["accuracy"]),
-                _ci(clustered_types.get(qtype, {}).get("ci95")),
+                format_ci(clustered_types.get(qtype, {}).get("ci95")),
                 f"[{100 * lo:.1f}, {100 * hi:.1f}]",
                 _pct(t["majority_baseline"]),
                 _pct(t["chance_baseline"]),
@@ -282,7 +283,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
     delta = summary["delta_vs_baseline"]
     lines.append("")
     clustered_ci = ((summary.get("clustered") or {}).get("accuracy") or {}).get("ci95")
-    headline = f"{_ci(clustered_ci)} clustered, Wilson [{100 * lo:.1f}, {100 * hi:.1f}]" if clustered_ci else (
+    headline = f"{format_ci(clustered_ci)} clustered, Wilson [{100 * lo:.1f}, {100 * hi:.1f}]" if clustered_ci else (
         f"[{100 * lo:.1f}, {100 * hi:.1f}] Wilson")
     lines.append(
         f"overall: n={n}  strict accuracy {_pct(summary['accuracy'])} {headline}  "
@@ -381,13 +382,16 @@ def format_paired_comparison(
     comparison: Mapping[str, Any], label: str = "run", reference_label: str = "reference"
 ) -> str:
     """Printable form of ``metrics.paired_comparison``: one row per type, then the overall verdict."""
-    header = ("type", "n", label, reference_label, "run - ref [95% CI]", "b", "c", "McNemar p")
+    header = ("type", "n", label, reference_label, "run - ref [95% CI]", "b", "c", "McNemar p",
+              "clustered [95% CI]", "clustered p")
     rows = [header]
 
     def row(name: str, v: Mapping[str, Any]) -> tuple[str, ...]:
         if not v["n"]:
-            return (name, "0", "", "", "", "", "", "")
+            return (name, "0", "", "", "", "", "", "", "", "")
         lo, hi = v["difference_ci95"]
+        clustered = v.get("clustered") or {}
+        cci = clustered.get("ci95")
         return (
             name,
             str(v["n"]),
@@ -397,13 +401,17 @@ def format_paired_comparison(
             str(v["b"]),
             str(v["c"]),
             f"{v['p_value']:.2g}",
+            "n/a" if cci is None else f"[{100 * cci[0]:+.1f}, {100 * cci[1]:+.1f}]",
+            "n/a" if not clustered else f"{clustered['p_value']:.2g}",
         )
 
     rows += [row(t, v) for t, v in comparison["per_type"].items()]
     rows.append(row("overall", comparison["overall"]))
+    how = comparison.get("clustering") or {}
+    unit = f"{how['unit']}s" if how else "clusters"
     lines = [
         f"paired comparison: {label} vs {reference_label} on the same samples (b = {reference_label} right and "
-        f"{label} wrong, c = the reverse; points)",
+        f"{label} wrong, c = the reverse; points; clustered = cluster bootstrap and clustered McNemar over {unit})",
         *_aligned(rows, right=range(1, len(header))),
     ]
     for name in ("only_in_run", "only_in_reference", "gold_differs"):
