@@ -7,8 +7,9 @@
 Simulation (``--sets`` test sets per row): 40 segments of 1-25 questions each (sizes drawn per set), one video;
 each segment's accuracy drawn from a beta distribution with mean 0.7 and between-segment intra-class correlation
 ICC (0 = every question independent), each question right with its segment's accuracy. Coverage: the share of sets
-whose interval holds 0.7; width: mean width. The interval is exactly what a summary prints
-(``surgvqa.stats.cluster_interval`` over ``surgvqa.clusters`` segments, ``--resamples`` resamples).
+whose interval holds 0.7; width: mean width. The clustered interval is exactly what a summary prints
+(``surgvqa.stats.cluster_interval`` over the segments, ``--resamples`` resamples); the plain percentile interval
+(2.5 / 97.5 % of the same resamples) is shown for comparison.
 
 Paired null: two runs of the same accuracy on the same questions, each run's right/wrong drawn as above
 (independently per run, so each run's errors cluster in segments with the given ICC, and the discordant pairs do
@@ -37,9 +38,11 @@ from _common import log, print_table  # noqa: E402
 
 from surgvqa.clusters import Clustering, assign  # noqa: E402
 from surgvqa.stats import (  # noqa: E402
+    bootstrap_ratios,
     cluster_interval,
     clustered_paired,
     mcnemar_exact_p,
+    resample_counts,
     wilson_interval,
 )
 
@@ -67,7 +70,7 @@ def coverage(sets: int, resamples: int, seed: int) -> list[tuple]:
     rows = []
     for icc in ICCS:
         rng = np.random.default_rng([seed, int(icc * 1000)])
-        wilson_in = clustered_in = 0
+        wilson_in = clustered_in = plain_in = 0
         wilson_width = clustered_width = 0.0
         deffs = []
         started = time.perf_counter()
@@ -80,15 +83,19 @@ def coverage(sets: int, resamples: int, seed: int) -> list[tuple]:
             wilson_width += hi - lo
             block = cluster_interval(hits.tolist(), sizes.tolist(), ["v"] * SEGMENTS, resamples, seed + k)
             if block["ci95"] is None:  # every answer right or wrong: the summary shows Wilson alone
-                clo, chi = lo, hi
+                clo, chi = plo, phi = lo, hi
             else:
                 clo, chi = block["ci95"]
                 deffs.append(block["design_effect"])
             clustered_in += clo <= TRUE_ACCURACY <= chi
             clustered_width += chi - clo
+            if block["ci95"] is not None:  # the plain percentile interval of the same resamples (same seed)
+                ratios = bootstrap_ratios(hits, sizes, resample_counts(["v"] * SEGMENTS, resamples, seed + k))
+                plo, phi = np.quantile(ratios, [0.025, 0.975])
+            plain_in += plo <= TRUE_ACCURACY <= phi
         log(f"coverage ICC {icc}: {time.perf_counter() - started:.0f} s")
         rows.append((f"{icc:.1f}", sets, f"{100 * wilson_in / sets:.1f} %", f"{100 * clustered_in / sets:.1f} %",
-                     f"{100 * wilson_width / sets:.1f}", f"{100 * clustered_width / sets:.1f}",
+                     f"{100 * plain_in / sets:.1f} %", f"{100 * wilson_width / sets:.1f}", f"{100 * clustered_width / sets:.1f}",
                      f"{clustered_width / wilson_width:.2f}", f"{np.median(deffs):.2f}"))
     return rows
 
@@ -167,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                     title=f"{args.real_data}: gold answers made wrong, segments at gap 30 frames, "
                           f"{args.resamples} resamples, seed {args.seed}")
         return 0
-    print_table(("ICC", "sets", "Wilson coverage", "clustered coverage", "Wilson width (pts)",
+    print_table(("ICC", "sets", "Wilson coverage", "clustered coverage", "plain percentile coverage",
+                 "Wilson width (pts)",
                  "clustered width (pts)", "width ratio", "median design effect"),
                 coverage(args.sets, args.resamples, args.seed),
                 title=f"95 % intervals, true accuracy {TRUE_ACCURACY}, {SEGMENTS} segments x 1-{MAX_CLIPS} questions, "
