@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Do the printed 95 % intervals cover? Wilson vs the segment-clustered bootstrap, and the paired tests' type-I error.
 
-    python benchmarks/interval_coverage.py [--sets 2000] [--resamples 2000] [--seed 0]
+    python benchmarks/interval_coverage.py [--quick] [--strict] [--sets 2000] [--resamples 2000] [--seed 0]
     python benchmarks/interval_coverage.py --real_data ../shared/data/real-colon-vqa/in_template.jsonl
 
 Simulation (``--sets`` test sets per row): 40 segments of 1-25 questions each (sizes drawn per set), one video;
@@ -51,6 +51,9 @@ SEGMENTS = 40
 MAX_CLIPS = 25
 ICCS = (0.0, 0.2, 0.5)
 ALPHA = 0.05
+COVERAGE_GOAL = (93.0, 97.0)  # clustered coverage, % at every ICC
+WIDTH_GOAL = 1.15  # clustered / Wilson width at ICC 0
+TYPE_I_GOAL = (3.5, 6.5)  # clustered McNemar rejections under the null, %
 
 
 def _segment_accuracies(rng: np.random.Generator, icc: float) -> np.ndarray:
@@ -164,9 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sets", type=int, default=2000)
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="200 sets and 500 resamples (noisy: a smoke run)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     parser.add_argument("--real_data", type=Path, default=None,
                         help="REAL-Colon-VQA JSONL: print the real-annotation table instead of the simulation")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.sets, args.resamples = 200, 500
     if args.real_data:
         print_table(("case", "video", "n", "segments", "acc %", "design effect", "effective n",
                      "clustered width (pts)", "Wilson width (pts)", "width ratio"),
@@ -174,16 +181,25 @@ def main(argv: list[str] | None = None) -> int:
                     title=f"{args.real_data}: gold answers made wrong, segments at gap 30 frames, "
                           f"{args.resamples} resamples, seed {args.seed}")
         return 0
+    cover = coverage(args.sets, args.resamples, args.seed)
     print_table(("ICC", "sets", "Wilson coverage", "clustered coverage", "plain percentile coverage",
-                 "Wilson width (pts)",
-                 "clustered width (pts)", "width ratio", "median design effect"),
-                coverage(args.sets, args.resamples, args.seed),
+                 "Wilson width (pts)", "clustered width (pts)", "width ratio", "median design effect"), cover,
                 title=f"95 % intervals, true accuracy {TRUE_ACCURACY}, {SEGMENTS} segments x 1-{MAX_CLIPS} questions, "
                       f"{args.resamples} resamples")
+    null = paired_null(args.sets, args.resamples, args.seed)
     print_table(("ICC", "sets", "exact McNemar", "clustered McNemar (Durkalski)", "cluster-bootstrap CI excludes 0"),
-                paired_null(args.sets, args.resamples, args.seed),
-                title=f"type-I error at alpha = {ALPHA} under a null with segment-correlated errors")
-    return 0
+                null, title=f"type-I error at alpha = {ALPHA} under a null with segment-correlated errors")
+    goals = [
+        (f"clustered coverage in {COVERAGE_GOAL[0]:g}-{COVERAGE_GOAL[1]:g} % at every ICC",
+         all(COVERAGE_GOAL[0] <= float(r[3].rstrip(" %")) <= COVERAGE_GOAL[1] for r in cover)),
+        (f"clustered / Wilson width at ICC 0 <= {WIDTH_GOAL}", float(cover[0][7]) <= WIDTH_GOAL),
+        (f"clustered McNemar type-I error in {TYPE_I_GOAL[0]:g}-{TYPE_I_GOAL[1]:g} % at every ICC",
+         all(TYPE_I_GOAL[0] <= float(r[3].rstrip(" %")) <= TYPE_I_GOAL[1] for r in null)),
+    ]
+    print()
+    for text, met in goals:
+        print(f"goal: {text}: {'MET' if met else 'MISSED'}")
+    return 1 if args.strict and not all(met for _, met in goals) else 0
 
 
 if __name__ == "__main__":

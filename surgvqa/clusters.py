@@ -172,7 +172,7 @@ def one_video_note(video: str, unit: str) -> str:
     """What a clustered interval on a single video covers, and what does not."""
     return (f"one video ({video or 'no video_id'}): the clustered interval covers other {unit}s of this video, not "
             "new videos; how a new video of this kind would score needs several held-out videos "
-            "(leave-one-video-out, EVAL_STRATEGY.md §2.6)")
+            "(leave-one-video-out: surgvqa cv, EVAL_STRATEGY.md §2.6)")
 
 
 def clustered_summary(records: Sequence[Mapping[str, Any]], scores: Sequence[Mapping[str, bool | None]],
