@@ -148,3 +148,15 @@ def test_clustered_summary_is_a_function_of_the_records_alone():
     out = clustered_summary(recs, scores, ["t"] * len(recs), Clustering(resamples=300))
     assert out["k_acc"]["ci95"] is None and out["substring"] == out["accuracy"]
     assert out["clustering"]["bootstrap"] == 300
+
+
+def test_old_predictions_files_rescore_with_the_default_clustering():
+    from surgvqa.report import META_DEFAULTS, summarize_run
+
+    recs = _segmented_run(4, per_segment_error=True)
+    old_meta = {"scoring": "surgvqa-strict-1"}  # written before the clustering was recorded
+    assert {k: META_DEFAULTS[k] for k in ("cluster_by", "cluster_gap", "bootstrap", "bootstrap_seed")} == \
+        Clustering().as_meta()
+    assert summarize_run(recs, old_meta)["clustered"] == summarize_run(recs, None)["clustered"]
+    recorded = summarize_run(recs, {**old_meta, "cluster_gap": 0, "bootstrap_seed": 5})["clustered"]
+    assert recorded["clustering"]["cluster_gap"] == 0 and recorded["clustering"]["bootstrap_seed"] == 5

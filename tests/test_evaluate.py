@@ -72,6 +72,13 @@ def test_output_file_meta_line_and_summary(evaluated, test_set, trained_adapter)
     order = [(json.loads(x)["video_id"], json.loads(x)["id"])
              for x in (test_set / "out_002-001.jsonl").read_text().splitlines()]
     assert [(r["video_id"], r["id"]) for r in records] == order
+    # every record carries its clip's frames and frame numbers, and the meta line the clustering, so re-scoring
+    # finds the same segments and draws the same bootstrap sets from the file alone
+    data = [json.loads(x) for x in (test_set / "out_002-001.jsonl").read_text().splitlines()]
+    assert [r["frame_numbers"] for r in records] == [d["frame_numbers"] for d in data]
+    assert [r["frames"] for r in records] == [d["frames"] for d in data]
+    assert (meta["cluster_by"], meta["cluster_gap"], meta["bootstrap"], meta["bootstrap_seed"]) == ("segment", 30, 2000, 0)
+    assert summary["clustered"]["clustering"]["unit"] == "segment"
 
 
 def _rescore(predictions: Path, *extra: str) -> dict:
