@@ -98,7 +98,8 @@ def coverage(sets: int, resamples: int, seed: int) -> list[tuple]:
             plain_in += plo <= TRUE_ACCURACY <= phi
         log(f"coverage ICC {icc}: {time.perf_counter() - started:.0f} s")
         rows.append((f"{icc:.1f}", sets, f"{100 * wilson_in / sets:.1f} %", f"{100 * clustered_in / sets:.1f} %",
-                     f"{100 * plain_in / sets:.1f} %", f"{100 * wilson_width / sets:.1f}", f"{100 * clustered_width / sets:.1f}",
+                     f"{100 * plain_in / sets:.1f} %", f"{100 * wilson_width / sets:.1f}",
+                     f"{100 * clustered_width / sets:.1f}",
                      f"{clustered_width / wilson_width:.2f}", f"{np.median(deffs):.2f}"))
     return rows
 

@@ -148,7 +148,7 @@ def assign(records: Sequence[Mapping[str, Any]], clustering: Clustering) -> Assi
     fallback = f"{fallback}; {reason}" if fallback else reason
     return Assignment([(v, i) for v, i in zip(videos, _question_numbers(records, videos), strict=True)], "question",
                       "flat",
-                      fallback=fallback + ": each question is its own cluster, resampled within its video")
+                      fallback=fallback + ": each question is its own cluster")
 
 
 def _block(outcomes: Sequence[bool | None], assignment: Assignment, members: Sequence[int],
@@ -185,7 +185,8 @@ def clustered_summary(records: Sequence[Mapping[str, Any]], scores: Sequence[Map
     video_ids = sorted({str(r.get("video_id") or "") for r in records})
     out: dict[str, Any] = {
         "clustering": {**clustering.as_meta(), "unit": assignment.unit, "fallback": assignment.fallback,
-                       "method": BOOTSTRAP_SCHEMES[assignment.scheme], "n_videos": len(video_ids), "n_clusters": len(set(assignment.clusters))},
+                       "method": BOOTSTRAP_SCHEMES[assignment.scheme], "n_videos": len(video_ids),
+                       "n_clusters": len(set(assignment.clusters))},
     }
     for metric in ("accuracy", "k_acc", "substring"):
         out[metric] = _block([s[metric] for s in scores], assignment, everyone, clustering)
@@ -205,8 +206,9 @@ def clustered_summary(records: Sequence[Mapping[str, Any]], scores: Sequence[Map
         }
     out["per_video"] = per_video
     # Videos drawn, then clusters within them: wider (within-video noise counted at both levels); see §2.6
+    several = len(video_ids) > 1 and assignment.unit != "video" and clustering.by != "none"
     out["across_videos"] = (_block([s["accuracy"] for s in scores], assignment, everyone, clustering, "nested")
-                            if len(video_ids) > 1 and assignment.unit != "video" and clustering.by != "none" else None)
+                            if several else None)
     notes = []
     if out["accuracy"]["n_clusters"] < 2:
         notes.append(f"the scored questions form a single {assignment.unit}: {out['accuracy']['reason']}")

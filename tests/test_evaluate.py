@@ -77,7 +77,8 @@ def test_output_file_meta_line_and_summary(evaluated, test_set, trained_adapter)
     data = [json.loads(x) for x in (test_set / "out_002-001.jsonl").read_text().splitlines()]
     assert [r["frame_numbers"] for r in records] == [d["frame_numbers"] for d in data]
     assert [r["frames"] for r in records] == [d["frames"] for d in data]
-    assert (meta["cluster_by"], meta["cluster_gap"], meta["bootstrap"], meta["bootstrap_seed"]) == ("segment", 30, 2000, 0)
+    clustering = (meta["cluster_by"], meta["cluster_gap"], meta["bootstrap"], meta["bootstrap_seed"])
+    assert clustering == ("segment", 30, 2000, 0)
     assert summary["clustered"]["clustering"]["unit"] == "segment"
 
 

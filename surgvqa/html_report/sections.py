@@ -200,7 +200,8 @@ def section_types(run: Run, compared: Sequence[Run]) -> str:
     )
     table = (
         '<div class="tablewrap"><table class="data"><thead><tr><th class="l">question type</th><th>n</th>'
-        '<th>strict acc.</th><th>clustered 95 % CI</th><th>Wilson 95 % CI</th><th>majority</th><th class="l">majority answer</th><th>chance</th>'
+        '<th>strict acc.</th><th>clustered 95 % CI</th><th>Wilson 95 % CI</th><th>majority</th>'
+        '<th class="l">majority answer</th><th>chance</th>'
         '<th class="l">top predicted (share)</th><th>K-ACC</th><th class="l"></th></tr></thead>'
         f'<tbody>{"".join(rows)}</tbody></table></div>'
     )
