@@ -160,3 +160,17 @@ def test_old_predictions_files_rescore_with_the_default_clustering():
     assert summarize_run(recs, old_meta)["clustered"] == summarize_run(recs, None)["clustered"]
     recorded = summarize_run(recs, {**old_meta, "cluster_gap": 0, "bootstrap_seed": 5})["clustered"]
     assert recorded["clustering"]["cluster_gap"] == 0 and recorded["clustering"]["bootstrap_seed"] == 5
+
+
+def test_printed_tables_lead_with_the_clustered_interval():
+    from surgvqa.report import format_paired_comparison, format_table
+
+    ref = _segmented_run(5, per_segment_error=True)
+    summary = summarize(ref)
+    table = format_table(summary)
+    lo, hi = summary["clustered"]["accuracy"]["ci95"]
+    assert f"[{100 * lo:.1f}, {100 * hi:.1f}] clustered, Wilson" in table
+    assert "design effect" in table and "\nvideo " in table  # the per-video table (two videos)
+    run = [dict(r, prediction="no") if r["id"].startswith("q1_") else dict(r) for r in ref]
+    printed = format_paired_comparison(paired_comparison(run, ref, removed="video"), label="ablated")
+    assert "clustered [95% CI]" in printed and "clustered p" in printed and "over 40 segments" in printed
