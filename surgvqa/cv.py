@@ -263,9 +263,12 @@ def cross_validate(args: CvArguments, train_flags: list[str]) -> dict[str, Any]:
     out = Path(args.output_dir)
     folds = plan_folds(_videos(records, args.data_path), out, args.val_policy)
     out.mkdir(parents=True, exist_ok=True)
+    # what decides a fold's numbers: a later call must match, so finished folds are never mixed with other ones
     settings = {"data_path": str(Path(args.data_path).resolve()),
                 "data_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "val_policy": args.val_policy,
-                "train_flags": train_flags}
+                "frames_dir": args.frames_dir and str(Path(args.frames_dir).resolve()),
+                "audio_dir": args.audio_dir and str(Path(args.audio_dir).resolve()),
+                "max_new_tokens": args.max_new_tokens, "clustering": clustering.as_meta(), "train_flags": train_flags}
     recorded = out / "cv_settings.json"
     if recorded.exists() and json.loads(recorded.read_text(encoding="utf-8")) != settings:
         raise UserError(f"{out} holds a cross-validation with other settings ({recorded}); finished folds are never "
@@ -282,7 +285,7 @@ def cross_validate(args: CvArguments, train_flags: list[str]) -> dict[str, Any]:
                if (f.directory / FOLD_DONE).exists()]
     report = {**settings, "n_folds": len(folds), "finished": len(results), "folds": results,
               "across_folds": across_folds(results), "pooled": pooled(results, clustering) if results else None,
-              "clustering": clustering.as_meta(), "arguments": asdict(args)}
+              "arguments": asdict(args)}
     (out / "cv.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out / "cv.html").write_text(render_html(report), encoding="utf-8")
     print(render_text(report))

@@ -99,3 +99,14 @@ def test_three_folds_killed_and_resumed_without_redoing_a_finished_fold(tmp_path
         assert fold["test_video"] not in {json.loads(line)["video_id"] for line in train.read_text().splitlines()}
     assert report["pooled"]["n"] == sum(f["n"] for f in report["folds"])
     assert 'id="folds"' in (out / "cv.html").read_text()
+
+
+def test_a_later_call_with_another_recipe_is_refused(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"video_id": v, "id": "q", "frames": ["f_1"], "question": "?",
+                                        "answer": "yes", "short_answer": "yes"}) + "\n" for v in "abc"))
+    out = tmp_path / "cv"
+    out.mkdir()
+    (out / "cv_settings.json").write_text(json.dumps({"train_flags": ["--max_steps", "3"]}))
+    assert main(["--data_path", str(data), "--output_dir", str(out), "--folds", "a", "--", "--max_steps", "4"]) == 2
+    assert json.loads((out / "cv_settings.json").read_text()) == {"train_flags": ["--max_steps", "3"]}
