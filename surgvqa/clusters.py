@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from surgvqa.stats import BOOTSTRAP_SCHEMES, cluster_interval, clustered_paired, wilson_interval
@@ -80,6 +81,17 @@ def frame_span(record: Mapping[str, Any]) -> tuple[int, int] | None:
             return None
         numbers = [int(m.group(1)) for m in found if m]
     return (min(numbers), max(numbers))
+
+
+def clip_fields(frame_paths: Sequence[Any], frame_numbers: Any) -> dict[str, Any]:
+    """What a predictions record keeps of its clip (frame names, frame numbers), so re-scoring finds the segments
+    from the predictions file alone."""
+    out: dict[str, Any] = {}
+    if frame_paths:
+        out["frames"] = [Path(p).stem for p in frame_paths]
+    if isinstance(frame_numbers, list):
+        out["frame_numbers"] = frame_numbers
+    return out
 
 
 def _clip_key(record: Mapping[str, Any]) -> tuple | None:

@@ -31,7 +31,7 @@ from surgvqa import __version__
 from surgvqa.backbones import LoadOptions, get_backbone
 from surgvqa.backbones.base import vision_grid
 from surgvqa.checkpoint import load_for_inference, sha256_file, weights_sha256
-from surgvqa.clusters import Clustering
+from surgvqa.clusters import Clustering, clip_fields
 from surgvqa.collate import VQACollator
 from surgvqa.data import (
     CONSTANT_VIDEO_ABLATIONS,
@@ -119,11 +119,8 @@ class EvalArguments:
         default=None,
         metadata={"help": "reference run's predictions file (or its summary): paired comparison on the same samples"},
     )
-    cluster_by: str | None = field(
-        default=None, metadata={"help": "segment (default) | clip | video | none: the questions that are resampled "
-                                        "together for the clustered intervals; re-scoring: the run's"})
-    cluster_gap: int | None = field(
-        default=None, metadata={"help": "clips of one video within this many frames form one segment (default 30)"})
+    cluster_by: str | None = field(default=None, metadata={"help": "segment (default) | clip | video | none"})
+    cluster_gap: int | None = field(default=None, metadata={"help": "frames between clips of a segment (30)"})
     bootstrap: int | None = field(default=None, metadata={"help": "cluster-bootstrap resamples (default 2000)"})
     bootstrap_seed: int | None = field(default=None, metadata={"help": "seed of the cluster bootstrap (default 0)"})
     score_predictions: str | None = field(
@@ -560,7 +557,7 @@ def _generate_into(partial: Path, model, processor, dataset, collator, candidate
                 "question": sample.question,
                 "answer": sample.answer,
                 "short_answer": sample.short_answer,
-                **clip_fields(sample),
+                **clip_fields(sample.frame_paths, sample.extra.get("frame_numbers")),
                 "prediction": prediction.text,
                 "stopped_by_eos": prediction.stopped_by_eos,
                 "new_tokens": prediction.new_tokens,
@@ -577,16 +574,6 @@ def _generate_into(partial: Path, model, processor, dataset, collator, candidate
             bar.update(1)
             bar.set_postfix(accuracy=f"{hits / seen:.3f}")
     bar.close()
-
-
-def clip_fields(sample: Sample) -> dict[str, Any]:
-    """The clip's frame names and numbers, so re-scoring finds the segments from the predictions file alone."""
-    out: dict[str, Any] = {}
-    if sample.frame_paths:
-        out["frames"] = [p.stem for p in sample.frame_paths]
-    if isinstance(sample.extra.get("frame_numbers"), list):
-        out["frame_numbers"] = sample.extra["frame_numbers"]
-    return out
 
 
 def parse_args(argv: list[str] | None = None) -> EvalArguments:
