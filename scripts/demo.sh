@@ -68,15 +68,31 @@ grep -E '^(overall|verdict):' "$OUT/ablate_video.log"
 "$PYTHON" -m surgvqa report "$OUT/test_predictions.jsonl" --compare "$OUT/test_predictions_ablate_video.jsonl" \
   --train_dir "$OUT" --output "$OUT/report.html" > "$OUT/report.log" 2>&1 || { cat "$OUT/report.log"; exit 1; }
 
+# re-scoring from the predictions file alone (its meta line holds the clustering and the bootstrap seed)
+"$PYTHON" evaluate_checkpoint.py --score_predictions "$OUT/test_predictions.jsonl" > "$OUT/rescore.log" 2>&1 \
+  || { cat "$OUT/rescore.log"; exit 1; }
+
 "$PYTHON" - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
 normal = json.load(open(f"{out}/test_predictions.summary.json"))
 blind = json.load(open(f"{out}/test_predictions_ablate_video.summary.json"))
+rescored = json.load(open(f"{out}/test_predictions.jsonl.rescored.summary.json"))
 major = normal["majority_baseline"]
+clustered = normal["clustered"]
+acc, how = clustered["accuracy"], clustered["clustering"]
+lo, hi = normal["accuracy_ci95"]
+interval = (f"[{100 * acc['ci95'][0]:.1f}, {100 * acc['ci95'][1]:.1f}] clustered over {acc['n_clusters']} "
+            f"{how['unit']}s" if acc["ci95"] else f"no clustered interval ({acc['reason']})")
 print()
-print(f"accuracy on the unseen test video (n={normal['n']}): {100 * normal['accuracy']:.1f} % vs majority baseline "
-      f"{100 * major:.1f} % ({100 * (normal['accuracy'] - major):+.1f} pts)")
+print(f"accuracy on the unseen test video (n={normal['n']}): {100 * normal['accuracy']:.1f} % {interval} "
+      f"(Wilson [{100 * lo:.1f}, {100 * hi:.1f}]) vs majority baseline {100 * major:.1f} % "
+      f"({100 * (normal['accuracy'] - major):+.1f} pts)")
+if clustered["note"]:
+    print(clustered["note"])
+same = rescored["clustered"] == clustered and rescored["accuracy_ci95"] == normal["accuracy_ci95"]
+print(f"re-scored from {out}/test_predictions.jsonl alone: "
+      + ("every interval identical" if same else "INTERVALS DIFFER (a bug: please report it)"))
 print(f"accuracy without video (one constant frame): {100 * blind['accuracy']:.1f} % "
       f"({100 * (blind['accuracy'] - major):+.1f} pts vs majority); {blind['comparison']['verdict']}")
 print(f"predictions: {out}/test_predictions.jsonl and {out}/test_predictions_ablate_video.jsonl; "

@@ -1,6 +1,6 @@
-"""Training's arguments: the dataclasses of surgvqa's own flags, the parser (every Hugging Face
-``TrainingArguments`` flag too; or a YAML/JSON recipe file followed by flags that override it), and
-:func:`validate_args`, which refuses every unsupported combination before anything heavy happens.
+"""The flags: training's dataclasses, the parser (every Hugging Face ``TrainingArguments`` flag too; or a YAML/JSON
+recipe file followed by flags that override it) and :func:`validate_args`, which refuses every unsupported
+combination before anything heavy happens; and evaluation's :class:`EvalArguments`.
 
 ``SurgvqaTrainingArguments`` (:mod:`surgvqa.training_args`) is imported only when arguments are parsed: importing
 ``TrainingArguments`` imports peft, and the command line decides first whether bitsandbytes is needed.
@@ -152,6 +152,84 @@ class LoraArguments:
                 "rewrite the base; the final adapter is converted to apply to the original base"})
     loraplus_lr_ratio: float | None = field(default=None, metadata={
         "help": "LoRA+: the B matrices learn at this multiple of --learning_rate (16 in the LoRA+ paper)"})
+
+
+# evaluate_checkpoint.py's flags (surgvqa.evaluate); every preprocessing flag defaults to the checkpoint's record
+@dataclass
+class EvalArguments:
+    checkpoint_path: str | None = field(default=None, metadata={"help": "adapter dir, merged model or base model"})
+    eval_data_path: str | None = field(default=None)
+    frames_dir: str | None = field(default=None)
+    audio_dir: str | None = field(default=None)
+    output_file: str | None = field(
+        default=None,
+        metadata={"help": "predictions JSONL (summary beside it: PRED.summary.json). With --score_predictions "
+                          "use --summary_file (--output_file still names the summary there, with a warning)"},
+    )
+    summary_file: str | None = field(
+        default=None,
+        metadata={"help": "with --score_predictions: where the re-scored summary JSON goes (default: "
+                          "PRED.rescored.summary.json beside the predictions file)"},
+    )
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing --output_file (at the end)"})
+    base_model_path: str | None = field(default=None, metadata={"help": "override the adapter's recorded base"})
+    backbone: str | None = field(default=None)
+    frame_path_template: str | None = field(default=None)
+    audio_path_template: str | None = field(default=None)
+    frame_size: int | None = field(default=None)
+    max_eval_frames: int | None = field(default=None)
+    question_modality: str | None = field(default=None, metadata={"help": "text | audio | text+audio"})
+    frames_as: str | None = field(default=None)
+    token_kept_ratio: float | None = field(
+        default=None, metadata={"help": "video token merging (0 < r <= 1; 1.0 = off); default: as trained"})
+    allow_default_preprocessing: bool = field(
+        default=False, metadata={"help": "a checkpoint without surgvqa_config.json: use the default preprocessing"}
+    )
+    batch_size: int = field(default=8)
+    max_new_tokens: int = field(default=64)
+    baseline: str | None = field(
+        default=None,
+        metadata={"help": "'majority' (default), 'chance' or a number such as 0.46; re-scoring: the run's"},
+    )
+    limit: int | None = field(default=None, metadata={"help": "evaluate only the first N samples"})
+    dtype: str = field(default="auto")
+    attn_implementation: str = field(default="sdpa")
+    load_in_4bit: bool = field(default=False)
+    trust_remote_code: bool = field(default=False)
+    resume: bool = field(
+        default=False,
+        metadata={"help": "continue <output>.partial (or <output>) when its meta line matches this run"},
+    )
+    ablate: str | None = field(
+        default=None,
+        metadata={"help": "video (one constant frame for all) | video_shuffle (another sample's frames) | audio "
+                          "(silence) | audio_shuffle (another sample's audio) | both (video + audio)"},
+    )
+    ablation_seed: int = field(default=0, metadata={"help": "seed of the shuffle ablations' donor assignment"})
+    compare: str | None = field(
+        default=None,
+        metadata={"help": "reference run's predictions file (or its summary): paired comparison on the same samples"},
+    )
+    cluster_by: str | None = field(default=None, metadata={"help": "segment (default) | clip | video | none"})
+    cluster_gap: int | None = field(default=None, metadata={"help": "frames between clips of a segment (30)"})
+    bootstrap: int | None = field(default=None, metadata={"help": "cluster-bootstrap resamples (default 2000)"})
+    bootstrap_seed: int | None = field(default=None, metadata={"help": "seed of the cluster bootstrap (default 0)"})
+    score_predictions: str | None = field(
+        default=None,
+        metadata={"help": "re-score this predictions file with the answer sets of its meta line (no model)"},
+    )
+    skip_bad_samples: bool = field(default=False)
+    plot: str | None = field(default=None, metadata={"help": "write a per-type accuracy PNG here"})
+    report: str | None = field(default=None, metadata={"help": "write an HTML report of the run here"})
+    device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)"})
+    frame_cache: str | None = field(
+        default=None,
+        metadata={"help": "none | memory | disk (default: the training run's disk frame cache when it still exists, "
+                          "otherwise none)"},
+    )
+    frame_cache_dir: str | None = field(default=None, metadata={"help": "disk frame cache location"})
+    frame_cache_max_gb: float | None = field(default=None, metadata={"help": "default: 32 on disk, 4 in memory"})
+
 
 
 #: what :func:`parse_args` returns (a string: SurgvqaTrainingArguments is imported only when arguments are parsed)

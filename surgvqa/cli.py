@@ -36,6 +36,7 @@ COMMANDS: dict[str, Command] = {
                                 "check pad / eos / end-of-turn tokens (= bash verify_tokenizer.sh)"),
     "report": Command("surgvqa.html_report", "main", "an HTML report of predictions files"),
     "plan": Command("surgvqa.plan", "main", "plan a run before spending GPU hours"),
+    "cv": Command("surgvqa.cv", "main", "leave-one-video-out: train and evaluate one fold per video"),
     "create-graft": Command("surgvqa.backbones.qwen_vl_whisper.create", "main",
                             "write a Qwen-VL + Whisper graft directory (the qwen_vl_whisper backbone)"),
 }

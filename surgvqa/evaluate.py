@@ -22,16 +22,18 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from transformers import HfArgumentParser
 
 from surgvqa import __version__
+from surgvqa.arguments import EvalArguments
 from surgvqa.backbones import LoadOptions, get_backbone
 from surgvqa.backbones.base import vision_grid
 from surgvqa.checkpoint import load_for_inference, sha256_file, weights_sha256
+from surgvqa.clusters import Clustering, clip_fields
 from surgvqa.collate import VQACollator
 from surgvqa.data import (
     CONSTANT_VIDEO_ABLATIONS,
@@ -70,79 +72,6 @@ logger = logging.getLogger("surgvqa.evaluate")
 META_FORMAT = 1
 
 
-@dataclass
-class EvalArguments:
-    checkpoint_path: str | None = field(default=None, metadata={"help": "adapter dir, merged model or base model"})
-    eval_data_path: str | None = field(default=None)
-    frames_dir: str | None = field(default=None)
-    audio_dir: str | None = field(default=None)
-    output_file: str | None = field(
-        default=None,
-        metadata={"help": "predictions JSONL (summary beside it: PRED.summary.json). With --score_predictions "
-                          "use --summary_file (--output_file still names the summary there, with a warning)"},
-    )
-    summary_file: str | None = field(
-        default=None,
-        metadata={"help": "with --score_predictions: where the re-scored summary JSON goes (default: "
-                          "PRED.rescored.summary.json beside the predictions file)"},
-    )
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing --output_file (at the end)"})
-    base_model_path: str | None = field(default=None, metadata={"help": "override the adapter's recorded base"})
-    backbone: str | None = field(default=None)
-    frame_path_template: str | None = field(default=None)
-    audio_path_template: str | None = field(default=None)
-    frame_size: int | None = field(default=None)
-    max_eval_frames: int | None = field(default=None)
-    question_modality: str | None = field(default=None, metadata={"help": "text | audio | text+audio"})
-    frames_as: str | None = field(default=None)
-    token_kept_ratio: float | None = field(
-        default=None, metadata={"help": "video token merging (0 < r <= 1; 1.0 = off); default: as trained"})
-    allow_default_preprocessing: bool = field(
-        default=False, metadata={"help": "a checkpoint without surgvqa_config.json: use the default preprocessing"}
-    )
-    batch_size: int = field(default=8)
-    max_new_tokens: int = field(default=64)
-    baseline: str | None = field(
-        default=None,
-        metadata={"help": "'majority' (default), 'chance' or a number such as 0.46; re-scoring: the run's"},
-    )
-    limit: int | None = field(default=None, metadata={"help": "evaluate only the first N samples"})
-    dtype: str = field(default="auto")
-    attn_implementation: str = field(default="sdpa")
-    load_in_4bit: bool = field(default=False)
-    trust_remote_code: bool = field(default=False)
-    resume: bool = field(
-        default=False,
-        metadata={"help": "continue <output>.partial (or <output>) when its meta line matches this run"},
-    )
-    ablate: str | None = field(
-        default=None,
-        metadata={"help": "video (one constant frame for all) | video_shuffle (another sample's frames) | audio "
-                          "(silence) | audio_shuffle (another sample's audio) | both (video + audio)"},
-    )
-    ablation_seed: int = field(default=0, metadata={"help": "seed of the shuffle ablations' donor assignment"})
-    compare: str | None = field(
-        default=None,
-        metadata={"help": "reference run's predictions file (or its summary): paired comparison on the same samples"},
-    )
-    score_predictions: str | None = field(
-        default=None,
-        metadata={"help": "re-score this predictions file with the answer sets of its meta line (no model)"},
-    )
-    skip_bad_samples: bool = field(default=False)
-    plot: str | None = field(default=None, metadata={"help": "write a per-type accuracy PNG here"})
-    report: str | None = field(default=None, metadata={"help": "write an HTML report of the run here"})
-    device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)"})
-    frame_cache: str | None = field(
-        default=None,
-        metadata={"help": "none | memory | disk (default: the training run's disk frame cache when it still exists, "
-                          "otherwise none)"},
-    )
-    frame_cache_dir: str | None = field(default=None, metadata={"help": "disk frame cache location"})
-    frame_cache_max_gb: float | None = field(default=None, metadata={"help": "default: 32 on disk, 4 in memory"})
-
-
-
 def video_fill(processor, frames_as: str) -> tuple[int, int, int]:
     """The uint8 RGB colour that the processor normalises to (about) zero: its normalisation mean."""
     part = processor.image_processor if frames_as == "images" else processor.video_processor
@@ -153,10 +82,18 @@ def video_fill(processor, frames_as: str) -> tuple[int, int, int]:
     return tuple(int(round(min(255.0, max(0.0, m / scale)))) for m in mean)
 
 
-def compare_with(records: list[dict], reference: str, candidates: dict | None, ablate: str | None) -> dict:
+def clustering_of(args: EvalArguments, meta: dict | None) -> Clustering:
+    """The run's clustering (its meta line's, else the defaults) with the flags given on top."""
+    return Clustering.from_meta(meta, cluster_by=args.cluster_by, cluster_gap=args.cluster_gap,
+                                bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed)
+
+
+def compare_with(records: list[dict], reference: str, candidates: dict | None, ablate: str | None,
+                 clustering: Clustering | None = None) -> dict:
     """Paired comparison of this run's records with a reference run's predictions file (or its summary)."""
     path = predictions_path_for(reference)
-    result = paired_comparison(records, read_predictions(path), candidates, removed=ABLATION_REMOVES.get(ablate))
+    result = paired_comparison(records, read_predictions(path), candidates, removed=ABLATION_REMOVES.get(ablate),
+                               clustering=clustering)
     return {"reference": str(path.resolve()), **result}
 
 
@@ -221,6 +158,7 @@ def run_meta(args: EvalArguments, preprocessing: EvalPreprocessing, media: Media
         "scoring": SCORING_VERSION,
         "baseline": parse_baseline(args.baseline) if args.baseline else "majority",
         "candidates": candidates,
+        **clustering_of(args, None).as_meta(),
     }
 
 
@@ -391,6 +329,7 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
     if args.score_predictions:
         return rescore(args)
     check_paths(args)
+    clustering_of(args, None)  # a bad --cluster_by / --cluster_gap / --bootstrap fails before the model loads
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     output = Path(args.output_file)
@@ -472,11 +411,13 @@ def _finish(records: list[dict], meta: dict | None, predictions: Path, summary_f
             args: EvalArguments) -> dict[str, Any]:
     """Summary (+ comparison) of a predictions file, written and printed; the same for a run and a re-score."""
     baseline = parse_baseline(args.baseline) if args.baseline else None
-    summary = summarize_run(records, meta, baseline=baseline)
+    clustering = clustering_of(args, meta)
+    summary = summarize_run(records, meta, baseline=baseline, clustering=clustering)
     summary["predictions_file"] = str(predictions.resolve())
     ablate = meta.get("ablate") if meta else None
     if args.compare:
-        summary["comparison"] = compare_with(records, args.compare, meta.get("candidates") if meta else None, ablate)
+        summary["comparison"] = compare_with(records, args.compare, meta.get("candidates") if meta else None, ablate,
+                                             clustering)
     write_summary(summary, summary_file)
     print(format_table(summary))
     if args.compare:
@@ -512,7 +453,7 @@ def write_report(predictions: Path, args: EvalArguments, meta: dict | None) -> P
 
 # The flags re-scoring uses; any other flag set away from its default needs a model run and is refused.
 _RESCORE_FLAGS = {"score_predictions", "output_file", "summary_file", "overwrite", "compare", "baseline", "plot",
-                  "report", "frames_dir", "audio_dir"}
+                  "report", "frames_dir", "audio_dir", "cluster_by", "cluster_gap", "bootstrap", "bootstrap_seed"}
 
 
 def rescore(args: EvalArguments) -> dict[str, Any]:
@@ -571,6 +512,7 @@ def _generate_into(partial: Path, model, processor, dataset, collator, candidate
                 "question": sample.question,
                 "answer": sample.answer,
                 "short_answer": sample.short_answer,
+                **clip_fields(sample.frame_paths, sample.extra.get("frame_numbers")),
                 "prediction": prediction.text,
                 "stopped_by_eos": prediction.stopped_by_eos,
                 "new_tokens": prediction.new_tokens,

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
+from surgvqa.clusters import Clustering, assign, clustered_pairs, clustered_summary
 from surgvqa.stats import PAIRED_ALPHA, PAIRED_INTERVAL, PAIRED_TEST, paired_stats, wilson_interval
 
 # Re-exported: the paired statistics live in the leaf surgvqa.stats, importable from here as before.
@@ -350,8 +351,10 @@ def summarize(
     records: Iterable[Mapping[str, Any]],
     baseline: str | float = "majority",
     candidates: Mapping[str, Sequence[str]] | None = None,
+    clustering: Clustering | None = None,
 ) -> dict[str, Any]:
-    """Summary of a predictions file; a pure function of the records (hits are always re-computed).
+    """Summary of a predictions file; a pure function of the records (hits are always re-computed); "clustered":
+    ``surgvqa.clusters.clustered_summary`` under ``clustering`` (default: segments, 30 frames).
 
     baseline: "majority" (overall majority-class accuracy = sum over types of the most frequent gold answer's
     count / n), "chance" (sum over types of n_type / n_candidates / n) or a number in 0-1.
@@ -376,10 +379,12 @@ def summarize(
     latencies: list[float] = []
     preds: list[str] = []
     refs: list[str] = []
+    scores: list[dict[str, bool | None]] = []
     for rec in recs:
         qtype = _type_of(rec)
         cands = candidates[qtype]
         score = score_record(rec, candidates)
+        scores.append(score)
         prediction = rec.get("prediction") or ""
         gold = next(
             (c for c in cands if _norm_key(c) == _norm_key(str(rec["short_answer"]))), rec["short_answer"]
@@ -485,6 +490,7 @@ def summarize(
         "n_types": len(per_type),
         "collapsed_types": [t for t, v in per_type.items() if v["collapse"]],
         "per_type": per_type,
+        "clustered": clustered_summary(recs, scores, [_type_of(r) for r in recs], clustering or Clustering()),
         "candidates": {t: candidates[t] for t in sorted(candidates)},
     }
 
@@ -510,7 +516,6 @@ def _keyed(records: Iterable[Mapping[str, Any]], label: str) -> dict[tuple[str |
     return out
 
 
-
 def _key_list(keys: Iterable[tuple[str | None, str]]) -> dict[str, Any]:
     keys = sorted(keys, key=lambda k: (k[0] or "", k[1]))
     return {"n": len(keys), "examples": [list(k) for k in keys[:_LISTED_KEYS]]}
@@ -523,6 +528,7 @@ def paired_comparison(
     *,
     removed: str | None = None,
     alpha: float = PAIRED_ALPHA,
+    clustering: Clustering | None = None,
 ) -> dict[str, Any]:
     """Paired comparison of two runs scored on the same samples (e.g. an ablated run vs the normal run).
 
@@ -550,6 +556,7 @@ def paired_comparison(
     gold_differs = set()
     overall: list[tuple[bool, bool]] = []
     by_type: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
+    paired_refs: list[Mapping[str, Any]] = []
     for key in sorted(set(runs) & set(refs), key=lambda k: (k[0] or "", k[1])):
         run, ref = runs[key], refs[key]
         if _norm_key(str(run["short_answer"])) != _norm_key(str(ref["short_answer"])) or _type_of(run) != _type_of(
@@ -560,6 +567,10 @@ def paired_comparison(
         pair = (bool(score_record(run, candidates)["accuracy"]), bool(score_record(ref, candidates)["accuracy"]))
         overall.append(pair)
         by_type[_type_of(ref)].append(pair)
+        paired_refs.append(ref)
+    clustering = clustering or Clustering()
+    found = assign(paired_refs, clustering)  # the clusters of the reference's records (same clips as the run's)
+    types = [_type_of(r) for r in paired_refs]
     result: dict[str, Any] = {
         "method": {"interval": PAIRED_INTERVAL, "test": PAIRED_TEST, "alpha": alpha},
         "removed": removed,
@@ -570,8 +581,11 @@ def paired_comparison(
         "only_in_run": _key_list(only_run),
         "only_in_reference": _key_list(only_ref),
         "gold_differs": _key_list(gold_differs),
-        "overall": paired_stats(overall, removed, alpha),
-        "per_type": {t: paired_stats(by_type[t], removed, alpha) for t in sorted(by_type)},
+        "clustering": {**clustering.as_meta(), "unit": found.unit, "fallback": found.fallback},
+        "overall": paired_stats(overall, removed, alpha, clustered_pairs(overall, found, clustering)),
+        "per_type": {t: paired_stats(by_type[t], removed, alpha,
+                                     clustered_pairs(by_type[t], found, clustering, [q == t for q in types]))
+                     for t in sorted(by_type)},
     }
     verdict = result["overall"]["verdict"]
     if not result["keys_match"]:

@@ -367,7 +367,24 @@ def render(plan: Plan) -> str:
         lines.append(f"  eval:  up to {b['eval']['max_frames'] or 'no'} frames at {a['frame_size']} px; up to "
                      f"{b['eval']['max_frame_size'] or 'no'} px at {a['frames']} frames; batch up to "
                      f"{b['eval']['max_batch'] or 'none'} at {a['frames']} frames x {a['frame_size']} px")
+    if a.get("cv"):
+        lines += ["", cv_line(a["cv"], a.get("steps_per_fold"), a.get("seconds_per_step"))]
     return "\n".join(lines)
+
+
+def cv_line(videos: int, steps: int | None, seconds_per_step: float | None) -> str:
+    """What ``surgvqa cv`` over ``videos`` videos costs: V trainings and V evaluations; hours only from a measured
+    step time."""
+    if videos < 3:
+        return (f"leave-one-video-out over {videos} video(s): needs at least 3 videos (2 with --val_policy none)")
+    text = (f"leave-one-video-out (surgvqa cv) over {videos} videos: {videos} trainings (each on {videos - 2} videos, "
+            f"the next one validating; {videos - 1} with --val_policy none) and {videos} evaluations (one video each)")
+    if steps and seconds_per_step:
+        hours = videos * steps * seconds_per_step / 3600
+        return text + (f"; training {videos} x {steps} steps x {seconds_per_step:g} s/step (measured, as given) = "
+                       f"{hours:.1f} h, evaluation not included")
+    return text + ("; hours: pass --steps_per_fold and --seconds_per_step measured on this GPU (a short run's "
+                   "train_runtime / steps); the plan never guesses a step time")
 
 
 def make_plan(args: PlanArguments) -> Plan:

@@ -68,6 +68,12 @@ class PlanArguments:
         "help": "added to every total before comparing with --budget: CUDA context, cuBLAS workspace, allocator "
                 "slack (the totals themselves are allocated tensor bytes, like torch.cuda.max_memory_allocated)"})
     device: str = field(default="cuda", metadata={"help": "which calibration to use: cuda | cpu"})
+    cv: int | None = field(default=None, metadata={
+        "help": "leave-one-video-out (surgvqa cv) over this many videos: state what its folds cost"})
+    steps_per_fold: int | None = field(default=None, metadata={"help": "training steps of one fold (with --cv)"})
+    seconds_per_step: float | None = field(default=None, metadata={
+        "help": "a MEASURED training step time in seconds (e.g. train_runtime / steps of a short run): with --cv and "
+                "--steps_per_fold the plan states the training hours; never guessed"})
     json: bool = field(default=False, metadata={"help": "print the plan as one JSON object"})
 
     def validate(self) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from surgvqa.clusters import CLUSTER_DEFAULTS, Clustering
 from surgvqa.metrics import summarize
 
 META_KEY = "surgvqa_meta"
@@ -140,25 +141,29 @@ SUMMARY_META_FIELDS = (
     "video_fps", "max_new_tokens", "limit", "skip_bad_samples", "skipped_bad_samples", "token_kept_ratio",
 )
 #: what a meta line written before a field existed meant by its absence
-META_DEFAULTS = {"token_kept_ratio": 1.0, "max_pixels": None, "min_pixels": None, "video_fps": None}
+META_DEFAULTS = {"token_kept_ratio": 1.0, "max_pixels": None, "min_pixels": None, "video_fps": None,
+                 **CLUSTER_DEFAULTS}
 
 
 def summarize_run(
     records: Sequence[Mapping[str, Any]],
     meta: Mapping[str, Any] | None,
     baseline: str | float | None = None,
+    clustering: Clustering | None = None,
 ) -> dict[str, Any]:
     """The summary of a run: a pure function of its records and meta line (the evaluator and re-scoring both call
     this, so re-scoring a file reproduces the run's summary number for number).
 
     The closed answer sets are the meta line's (the ones the run used, gathered from the whole eval file before
     ``--limit`` / after ``--skip_bad_samples``); without a meta line they are gathered from the records' gold
-    answers (``candidates_source: "records"``). ``baseline``: None = the run's (meta) or "majority".
+    answers (``candidates_source: "records"``). ``baseline``: None = the run's (meta) or "majority";
+    ``clustering``: None = the run's (meta) or the defaults.
     """
     candidates = meta.get("candidates") if meta else None
     if baseline is None:
         baseline = meta.get("baseline", "majority") if meta else "majority"
-    summary = summarize(records, baseline=baseline, candidates=candidates)
+    summary = summarize(records, baseline=baseline, candidates=candidates,
+                        clustering=clustering or Clustering.from_meta(meta))
     summary["candidates_source"] = "meta" if candidates is not None else "records"
     for name in SUMMARY_META_FIELDS:
         summary[name] = meta.get(name, META_DEFAULTS.get(name)) if meta else None
@@ -210,10 +215,52 @@ def _aligned(rows: Sequence[Sequence[str]], right: Container[int]) -> list[str]:
     return lines
 
 
+def format_ci(interval: Sequence[float] | None) -> str:
+    """``[lo, hi]`` in points with one decimal, or ``n/a``."""
+    return "n/a" if interval is None else f"[{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+
+
+def format_clustered(summary: Mapping[str, Any]) -> list[str]:
+    """The overall line with the clustered interval as the headline (Wilson beside it), the per-video table and
+    the clustering's note (one video, one cluster, a fallback)."""
+    clustered = summary.get("clustered")
+    if not clustered:
+        return []
+    how = clustered["clustering"]
+    acc = clustered["accuracy"]
+    unit = how["unit"]
+    lines = []
+    if acc["ci95"] is None:
+        lines.append(f"clustered: no clustered interval: {acc['reason']}")
+    else:
+        deff = "" if not acc["design_effect"] else (
+            f"; design effect {acc['design_effect']:.2f}, effective n {acc['effective_n']:.0f} of {summary['n']}")
+        lines.append(f"clustered: {acc['n_clusters']} {unit}s of {how['n_videos']} video(s), {how['bootstrap']} "
+                     f"resamples, seed {how['bootstrap_seed']}{deff}")
+    for name, label in (("k_acc", "K-ACC"), ("substring", "substring")):
+        if clustered[name]["ci95"] is not None:
+            lines.append(f"  {label} clustered 95% CI {format_ci(clustered[name]['ci95'])}")
+    across = clustered.get("across_videos")
+    if across and across["ci95"] is not None:
+        lines.append(f"  videos resampled too (wider): {format_ci(across['ci95'])}")
+    if how["n_videos"] > 1:
+        rows = [("video", "n", "acc", "clustered 95% CI", f"{unit}s", "Wilson 95% CI")]
+        for video, v in clustered["per_video"].items():
+            rows.append((video or "-", str(v["n"]), _pct(v["accuracy"]), format_ci(v["clustered"]["ci95"]),
+                         str(v["clustered"]["n_clusters"]), format_ci(v["ci95"])))
+        lines += ["", *(line.rstrip() for line in _aligned(rows, right={1, 2, 4}))]
+    if clustered.get("note"):
+        lines.append(f"note: {clustered['note']}")
+    return lines
+
+
 def format_table(summary: Mapping[str, Any]) -> str:
-    """A per-type table (n, strict accuracy, Wilson CI, baselines, top predicted answer, COLLAPSE) + overall."""
+    """A per-type table (n, strict accuracy, clustered and Wilson CI, baselines, top predicted answer, COLLAPSE) +
+    overall (the clustered lines of :func:`format_clustered` after it)."""
     per_type = summary["per_type"]
-    header = ("type", "n", "acc", "95% CI", "major.", "chance", "top predicted (share)", "flag")
+    clustered_types = (summary.get("clustered") or {}).get("per_type", {})
+    header = ("type", "n", "acc", "clustered 95% CI", "Wilson 95% CI", "major.", "chance", "top predicted (share)",
+              "flag")
     rows = [header]
     for qtype, t in per_type.items():
         lo, hi = t["ci95"]
@@ -222,6 +269,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
                 qtype,
                 str(t["n"]),
                 _pct(t["accuracy"]),
+                format_ci(clustered_types.get(qtype, {}).get("ci95")),
                 f"[{100 * lo:.1f}, {100 * hi:.1f}]",
                 _pct(t["majority_baseline"]),
                 _pct(t["chance_baseline"]),
@@ -229,13 +277,16 @@ def format_table(summary: Mapping[str, Any]) -> str:
                 "COLLAPSE" if t["collapse"] else "",
             )
         )
-    lines = [line.rstrip() for line in _aligned(rows, right={1, 2, 4, 5})]
+    lines = [line.rstrip() for line in _aligned(rows, right={1, 2, 5, 6})]
     lo, hi = summary["accuracy_ci95"]
     n = summary["n"]
     delta = summary["delta_vs_baseline"]
     lines.append("")
+    clustered_ci = ((summary.get("clustered") or {}).get("accuracy") or {}).get("ci95")
+    headline = f"{format_ci(clustered_ci)} clustered, Wilson [{100 * lo:.1f}, {100 * hi:.1f}]" if clustered_ci else (
+        f"[{100 * lo:.1f}, {100 * hi:.1f}] Wilson")
     lines.append(
-        f"overall: n={n}  strict accuracy {_pct(summary['accuracy'])} [{100 * lo:.1f}, {100 * hi:.1f}]  "
+        f"overall: n={n}  strict accuracy {_pct(summary['accuracy'])} {headline}  "
         f"vs {summary['baseline_kind']} baseline {_pct(summary['baseline'])}: {100 * delta:+.1f} pts"
     )
     lines.append(
@@ -256,6 +307,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
         f"no EOS (loops / cut at max tokens): {summary['no_eos']} / {n}"
         + (f"  ({eos_unknown} without stopped_by_eos)" if eos_unknown else "")
     )
+    lines += format_clustered(summary)
     collapsed = summary.get("collapsed_types") or []
     lines.append(f"collapsed types: {', '.join(collapsed) if collapsed else 'none'}")
     return "\n".join(lines)
@@ -330,13 +382,16 @@ def format_paired_comparison(
     comparison: Mapping[str, Any], label: str = "run", reference_label: str = "reference"
 ) -> str:
     """Printable form of ``metrics.paired_comparison``: one row per type, then the overall verdict."""
-    header = ("type", "n", label, reference_label, "run - ref [95% CI]", "b", "c", "McNemar p")
+    header = ("type", "n", label, reference_label, "run - ref [95% CI]", "b", "c", "McNemar p",
+              "clustered [95% CI]", "clustered p")
     rows = [header]
 
     def row(name: str, v: Mapping[str, Any]) -> tuple[str, ...]:
         if not v["n"]:
-            return (name, "0", "", "", "", "", "", "")
+            return (name, "0", "", "", "", "", "", "", "", "")
         lo, hi = v["difference_ci95"]
+        clustered = v.get("clustered") or {}
+        cci = clustered.get("ci95")
         return (
             name,
             str(v["n"]),
@@ -346,13 +401,17 @@ def format_paired_comparison(
             str(v["b"]),
             str(v["c"]),
             f"{v['p_value']:.2g}",
+            "n/a" if cci is None else f"[{100 * cci[0]:+.1f}, {100 * cci[1]:+.1f}]",
+            "n/a" if not clustered else f"{clustered['p_value']:.2g}",
         )
 
     rows += [row(t, v) for t, v in comparison["per_type"].items()]
     rows.append(row("overall", comparison["overall"]))
+    how = comparison.get("clustering") or {}
+    unit = f"{how['unit']}s" if how else "clusters"
     lines = [
         f"paired comparison: {label} vs {reference_label} on the same samples (b = {reference_label} right and "
-        f"{label} wrong, c = the reverse; points)",
+        f"{label} wrong, c = the reverse; points; clustered = cluster bootstrap and clustered McNemar over {unit})",
         *_aligned(rows, right=range(1, len(header))),
     ]
     for name in ("only_in_run", "only_in_reference", "gold_differs"):

@@ -1,8 +1,10 @@
-"""Statistics of hit counts: the Wilson interval of an accuracy and the paired comparison of two runs.
+"""Statistics of hit counts: the Wilson interval of an accuracy, the cluster bootstrap, and the paired comparison
+of two runs (per question and clustered).
 
-Pure functions of counts and (run hit, reference hit) pairs; they know nothing of records, answers or question
-types (``surgvqa.metrics`` scores the records and pairs them). This module imports nothing from surgvqa. The
-methods are written out in EVAL_STRATEGY.md.
+Pure functions of counts, (run hit, reference hit) pairs and cluster labels; they know nothing of records, answers
+or question types (``surgvqa.metrics`` scores the records and pairs them, ``surgvqa.clusters`` finds the
+clusters). This module imports nothing from surgvqa and needs only numpy. The methods are written out in
+EVAL_STRATEGY.md.
 """
 
 from __future__ import annotations
@@ -10,11 +12,23 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
+from statistics import NormalDist
 from typing import Any
+
+import numpy as np
 
 PAIRED_ALPHA = 0.05
 PAIRED_INTERVAL = "Newcombe (1998) method 10: hybrid Wilson score interval for a difference of paired proportions"
 PAIRED_TEST = "exact McNemar: two-sided binomial test on the discordant pairs (b, c), p = 1/2"
+#: how ``resample_counts`` draws a bootstrap set, by scheme (the statistic is hits / questions of the set)
+BOOTSTRAP_SCHEMES = {
+    "flat": "seeded cluster bootstrap, expanded percentile interval (Hesterberg 2015): the clusters (of all videos) "
+            "drawn with replacement",
+    "nested": "seeded cluster bootstrap, expanded percentile interval (Hesterberg 2015): the videos drawn with "
+              "replacement, then the clusters within each drawn video",
+}
+CLUSTERED_TEST = ("clustered McNemar (Durkalski et al. 2003): X2 = (sum_k (b_k - c_k))^2 / sum_k (b_k - c_k)^2 over "
+                  "the clusters k, chi-square with 1 degree of freedom")
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -75,6 +89,111 @@ def paired_difference_interval(
     return (max(-1.0, diff - delta), min(1.0, diff + eps))
 
 
+# ------------------------------------------------------------------------------------------- cluster bootstrap
+def resample_counts(groups: Sequence[Any], resamples: int, seed: int, scheme: str = "flat") -> np.ndarray:
+    """How often each cluster is drawn in each of ``resamples`` bootstrap sets: a (resamples, clusters) integer
+    array; ``groups[k]`` is cluster k's video. ``scheme`` (see BOOTSTRAP_SCHEMES): "flat" draws as many clusters
+    as there are, from all of them; "nested" first draws the videos, then for each draw of a video as many of its
+    clusters as it has (m draws of a video with g clusters = one multinomial of m * g over its clusters)."""
+    if scheme not in BOOTSTRAP_SCHEMES:
+        raise ValueError(f"resample_counts: scheme must be one of {', '.join(BOOTSTRAP_SCHEMES)}, got {scheme!r}")
+    labels = list(groups)
+    rng = np.random.default_rng(seed)
+    g_total = len(labels)
+    if scheme == "flat":
+        return rng.multinomial(g_total, np.full(g_total, 1.0 / g_total), size=resamples)
+    videos = sorted(set(labels), key=str)
+    index = {v: i for i, v in enumerate(videos)}
+    of_video = np.array([index[v] for v in labels])
+    draws = rng.multinomial(len(videos), np.full(len(videos), 1.0 / len(videos)), size=resamples)
+    counts = np.zeros((resamples, g_total), dtype=np.int64)
+    for j in range(len(videos)):
+        members = np.flatnonzero(of_video == j)
+        counts[:, members] = rng.multinomial(draws[:, j] * len(members), np.full(len(members), 1 / len(members)))
+    return counts
+
+
+def bootstrap_ratios(sums: Sequence[float], sizes: Sequence[int], counts: np.ndarray) -> np.ndarray:
+    """sum of ``sums`` / sum of ``sizes`` in each resampled set (resampled sets without a question dropped)."""
+    num = counts @ np.asarray(sums, dtype=np.float64)
+    den = counts @ np.asarray(sizes, dtype=np.float64)
+    keep = den > 0
+    return num[keep] / den[keep]
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile: exact for 1 and 2 degrees of freedom, else Hill's (1970) Cornish-Fisher expansion
+    (error below 1e-4 from 3 degrees of freedom on at p = 0.975)."""
+    if df == 1:
+        return math.tan(math.pi * (p - 0.5))
+    if df == 2:
+        return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
+    z = NormalDist().inv_cdf(p)
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
+    return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
+
+
+def expanded_tail(clusters: int, alpha: float = 0.05) -> float:
+    """The lower percentile (as a fraction) of Hesterberg's (2015) expanded percentile interval over ``clusters``
+    clusters: the plain percentile interval is too narrow for few clusters (its variance is (G - 1) / G of the
+    truth and it uses z, not t); the expanded one takes the percentiles at Phi(-sqrt(G / (G - 1)) t_{G-1})."""
+    if clusters < 2:
+        raise ValueError(f"expanded_tail: needs at least 2 clusters, got {clusters}")
+    t = t_quantile(1 - alpha / 2, clusters - 1)
+    return NormalDist().cdf(-math.sqrt(clusters / (clusters - 1)) * t)
+
+
+def cluster_interval(
+    sums: Sequence[float], sizes: Sequence[int], groups: Sequence[Any], resamples: int, seed: int,
+    scheme: str = "flat", proportion: bool = True,
+) -> dict[str, Any]:
+    """95 % expanded-percentile cluster-bootstrap interval of sum(sums) / sum(sizes) (an accuracy, or a paired difference
+    with ``proportion=False``), with the design effect (bootstrap variance / the binomial variance p(1-p)/n) and the
+    effective number of questions n / design effect. ``ci95`` is None, with ``reason``, when there is one cluster
+    only or every question has the same outcome (nothing for resampling to vary)."""
+    n = int(sum(sizes))
+    total = float(sum(sums))
+    estimate = total / n if n else None
+    out: dict[str, Any] = {"ci95": None, "n_clusters": len(sizes), "design_effect": None, "effective_n": None,
+                           "se": None, "reason": None}
+    if len(sizes) < 2:
+        out["reason"] = ("one cluster only: the questions cannot be resampled as independent units, so no clustered "
+                         "interval exists (Wilson alone treats them as independent)")
+        return out
+    if proportion and estimate in (0.0, 1.0):
+        out["reason"] = "every answer has the same outcome: resampling has nothing to vary (Wilson alone applies)"
+        return out
+    means = np.asarray(sums, dtype=np.float64) / np.maximum(np.asarray(sizes, dtype=np.float64), 1)
+    if np.all(means == means[0]):
+        out["reason"] = (f"all {len(sizes)} clusters have the same mean: resampling them has nothing to vary (the "
+                         "clusters are too few or too alike to show the spread)")
+        return out
+    ratios = bootstrap_ratios(sums, sizes, resample_counts(groups, resamples, seed, scheme))
+    tail = expanded_tail(len(sizes))
+    lo, hi = np.quantile(ratios, [tail, 1 - tail])
+    se = float(np.std(ratios, ddof=1))
+    out.update(ci95=[float(lo), float(hi)], se=se)
+    if proportion and estimate is not None:
+        binomial = estimate * (1 - estimate) / n
+        deff = se * se / binomial
+        out.update(design_effect=deff, effective_n=n / deff if deff > 0 else None)
+    return out
+
+
+def clustered_mcnemar_p(b_by_cluster: Sequence[int], c_by_cluster: Sequence[int]) -> float:
+    """Durkalski et al. (2003) clustered McNemar p-value from each cluster's discordant counts; 1.0 without any
+    discordant pair. With one question per cluster it is the (asymptotic) McNemar test."""
+    d = np.asarray(b_by_cluster, dtype=np.float64) - np.asarray(c_by_cluster, dtype=np.float64)
+    denom = float(np.sum(d * d))
+    if denom == 0:
+        return 1.0
+    x2 = float(np.sum(d)) ** 2 / denom
+    return math.erfc(math.sqrt(x2 / 2))
+
+
 def _pts(x: float) -> str:
     return f"{100 * x:.1f}"
 
@@ -86,7 +205,18 @@ def paired_verdict(stats: Mapping[str, Any], removed: str | None, alpha: float) 
     drop, p = stats["drop"], stats["p_value"]
     lo, hi = stats["difference_ci95"]
     ci = f"95% CI of run - reference [{_pts(lo)}, {_pts(hi)}] pts"
-    p_text = f"p = {p:.2g}" if p >= 1e-4 else f"p = {p:.1e}"
+    clustered = stats.get("clustered")
+    which = ""
+    # the clusters decide (when there are clusters of several questions); the per-question test stays a line
+    if clustered and clustered["unit"] != "question":
+        p, which = clustered["p_value"], "clustered "
+        if clustered.get("ci95") is None:
+            ci = f"no clustered interval over {clustered['n_clusters']} {clustered['unit']}s: {clustered['reason']}"
+        else:
+            lo, hi = clustered["ci95"]
+            ci = (f"clustered 95% CI of run - reference [{_pts(lo)}, {_pts(hi)}] pts over "
+                  f"{clustered['n_clusters']} {clustered['unit']}s")
+    p_text = f"{which}p = {p:.2g}" if p >= 1e-4 else f"{which}p = {p:.1e}"
     significant = p < alpha
     if removed:
         if significant and drop > 0:
@@ -109,9 +239,34 @@ def paired_verdict(stats: Mapping[str, Any], removed: str | None, alpha: float) 
     )
 
 
-def paired_stats(pairs: Sequence[tuple[bool, bool]], removed: str | None, alpha: float) -> dict[str, Any]:
+def clustered_paired(
+    pairs: Sequence[tuple[bool, bool]], clusters: Sequence[tuple[Any, Any]], unit: str, resamples: int, seed: int,
+    scheme: str = "flat",
+) -> dict[str, Any]:
+    """The clustered paired comparison: Durkalski's clustered McNemar p-value and the cluster-bootstrap interval of
+    run − reference. ``clusters[i]`` = (video, cluster) of pair i."""
+    order = {key: k for k, key in enumerate(sorted(set(clusters)))}  # fixed positions, whatever the pairs' order
+    b = np.zeros(len(order), dtype=np.int64)
+    c = np.zeros(len(order), dtype=np.int64)
+    sizes = np.zeros(len(order), dtype=np.int64)
+    for (run, ref), key in zip(pairs, clusters, strict=True):
+        k = order[key]
+        sizes[k] += 1
+        b[k] += bool(ref and not run)
+        c[k] += bool(run and not ref)
+    interval = cluster_interval(c - b, sizes, [v for v, _ in order], resamples, seed, scheme, proportion=False)
+    return {"unit": unit, "n_clusters": len(order), "p_value": clustered_mcnemar_p(b, c), "ci95": interval["ci95"],
+            "reason": interval["reason"], "test": CLUSTERED_TEST, "interval": BOOTSTRAP_SCHEMES[scheme]}
+
+
+def paired_stats(
+    pairs: Sequence[tuple[bool, bool]], removed: str | None, alpha: float,
+    clustered: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Accuracies, 2x2 table, paired interval, exact McNemar p-value and verdict of (run hit, reference hit)
-    pairs; see ``surgvqa.metrics.paired_comparison`` for the fields."""
+    pairs; see ``surgvqa.metrics.paired_comparison`` for the fields. ``clustered`` (from
+    :func:`clustered_paired`), when given, is kept under "clustered" and decides the verdict when it has an
+    interval."""
     n = len(pairs)
     both = sum(1 for run, ref in pairs if run and ref)
     neither = sum(1 for run, ref in pairs if not run and not ref)
@@ -132,5 +287,7 @@ def paired_stats(pairs: Sequence[tuple[bool, bool]], removed: str | None, alpha:
         "difference_ci95": list(paired_difference_interval(both, c, b, neither)),
         "p_value": mcnemar_exact_p(b, c),
     }
+    if clustered is not None:
+        stats["clustered"] = dict(clustered)
     stats["verdict"] = paired_verdict(stats, removed, alpha)
     return stats

@@ -72,6 +72,14 @@ def test_output_file_meta_line_and_summary(evaluated, test_set, trained_adapter)
     order = [(json.loads(x)["video_id"], json.loads(x)["id"])
              for x in (test_set / "out_002-001.jsonl").read_text().splitlines()]
     assert [(r["video_id"], r["id"]) for r in records] == order
+    # every record carries its clip's frames and frame numbers, and the meta line the clustering, so re-scoring
+    # finds the same segments and draws the same bootstrap sets from the file alone
+    data = [json.loads(x) for x in (test_set / "out_002-001.jsonl").read_text().splitlines()]
+    assert [r["frame_numbers"] for r in records] == [d["frame_numbers"] for d in data]
+    assert [r["frames"] for r in records] == [d["frames"] for d in data]
+    clustering = (meta["cluster_by"], meta["cluster_gap"], meta["bootstrap"], meta["bootstrap_seed"])
+    assert clustering == ("segment", 30, 2000, 0)
+    assert summary["clustered"]["clustering"]["unit"] == "segment"
 
 
 def _rescore(predictions: Path, *extra: str) -> dict:
@@ -470,7 +478,9 @@ def test_colour_task_ablations_remove_the_tint(colour_task):
     assert normal["n"] == 120 and normal["accuracy"] >= 0.90
     reference = str(colour_task["root"] / "normal.jsonl")
     for ablate in ("video", "video_shuffle"):
-        ablated = _colour_eval(colour_task, ablate, "--ablate", ablate, "--compare", reference)
+        # every frame name ends in 0 or 1, so each of the 3 held-out videos is one segment (too few for a clustered
+        # test): the clips (one question each) are the clusters here
+        ablated = _colour_eval(colour_task, ablate, "--ablate", ablate, "--compare", reference, "--cluster_by", "clip")
         assert ablated["majority_baseline"] == pytest.approx(0.5)
         assert abs(ablated["accuracy"] - ablated["majority_baseline"]) <= 0.05, (ablate, ablated["accuracy"])
         comparison = ablated["comparison"]

@@ -187,7 +187,11 @@ def test_summary_numbers_are_the_metrics(small_run, tmp_path):
     summary = summarize(small_run["rows"])
     assert f'id="overall-accuracy">{100 * summary["accuracy"]:.1f}%' in text
     lo, hi = summary["accuracy_ci95"]
-    assert f"95 % CI [{100 * lo:.1f}, {100 * hi:.1f}]" in text
+    assert f"Wilson [{100 * lo:.1f}, {100 * hi:.1f}]" in text
+    clustered = summary["clustered"]["accuracy"]
+    assert (f"clustered 95 % CI [{100 * clustered['ci95'][0]:.1f}, {100 * clustered['ci95'][1]:.1f}]" in text
+            if clustered["ci95"] else "no clustered interval" in text)
+    assert 'id="per-video"' in text
     assert f"majority baseline <b>{100 * summary['majority_baseline']:.1f}%</b>" in text
     assert f"no EOS (loops or cut at max tokens)</th><td>{summary['no_eos']} / 4" in text
     assert "outputs/run1" in text  # the run's meta

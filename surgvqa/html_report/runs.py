@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from surgvqa.clusters import Clustering
 from surgvqa.errors import UserError
 from surgvqa.media import ABLATION_REMOVES
 from surgvqa.metrics import UNTYPED, paired_comparison, predicted_label, score_record, summarize
@@ -87,7 +88,7 @@ def load_run(path: Path, label: str | None = None) -> Run:
     if not records:
         raise ReportError(f"{path} holds no predictions; re-run the evaluation")
     candidates = meta_field(meta, "candidates")
-    summary = summarize(records, candidates=candidates)
+    summary = summarize(records, candidates=candidates, clustering=Clustering.from_meta(meta))
     per_type = summary["per_type"]
     hits = [score_record(r, summary["candidates"]) for r in records]
     labels = [
@@ -123,5 +124,6 @@ def pair_runs(this: Run, other: Run) -> Pairing:
         run, reference = other, this
     ablate = meta_field(run.meta, "ablate")
     result = paired_comparison(run.records, reference.records, this.summary["candidates"],
-                               removed=ABLATION_REMOVES.get(ablate, ablate) if ablate else None)
+                               removed=ABLATION_REMOVES.get(ablate, ablate) if ablate else None,
+                               clustering=Clustering.from_meta(this.meta))
     return Pairing(run, reference, result)

@@ -11,6 +11,7 @@ from surgvqa.html_report.charts import svg_scale, svg_type_bars
 from surgvqa.html_report.markup import esc, kv_table, pct
 from surgvqa.html_report.runs import META_FIELDS, Pairing, Run, file_sha256, show_key
 from surgvqa.metrics import AMBIGUOUS_LABEL, NONE_LABEL, UNTYPED
+from surgvqa.report import format_ci as _ci
 
 
 # ---------------------------------------------------------------------------------------------------- summary
@@ -32,10 +33,45 @@ def _meta_rows(run: Run) -> str:
     return kv_table(rows)
 
 
+def _clustered_html(s: Mapping[str, Any]) -> tuple[str, str]:
+    """(the headline's interval text, the clustering paragraph with the per-video table)."""
+    clustered = s["clustered"]
+    how, acc = clustered["clustering"], clustered["accuracy"]
+    unit = how["unit"]
+    wilson = f"Wilson {_ci(s['accuracy_ci95'])}"
+    if acc["ci95"] is None:
+        head = f"strict accuracy, no clustered interval ({esc(acc['reason'])}); {wilson}"
+    else:
+        head = (f"strict accuracy, clustered 95 % CI {_ci(acc['ci95'])} over {acc['n_clusters']} {unit}s "
+                f"(<span class='muted'>{wilson}</span>)")
+    facts = [("clusters", f"{how['n_clusters']} {unit}s of {how['n_videos']} video(s) (--cluster_by "
+                          f"{how['cluster_by']}, --cluster_gap {how['cluster_gap']} frames)"),
+             ("bootstrap", f"{how['bootstrap']} resamples, seed {how['bootstrap_seed']}: {how['method']}")]
+    if acc["design_effect"]:
+        facts.append(("design effect", f"{acc['design_effect']:.2f} (effective n {acc['effective_n']:.0f} of "
+                                       f"{s['n']})"))
+    for name, label in (("k_acc", "K-ACC clustered 95 % CI"), ("substring", "substring clustered 95 % CI")):
+        facts.append((label, _ci(clustered[name]["ci95"])))
+    if clustered.get("across_videos"):
+        facts.append(("videos resampled too (wider)", _ci(clustered["across_videos"]["ci95"])))
+    rows = "".join(
+        f'<tr><td class="l">{esc(video or "-")}</td><td>{v["n"]}</td><td>{pct(v["accuracy"])}</td>'
+        f'<td>{_ci(v["clustered"]["ci95"])}</td><td>{v["clustered"]["n_clusters"]}</td><td>{_ci(v["ci95"])}</td></tr>'
+        for video, v in clustered["per_video"].items())
+    note = f'<p class="media-note" id="clustered-note">{esc(clustered["note"])}</p>' if clustered.get("note") else ""
+    body = (f'<h3>Clustered intervals</h3>{note}{kv_table(facts)}<div class="tablewrap"><table class="data" '
+            'id="per-video"><thead><tr><th class="l">video</th><th>n</th><th>strict acc.</th>'
+            f'<th>clustered 95 % CI</th><th>{unit}s</th><th>Wilson 95 % CI</th></tr></thead><tbody>{rows}</tbody>'
+            '</table></div>')
+    return head, body
+
+
 def section_summary(run: Run) -> str:
-    """Strict accuracy with its interval next to majority and chance, the other metrics, and the run's meta."""
+    """Strict accuracy with its clustered interval (Wilson beside it) next to majority and chance, the other
+    metrics, the clustering with the per-video table, and the run's meta."""
     s = run.summary
     lo, hi = s["accuracy_ci95"]
+    head, clustered = _clustered_html(s)
     delta = s["accuracy"] - s["majority_baseline"]
     cls = "pos" if lo > s["majority_baseline"] else "neg" if hi < s["majority_baseline"] else ""
     meteor = pct(s["meteor"]) if s.get("meteor") is not None else f"unavailable ({s.get('meteor_unavailable')})"
@@ -57,12 +93,11 @@ def section_summary(run: Run) -> str:
     return (
         '<section id="summary"><h2>Summary</h2><div class="grid2"><div class="panel">'
         f'<div class="headline"><span class="big" id="overall-accuracy">{pct(s["accuracy"])}</span>'
-        f'<span class="ci">strict accuracy, 95 % CI [{100 * lo:.1f}, {100 * hi:.1f}] · '
-        f'{s["accuracy_hits"]} of {s["n"]}</span></div>'
+        f'<span class="ci" id="overall-ci">{head} · {s["accuracy_hits"]} of {s["n"]}</span></div>'
         f'<p>majority baseline <b>{pct(s["majority_baseline"])}</b> '
         f'(<span class="delta {cls}">{100 * delta:+.1f} pts</span>) · chance {pct(s["chance_baseline"])}</p>'
         f'{svg_scale(s["accuracy"], lo, hi, s["majority_baseline"], s["chance_baseline"])}'
-        f'<h3>Other metrics</h3>{kv_table(metrics)}</div>'
+        f'{clustered}<h3>Other metrics</h3>{kv_table(metrics)}</div>'
         f'<div class="panel"><h3 style="margin-top:0">Run</h3>{_meta_rows(run)}</div></div></section>'
     )
 
@@ -143,12 +178,14 @@ def section_types(run: Run, compared: Sequence[Run]) -> str:
         {t: v["chance_baseline"] for t, v in per_type.items()}, run.summary["collapsed_types"],
     )
     rows = []
+    clustered_types = run.summary["clustered"]["per_type"]
     for qtype, t in per_type.items():
         lo, hi = t["ci95"]
         flag = '<span class="flag collapse">COLLAPSE</span>' if t["collapse"] else ""
         rows.append(
             f'<tr><td class="l">{esc(qtype)}</td><td>{t["n"]}</td><td>{pct(t["accuracy"])}</td>'
-            f'<td>[{100 * lo:.1f}, {100 * hi:.1f}]</td><td>{pct(t["majority_baseline"])}</td>'
+            f'<td>{_ci(clustered_types.get(qtype, {}).get("ci95"))}</td><td>[{100 * lo:.1f}, {100 * hi:.1f}]</td>'
+            f'<td>{pct(t["majority_baseline"])}</td>'
             f'<td class="l">{esc(t["majority_answer"])}</td><td>{pct(t["chance_baseline"])}</td>'
             f'<td class="l">{esc(t["top_predicted"])} ({pct(t["top_predicted_share"], 0)})</td>'
             f'<td>{pct(t["k_acc"])}</td><td class="l">{flag}</td></tr>'
@@ -157,12 +194,14 @@ def section_types(run: Run, compared: Sequence[Run]) -> str:
     lo, hi = s["accuracy_ci95"]
     rows.append(
         f'<tr class="overall"><td class="l">overall</td><td>{s["n"]}</td><td>{pct(s["accuracy"])}</td>'
-        f'<td>[{100 * lo:.1f}, {100 * hi:.1f}]</td><td>{pct(s["majority_baseline"])}</td><td></td>'
+        f'<td>{_ci(s["clustered"]["accuracy"]["ci95"])}</td><td>[{100 * lo:.1f}, {100 * hi:.1f}]</td>'
+        f'<td>{pct(s["majority_baseline"])}</td><td></td>'
         f'<td>{pct(s["chance_baseline"])}</td><td></td><td>{pct(s["k_acc"])}</td><td></td></tr>'
     )
     table = (
         '<div class="tablewrap"><table class="data"><thead><tr><th class="l">question type</th><th>n</th>'
-        '<th>strict acc.</th><th>95 % CI</th><th>majority</th><th class="l">majority answer</th><th>chance</th>'
+        '<th>strict acc.</th><th>clustered 95 % CI</th><th>Wilson 95 % CI</th><th>majority</th>'
+        '<th class="l">majority answer</th><th>chance</th>'
         '<th class="l">top predicted (share)</th><th>K-ACC</th><th class="l"></th></tr></thead>'
         f'<tbody>{"".join(rows)}</tbody></table></div>'
     )
@@ -197,7 +236,9 @@ def section_compare(pairings: Sequence[Pairing]) -> str:
              '<p class="muted">The two runs are paired by (video_id, id) and both are scored with this report\'s '
              "closed answer sets. The run that lacks something (an ablation) is the <i>run</i>, the other the "
              "<i>reference</i>. b: reference right, run wrong; c: the reverse; p: exact McNemar test on b and c; "
-             "difference = run − reference in points, with its paired 95 % interval.</p>"]
+             "difference = run − reference in points, with its paired 95 % interval (Newcombe). Clustered: the "
+             "cluster-bootstrap interval of the difference and the clustered McNemar test (Durkalski 2003) over "
+             "the segments; they decide the verdict when the questions form clusters.</p>"]
     for pairing in pairings:
         pc = pairing.result
         parts.append(f'<div class="panel" style="margin-bottom:12px"><h3 style="margin-top:0">run '
@@ -218,18 +259,26 @@ def section_compare(pairings: Sequence[Pairing]) -> str:
             diff_txt = "" if diff is None else f"{100 * diff:+.1f}"
             p = block.get("p_value")
             p_txt = "n/a" if p is None else (f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}")
-            strong = " verdict" if p is not None and p < 0.05 else ""
+            cl = block.get("clustered") or {}
+            cp = cl.get("p_value")
+            cp_txt = "n/a" if cp is None else (f"{cp:.2g}" if cp >= 1e-4 else f"{cp:.1e}")
+            ccl = cl.get("ci95")
+            cci_txt = "n/a" if ccl is None else f"[{100 * ccl[0]:+.1f}, {100 * ccl[1]:+.1f}]"
+            decides = cp if cl and cl.get("unit") != "question" else p
+            strong = " verdict" if decides is not None and decides < 0.05 else ""
             rows.append(
                 f'<tr{" class=overall" if name == "overall" else ""}><td class="l">{esc(name)}</td>'
                 f'<td>{block.get("n")}</td><td>{pct(block.get("reference_accuracy"))}</td>'
                 f'<td>{pct(block.get("run_accuracy"))}</td><td>{diff_txt}</td><td>{ci_txt}</td>'
-                f'<td>{block.get("b")}</td><td>{block.get("c")}</td><td>{p_txt}</td>'
+                f'<td>{block.get("b")}</td><td>{block.get("c")}</td><td>{p_txt}</td><td>{cci_txt}</td>'
+                f'<td>{cp_txt}</td>'
                 f'<td class="l wrap{strong}">{esc(block.get("verdict") or "")}</td></tr>'
             )
         parts.append(
             '<div class="tablewrap"><table class="data"><thead><tr><th class="l">question type</th><th>paired n</th>'
             f'<th title="{esc(pairing.reference.label)}">reference</th><th title="{esc(pairing.run.label)}">run</th>'
-            '<th>difference</th><th>95 % CI</th><th>b</th><th>c</th><th>McNemar p</th><th class="l">verdict</th>'
+            '<th>difference</th><th>95 % CI</th><th>b</th><th>c</th><th>McNemar p</th><th>clustered 95 % CI</th>'
+            '<th>clustered p</th><th class="l">verdict</th>'
             f'</tr></thead><tbody>{"".join(rows)}</tbody></table></div></div>'
         )
     parts.append("</section>")

@@ -1,0 +1,112 @@
+"""``surgvqa cv``: folds, the interval over folds, and (slow) three short folds on synthetic videos, killed and
+resumed without redoing a finished fold."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from surgvqa.cv import across_folds, main, parse_args, plan_folds, select
+from surgvqa.errors import UserError
+from surgvqa.plan import cv_line
+from surgvqa.stats import t_quantile
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_each_fold_tests_one_video_validates_on_the_next_and_trains_on_the_rest(tmp_path):
+    folds = plan_folds(["a", "b", "c", "d"], tmp_path, "next")
+    assert [(f.test, f.val, f.train) for f in folds] == [
+        ("a", "b", ["c", "d"]), ("b", "c", ["a", "d"]), ("c", "d", ["a", "b"]), ("d", "a", ["b", "c"])]
+    assert folds[2].directory == tmp_path / "fold-03-c"
+    assert [(f.val, f.train) for f in plan_folds(["a", "b"], tmp_path, "none")] == [(None, ["b"]), (None, ["a"])]
+    with pytest.raises(UserError, match="at least 3 videos"):
+        plan_folds(["a", "b"], tmp_path, "next")
+    assert [f.test for f in select(folds, "c,1")] == ["c", "a"]
+    with pytest.raises(UserError, match="neither a video"):
+        select(folds, "x")
+
+
+def test_interval_over_folds_is_the_t_interval_of_the_per_video_accuracies():
+    out = across_folds([{"accuracy": a} for a in (0.6, 0.7, 0.8)])
+    half = t_quantile(0.975, 2) * 0.1 / 3**0.5
+    assert out["mean"] == pytest.approx(0.7) and out["sd"] == pytest.approx(0.1)
+    assert out["t_ci95"] == pytest.approx([0.7 - half, 0.7 + half])
+    assert across_folds([{"accuracy": 0.5}])["t_ci95"] is None
+
+
+def test_training_flags_that_cv_sets_itself_are_refused():
+    args, flags = parse_args(["--data_path", "d.jsonl", "--output_dir", "o", "--", "--max_steps", "3"])
+    assert args.val_policy == "next" and flags == ["--max_steps", "3"]
+    with pytest.raises(UserError, match="--output_dir"):
+        parse_args(["--data_path", "d.jsonl", "--output_dir", "o", "--", "--output_dir=x"])
+
+
+def test_plan_states_the_cost_of_the_folds_and_never_guesses_hours():
+    assert "6 trainings" in cv_line(6, None, None) and "never guesses" in cv_line(6, None, None)
+    assert "= 1.5 h" in cv_line(6, 500, 1.8)
+
+
+def _cv_argv(data: Path, out: Path, model: Path) -> list[str]:
+    return ["--data_path", str(data / "in_template.jsonl"), "--frames_dir", str(data / "frames"),
+            "--output_dir", str(out), "--eval_batch_size", "16", "--max_new_tokens", "8", "--device", "cpu",
+            "--bootstrap", "500", "--",
+            "--model_name_or_path", str(model), "--frame_size", "56", "--max_steps", "3",
+            "--per_device_train_batch_size", "4", "--save_strategy", "no", "--logging_steps", "1",
+            "--use_cpu", "True", "--seed", "0", "--disable_tqdm", "True"]
+
+
+@pytest.mark.slow
+def test_three_folds_killed_and_resumed_without_redoing_a_finished_fold(tmp_path, tiny_model_dir):
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_synthetic_dataset.py"), "--output_dir", str(data),
+                    "--seed", "3", "--num_clips", "24", "--video_ids", "002-011,002-012,002-013",
+                    "--question_types", "nbi_status,tool_catheter_check", "--no_audio"],
+                   check=True, capture_output=True)
+    out = tmp_path / "cv"
+    argv = _cv_argv(data, out, tiny_model_dir)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    child = subprocess.Popen([sys.executable, "-m", "surgvqa", "cv", *argv], env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "fold-01-002-011" / "fold.json"
+    deadline = time.monotonic() + 600
+    while not first.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert first.exists(), "the first fold did not finish"
+    os.killpg(child.pid, signal.SIGKILL)  # the cross-validation and its running fold, at once
+    child.wait()
+    stamps = {p: p.stat().st_mtime_ns for p in first.parent.rglob("*") if p.is_file()}
+
+    assert main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # the finished fold was not touched
+    report = json.loads((out / "cv.json").read_text())
+    assert report["finished"] == report["n_folds"] == 3
+    accs = [f["accuracy"] for f in report["folds"]]
+    assert [f["test_video"] for f in report["folds"]] == ["002-011", "002-012", "002-013"]
+    assert report["across_folds"]["mean"] == pytest.approx(sum(accs) / 3)
+    assert report["across_folds"]["t_ci95"] is not None
+    for fold in report["folds"]:
+        preds = [json.loads(line) for line in Path(fold["predictions"]).read_text().splitlines()[1:]]
+        assert {p["video_id"] for p in preds} == {fold["test_video"]}  # tested on its own video only
+        train = Path(fold["run_dir"]).parent / "data" / "train.jsonl"
+        assert fold["test_video"] not in {json.loads(line)["video_id"] for line in train.read_text().splitlines()}
+    assert report["pooled"]["n"] == sum(f["n"] for f in report["folds"])
+    assert 'id="folds"' in (out / "cv.html").read_text()
+
+
+def test_a_later_call_with_another_recipe_is_refused(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"video_id": v, "id": "q", "frames": ["f_1"], "question": "?",
+                                        "answer": "yes", "short_answer": "yes"}) + "\n" for v in "abc"))
+    out = tmp_path / "cv"
+    out.mkdir()
+    (out / "cv_settings.json").write_text(json.dumps({"train_flags": ["--max_steps", "3"]}))
+    assert main(["--data_path", str(data), "--output_dir", str(out), "--folds", "a", "--", "--max_steps", "4"]) == 2
+    assert json.loads((out / "cv_settings.json").read_text()) == {"train_flags": ["--max_steps", "3"]}
