@@ -23,7 +23,7 @@ system-deps:
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c $(LOCK) --upgrade pip
 	$(BIN)/pip install -q -c $(LOCK) -e '.[dev]'
 	touch $(STAMP)
 
@@ -50,7 +50,7 @@ test-latest: system-deps
 # the versions test-latest just passed with become the lock
 lock: test-latest
 	{ echo "# The exact versions the test suite passed with (make lock; make venv installs these)."; \
-	  $(LATEST)/bin/pip freeze --exclude-editable; } > $(LOCK)
+	  $(LATEST)/bin/pip freeze --all --exclude-editable; } > $(LOCK)
 
 lint: venv
 	$(BIN)/ruff check .

@@ -141,6 +141,15 @@ def checkpoint_greedy_gap(checkpoint: Path) -> float:
     return min(greedy_gaps(model, processor.tokenizer, [dataset[i] for i in range(len(dataset))], collator, 6))
 
 
+def small_training_set(root: Path, test_set: Path) -> Path:
+    """``root`` holding 4 samples of the test set (``small.jsonl``) beside a ``frames`` link, so a run trained on
+    it records a data path that merge --verify can use as its default."""
+    lines = (test_set / "in_002-001.jsonl").read_text().splitlines()[:4]
+    (root / "small.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "frames").symlink_to(test_set / "frames", target_is_directory=True)
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Qwen2.5-Omni thinker + processor (tiny BPE vocab), saved with save_pretrained."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GREEDY_GAP, VERIFY_FLAGS, checkpoint_greedy_gap
+from conftest import GREEDY_GAP, VERIFY_FLAGS, checkpoint_greedy_gap, small_training_set
 
 from surgvqa.errors import UserError
 
@@ -35,11 +35,7 @@ DEFAULT = ("dora", "pissa", "loraplus")
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, test_set) -> Path:
-    root = tmp_path_factory.mktemp("lora_variants")
-    lines = (test_set / "in_002-001.jsonl").read_text().splitlines()[:4]
-    (root / "small.jsonl").write_text("\n".join(lines) + "\n")
-    (root / "frames").symlink_to(test_set / "frames", target_is_directory=True)
-    return root
+    return small_training_set(tmp_path_factory.mktemp("lora_variants"), test_set)
 
 
 def train_argv(base: Path, work: Path, out: Path, extra: list[str]) -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GREEDY_GAP, VERIFY_FLAGS, checkpoint_greedy_gap
+from conftest import GREEDY_GAP, VERIFY_FLAGS, checkpoint_greedy_gap, small_training_set
 from safetensors.torch import load_file
 
 from surgvqa.merge import (
@@ -80,12 +80,7 @@ def copy_adapter(adapter: Path, out: Path, **changes) -> Path:
 # ------------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, test_set) -> Path:
-    """4 samples of the test set beside a ``frames`` link, so the recorded train path is a usable verify default."""
-    root = tmp_path_factory.mktemp("merge")
-    lines = (test_set / "in_002-001.jsonl").read_text().splitlines()[:4]
-    (root / "small.jsonl").write_text("\n".join(lines) + "\n")
-    (root / "frames").symlink_to(test_set / "frames", target_is_directory=True)
-    return root
+    return small_training_set(tmp_path_factory.mktemp("merge"), test_set)
 
 
 @pytest.fixture(scope="module")
