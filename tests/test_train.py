@@ -621,3 +621,42 @@ def test_label_smoothing_is_refused_with_the_reason():
                          "--label_smoothing_factor", "0.1"])
     with pytest.raises(UserError, match="label_smoothing_factor is not supported"):
         validate_args(*parsed)
+
+
+def test_shipped_fsdp2_configs_wrap_each_familys_layers(tiny_model_dir, tmp_path):
+    """configs/fsdp2.json (--fsdp_config) and configs/fsdp2.yaml (accelerate launch) ask for FSDP2 with the full
+    state dict (a normal PEFT adapter); with no class names, accelerate wraps the classes the model lists in
+    _no_split_modules: the tiny thinker's decoder layers among them."""
+    import yaml
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from transformers import TrainingArguments
+
+    from surgvqa.backbones import LoadOptions, backbone_for
+
+    args = TrainingArguments(output_dir=str(tmp_path), fsdp="full_shard",
+                             fsdp_config=str(REPO / "configs" / "fsdp2.json"))
+    assert args.fsdp_plugin_args["fsdp_version"] == 2
+    assert args.fsdp_plugin_args["state_dict_type"] == "FULL_STATE_DICT"
+    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    model = backbone_for(str(tiny_model_dir)).load(str(tiny_model_dir), LoadOptions(dtype="float32"))
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    wrapped = {type(m).__name__ for m in model.modules() if policy(m)}
+    assert "Qwen2_5OmniDecoderLayer" in wrapped
+    launch = yaml.safe_load((REPO / "configs" / "fsdp2.yaml").read_text())
+    assert launch["distributed_type"] == "FSDP" and launch["fsdp_config"]["fsdp_version"] == 2
+    assert launch["fsdp_config"]["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    assert launch["fsdp_config"]["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+
+
+def test_fsdp_on_cpu_is_refused_not_silently_ddp(tiny_model_dir, test_set, tmp_path, capsys):
+    """accelerate turns FSDP on for accelerators only: on CPU the Trainer would train with DDP and say nothing."""
+    from surgvqa.train import main
+
+    out = tmp_path / "run"
+    code = main(_args(tiny_model_dir, test_set, out, "--max_steps", "1", "--fsdp", "full_shard",
+                      "--fsdp_config", str(REPO / "configs" / "fsdp2.json")))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --fsdp shards the model through accelerate") and "DDP" in err
+    assert not out.exists()
