@@ -151,7 +151,8 @@ class LoraArguments:
         "help": "LoRA's starting point (PEFT's): default | gaussian | pissa | pissa_niter_N | olora. PiSSA and OLoRA "
                 "rewrite the base; the final adapter is converted to apply to the original base"})
     loraplus_lr_ratio: float | None = field(default=None, metadata={
-        "help": "LoRA+: the B matrices learn at this multiple of --learning_rate (16 in the LoRA+ paper)"})
+        "help": "LoRA+: the B matrices learn at this multiple of --learning_rate (16 in the LoRA+ paper); as PEFT's "
+                "LoRA+ does, so does every 1-D trainable parameter (DoRA magnitudes, trained projectors' biases)"})
 
 
 # evaluate_checkpoint.py's flags (surgvqa.evaluate); every preprocessing flag defaults to the checkpoint's record

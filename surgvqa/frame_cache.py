@@ -11,9 +11,8 @@ A clip's frames are decoded again for every question asked about it and again ev
   for one pass over a set where clips repeat, e.g. evaluation.
 * ``none``: decode every time.
 
-Never stale: the key hashes the bytes of the frame file (:func:`content_digest`: xxHash3-128, or BLAKE2b where
-the ``xxhash`` package is missing; never its path, size or times, which a rewrite that keeps them, e.g. ``rsync -t``
-or ``cp -p``, would leave unchanged), the caller's settings (pixel budget, vision grid), a hash of ``surgvqa/media.py``
+Never stale: the key hashes the bytes of the frame file (:func:`content_digest`: xxHash3-128; never its path,
+size or times, which a rewrite that keeps them, e.g. ``rsync -t`` or ``cp -p``, would leave unchanged), the caller's settings (pixel budget, vision grid), a hash of ``surgvqa/media.py``
 (the decode and resize code) and the versions of the decoding and resizing libraries (:func:`decoder_fingerprint`),
 so a changed file, setting or decoder misses, and a file moved or copied elsewhere hits. Hashing a JPEG costs
 microseconds; decoding it milliseconds (``benchmarks/train_step.py`` measures the whole check). Never damaged: every
@@ -41,6 +40,7 @@ from collections.abc import Callable, Hashable
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 logger = logging.getLogger(__name__)
 
@@ -79,18 +79,13 @@ def decoder_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-try:  # a dependency of ``datasets``; ~50x faster than BLAKE2b
-    import xxhash
+#: the content hash of keys and checksums (xxHash3, ~50x faster than BLAKE2b; a declared dependency)
+HASH_NAME = "xxh3_128"
 
-    HASH_NAME = "xxh3_128"
 
-    def _hash(data) -> bytes:
-        return xxhash.xxh3_128_digest(data)
-except ImportError:  # pragma: no cover - datasets installs it
-    HASH_NAME = "blake2b-128"
+def _hash(data) -> bytes:
+    return xxhash.xxh3_128_digest(data)
 
-    def _hash(data) -> bytes:
-        return hashlib.blake2b(data, digest_size=16).digest()
 
 #: bytes of the checksum that ends every disk entry
 CHECKSUM_BYTES = 16

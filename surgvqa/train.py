@@ -178,6 +178,17 @@ def build_model(model_args: ModelArguments, lora_args: LoraArguments, args: Trai
     return model, processor, backbone, report, original_rows
 
 
+def _from_main_process(args: TrainingArguments, compute):
+    """``compute()`` on the main process, its result sent to every other process (the same value everywhere)."""
+    import torch.distributed as dist
+
+    if args.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return compute()
+    box = [compute() if args.process_index == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _wait_for_every_process(args: TrainingArguments) -> None:
     if args.world_size > 1:
         import torch.distributed as dist
@@ -337,8 +348,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     if plan.recorded and plan.recorded.get("lora"):  # a record from before a LoRA setting existed: its default
         plan.recorded["lora"] = {**asdict(LoraArguments()), **plan.recorded["lora"]}
     check_same_run(plan, run_identity(early))
-    inputs = input_fingerprints(data_args.train_data_path, data_args.eval_data_path, train_samples, eval_samples,
-                                model_args.model_name_or_path)
+    inputs = _from_main_process(args, lambda: input_fingerprints(
+        data_args.train_data_path, data_args.eval_data_path, train_samples, eval_samples,
+        model_args.model_name_or_path))  # hashing the base model's weights (15 GB at 7B) once, not per process
     changes = check_same_inputs(plan, inputs, data_args.allow_changed_data)
     history = list((plan.recorded or {}).get("data_changes") or []) if plan.resume_from else []
     if changes:
