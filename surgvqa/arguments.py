@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import HfArgumentParser
 
 from surgvqa.backbones import LoadOptions
-from surgvqa.errors import UserError, existing_dir, existing_file, one_line_errors
+from surgvqa.errors import UserError, existing_dir, existing_file, one_line_errors, parse_dataclasses
 from surgvqa.frame_cache import check_frame_cache_settings
 from surgvqa.lean_imports import checkpoint_needs_bitsandbytes
 from surgvqa.lora import check_variants
@@ -252,13 +252,7 @@ def parse_args(argv: list[str] | None = None) -> ArgumentTuple:
     if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
         parser.set_defaults(**_config_file(parser, argv[0]))
         argv = argv[1:]
-    try:
-        *parsed, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
-    except ValueError as err:  # TrainingArguments refuses a combination of flags
-        raise UserError(str(err)) from err
-    if unknown:
-        raise UserError(f"unknown argument(s) {' '.join(unknown)}; see train_vqa.py --help")
-    return tuple(parsed)
+    return parse_dataclasses(parser, argv)
 
 
 def _config_file(parser: HfArgumentParser, path: str) -> dict[str, Any]:

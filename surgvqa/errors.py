@@ -108,6 +108,18 @@ class ArgumentParser(argparse.ArgumentParser):
         _one_line_error(self, message)
 
 
+def parse_dataclasses(parser, argv: list[str]) -> tuple:
+    """The dataclasses of a transformers ``HfArgumentParser`` from ``argv``. An unknown flag, or a combination the
+    dataclasses refuse (``TrainingArguments.__post_init__``), is a :class:`UserError` naming it."""
+    try:
+        *parsed, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    if unknown:
+        raise UserError(f"unknown argument(s) {' '.join(unknown)}; see {parser.prog} --help")
+    return tuple(parsed)
+
+
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The same one-line errors for a parser built elsewhere (e.g. transformers' ``HfArgumentParser``)."""
     parser.error = lambda message: _one_line_error(parser, message)  # type: ignore[method-assign]
@@ -115,4 +127,4 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 __all__ = ["USAGE_EXIT", "ArgumentParser", "UserError", "existing_dir", "existing_file", "format_error",
-           "one_line_errors", "run_main", "writable_file"]
+           "one_line_errors", "parse_dataclasses", "run_main", "writable_file"]

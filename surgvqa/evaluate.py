@@ -44,7 +44,14 @@ from surgvqa.data import (
     ablation_donors,
     load_samples,
 )
-from surgvqa.errors import existing_dir, existing_file, one_line_errors, run_main, writable_file
+from surgvqa.errors import (
+    existing_dir,
+    existing_file,
+    one_line_errors,
+    parse_dataclasses,
+    run_main,
+    writable_file,
+)
 from surgvqa.frame_cache import check_frame_cache_settings, eval_frame_cache
 from surgvqa.generate import generate_predictions
 from surgvqa.lean_imports import checkpoint_needs_bitsandbytes, skip_bitsandbytes
@@ -534,7 +541,7 @@ def _generate_into(partial: Path, model, processor, dataset, collator, candidate
 def parse_args(argv: list[str] | None = None) -> EvalArguments:
     parser = one_line_errors(HfArgumentParser(EvalArguments))
     parser.prog = "evaluate_checkpoint.py"
-    (args,) = parser.parse_args_into_dataclasses(list(sys.argv[1:] if argv is None else argv))
+    (args,) = parse_dataclasses(parser, list(sys.argv[1:] if argv is None else argv))
     return args
 
 

@@ -22,7 +22,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from surgvqa.errors import one_line_errors, run_main
+from surgvqa.errors import one_line_errors, parse_dataclasses, run_main
 from surgvqa.memory_model import (
     DTYPE_BYTES,
     MODES,
@@ -406,7 +406,7 @@ def parse_args(argv: list[str] | None = None) -> PlanArguments:
 
     parser = one_line_errors(HfArgumentParser(PlanArguments, prog="surgvqa plan",
                                               description=__doc__.split("\n\n")[0]))
-    (args,) = parser.parse_args_into_dataclasses(list(sys.argv[1:] if argv is None else argv))
+    (args,) = parse_dataclasses(parser, list(sys.argv[1:] if argv is None else argv))
     return args
 
 

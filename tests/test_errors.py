@@ -80,3 +80,14 @@ def test_baseline_is_parsed_once_for_evaluate_and_rescoring(tmp_path, capsys):
     assert evaluate.main(["--score_predictions", str(predictions), "--baseline", "46"]) == 2
     assert "write 0.46, not 46" in capsys.readouterr().err
     assert evaluate.main(["--score_predictions", str(predictions), "--baseline", "0.46"]) == 0
+
+
+@pytest.mark.parametrize(("command", "required"), [("evaluate", []), ("plan", ["--model", "m"]), ("train", [])])
+def test_an_unknown_flag_is_one_error_line_naming_it(command, required, capsys):
+    """evaluate_checkpoint.py, surgvqa plan and train_vqa.py: an unknown flag is one ``error:`` line, no traceback."""
+    import importlib
+
+    main = importlib.import_module(f"surgvqa.{command}").main
+    assert main([*required, "--data_path", "x.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown argument(s) --data_path x.jsonl; see ") and err.count("\n") == 1
