@@ -135,6 +135,11 @@ class LoraArguments:
     lora_target_regex: str | None = field(default=None, metadata={"help": "default: the backbone's LLM regex"})
     train_projectors: bool = field(default=False, metadata={"help": "also train the multimodal projectors"})
     lora_vision_tower: bool = field(default=False, metadata={"help": "also put LoRA on the vision tower"})
+    lora_experts: bool = field(default=False, metadata={
+        "help": "MoE backbones: also put LoRA on the fused experts (PEFT target_parameters; the router stays frozen)"})
+    router_aux_loss_coef: float = field(default=0.0, metadata={
+        "help": "MoE backbones: weight of the router's load-balancing loss added to the LM loss (0: not computed; "
+                "the router is frozen, so it only steers the adapters)"})
     stage: int | None = field(default=None, metadata={"help": "staged backbones: 1 = projector only, 2 = LoRA"})
     init_from: str | None = field(default=None, metadata={"help": "stage 2: the stage-1 output directory"})
 
