@@ -49,6 +49,7 @@ from surgvqa.plan_counts import (
     lora_params,
     meta_model,
     model_shape,
+    moe_counts,
     read_config,
     sample_tokens,
     source_hw,
@@ -85,6 +86,7 @@ class Planner:
         self.shape = model_shape(self.model)
         self.processor = load_processor(args, checkpoint, self.layout.backbone)
         self.groups = weights(self.model, self.layout, args)
+        self.moe = moe_counts(self.model, self.layout, self.groups)
         self.lora = lora_params(self.model, self.layout, args)
         self.saved_params, self.saved_bytes = trained_module_params(self.model, self.layout, args)
         if args.quantization:
@@ -195,12 +197,15 @@ class Planner:
             tokens = sample_tokens(self.processor, args, frames, size, "generate")
             return self.fits(self.eval_total(tokens, batch)["total"])
 
+        from surgvqa.backbones.base import vision_grid
+
+        grid = vision_grid(self.processor)  # 28 px (Qwen2/2.5), 32 px (Qwen3)
         result: dict[str, Any] = {"budget_bytes": parse_bytes(args.budget),
                                   "overhead_bytes": parse_bytes(args.overhead)}
         for name, ok in (("train", train_ok), ("eval", eval_ok)):
             result[name] = {
                 "max_frames": _largest(lambda f, ok=ok: ok(f, args.frame_size), step, step, 1024),
-                "max_frame_size": _largest(lambda s, ok=ok: ok(args.frames, s), 28, 28, 28 * 96),
+                "max_frame_size": _largest(lambda s, ok=ok: ok(args.frames, s), grid, grid, grid * 96),
             }
         tokens = sample_tokens(self.processor, args, mode="generate")
         result["eval"]["max_batch"] = _largest(lambda b: self.fits(self.eval_total(tokens, b)["total"]), 1, 1, 4096)
@@ -223,7 +228,8 @@ class Planner:
         return Plan(
             args=asdict(args),
             model={"backbone": self.layout.backbone, "model_type": self.config.model_type, "params": total_params,
-                   "layers": self.shape.layers, "hidden": self.shape.hidden, "vocab": self.shape.vocab},
+                   "layers": self.shape.layers, "hidden": self.shape.hidden, "vocab": self.shape.vocab,
+                   "moe": self.moe},
             tokens=asdict(train_tokens), eval_tokens=asdict(eval_tokens),
             weights=[asdict(g) for g in self.groups], trainable=self.trainable(), train=train, eval=evaluation,
             calibration=calibration, budget=self.search() if args.budget else None,
@@ -277,6 +283,11 @@ def render(plan: Plan) -> str:
     quant = "4-bit nf4" if a["load_in_4bit"] else "8-bit" if a["load_in_8bit"] else a["dtype"]
     h, w = t["frame_hw"]
     lines.append(f"surgvqa plan: {a['model']} ({plan.model['backbone']}, {plan.model['params'] / 1e9:.2f} B params)")
+    if plan.model.get("moe"):
+        moe = plan.model["moe"]
+        lines.append(f"  MoE: {moe['experts']} experts per layer, {moe['routed_per_token']} routed per token; "
+                     f"experts {moe['expert_params'] / 1e9:.2f} B params, active per token "
+                     f"{moe['active_params'] / 1e9:.2f} B")
     lines.append(
         f"  {a['frames']} frames x {a['frame_size']} px ({a['source_size']} -> {w}x{h}), {a['question_modality']}"
         + (f" ({a['audio_seconds']:g} s)" if "audio" in a["question_modality"] else "")

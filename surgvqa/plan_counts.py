@@ -119,6 +119,7 @@ class Layout:
     never_quantized: tuple[str, ...] = ()  # loaded beside the quantized part, in the compute dtype
     fp32_modules: tuple[str, ...] = ()  # kept in fp32 by the loading code
     always_trained: tuple[str, ...] = ()  # modules_to_save the backbone adds itself
+    experts: tuple[str, ...] = ()  # suffixes of fused MoE expert parameters (stored as the backbone says)
 
 
 def read_config(model: str) -> tuple[dict, Path | None]:
@@ -181,6 +182,7 @@ def layout_for(config: dict, backbone_name: str | None = None) -> Layout:
         backbone=backbone.name, towers=towers, projectors=tuple(backbone.projector_modules),
         lora_target_regex=backbone.lora_target_regex, quantized_root="",
         quant_skip=(*backbone.tower_modules, *backbone.projector_modules, "lm_head"),
+        experts=tuple(backbone.expert_parameters),
     )
 
 
@@ -199,7 +201,7 @@ def build_config(config: dict, checkpoint: Path | None):
         raise PlanError(f"unknown model_type {model_type!r} in the config")
     data = {k: v for k, v in config.items() if k != "model_type"}
     built = CONFIG_MAPPING[model_type].from_dict(data)
-    if model_type == "qwen2_5_omni":
+    if model_type in ("qwen2_5_omni", "qwen3_omni_moe"):
         built = built.thinker_config  # the thinker only: the talker is never loaded
     return built
 
@@ -214,6 +216,7 @@ def meta_model(config):
         "qwen2_5_omni_thinker": "Qwen2_5OmniThinkerForConditionalGeneration",
         "qwen2_vl": "Qwen2VLForConditionalGeneration",
         "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+        "qwen3_omni_moe_thinker": "Qwen3OmniMoeThinkerForConditionalGeneration",
     }
     if model_type == "qwen_vl_whisper":
         from surgvqa.backbones.qwen_vl_whisper import _model_classes
@@ -241,8 +244,11 @@ def model_shape(model) -> Shape:
     if vision is not None:
         patch_dim = getattr(vision, "in_channels", 3) * vision.temporal_patch_size * vision.patch_size**2
     keeps = "logits_to_keep" in inspect.signature(_generating_model(model).forward).parameters
+    # MoE: a token's MLP activations are those of its routed experts (k x expert width), not the dense width
+    routed = getattr(text, "num_experts_per_tok", 0) * getattr(text, "moe_intermediate_size", 0)
     return Shape(
-        layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=text.intermediate_size, heads=heads,
+        layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=routed or text.intermediate_size,
+        heads=heads,
         kv_heads=getattr(text, "num_key_value_heads", heads),
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
         vocab=text.vocab_size, logits_to_keep=keeps,
@@ -282,8 +288,11 @@ class GroupRow:
 
 
 def weights(model, layout: Layout, args: PlanArguments) -> list[GroupRow]:
-    """Parameters and bytes per module group, as loaded for training and for evaluation."""
+    """Parameters and bytes per module group, as loaded for training and for evaluation. Fused MoE experts are
+    their own group, stored as their backbone loads them (NF4 per expert under 4-bit, codes and constants)."""
     from torch import nn
+
+    from surgvqa.backbones import get_backbone
 
     compute = args.dtype
     quant = args.quantization
@@ -302,6 +311,13 @@ def weights(model, layout: Layout, args: PlanArguments) -> list[GroupRow]:
             numel = param.numel()
             dtype = "float32" if _skipped(module_name, layout.fp32_modules) else compute
             plain = numel * DTYPE_BYTES[dtype]
+            if _is_expert(name, layout):
+                stored = get_backbone(layout.backbone).expert_stored_bytes(tuple(param.shape), quant) or plain
+                row = rows["MoE experts"]
+                row.params += numel
+                row.train_bytes += stored
+                row.eval_bytes += stored
+                continue
             quantized = (
                 quant is not None and pname == "weight" and isinstance(module, nn.Linear)
                 and module_name.startswith(layout.quantized_root)
@@ -331,12 +347,32 @@ def _group(name: str, layout: Layout) -> str:
 
 
 def largest_quantized_linear(model, layout: Layout) -> int:
-    """Elements of the largest weight bitsandbytes quantizes (dequantized to the compute dtype per matmul)."""
-    return max(
+    """Elements of the largest weight bitsandbytes quantizes (dequantized to the compute dtype per matmul); for
+    fused MoE experts one expert's matrix (they are dequantized one expert at a time)."""
+    linear = max(
         (m.weight.numel() for n, m in model.named_modules()
          if type(m).__name__ == "Linear" and n.startswith(layout.quantized_root)
          and not _skipped(n.removeprefix(layout.quantized_root), layout.quant_skip)),
         default=0)
+    expert = max((p[0].numel() for n, p in model.named_parameters() if _is_expert(n, layout)), default=0)
+    return max(linear, expert)
+
+
+def _is_expert(name: str, layout: Layout) -> bool:
+    return bool(layout.experts) and name.endswith(tuple("." + suffix for suffix in layout.experts))
+
+
+def moe_counts(model, layout: Layout, groups: list[GroupRow]) -> dict | None:
+    """Fused MoE experts: their parameters, and the language-model parameters a token runs through (layers,
+    embeddings, LM head, and k of E experts per MoE layer; towers not counted); None for dense models."""
+    if not layout.experts:
+        return None
+    text = model.config.get_text_config()
+    experts = sum(p.numel() for n, p in model.named_parameters() if _is_expert(n, layout))
+    language = sum(g.params for g in groups if g.group in ("LLM layers", "embeddings", "lm_head"))
+    routed, count = text.num_experts_per_tok, text.num_experts
+    return {"expert_params": experts, "experts": count, "routed_per_token": routed,
+            "active_params": language + experts * routed // count}
 
 
 def lora_params(model, layout: Layout, args: PlanArguments) -> int:
@@ -381,7 +417,7 @@ def load_processor(args: PlanArguments, checkpoint: Path | None, backbone_name: 
             "the checkpoint you will train or a tiny model with the real Qwen vocabulary, whose token counts equal "
             "the 7B's (python scripts/make_tiny_model.py --vocab qwen --output_dir runs/tiny-omni-qwen)"
         )
-    name = backbone_name if backbone_name in ("qwen2_5_omni", "qwen_vl_whisper") else None
+    name = backbone_name if backbone_name in ("qwen2_5_omni", "qwen_vl_whisper", "qwen3_omni_moe") else None
     if name is None:  # a bare Qwen-VL
         from transformers import AutoProcessor
 

@@ -81,6 +81,13 @@ class Backbone:
     conv3d_patch_embed: str | None = None
     #: full name of the language model's decoder layer list (the weights ``check_quantized`` counts).
     language_layers: str = "model.language_model.layers"
+    #: suffixes of fused MoE expert parameters (experts x rows x cols) of the language model (MoE families)
+    expert_parameters: tuple[str, ...] = ()
+
+    def expert_stored_bytes(self, shape: tuple[int, ...], quantization: str | None) -> int | None:
+        """Bytes one fused expert parameter of ``shape`` takes as loaded with ``quantization`` ("4bit", "8bit",
+        None); None: unquantized, in the compute dtype."""
+        return None
 
     def matches(self, config: dict) -> bool:
         raise NotImplementedError

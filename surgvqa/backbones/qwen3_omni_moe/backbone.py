@@ -29,9 +29,20 @@ class Qwen3OmniMoe(Backbone):
     projector_modules = ("model.visual.merger", "model.visual.merger_list", "model.audio_tower.proj1",
                          "model.audio_tower.proj2")
     conv3d_patch_embed = "model.visual.patch_embed"
+    expert_parameters = EXPERT_PARAMETERS
     #: NF4 settings of the experts under --load_in_4bit (bitsandbytes' own 4-bit defaults)
     nf4_blocksize = 64
     nf4_double_quant = True
+
+    def expert_stored_bytes(self, shape: tuple[int, ...], quantization: str | None) -> int | None:
+        """NF4 under 4-bit (:func:`~surgvqa.backbones.qwen3_omni_moe.experts.nf4_matrix_bytes` per expert), else
+        unquantized (the 8-bit loading has no expert quantization: ``check_quantized`` refuses it)."""
+        from surgvqa.backbones.qwen3_omni_moe.experts import nf4_matrix_bytes
+
+        if quantization != "4bit":
+            return None
+        experts, rows, cols = shape
+        return experts * nf4_matrix_bytes(rows * cols, self.nf4_blocksize, self.nf4_double_quant)
 
     def matches(self, config: dict) -> bool:
         return config.get("model_type") in MODEL_TYPES

@@ -1,0 +1,262 @@
+"""The qwen3_omni_moe family: the tiny MoE thinker, NF4 fused experts, the unquantized-weights guard, expert LoRA.
+
+The 4-bit tests compute in fp32 (torch's bf16 CPU kernels need AVX-512), and in bf16 too where the CPU has it, so
+they run on the default, avx2 and avx512 kernel paths (ATEN_CPU_CAPABILITY).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import load_script
+
+from surgvqa.backbones import LoadOptions, backbone_for, get_backbone
+from surgvqa.backbones.base import check_quantized
+from surgvqa.errors import UserError
+
+BACKBONE = get_backbone("qwen3_omni_moe")
+AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+COMPUTE_DTYPES = ["float32", "bfloat16"] if AVX512 else ["float32"]
+#: logits of the 4-bit model vs the same model with each NF4 expert dequantized into stock experts (same weights,
+#: another code path): fp32 rounding only; bf16 rounds every matmul to 8 bits of mantissa
+LOGIT_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.15}
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-moe")
+    return load_script("tiny_qwen3_omni_moe").build_tiny_qwen3_omni_moe(out, seed=0, vocab="tiny")
+
+
+def test_tiny_model_is_the_real_thinker_and_processor(tiny_moe):
+    from transformers import AutoProcessor, Qwen3OmniMoeThinkerForConditionalGeneration
+
+    config = json.loads((tiny_moe / "config.json").read_text())
+    assert config["model_type"] == "qwen3_omni_moe_thinker"
+    assert config["text_config"]["num_experts"] == 8 and config["text_config"]["num_experts_per_tok"] == 2
+    assert backbone_for(tiny_moe).name == "qwen3_omni_moe"
+    processor = AutoProcessor.from_pretrained(tiny_moe)
+    assert type(processor).__name__ == "Qwen3OmniMoeProcessor"
+    model = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(tiny_moe)
+    experts = model.model.language_model.layers[0].mlp.experts
+    assert experts.gate_up_proj.shape == (8, 2 * 128, 128) and experts.down_proj.shape == (8, 128, 128)
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "video"}, {"type": "text",
+                                          "text": "Is NBI on?"}]}], add_generation_prompt=True, tokenize=False)
+    assert "<|vision_start|><|video_pad|><|vision_end|>Is NBI on?<|im_end|>" in text
+
+
+def test_real_vocabulary_keeps_qwen3_omni_token_ids(tmp_path):
+    tiny = load_script("tiny_qwen3_omni_moe")
+    tokenizer = load_script("make_tiny_model").build_tokenizer(
+        "qwen", special_tokens=tiny.QWEN3_OMNI_SPECIAL_TOKENS, model_specific_tokens=tiny.MODEL_SPECIFIC_TOKENS)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|vision_start|>", "<|video_pad|>",
+                                                           "<|audio_start|>", "<|audio_pad|>")}
+    assert ids == {"<|im_end|>": 151645, "<|vision_start|>": 151652, "<|video_pad|>": 151656,
+                   "<|audio_start|>": 151669, "<|audio_pad|>": 151675}
+
+
+# ------------------------------------------------------------------------------------------------ NF4 experts
+def _stock_experts(tiny_moe):
+    from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
+
+    model = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(tiny_moe, dtype=torch.float32)
+    return model.model.language_model.layers[0].mlp.experts
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_experts_bytes_blocks_and_forward(tiny_moe, double_quant):
+    from surgvqa.backbones.qwen3_omni_moe.experts import NF4Experts, nf4_matrix_bytes
+
+    stock = _stock_experts(tiny_moe)
+    nf4 = NF4Experts.like(stock, double_quant=double_quant)
+    nf4.quantize_("gate_up_proj", stock.gate_up_proj.data)
+    nf4.quantize_("down_proj", stock.down_proj.data)
+    # codes + block scales (+ second-level scales and offset) of every expert, nothing else
+    assert nf4.stored_bytes() == 8 * (nf4_matrix_bytes(256 * 128, 64, double_quant)
+                                      + nf4_matrix_bytes(128 * 128, 64, double_quant))
+    # blocks never straddle two experts: expert 3 quantized alone stores the same bytes as inside the stack
+    alone = NF4Experts(1, 128, 128, stock.act_fn, double_quant=double_quant)
+    alone.quantize_("gate_up_proj", stock.gate_up_proj.data[3:4])
+    assert torch.equal(alone.gate_up_proj_codes[0], nf4.gate_up_proj_codes[3])
+    assert torch.equal(alone.gate_up_proj_absmax[0], nf4.gate_up_proj_absmax[3])
+    # NF4 error is bounded by the block scales; the forward is the stock one on the dequantized weights
+    error = (nf4.dequantized_stack("gate_up_proj", torch.float32) - stock.gate_up_proj).abs().max()
+    assert 0 < error < 0.2 * stock.gate_up_proj.abs().max()
+    reference = copy.deepcopy(stock)
+    reference.gate_up_proj.data = nf4.dequantized_stack("gate_up_proj", torch.float32)
+    reference.down_proj.data = nf4.dequantized_stack("down_proj", torch.float32)
+    hidden = torch.randn(12, 128)
+    index = torch.stack([torch.randperm(8)[:2] for _ in range(12)])
+    weights = torch.rand(12, 2)
+    assert torch.allclose(nf4(hidden, index, weights), reference(hidden, index, weights), atol=1e-6)
+
+
+def test_nf4_block_size_must_divide_an_expert():
+    from surgvqa.backbones.qwen3_omni_moe.experts import NF4Experts
+
+    with pytest.raises(ValueError, match="whole number of NF4 blocks"):
+        NF4Experts(2, 24, 10, torch.nn.SiLU(), blocksize=64)
+
+
+# ---------------------------------------------------------------------------------------- loading in 4-bit
+def _dequantized_copy(model):
+    """The same model with each NF4 experts module swapped for stock experts holding its dequantized weights."""
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerTextExperts
+
+    from surgvqa.backbones.qwen3_omni_moe.modeling import moe_blocks
+
+    reference = copy.deepcopy(model)
+    for block in moe_blocks(reference).values():
+        nf4 = block.experts
+        stock = Qwen3OmniMoeThinkerTextExperts(reference.config.text_config)
+        stock.gate_up_proj.data = nf4.dequantized_stack("gate_up_proj", torch.float32)
+        stock.down_proj.data = nf4.dequantized_stack("down_proj", torch.float32)
+        block.experts = stock.to(model.dtype)
+    return reference
+
+
+@pytest.mark.parametrize("dtype", COMPUTE_DTYPES)
+def test_load_in_4bit_quantizes_experts_and_attention(tiny_moe, dtype):
+    from bitsandbytes.nn import Linear4bit
+
+    from surgvqa.backbones.qwen3_omni_moe.experts import NF4Experts
+
+    model = BACKBONE.load(str(tiny_moe), LoadOptions(dtype=dtype, load_in_4bit=True))
+    layer = model.model.language_model.layers[1]
+    assert isinstance(layer.mlp.experts, NF4Experts) and isinstance(layer.self_attn.q_proj, Linear4bit)
+    assert not isinstance(model.lm_head, Linear4bit) and not isinstance(model.model.visual.blocks[0].attn.qkv,
+                                                                        Linear4bit)
+    ids = torch.randint(0, 700, (2, 24))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+        reference = _dequantized_copy(model)(input_ids=ids).logits.float()
+    assert (logits - reference).abs().max() <= LOGIT_TOLERANCE[dtype]
+    assert logits.std() > 0.1  # not vacuous
+
+
+def test_guard_fires_on_stock_4bit_load(tiny_moe):
+    """transformers' own load_in_4bit leaves the fused experts 16/32-bit: the guard names them."""
+    from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
+
+    options = LoadOptions(dtype="float32", load_in_4bit=True)
+    stock = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(
+        tiny_moe, dtype=torch.float32, quantization_config=BACKBONE.quantization_config(options))
+    with pytest.raises(UserError, match=r"model\.language_model\.layers\.\*\.mlp\.experts \(down_proj float32, "
+                                        r"gate_up_proj float32\)"):
+        check_quantized(stock, BACKBONE, options)
+    check_quantized(stock, BACKBONE, LoadOptions())  # not asked to quantize: nothing to check
+
+
+def test_guard_counts_every_family_the_same_way(tiny_model_dir):
+    """Qwen2.5-Omni in 4-bit (attention and MLP all nn.Linear) passes; the same model unquantized would not."""
+    qwen25 = get_backbone("qwen2_5_omni")
+    options = LoadOptions(dtype="float32", load_in_4bit=True)
+    model = qwen25.load(str(tiny_model_dir), options)  # check_quantized ran inside load
+    plain = qwen25.load(str(tiny_model_dir), LoadOptions(dtype="float32"))
+    with pytest.raises(UserError, match="unquantized"):
+        check_quantized(plain, qwen25, options)
+    assert model is not None
+
+
+# ------------------------------------------------------------------------------------------------------ LoRA
+@pytest.mark.parametrize("dtype", COMPUTE_DTYPES)
+def test_lora_gradients_reach_adapters_over_4bit(tiny_moe, dtype):
+    from peft import LoraConfig
+
+    from surgvqa.backbones.base import prepare_quantized_for_training, upcast_trainable
+
+    options = LoadOptions(dtype=dtype, load_in_4bit=True)
+    model = BACKBONE.load(str(tiny_moe), options)
+    prepare_quantized_for_training(model, gradient_checkpointing=False)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=BACKBONE.lora_target_regex, task_type="CAUSAL_LM")
+    model = BACKBONE.make_trainable(model, config)
+    upcast_trainable(model)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n and ".language_model." in n for n in names)  # not the towers, nor the router
+    ids = torch.randint(0, 700, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in grads.values())
+    assert sum(float(g.abs().sum()) for n, g in grads.items() if "lora_B" in n) > 0
+
+
+def test_lora_experts_targets_the_fused_stacks_and_keeps_the_router_frozen(tiny_moe):
+    from peft import LoraConfig
+
+    options = LoadOptions(dtype="float32")
+    model = BACKBONE.load(str(tiny_moe), options)
+    BACKBONE.set_router_aux_loss(model, 0.01)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=BACKBONE.lora_target_regex, task_type="CAUSAL_LM",
+                        target_parameters=BACKBONE.expert_lora_parameters(model, options))
+    model = BACKBONE.make_trainable(model, config)
+    expert_lora = [n for n, p in model.named_parameters() if p.requires_grad and ".mlp.experts." in n]
+    assert len(expert_lora) == 2 * 2 * 2  # 2 layers x (gate_up, down) x (A, B)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".mlp.gate." in n)
+    ids = torch.randint(0, 700, (2, 16))
+    out = model(input_ids=ids, labels=ids)
+    assert out.aux_loss is not None and float(out.aux_loss.detach()) > 0  # the recorded coefficient is in use
+    out.loss.backward()
+    assert all(model.get_parameter(n).grad is not None for n in expert_lora)
+
+
+def test_lora_experts_over_nf4_is_refused_with_the_reason(tiny_moe):
+    with pytest.raises(ValueError, match="target_parameters wraps nn.Parameter"):
+        BACKBONE.expert_lora_parameters(None, LoadOptions(load_in_4bit=True))
+    with pytest.raises(ValueError, match="no MoE experts"):
+        get_backbone("qwen2_5_omni").expert_lora_parameters(None, LoadOptions())
+    with pytest.raises(ValueError, match="deepstack"):
+        BACKBONE.enable_token_merging(None, 0.5)
+
+
+# --------------------------------------------------------------------------------------------------- planner
+def _plan(model: str, processor, **flags):
+    from surgvqa.plan import Planner
+    from surgvqa.plan_counts import PlanArguments
+
+    return Planner(PlanArguments(model=str(model), processor=str(processor), **flags))
+
+
+def test_planner_expert_bytes_equal_the_stored_nf4_bytes(tiny_moe):
+    from surgvqa.backbones.qwen3_omni_moe.modeling import moe_blocks
+
+    planner = _plan(tiny_moe, tiny_moe, frame_size=64, load_in_4bit=True)
+    planned = next(g for g in planner.groups if g.group == "MoE experts")
+    model = BACKBONE.load(str(tiny_moe), LoadOptions(dtype="float32", load_in_4bit=True))
+    stored = sum(block.experts.stored_bytes() for block in moe_blocks(model).values())
+    assert planned.eval_bytes == planned.train_bytes == stored
+    assert planned.params == sum(block.experts.quantized_numel() for block in moe_blocks(model).values())
+    assert planner.moe["experts"] == 8 and planner.moe["routed_per_token"] == 2
+
+
+@pytest.fixture(scope="module")
+def qwen3_processor(tmp_path_factory):
+    """Qwen3-Omni's processor with the real 151k vocabulary (no model): the 30B's exact token counts."""
+    tiny = load_script("tiny_qwen3_omni_moe")
+    tokenizer = load_script("make_tiny_model").build_tokenizer(
+        "qwen", special_tokens=tiny.QWEN3_OMNI_SPECIAL_TOKENS, model_specific_tokens=tiny.MODEL_SPECIFIC_TOKENS)
+    out = tmp_path_factory.mktemp("qwen3-processor")
+    tiny.build_processor(tokenizer).save_pretrained(out)
+    return out
+
+
+def test_planner_30b_a3b_thinker_counts_and_verdicts(qwen3_processor):
+    """The shipped 30B-A3B config: every parameter of the meta-device model counted, 29 B of them experts, 3.3 B
+    active per token; bf16 LoRA does not fit 40 GiB, QLoRA with NF4 experts does (8 frames x 384 px, text+audio)."""
+    from surgvqa.plan import make_plan
+    from surgvqa.plan_counts import PlanArguments, build_config, meta_model, read_config
+
+    model = "configs/models/qwen3_omni_30b_a3b_thinker.json"
+    bf16 = _plan(model, qwen3_processor, question_modality="text+audio")
+    meta = meta_model(build_config(*read_config(model)))
+    total = sum(p.numel() for p in meta.parameters())
+    planned = sum(g.params for g in bf16.groups)
+    assert abs(planned - total) <= 0.005 * total and 31.5e9 < total < 32e9
+    assert round(bf16.moe["expert_params"] / 1e9, 2) == 28.99 and round(bf16.moe["active_params"] / 1e9, 2) == 3.35
+    for budget, flags, fits in (("40GiB", {}, False), ("40GiB", {"load_in_4bit": True}, True),
+                                ("24GiB", {"load_in_4bit": True}, True)):
+        plan = make_plan(PlanArguments(model=model, processor=str(qwen3_processor), question_modality="text+audio",
+                                       budget=budget, **flags))
+        assert plan.budget["train_fits"] is fits and plan.budget["eval_fits"] is fits, (budget, flags)
