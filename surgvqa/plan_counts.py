@@ -163,7 +163,7 @@ def layout_for(config: dict, backbone_name: str | None = None) -> Layout:
         matches = [b for b in BACKBONES.values() if b.matches(config)]
         if not matches:
             raise PlanError(f"no backbone plans model_type {model_type!r}: pass --backbone "
-                            "(qwen2_5_omni, qwen_vl_whisper) or a Qwen2.5-Omni / Qwen-VL config")
+                            "(qwen2_5_omni, qwen3_omni_moe, qwen_vl_whisper) or a Qwen2.5-Omni / Qwen3-Omni / Qwen-VL config")
         backbone = matches[0]
     else:
         backbone = get_backbone(backbone_name)
