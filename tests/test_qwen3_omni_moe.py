@@ -175,6 +175,26 @@ def test_load_in_4bit_quantizes_experts_and_attention(tiny_moe, dtype):
     assert logits.std() > 0.1  # not vacuous
 
 
+def test_full_checkpoint_loads_only_its_thinker(tiny_moe, tmp_path):
+    """A full Qwen3-Omni checkpoint (model_type qwen3_omni_moe, weights under thinker.): the thinker alone is
+    loaded, the same as from a thinker checkpoint, 16-bit and with the NF4 experts read from thinker.* keys."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen3OmniMoeConfig
+
+    full = tmp_path / "full"
+    Qwen3OmniMoeConfig(thinker_config=json.loads((tiny_moe / "config.json").read_text())).save_pretrained(full)
+    weights = load_file(str(tiny_moe / "model.safetensors"))
+    save_file({f"thinker.{k}": v for k, v in weights.items()}, str(full / "model.safetensors"),
+              metadata={"format": "pt"})
+    ids = torch.randint(0, 700, (1, 12))
+    for quantized in (False, True):
+        options = LoadOptions(dtype="float32", load_in_4bit=quantized)
+        with torch.no_grad():
+            ours = BACKBONE.load(str(full), options)(input_ids=ids).logits
+            thinker = BACKBONE.load(str(tiny_moe), options)(input_ids=ids).logits
+        assert torch.equal(ours, thinker), quantized
+
+
 def test_guard_fires_on_stock_4bit_load(tiny_moe):
     """transformers' own load_in_4bit leaves the fused experts 16/32-bit: the guard names them."""
     from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
