@@ -267,6 +267,8 @@ def test_lora_experts_over_nf4_is_refused_with_the_reason(tiny_moe):
         get_backbone("qwen2_5_omni").expert_lora_parameters(None, LoadOptions())
     with pytest.raises(ValueError, match="deepstack"):
         BACKBONE.enable_token_merging(None, 0.5)
+    with pytest.raises(ValueError, match="Use --load_in_4bit"):
+        BACKBONE.load(str(tiny_moe), LoadOptions(load_in_8bit=True))
 
 
 # --------------------------------------------------------------------------------------------------- planner

@@ -68,6 +68,9 @@ class Qwen3OmniMoe(Backbone):
         from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
 
         options.validate()
+        if options.load_in_8bit:
+            raise ValueError("--load_in_8bit: qwen3_omni_moe quantizes its fused experts in 4-bit only (NF4); the "
+                             "8-bit loading would leave them 16-bit. Use --load_in_4bit")
         config, kwargs = self.thinker_config(path, options.trust_remote_code)
         model_class = Qwen3OmniMoeThinkerForConditionalGeneration
         if options.load_in_4bit:
