@@ -68,8 +68,8 @@ def child_load(model_dir: str, mode: str) -> None:
     start = time.perf_counter()
     model = backbone.load(model_dir, LoadOptions(dtype="bfloat16", load_in_4bit=mode == "nf4"))
     seconds = time.perf_counter() - start
-    experts = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if ".experts." in n)
-    experts += sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
+    tensors = [t for n, t in [*model.named_buffers(), *model.named_parameters()] if ".experts." in n]
+    experts = sum(t.untyped_storage().nbytes() for t in tensors)  # storage: LoRA placeholders hold one zero
     emit_result({"mode": mode, "peak_above_start_mb": peak_rss_mb() - before, "seconds": seconds,
                  "expert_bytes_loaded": experts})
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -260,9 +261,49 @@ def test_lora_experts_targets_the_fused_stacks_and_keeps_the_router_frozen(tiny_
     assert all(model.get_parameter(n).grad is not None for n in expert_lora)
 
 
-def test_lora_experts_over_nf4_is_refused_with_the_reason(tiny_moe):
-    with pytest.raises(ValueError, match="target_parameters wraps nn.Parameter"):
-        BACKBONE.expert_lora_parameters(None, LoadOptions(load_in_4bit=True))
+@pytest.mark.parametrize("dtype", COMPUTE_DTYPES)
+def test_lora_experts_over_nf4_equals_the_same_adapter_on_dequantized_experts(tiny_moe, dtype):
+    """PEFT's target_parameters LoRA over the NF4 experts (storage-free placeholders): gradients reach the expert
+    adapters, and the adapter computes what the same adapter computes on stock experts holding the dequantized
+    weights; its state dict is PEFT's own format (loads on the 16-bit model)."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    options = LoadOptions(dtype=dtype, load_in_4bit=True)
+    model = BACKBONE.load(str(tiny_moe), options)
+    experts = model.model.language_model.layers[0].mlp.experts
+    assert experts.gate_up_proj.untyped_storage().nbytes() == 4  # one zero, not a stack
+    reference = _dequantized_copy(model)
+    config = dict(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM", target_modules=[
+        n for n, _ in model.named_modules() if re.fullmatch(BACKBONE.lora_target_regex, n)],
+        target_parameters=BACKBONE.expert_lora_parameters(model, options))
+    model = get_peft_model(model, LoraConfig(**config))
+    reference = get_peft_model(reference, LoraConfig(**config))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    state = get_peft_model_state_dict(model)
+    assert any(".mlp.experts.base_layer.lora_A" in k for k in state) and any(".mlp.experts.lora_B" in k for k in state)
+    assert not set_peft_model_state_dict(reference, state).unexpected_keys
+    ids = torch.randint(0, 700, (2, 16))
+    # both with autograd on: bitsandbytes' Linear4bit takes another kernel path under no_grad
+    out = model(input_ids=ids, labels=ids)
+    expected = reference(input_ids=ids).logits.detach().float()
+    assert (out.logits.float() - expected).abs().max() <= LOGIT_TOLERANCE[dtype]
+    out.loss.backward()
+    expert_grads = [p.grad for n, p in model.named_parameters() if p.requires_grad and ".mlp.experts." in n]
+    assert len(expert_grads) == 8 and all(g is not None for g in expert_grads)
+    assert sum(float(g.abs().sum()) for g in expert_grads) > 0
+
+
+def test_nf4_experts_move_without_materialising_the_placeholders(tiny_moe):
+    model = BACKBONE.load(str(tiny_moe), LoadOptions(dtype="float32", load_in_4bit=True))
+    experts = model.model.language_model.layers[0].mlp.experts.to("cpu").float()
+    assert experts.down_proj.shape == (8, 128, 128) and experts.down_proj.untyped_storage().nbytes() == 4
+
+
+def test_refusals_say_why(tiny_moe):
     with pytest.raises(ValueError, match="no MoE experts"):
         get_backbone("qwen2_5_omni").expert_lora_parameters(None, LoadOptions())
     with pytest.raises(ValueError, match="deepstack"):

@@ -115,13 +115,9 @@ class Qwen3OmniMoe(Backbone):
 
     # -- training ---------------------------------------------------------------------------------------------
     def expert_lora_parameters(self, model, options: LoadOptions) -> list[str]:
-        """PEFT ``target_parameters`` for --lora_experts: both fused expert stacks of every MoE layer."""
-        if options.load_in_4bit:
-            raise ValueError(
-                "--lora_experts with --load_in_4bit: PEFT's target_parameters wraps nn.Parameter stacks and the NF4 "
-                "experts hold packed 4-bit codes, so LoRA cannot reach them yet; train expert LoRA on the 16-bit "
-                "model (drop --load_in_4bit) or drop --lora_experts (LoRA on attention only)"
-            )
+        """PEFT ``target_parameters`` for --lora_experts: both fused expert stacks of every MoE layer. On the NF4
+        experts they are storage-free placeholders whose LoRA update the experts add to each routed expert
+        (``NF4Experts.expose_for_lora``): the same adapter format either way."""
         return list(EXPERT_PARAMETERS)
 
     def make_trainable(self, model, lora_config, stage: int | None = None, init_from: str | None = None):

@@ -21,6 +21,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 #: the projections of a fused experts module: name -> (rows, columns) as functions of (hidden, width)
 PROJECTIONS = {"gate_up_proj": lambda hidden, width: (2 * width, hidden),
@@ -73,15 +74,44 @@ class NF4Experts(nn.Module):
         return cls(experts.num_experts, experts.hidden_dim, experts.intermediate_dim, experts.act_fn,
                    blocksize=blocksize, double_quant=double_quant)
 
+    def expose_for_lora(self) -> None:
+        """Give the module ``gate_up_proj`` / ``down_proj`` parameters as the stock experts have, for PEFT's LoRA
+        on parameters (``target_parameters``): all-zero stacks that hold no memory (one zero expanded with stride
+        0), so under PEFT's parametrization ``self.gate_up_proj`` is exactly the LoRA update of every expert, which
+        :meth:`forward` adds to the dequantized routed experts. Adapters trained so have PEFT's own format: they
+        load and merge on the 16-bit model unchanged. Never move such a module with ``.to()`` (a copy of an expanded
+        tensor would be materialised): :meth:`_apply` makes them again after a move."""
+        device = self.gate_up_proj_codes.device
+        for name in PROJECTIONS:
+            if not hasattr(self, name):
+                zero = torch.zeros((), dtype=torch.float32, device=device).expand(self.num_experts, *self.shape(name))
+                self.register_parameter(name, nn.Parameter(zero, requires_grad=False))
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()`` / ``.cuda()`` / casts: the storage-free placeholders are made again on the new device instead
+        of being copied (a copy of an expanded tensor would be a full stack)."""
+        placeholders = [name for name in PROJECTIONS if name in self._parameters]
+        for name in placeholders:
+            del self._parameters[name]
+        result = super()._apply(fn, recurse)
+        if placeholders:
+            self.expose_for_lora()
+        return result
+
+    def _lora_updates(self) -> dict[str, torch.Tensor]:
+        """Per projection under PEFT's parametrization: the LoRA update of every expert (experts x rows x cols)."""
+        return {name: getattr(self, name) for name in PROJECTIONS if parametrize.is_parametrized(self, name)}
+
     def shape(self, name: str) -> tuple[int, int]:
         return PROJECTIONS[name](self.hidden_dim, self.intermediate_dim)
 
     def quantized_numel(self) -> int:
-        """Weights held in NF4 (both projections of every expert): ``check_quantized`` counts them as 4-bit."""
+        """Weights held in NF4 (both projections of every expert): ``check_quantized`` counts them as 4-bit (and
+        not the storage-free LoRA placeholders of :meth:`expose_for_lora`)."""
         return self.num_experts * sum(rows * cols for rows, cols in map(self.shape, PROJECTIONS))
 
     def stored_bytes(self) -> int:
-        """Bytes of the buffers: the NF4 codes and every quantization constant."""
+        """Bytes of the buffers: the NF4 codes and every quantization constant (nothing else is stored)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     # -- quantization ------------------------------------------------------------------------------------------
@@ -149,22 +179,29 @@ class NF4Experts(nn.Module):
         return torch.stack([self.dequantize(name, e, dtype) for e in range(self.num_experts)])
 
     # -- forward -----------------------------------------------------------------------------------------------
-    def expert_forward(self, expert: int, states: torch.Tensor) -> torch.Tensor:
-        """One expert's SwiGLU on its routed ``states`` (tokens x hidden)."""
-        gate_up = self.dequantize("gate_up_proj", expert, states.dtype)
-        gate, up = nn.functional.linear(states, gate_up).chunk(2, dim=-1)
-        down = self.dequantize("down_proj", expert, states.dtype)
-        return nn.functional.linear(self.act_fn(gate) * up, down)
+    def expert_forward(self, expert: int, states: torch.Tensor,
+                       updates: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """One expert's SwiGLU on its routed ``states`` (tokens x hidden); ``updates``: LoRA updates per projection
+        (see :meth:`expose_for_lora`)."""
+        updates = updates or {}
+        weights = {}
+        for name in PROJECTIONS:
+            weights[name] = self.dequantize(name, expert, states.dtype)
+            if name in updates:
+                weights[name] = weights[name] + updates[name][expert].to(states.dtype)
+        gate, up = nn.functional.linear(states, weights["gate_up_proj"]).chunk(2, dim=-1)
+        return nn.functional.linear(self.act_fn(gate) * up, weights["down_proj"])
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         final = torch.zeros_like(hidden_states)
+        updates = self._lora_updates()
         with torch.no_grad():
             mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
             hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
         for expert in hit.reshape(-1).tolist():
             top_k_pos, token_idx = torch.where(mask[expert])
-            out = self.expert_forward(expert, hidden_states[token_idx])
+            out = self.expert_forward(expert, hidden_states[token_idx], updates)
             out = out * top_k_weights[token_idx, top_k_pos, None]
             final.index_add_(0, token_idx, out.to(final.dtype))
         return final

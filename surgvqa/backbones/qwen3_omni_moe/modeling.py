@@ -112,4 +112,6 @@ def load_nf4_experts(model, path: str | Path) -> int:
                for name, done in names.items() if not bool(done.all())]
     if missing:
         raise ValueError(f"{path}: the checkpoint lacks expert weights for {', '.join(missing[:6])}")
+    for block in blocks.values():  # LoRA on the experts (--lora_experts, or an adapter loaded for evaluation)
+        block.experts.expose_for_lora()
     return sum(block.experts.num_experts for block in blocks.values())
