@@ -364,9 +364,11 @@ def test_planner_30b_a3b_thinker_counts_and_verdicts(qwen3_processor):
 
 
 # ------------------------------------------------------------------------------------- end to end (slow, ~2 min)
-#: (extra training flags, learning rate): attention LoRA, then LoRA on the fused experts too. At lr 5e-3 the expert
-#: LoRA reached a lower loss but answered 64 % (it fits the experts' outputs too fast); 2e-3 gave 88 %.
-E2E_RUNS = {"attention": ([], "5e-3"), "experts": (["--lora_experts", "True"], "2e-3")}
+#: (extra training flags, learning rate): attention LoRA, then LoRA on the fused experts too (16-bit, and over the
+#: NF4 experts with fp32 compute). At lr 5e-3 the expert LoRA answered 64 % (it fits the experts' outputs too
+#: fast); 2e-3 gave 88 % (16-bit) and 94 % (NF4, evaluated on the 16-bit base).
+E2E_RUNS = {"attention": ([], "5e-3"), "experts": (["--lora_experts", "True"], "2e-3"),
+            "experts_nf4": (["--lora_experts", "True", "--load_in_4bit", "True", "--dtype", "float32"], "2e-3")}
 
 
 @pytest.mark.slow
@@ -411,4 +413,4 @@ def test_train_evaluate_merge_through_the_clis(tiny_moe, test_set, tmp_path, run
     assert not torch.equal(base.self_attn.q_proj.weight, folded.self_attn.q_proj.weight)
     assert torch.equal(base.mlp.gate.weight, folded.mlp.gate.weight)  # the router stayed frozen
     changed = not torch.equal(base.mlp.experts.gate_up_proj, folded.mlp.experts.gate_up_proj)
-    assert changed == (run == "experts")
+    assert changed == run.startswith("experts")
