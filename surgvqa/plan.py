@@ -42,6 +42,7 @@ from surgvqa.plan_counts import (
     PlanArguments,
     Tokens,
     build_config,
+    expert_lora_update_bytes,
     kbit_training_dtype,
     largest_quantized_linear,
     layout_for,
@@ -129,6 +130,7 @@ class Planner:
             "optimizer": trainable["optimizer_bytes"],
             "inputs": self.inputs_bytes(tokens, batch),
             "dequantize": self.shape.largest_linear * DTYPE_BYTES[args.dtype],
+            "expert_lora_update": expert_lora_update_bytes(self.model, self.layout, args),
             "lm_head_cast": self.lm_head_cast_bytes(),
         }
         return mode, parts, activation_features(self.shape, batch, tokens.total, logit_tokens, mode, tokens.patches)
@@ -313,7 +315,8 @@ def render(plan: Plan) -> str:
     train, ev = plan.train, plan.eval
     labels = {"weights": "weights", "trainable_params": "trainable params", "gradients": "gradients",
               "optimizer": "optimizer state", "inputs": "inputs", "activations": "activations (fitted)",
-              "dequantize": "4/8-bit dequantize", "lm_head_cast": "lm_head bf16 copy", "adapter": "adapter", "kv_cache": "KV cache (exact)"}
+              "dequantize": "4/8-bit dequantize", "expert_lora_update": "expert LoRA update",
+              "lm_head_cast": "lm_head bf16 copy", "adapter": "adapter", "kv_cache": "KV cache (exact)"}
     lines.append(f"training: batch {train['batch']} x {train['sequence']} tokens ({train['mode']})")
     phases = train["activation_phases"]
     peak = max(phases, key=phases.get) if phases else None

@@ -52,6 +52,7 @@ class PlanArguments:
     lora_r: int = field(default=16)
     lora_dropout: float = field(default=0.05)
     lora_target_regex: str | None = field(default=None, metadata={"help": "default: the backbone's"})
+    lora_experts: bool = field(default=False, metadata={"help": "MoE backbones: LoRA on the fused experts too"})
     train_projectors: bool = field(default=False, metadata={"help": "also train the multimodal projectors"})
     optim: str = field(default="adamw_torch_fused", metadata={"help": " | ".join(OPTIMIZER_STATE)})
     token_kept_ratio: float = field(default=1.0, metadata={
@@ -362,6 +363,17 @@ def _is_expert(name: str, layout: Layout) -> bool:
     return bool(layout.experts) and name.endswith(tuple("." + suffix for suffix in layout.experts))
 
 
+def expert_lora_update_bytes(model, layout: Layout, args: PlanArguments) -> int:
+    """--lora_experts: what one MoE layer holds for its expert LoRA during its forward and backward: the update of
+    its stacks (experts x rows x cols, fp32, built by PEFT) and, in the worst case of every expert routed, each
+    expert's weight plus update in the compute dtype, kept for the backward (0 without expert LoRA)."""
+    if not args.lora_experts:
+        return 0
+    stacks = [p.numel() for n, p in model.named_parameters() if _is_expert(n, layout)]
+    per_layer = sum(stacks) // max(1, model.config.get_text_config().num_hidden_layers)
+    return per_layer * (4 + DTYPE_BYTES[args.dtype])
+
+
 def moe_counts(model, layout: Layout, groups: list[GroupRow]) -> dict | None:
     """Fused MoE experts: their parameters, and the language-model parameters a token runs through (layers,
     embeddings, LM head, and k of E experts per MoE layer; towers not counted); None for dense models."""
@@ -376,7 +388,8 @@ def moe_counts(model, layout: Layout, groups: list[GroupRow]) -> dict | None:
 
 
 def lora_params(model, layout: Layout, args: PlanArguments) -> int:
-    """Parameters LoRA adds: r x (in + out) for every Linear PEFT's regex (``re.fullmatch``) selects."""
+    """Parameters LoRA adds: r x (in + out) for every Linear PEFT's regex (``re.fullmatch``) selects; with
+    --lora_experts, r x experts x (rows + cols) for every fused expert stack (PEFT's target_parameters)."""
     from torch import nn
 
     regex = args.lora_target_regex or layout.lora_target_regex
@@ -384,6 +397,11 @@ def lora_params(model, layout: Layout, args: PlanArguments) -> int:
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and re.fullmatch(regex, name):
             total += args.lora_r * (module.in_features + module.out_features)
+    if args.lora_experts:
+        stacks = [p.shape for n, p in model.named_parameters() if _is_expert(n, layout)]
+        if not stacks:
+            raise PlanError(f"--lora_experts: backbone {layout.backbone!r} has no MoE experts")
+        total += sum(args.lora_r * experts * (rows + cols) for experts, rows, cols in stacks)
     if total == 0:
         raise PlanError(f"the LoRA regex {regex!r} matches no Linear layer of this model")
     return total

@@ -356,8 +356,12 @@ def test_planner_30b_a3b_thinker_counts_and_verdicts(qwen3_processor):
     planned = sum(g.params for g in bf16.groups)
     assert abs(planned - total) <= 0.005 * total and 31.5e9 < total < 32e9
     assert round(bf16.moe["expert_params"] / 1e9, 2) == 28.99 and round(bf16.moe["active_params"] / 1e9, 2) == 3.35
+    experts = _plan(model, qwen3_processor, question_modality="text+audio", lora_experts=True)
+    assert experts.lora - bf16.lora == 48 * 16 * 128 * ((2 * 768 + 2048) + (2048 + 768))  # r x E x (rows + cols)
     for budget, flags, fits in (("40GiB", {}, False), ("40GiB", {"load_in_4bit": True}, True),
-                                ("24GiB", {"load_in_4bit": True}, True)):
+                                ("24GiB", {"load_in_4bit": True}, True),
+                                ("40GiB", {"load_in_4bit": True, "lora_experts": True,
+                                           "gradient_checkpointing": True}, True)):
         plan = make_plan(PlanArguments(model=model, processor=str(qwen3_processor), question_modality="text+audio",
                                        budget=budget, **flags))
         assert plan.budget["train_fits"] is fits and plan.budget["eval_fits"] is fits, (budget, flags)
