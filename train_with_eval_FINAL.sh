@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one-A100 (40 GB) recipe, then one evaluation of the best adapter on the test file (a video never used for
-# training or checkpoint selection). The recipe itself is configs/a100_qwen2_5_omni.yaml (CONFIG=... picks another):
+# training or checkpoint selection). The recipe itself is configs/a100_qwen2_5_omni.yaml, or configs/a100_qwen3_omni.yaml
+# when MODEL's config.json is a Qwen3-Omni MoE checkpoint (CONFIG=... picks another):
 # this script passes only what its environment variables change, and extra arguments go to train_vqa.py unchanged:
 #   MODEL=/models/Qwen2.5-Omni-7B DATA=/data/real-colon-vqa bash train_with_eval_FINAL.sh --load_in_4bit True
 #
@@ -15,7 +16,14 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 PYTHON=${PYTHON:-python}
-CONFIG=${CONFIG:-configs/a100_qwen2_5_omni.yaml}
+if [[ -z "${CONFIG:-}" ]]; then  # the model family from MODEL's config.json (model_type), else Qwen2.5-Omni
+  CONFIG=configs/a100_qwen2_5_omni.yaml
+  if [[ -n "${MODEL:-}" && -f "$MODEL/config.json" ]]; then
+    family=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("model_type", ""))' \
+      "$MODEL/config.json")
+    [[ "$family" == qwen3_omni_moe* ]] && CONFIG=configs/a100_qwen3_omni.yaml
+  fi
+fi
 if [[ -n "${DATA:-}" ]]; then
   TRAIN_DATA=${TRAIN_DATA:-$DATA/in_template_train.jsonl}
   VAL_DATA=${VAL_DATA:-$DATA/out_template_val.jsonl}

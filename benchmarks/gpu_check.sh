@@ -4,7 +4,9 @@
 # builds the Qwen2.5-Omni-7B thinker from configs/models/qwen2_5_omni_7b_thinker.json with random bf16 weights,
 # runs the A100 recipe's settings (8 frames x 384 px, text+audio, batch 1, LoRA r16) in bf16 and 4-bit, with and
 # without gradient checkpointing, plus one generation batch each, and prints measured peak memory and s/step next
-# to surgvqa plan's prediction (saved as $OUT/gpu_check.json when OUT is set). Then, unless
+# to surgvqa plan's prediction (saved as $OUT/gpu_check.json when OUT is set); then builds the Qwen3-Omni-30B-A3B
+# thinker straight into 4-bit (benchmarks/moe_gpu_check.py: NF4 experts, no bf16 checkpoint) and runs one QLoRA
+# step. Then, unless
 # GPU_CHECK_CALIBRATE=0, a quick CUDA calibration sweep writes $OUT/memory_coefficients_cuda.json.
 #
 # Packages the machine lacks travel as wheels in .whl/ (benchmarks/gpu_wheels.sh downloads them); they are
@@ -25,6 +27,9 @@ CONFIG=${GPU_CHECK_CONFIG:-$([ "$DEVICE" = cuda ] && echo 7b || echo tiny)}
 OUT_ARGS=()
 if [ -n "${OUT:-}" ]; then OUT_ARGS=(--out "$OUT"); fi
 $PY benchmarks/gpu_check.py --config "$CONFIG" --device "$DEVICE" "${OUT_ARGS[@]}"
+# Qwen3-Omni-30B-A3B thinker built straight into 4-bit (NF4 experts, random weights): bytes vs plan, one QLoRA step
+$PY benchmarks/moe_gpu_check.py --device "$DEVICE" \
+  --config "$([ "$CONFIG" = tiny ] && echo tiny || echo configs/models/qwen3_omni_30b_a3b_thinker.json)"
 if [ "${GPU_CHECK_CALIBRATE:-1}" = 1 ]; then
   CAL_ARGS=(--device "$DEVICE" --quick --coefficients "${OUT:-/tmp}/memory_coefficients_$DEVICE.json" --write)
   if [ -n "${OUT:-}" ]; then CAL_ARGS+=(--json "$OUT/memory_calibration_$DEVICE.json"); fi

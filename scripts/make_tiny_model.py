@@ -8,13 +8,23 @@ real names and in their real order, the Qwen2.5-Omni chat template, Qwen2-VL ima
 feature extractor. `from_pretrained(DIR)` reloads both; the 7B checkpoint goes through exactly the same code.
 
     python scripts/make_tiny_model.py --output_dir runs/tiny-omni [--seed 0] [--vocab tiny|qwen]
+    python scripts/make_tiny_model.py --family qwen3_omni_moe --output_dir runs/tiny-omni3   # the MoE thinker
+
+``--family qwen3_omni_moe`` writes a tiny Qwen3-Omni MoE thinker instead (``scripts/tiny_qwen3_omni_moe.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # the other families' builders are siblings (run from anywhere)
+    sys.path.insert(0, str(HERE))
+
+FAMILIES = ("qwen2_5_omni", "qwen3_omni_moe")
 
 # Qwen2.5-Omni's added tokens, in the order (and so with the ids) of the real tokenizer: <|endoftext|> = 151643 …
 QWEN_OMNI_SPECIAL_TOKENS = [
@@ -344,11 +354,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab", choices=["tiny", "qwen"], default="tiny")
-    parser.add_argument("--frame_size", type=int, default=56, help="frame edge the processors are sized for")
+    parser.add_argument("--family", choices=FAMILIES, default="qwen2_5_omni")
+    parser.add_argument("--frame_size", type=int, default=None,
+                        help="frame edge the processors are sized for (default 56; 64 for qwen3_omni_moe)")
     args = parser.parse_args(argv)
-    path = build_tiny_model(args.output_dir, seed=args.seed, vocab=args.vocab, frame_size=args.frame_size)
+    if args.family == "qwen3_omni_moe":
+        from tiny_qwen3_omni_moe import build_tiny_qwen3_omni_moe
+
+        path = build_tiny_qwen3_omni_moe(args.output_dir, seed=args.seed, vocab=args.vocab,
+                                         frame_size=args.frame_size or 64)
+        name = "Qwen3-Omni MoE thinker (8 experts, 2 routed)"
+    else:
+        path = build_tiny_model(args.output_dir, seed=args.seed, vocab=args.vocab, frame_size=args.frame_size or 56)
+        name = "Qwen2.5-Omni thinker"
     size = sum(f.stat().st_size for f in path.iterdir()) / 1e6
-    print(f"tiny Qwen2.5-Omni thinker ({args.vocab} vocab) written to {path} ({size:.1f} MB)")
+    print(f"tiny {name} ({args.vocab} vocab) written to {path} ({size:.1f} MB)")
     return 0
 
 

@@ -142,6 +142,11 @@ class LoraArguments:
     lora_target_regex: str | None = field(default=None, metadata={"help": "default: the backbone's LLM regex"})
     train_projectors: bool = field(default=False, metadata={"help": "also train the multimodal projectors"})
     lora_vision_tower: bool = field(default=False, metadata={"help": "also put LoRA on the vision tower"})
+    lora_experts: bool = field(default=False, metadata={
+        "help": "MoE backbones: also put LoRA on the fused experts (PEFT target_parameters; the router stays frozen)"})
+    router_aux_loss_coef: float = field(default=0.0, metadata={
+        "help": "MoE backbones: weight of the router's load-balancing loss added to the LM loss (0: not computed; "
+                "the router is frozen, so it only steers the adapters)"})
     stage: int | None = field(default=None, metadata={"help": "staged backbones: 1 = projector only, 2 = LoRA"})
     init_from: str | None = field(default=None, metadata={"help": "stage 2: the stage-1 output directory"})
     use_dora: bool = field(default=False, metadata={"help": "DoRA: LoRA on the direction, a trained magnitude per "
@@ -333,9 +338,10 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
         model_args.dtype = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
     LoadOptions(dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
                 load_in_4bit=model_args.load_in_4bit, load_in_8bit=model_args.load_in_8bit).validate()
-    if (model_args.load_in_4bit or model_args.load_in_8bit) and not args.bf16:
+    if (model_args.load_in_4bit or model_args.load_in_8bit) and not args.bf16 and model_args.dtype != "float32":
         # the towers and norms stay unquantized in bf16 / fp32: bf16 autocast runs them together
-        raise UserError("QLoRA computes in bf16: add --bf16 True")
+        raise UserError("QLoRA computes in bf16: add --bf16 True (or --dtype float32 for fp32 compute, e.g. on a CPU "
+                        "without AVX-512, whose torch has no bf16 kernels)")
     existing_file(data_args.train_data_path, "--train_data_path")  # paths last: combinations need no files
     if data_args.eval_data_path:
         existing_file(data_args.eval_data_path, "--eval_data_path")

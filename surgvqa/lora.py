@@ -58,6 +58,14 @@ def check_variants(lora_args, quantized: str | None) -> None:
     if lora_args.loraplus_lr_ratio is not None and lora_args.loraplus_lr_ratio <= 0:
         raise UserError(f"--loraplus_lr_ratio must be > 0 (the B matrices' learning rate over the A matrices'; "
                         f"16 in the LoRA+ paper), got {lora_args.loraplus_lr_ratio}")
+    if lora_args.lora_experts:  # PEFT's LoRA on parameters (target_parameters) is plain LoRA without dropout
+        if lora_args.use_dora or changes_base(init):
+            flag = "--use_dora" if lora_args.use_dora else f"--init_lora_weights {init}"
+            raise UserError(f"{flag} with --lora_experts: PEFT's LoRA on the fused expert parameters does not work "
+                            "with LoRA variants; drop one of the two")
+        if lora_args.lora_dropout:
+            raise UserError(f"--lora_experts needs --lora_dropout 0 (PEFT's LoRA on parameters has no dropout); got "
+                            f"{lora_args.lora_dropout}")
     if lora_args.stage == 1 and (lora_args.use_dora or lora_args.use_rslora or init != "default"
                                  or lora_args.loraplus_lr_ratio is not None):
         raise UserError("--stage 1 trains the projector only: --use_dora, --use_rslora, --init_lora_weights and "

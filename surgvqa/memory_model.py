@@ -27,7 +27,7 @@ OPTIMIZER_STATE = {
     "sgd": (0, 0),  # no momentum (Trainer's default for sgd)
 }
 #: what the planner calls each module group (in table order)
-GROUPS = ("LLM layers", "embeddings", "lm_head", "vision tower", "audio tower", "projectors")
+GROUPS = ("LLM layers", "MoE experts", "embeddings", "lm_head", "vision tower", "audio tower", "projectors")
 MODES = ("train", "train_gc", "generate")
 
 

@@ -342,8 +342,8 @@ def merge_stage(peft_model):
     """Merge the live adapter in place (one rounding: fp32 delta added into the base dtype) and unwrap."""
     targets = [module.get_base_layer() for _, module in lora_layers(peft_model)]
     merged = peft_model.merge_and_unload(safe_merge=False)
-    for layer in targets:
-        if not torch.isfinite(layer.weight).all():
+    for layer in targets:  # a Linear's weight, or the fused expert stacks LoRA reached by target_parameters
+        if not all(torch.isfinite(param).all() for param in layer.parameters(recurse=False)):
             raise ValueError("non-finite weights after merging: the adapter is broken (NaN/inf in lora_A/B)")
     return merged
 

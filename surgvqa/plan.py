@@ -43,6 +43,7 @@ from surgvqa.plan_counts import (
     Tokens,
     build_config,
     dora_norm_elements,
+    expert_lora_update_bytes,
     kbit_training_dtype,
     largest_quantized_linear,
     layout_for,
@@ -50,6 +51,7 @@ from surgvqa.plan_counts import (
     lora_params,
     meta_model,
     model_shape,
+    moe_counts,
     read_config,
     sample_tokens,
     source_hw,
@@ -88,6 +90,7 @@ class Planner:
         self.shape = model_shape(self.model)
         self.processor = load_processor(args, checkpoint, self.layout.backbone)
         self.groups = weights(self.model, self.layout, args)
+        self.moe = moe_counts(self.model, self.layout, self.groups)
         self.lora = lora_params(self.model, self.layout, args)
         # DoRA's norm of W + BA: the product in fp32 (the adapter's dtype) beside the weight in the compute dtype
         self.dora_norm = dora_norm_elements(self.model, self.layout, args) * (4 + DTYPE_BYTES[args.dtype])
@@ -132,6 +135,7 @@ class Planner:
             "optimizer": trainable["optimizer_bytes"],
             "inputs": self.inputs_bytes(tokens, batch),
             "dequantize": self.shape.largest_linear * DTYPE_BYTES[args.dtype],
+            "expert_lora_update": expert_lora_update_bytes(self.model, self.layout, args),
             "lm_head_cast": self.lm_head_cast_bytes(),
             "dora_norm": self.dora_norm,
         }
@@ -202,12 +206,15 @@ class Planner:
             tokens = sample_tokens(self.processor, args, frames, size, "generate")
             return self.fits(self.eval_total(tokens, batch)["total"])
 
+        from surgvqa.backbones.base import vision_grid
+
+        grid = vision_grid(self.processor)  # 28 px (Qwen2/2.5), 32 px (Qwen3)
         result: dict[str, Any] = {"budget_bytes": parse_bytes(args.budget),
                                   "overhead_bytes": parse_bytes(args.overhead)}
         for name, ok in (("train", train_ok), ("eval", eval_ok)):
             result[name] = {
                 "max_frames": _largest(lambda f, ok=ok: ok(f, args.frame_size), step, step, 1024),
-                "max_frame_size": _largest(lambda s, ok=ok: ok(args.frames, s), 28, 28, 28 * 96),
+                "max_frame_size": _largest(lambda s, ok=ok: ok(args.frames, s), grid, grid, grid * 96),
             }
         tokens = sample_tokens(self.processor, args, mode="generate")
         result["eval"]["max_batch"] = _largest(lambda b: self.fits(self.eval_total(tokens, b)["total"]), 1, 1, 4096)
@@ -245,7 +252,8 @@ class Planner:
         return Plan(
             args=asdict(args),
             model={"backbone": self.layout.backbone, "model_type": self.config.model_type, "params": total_params,
-                   "layers": self.shape.layers, "hidden": self.shape.hidden, "vocab": self.shape.vocab},
+                   "layers": self.shape.layers, "hidden": self.shape.hidden, "vocab": self.shape.vocab,
+                   "moe": self.moe},
             tokens=asdict(train_tokens), eval_tokens=asdict(eval_tokens),
             weights=[asdict(g) for g in self.groups], trainable=self.trainable(), train=train, eval=evaluation,
             calibration=calibration, budget=self.search() if args.budget else None,
@@ -301,6 +309,11 @@ def render(plan: Plan) -> str:
     quant = "4-bit nf4" if a["load_in_4bit"] else "8-bit" if a["load_in_8bit"] else a["dtype"]
     h, w = t["frame_hw"]
     lines.append(f"surgvqa plan: {a['model']} ({plan.model['backbone']}, {plan.model['params'] / 1e9:.2f} B params)")
+    if plan.model.get("moe"):
+        moe = plan.model["moe"]
+        lines.append(f"  MoE: {moe['experts']} experts per layer, {moe['routed_per_token']} routed per token; "
+                     f"experts {moe['expert_params'] / 1e9:.2f} B params, active per token "
+                     f"{moe['active_params'] / 1e9:.2f} B")
     lines.append(
         f"  {a['frames']} frames x {a['frame_size']} px ({a['source_size']} -> {w}x{h}), {a['question_modality']}"
         + (f" ({a['audio_seconds']:g} s)" if "audio" in a["question_modality"] else "")
@@ -330,7 +343,8 @@ def render(plan: Plan) -> str:
     train, ev = plan.train, plan.eval
     labels = {"weights": "weights", "trainable_params": "trainable params", "gradients": "gradients",
               "optimizer": "optimizer state", "inputs": "inputs", "activations": "activations (fitted)",
-              "dequantize": "4/8-bit dequantize", "lm_head_cast": "lm_head bf16 copy", "adapter": "adapter", "kv_cache": "KV cache (exact)",
+              "dequantize": "4/8-bit dequantize", "expert_lora_update": "expert LoRA update",
+              "lm_head_cast": "lm_head bf16 copy", "adapter": "adapter", "kv_cache": "KV cache (exact)",
               "dora_norm": "DoRA weight norm"}
     lines.append(f"training: batch {train['batch']} x {train['sequence']} tokens ({train['mode']})")
     phases = train["activation_phases"]

@@ -55,6 +55,7 @@ class PlanArguments:
                 "its norm"})
     lora_dropout: float = field(default=0.05)
     lora_target_regex: str | None = field(default=None, metadata={"help": "default: the backbone's"})
+    lora_experts: bool = field(default=False, metadata={"help": "MoE backbones: LoRA on the fused experts too"})
     train_projectors: bool = field(default=False, metadata={"help": "also train the multimodal projectors"})
     optim: str = field(default="adamw_torch_fused", metadata={"help": " | ".join(OPTIMIZER_STATE)})
     token_kept_ratio: float = field(default=1.0, metadata={
@@ -128,6 +129,7 @@ class Layout:
     never_quantized: tuple[str, ...] = ()  # loaded beside the quantized part, in the compute dtype
     fp32_modules: tuple[str, ...] = ()  # kept in fp32 by the loading code
     always_trained: tuple[str, ...] = ()  # modules_to_save the backbone adds itself
+    experts: tuple[str, ...] = ()  # suffixes of fused MoE expert parameters (stored as the backbone says)
 
 
 def read_config(model: str) -> tuple[dict, Path | None]:
@@ -171,7 +173,7 @@ def layout_for(config: dict, backbone_name: str | None = None) -> Layout:
         matches = [b for b in BACKBONES.values() if b.matches(config)]
         if not matches:
             raise PlanError(f"no backbone plans model_type {model_type!r}: pass --backbone "
-                            "(qwen2_5_omni, qwen_vl_whisper) or a Qwen2.5-Omni / Qwen-VL config")
+                            "(qwen2_5_omni, qwen3_omni_moe, qwen_vl_whisper) or a Qwen2.5-Omni / Qwen3-Omni / Qwen-VL config")
         backbone = matches[0]
     else:
         backbone = get_backbone(backbone_name)
@@ -190,6 +192,7 @@ def layout_for(config: dict, backbone_name: str | None = None) -> Layout:
         backbone=backbone.name, towers=towers, projectors=tuple(backbone.projector_modules),
         lora_target_regex=backbone.lora_target_regex, quantized_root="",
         quant_skip=(*backbone.tower_modules, *backbone.projector_modules, "lm_head"),
+        experts=tuple(backbone.expert_parameters),
     )
 
 
@@ -208,7 +211,7 @@ def build_config(config: dict, checkpoint: Path | None):
         raise PlanError(f"unknown model_type {model_type!r} in the config")
     data = {k: v for k, v in config.items() if k != "model_type"}
     built = CONFIG_MAPPING[model_type].from_dict(data)
-    if model_type == "qwen2_5_omni":
+    if model_type in ("qwen2_5_omni", "qwen3_omni_moe"):
         built = built.thinker_config  # the thinker only: the talker is never loaded
     return built
 
@@ -223,6 +226,7 @@ def meta_model(config):
         "qwen2_5_omni_thinker": "Qwen2_5OmniThinkerForConditionalGeneration",
         "qwen2_vl": "Qwen2VLForConditionalGeneration",
         "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+        "qwen3_omni_moe_thinker": "Qwen3OmniMoeThinkerForConditionalGeneration",
     }
     if model_type == "qwen_vl_whisper":
         from surgvqa.backbones.qwen_vl_whisper import _model_classes
@@ -250,8 +254,11 @@ def model_shape(model) -> Shape:
     if vision is not None:
         patch_dim = getattr(vision, "in_channels", 3) * vision.temporal_patch_size * vision.patch_size**2
     keeps = "logits_to_keep" in inspect.signature(_generating_model(model).forward).parameters
+    # MoE: a token's MLP activations are those of its routed experts (k x expert width), not the dense width
+    routed = getattr(text, "num_experts_per_tok", 0) * getattr(text, "moe_intermediate_size", 0)
     return Shape(
-        layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=text.intermediate_size, heads=heads,
+        layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=routed or text.intermediate_size,
+        heads=heads,
         kv_heads=getattr(text, "num_key_value_heads", heads),
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
         vocab=text.vocab_size, logits_to_keep=keeps,
@@ -291,8 +298,11 @@ class GroupRow:
 
 
 def weights(model, layout: Layout, args: PlanArguments) -> list[GroupRow]:
-    """Parameters and bytes per module group, as loaded for training and for evaluation."""
+    """Parameters and bytes per module group, as loaded for training and for evaluation. Fused MoE experts are
+    their own group, stored as their backbone loads them (NF4 per expert under 4-bit, codes and constants)."""
     from torch import nn
+
+    from surgvqa.backbones import get_backbone
 
     compute = args.dtype
     quant = args.quantization
@@ -311,6 +321,13 @@ def weights(model, layout: Layout, args: PlanArguments) -> list[GroupRow]:
             numel = param.numel()
             dtype = "float32" if _skipped(module_name, layout.fp32_modules) else compute
             plain = numel * DTYPE_BYTES[dtype]
+            if _is_expert(name, layout):
+                stored = get_backbone(layout.backbone).expert_stored_bytes(tuple(param.shape), quant) or plain
+                row = rows["MoE experts"]
+                row.params += numel
+                row.train_bytes += stored
+                row.eval_bytes += stored
+                continue
             quantized = (
                 quant is not None and pname == "weight" and isinstance(module, nn.Linear)
                 and module_name.startswith(layout.quantized_root)
@@ -340,12 +357,43 @@ def _group(name: str, layout: Layout) -> str:
 
 
 def largest_quantized_linear(model, layout: Layout) -> int:
-    """Elements of the largest weight bitsandbytes quantizes (dequantized to the compute dtype per matmul)."""
-    return max(
+    """Elements of the largest weight bitsandbytes quantizes (dequantized to the compute dtype per matmul); for
+    fused MoE experts one expert's matrix (they are dequantized one expert at a time)."""
+    linear = max(
         (m.weight.numel() for n, m in model.named_modules()
          if type(m).__name__ == "Linear" and n.startswith(layout.quantized_root)
          and not _skipped(n.removeprefix(layout.quantized_root), layout.quant_skip)),
         default=0)
+    expert = max((p[0].numel() for n, p in model.named_parameters() if _is_expert(n, layout)), default=0)
+    return max(linear, expert)
+
+
+def _is_expert(name: str, layout: Layout) -> bool:
+    return bool(layout.experts) and name.endswith(tuple("." + suffix for suffix in layout.experts))
+
+
+def expert_lora_update_bytes(model, layout: Layout, args: PlanArguments) -> int:
+    """--lora_experts: what one MoE layer holds for its expert LoRA during its forward and backward: the update of
+    its stacks (experts x rows x cols, fp32, built by PEFT) and, in the worst case of every expert routed, each
+    expert's weight plus update in the compute dtype, kept for the backward (0 without expert LoRA)."""
+    if not args.lora_experts:
+        return 0
+    stacks = [p.numel() for n, p in model.named_parameters() if _is_expert(n, layout)]
+    per_layer = sum(stacks) // max(1, model.config.get_text_config().num_hidden_layers)
+    return per_layer * (4 + DTYPE_BYTES[args.dtype])
+
+
+def moe_counts(model, layout: Layout, groups: list[GroupRow]) -> dict | None:
+    """Fused MoE experts: their parameters, and the language-model parameters a token runs through (layers,
+    embeddings, LM head, and k of E experts per MoE layer; towers not counted); None for dense models."""
+    if not layout.experts:
+        return None
+    text = model.config.get_text_config()
+    experts = sum(p.numel() for n, p in model.named_parameters() if _is_expert(n, layout))
+    language = sum(g.params for g in groups if g.group in ("LLM layers", "embeddings", "lm_head"))
+    routed, count = text.num_experts_per_tok, text.num_experts
+    return {"expert_params": experts, "experts": count, "routed_per_token": routed,
+            "active_params": language + experts * routed // count}
 
 
 def adapted_linears(model, layout: Layout, args: PlanArguments) -> list:
@@ -360,9 +408,16 @@ def adapted_linears(model, layout: Layout, args: PlanArguments) -> list:
 
 
 def lora_params(model, layout: Layout, args: PlanArguments) -> int:
-    """Parameters LoRA adds: r x (in + out) for every adapted Linear, plus its out magnitudes with DoRA."""
-    return sum(args.lora_r * (m.in_features + m.out_features) + (m.out_features if args.use_dora else 0)
-               for m in adapted_linears(model, layout, args))
+    """Parameters LoRA adds: r x (in + out) for every adapted Linear, plus its out magnitudes with DoRA; with
+    --lora_experts, r x experts x (rows + cols) for every fused expert stack (PEFT's target_parameters)."""
+    total = sum(args.lora_r * (m.in_features + m.out_features) + (m.out_features if args.use_dora else 0)
+                for m in adapted_linears(model, layout, args))
+    if args.lora_experts:
+        stacks = [p.shape for n, p in model.named_parameters() if _is_expert(n, layout)]
+        if not stacks:
+            raise PlanError(f"--lora_experts: backbone {layout.backbone!r} has no MoE experts")
+        total += sum(args.lora_r * experts * (rows + cols) for experts, rows, cols in stacks)
+    return total
 
 
 def dora_norm_elements(model, layout: Layout, args: PlanArguments) -> int:
@@ -400,7 +455,7 @@ def load_processor(args: PlanArguments, checkpoint: Path | None, backbone_name: 
             "the checkpoint you will train or a tiny model with the real Qwen vocabulary, whose token counts equal "
             "the 7B's (python scripts/make_tiny_model.py --vocab qwen --output_dir runs/tiny-omni-qwen)"
         )
-    name = backbone_name if backbone_name in ("qwen2_5_omni", "qwen_vl_whisper") else None
+    name = backbone_name if backbone_name in ("qwen2_5_omni", "qwen_vl_whisper", "qwen3_omni_moe") else None
     try:
         if name is None:  # a bare Qwen-VL
             from transformers import AutoProcessor

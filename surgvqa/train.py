@@ -165,10 +165,12 @@ def build_model(model_args: ModelArguments, lora_args: LoraArguments, args: Trai
         lora_alpha=lora_args.lora_alpha,
         lora_dropout=lora_args.lora_dropout,
         target_modules=target,
+        target_parameters=backbone.expert_lora_parameters(model, options) if lora_args.lora_experts else None,
         modules_to_save=list(backbone.projector_modules) if lora_args.train_projectors else None,
         task_type="CAUSAL_LM",
         **lora_variant_kwargs(lora_args),
     )
+    backbone.set_router_aux_loss(model, lora_args.router_aux_loss_coef)
     model = backbone.make_trainable(model, lora_config, stage=lora_args.stage, init_from=lora_args.init_from)
     if options.quantized:
         upcast_trainable(model)

@@ -10,7 +10,14 @@ import torch
 from conftest import cpu_kernel_path, kernel_path_of, require_kernel_path
 from PIL import Image
 
-from surgvqa.backbones import BACKBONES, backbone_for, get_backbone, qwen2_5_omni, qwen_vl_whisper
+from surgvqa.backbones import (
+    BACKBONES,
+    backbone_for,
+    get_backbone,
+    qwen2_5_omni,
+    qwen3_omni_moe,
+    qwen_vl_whisper,
+)
 from surgvqa.backbones.base import LoadOptions, bnb_config, on_vision_grid, vision_grid
 from surgvqa.collate import VQACollator
 from surgvqa.data import MediaConfig, Sample, SurgicalVQADataset
@@ -18,9 +25,10 @@ from surgvqa.errors import UserError
 
 
 def test_static_table_lists_each_module_backbone():
-    assert BACKBONES == {"qwen2_5_omni": qwen2_5_omni.BACKBONE, "qwen_vl_whisper": qwen_vl_whisper.BACKBONE}
+    assert BACKBONES == {"qwen2_5_omni": qwen2_5_omni.BACKBONE, "qwen_vl_whisper": qwen_vl_whisper.BACKBONE,
+                         "qwen3_omni_moe": qwen3_omni_moe.BACKBONE}
     assert get_backbone("qwen2_5_omni") is qwen2_5_omni.BACKBONE
-    with pytest.raises(UserError, match="available: qwen2_5_omni, qwen_vl_whisper"):
+    with pytest.raises(UserError, match="available: qwen2_5_omni, qwen3_omni_moe, qwen_vl_whisper"):
         get_backbone("llava")
 
 

@@ -145,3 +145,17 @@ def test_unsupported_combinations_are_refused_before_loading(extra, message, wor
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--use_dora", "True"], "--use_dora with --lora_experts"),
+    (["--init_lora_weights", "olora"], "olora with --lora_experts"),
+    (["--lora_dropout", "0.05"], "--lora_experts needs --lora_dropout 0"),  # the last --lora_dropout counts
+])
+def test_expert_lora_combinations_peft_lacks_are_refused_before_loading(extra, message, work, tmp_path, capsys):
+    from surgvqa.train import main as train_main
+
+    argv = train_argv(tmp_path / "no-model-here", work, tmp_path / "out", ["--lora_experts", "True", *extra])
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -99,3 +99,21 @@ def test_extra_arguments_pass_through_last(tmp_path, flag):
     assert train[-2:] == [flag, "True"]
     _, _, _, args = _parsed(train)
     assert str(getattr(args, flag[2:])) == "True"
+
+
+def test_the_model_family_picks_the_recipe(tmp_path):
+    """A Qwen3-Omni MoE checkpoint (config.json model_type) runs configs/a100_qwen3_omni.yaml: the thinker in 4-bit
+    with NF4 experts; anything else (or no config.json) the Qwen2.5-Omni recipe."""
+    model = tmp_path / "qwen3-omni"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen3_omni_moe"}))
+    train, evaluate = _run_recipe(tmp_path, {"MODEL": str(model)})
+    assert train[0] == "configs/a100_qwen3_omni.yaml"
+    model_args, _, lora_args, _ = _parsed(train)
+    assert model_args.model_name_or_path == str(model)
+    assert (model_args.load_in_4bit, lora_args.lora_experts, lora_args.router_aux_loss_coef) == (True, False, 0.0)
+    assert evaluate[:2] == ["--checkpoint_path", "outputs/qwen3_omni_lora"]
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen2_5_omni"}))
+    (tmp_path / "calls.jsonl").unlink()
+    train, _ = _run_recipe(tmp_path, {"MODEL": str(model)})
+    assert train[0] == "configs/a100_qwen2_5_omni.yaml"

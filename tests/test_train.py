@@ -343,28 +343,37 @@ def test_bad_data_fails_before_model_loads(tmp_path, test_set, capsys):
     assert err.startswith("error: 1 problem(s) in the data") and f"{bad}:2" in err and "002-001_999999" in err
 
 
-def _bnb_cpu_ok() -> bool:
+def _bnb_cpu_ok(dtype: torch.dtype = torch.bfloat16) -> bool:
     try:
         import bitsandbytes as bnb
 
-        layer = bnb.nn.Linear4bit(16, 16, compute_dtype=torch.bfloat16, quant_type="nf4")
+        layer = bnb.nn.Linear4bit(16, 16, compute_dtype=dtype, quant_type="nf4")
         layer = layer.to("cpu")
-        layer(torch.randn(1, 16, dtype=torch.bfloat16))
+        layer(torch.randn(1, 16, dtype=dtype))
         return True
     except Exception:  # noqa: BLE001 - any failure means: not available on this machine
         return False
 
 
+def _qlora_compute() -> list[str]:
+    """bf16 compute where this CPU's torch has bf16 kernels (AVX-512), else fp32 compute (--dtype float32): the
+    4-bit storage and the LoRA path are the same either way."""
+    if _bnb_cpu_ok() and torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return ["--bf16", "True"]
+    if _bnb_cpu_ok(torch.float32):
+        return ["--dtype", "float32"]
+    pytest.skip("bitsandbytes cannot run on this machine's CPU")
+
+
 @pytest.mark.parametrize("bits", ["4", "8"])
 def test_quantized_load_and_one_step(bits, tiny_model_dir, test_set, tmp_path):
-    if not _bnb_cpu_ok():
-        pytest.skip("bitsandbytes cannot run on this machine's CPU")
+    compute = _qlora_compute()
     from surgvqa.train import main
 
     flag = "--load_in_4bit" if bits == "4" else "--load_in_8bit"
     out = tmp_path / f"q{bits}"
     try:
-        code = main(_args(tiny_model_dir, test_set, out, flag, "True", "--bf16", "True", "--max_steps", "1",
+        code = main(_args(tiny_model_dir, test_set, out, flag, "True", *compute, "--max_steps", "1",
                           "--save_strategy", "no"))
     except (RuntimeError, NotImplementedError) as err:  # an op bitsandbytes lacks on CPU: a clear error
         pytest.skip(f"bitsandbytes {bits}-bit training is not supported on this CPU: {err}")
@@ -372,7 +381,8 @@ def test_quantized_load_and_one_step(bits, tiny_model_dir, test_set, tmp_path):
     config = json.loads((out / "surgvqa_config.json").read_text())
     assert config["quantization"] == f"{bits}bit"
     model = get_backbone("qwen2_5_omni").load(
-        str(tiny_model_dir), LoadOptions(dtype="bfloat16", **{f"load_in_{bits}bit": True})
+        str(tiny_model_dir), LoadOptions(dtype="bfloat16" if "--bf16" in compute else "float32",
+                                         **{f"load_in_{bits}bit": True})
     )
     linear_types = {type(m).__name__ for n, m in model.named_modules() if n.endswith("self_attn.q_proj")}
     assert linear_types & {"Linear4bit", "Linear8bitLt"}
@@ -382,11 +392,10 @@ def test_quantized_load_and_one_step(bits, tiny_model_dir, test_set, tmp_path):
 
 
 def _qlora_model(tiny_model_dir, test_set):
-    if not _bnb_cpu_ok():
-        pytest.skip("bitsandbytes cannot run on this machine's CPU")
+    compute = _qlora_compute()
     parsed = parse_args(["--model_name_or_path", str(tiny_model_dir),
                          "--train_data_path", str(test_set / "in_002-001.jsonl"),
-                         "--output_dir", "/tmp/x", "--use_cpu", "True", "--load_in_4bit", "True", "--bf16", "True",
+                         "--output_dir", "/tmp/x", "--use_cpu", "True", "--load_in_4bit", "True", *compute,
                          "--gradient_checkpointing", "True", "--train_projectors", "True"])
     validate_args(*parsed)
     model_args, _, lora_args, args = parsed
@@ -394,12 +403,17 @@ def _qlora_model(tiny_model_dir, test_set):
     return model, processor
 
 
+def _compute_dtype() -> torch.dtype:
+    return torch.bfloat16 if "--bf16" in _qlora_compute() else torch.float32
+
+
 def test_4bit_build_keeps_towers_embeddings_and_head_in_bf16(tiny_model_dir, test_set):
     """QLoRA prep: only norms (fp32, run in fp32) and trainable weights are upcast; the towers, embeddings and
-    lm_head stay bf16; checkpointed blocks get input gradients."""
+    lm_head stay bf16 (the compute dtype: fp32 on CPUs without AVX-512); checkpointed blocks get input gradients."""
     from surgvqa.backbones.base import is_norm
 
     model, _ = _qlora_model(tiny_model_dir, test_set)
+    compute = _compute_dtype()
     norms = {name for name, module in model.named_modules() if is_norm(module)}
     seen = {"4bit": 0, "norm": 0, "lora": 0, "saved": 0, "bf16": 0}
     for name, param in model.named_parameters():
@@ -416,10 +430,10 @@ def test_4bit_build_keeps_towers_embeddings_and_head_in_bf16(tiny_model_dir, tes
             assert param.dtype == torch.float32 and not param.requires_grad, name
             seen["norm"] += 1
         else:
-            assert param.dtype == torch.bfloat16 and not param.requires_grad, name
+            assert param.dtype == compute and not param.requires_grad, name
             seen["bf16"] += 1
     assert all(seen.values()), seen
-    names = [n for n, p in model.named_parameters() if p.dtype == torch.bfloat16]
+    names = [n for n, p in model.named_parameters() if p.dtype == compute]
     for part in ("visual.blocks", "audio_tower.layers", "embed_tokens", "lm_head"):
         assert any(part in n for n in names), f"{part} not kept in bf16"
     assert model.get_input_embeddings()(torch.tensor([[1, 2]])).requires_grad  # input grads for checkpointing

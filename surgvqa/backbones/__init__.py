@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from surgvqa.backbones import qwen2_5_omni, qwen_vl_whisper
+from surgvqa.backbones import qwen2_5_omni, qwen3_omni_moe, qwen_vl_whisper
 from surgvqa.backbones.base import Backbone, LoadOptions
 from surgvqa.errors import UserError
 
 #: every backbone, by name; ``backbone_for`` tries them in this order
 BACKBONES: dict[str, Backbone] = {
-    backbone.name: backbone for backbone in (qwen2_5_omni.BACKBONE, qwen_vl_whisper.BACKBONE)
+    backbone.name: backbone
+    for backbone in (qwen2_5_omni.BACKBONE, qwen_vl_whisper.BACKBONE, qwen3_omni_moe.BACKBONE)
 }
 
 

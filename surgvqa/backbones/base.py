@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import logging
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +79,15 @@ class Backbone:
     projector_modules: tuple[str, ...] = ()
     #: the module holding the Conv3d patch embedding, if any (torch 2.9 CUDA regression check).
     conv3d_patch_embed: str | None = None
+    #: full name of the language model's decoder layer list (the weights ``check_quantized`` counts).
+    language_layers: str = "model.language_model.layers"
+    #: suffixes of fused MoE expert parameters (experts x rows x cols) of the language model (MoE families)
+    expert_parameters: tuple[str, ...] = ()
+
+    def expert_stored_bytes(self, shape: tuple[int, ...], quantization: str | None) -> int | None:
+        """Bytes one fused expert parameter of ``shape`` takes as loaded with ``quantization`` ("4bit", "8bit",
+        None); None: unquantized, in the compute dtype."""
+        return None
 
     def matches(self, config: dict) -> bool:
         raise NotImplementedError
@@ -122,6 +132,15 @@ class Backbone:
         from peft import get_peft_model
 
         return get_peft_model(model, lora_config)
+
+    def expert_lora_parameters(self, model, options: LoadOptions) -> list[str]:
+        """PEFT ``target_parameters`` for --lora_experts (MoE families); refused by families without experts."""
+        raise ValueError(f"--lora_experts: backbone {self.name!r} has no MoE experts; drop it")
+
+    def set_router_aux_loss(self, model, coefficient: float) -> None:
+        """The weight of the MoE router's load-balancing loss (MoE families); others accept only 0."""
+        if coefficient:
+            raise ValueError(f"--router_aux_loss_coef: backbone {self.name!r} has no MoE router; drop it")
 
     def lm_head(self, model) -> torch.nn.Module:
         """The module that maps hidden states to vocabulary logits (labelled-only loss hooks its input)."""
@@ -178,14 +197,78 @@ def bnb_config(options: LoadOptions, skip_modules: list[str]):
     from transformers import BitsAndBytesConfig
 
     if options.load_in_4bit:
+        # fp32 compute only when asked for (--dtype float32: CPUs whose torch has no bf16 kernels, tests)
+        compute = torch.float32 if options.torch_dtype() == torch.float32 else torch.bfloat16
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=compute,
             llm_int8_skip_modules=list(skip_modules),
         )
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip_modules))
+
+
+#: the share of the language model's layer weights a 4/8-bit load may leave unquantized (norms, MoE routers)
+UNQUANTIZED_LIMIT = 0.01
+
+
+def quantized_numel(module: torch.nn.Module) -> tuple[int, int, dict[str, str]]:
+    """(quantized, unquantized, {parameter name: dtype} of the unquantized) weight counts of ``module``'s own
+    parameters: bitsandbytes 4-bit parameters count their logical size; a module that stores weights in its own
+    quantized form says so with a ``quantized_numel()`` method (its buffers are then not looked at)."""
+    own = getattr(module, "quantized_numel", None)
+    if callable(own):
+        return int(own()), 0, {}
+    quantized = unquantized = 0
+    kept: dict[str, str] = {}
+    for name, param in module.named_parameters(recurse=False):
+        state = getattr(param, "quant_state", None)
+        if state is not None:
+            quantized += math.prod(state.shape)
+        elif not param.is_floating_point():
+            quantized += param.numel()
+        else:
+            unquantized += param.numel()
+            kept[name] = str(param.dtype).replace("torch.", "")
+    return quantized, unquantized, kept
+
+
+def check_quantized(model, backbone: Backbone, options: LoadOptions, limit: float = UNQUANTIZED_LIMIT) -> None:
+    """Never a silent 16-bit "4-bit" model: with --load_in_4bit/--load_in_8bit, the weights of the language model's
+    decoder layers (``backbone.language_layers``) left in 16/32-bit may be at most ``limit`` of them (norms and MoE
+    routers are); otherwise stop with a UserError naming the modules, layer indices folded to ``*``."""
+    if not options.quantized:
+        return
+    from surgvqa.errors import UserError
+
+    prefix = backbone.language_layers + "."
+    quantized = unquantized = 0
+    groups: dict[str, list] = {}
+    for name, module in model.named_modules():
+        if not name.startswith(prefix) and f".{prefix}" not in name:
+            continue
+        q, u, kept = quantized_numel(module)
+        quantized, unquantized = quantized + q, unquantized + u
+        if u:
+            group = groups.setdefault(re.sub(r"\.\d+(\.|$)", r".*\1", name), [0, set()])
+            group[0] += u
+            group[1].update(f"{k} {v}" for k, v in kept.items())
+    total = quantized + unquantized
+    if total == 0:
+        raise UserError(f"--load_in_{'4' if options.load_in_4bit else '8'}bit: backbone {backbone.name!r} found no "
+                        f"weights under {backbone.language_layers} to check; the model's layout is not the one "
+                        "the backbone expects")
+    if unquantized / total <= limit:
+        return
+    worst = sorted(groups.items(), key=lambda item: -item[1][0])
+    listed = "; ".join(f"{name} ({', '.join(sorted(kinds))}): {count:,}" for name, (count, kinds) in worst[:8])
+    raise UserError(
+        f"--load_in_{'4' if options.load_in_4bit else '8'}bit left {unquantized:,} of the language model's "
+        f"{total:,} layer weights ({unquantized / total:.1%}, more than {limit:.0%}) unquantized: {listed}. "
+        "bitsandbytes quantizes nn.Linear modules only; load this model with a backbone that quantizes these "
+        "modules, or drop --load_in_4bit/--load_in_8bit"
+    )
 
 
 def vision_grid(processor) -> int:

@@ -115,7 +115,8 @@ def _cached_getter(name: str, original, owner: torch.nn.Module, cache: EncoderOu
         if parts is not None:
             return _output(name, parts, items, _device(args, kwargs))
         out = original(*args, **kwargs)
-        cache.put(name, ids, _split_output(name, out, items))
+        if getattr(out, "deepstack_features", None) is None:  # deepstack features (Qwen3) are not kept: none kept
+            cache.put(name, ids, _split_output(name, out, items))
         return out
 
     return getter
@@ -133,7 +134,8 @@ def _cached_rope_index(original, cache: EncoderOutputCache, ids: list[int]):
         keys = [(i, hash(row[keep].cpu().numpy().tobytes())) for i, row, keep in zip(ids, input_ids, real, strict=True)]
         kept = [cache.positions.get(key) for key in keys]
         if None not in kept:
-            positions = torch.ones((3, *input_ids.shape), dtype=input_ids.dtype, device=input_ids.device)
+            positions = torch.ones((3, *input_ids.shape), dtype=kept[0][0].dtype,  # float ids for Qwen3-Omni
+                                   device=input_ids.device)
             for row, (pos, _) in enumerate(kept):
                 positions[:, row, real[row]] = pos.to(positions.device)
             deltas = torch.stack([delta for _, delta in kept]).to(input_ids.device)
@@ -159,9 +161,10 @@ def _item_sizes(name: str, owner: torch.nn.Module, args: tuple, kwargs: dict) ->
     """Per item: output rows (audio) or number of entries of ``pooler_output`` (vision: 1 video, or n frames)."""
     if name == "get_audio_features":
         mask = _arg(args, kwargs, 1, "feature_attention_mask")
-        if mask is None:
+        output_lengths = getattr(owner.audio_tower, "_get_feat_extract_output_lengths", None)
+        if mask is None or output_lengths is None:  # a tower that does not say its output lengths: it runs
             return None
-        _, lengths = owner.audio_tower._get_feat_extract_output_lengths(mask.sum(-1))
+        _, lengths = output_lengths(mask.sum(-1))
         return [int(n) for n in lengths.tolist()]
     grid = _arg(args, kwargs, 1, "video_grid_thw" if name == "get_video_features" else "image_grid_thw")
     if grid is None:

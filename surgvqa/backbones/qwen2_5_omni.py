@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from surgvqa.backbones.base import Backbone, LoadOptions
+from surgvqa.backbones.base import Backbone, LoadOptions, check_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class Qwen25Omni(Backbone):
             trust_remote_code=options.trust_remote_code,
             **kwargs,
         )
+        check_quantized(model, self, options)
         self.warn_if_slow_conv3d()
         return model
 

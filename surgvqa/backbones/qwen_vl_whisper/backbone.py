@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from surgvqa.backbones.base import Backbone, LoadOptions
+from surgvqa.backbones.base import Backbone, LoadOptions, check_quantized
 from surgvqa.backbones.qwen_vl_whisper.constants import MODEL_TYPE, PROJECTOR_FILE
 from surgvqa.backbones.qwen_vl_whisper.weights import read_projector, resolve_part, write_projector
 
@@ -37,6 +37,7 @@ class QwenVLWhisper(Backbone):
     tower_modules = ("vl_model.model.visual", "audio_encoder")
     projector_modules = ("audio_projector", "vl_model.model.visual.merger")
     conv3d_patch_embed = "vl_model.model.visual.patch_embed"
+    language_layers = "vl_model.model.language_model.layers"
     audio_projector_module = "audio_projector"
 
     def matches(self, config: dict) -> bool:
@@ -58,6 +59,7 @@ class QwenVLWhisper(Backbone):
         if options.device_map is not None:
             kwargs["device_map"] = options.device_map
         model = QwenVLWhisperForConditionalGeneration.from_pretrained(path, **kwargs)
+        check_quantized(model, self, options)
         self.warn_if_slow_conv3d()
         return model
 

@@ -1,0 +1,117 @@
+"""The thinker with NF4 experts, and its loader that quantizes the expert stacks layer by layer.
+
+:class:`Qwen3OmniMoeThinkerNF4ForConditionalGeneration` is transformers' thinker whose sparse MoE blocks hold an
+:class:`~surgvqa.backbones.qwen3_omni_moe.experts.NF4Experts` instead of the fused 16-bit stacks (built in its
+constructor, so ``from_pretrained`` never allocates the 16-bit experts; their checkpoint tensors are left unread).
+:func:`load_nf4_experts` then reads the expert tensors from the checkpoint's safetensors one stack (or one expert) at
+a time and quantizes each into its module: at most one layer's 16-bit stack is in memory at once. Checkpoints
+written by transformers 5 hold fused stacks (``…mlp.experts.gate_up_proj``); the released Qwen3-Omni checkpoints
+hold one ``gate_proj``/``up_proj``/``down_proj`` per expert (``thinker.model.layers.N.mlp.experts.E.…``): both load.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
+
+from surgvqa.backbones.qwen3_omni_moe.experts import PROJECTIONS, NF4Experts
+
+#: config attribute naming the NF4 settings ({"blocksize": 64, "double_quant": true}) of the subclass
+NF4_ATTRIBUTE = "surgvqa_nf4_experts"
+_FUSED = re.compile(r"^(?:thinker\.)?model\.(?:language_model\.)?layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+_PER_EXPERT = re.compile(
+    r"^(?:thinker\.)?model\.(?:language_model\.)?layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)"
+    r"\.weight$"
+)
+
+
+def moe_blocks(model) -> dict[int, torch.nn.Module]:
+    """Decoder layer index -> its sparse MoE block (layers whose ``mlp`` has ``experts``)."""
+    layers = model.model.language_model.layers
+    return {i: layer.mlp for i, layer in enumerate(layers) if hasattr(layer.mlp, "experts")}
+
+
+class Qwen3OmniMoeThinkerNF4ForConditionalGeneration(Qwen3OmniMoeThinkerForConditionalGeneration):
+    """The thinker with every sparse MoE block's experts in NF4 (``config.surgvqa_nf4_experts``). Only for loading
+    in 4-bit: merged and saved models are written by the stock class (the merge loads the 16-bit base)."""
+
+    _keys_to_ignore_on_load_unexpected = [r"mlp\.experts\."]  # read by load_nf4_experts instead
+    _keys_to_ignore_on_load_missing = [r"mlp\.experts\.\w+_(codes|absmax|absmax_scale|absmax_offset)$"]
+
+    def __init__(self, config):
+        super().__init__(config)
+        settings = getattr(config, NF4_ATTRIBUTE, None) or {}
+        for block in moe_blocks(self).values():
+            block.experts = NF4Experts.like(block.experts, blocksize=int(settings.get("blocksize", 64)),
+                                            double_quant=bool(settings.get("double_quant", True)))
+
+
+def _register_checkpoint_layout() -> None:
+    """The stock thinker's checkpoint renamings (``model.layers`` -> ``model.language_model.layers`` ...) for the
+    subclass too: transformers looks them up by class name and skips classes defined outside it."""
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    mapping = get_checkpoint_conversion_mapping(Qwen3OmniMoeThinkerForConditionalGeneration.__name__)
+    if mapping is not None:
+        register_checkpoint_conversion_mapping(Qwen3OmniMoeThinkerNF4ForConditionalGeneration.__name__, mapping,
+                                               overwrite=True)
+
+
+_register_checkpoint_layout()
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path}: no *.safetensors weights to read the experts from")
+    return files
+
+
+@torch.no_grad()
+def load_nf4_experts(model, path: str | Path) -> int:
+    """Quantize every expert of ``path``'s checkpoint into ``model``'s NF4 modules, one tensor at a time; returns
+    the number of experts loaded. Raises if an expert of the model is missing from the checkpoint."""
+    from safetensors import safe_open
+
+    blocks = moe_blocks(model)
+    filled = {i: {name: torch.zeros(block.experts.num_experts, dtype=torch.bool) for name in PROJECTIONS}
+              for i, block in blocks.items()}
+    pending: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # per-expert format: gate waits for up
+    for file in _weight_files(Path(path)):
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if (match := _FUSED.match(key)) and int(match[1]) in blocks:
+                    layer, name = int(match[1]), match[2]
+                    blocks[layer].experts.quantize_(name, handle.get_tensor(key))
+                    filled[layer][name][:] = True
+                elif (match := _PER_EXPERT.match(key)) and int(match[1]) in blocks:
+                    layer, expert, part = int(match[1]), int(match[2]), match[3]
+                    experts = blocks[layer].experts
+                    if part == "down_proj":
+                        experts.quantize_expert_("down_proj", expert, handle.get_tensor(key))
+                        filled[layer]["down_proj"][expert] = True
+                        continue
+                    halves = pending.setdefault((layer, expert), {})
+                    halves[part] = handle.get_tensor(key)
+                    if len(halves) == 2:  # gate_up = [gate; up], as transformers fuses them
+                        experts.quantize_expert_("gate_up_proj", expert,
+                                                 torch.cat([halves["gate_proj"], halves["up_proj"]], dim=0))
+                        filled[layer]["gate_up_proj"][expert] = True
+                        del pending[(layer, expert)]
+    missing = [f"layer {layer} {name} ({int((~done).sum())} experts)" for layer, names in filled.items()
+               for name, done in names.items() if not bool(done.all())]
+    if missing:
+        raise ValueError(f"{path}: the checkpoint lacks expert weights for {', '.join(missing[:6])}")
+    for block in blocks.values():  # LoRA on the experts (--lora_experts, or an adapter loaded for evaluation)
+        block.experts.expose_for_lora()
+    return sum(block.experts.num_experts for block in blocks.values())
