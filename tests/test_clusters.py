@@ -9,7 +9,7 @@ import pytest
 
 from surgvqa.clusters import Clustering, assign, clustered_summary, frame_span, segments
 from surgvqa.metrics import paired_comparison, summarize
-from surgvqa.stats import cluster_interval, clustered_mcnemar_p, resample_counts
+from surgvqa.stats import cluster_interval, clustered_mcnemar_p, resample_counts, t_quantile
 
 
 def _rec(video: str, qid: str, first: int, hit: bool = True, qtype: str = "nbi_status", **extra) -> dict:
@@ -174,3 +174,10 @@ def test_printed_tables_lead_with_the_clustered_interval():
     run = [dict(r, prediction="no") if r["id"].startswith("q1_") else dict(r) for r in ref]
     printed = format_paired_comparison(paired_comparison(run, ref, removed="video"), label="ablated")
     assert "clustered [95% CI]" in printed and "clustered p" in printed and "over 40 segments" in printed
+
+
+@pytest.mark.parametrize(("df", "table"), [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (5, 2.5706),
+                                           (10, 2.2281), (30, 2.0423)])
+def test_t_quantile_matches_the_table_to_1e_4(df, table):
+    assert t_quantile(0.975, df) == pytest.approx(table, abs=1e-4)
+    assert t_quantile(0.025, df) == pytest.approx(-table, abs=1e-4)
