@@ -183,7 +183,8 @@ def cluster_interval(
 ) -> dict[str, Any]:
     """95 % expanded-percentile cluster-bootstrap interval of sum(sums) / sum(sizes) (an accuracy, or a paired difference
     with ``proportion=False``), with the design effect (bootstrap variance / the binomial variance p(1-p)/n) and the
-    effective number of questions n / design effect. ``ci95`` is None, with ``reason``, when there is one cluster
+    effective number of questions n / design effect. The expansion uses the number of units drawn at the top level:
+    clusters ("flat"), videos ("nested", so few videos give a wide interval, and one video none). ``ci95`` is None, with ``reason``, when there is one cluster
     only or every question has the same outcome (nothing for resampling to vary)."""
     n = int(sum(sizes))
     total = float(sum(sums))
@@ -202,8 +203,14 @@ def cluster_interval(
         out["reason"] = (f"all {len(sizes)} clusters have the same mean: resampling them has nothing to vary (the "
                          "clusters are too few or too alike to show the spread)")
         return out
+    # the expansion counts the units drawn at the top level: the clusters (flat), the videos (nested)
+    units = len(set(groups)) if scheme == "nested" else len(sizes)
+    if units < 2:
+        out["reason"] = ("one video only: drawing videos has nothing to vary (the interval over its clusters "
+                         "covers other stretches of this video, not new videos)")
+        return out
     ratios = bootstrap_ratios(sums, sizes, resample_counts(groups, resamples, seed, scheme))
-    tail = expanded_tail(len(sizes))
+    tail = expanded_tail(units)
     lo, hi = np.quantile(ratios, [tail, 1 - tail])
     se = float(np.std(ratios, ddof=1))
     out.update(ci95=[float(lo), float(hi)], se=se)

@@ -5,11 +5,19 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 
 from surgvqa.clusters import Clustering, assign, clustered_summary, frame_span, segments
 from surgvqa.metrics import paired_comparison, summarize
-from surgvqa.stats import cluster_interval, clustered_mcnemar_p, resample_counts, t_quantile
+from surgvqa.stats import (
+    bootstrap_ratios,
+    cluster_interval,
+    clustered_mcnemar_p,
+    expanded_tail,
+    resample_counts,
+    t_quantile,
+)
 
 
 def _rec(video: str, qid: str, first: int, hit: bool = True, qtype: str = "nbi_status", **extra) -> dict:
@@ -181,3 +189,18 @@ def test_printed_tables_lead_with_the_clustered_interval():
 def test_t_quantile_matches_the_table_to_1e_4(df, table):
     assert t_quantile(0.975, df) == pytest.approx(table, abs=1e-4)
     assert t_quantile(0.025, df) == pytest.approx(-table, abs=1e-4)
+
+
+def test_nested_interval_expands_by_the_number_of_videos_not_of_segments():
+    # 4 videos x 10 segments: the expanded percentile interval of the videos-then-segments bootstrap takes its
+    # percentiles at expanded_tail(4 videos), far out in the tails, not at expanded_tail(40 segments)
+    rng = random.Random(1)
+    groups = [f"v{v}" for v in range(4) for _ in range(10)]
+    sizes = [rng.randint(1, 10) for _ in groups]
+    sums = [rng.randint(0, n) for n in sizes]
+    nested = cluster_interval(sums, sizes, groups, 2000, seed=5, scheme="nested")
+    ratios = bootstrap_ratios(sums, sizes, resample_counts(groups, 2000, 5, "nested"))
+    assert nested["ci95"] == pytest.approx(list(np.quantile(ratios, [expanded_tail(4), 1 - expanded_tail(4)])))
+    assert nested["ci95"] != pytest.approx(list(np.quantile(ratios, [expanded_tail(40), 1 - expanded_tail(40)])))
+    one_video = cluster_interval(sums[:10], sizes[:10], groups[:10], 2000, seed=5, scheme="nested")
+    assert one_video["ci95"] is None and one_video["reason"].startswith("one video only")
