@@ -27,11 +27,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surgvqa.clusters import Clustering
+from surgvqa.clusters import Clustering, clustered_summary
 from surgvqa.errors import UserError, existing_dir, existing_file, one_line_errors, run_main
 from surgvqa.html_report.markup import esc, kv_table, pct
-from surgvqa.report import format_ci, read_predictions, read_predictions_meta, summarize_run
-from surgvqa.stats import t_quantile
+from surgvqa.metrics import question_type, score_records
+from surgvqa.report import format_ci, read_predictions, read_predictions_meta
+from surgvqa.stats import t_quantile, wilson_interval
 
 VAL_POLICIES = ("next", "none")
 FOLD_DONE = "fold.json"
@@ -187,14 +188,20 @@ def across_folds(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def pooled(results: list[dict[str, Any]], clustering: Clustering) -> dict[str, Any]:
-    """The clustered interval of every finished fold's predictions together (segments of all test videos)."""
-    records, meta = [], None
+    """Every finished fold's predictions together (segments of all test videos): each fold's records scored with
+    that fold's own closed answer sets (its meta line's, as its summary was), so the pooled accuracy is the
+    n-weighted mean of the fold accuracies, and the clustered interval of those hits."""
+    records: list[dict[str, Any]] = []
+    scores: list[dict[str, bool | None]] = []
     for r in results:
-        records += read_predictions(r["predictions"])
-        meta = meta or read_predictions_meta(r["predictions"])
-    summary = summarize_run(records, meta, clustering=clustering)
-    return {"n": summary["n"], "accuracy": summary["accuracy"], "wilson_ci95": summary["accuracy_ci95"],
-            "clustered": summary["clustered"]["accuracy"], "across_videos": summary["clustered"]["across_videos"]}
+        fold_records = read_predictions(r["predictions"])
+        meta = read_predictions_meta(r["predictions"])
+        scores += score_records(fold_records, meta.get("candidates") if meta else None)
+        records += fold_records
+    clustered = clustered_summary(records, scores, [question_type(x) for x in records], clustering)
+    n, hits = len(records), sum(bool(s["accuracy"]) for s in scores)
+    return {"n": n, "accuracy": hits / n, "accuracy_hits": hits, "wilson_ci95": list(wilson_interval(hits, n)),
+            "clustered": clustered["accuracy"], "across_videos": clustered["across_videos"]}
 
 
 def render_text(report: dict[str, Any]) -> str:

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from surgvqa.cv import across_folds, main, parse_args, plan_folds, select
+from surgvqa.clusters import Clustering
+from surgvqa.cv import across_folds, main, parse_args, plan_folds, pooled, select
 from surgvqa.errors import UserError
 from surgvqa.plan import cv_line
+from surgvqa.report import read_predictions, read_predictions_meta, summarize_run
 from surgvqa.stats import t_quantile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +42,31 @@ def test_interval_over_folds_is_the_t_interval_of_the_per_video_accuracies():
     assert out["mean"] == pytest.approx(0.7) and out["sd"] == pytest.approx(0.1)
     assert out["t_ci95"] == pytest.approx([0.7 - half, 0.7 + half])
     assert across_folds([{"accuracy": 0.5}])["t_ci95"] is None
+
+
+def _fold_file(path: Path, video: str, gold: str, candidates: list[str], predictions: list[str]) -> Path:
+    meta = {"surgvqa_meta": {"candidates": {"colour": candidates}}}
+    lines = [meta] + [{"video_id": video, "id": f"q{i}", "question_type": "colour", "short_answer": gold,
+                       "answer": f"It is {gold}.", "prediction": p, "frame_numbers": [100 * i, 100 * i + 8]}
+                      for i, p in enumerate(predictions)]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def test_pooled_accuracy_is_the_n_weighted_mean_of_the_folds_each_scored_with_its_own_answer_sets(tmp_path):
+    # "red blue" names one candidate of fold 1's set (red) and one of fold 2's (blue); scored with both sets at
+    # once it names two candidates, which is wrong
+    files = [_fold_file(tmp_path / "f1.jsonl", "a", "red", ["red"], ["red blue"] * 5 + ["green"]),
+             _fold_file(tmp_path / "f2.jsonl", "b", "blue", ["blue"], ["red blue"] * 6)]
+    results = []
+    for f in files:
+        summary = summarize_run(read_predictions(f), read_predictions_meta(f))
+        results.append({"predictions": str(f), "n": summary["n"], "accuracy": summary["accuracy"]})
+    assert [r["accuracy"] for r in results] == pytest.approx([5 / 6, 1.0])
+    out = pooled(results, Clustering(resamples=200))
+    assert out["n"] == 12
+    assert out["accuracy"] == pytest.approx(sum(r["n"] * r["accuracy"] for r in results) / 12)
+    assert out["accuracy_hits"] == 11 and out["clustered"]["n_clusters"] == 12
 
 
 def test_training_flags_that_cv_sets_itself_are_refused():
