@@ -27,8 +27,9 @@ BOOTSTRAP_SCHEMES = {
     "nested": "seeded cluster bootstrap, expanded percentile interval (Hesterberg 2015): the videos drawn with "
               "replacement, then the clusters within each drawn video",
 }
-CLUSTERED_TEST = ("clustered McNemar (Durkalski et al. 2003): X2 = (sum_k (b_k - c_k))^2 / sum_k (b_k - c_k)^2 over "
-                  "the clusters k, chi-square with 1 degree of freedom")
+CLUSTERED_TEST = ("clustered McNemar, exact cluster sign-flip randomization test: p = P(|sum_k s_k (b_k - c_k)| >= "
+                  "|sum_k (b_k - c_k)|) over all 2^K signs s_k = +-1 of the clusters k (exact McNemar when each "
+                  "cluster holds at most one discordant pair)")
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -181,11 +182,12 @@ def cluster_interval(
     sums: Sequence[float], sizes: Sequence[int], groups: Sequence[Any], resamples: int, seed: int,
     scheme: str = "flat", proportion: bool = True,
 ) -> dict[str, Any]:
-    """95 % expanded-percentile cluster-bootstrap interval of sum(sums) / sum(sizes) (an accuracy, or a paired difference
-    with ``proportion=False``), with the design effect (bootstrap variance / the binomial variance p(1-p)/n) and the
-    effective number of questions n / design effect. The expansion uses the number of units drawn at the top level:
-    clusters ("flat"), videos ("nested", so few videos give a wide interval, and one video none). ``ci95`` is None, with ``reason``, when there is one cluster
-    only or every question has the same outcome (nothing for resampling to vary)."""
+    """95 % expanded-percentile cluster-bootstrap interval of sum(sums) / sum(sizes) (an accuracy, or a paired
+    difference with ``proportion=False``), with the design effect (bootstrap variance / the binomial variance
+    p(1-p)/n) and the effective number of questions n / design effect. The expansion counts the units drawn at the
+    top level: clusters ("flat"), videos ("nested": few videos give a wide interval, one video none). ``ci95`` is
+    None, with ``reason``, when there is one cluster only or every question has the same outcome (nothing for
+    resampling to vary)."""
     n = int(sum(sizes))
     total = float(sum(sums))
     estimate = total / n if n else None
@@ -222,14 +224,25 @@ def cluster_interval(
 
 
 def clustered_mcnemar_p(b_by_cluster: Sequence[int], c_by_cluster: Sequence[int]) -> float:
-    """Durkalski et al. (2003) clustered McNemar p-value from each cluster's discordant counts; 1.0 without any
-    discordant pair. With one question per cluster it is the (asymptotic) McNemar test."""
-    d = np.asarray(b_by_cluster, dtype=np.float64) - np.asarray(c_by_cluster, dtype=np.float64)
-    denom = float(np.sum(d * d))
-    if denom == 0:
+    """Two-sided clustered McNemar p-value from each cluster's discordant counts (b_k: reference right and run
+    wrong, c_k: the reverse): the cluster sign-flip randomization test. Under "no difference" the two runs'
+    labels are exchangeable within a cluster, so each d_k = b_k - c_k is as likely as -d_k, independently across
+    clusters; p = P(|sum_k s_k d_k| >= |sum_k d_k|) over all 2^K sign vectors. Computed exactly for any number of
+    clusters by convolving the (integer) d_k one at a time, so it needs no seed and no large-sample theory; with at
+    most one discordant pair per cluster it is exactly ``mcnemar_exact_p``. 1.0 without any discordant pair."""
+    d = np.abs(np.asarray(b_by_cluster, dtype=np.int64) - np.asarray(c_by_cluster, dtype=np.int64))
+    d = d[d > 0]
+    if d.size == 0:
         return 1.0
-    x2 = float(np.sum(d)) ** 2 / denom
-    return math.erfc(math.sqrt(x2 / 2))
+    observed = abs(int(np.sum(np.asarray(b_by_cluster, dtype=np.int64) - np.asarray(c_by_cluster,
+                                                                                      dtype=np.int64))))
+    reach = int(d.sum())
+    dist = np.zeros(2 * reach + 1)  # dist[reach + x] = P(sum of the signed d_k == x)
+    dist[reach] = 1.0
+    for dk in d.tolist():  # the sum stays within +-reach, so np.roll never wraps a non-zero entry
+        dist = 0.5 * (np.roll(dist, dk) + np.roll(dist, -dk))
+    values = np.abs(np.arange(-reach, reach + 1))
+    return min(1.0, float(dist[values >= observed].sum()))
 
 
 def _pts(x: float) -> str:
@@ -281,8 +294,8 @@ def clustered_paired(
     pairs: Sequence[tuple[bool, bool]], clusters: Sequence[tuple[Any, Any]], unit: str, resamples: int, seed: int,
     scheme: str = "flat",
 ) -> dict[str, Any]:
-    """The clustered paired comparison: Durkalski's clustered McNemar p-value and the cluster-bootstrap interval of
-    run − reference. ``clusters[i]`` = (video, cluster) of pair i."""
+    """The clustered paired comparison: the clustered McNemar p-value (cluster sign-flip test) and the
+    cluster-bootstrap interval of run − reference. ``clusters[i]`` = (video, cluster) of pair i."""
     order = {key: k for k, key in enumerate(sorted(set(clusters)))}  # fixed positions, whatever the pairs' order
     b = np.zeros(len(order), dtype=np.int64)
     c = np.zeros(len(order), dtype=np.int64)
@@ -303,8 +316,8 @@ def paired_stats(
 ) -> dict[str, Any]:
     """Accuracies, 2x2 table, paired interval, exact McNemar p-value and verdict of (run hit, reference hit)
     pairs; see ``surgvqa.metrics.paired_comparison`` for the fields. ``clustered`` (from
-    :func:`clustered_paired`), when given, is kept under "clustered" and decides the verdict when it has an
-    interval."""
+    :func:`clustered_paired`), when given, is kept under "clustered" and its p-value decides the verdict whenever
+    its unit is not the single question (segments, clips or videos), with or without a clustered interval."""
     n = len(pairs)
     both = sum(1 for run, ref in pairs if run and ref)
     neither = sum(1 for run, ref in pairs if not run and not ref)

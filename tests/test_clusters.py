@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 
 import numpy as np
@@ -15,6 +14,7 @@ from surgvqa.stats import (
     cluster_interval,
     clustered_mcnemar_p,
     expanded_tail,
+    mcnemar_exact_p,
     resample_counts,
     t_quantile,
 )
@@ -126,10 +126,32 @@ def test_resample_counts_draw_as_many_clusters_as_there_are():
     assert cluster_interval([1, 1], [1, 1], ["a", "b"], 200, 0)["reason"].startswith("every answer")
 
 
-def test_clustered_mcnemar_matches_durkalski_by_hand():
-    # three clusters, each with b_k - c_k = 2: X2 = 6^2 / 12 = 3
-    assert clustered_mcnemar_p([2, 3, 2], [0, 1, 0]) == pytest.approx(math.erfc(math.sqrt(1.5)))
+def test_clustered_mcnemar_is_the_exact_cluster_sign_flip_test():
+    # three clusters, each with b_k - c_k = 2: of the 8 sign vectors, 2 reach |sum| = 6
+    assert clustered_mcnemar_p([2, 3, 2], [0, 1, 0]) == pytest.approx(0.25)
+    # |d| = (3, 1): sums +-4 (1/2), +-2 (1/2); observed 2 (d = 3, -1) -> 1, observed 4 (d = 3, 1) -> 1/2
+    assert clustered_mcnemar_p([3, 0], [0, 1]) == pytest.approx(1.0)
+    assert clustered_mcnemar_p([3, 1], [0, 0]) == pytest.approx(0.5)
+    assert clustered_mcnemar_p([3, 0], [0, 1]) == clustered_mcnemar_p([0, 1], [3, 0])
     assert clustered_mcnemar_p([1, 0], [1, 0]) == 1.0
+    # at most one discordant pair per cluster: exactly the exact McNemar test
+    rng = random.Random(0)
+    for _ in range(200):
+        b = [rng.randint(0, 1) for _ in range(rng.randint(1, 30))]
+        c = [0 if x else rng.randint(0, 1) for x in b]
+        assert clustered_mcnemar_p(b, c) == pytest.approx(mcnemar_exact_p(sum(b), sum(c)), abs=1e-12)
+
+
+def test_four_wins_in_four_of_twenty_segments_are_not_significant():
+    # 20 questions, one per segment, the run wins 4 and loses none: exact McNemar p = 0.125; the clustered test
+    # must not call it significant (an asymptotic chi-square gives 0.0455)
+    ref = [_rec("v1", f"q{s}", 100 * s, hit=s >= 4) for s in range(20)]
+    run = [_rec("v1", f"q{s}", 100 * s, hit=True) for s in range(20)]
+    overall = paired_comparison(run, ref)["overall"]
+    assert overall["clustered"]["unit"] == "segment" and overall["clustered"]["n_clusters"] == 20
+    assert overall["p_value"] == pytest.approx(0.125)
+    assert overall["clustered"]["p_value"] == pytest.approx(0.125)
+    assert overall["verdict"].startswith("no measurable difference (clustered p = 0.12")
 
 
 def test_paired_verdict_uses_the_clustered_test_when_segments_exist():
