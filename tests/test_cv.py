@@ -3,6 +3,7 @@ resumed without redoing a finished fold."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -74,6 +75,41 @@ def test_training_flags_that_cv_sets_itself_are_refused():
     assert args.val_policy == "next" and flags == ["--max_steps", "3"]
     with pytest.raises(UserError, match="--output_dir"):
         parse_args(["--data_path", "d.jsonl", "--output_dir", "o", "--", "--output_dir=x"])
+
+
+def test_a_recipe_that_sets_what_cv_sets_itself_is_refused_naming_the_keys(tmp_path):
+    shipped = REPO / "configs" / "a100_qwen2_5_omni.yaml"
+    with pytest.raises(UserError, match="eval_audio_dir, eval_data_path, frames_dir, output_dir") as err:
+        parse_args(["--data_path", "d.jsonl", "--output_dir", "o", "--", str(shipped), "--max_steps", "3"])
+    assert str(shipped) in str(err.value)
+    clean = tmp_path / "recipe.yaml"
+    clean.write_text("model_name_or_path: m\nlearning_rate: 1.0e-4\n")
+    assert parse_args(["--data_path", "d.jsonl", "--output_dir", "o", "--", str(clean)])[1] == [str(clean)]
+    (tmp_path / "own.json").write_text(json.dumps({"eval_frames_dir": "f", "max_steps": 3}))
+    with pytest.raises(UserError, match="eval_frames_dir"):
+        parse_args(["--data_path", "d.jsonl", "--output_dir", "o", "--", str(tmp_path / "own.json")])
+
+
+def test_an_edited_recipe_is_refused_like_changed_flags(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"video_id": v, "id": "q", "frames": ["f_1"], "question": "?",
+                                        "answer": "yes", "short_answer": "yes"}) + "\n" for v in "abc"))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model_name_or_path: m\nlearning_rate: 1.0e-4\n")
+    out = tmp_path / "cv"
+
+    def no_training(fold, *_args):
+        raise UserError(f"fold {fold.number} not trained here")
+
+    monkeypatch.setattr("surgvqa.cv.run_fold", no_training)
+    argv = ["--data_path", str(data), "--output_dir", str(out), "--folds", "a", "--", str(recipe)]
+    assert main(argv) == 2 and "fold 1 not trained here" in capsys.readouterr().err
+    settings = json.loads((out / "cv_settings.json").read_text())
+    assert settings["recipe_sha256"] == hashlib.sha256(recipe.read_bytes()).hexdigest()
+    assert main(argv) == 2 and "fold 1 not trained here" in capsys.readouterr().err  # same recipe: accepted
+    recipe.write_text("model_name_or_path: m\nlearning_rate: 2.0e-4\n")  # same flags, another recipe
+    assert main(argv) == 2 and "holds a cross-validation with other settings" in capsys.readouterr().err
+    assert json.loads((out / "cv_settings.json").read_text()) == settings
 
 
 def test_plan_states_the_cost_of_the_folds_and_never_guesses_hours():
