@@ -33,7 +33,7 @@ from typing import Any
 from surgvqa.clusters import Clustering, clustered_summary
 from surgvqa.errors import UserError, existing_dir, existing_file, one_line_errors, run_main
 from surgvqa.html_report.markup import esc, kv_table, pct
-from surgvqa.metrics import question_type, score_records
+from surgvqa.metrics import closed_sets, question_type, score_record
 from surgvqa.report import format_ci, read_predictions, read_predictions_meta
 from surgvqa.stats import t_quantile, wilson_interval
 
@@ -199,7 +199,8 @@ def pooled(results: list[dict[str, Any]], clustering: Clustering) -> dict[str, A
     for r in results:
         fold_records = read_predictions(r["predictions"])
         meta = read_predictions_meta(r["predictions"])
-        scores += score_records(fold_records, meta.get("candidates") if meta else None)
+        sets = closed_sets(fold_records, meta.get("candidates") if meta else None)  # as in its summary
+        scores += [score_record(x, sets) for x in fold_records]
         records += fold_records
     clustered = clustered_summary(records, scores, [question_type(x) for x in records], clustering)
     n, hits = len(records), sum(bool(s["accuracy"]) for s in scores)

@@ -349,25 +349,16 @@ def parse_baseline(value: str | float) -> str | float:
     return number
 
 
-def closed_sets(
-    records: Sequence[Mapping[str, Any]], candidates: Mapping[str, Sequence[str]] | None = None
-) -> dict[str, list[str]]:
-    """The closed answer set of each type that ``records`` are scored with: ``candidates`` (default: the records'
-    gold short answers) plus any gold answer it lacks. Fixed before any record is scored, so no score depends on
-    the order of the lines; the caller's mapping is never modified."""
+def closed_sets(records: Sequence[Mapping[str, Any]],
+                candidates: Mapping[str, Sequence[str]] | None = None) -> dict[str, list[str]]:
+    """The closed answer set of each type that ``summarize`` scores ``records`` with, fixed before any is
+    scored: ``candidates`` (default: the gold short answers) plus any gold answer it lacks (``candidates`` is
+    not modified)."""
     gold_sets = build_candidates((r.get("question_type"), str(r["short_answer"])) for r in records)
     if candidates is None:
         candidates = gold_sets
     types = {*candidates, *gold_sets, *(question_type(r) for r in records)}  # a type whose golds are all blank too
     return {t: _union(candidates.get(t, ()), gold_sets.get(t, ())) for t in types}
-
-
-def score_records(
-    records: Sequence[Mapping[str, Any]], candidates: Mapping[str, Sequence[str]] | None = None
-) -> list[dict[str, bool | None]]:
-    """Each record's hits exactly as ``summarize`` counts them (closed sets from ``closed_sets``)."""
-    sets = closed_sets(records, candidates)
-    return [score_record(r, sets) for r in records]
 
 
 def summarize(
@@ -403,9 +394,8 @@ def summarize(
         score = score_record(rec, candidates)
         scores.append(score)
         prediction = rec.get("prediction") or ""
-        gold = next(
-            (c for c in cands if _norm_key(c) == _norm_key(str(rec["short_answer"]))), rec["short_answer"]
-        )
+        short = _norm_key(str(rec["short_answer"]))
+        gold = next((c for c in cands if _norm_key(c) == short), rec["short_answer"])
         t = by_type.setdefault(
             qtype, {"n": 0, "hits": 0, "gold": Counter(), "pred": Counter(), "k": 0, "kn": 0}
         )
@@ -590,12 +580,9 @@ def paired_comparison(
     result: dict[str, Any] = {
         "method": {"interval": PAIRED_INTERVAL, "test": PAIRED_TEST, "alpha": alpha},
         "removed": removed,
-        "n_run": len(runs),
-        "n_reference": len(refs),
-        "n_paired": len(overall),
+        "n_run": len(runs), "n_reference": len(refs), "n_paired": len(overall),
         "keys_match": not (only_run or only_ref or gold_differs),
-        "only_in_run": _key_list(only_run),
-        "only_in_reference": _key_list(only_ref),
+        "only_in_run": _key_list(only_run), "only_in_reference": _key_list(only_ref),
         "gold_differs": _key_list(gold_differs),
         "clustering": {**clustering.as_meta(), "unit": found.unit, "fallback": found.fallback},
         "overall": paired_stats(overall, removed, alpha, clustered_pairs(overall, found, clustering)),
@@ -605,10 +592,8 @@ def paired_comparison(
     }
     verdict = result["overall"]["verdict"]
     if not result["keys_match"]:
-        verdict = (
-            f"WARNING: the files do not hold the same samples ({len(only_run)} only in the run, {len(only_ref)} "
-            f"only in the reference, {len(gold_differs)} with a different gold answer or type; compared on the "
-            f"{len(overall)} shared samples). " + verdict
-        )
+        verdict = (f"WARNING: the files do not hold the same samples ({len(only_run)} only in the run, "
+                   f"{len(only_ref)} only in the reference, {len(gold_differs)} with a different gold answer "
+                   f"or type; compared on the {len(overall)} shared samples). " + verdict)
     result["verdict"] = verdict
     return result
