@@ -13,8 +13,8 @@ whose interval holds 0.7; width: mean width. The clustered interval is exactly w
 
 Paired null: two runs of the same accuracy on the same questions, each run's right/wrong drawn as above
 (independently per run, so each run's errors cluster in segments with the given ICC, and the discordant pairs do
-too): the share of sets where exact McNemar (per question) and the clustered tests (Durkalski's clustered McNemar;
-the cluster-bootstrap interval of the difference excluding 0) reject at alpha = 0.05.
+too): the share of sets where exact McNemar (per question) and the clustered tests (the clustered McNemar test, an
+exact cluster sign-flip test; the cluster-bootstrap interval of the difference excluding 0) reject at alpha = 0.05.
 
 ``--real_data``: the real annotations, gold answers taken as predictions and made wrong (a) for a seeded 30 % of the
 questions, (b) for every question of a seeded 30 % of the segments: per video (and all videos) the segment count,
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                 title=f"95 % intervals, true accuracy {TRUE_ACCURACY}, {SEGMENTS} segments x 1-{MAX_CLIPS} questions, "
                       f"{args.resamples} resamples")
     null = paired_null(args.sets, args.resamples, args.seed)
-    print_table(("ICC", "sets", "exact McNemar", "clustered McNemar (Durkalski)", "cluster-bootstrap CI excludes 0"),
+    print_table(("ICC", "sets", "exact McNemar", "clustered McNemar (sign-flip)", "cluster-bootstrap CI excludes 0"),
                 null, title=f"type-I error at alpha = {ALPHA} under a null with segment-correlated errors")
     goals = [
         (f"clustered coverage in {COVERAGE_GOAL[0]:g}-{COVERAGE_GOAL[1]:g} % at every ICC",

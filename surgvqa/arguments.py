@@ -254,10 +254,20 @@ def parse_args(argv: list[str] | None = None) -> ArgumentTuple:
     """Flags, or a YAML/JSON file followed by flags that override it (``config.yaml --learning_rate 1e-4``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
-    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
+    if argv and is_recipe(argv[0]):
         parser.set_defaults(**_config_file(parser, argv[0]))
         argv = argv[1:]
     return parse_dataclasses(parser, argv)
+
+
+def is_recipe(arg: str) -> bool:
+    """Whether a first training argument names a YAML/JSON recipe rather than a flag."""
+    return arg.endswith((".yaml", ".yml", ".json")) and not arg.startswith("-")
+
+
+def read_recipe(path: str) -> dict[str, Any]:
+    """The settings of a training recipe, read and checked as training reads them (an unknown key is an error)."""
+    return _config_file(make_parser(), path)
 
 
 def _config_file(parser: HfArgumentParser, path: str) -> dict[str, Any]:

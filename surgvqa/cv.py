@@ -13,6 +13,9 @@ evaluation
 (``test_predictions.jsonl``, resumable too). A fold is finished when its ``fold.json`` exists; a finished fold is
 never redone. ``cv.json`` and ``cv.html`` hold the per-fold table, the mean, standard deviation and t-interval
 over the folds (the answer to "a new video"), and the pooled clustered interval of all folds' predictions.
+The training flags may start with a YAML/JSON recipe (as for ``surgvqa train``); neither the flags nor the recipe
+may set what cv sets per fold (data files, media roots, output directory), and ``cv_settings.json`` records the
+recipe's sha256 beside the flags, so a later call with other flags or an edited recipe is refused.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surgvqa.clusters import Clustering
+from surgvqa.clusters import Clustering, clustered_summary
 from surgvqa.errors import UserError, existing_dir, existing_file, one_line_errors, run_main
 from surgvqa.html_report.markup import esc, kv_table, pct
-from surgvqa.report import format_ci, read_predictions, read_predictions_meta, summarize_run
-from surgvqa.stats import t_quantile
+from surgvqa.metrics import closed_sets, question_type, score_record
+from surgvqa.report import format_ci, read_predictions, read_predictions_meta
+from surgvqa.stats import t_quantile, wilson_interval
 
 VAL_POLICIES = ("next", "none")
 FOLD_DONE = "fold.json"
@@ -187,14 +191,21 @@ def across_folds(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def pooled(results: list[dict[str, Any]], clustering: Clustering) -> dict[str, Any]:
-    """The clustered interval of every finished fold's predictions together (segments of all test videos)."""
-    records, meta = [], None
+    """Every finished fold's predictions together (segments of all test videos): each fold's records scored with
+    that fold's own closed answer sets (its meta line's, as its summary was), so the pooled accuracy is the
+    n-weighted mean of the fold accuracies, and the clustered interval of those hits."""
+    records: list[dict[str, Any]] = []
+    scores: list[dict[str, bool | None]] = []
     for r in results:
-        records += read_predictions(r["predictions"])
-        meta = meta or read_predictions_meta(r["predictions"])
-    summary = summarize_run(records, meta, clustering=clustering)
-    return {"n": summary["n"], "accuracy": summary["accuracy"], "wilson_ci95": summary["accuracy_ci95"],
-            "clustered": summary["clustered"]["accuracy"], "across_videos": summary["clustered"]["across_videos"]}
+        fold_records = read_predictions(r["predictions"])
+        meta = read_predictions_meta(r["predictions"])
+        sets = closed_sets(fold_records, meta.get("candidates") if meta else None)  # as in its summary
+        scores += [score_record(x, sets) for x in fold_records]
+        records += fold_records
+    clustered = clustered_summary(records, scores, [question_type(x) for x in records], clustering)
+    n, hits = len(records), sum(bool(s["accuracy"]) for s in scores)
+    return {"n": n, "accuracy": hits / n, "accuracy_hits": hits, "wilson_ci95": list(wilson_interval(hits, n)),
+            "clustered": clustered["accuracy"], "across_videos": clustered["across_videos"]}
 
 
 def render_text(report: dict[str, Any]) -> str:
@@ -248,7 +259,23 @@ def parse_args(argv: list[str]) -> tuple[CvArguments, list[str]]:
     clash = [f for f in train_flags if f.split("=")[0] in OWN_TRAIN_FLAGS]
     if clash:
         raise UserError(f"surgvqa cv sets {', '.join(clash)} for every fold itself; drop them from the training flags")
+    recipe = recipe_of(train_flags)
+    if recipe:
+        from surgvqa.arguments import read_recipe
+
+        own = sorted(set(read_recipe(str(recipe))) & {f.removeprefix("--") for f in OWN_TRAIN_FLAGS})
+        if own:
+            raise UserError(f"{recipe}: surgvqa cv sets {', '.join(own)} for every fold itself; a recipe for "
+                            "cross-validation must not set them: remove them from the file (or use a copy "
+                            "without them)")
     return args, train_flags
+
+
+def recipe_of(train_flags: list[str]) -> Path | None:
+    """The YAML/JSON recipe the training flags start with (as ``surgvqa train`` reads them), or None."""
+    from surgvqa.arguments import is_recipe
+
+    return Path(train_flags[0]) if train_flags and is_recipe(train_flags[0]) else None
 
 
 def cross_validate(args: CvArguments, train_flags: list[str]) -> dict[str, Any]:
@@ -269,10 +296,14 @@ def cross_validate(args: CvArguments, train_flags: list[str]) -> dict[str, Any]:
                 "frames_dir": args.frames_dir and str(Path(args.frames_dir).resolve()),
                 "audio_dir": args.audio_dir and str(Path(args.audio_dir).resolve()),
                 "max_new_tokens": args.max_new_tokens, "clustering": clustering.as_meta(), "train_flags": train_flags}
+    recipe = recipe_of(train_flags)
+    if recipe:  # the flags name the recipe; its contents decide the folds too
+        settings["recipe_sha256"] = hashlib.sha256(existing_file(str(recipe), "the recipe").read_bytes()).hexdigest()
     recorded = out / "cv_settings.json"
     if recorded.exists() and json.loads(recorded.read_text(encoding="utf-8")) != settings:
-        raise UserError(f"{out} holds a cross-validation with other settings ({recorded}); finished folds are never "
-                        "mixed with another recipe: use another --output_dir")
+        raise UserError(f"{out} holds a cross-validation with other settings ({recorded}: flags, recipe file, data "
+                        "or clustering differ); finished folds are never mixed with another recipe: use another "
+                        "--output_dir")
     recorded.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     for fold in select(folds, args.folds):
         if (fold.directory / FOLD_DONE).exists():

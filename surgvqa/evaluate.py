@@ -433,7 +433,7 @@ def _finish(records: list[dict], meta: dict | None, predictions: Path, summary_f
     if args.plot:
         plot_per_type(summary, args.plot)
     if args.report:
-        write_report(predictions, args, meta)
+        write_report(predictions, args, meta, clustering)
     print(f"predictions: {predictions}\nsummary:     {summary_file}")
     return summary
 
@@ -450,12 +450,13 @@ def _html_report():
     return html_report
 
 
-def write_report(predictions: Path, args: EvalArguments, meta: dict | None) -> Path:
-    """The HTML report of a predictions file."""
+def write_report(predictions: Path, args: EvalArguments, meta: dict | None, clustering: Clustering) -> Path:
+    """The HTML report of a predictions file, clustered as its summary is."""
     compare = [predictions_path_for(args.compare)] if args.compare else []
     return _html_report().build_report(predictions, args.report, compare=compare,
                                        frames_dir=args.frames_dir or (meta or {}).get("frames_dir"),
-                                       audio_dir=args.audio_dir or (meta or {}).get("audio_dir"))
+                                       audio_dir=args.audio_dir or (meta or {}).get("audio_dir"),
+                                       clustering=clustering)
 
 
 # The flags re-scoring uses; any other flag set away from its default needs a model run and is refused.

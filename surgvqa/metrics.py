@@ -304,15 +304,17 @@ def _union(given: Iterable[str], golds: Iterable[str]) -> list[str]:
     return sorted(out, key=_norm_key)
 
 
-def _type_of(record: Mapping[str, Any]) -> str:
+def question_type(record: Mapping[str, Any]) -> str:
+    """A record's question type (UNTYPED when it has none)."""
     return record.get("question_type") or UNTYPED
 
 
 def _candidates_for(record: Mapping[str, Any], candidates: Mapping[str, Sequence[str]]) -> list[str]:
-    cands = candidates.get(_type_of(record))
+    cands = candidates.get(question_type(record))
     if not cands:
         # Unknown type: only the gold answer is known (plus yes/no completion).
-        cands = build_candidates([(_type_of(record), str(record["short_answer"]))]).get(_type_of(record), [])
+        qtype = question_type(record)
+        cands = build_candidates([(qtype, str(record["short_answer"]))]).get(qtype, [])
     return _with_gold(cands, str(record["short_answer"]))
 
 
@@ -347,6 +349,18 @@ def parse_baseline(value: str | float) -> str | float:
     return number
 
 
+def closed_sets(records: Sequence[Mapping[str, Any]],
+                candidates: Mapping[str, Sequence[str]] | None = None) -> dict[str, list[str]]:
+    """The closed answer set of each type that ``summarize`` scores ``records`` with, fixed before any is
+    scored: ``candidates`` (default: the gold short answers) plus any gold answer it lacks (``candidates`` is
+    not modified)."""
+    gold_sets = build_candidates((r.get("question_type"), str(r["short_answer"])) for r in records)
+    if candidates is None:
+        candidates = gold_sets
+    types = {*candidates, *gold_sets, *(question_type(r) for r in records)}  # a type whose golds are all blank too
+    return {t: _union(candidates.get(t, ()), gold_sets.get(t, ())) for t in types}
+
+
 def summarize(
     records: Iterable[Mapping[str, Any]],
     baseline: str | float = "majority",
@@ -363,13 +377,7 @@ def summarize(
     recs = list(records)
     if not recs:
         raise ValueError("summarize: no records")
-    gold_sets = build_candidates((r.get("question_type"), str(r["short_answer"])) for r in recs)
-    if candidates is None:
-        candidates = gold_sets
-    # The closed set of each type, fixed before any record is scored (so no score depends on the order of the
-    # lines): the given set plus any gold answer it lacks. The caller's mapping is never modified.
-    types = {*candidates, *gold_sets, *(_type_of(r) for r in recs)}  # a type whose gold answers are all blank too
-    candidates = {t: _union(candidates.get(t, ()), gold_sets.get(t, ())) for t in types}
+    candidates = closed_sets(recs, candidates)
 
     hits: Counter[str] = Counter()
     k_n = 0
@@ -381,14 +389,13 @@ def summarize(
     refs: list[str] = []
     scores: list[dict[str, bool | None]] = []
     for rec in recs:
-        qtype = _type_of(rec)
+        qtype = question_type(rec)
         cands = candidates[qtype]
         score = score_record(rec, candidates)
         scores.append(score)
         prediction = rec.get("prediction") or ""
-        gold = next(
-            (c for c in cands if _norm_key(c) == _norm_key(str(rec["short_answer"]))), rec["short_answer"]
-        )
+        short = _norm_key(str(rec["short_answer"]))
+        gold = next((c for c in cands if _norm_key(c) == short), rec["short_answer"])
         t = by_type.setdefault(
             qtype, {"n": 0, "hits": 0, "gold": Counter(), "pred": Counter(), "k": 0, "kn": 0}
         )
@@ -490,7 +497,7 @@ def summarize(
         "n_types": len(per_type),
         "collapsed_types": [t for t, v in per_type.items() if v["collapse"]],
         "per_type": per_type,
-        "clustered": clustered_summary(recs, scores, [_type_of(r) for r in recs], clustering or Clustering()),
+        "clustered": clustered_summary(recs, scores, [question_type(r) for r in recs], clustering or Clustering()),
         "candidates": {t: candidates[t] for t in sorted(candidates)},
     }
 
@@ -559,27 +566,23 @@ def paired_comparison(
     paired_refs: list[Mapping[str, Any]] = []
     for key in sorted(set(runs) & set(refs), key=lambda k: (k[0] or "", k[1])):
         run, ref = runs[key], refs[key]
-        if _norm_key(str(run["short_answer"])) != _norm_key(str(ref["short_answer"])) or _type_of(run) != _type_of(
-            ref
-        ):
+        if (_norm_key(str(run["short_answer"])) != _norm_key(str(ref["short_answer"]))
+                or question_type(run) != question_type(ref)):
             gold_differs.add(key)
             continue
         pair = (bool(score_record(run, candidates)["accuracy"]), bool(score_record(ref, candidates)["accuracy"]))
         overall.append(pair)
-        by_type[_type_of(ref)].append(pair)
+        by_type[question_type(ref)].append(pair)
         paired_refs.append(ref)
     clustering = clustering or Clustering()
     found = assign(paired_refs, clustering)  # the clusters of the reference's records (same clips as the run's)
-    types = [_type_of(r) for r in paired_refs]
+    types = [question_type(r) for r in paired_refs]
     result: dict[str, Any] = {
         "method": {"interval": PAIRED_INTERVAL, "test": PAIRED_TEST, "alpha": alpha},
         "removed": removed,
-        "n_run": len(runs),
-        "n_reference": len(refs),
-        "n_paired": len(overall),
+        "n_run": len(runs), "n_reference": len(refs), "n_paired": len(overall),
         "keys_match": not (only_run or only_ref or gold_differs),
-        "only_in_run": _key_list(only_run),
-        "only_in_reference": _key_list(only_ref),
+        "only_in_run": _key_list(only_run), "only_in_reference": _key_list(only_ref),
         "gold_differs": _key_list(gold_differs),
         "clustering": {**clustering.as_meta(), "unit": found.unit, "fallback": found.fallback},
         "overall": paired_stats(overall, removed, alpha, clustered_pairs(overall, found, clustering)),
@@ -589,10 +592,8 @@ def paired_comparison(
     }
     verdict = result["overall"]["verdict"]
     if not result["keys_match"]:
-        verdict = (
-            f"WARNING: the files do not hold the same samples ({len(only_run)} only in the run, {len(only_ref)} "
-            f"only in the reference, {len(gold_differs)} with a different gold answer or type; compared on the "
-            f"{len(overall)} shared samples). " + verdict
-        )
+        verdict = (f"WARNING: the files do not hold the same samples ({len(only_run)} only in the run, "
+                   f"{len(only_ref)} only in the reference, {len(gold_differs)} with a different gold answer "
+                   f"or type; compared on the {len(overall)} shared samples). " + verdict)
     result["verdict"] = verdict
     return result

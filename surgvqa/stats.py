@@ -27,8 +27,9 @@ BOOTSTRAP_SCHEMES = {
     "nested": "seeded cluster bootstrap, expanded percentile interval (Hesterberg 2015): the videos drawn with "
               "replacement, then the clusters within each drawn video",
 }
-CLUSTERED_TEST = ("clustered McNemar (Durkalski et al. 2003): X2 = (sum_k (b_k - c_k))^2 / sum_k (b_k - c_k)^2 over "
-                  "the clusters k, chi-square with 1 degree of freedom")
+CLUSTERED_TEST = ("clustered McNemar, exact cluster sign-flip randomization test: p = P(|sum_k s_k (b_k - c_k)| >= "
+                  "|sum_k (b_k - c_k)|) over all 2^K signs s_k = +-1 of the clusters k (exact McNemar when each "
+                  "cluster holds at most one discordant pair)")
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -121,9 +122,32 @@ def bootstrap_ratios(sums: Sequence[float], sizes: Sequence[int], counts: np.nda
     return num[keep] / den[keep]
 
 
+def _t_cdf(t: float, df: int) -> float:
+    """Student's t distribution function for a whole number of degrees of freedom, in closed form (Abramowitz &
+    Stegun 26.7.3-4: a finite series in theta = atan(t / sqrt(df)))."""
+    theta = math.atan(t / math.sqrt(df))
+    s, c = math.sin(theta), math.cos(theta)
+    if df % 2:  # odd: (2 / pi) (theta + sin cos (1 + 2/3 cos^2 + (2 4)/(3 5) cos^4 + ...))
+        term, series = 1.0, 1.0 if df > 1 else 0.0
+        for k in range(1, (df - 1) // 2):
+            term *= (2 * k) / (2 * k + 1) * c * c
+            series += term
+        central = 2 / math.pi * (theta + s * c * series)
+    else:  # even: sin (1 + 1/2 cos^2 + (1 3)/(2 4) cos^4 + ...)
+        term = series = 1.0
+        for k in range(1, df // 2):
+            term *= (2 * k - 1) / (2 * k) * c * c
+            series += term
+        central = s * series
+    return 0.5 + central / 2
+
+
 def t_quantile(p: float, df: int) -> float:
-    """Student's t quantile: exact for 1 and 2 degrees of freedom, else Hill's (1970) Cornish-Fisher expansion
-    (error below 1e-4 from 3 degrees of freedom on at p = 0.975)."""
+    """Student's t quantile for a whole number ``df`` >= 1 of degrees of freedom, to machine precision: closed
+    forms for 1 and 2, else Newton steps on the exact distribution function from Hill's (1970) Cornish-Fisher
+    expansion (which alone is off by 4e-3 at df = 3, p = 0.975)."""
+    if not 0 < p < 1 or df < 1:
+        raise ValueError(f"t_quantile: needs 0 < p < 1 and df >= 1, got p={p}, df={df}")
     if df == 1:
         return math.tan(math.pi * (p - 0.5))
     if df == 2:
@@ -133,7 +157,15 @@ def t_quantile(p: float, df: int) -> float:
     g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
     g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
     g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
-    return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
+    t = z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    for _ in range(20):
+        density = math.exp(log_norm - (df + 1) / 2 * math.log1p(t * t / df))
+        step = (_t_cdf(t, df) - p) / density
+        t -= step
+        if abs(step) < 1e-13 * max(1.0, abs(t)):
+            break
+    return t
 
 
 def expanded_tail(clusters: int, alpha: float = 0.05) -> float:
@@ -150,10 +182,12 @@ def cluster_interval(
     sums: Sequence[float], sizes: Sequence[int], groups: Sequence[Any], resamples: int, seed: int,
     scheme: str = "flat", proportion: bool = True,
 ) -> dict[str, Any]:
-    """95 % expanded-percentile cluster-bootstrap interval of sum(sums) / sum(sizes) (an accuracy, or a paired difference
-    with ``proportion=False``), with the design effect (bootstrap variance / the binomial variance p(1-p)/n) and the
-    effective number of questions n / design effect. ``ci95`` is None, with ``reason``, when there is one cluster
-    only or every question has the same outcome (nothing for resampling to vary)."""
+    """95 % expanded-percentile cluster-bootstrap interval of sum(sums) / sum(sizes) (an accuracy, or a paired
+    difference with ``proportion=False``), with the design effect (bootstrap variance / the binomial variance
+    p(1-p)/n) and the effective number of questions n / design effect. The expansion counts the units drawn at the
+    top level: clusters ("flat"), videos ("nested": few videos give a wide interval, one video none). ``ci95`` is
+    None, with ``reason``, when there is one cluster only or every question has the same outcome (nothing for
+    resampling to vary)."""
     n = int(sum(sizes))
     total = float(sum(sums))
     estimate = total / n if n else None
@@ -171,8 +205,14 @@ def cluster_interval(
         out["reason"] = (f"all {len(sizes)} clusters have the same mean: resampling them has nothing to vary (the "
                          "clusters are too few or too alike to show the spread)")
         return out
+    # the expansion counts the units drawn at the top level: the clusters (flat), the videos (nested)
+    units = len(set(groups)) if scheme == "nested" else len(sizes)
+    if units < 2:
+        out["reason"] = ("one video only: drawing videos has nothing to vary (the interval over its clusters "
+                         "covers other stretches of this video, not new videos)")
+        return out
     ratios = bootstrap_ratios(sums, sizes, resample_counts(groups, resamples, seed, scheme))
-    tail = expanded_tail(len(sizes))
+    tail = expanded_tail(units)
     lo, hi = np.quantile(ratios, [tail, 1 - tail])
     se = float(np.std(ratios, ddof=1))
     out.update(ci95=[float(lo), float(hi)], se=se)
@@ -184,14 +224,25 @@ def cluster_interval(
 
 
 def clustered_mcnemar_p(b_by_cluster: Sequence[int], c_by_cluster: Sequence[int]) -> float:
-    """Durkalski et al. (2003) clustered McNemar p-value from each cluster's discordant counts; 1.0 without any
-    discordant pair. With one question per cluster it is the (asymptotic) McNemar test."""
-    d = np.asarray(b_by_cluster, dtype=np.float64) - np.asarray(c_by_cluster, dtype=np.float64)
-    denom = float(np.sum(d * d))
-    if denom == 0:
+    """Two-sided clustered McNemar p-value from each cluster's discordant counts (b_k: reference right and run
+    wrong, c_k: the reverse): the cluster sign-flip randomization test. Under "no difference" the two runs'
+    labels are exchangeable within a cluster, so each d_k = b_k - c_k is as likely as -d_k, independently across
+    clusters; p = P(|sum_k s_k d_k| >= |sum_k d_k|) over all 2^K sign vectors. Computed exactly for any number of
+    clusters by convolving the (integer) d_k one at a time, so it needs no seed and no large-sample theory; with at
+    most one discordant pair per cluster it is exactly ``mcnemar_exact_p``. 1.0 without any discordant pair."""
+    d = np.abs(np.asarray(b_by_cluster, dtype=np.int64) - np.asarray(c_by_cluster, dtype=np.int64))
+    d = d[d > 0]
+    if d.size == 0:
         return 1.0
-    x2 = float(np.sum(d)) ** 2 / denom
-    return math.erfc(math.sqrt(x2 / 2))
+    observed = abs(int(np.sum(np.asarray(b_by_cluster, dtype=np.int64) - np.asarray(c_by_cluster,
+                                                                                      dtype=np.int64))))
+    reach = int(d.sum())
+    dist = np.zeros(2 * reach + 1)  # dist[reach + x] = P(sum of the signed d_k == x)
+    dist[reach] = 1.0
+    for dk in d.tolist():  # the sum stays within +-reach, so np.roll never wraps a non-zero entry
+        dist = 0.5 * (np.roll(dist, dk) + np.roll(dist, -dk))
+    values = np.abs(np.arange(-reach, reach + 1))
+    return min(1.0, float(dist[values >= observed].sum()))
 
 
 def _pts(x: float) -> str:
@@ -243,8 +294,8 @@ def clustered_paired(
     pairs: Sequence[tuple[bool, bool]], clusters: Sequence[tuple[Any, Any]], unit: str, resamples: int, seed: int,
     scheme: str = "flat",
 ) -> dict[str, Any]:
-    """The clustered paired comparison: Durkalski's clustered McNemar p-value and the cluster-bootstrap interval of
-    run − reference. ``clusters[i]`` = (video, cluster) of pair i."""
+    """The clustered paired comparison: the clustered McNemar p-value (cluster sign-flip test) and the
+    cluster-bootstrap interval of run − reference. ``clusters[i]`` = (video, cluster) of pair i."""
     order = {key: k for k, key in enumerate(sorted(set(clusters)))}  # fixed positions, whatever the pairs' order
     b = np.zeros(len(order), dtype=np.int64)
     c = np.zeros(len(order), dtype=np.int64)
@@ -265,8 +316,8 @@ def paired_stats(
 ) -> dict[str, Any]:
     """Accuracies, 2x2 table, paired interval, exact McNemar p-value and verdict of (run hit, reference hit)
     pairs; see ``surgvqa.metrics.paired_comparison`` for the fields. ``clustered`` (from
-    :func:`clustered_paired`), when given, is kept under "clustered" and decides the verdict when it has an
-    interval."""
+    :func:`clustered_paired`), when given, is kept under "clustered" and its p-value decides the verdict whenever
+    its unit is not the single question (segments, clips or videos), with or without a clustered interval."""
     n = len(pairs)
     both = sum(1 for run, ref in pairs if run and ref)
     neither = sum(1 for run, ref in pairs if not run and not ref)

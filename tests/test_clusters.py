@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-import math
 import random
 
+import numpy as np
 import pytest
 
 from surgvqa.clusters import Clustering, assign, clustered_summary, frame_span, segments
 from surgvqa.metrics import paired_comparison, summarize
-from surgvqa.stats import cluster_interval, clustered_mcnemar_p, resample_counts
+from surgvqa.stats import (
+    bootstrap_ratios,
+    cluster_interval,
+    clustered_mcnemar_p,
+    expanded_tail,
+    mcnemar_exact_p,
+    resample_counts,
+    t_quantile,
+)
 
 
 def _rec(video: str, qid: str, first: int, hit: bool = True, qtype: str = "nbi_status", **extra) -> dict:
@@ -118,10 +126,32 @@ def test_resample_counts_draw_as_many_clusters_as_there_are():
     assert cluster_interval([1, 1], [1, 1], ["a", "b"], 200, 0)["reason"].startswith("every answer")
 
 
-def test_clustered_mcnemar_matches_durkalski_by_hand():
-    # three clusters, each with b_k - c_k = 2: X2 = 6^2 / 12 = 3
-    assert clustered_mcnemar_p([2, 3, 2], [0, 1, 0]) == pytest.approx(math.erfc(math.sqrt(1.5)))
+def test_clustered_mcnemar_is_the_exact_cluster_sign_flip_test():
+    # three clusters, each with b_k - c_k = 2: of the 8 sign vectors, 2 reach |sum| = 6
+    assert clustered_mcnemar_p([2, 3, 2], [0, 1, 0]) == pytest.approx(0.25)
+    # |d| = (3, 1): sums +-4 (1/2), +-2 (1/2); observed 2 (d = 3, -1) -> 1, observed 4 (d = 3, 1) -> 1/2
+    assert clustered_mcnemar_p([3, 0], [0, 1]) == pytest.approx(1.0)
+    assert clustered_mcnemar_p([3, 1], [0, 0]) == pytest.approx(0.5)
+    assert clustered_mcnemar_p([3, 0], [0, 1]) == clustered_mcnemar_p([0, 1], [3, 0])
     assert clustered_mcnemar_p([1, 0], [1, 0]) == 1.0
+    # at most one discordant pair per cluster: exactly the exact McNemar test
+    rng = random.Random(0)
+    for _ in range(200):
+        b = [rng.randint(0, 1) for _ in range(rng.randint(1, 30))]
+        c = [0 if x else rng.randint(0, 1) for x in b]
+        assert clustered_mcnemar_p(b, c) == pytest.approx(mcnemar_exact_p(sum(b), sum(c)), abs=1e-12)
+
+
+def test_four_wins_in_four_of_twenty_segments_are_not_significant():
+    # 20 questions, one per segment, the run wins 4 and loses none: exact McNemar p = 0.125; the clustered test
+    # must not call it significant (an asymptotic chi-square gives 0.0455)
+    ref = [_rec("v1", f"q{s}", 100 * s, hit=s >= 4) for s in range(20)]
+    run = [_rec("v1", f"q{s}", 100 * s, hit=True) for s in range(20)]
+    overall = paired_comparison(run, ref)["overall"]
+    assert overall["clustered"]["unit"] == "segment" and overall["clustered"]["n_clusters"] == 20
+    assert overall["p_value"] == pytest.approx(0.125)
+    assert overall["clustered"]["p_value"] == pytest.approx(0.125)
+    assert overall["verdict"].startswith("no measurable difference (clustered p = 0.12")
 
 
 def test_paired_verdict_uses_the_clustered_test_when_segments_exist():
@@ -174,3 +204,25 @@ def test_printed_tables_lead_with_the_clustered_interval():
     run = [dict(r, prediction="no") if r["id"].startswith("q1_") else dict(r) for r in ref]
     printed = format_paired_comparison(paired_comparison(run, ref, removed="video"), label="ablated")
     assert "clustered [95% CI]" in printed and "clustered p" in printed and "over 40 segments" in printed
+
+
+@pytest.mark.parametrize(("df", "table"), [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (5, 2.5706),
+                                           (10, 2.2281), (30, 2.0423)])
+def test_t_quantile_matches_the_table_to_1e_4(df, table):
+    assert t_quantile(0.975, df) == pytest.approx(table, abs=1e-4)
+    assert t_quantile(0.025, df) == pytest.approx(-table, abs=1e-4)
+
+
+def test_nested_interval_expands_by_the_number_of_videos_not_of_segments():
+    # 4 videos x 10 segments: the expanded percentile interval of the videos-then-segments bootstrap takes its
+    # percentiles at expanded_tail(4 videos), far out in the tails, not at expanded_tail(40 segments)
+    rng = random.Random(1)
+    groups = [f"v{v}" for v in range(4) for _ in range(10)]
+    sizes = [rng.randint(1, 10) for _ in groups]
+    sums = [rng.randint(0, n) for n in sizes]
+    nested = cluster_interval(sums, sizes, groups, 2000, seed=5, scheme="nested")
+    ratios = bootstrap_ratios(sums, sizes, resample_counts(groups, 2000, 5, "nested"))
+    assert nested["ci95"] == pytest.approx(list(np.quantile(ratios, [expanded_tail(4), 1 - expanded_tail(4)])))
+    assert nested["ci95"] != pytest.approx(list(np.quantile(ratios, [expanded_tail(40), 1 - expanded_tail(40)])))
+    one_video = cluster_interval(sums[:10], sizes[:10], groups[:10], 2000, seed=5, scheme="nested")
+    assert one_video["ci95"] is None and one_video["reason"].startswith("one video only")

@@ -3,6 +3,7 @@ resumed without redoing a finished fold."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -13,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from surgvqa.cv import across_folds, main, parse_args, plan_folds, select
+from surgvqa.clusters import Clustering
+from surgvqa.cv import across_folds, main, parse_args, plan_folds, pooled, select
 from surgvqa.errors import UserError
 from surgvqa.plan import cv_line
+from surgvqa.report import read_predictions, read_predictions_meta, summarize_run
 from surgvqa.stats import t_quantile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,11 +45,71 @@ def test_interval_over_folds_is_the_t_interval_of_the_per_video_accuracies():
     assert across_folds([{"accuracy": 0.5}])["t_ci95"] is None
 
 
+def _fold_file(path: Path, video: str, gold: str, candidates: list[str], predictions: list[str]) -> Path:
+    meta = {"surgvqa_meta": {"candidates": {"colour": candidates}}}
+    lines = [meta] + [{"video_id": video, "id": f"q{i}", "question_type": "colour", "short_answer": gold,
+                       "answer": f"It is {gold}.", "prediction": p, "frame_numbers": [100 * i, 100 * i + 8]}
+                      for i, p in enumerate(predictions)]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def test_pooled_accuracy_is_the_n_weighted_mean_of_the_folds_each_scored_with_its_own_answer_sets(tmp_path):
+    # "red blue" names one candidate of fold 1's set (red) and one of fold 2's (blue); scored with both sets at
+    # once it names two candidates, which is wrong
+    files = [_fold_file(tmp_path / "f1.jsonl", "a", "red", ["red"], ["red blue"] * 5 + ["green"]),
+             _fold_file(tmp_path / "f2.jsonl", "b", "blue", ["blue"], ["red blue"] * 6)]
+    results = []
+    for f in files:
+        summary = summarize_run(read_predictions(f), read_predictions_meta(f))
+        results.append({"predictions": str(f), "n": summary["n"], "accuracy": summary["accuracy"]})
+    assert [r["accuracy"] for r in results] == pytest.approx([5 / 6, 1.0])
+    out = pooled(results, Clustering(resamples=200))
+    assert out["n"] == 12
+    assert out["accuracy"] == pytest.approx(sum(r["n"] * r["accuracy"] for r in results) / 12)
+    assert out["accuracy_hits"] == 11 and out["clustered"]["n_clusters"] == 12
+
+
 def test_training_flags_that_cv_sets_itself_are_refused():
     args, flags = parse_args(["--data_path", "d.jsonl", "--output_dir", "o", "--", "--max_steps", "3"])
     assert args.val_policy == "next" and flags == ["--max_steps", "3"]
     with pytest.raises(UserError, match="--output_dir"):
         parse_args(["--data_path", "d.jsonl", "--output_dir", "o", "--", "--output_dir=x"])
+
+
+def test_a_recipe_that_sets_what_cv_sets_itself_is_refused_naming_the_keys(tmp_path):
+    shipped = REPO / "configs" / "a100_qwen2_5_omni.yaml"
+    with pytest.raises(UserError, match="eval_audio_dir, eval_data_path, frames_dir, output_dir") as err:
+        parse_args(["--data_path", "d.jsonl", "--output_dir", "o", "--", str(shipped), "--max_steps", "3"])
+    assert str(shipped) in str(err.value)
+    clean = tmp_path / "recipe.yaml"
+    clean.write_text("model_name_or_path: m\nlearning_rate: 1.0e-4\n")
+    assert parse_args(["--data_path", "d.jsonl", "--output_dir", "o", "--", str(clean)])[1] == [str(clean)]
+    (tmp_path / "own.json").write_text(json.dumps({"eval_frames_dir": "f", "max_steps": 3}))
+    with pytest.raises(UserError, match="eval_frames_dir"):
+        parse_args(["--data_path", "d.jsonl", "--output_dir", "o", "--", str(tmp_path / "own.json")])
+
+
+def test_an_edited_recipe_is_refused_like_changed_flags(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"video_id": v, "id": "q", "frames": ["f_1"], "question": "?",
+                                        "answer": "yes", "short_answer": "yes"}) + "\n" for v in "abc"))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model_name_or_path: m\nlearning_rate: 1.0e-4\n")
+    out = tmp_path / "cv"
+
+    def no_training(fold, *_args):
+        raise UserError(f"fold {fold.number} not trained here")
+
+    monkeypatch.setattr("surgvqa.cv.run_fold", no_training)
+    argv = ["--data_path", str(data), "--output_dir", str(out), "--folds", "a", "--", str(recipe)]
+    assert main(argv) == 2 and "fold 1 not trained here" in capsys.readouterr().err
+    settings = json.loads((out / "cv_settings.json").read_text())
+    assert settings["recipe_sha256"] == hashlib.sha256(recipe.read_bytes()).hexdigest()
+    assert main(argv) == 2 and "fold 1 not trained here" in capsys.readouterr().err  # same recipe: accepted
+    recipe.write_text("model_name_or_path: m\nlearning_rate: 2.0e-4\n")  # same flags, another recipe
+    assert main(argv) == 2 and "holds a cross-validation with other settings" in capsys.readouterr().err
+    assert json.loads((out / "cv_settings.json").read_text()) == settings
 
 
 def test_plan_states_the_cost_of_the_folds_and_never_guesses_hours():

@@ -346,8 +346,25 @@ def test_report_flag_calls_the_html_report_or_says_it_is_missing(evaluated, tmp_
     (predictions, output, kw), = calls
     assert predictions == copy and output == str(tmp_path / "r.html")
     assert kw["compare"] == [evaluated] and kw["frames_dir"] == read_predictions_meta(evaluated)["frames_dir"]
-    assert set(kw) == {"compare", "frames_dir", "audio_dir"}
+    assert set(kw) == {"compare", "frames_dir", "audio_dir", "clustering"}
     assert checked == [(tmp_path / "r.html", "--report")]
+
+
+def test_rescoring_report_shows_the_clustering_of_the_rescored_summary(evaluated, tmp_path):
+    copy = tmp_path / "copy.jsonl"
+    copy.write_text(evaluated.read_text())
+    report = tmp_path / "r.html"
+    summary = _rescore(copy, "--cluster_by", "clip", "--bootstrap", "300", "--bootstrap_seed", "7",
+                       "--report", str(report))
+    clustered = summary["clustered"]
+    assert clustered["clustering"]["cluster_by"] == "clip" and clustered["clustering"]["bootstrap_seed"] == 7
+    assert read_predictions_meta(copy).get("cluster_by", "segment") != "clip"  # the run's own was another
+    html = report.read_text()
+    assert "--cluster_by clip" in html and "300 resamples, seed 7" in html
+    assert f"{clustered['clustering']['n_clusters']} clips of" in html
+    acc = clustered["accuracy"]
+    assert (f"clustered 95 % CI [{100 * acc['ci95'][0]:.1f}, {100 * acc['ci95'][1]:.1f}] over "
+            f"{acc['n_clusters']} clips" in html)
 
 
 # -------------------------------------------------------------------------------------- ablation + comparison

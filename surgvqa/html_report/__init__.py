@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from surgvqa.clusters import Clustering
 from surgvqa.errors import ArgumentParser, run_main, writable_file
 from surgvqa.html_report.locate import Located, find_data_file, locate_media
 from surgvqa.html_report.media import (
@@ -106,6 +107,7 @@ def build_report(
     link_media: bool = False,
     frame_path_template: str | None = None,
     audio_path_template: str | None = None,
+    clustering: Clustering | None = None,
 ) -> Path:
     """Write one self-contained HTML report for a predictions file and return its path.
 
@@ -113,23 +115,25 @@ def build_report(
     ``frames_dir``/``audio_dir`` and the templates override the ones recorded in the predictions' meta line.
     ``train_dir``: the training output, for loss and eval-accuracy curves and the run's settings.
     ``link_media``: link frames and audio by path relative to the report instead of embedding thumbnails.
+    ``clustering``: how every run and comparison is clustered (default: each file's meta line), so a report built
+    beside a re-scored summary shows the same clustered numbers.
     Raises ReportError (a ValueError) for user errors; an existing file is replaced only if it is a surgvqa report.
     """
     pred_path = Path(predictions)
     out = Path(output)
     compare_paths = [Path(p) for p in compare]
     check_output(out, [pred_path, *compare_paths])
-    run = load_run(pred_path)
+    run = load_run(pred_path, clustering=clustering)
     data_path, _ = find_data_file(run.meta, run.path)
     if data_path is not None:
         check_output(out, [data_path])
-    compared = [load_run(p) for p in compare_paths]
+    compared = [load_run(p, clustering=clustering) for p in compare_paths]
     seen: Counter[str] = Counter()
     for r in [run, *compared]:
         seen[r.label] += 1
         if seen[r.label] > 1:
             r.label = f"{r.label} #{seen[r.label]}"
-    pairings = [pair_runs(run, c) for c in compared]
+    pairings = [pair_runs(run, c, clustering=clustering) for c in compared]
     training = load_training(train_dir) if train_dir is not None else None
     located, notes = locate_media(run, frames_dir=frames_dir, audio_dir=audio_dir,
                                   frame_path_template=frame_path_template, audio_path_template=audio_path_template)

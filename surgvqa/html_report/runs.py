@@ -77,8 +77,9 @@ class Run:
     by_key: dict[Key, int]
 
 
-def load_run(path: Path, label: str | None = None) -> Run:
-    """Read and score one predictions file (our format with or without its meta line, or the original toolkit's)."""
+def load_run(path: Path, label: str | None = None, *, clustering: Clustering | None = None) -> Run:
+    """Read and score one predictions file (our format with or without its meta line, or the original toolkit's)
+    under ``clustering`` (default: the one its meta line records)."""
     if not path.exists():
         raise ReportError(f"predictions file {path} not found; pass the --output_file of evaluate_checkpoint.py")
     if not path.is_file():
@@ -88,7 +89,7 @@ def load_run(path: Path, label: str | None = None) -> Run:
     if not records:
         raise ReportError(f"{path} holds no predictions; re-run the evaluation")
     candidates = meta_field(meta, "candidates")
-    summary = summarize(records, candidates=candidates, clustering=Clustering.from_meta(meta))
+    summary = summarize(records, candidates=candidates, clustering=clustering or Clustering.from_meta(meta))
     per_type = summary["per_type"]
     hits = [score_record(r, summary["candidates"]) for r in records]
     labels = [
@@ -115,9 +116,10 @@ class Pairing:
     result: dict[str, Any]
 
 
-def pair_runs(this: Run, other: Run) -> Pairing:
-    """Pair this report's run with a compared run, scored with this run's closed answer sets. An ablated run
-    is always the "run" (so the verdict reads "video carries X pts"), whichever of the two files it is."""
+def pair_runs(this: Run, other: Run, *, clustering: Clustering | None = None) -> Pairing:
+    """Pair this report's run with a compared run, scored with this run's closed answer sets and clustered under
+    ``clustering`` (default: the one this run's meta line records). An ablated run is always the "run" (so the
+    verdict reads "video carries X pts"), whichever of the two files it is."""
     if meta_field(this.meta, "ablate") and not meta_field(other.meta, "ablate"):
         run, reference = this, other
     else:
@@ -125,5 +127,5 @@ def pair_runs(this: Run, other: Run) -> Pairing:
     ablate = meta_field(run.meta, "ablate")
     result = paired_comparison(run.records, reference.records, this.summary["candidates"],
                                removed=ABLATION_REMOVES.get(ablate, ablate) if ablate else None,
-                               clustering=Clustering.from_meta(this.meta))
+                               clustering=clustering or Clustering.from_meta(this.meta))
     return Pairing(run, reference, result)

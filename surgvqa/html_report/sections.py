@@ -237,8 +237,9 @@ def section_compare(pairings: Sequence[Pairing]) -> str:
              "closed answer sets. The run that lacks something (an ablation) is the <i>run</i>, the other the "
              "<i>reference</i>. b: reference right, run wrong; c: the reverse; p: exact McNemar test on b and c; "
              "difference = run − reference in points, with its paired 95 % interval (Newcombe). Clustered: the "
-             "cluster-bootstrap interval of the difference and the clustered McNemar test (Durkalski 2003) over "
-             "the segments; they decide the verdict when the questions form clusters.</p>"]
+             "cluster-bootstrap interval of the difference and the clustered McNemar test (an exact sign-flip test "
+             "of the per-segment b − c) over the segments; they decide the verdict when the questions form "
+             "clusters.</p>"]
     for pairing in pairings:
         pc = pairing.result
         parts.append(f'<div class="panel" style="margin-bottom:12px"><h3 style="margin-top:0">run '
