@@ -49,7 +49,7 @@ def predicted_saving(model, quantized: set[str] | None = None) -> tuple[int, int
     """(parameters left unquantized, of which norm parameters, bytes surgvqa saves over PEFT) for a thinker: PEFT
     holds every unquantized parameter in fp32 (4 bytes), surgvqa holds them in bf16 (2 bytes) except the norms."""
     from surgvqa.backbones import get_backbone
-    from surgvqa.backbones.base import is_norm
+    from surgvqa.backbones.common.quantization import is_norm
 
     backbone = get_backbone("qwen2_5_omni")
     skip = (*backbone.tower_modules, *backbone.projector_modules, "lm_head")
@@ -72,7 +72,7 @@ def predicted_saving(model, quantized: set[str] | None = None) -> tuple[int, int
 def measured_tiny() -> dict:
     from peft import prepare_model_for_kbit_training
 
-    from surgvqa.backbones.base import prepare_quantized_for_training
+    from surgvqa.backbones.common.quantization import prepare_quantized_for_training
 
     path = tiny_model()
     peft_model = prepare_model_for_kbit_training(_load_4bit(path), use_gradient_checkpointing=False)

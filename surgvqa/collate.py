@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from surgvqa.backbones.base import kept_video_tokens, num_audio_tokens, vision_grid
-from surgvqa.backbones.token_merging import merge_placeholders
+from surgvqa.backbones.base import num_audio_tokens, vision_grid
+from surgvqa.backbones.common.token_merging import kept_video_tokens, merge_placeholders
 from surgvqa.media import MediaConfig, PixelBudget
 from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, build_messages, check_question_modality
 from surgvqa.run_config import DEFAULT_FPS, FRAMES_AS
@@ -423,7 +423,7 @@ def _token_id(processor, name: str) -> int | None:
 def media_id(media_key: tuple) -> int:
     """A 64-bit id of what an item is made of (its ``media_key``), the same in every process: batches carry these
     as ``media_ids`` so the model side can keep per-item outputs of its frozen encoders
-    (:mod:`surgvqa.backbones.encoder_cache`)."""
+    (:mod:`surgvqa.backbones.common.tower_cache`)."""
     digest = hashlib.blake2b(repr(media_key).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little", signed=True)
 

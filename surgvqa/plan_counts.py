@@ -262,7 +262,7 @@ def kbit_training_dtype(compute: str, module=None) -> str:
     (``surgvqa.backbones.base.prepare_quantized_for_training``, called by ``surgvqa.train.build_model``): fp32 in
     the norms, the compute dtype everywhere else (towers, embeddings, lm_head, biases). Evaluation loads without
     the preparation and keeps the compute dtype throughout."""
-    from surgvqa.backbones.base import is_norm
+    from surgvqa.backbones.common.quantization import is_norm
 
     return "float32" if module is not None and is_norm(module) else compute
 
@@ -405,7 +405,7 @@ class Tokens:
 def sample_tokens(processor, args: PlanArguments, frames: int | None = None, frame_size: int | None = None,
                   mode: str = "train") -> Tokens:
     """Tokens of one sample, split by kind, from the collator's own pre-flight arithmetic."""
-    from surgvqa.backbones.base import kept_video_tokens
+    from surgvqa.backbones.common.token_merging import kept_video_tokens
     from surgvqa.collate import VQACollator
     from surgvqa.media import fit_to_budget
 

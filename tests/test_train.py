@@ -302,7 +302,7 @@ def _qlora_model(tiny_model_dir, test_set):
 def test_4bit_build_keeps_towers_embeddings_and_head_in_bf16(tiny_model_dir, test_set):
     """QLoRA prep: only norms (fp32, run in fp32) and trainable weights are upcast; the towers, embeddings and
     lm_head stay bf16; checkpointed blocks get input gradients."""
-    from surgvqa.backbones.base import is_norm
+    from surgvqa.backbones.common.quantization import is_norm
 
     model, _ = _qlora_model(tiny_model_dir, test_set)
     norms = {name for name, module in model.named_modules() if is_norm(module)}

@@ -5,13 +5,16 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+from surgvqa.backbones.common.quantization import bnb_config
+from surgvqa.backbones.common.token_merging import kept_video_tokens
+from surgvqa.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -123,13 +126,6 @@ class Backbone:
 
         return get_peft_model(model, lora_config)
 
-    def lm_head(self, model) -> torch.nn.Module:
-        """The module that maps hidden states to vocabulary logits (labelled-only loss hooks its input)."""
-        head = model.get_output_embeddings()
-        if head is None:
-            raise ValueError(f"backbone {self.name!r}: the model has no output embedding (LM head)")
-        return head
-
     def save_extras(self, model, output_dir: str, config) -> dict[str, Any]:
         """Write backbone-specific trained weights beside the adapter; return the ``RunConfig`` fields to update
         (``config`` is the run's RunConfig). Nothing for single-stage backbones."""
@@ -141,13 +137,28 @@ class Backbone:
 
     def enable_token_merging(self, model, ratio: float) -> None:
         """Merge each video's tokens down to ``kept_video_tokens(n, ratio)`` in every forward and generate call of
-        ``model`` (a PEFT or DDP wrapper is looked through); ``ratio = 1.0`` turns merging off. The collator must
-        write as many placeholders (``VQACollator(token_kept_ratio=ratio)``). Families without merging refuse
-        ``ratio < 1``."""
+        ``model`` (a PEFT or DDP wrapper is looked through): the family's model class reads its ``token_kept_ratio``.
+        ``ratio = 1.0`` turns merging off. The collator must write as many placeholders
+        (``VQACollator(token_kept_ratio=ratio)``). A family whose model has no merging refuses ``ratio < 1``."""
         kept_video_tokens(1, ratio)
-        if ratio != 1.0:
-            raise ValueError(f"backbone {self.name!r} has no video token merging: drop --token_kept_ratio "
-                             "(or set it to 1.0)")
+        inner = unwrap(model)
+        if hasattr(inner, "token_kept_ratio"):
+            inner.token_kept_ratio = float(ratio)
+        elif ratio != 1.0:
+            raise UserError(f"backbone {self.name!r} has no video token merging: drop --token_kept_ratio "
+                            "(or set it to 1.0)")
+
+    #: whether the family's model class serves frozen towers' outputs from a kept cache (``keep_tower_outputs``)
+    keeps_tower_outputs: bool = False
+
+    def keep_tower_outputs(self, model, cache) -> None:
+        """Serve the frozen towers' outputs of training items from ``cache`` (an ``EncoderOutputCache``; None: off)
+        in the forward calls of ``model`` that name their items (``media_ids``)."""
+        if not self.keeps_tower_outputs:
+            if cache is not None:
+                raise UserError(f"backbone {self.name!r} does not keep frozen tower outputs")
+            return
+        unwrap(model).tower_cache = cache
 
     def describe(self, model) -> str:
         """One line saying what ``model`` is, for logs and evaluation output."""
@@ -169,23 +180,10 @@ class Backbone:
 
 
 # ------------------------------------------------------------------------------- shared by every backbone module
-def bnb_config(options: LoadOptions, skip_modules: list[str]):
-    """The bitsandbytes config of ``options`` (None when unquantized): nf4 + double quant + bf16 compute for 4-bit,
-    LLM.int8 for 8-bit. ``skip_modules`` stay in full precision; give full module paths (bitsandbytes silently
-    ignores short names that match no module path prefix)."""
-    if not options.quantized:
-        return None
-    from transformers import BitsAndBytesConfig
-
-    if options.load_in_4bit:
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-            llm_int8_skip_modules=list(skip_modules),
-        )
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip_modules))
+def unwrap(model):
+    """The family's model inside a DDP and/or PEFT wrapper (or the model itself)."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def vision_grid(processor) -> int:
@@ -206,14 +204,6 @@ def on_vision_grid(frames: Iterable[np.ndarray], grid: int, max_edge: int | None
         if height % grid or width % grid or (max_edge is not None and max(height, width) > max_edge):
             return False
     return True
-
-
-def kept_video_tokens(num_tokens: int, token_kept_ratio: float = 1.0) -> int:
-    """Video tokens entering the language model when token merging keeps ``token_kept_ratio`` of a video's
-    ``num_tokens``: ``ceil(r * n)`` per video (``r = 1.0``: all of them)."""
-    if not 0.0 < token_kept_ratio <= 1.0:
-        raise ValueError(f"token_kept_ratio must be in (0, 1], got {token_kept_ratio!r}")
-    return num_tokens if token_kept_ratio == 1.0 else math.ceil(token_kept_ratio * num_tokens)
 
 
 def num_audio_tokens(processor, samples: int) -> int:
@@ -240,81 +230,3 @@ def runnable_attention(model) -> contextlib.AbstractContextManager:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.MATH])
-
-
-# ------------------------------------------------------------------------------------- quantized training prep
-_HALF = (torch.float16, torch.bfloat16)
-_NORM_CLASSES = tuple(c for c in (torch.nn.LayerNorm, torch.nn.GroupNorm, getattr(torch.nn, "RMSNorm", None)) if c)
-
-
-def is_norm(module: torch.nn.Module) -> bool:
-    """LayerNorm / RMSNorm / GroupNorm modules (by class, or by the name transformers gives its RMSNorms)."""
-    if isinstance(module, _NORM_CLASSES):
-        return True
-    name = type(module).__name__
-    return name.endswith(("RMSNorm", "LayerNorm")) and any(True for _ in module.parameters(recurse=False))
-
-
-def compute_in_fp32(module: torch.nn.Module) -> int:
-    """Hold ``module``'s own half-precision parameters in fp32 and run it in fp32: its floating inputs are cast to
-    fp32 and its output back to the input's dtype, so the layers around it keep their dtype (with or without
-    autocast). Returns the number of parameters upcast."""
-    upcast = 0
-    for param in module.parameters(recurse=False):
-        if param.dtype in _HALF:
-            param.data = param.data.float()
-            upcast += param.numel()
-    if getattr(module, "_surgvqa_fp32", False):
-        return upcast
-
-    def before(mod, args):
-        floating = [a for a in args if torch.is_tensor(a) and a.is_floating_point()]
-        mod._surgvqa_dtype = floating[0].dtype if floating else None
-        return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
-
-    def after(mod, args, output):
-        dtype = getattr(mod, "_surgvqa_dtype", None)
-        if dtype is not None and torch.is_tensor(output) and output.is_floating_point() and output.dtype != dtype:
-            return output.to(dtype)
-        return output
-
-    module.register_forward_pre_hook(before)
-    module.register_forward_hook(after)
-    module._surgvqa_fp32 = True
-    return upcast
-
-
-def prepare_quantized_for_training(model, *, gradient_checkpointing: bool,
-                                   gradient_checkpointing_kwargs: dict | None = None) -> dict[str, int]:
-    """Freeze a 4/8-bit model for (Q)LoRA, upcasting only what needs fp32.
-
-    PEFT's ``prepare_model_for_kbit_training`` casts every parameter that is not 4-bit to fp32: the vision and audio
-    towers, the embeddings and the lm_head (about 2.4 B parameters on Qwen2.5-Omni-7B, +4.7 GB). Here only the
-    normalisation layers run in fp32 (:func:`compute_in_fp32`: their statistics are the numerically fragile part);
-    towers, embeddings and lm_head stay in the compute dtype. Trainable parameters are upcast after the adapters are
-    added (:func:`upcast_trainable`). With gradient checkpointing the input embeddings' output requires grad, so the
-    checkpointed blocks of a frozen model still carry gradients to the adapters.
-
-    Returns ``{"norm_params_fp32": n, "params_kept_half": m}``.
-    """
-    for param in model.parameters():
-        param.requires_grad_(False)
-    upcast = sum(compute_in_fp32(module) for module in model.modules() if is_norm(module))
-    kept = sum(p.numel() for p in model.parameters() if p.dtype in _HALF)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-        model.enable_input_require_grads()
-    logger.info("quantized model prepared: %d norm parameters in fp32, %d parameters kept in half precision",
-                upcast, kept)
-    return {"norm_params_fp32": upcast, "params_kept_half": kept}
-
-
-def upcast_trainable(model) -> int:
-    """Run every module with trainable half-precision parameters (e.g. projectors in ``modules_to_save``) in fp32,
-    so the optimizer updates fp32 weights; LoRA weights are fp32 already (PEFT). Returns the parameters upcast."""
-    upcast = 0
-    for module in model.modules():
-        own = list(module.parameters(recurse=False))
-        if any(p.requires_grad and p.dtype in _HALF for p in own):
-            upcast += compute_in_fp32(module)
-    return upcast

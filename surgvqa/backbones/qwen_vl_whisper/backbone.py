@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from surgvqa.backbones.base import Backbone, LoadOptions
+from surgvqa.backbones.base import unwrap as unwrap_model
 from surgvqa.backbones.qwen_vl_whisper.constants import MODEL_TYPE, PROJECTOR_FILE
 from surgvqa.backbones.qwen_vl_whisper.weights import read_projector, resolve_part, write_projector
+from surgvqa.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -73,15 +75,13 @@ class QwenVLWhisper(Backbone):
 
     def enable_token_merging(self, model, ratio: float) -> None:
         """Video token merging in the graft's own embedding splice (Qwen2-VL / Qwen2.5-VL grafts)."""
-        from surgvqa.backbones.base import kept_video_tokens
         from surgvqa.backbones.qwen_vl_whisper.constants import SPLICES_VISION
 
-        kept_video_tokens(1, ratio)
         graft = unwrap(model)
         if ratio != 1.0 and graft.vl_type not in SPLICES_VISION:
-            raise ValueError(f"--token_kept_ratio: token merging is not available for {graft.vl_type} grafts "
-                             f"(only {', '.join(SPLICES_VISION)}); drop it")
-        graft.token_kept_ratio = float(ratio)
+            raise UserError(f"--token_kept_ratio: token merging is not available for {graft.vl_type} grafts "
+                            f"(only {', '.join(SPLICES_VISION)}); drop it")
+        super().enable_token_merging(graft, ratio)
 
     # -- training ---------------------------------------------------------------------------------------------
     def make_trainable(self, model, lora_config, stage: int | None = None, init_from: str | None = None):
@@ -180,9 +180,7 @@ class QwenVLWhisper(Backbone):
 
 def unwrap(model):
     """The graft inside a PeftModel or a DDP wrapper (or the graft itself)."""
-    graft = getattr(model, "module", model)  # DistributedDataParallel
-    if hasattr(graft, "get_base_model"):  # PeftModel
-        graft = graft.get_base_model()
+    graft = unwrap_model(model)
     if type(graft).__name__ != "QwenVLWhisperForConditionalGeneration":
         raise ValueError(f"{type(model).__name__} holds no qwen_vl_whisper graft")
     return graft

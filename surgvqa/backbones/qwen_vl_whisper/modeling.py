@@ -32,6 +32,8 @@ from transformers import AutoModelForImageTextToText, GenerationConfig, Generati
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from surgvqa.backbones.common.labelled_logits import head_logits, labelled_loss
+from surgvqa.backbones.common.token_merging import merge_videos, merged_position_ids
 from surgvqa.backbones.qwen_vl_whisper.audio import encode_trimmed, fit_window
 from surgvqa.backbones.qwen_vl_whisper.configuration import QwenVLWhisperConfig
 from surgvqa.backbones.qwen_vl_whisper.constants import (
@@ -50,7 +52,6 @@ from surgvqa.backbones.qwen_vl_whisper.weights import (
     write_projector,
     write_projector_index,
 )
-from surgvqa.backbones.token_merging import merge_videos, merged_position_ids
 
 
 class AudioProjector(nn.Module):
@@ -209,7 +210,7 @@ class QwenVLWhisperForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 video = self.vl_model.model.get_video_features(pixel_values_videos, video_grid_thw,
                                                                return_dict=True)
                 features = video.pooler_output
-                if self.token_kept_ratio != 1.0:  # video token merging (surgvqa.backbones.token_merging)
+                if self.token_kept_ratio != 1.0:  # video token merging (backbones.common.token_merging)
                     merged = merge_videos(features, self.token_kept_ratio, video_grid_thw,
                                           vl_config.vision_config.spatial_merge_size)
                     features = [m.tokens for m in merged]
@@ -255,7 +256,10 @@ class QwenVLWhisperForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, pixel_values=None, pixel_values_videos=None,
                 image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None, input_features=None,
-                feature_attention_mask=None, logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
+                feature_attention_mask=None, logits_to_keep=0, logits_mask: torch.Tensor | None = None,
+                **kwargs) -> CausalLMOutputWithPast:
+        """The VL model's forward on the spliced embeddings; ``logits_mask`` (boolean (batch, seq)): logits of those
+        positions only, as (n, vocab) rows (:mod:`surgvqa.backbones.common.labelled_logits`)."""
         for key in ("output_attentions", "output_hidden_states", "return_dict", "mm_token_type_ids"):
             if kwargs.get(key) is None:
                 kwargs.pop(key, None)
@@ -268,11 +272,17 @@ class QwenVLWhisperForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 second_per_grid_ts, input_features, feature_attention_mask,
             )
             position_ids = rope if position_ids is None else position_ids
-        return self.vl_model(
-            input_ids=None, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-            position_ids=position_ids, past_key_values=past_key_values, labels=labels, use_cache=use_cache,
-            logits_to_keep=logits_to_keep, **vl_kwargs, **kwargs,
-        )
+        if logits_mask is None:
+            return self.vl_model(
+                input_ids=None, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                position_ids=position_ids, past_key_values=past_key_values, labels=labels, use_cache=use_cache,
+                logits_to_keep=logits_to_keep, **vl_kwargs, **kwargs,
+            )
+        outputs = self.vl_model.model(input_ids=None, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                      position_ids=position_ids, use_cache=use_cache, **vl_kwargs, **kwargs)
+        logits = head_logits(self.vl_model.lm_head, outputs[0], logits_mask)
+        loss = labelled_loss({"logits": logits}, labels, kwargs.get("num_items_in_batch")) if labels is not None else None
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, pixel_values=None, pixel_values_videos=None,
