@@ -29,7 +29,6 @@ from transformers import HfArgumentParser
 
 from surgvqa import __version__
 from surgvqa.backbones import LoadOptions, get_backbone
-from surgvqa.backbones.base import vision_grid
 from surgvqa.checkpoint import load_for_inference, sha256_file, weights_sha256
 from surgvqa.collate import VQACollator
 from surgvqa.data import (
@@ -134,16 +133,6 @@ class EvalArguments:
     frame_cache_dir: str | None = field(default=None, metadata={"help": "disk frame cache location"})
     frame_cache_max_gb: float | None = field(default=None, metadata={"help": "default: 32 on disk, 4 in memory"})
 
-
-
-def video_fill(processor, frames_as: str) -> tuple[int, int, int]:
-    """The uint8 RGB colour that the processor normalises to (about) zero: its normalisation mean."""
-    part = processor.image_processor if frames_as == "images" else processor.video_processor
-    mean = getattr(part, "image_mean", None)
-    scale = getattr(part, "rescale_factor", 1 / 255) if getattr(part, "do_rescale", True) else 1.0
-    if mean is None or len(mean) != 3:
-        raise ValueError(f"{type(part).__name__} has no 3-channel image_mean; --ablate video cannot pick its fill")
-    return tuple(int(round(min(255.0, max(0.0, m / scale)))) for m in mean)
 
 
 def compare_with(records: list[dict], reference: str, candidates: dict | None, ablate: str | None) -> dict:
@@ -439,8 +428,8 @@ def _run_model(args: EvalArguments, media: MediaConfig, preprocessing: EvalPrepr
     if not args.load_in_4bit:
         model.to(device)
     collator = VQACollator(processor, mode="generate", **preprocessing.collator_kwargs())
-    media = dataclasses.replace(media, pixel_multiple=vision_grid(processor))  # the backbone's vision grid
-    fill = video_fill(processor, collator.frames_as) if media.ablate in CONSTANT_VIDEO_ABLATIONS else None
+    media = dataclasses.replace(media, pixel_multiple=collator.processing.grid)  # the backbone's vision grid
+    fill = collator.processing.video_fill() if media.ablate in CONSTANT_VIDEO_ABLATIONS else None
     frame_cache = eval_frame_cache(args.frame_cache, args.frame_cache_dir, args.frame_cache_max_gb,
                                    config.get("frame_cache"))
     dataset = SurgicalVQADataset(todo, media, video_fill=fill, donors=donors, frame_cache=frame_cache)

@@ -25,7 +25,7 @@ from surgvqa.prompts import check_question_modality
 
 #: the vision grid (patch x spatial merge) frames are resized to when the backbone has not said otherwise: 28 px, the
 #: grid of Qwen2-VL, Qwen2.5-VL and Qwen2.5-Omni. Training, evaluation and merging set ``MediaConfig.pixel_multiple``
-#: from the backbone's processor (``surgvqa.backbones.base.vision_grid``; 32 for Qwen3-VL).
+#: from the backbone's processor (``Backbone.vision_grid``; 32 for Qwen3-VL).
 DEFAULT_PIXEL_MULTIPLE = 28
 
 

@@ -62,7 +62,7 @@ import torch
 
 from surgvqa import __version__
 from surgvqa.backbones import LoadOptions, backbone_for, read_config
-from surgvqa.backbones.base import DTYPES, runnable_attention, vision_grid
+from surgvqa.backbones.base import DTYPES, runnable_attention
 from surgvqa.checkpoint import (
     ADAPTER_CONFIG,
     NEW_ROWS_NAME,
@@ -512,7 +512,7 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
 
     processor = backbone.load_processor(str(last.path))
     if verify_data is not None:  # frames are resized onto the backbone's vision grid
-        verify_data[0].media = dataclasses.replace(verify_data[0].media, pixel_multiple=vision_grid(processor))
+        verify_data[0].media = dataclasses.replace(verify_data[0].media, pixel_multiple=backbone.vision_grid(processor))
     # the verification feeds the model as the last adapter was trained (its video token merging included)
     backbone.enable_token_merging(thinker, last.config.token_kept_ratio)
     live = apply_stage(thinker, last, f"stage{len(stages)}", towers, args.force)

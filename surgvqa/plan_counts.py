@@ -414,15 +414,14 @@ def sample_tokens(processor, args: PlanArguments, frames: int | None = None, fra
     height, width = source_hw(args.source_size)
     w, h = fit_to_budget(width, height, frame_size)
     with_audio = "audio" in args.question_modality
-    if with_audio and not hasattr(processor, "feature_extractor"):
-        raise PlanError("this model has no audio tower: plan it with --question_modality text")
     collator = VQACollator(processor, question_modality=args.question_modality, frame_size=frame_size,
                            frames_as=args.frames_as, mode=mode)
     samples = round(args.audio_seconds * 16000) if with_audio else None
+    if with_audio and not collator.processing.takes_audio:
+        raise PlanError("this model has no audio tower: plan it with --question_modality text")
     counts = collator.token_counts(args.question, args.answer, (h, w), frames, samples)
     video = kept_video_tokens(counts["video"], args.token_kept_ratio) if counts["video"] else 0
-    merge = int(getattr(processor.video_processor, "merge_size", 2))
-    patches = (counts["video"] + counts["image"]) * merge * merge
+    patches = (counts["video"] + counts["image"]) * collator.processing.patches_per_token
     mel = math.ceil(samples / 160) if samples else 0
     return Tokens(video=video, image=counts["image"], audio=counts["audio"], text=counts["text"],
                   answer=counts["answer"], total=counts["total"] - counts["video"] + video, frame_hw=(h, w),

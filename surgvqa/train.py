@@ -29,7 +29,6 @@ from surgvqa.arguments import (
 )
 from surgvqa.audio import DEFAULT_SAMPLING_RATE, audio_duration
 from surgvqa.backbones import LoadOptions, backbone_for
-from surgvqa.backbones.base import vision_grid
 from surgvqa.backbones.common.quantization import prepare_quantized_for_training, upcast_trainable
 from surgvqa.backbones.common.tower_cache import EncoderOutputCache
 from surgvqa.collate import OverlongSampleError, VQACollator, frame_times
@@ -363,7 +362,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     else:
         set_seed(args.seed)
     model, processor, backbone, report, original_rows = build_model(model_args, lora_args, args)
-    grid = vision_grid(processor)  # frames are resized onto the backbone's vision grid
+    grid = backbone.vision_grid(processor)  # frames are resized onto the backbone's vision grid
     train_media = dataclasses.replace(train_media, pixel_multiple=grid)
     if eval_media is not None:
         eval_media = dataclasses.replace(eval_media, pixel_multiple=grid)

@@ -13,8 +13,9 @@ from conftest import cpu_kernel_path, kernel_path_of, require_kernel_path
 from PIL import Image
 
 from surgvqa.backbones import BACKBONES, backbone_for, get_backbone, qwen2_5_omni, qwen_vl_whisper
-from surgvqa.backbones.base import LoadOptions, on_vision_grid, vision_grid
+from surgvqa.backbones.base import LoadOptions, on_vision_grid
 from surgvqa.backbones.common.quantization import bnb_config
+from surgvqa.backbones.common.qwen_processing import vision_grid
 from surgvqa.collate import VQACollator
 from surgvqa.data import MediaConfig, Sample, SurgicalVQADataset
 from surgvqa.errors import UserError

@@ -57,4 +57,17 @@ def backbone_for(path: str | Path, name: str | None = None, flag: str = "--model
     )
 
 
-__all__ = ["BACKBONES", "Backbone", "LoadOptions", "available", "backbone_for", "get_backbone", "read_config"]
+def processing_for(processor, **settings):
+    """The encoder of the family whose processor ``processor`` is (``Backbone.processing``), with ``settings``; a
+    processor no family names (a wrapper, a stand-in) gets the shared Qwen-style encoder."""
+    name = type(processor).__name__
+    for backbone in BACKBONES.values():
+        if backbone.processor_class == name:
+            return backbone.processing(processor, **settings)
+    from surgvqa.backbones.common.qwen_processing import QwenProcessing
+
+    return QwenProcessing(processor, **settings)
+
+
+__all__ = ["BACKBONES", "Backbone", "LoadOptions", "available", "backbone_for", "get_backbone", "processing_for",
+           "read_config"]

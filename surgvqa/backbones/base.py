@@ -82,8 +82,20 @@ class Backbone:
     #: the module holding the Conv3d patch embedding, if any (torch 2.9 CUDA regression check).
     conv3d_patch_embed: str | None = None
 
+    #: the class name of the family's processor (``surgvqa.backbones.processing_for`` finds the family by it)
+    processor_class: str = ""
+
     def matches(self, config: dict) -> bool:
         raise NotImplementedError
+
+    def processing(self, processor, **settings):
+        """The family's ``processing.py`` encoder of ``processor`` with one run's settings (frames_as, frame_size,
+        max_pixels, min_pixels, fps, token_kept_ratio): ``encode``, token counts, the vision grid."""
+        raise NotImplementedError
+
+    def vision_grid(self, processor) -> int:
+        """Pixels per side of one vision token of ``processor`` (frames are resized onto this grid)."""
+        return self.processing(processor).grid
 
     def load(self, path: str, options: LoadOptions):
         """Return the model for ``path`` (processor loading is shared: ``load_processor``)."""
@@ -186,16 +198,6 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def vision_grid(processor) -> int:
-    """Pixels per side of one vision token: the patch size times the spatial merge of ``processor``'s video (else
-    image) processor, or of ``processor`` itself. 28 for Qwen2-VL, Qwen2.5-VL and Qwen2.5-Omni, 32 for Qwen3-VL."""
-    for part in (processor, getattr(processor, "video_processor", None), getattr(processor, "image_processor", None)):
-        patch = getattr(part, "patch_size", None)
-        if isinstance(patch, int) and patch > 0:
-            return patch * int(getattr(part, "merge_size", 1) or 1)
-    raise ValueError(f"{type(processor).__name__} has no vision patch size: not a Qwen-style vision processor")
-
-
 def on_vision_grid(frames: Iterable[np.ndarray], grid: int, max_edge: int | None = None) -> bool:
     """Whether every frame's sides are multiples of ``grid`` (and, with ``max_edge``, no longer than it), so the
     processor has nothing left to resize."""
@@ -204,18 +206,6 @@ def on_vision_grid(frames: Iterable[np.ndarray], grid: int, max_edge: int | None
         if height % grid or width % grid or (max_edge is not None and max(height, width) > max_edge):
             return False
     return True
-
-
-def num_audio_tokens(processor, samples: int) -> int:
-    """Audio tokens a clip of ``samples`` (16 kHz) becomes: the count the family's processor exposes
-    (``_get_num_multimodal_tokens(audio_lengths=...)``), asked here and nowhere else."""
-    counter = getattr(processor, "_get_num_multimodal_tokens", None)
-    counts = counter(audio_lengths=[samples]) if counter is not None else None
-    tokens = getattr(counts, "num_audio_tokens", None) if counts is not None else None
-    if not tokens:
-        raise ValueError(f"{type(processor).__name__} does not count audio tokens: this model family takes no "
-                         "spoken questions; use --question_modality text")
-    return int(tokens[0])
 
 
 def runnable_attention(model) -> contextlib.AbstractContextManager:

@@ -23,9 +23,15 @@ class Qwen25Omni(Backbone):
     projector_modules = ("model.visual.merger", "model.audio_tower.proj")
     conv3d_patch_embed = "model.visual.patch_embed"
     keeps_tower_outputs = True
+    processor_class = "Qwen2_5OmniProcessor"
 
     def matches(self, config: dict) -> bool:
         return config.get("model_type") in ("qwen2_5_omni", "qwen2_5_omni_thinker")
+
+    def processing(self, processor, **settings):
+        from surgvqa.backbones.qwen2_5_omni.processing import Qwen25OmniProcessing
+
+        return Qwen25OmniProcessing(processor, **settings)
 
     def load(self, path: str, options: LoadOptions):
         from transformers import AutoConfig

@@ -40,9 +40,15 @@ class QwenVLWhisper(Backbone):
     projector_modules = ("audio_projector", "vl_model.model.visual.merger")
     conv3d_patch_embed = "vl_model.model.visual.patch_embed"
     audio_projector_module = "audio_projector"
+    processor_class = "QwenVLWhisperProcessor"
 
     def matches(self, config: dict) -> bool:
         return config.get("model_type") == MODEL_TYPE
+
+    def processing(self, processor, **settings):
+        from surgvqa.backbones.qwen_vl_whisper.processing import QwenVLWhisperProcessing
+
+        return QwenVLWhisperProcessing(processor, **settings)
 
     def vl_quantization_config(self, options: LoadOptions):
         """bitsandbytes config for the VL model (vision tower, merger and lm_head stay unquantized); the Whisper

@@ -23,6 +23,7 @@ import transformers
 from transformers import AutoProcessor, BatchFeature, ProcessorMixin, WhisperFeatureExtractor
 from transformers.processing_utils import MultiModalData
 
+from surgvqa.backbones.common.qwen_processing import QwenProcessing
 from surgvqa.backbones.qwen_vl_whisper.audio import audio_token_count, mel_frames
 from surgvqa.backbones.qwen_vl_whisper.configuration import QwenVLWhisperConfig
 from surgvqa.backbones.qwen_vl_whisper.constants import (
@@ -207,6 +208,13 @@ class QwenVLWhisperProcessor(ProcessorMixin):
         if audio_lengths is not None:
             data["num_audio_tokens"] = [self.num_audio_tokens(n) for n in audio_lengths]
         return MultiModalData(**data)
+
+
+class QwenVLWhisperProcessing(QwenProcessing):
+    """The graft's processing: the shared Qwen-style encoder on :class:`QwenVLWhisperProcessor`; Qwen2.5-VL names
+    each video's clock ``second_per_grid_ts`` (Qwen2-VL and Qwen3-VL write none)."""
+
+    clock_keys = ("second_per_grid_ts",)
 
 
 def _token_id(tokenizer, token: str) -> int:
