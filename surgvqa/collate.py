@@ -19,6 +19,7 @@ import torch
 
 from surgvqa.backbones import processing_for
 from surgvqa.backbones.common.token_merging import kept_video_tokens
+from surgvqa.errors import UserError
 from surgvqa.media import MediaConfig
 from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, build_messages, check_question_modality
 from surgvqa.run_config import DEFAULT_FPS, FRAMES_AS
@@ -47,7 +48,7 @@ def frame_times(item: dict, fps: float, video_fps: float | None = None) -> list[
     return [i / fps for i in indices]
 
 
-class OverlongSampleError(ValueError):
+class OverlongSampleError(UserError):
     """A sample whose answer would be cut by ``model_max_length``."""
 
 
@@ -86,20 +87,20 @@ class VQACollator:
         if self.mode not in ("train", "generate"):
             raise ValueError(f"mode must be 'train' or 'generate', got {self.mode!r}")
         if self.frames_as not in FRAMES_AS:
-            raise ValueError(f"frames_as must be one of {', '.join(FRAMES_AS)}; got {self.frames_as!r}")
+            raise UserError(f"frames_as must be one of {', '.join(FRAMES_AS)}; got {self.frames_as!r}")
         check_question_modality(self.question_modality)
         tokenizer = self.processor.tokenizer
         token = end_of_turn_token(tokenizer)
         if token is None:
-            raise ValueError("the tokenizer's chat template writes no special token after an answer: the collator "
+            raise UserError("the tokenizer's chat template writes no special token after an answer: the collator "
                              "needs a chat tokenizer that marks the end of a turn (e.g. <|im_end|>)")
         self.end_of_turn_id = tokenizer.convert_tokens_to_ids(token)
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token: run surgvqa.tokenizer.repair_tokenizer first")
         if not self.fps or self.fps <= 0:
-            raise ValueError(f"fps must be > 0, got {self.fps!r}")
+            raise UserError(f"fps must be > 0, got {self.fps!r}")
         if self.video_fps is not None and self.video_fps <= 0:
-            raise ValueError(f"video_fps must be > 0 (the source video's frame rate) or None, got {self.video_fps!r}")
+            raise UserError(f"video_fps must be > 0 (the source video's frame rate) or None, got {self.video_fps!r}")
         #: the family's encoder (``processing.py``): processor call, pixel budget, clock, token counts
         self.processing = processing_for(
             self.processor, frames_as=self.frames_as, frame_size=self.frame_size, max_pixels=self.max_pixels,
@@ -186,13 +187,13 @@ class VQACollator:
         for item in items:
             frames = item["frames"]
             if not frames:
-                raise ValueError(f"{item['sample'].key}: no frames")
+                raise UserError(f"{item['sample'].key}: no frames")
             prompts.append(self.prompt_text(item["sample"].question, len(frames)))
             clips.append(frames)
             times.append(frame_times(item, self.fps, self.video_fps))
             if "audio" in self.question_modality:
                 if item.get("audio") is None:
-                    raise ValueError(f"{item['sample'].key}: question_modality {self.question_modality!r} needs audio")
+                    raise UserError(f"{item['sample'].key}: question_modality {self.question_modality!r} needs audio")
                 audios.append(np.asarray(item["audio"], dtype=np.float32))
         return self.processing.encode(prompts, clips, times, audios or None)
 

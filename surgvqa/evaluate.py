@@ -40,7 +40,7 @@ from surgvqa.data import (
     ablation_donors,
     load_samples,
 )
-from surgvqa.errors import existing_dir, existing_file, one_line_errors, run_main, writable_file
+from surgvqa.errors import UserError, existing_dir, existing_file, one_line_errors, run_main, writable_file
 from surgvqa.frame_cache import eval_frame_cache
 from surgvqa.generate import generate_predictions
 from surgvqa.lean_imports import checkpoint_needs_bitsandbytes, skip_bitsandbytes
@@ -237,7 +237,7 @@ def check_paths(args: EvalArguments) -> None:
         return
     for name in ("checkpoint_path", "eval_data_path", "output_file"):
         if not getattr(args, name):
-            raise ValueError(f"--{name} is required (or use --score_predictions FILE)")
+            raise UserError(f"--{name} is required (or use --score_predictions FILE)")
     existing_dir(args.checkpoint_path, "--checkpoint_path")
     existing_file(args.eval_data_path, "--eval_data_path")
     for name in ("frames_dir", "audio_dir"):
@@ -251,7 +251,7 @@ def check_paths(args: EvalArguments) -> None:
 def check_outputs(args: EvalArguments, output: Path, inputs: list[str | None]) -> None:
     """Refuse an output that is a directory or that would overwrite one of this run's inputs."""
     if output.is_dir():
-        raise ValueError(f"--output_file {output} is a directory; pass a file name, e.g. {output / 'preds.jsonl'}")
+        raise UserError(f"--output_file {output} is a directory; pass a file name, e.g. {output / 'preds.jsonl'}")
     written = {output.resolve(): "--output_file"}
     if not args.score_predictions:
         written[summary_path_for(output).resolve()] = "the summary"
@@ -264,7 +264,7 @@ def check_outputs(args: EvalArguments, output: Path, inputs: list[str | None]) -
             continue
         path = Path(value).resolve()
         if path in written:
-            raise ValueError(
+            raise UserError(
                 f"{written[path]} would overwrite the input {value}; choose another --output_file / --plot / --report"
             )
 
@@ -292,18 +292,18 @@ def refuse_to_overwrite(args: EvalArguments, output: Path) -> None:
     partial = partial_path_for(output)
     if args.resume:
         if partial.exists() and output.exists() and not args.overwrite:
-            raise ValueError(
+            raise UserError(
                 f"both {output} and {partial} exist; --resume continues the partial file and replaces {output} at "
                 "the end: add --overwrite True to allow that, or move one of them"
             )
         return
     if partial.exists() and not args.overwrite:
-        raise ValueError(
+        raise UserError(
             f"{partial} is left from an interrupted run; pass --resume True to continue it, or --overwrite True "
             "to start again"
         )
     if output.exists() and not args.overwrite:
-        raise ValueError(
+        raise UserError(
             f"--output_file {output} exists; pass --overwrite True to replace it (only once this run completes), "
             "--resume True to continue it, or choose another file"
         )
@@ -321,13 +321,13 @@ def previous_lines(args: EvalArguments, output: Path, meta: dict, samples: list[
         return {}
     old = read_predictions_meta(source)
     if old is None:
-        raise ValueError(
+        raise UserError(
             f"--resume: {source} has no {META_KEY} line (written by an older version or another tool), so it cannot "
             "be checked against this run; start a new --output_file"
         )
     mismatch = meta_mismatch(old, meta)
     if mismatch:
-        raise ValueError(
+        raise UserError(
             f"--resume: {source} was written by a different run: {mismatch}. Resume only continues the same run; "
             "start a new --output_file, or pass the same settings"
         )
@@ -337,7 +337,7 @@ def previous_lines(args: EvalArguments, output: Path, meta: dict, samples: list[
         record = json.loads(line)
         key = (record.get("video_id"), record.get("id"))
         if key not in wanted:
-            raise ValueError(
+            raise UserError(
                 f"--resume: {source} holds a prediction for {key}, which this run does not evaluate (a different "
                 "--limit or --skip_bad_samples?); pass the same flags, or start a new --output_file"
             )
@@ -360,7 +360,7 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
         return rescore(args)
     check_paths(args)
     if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
     output = Path(args.output_file)
     check_outputs(args, output, [args.eval_data_path, args.compare,
                                  str(predictions_path_for(args.compare)) if args.compare else None])
@@ -381,7 +381,7 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
     if args.limit is not None:
         samples = samples[: args.limit]
     if not samples:
-        raise ValueError(f"--eval_data_path {args.eval_data_path}: no usable samples to evaluate")
+        raise UserError(f"--eval_data_path {args.eval_data_path}: no usable samples to evaluate")
     meta = run_meta(args, preprocessing, media, samples, len(problems), candidates)
     kept = previous_lines(args, output, meta, samples)
     todo = [s for s in samples if s.key not in kept]
@@ -463,7 +463,7 @@ def write_report(predictions: Path, args: EvalArguments, meta: dict | None) -> P
     try:
         from surgvqa.html_report import build_report
     except ImportError as err:
-        raise ValueError(
+        raise UserError(
             f"--report needs surgvqa.html_report, which cannot be imported here ({err}); update surgvqa, or drop "
             "--report and build the report later from the predictions file"
         ) from None
@@ -484,12 +484,12 @@ def rescore(args: EvalArguments) -> dict[str, Any]:
     ignored = [f"--{f.name}" for f in fields(EvalArguments)
                if f.name not in _RESCORE_FLAGS and getattr(args, f.name) != getattr(defaults, f.name)]
     if ignored:
-        raise ValueError(
+        raise UserError(
             f"--score_predictions re-scores a finished file without a model; {', '.join(ignored)} would be ignored "
             "(the run's settings are in the file's meta line): drop them"
         )
     if (args.frames_dir or args.audio_dir) and not args.report:
-        raise ValueError("--frames_dir / --audio_dir with --score_predictions only locate media for --report")
+        raise UserError("--frames_dir / --audio_dir with --score_predictions only locate media for --report")
     check_paths(args)
     source = Path(args.score_predictions)
     if args.baseline:
@@ -498,7 +498,7 @@ def rescore(args: EvalArguments) -> dict[str, Any]:
     check_outputs(args, target, [str(source), args.compare,
                                  str(predictions_path_for(args.compare)) if args.compare else None])
     if args.output_file and target.exists() and not args.overwrite:
-        raise ValueError(f"--output_file {target} exists; pass --overwrite True to replace it, or choose another file")
+        raise UserError(f"--output_file {target} exists; pass --overwrite True to replace it, or choose another file")
     meta = read_predictions_meta(source)
     if meta is None:
         logger.warning("%s has no %s line: the closed answer sets are gathered from its own gold answers, which "

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from surgvqa.audio import audio_duration, load_audio
+from surgvqa.errors import UserError
 from surgvqa.media import (
     MediaConfig,
     MediaError,
@@ -75,7 +76,7 @@ class Problem:
         return f"{where}: {self.message}"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Invalid data; ``problems`` lists every problem found (the message shows the first 20)."""
 
     def __init__(self, problems: Sequence[Problem]) -> None:
@@ -542,7 +543,7 @@ def load_qa_text(
     (required here). There are no ``question_type``/``short_answer`` fields. Same checks as :func:`load_samples`.
     """
     if not media.frames_dir:
-        raise ValueError("load_qa_text needs media.frames_dir (there is no data-file-relative default)")
+        raise UserError("load_qa_text needs media.frames_dir (there is no data-file-relative default)")
     files = [Path(p) for p in paths]
 
     def records() -> Iterator[tuple[str, dict | Problem]]:

@@ -196,7 +196,7 @@ def assert_lora_placement(model, backbone, allow_vision: bool = False) -> None:
                 raise UserError(f"--lora_target_regex puts LoRA module {name} inside the tower {tower}: narrow the "
                                 "regex to the language model, or pass --lora_vision_tower True to adapt the tower")
     if not lora_module_names(model):
-        raise ValueError("LoRA matched no module: check --lora_target_regex against model.named_modules()")
+        raise UserError("LoRA matched no module: check --lora_target_regex against model.named_modules()")
 
 
 # ------------------------------------------------------------------------------------------------- trainer

@@ -37,30 +37,30 @@ class LoadOptions:
         if alias == "auto":
             return "auto"
         if alias not in DTYPES:
-            raise ValueError(f"--dtype must be one of auto, bfloat16, float16, float32; got {self.dtype!r}")
+            raise UserError(f"--dtype must be one of auto, bfloat16, float16, float32; got {self.dtype!r}")
         return DTYPES[alias]
 
     def validate(self) -> None:
         dtype = self.torch_dtype()
         if self.load_in_4bit and self.load_in_8bit:
-            raise ValueError("--load_in_4bit and --load_in_8bit are exclusive: pick one quantization")
+            raise UserError("--load_in_4bit and --load_in_8bit are exclusive: pick one quantization")
         if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
-            raise ValueError(
+            raise UserError(
                 f"--attn_implementation must be sdpa, eager or flash_attention_2; got {self.attn_implementation!r}"
             )
         if self.attn_implementation == "flash_attention_2":
             if dtype not in (torch.bfloat16, torch.float16):
-                raise ValueError(
+                raise UserError(
                     "flash_attention_2 runs only in half precision: add --dtype bfloat16 (or float16), "
                     "or use --attn_implementation sdpa"
                 )
             if importlib.util.find_spec("flash_attn") is None:
-                raise ValueError(
+                raise UserError(
                     "flash_attention_2 needs the flash-attn package (pip install flash-attn --no-build-isolation); "
                     "--attn_implementation sdpa needs nothing extra and is nearly as fast for short clips"
                 )
         if (self.load_in_4bit or self.load_in_8bit) and importlib.util.find_spec("bitsandbytes") is None:
-            raise ValueError("4/8-bit loading needs bitsandbytes: pip install bitsandbytes")
+            raise UserError("4/8-bit loading needs bitsandbytes: pip install bitsandbytes")
 
     @property
     def quantized(self) -> bool:
@@ -122,16 +122,16 @@ class Backbone:
 
     def load_full(self, path: str, options: LoadOptions) -> tuple[Any, Any]:
         """(the whole model, the part adapters were trained on), unquantized, for a full-model merge."""
-        raise ValueError(self.full_model_problem({}, path))
+        raise UserError(self.full_model_problem({}, path))
 
     def put_back(self, full, merged):
         """``full`` with its trained part replaced by ``merged`` (the inverse of ``load_full``)."""
-        raise ValueError(self.full_model_problem({}, ""))
+        raise UserError(self.full_model_problem({}, ""))
 
     def make_trainable(self, model, lora_config, stage: int | None = None, init_from: str | None = None):
         """Wrap ``model`` for training. Default: PEFT LoRA with ``lora_config`` (staged backbones override)."""
         if stage not in (None, 2) or init_from is not None:
-            raise ValueError(
+            raise UserError(
                 f"backbone {self.name!r} trains in one stage: --stage and --init_from apply to staged backbones only"
             )
         from peft import get_peft_model

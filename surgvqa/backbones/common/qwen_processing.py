@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from surgvqa.backbones.common.token_merging import kept_video_tokens, merge_placeholders
+from surgvqa.errors import UserError
 from surgvqa.media import PixelBudget
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def vision_grid(processor) -> int:
         patch = getattr(part, "patch_size", None)
         if isinstance(patch, int) and patch > 0:
             return patch * int(getattr(part, "merge_size", 1) or 1)
-    raise ValueError(f"{type(processor).__name__} has no vision patch size: not a Qwen-style vision processor")
+    raise UserError(f"{type(processor).__name__} has no vision patch size: not a Qwen-style vision processor")
 
 
 def num_audio_tokens(processor, samples: int) -> int:
@@ -42,7 +43,7 @@ def num_audio_tokens(processor, samples: int) -> int:
     counts = counter(audio_lengths=[samples]) if counter is not None else None
     tokens = getattr(counts, "num_audio_tokens", None) if counts is not None else None
     if not tokens:
-        raise ValueError(f"{type(processor).__name__} does not count audio tokens: this model family takes no "
+        raise UserError(f"{type(processor).__name__} does not count audio tokens: this model family takes no "
                          "spoken questions; use --question_modality text")
     return int(tokens[0])
 
@@ -87,9 +88,9 @@ class QwenProcessing:
         self._vision_counts: dict = {}
         kept_video_tokens(1, token_kept_ratio)  # (0, 1]
         if token_kept_ratio != 1.0 and frames_as != "video":
-            raise ValueError("token_kept_ratio < 1 merges the tokens of a video: it needs frames_as='video'")
+            raise UserError("token_kept_ratio < 1 merges the tokens of a video: it needs frames_as='video'")
         if token_kept_ratio != 1.0 and self.video_token_id is None:
-            raise ValueError(f"{type(processor).__name__} names no video placeholder token: token merging "
+            raise UserError(f"{type(processor).__name__} names no video placeholder token: token merging "
                              "needs a Qwen-style video processor")
 
     def _token_id(self, name: str) -> int | None:
@@ -116,7 +117,7 @@ class QwenProcessing:
         mean = getattr(part, "image_mean", None)
         scale = getattr(part, "rescale_factor", 1 / 255) if getattr(part, "do_rescale", True) else 1.0
         if mean is None or len(mean) != 3:
-            raise ValueError(f"{type(part).__name__} has no 3-channel image_mean; --ablate video cannot pick its fill")
+            raise UserError(f"{type(part).__name__} has no 3-channel image_mean; --ablate video cannot pick its fill")
         return tuple(int(round(min(255.0, max(0.0, m / scale)))) for m in mean)
 
     @property
@@ -206,7 +207,7 @@ class QwenProcessing:
             return self._vision_counts[key]
         h, w = frame_hw
         if num_frames * h * w * 3 > _STAND_IN_BYTES:
-            raise ValueError(f"{num_frames} frames of {w}x{h} px are more than {_STAND_IN_BYTES >> 30} GiB of "
+            raise UserError(f"{num_frames} frames of {w}x{h} px are more than {_STAND_IN_BYTES >> 30} GiB of "
                              "pixels per clip: no model takes that many tokens; lower the number of frames")
         times = list(frame_times) if frame_times else [i / self.fps for i in range(num_frames)]
         rows, _ = self.encode([prompt], [[np.zeros((h, w, 3), dtype=np.uint8)] * num_frames], [times],

@@ -36,12 +36,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from surgvqa.errors import UserError
+
 
 def kept_video_tokens(num_tokens: int, token_kept_ratio: float = 1.0) -> int:
     """Video tokens entering the language model when token merging keeps ``token_kept_ratio`` of a video's
     ``num_tokens``: ``ceil(r * n)`` per video (``r = 1.0``: all of them)."""
     if not 0.0 < token_kept_ratio <= 1.0:
-        raise ValueError(f"token_kept_ratio must be in (0, 1], got {token_kept_ratio!r}")
+        raise UserError(f"token_kept_ratio must be in (0, 1], got {token_kept_ratio!r}")
     return num_tokens if token_kept_ratio == 1.0 else math.ceil(token_kept_ratio * num_tokens)
 
 

@@ -95,7 +95,7 @@ class QwenVLWhisper(Backbone):
         (the default): LoRA on the LLM plus the projector as ``modules_to_save``."""
         stage = 2 if stage is None else int(stage)
         if stage not in (1, 2):
-            raise ValueError(f"--stage must be 1 (projector alignment) or 2 (LoRA + projector), got {stage}")
+            raise UserError(f"--stage must be 1 (projector alignment) or 2 (LoRA + projector), got {stage}")
         if hasattr(model, "peft_config"):
             raise ValueError("make_trainable expects the bare graft, not a PEFT model")
         graft = unwrap(model)
@@ -134,12 +134,12 @@ class QwenVLWhisper(Backbone):
         config_file = Path(init_from) / "config.json"
         recorded = json.loads(config_file.read_text()) if config_file.is_file() else {}
         if recorded.get("model_type") != MODEL_TYPE:
-            raise ValueError(f"--init_from {init_from}: not a qwen_vl_whisper graft directory (stage-1 output)")
+            raise UserError(f"--init_from {init_from}: not a qwen_vl_whisper graft directory (stage-1 output)")
         for key in ("vl_model_path", "audio_encoder_path"):
             theirs = resolve_part(recorded.get(key), init_from)
             ours = Path(getattr(graft.config, key)).resolve()
             if theirs != ours:
-                raise ValueError(f"--init_from {init_from}: its {key} is {theirs}, this graft's is {ours}")
+                raise UserError(f"--init_from {init_from}: its {key} is {theirs}, this graft's is {ours}")
 
     # -- saving -----------------------------------------------------------------------------------------------
     def save_extras(self, model, output_dir: str, config) -> dict[str, Any]:
@@ -205,13 +205,13 @@ def load_projector(model, directory: str | Path) -> None:
     """Copy ``directory``'s projector.safetensors into the graft's (active) projector, checking the shapes."""
     file = Path(directory) / PROJECTOR_FILE
     if not file.is_file():
-        raise ValueError(f"--init_from {directory}: no {PROJECTOR_FILE} (expected a stage-1 output directory)")
+        raise UserError(f"--init_from {directory}: no {PROJECTOR_FILE} (expected a stage-1 output directory)")
     target = projector_module(model)
     state = read_projector(file)
     expected = {k: tuple(v.shape) for k, v in target.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
     if expected != found:
-        raise ValueError(f"--init_from {directory}: projector {found} does not fit this graft's {expected}")
+        raise UserError(f"--init_from {directory}: projector {found} does not fit this graft's {expected}")
     target.load_state_dict(state, strict=True)
 
 

@@ -52,6 +52,7 @@ from surgvqa.backbones.qwen_vl_whisper.weights import (
     write_projector,
     write_projector_index,
 )
+from surgvqa.errors import UserError
 
 
 class AudioProjector(nn.Module):
@@ -64,7 +65,7 @@ class AudioProjector(nn.Module):
         elif kind == "mlp":
             self.layers = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
         else:
-            raise ValueError(f"projector must be 'linear' or 'mlp', got {kind!r}")
+            raise UserError(f"projector must be 'linear' or 'mlp', got {kind!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
@@ -73,7 +74,7 @@ class AudioProjector(nn.Module):
 def _splice(embeds: torch.Tensor, mask: torch.Tensor, features: torch.Tensor, what: str) -> torch.Tensor:
     count = int(mask.sum())
     if count != features.shape[0]:
-        raise ValueError(
+        raise UserError(
             f"{count} {what} placeholder token(s) but {features.shape[0]} {what} feature(s): the processor and "
             "the model disagree (for audio: audio_pooling / trim_audio of the processor vs config.json)"
         )
@@ -97,7 +98,7 @@ class QwenVLWhisperForConditionalGeneration(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         vl_type = config.vl_config.model_type
         if vl_type not in VL_CLASSES:
-            raise ValueError(f"unsupported VL model_type {vl_type!r}; supported: {', '.join(VL_CLASSES)}")
+            raise UserError(f"unsupported VL model_type {vl_type!r}; supported: {', '.join(VL_CLASSES)}")
         # the VL model first: model.dtype (its first parameter) is the LLM's dtype
         if vl_model is None:
             vl_model = getattr(transformers, VL_CLASSES[vl_type])._from_config(config.vl_config)
@@ -216,7 +217,7 @@ class QwenVLWhisperForConditionalGeneration(PreTrainedModel, GenerationMixin):
                     features = [m.tokens for m in merged]
                 embeds = _splice(embeds, input_ids == vl_config.video_token_id, torch.cat(features, dim=0), "video")
         elif self.token_kept_ratio != 1.0:
-            raise ValueError(f"token merging is not available for {self.vl_type} grafts (its VL model places the "
+            raise UserError(f"token merging is not available for {self.vl_type} grafts (its VL model places the "
                              "vision tokens itself)")
         else:
             vl_kwargs = {k: v for k, v in (("pixel_values", pixel_values), ("image_grid_thw", image_grid_thw),
@@ -316,7 +317,7 @@ class QwenVLWhisperForConditionalGeneration(PreTrainedModel, GenerationMixin):
         where the module's own parameters are shards); ``*args`` and the other keywords (``max_shard_size``,
         ``save_function``, ...) go to the parts' ``save_pretrained``."""
         if push_to_hub:
-            raise ValueError("push_to_hub: a graft directory refers to its parts by path; save it, then upload the "
+            raise UserError("push_to_hub: a graft directory refers to its parts by path; save it, then upload the "
                              "directory (huggingface_hub upload_folder)")
         if not is_main_process:
             return
@@ -370,7 +371,7 @@ class QwenVLWhisperForConditionalGeneration(PreTrainedModel, GenerationMixin):
         model = cls(config, vl_model=vl_model, audio_encoder=encoder)
         projector_file = path / PROJECTOR_FILE
         if not projector_file.is_file():
-            raise ValueError(f"{projector_file} not found: a graft directory holds its audio projector")
+            raise UserError(f"{projector_file} not found: a graft directory holds its audio projector")
         model.audio_projector.load_state_dict(read_projector(projector_file), strict=True)
         model.audio_projector.to(device=embed.device, dtype=torch.float32)
         if (path / "generation_config.json").is_file():
