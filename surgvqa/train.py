@@ -30,7 +30,6 @@ from surgvqa.arguments import (
 from surgvqa.audio import DEFAULT_SAMPLING_RATE, audio_duration
 from surgvqa.backbones import LoadOptions, backbone_for
 from surgvqa.backbones.common.quantization import prepare_quantized_for_training, upcast_trainable
-from surgvqa.backbones.common.tower_cache import EncoderOutputCache
 from surgvqa.collate import OverlongSampleError, VQACollator, frame_times
 from surgvqa.data import DataError, MediaConfig, Problem, Sample, SurgicalVQADataset, load_samples
 from surgvqa.errors import UserError, run_main
@@ -289,19 +288,6 @@ def encoding_cache_gb(data_args: DataArguments, args: TrainingArguments) -> floa
     return 2.0 if args.dataloader_num_workers == 0 or args.dataloader_persistent_workers else 0.0
 
 
-def keep_tower_outputs(backbone, model, bound_gb: float) -> bool:
-    """Frozen towers' outputs kept per training item within ``bound_gb`` (the encoding cache's bound), where the
-    family keeps them; whether it does."""
-    if bound_gb <= 0:
-        return False
-    if not backbone.keeps_tower_outputs:
-        logger.info("backbone %s does not keep frozen tower outputs: --encoding_cache_gb bounds the kept processor "
-                    "outputs only", backbone.name)
-        return False
-    backbone.keep_tower_outputs(model, EncoderOutputCache(int(bound_gb * 1024**3)))
-    return True
-
-
 def frame_cache_record(frame_cache) -> dict[str, Any]:
     """The run's frame cache as surgvqa_config.json records it (evaluation reuses a disk cache it finds there)."""
     if frame_cache is None:
@@ -403,7 +389,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         processing_class=processor,
         generation_eval=generation_eval,
         labelled_only=model_args.loss_on_labelled_only,
-        keeps_tower_outputs=keep_tower_outputs(backbone, model, train_collator.encoding_cache_gb),
+        keeps_tower_outputs=backbone.keep_tower_outputs(model, train_collator.encoding_cache_gb),
         callbacks=[SurgvqaConfigCallback(config, original_rows)],
     )
     if data_args.early_stopping_patience is not None:

@@ -51,10 +51,7 @@ class VQATrainer(Trainer):
         the training collator's cache bound (and carry no ``media_ids``)."""
         if self.eval_collator is None:
             return super().get_eval_dataloader(eval_dataset)
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if dataset is None:
-            raise ValueError("Trainer: evaluation requires an eval_dataset.")
-        args = self.args
+        dataset, args = eval_dataset if eval_dataset is not None else self.eval_dataset, self.args
         workers = {"persistent_workers": args.dataloader_persistent_workers,
                    "prefetch_factor": args.dataloader_prefetch_factor} if args.dataloader_num_workers else {}
         return self.accelerator.prepare(DataLoader(

@@ -55,7 +55,7 @@ def _model(model_dir, token_kept_ratio: float = 1.0):
 def _run(model, batch, cache=None):
     """Loss and LoRA gradients of one step; with ``cache``, the model keeps its tower outputs there."""
     model.zero_grad(set_to_none=True)
-    get_backbone("qwen2_5_omni").keep_tower_outputs(model, cache)
+    model.base_model.model.tower_cache = cache  # what Backbone.keep_tower_outputs sets
     inputs = {k: v for k, v in batch.items() if k != "media_ids" or cache is not None}
     loss = model(**inputs).loss
     loss.backward()
@@ -106,11 +106,13 @@ def test_trainable_or_dropping_towers_are_not_cached(tiny_model_dir, batches):
     assert cache.entries == {}
 
 
-def test_a_family_without_kept_tower_outputs_refuses_them():
-    from surgvqa.errors import UserError
-
-    with pytest.raises(UserError, match="'qwen_vl_whisper' does not keep frozen tower outputs"):
-        get_backbone("qwen_vl_whisper").keep_tower_outputs(torch.nn.Linear(1, 1), EncoderOutputCache(1))
+def test_each_family_keeps_tower_outputs_or_says_it_does_not(tiny_model_dir, caplog):
+    model = get_backbone("qwen2_5_omni").load(str(tiny_model_dir), LoadOptions(dtype="float32"))
+    assert get_backbone("qwen2_5_omni").keep_tower_outputs(model, 0.5) and model.tower_cache.max_bytes == 1 << 29
+    assert not get_backbone("qwen2_5_omni").keep_tower_outputs(model, 0) and not caplog.records
+    with caplog.at_level("INFO"):
+        assert not get_backbone("qwen_vl_whisper").keep_tower_outputs(torch.nn.Linear(1, 1), 2.0)
+    assert "backbone qwen_vl_whisper keeps no frozen tower outputs" in caplog.text
 
 
 def test_kept_encoder_outputs_under_token_merging(tiny_model_dir, test_set, audio_dir):

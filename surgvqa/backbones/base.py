@@ -14,6 +14,7 @@ import torch
 
 from surgvqa.backbones.common.quantization import bnb_config
 from surgvqa.backbones.common.token_merging import kept_video_tokens
+from surgvqa.backbones.common.tower_cache import EncoderOutputCache
 from surgvqa.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -160,17 +161,19 @@ class Backbone:
             raise UserError(f"backbone {self.name!r} has no video token merging: drop --token_kept_ratio "
                             "(or set it to 1.0)")
 
-    #: whether the family's model class serves frozen towers' outputs from a kept cache (``keep_tower_outputs``)
+    #: whether the family's model class serves frozen towers' outputs from its ``tower_cache``
     keeps_tower_outputs: bool = False
 
-    def keep_tower_outputs(self, model, cache) -> None:
-        """Serve the frozen towers' outputs of training items from ``cache`` (an ``EncoderOutputCache``; None: off)
-        in the forward calls of ``model`` that name their items (``media_ids``)."""
-        if not self.keeps_tower_outputs:
-            if cache is not None:
-                raise UserError(f"backbone {self.name!r} does not keep frozen tower outputs")
-            return
-        unwrap(model).tower_cache = cache
+    def keep_tower_outputs(self, model, max_gb: float) -> bool:
+        """Keep the frozen towers' outputs of training items, up to ``max_gb``, for the forward calls of ``model``
+        that name their items (``media_ids``); whether they are kept (a family that cannot says so in the log)."""
+        if max_gb > 0 and not self.keeps_tower_outputs:
+            logger.info("backbone %s keeps no frozen tower outputs: the encoding cache bound applies to the kept "
+                        "processor outputs only", self.name)
+        if max_gb <= 0 or not self.keeps_tower_outputs:
+            return False
+        unwrap(model).tower_cache = EncoderOutputCache(int(max_gb * 1024**3))
+        return True
 
     def describe(self, model) -> str:
         """One line saying what ``model`` is, for logs and evaluation output."""

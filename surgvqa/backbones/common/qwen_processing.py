@@ -1,10 +1,6 @@
 """What a Qwen-style processor makes of dataset items: model inputs (``encode``) and token counts, asked of the
-processor itself. Every processor detail the rest of the toolkit needs (the vision grid, the temporal patch, the
-placeholder tokens, the audio window, the video clock, the keys of its output) is read here and nowhere else.
-
-Used by both families today (Qwen2.5-Omni's own processor, the Qwen-VL + Whisper graft's); a family's
-``processing.py`` names the video-clock key its processor writes.
-"""
+processor itself. Every processor detail the toolkit needs (vision grid, temporal patch, placeholders, audio window,
+video clock, output keys) is read here; a family's ``processing.py`` names the clock key its processor writes."""
 
 from __future__ import annotations
 
@@ -34,18 +30,6 @@ def vision_grid(processor) -> int:
         if isinstance(patch, int) and patch > 0:
             return patch * int(getattr(part, "merge_size", 1) or 1)
     raise UserError(f"{type(processor).__name__} has no vision patch size: not a Qwen-style vision processor")
-
-
-def num_audio_tokens(processor, samples: int) -> int:
-    """Audio tokens a clip of ``samples`` (16 kHz) becomes: the count the family's processor exposes
-    (``_get_num_multimodal_tokens(audio_lengths=...)``), asked here and nowhere else."""
-    counter = getattr(processor, "_get_num_multimodal_tokens", None)
-    counts = counter(audio_lengths=[samples]) if counter is not None else None
-    tokens = getattr(counts, "num_audio_tokens", None) if counts is not None else None
-    if not tokens:
-        raise UserError(f"{type(processor).__name__} does not count audio tokens: this model family takes no "
-                         "spoken questions; use --question_modality text")
-    return int(tokens[0])
 
 
 def second_per_grid(times: Sequence[float], temporal_patch_size: int, fps: float) -> float:
@@ -126,8 +110,13 @@ class QwenProcessing:
         return getattr(self.processor, "feature_extractor", None) is not None
 
     def audio_tokens(self, samples: int) -> int:
-        """Audio tokens a clip of ``samples`` (16 kHz) becomes."""
-        return num_audio_tokens(self.processor, samples)
+        """Audio tokens a clip of ``samples`` (16 kHz) becomes: the count the processor exposes."""
+        counter = getattr(self.processor, "_get_num_multimodal_tokens", None)
+        tokens = getattr(counter(audio_lengths=[samples]), "num_audio_tokens", None) if counter else None
+        if not tokens:
+            raise UserError(f"{type(self.processor).__name__} does not count audio tokens: this model family takes "
+                            "no spoken questions; use --question_modality text")
+        return int(tokens[0])
 
     # -- encode -----------------------------------------------------------------------------------------------
     def _frames_for_video(self, frames: list[np.ndarray]) -> list[np.ndarray]:
@@ -272,4 +261,4 @@ class QwenProcessing:
         return [part["ids"] for part in parts], encoded
 
 
-__all__ = ["QwenProcessing", "num_audio_tokens", "second_per_grid", "vision_grid"]
+__all__ = ["QwenProcessing", "second_per_grid", "vision_grid"]

@@ -51,29 +51,21 @@ class EncoderOutputCache:
         self.hits = 0
         self.misses = 0
 
-    def get(self, kind: str, ids: list[int]) -> list[torch.Tensor] | None:
+    def rows(self, kind: str, ids: list[int], run: Callable[[], list[torch.Tensor]], device: torch.device
+             ) -> list[torch.Tensor]:
+        """Each item's output rows of the tower ``kind``: all kept ones, else ``run()`` (one tensor per item),
+        each item's share kept while the bound allows."""
         parts = [self.entries.get((kind, i)) for i in ids]
-        if None in parts:
-            self.misses += 1
-            return None
-        self.hits += 1
-        return parts  # type: ignore[return-value]
-
-    def put(self, kind: str, ids: list[int], parts: list[torch.Tensor]) -> None:
+        if None not in parts:
+            self.hits += 1
+            return [part.to(device) for part in parts]
+        self.misses += 1
+        parts = run()
         for i, part in zip(ids, parts, strict=True):
             size = part.numel() * part.element_size()
             if (kind, i) not in self.entries and self.bytes + size <= self.max_bytes:
                 self.entries[(kind, i)] = part.detach().to("cpu", copy=True)
                 self.bytes += size
-
-    def rows(self, kind: str, ids: list[int], run: Callable[[], list[torch.Tensor]], device: torch.device
-             ) -> list[torch.Tensor]:
-        """Each item's output rows of the tower ``kind``: kept ones, or ``run()`` (one tensor per item), kept."""
-        parts = self.get(kind, ids)
-        if parts is not None:
-            return [part.to(device) for part in parts]
-        parts = run()
-        self.put(kind, ids, parts)
         return parts
 
     def rope_index(self, ids: list[int], input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -1,10 +1,5 @@
-"""Qwen2.5-Omni (``qwen2_5_omni``), laid out like a transformers model folder:
-
-    modeling.py     Qwen25OmniThinker: the thinker with token merging, kept tower outputs, labelled-only logits
-    backbone.py     the backbone training, evaluation and merging use (BACKBONE)
-
-The processor is transformers' own ``Qwen2_5OmniProcessor``. Importing this package loads no model code.
-"""
+"""Qwen2.5-Omni (``qwen2_5_omni``): ``modeling.py`` (the thinker class), ``processing.py`` (its processor asked
+through the shared Qwen encoder), ``backbone.py`` (BACKBONE). Importing this package loads no model code."""
 
 from surgvqa.backbones.qwen2_5_omni.backbone import BACKBONE, QWEN2_5_OMNI, Qwen25Omni
 

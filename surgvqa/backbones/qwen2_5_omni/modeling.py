@@ -1,17 +1,8 @@
-"""``Qwen25OmniThinker``: transformers' Qwen2.5-Omni thinker with surgvqa's code paths in its own methods.
-
-* **Video token merging** (``token_kept_ratio < 1``, :mod:`surgvqa.backbones.common.token_merging`): ``forward`` and
-  ``generate`` encode the video, merge each video's tokens to ``ceil(r * n)`` and hand the merged features to the
-  inner model (``mm_encoder_outputs``) with positions computed on the full grid.
-* **Kept tower outputs** (``tower_cache``, :mod:`surgvqa.backbones.common.tower_cache`): a forward call that names
-  its items (``media_ids``) takes frozen towers' outputs and each row's M-RoPE positions from the cache.
-* **Labelled-only logits** (``logits_mask``, :mod:`surgvqa.backbones.common.labelled_logits`): the LM head maps
-  only the masked positions.
-
-With none of them asked for, ``forward`` runs exactly the stock thinker's code. The class adds no parameter and no
-weight: a checkpoint it saves loads with ``Qwen2_5OmniThinkerForConditionalGeneration`` and the other way round
-(``architectures`` in config.json names the stock class).
-"""
+"""``Qwen25OmniThinker``: transformers' Qwen2.5-Omni thinker with three code paths of its own (backbones/common):
+video token merging (``token_kept_ratio``: ``forward``/``generate`` hand the merged video to the inner model with
+positions from the full grid), kept tower outputs (``tower_cache``, for calls naming their items in ``media_ids``)
+and labelled-only logits (``logits_mask``). Without them ``forward`` runs the stock code. No parameter is added: a
+checkpoint it saves is the stock class's (``architectures`` names it) and the stock class's loads into it."""
 
 from __future__ import annotations
 
@@ -34,7 +25,7 @@ STOCK_CLASS = Qwen2_5OmniThinkerForConditionalGeneration
 
 
 class Qwen25OmniThinker(Qwen2_5OmniThinkerForConditionalGeneration):
-    """The Qwen2.5-Omni thinker with token merging, kept tower outputs and labelled-only logits (module docstring)."""
+    """The Qwen2.5-Omni thinker with token merging, kept tower outputs and labelled-only logits."""
 
     #: video token merging: each video's tokens merged down to ceil(r * n) (1.0: off); a run setting, not saved
     token_kept_ratio: float = 1.0
@@ -66,15 +57,15 @@ class Qwen25OmniThinker(Qwen2_5OmniThinkerForConditionalGeneration):
                 **kwargs) -> MultimodalCausalLMOutputWithPast:
         """The stock forward, plus: ``logits_mask`` (boolean (batch, seq)): logits of those positions only, as
         (n, vocab) rows (the loss with ``labels`` is then :func:`labelled_loss`); ``media_ids``: the items of the
-        rows, whose frozen towers' outputs ``tower_cache`` serves. ``past_key_values`` is accepted as ``cache``."""
-        cache = kwargs.pop("past_key_values", cache)
-        inputs = {"input_ids": input_ids, "input_features": input_features, "pixel_values": pixel_values,
-                  "pixel_values_videos": pixel_values_videos, "image_grid_thw": image_grid_thw,
-                  "video_grid_thw": video_grid_thw, "attention_mask": attention_mask,
-                  "feature_attention_mask": feature_attention_mask, "audio_feature_lengths": audio_feature_lengths,
-                  "position_ids": position_ids, "cache": cache, "inputs_embeds": inputs_embeds,
-                  "use_cache": use_cache, "use_audio_in_video": use_audio_in_video,
-                  "video_second_per_grid": video_second_per_grid, "mm_encoder_outputs": mm_encoder_outputs}
+        rows, whose frozen towers' outputs ``tower_cache`` serves."""
+        inputs = dict(input_ids=input_ids, input_features=input_features, pixel_values=pixel_values,
+                      pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw,
+                      video_grid_thw=video_grid_thw, attention_mask=attention_mask,
+                      feature_attention_mask=feature_attention_mask, audio_feature_lengths=audio_feature_lengths,
+                      position_ids=position_ids, cache=kwargs.pop("past_key_values", cache),  # the older name
+                      inputs_embeds=inputs_embeds, use_cache=use_cache,
+                      use_audio_in_video=use_audio_in_video, video_second_per_grid=video_second_per_grid,
+                      mm_encoder_outputs=mm_encoder_outputs)
         if mm_encoder_outputs is None:
             inputs = self.encode_multimodal(inputs, media_ids)
         outputs = self.model(**inputs, **kwargs)
