@@ -106,13 +106,9 @@ class VQACollator:
             self.processor, frames_as=self.frames_as, frame_size=self.frame_size, max_pixels=self.max_pixels,
             min_pixels=self.min_pixels, fps=self.fps, token_kept_ratio=self.token_kept_ratio)
 
-    @property
-    def budget(self):
-        return self.processing.budget
-
     def frame_hw(self, width: int, height: int) -> tuple[int, int]:
         """``(height, width)`` a source frame of ``width x height`` reaches the processor with (the dataset's resize)."""
-        w, h = self.budget.target_size(width, height)
+        w, h = self.processing.budget.target_size(width, height)
         return h, w
 
     def prompt_text(self, question: str, num_frames: int, answer: str | None = None,

@@ -207,7 +207,7 @@ def test_mismatched_ratio_is_an_error(omni, items):
     get_backbone(OMNI).enable_token_merging(model, 0.25)
     with pytest.raises(ValueError, match="disagree on token_kept_ratio"):
         model(**_inputs(_collate(processor, items, "generate", ratio=0.5)))
-    with pytest.raises(ValueError, match="computes them from the full video grid"):
+    with pytest.raises(ValueError, match="computes position_ids from the full video grid"):
         batch = _inputs(_collate(processor, items, "generate", ratio=0.25))
         model(**batch, position_ids=torch.zeros((3, *batch["input_ids"].shape), dtype=torch.long))
 

@@ -1,9 +1,10 @@
 """Backbones: the only place that knows model families.
 
-A backbone says how to load a checkpoint (dtype, attention, quantization), which linear layers LoRA wraps, which
-modules are encoder towers and projectors, and how a prompt refers to the media. Training, evaluation and merging
-ask this table; a backbone module never imports them. Adding a family is one new module here that exposes a
-module-level ``BACKBONE`` instance, plus one entry in :data:`BACKBONES` (nothing registers itself on import).
+A backbone says how to load a checkpoint (into its model class), which linear layers LoRA wraps, which modules are
+towers and projectors, and what its processor makes of the media (``processing_for``). Training, evaluation and
+merging ask this table; a backbone never imports them. Adding a family is one package here (``modeling.py``,
+``processing.py``, ``backbone.py`` with a module-level ``BACKBONE``; see docs/ARCHITECTURE.md) plus one entry in
+:data:`BACKBONES` (nothing registers itself on import).
 """
 
 from __future__ import annotations

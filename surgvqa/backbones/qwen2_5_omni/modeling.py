@@ -36,8 +36,6 @@ class Qwen25OmniThinker(Qwen2_5OmniThinkerForConditionalGeneration):
     def from_stock(cls, thinker: Qwen2_5OmniThinkerForConditionalGeneration) -> Qwen25OmniThinker:
         """A stock thinker just built by transformers (e.g. inside the full Omni model) as this class: the same
         module and weights, no state of its own beyond the class defaults above."""
-        if not isinstance(thinker, STOCK_CLASS):
-            raise TypeError(f"expected a {STOCK_CLASS.__name__}, got {type(thinker).__name__}")
         thinker.__class__ = cls
         return thinker
 
@@ -95,15 +93,16 @@ class Qwen25OmniThinker(Qwen2_5OmniThinkerForConditionalGeneration):
         cache applies: the video (merged) as ``mm_encoder_outputs``, kept audio spliced into ``inputs_embeds``,
         explicit ``position_ids``; else ``inputs`` unchanged (the stock code path)."""
         merging = self.token_kept_ratio != 1.0 and inputs.get("pixel_values_videos") is not None
-        ids = self._cached_items(media_ids)
-        if not merging and ids is None:
-            return inputs
-        inputs = dict(inputs)
+        keeping = self.tower_cache is not None and media_ids is not None and self.training
+        ids = [int(i) for i in media_ids.tolist()] if keeping else None
         input_ids = inputs.get("input_ids")
-        if merging:
-            _check_merging(inputs)
-        elif input_ids is None or inputs.get("position_ids") is not None or inputs.get("use_audio_in_video"):
-            return inputs  # kept outputs need the tokens and the model's own positions
+        unusual = input_ids is None or inputs.get("position_ids") is not None or inputs.get("use_audio_in_video")
+        if merging and unusual:
+            raise ValueError("token merging needs input_ids (the placeholders say where the merged video goes) and "
+                             "computes position_ids from the full video grid (pass none; no use_audio_in_video)")
+        if not merging and (ids is None or unusual):
+            return inputs  # the stock code path (kept outputs need the tokens and the model's own positions)
+        inputs = dict(inputs)
         if ids is not None and inputs.get("input_features") is not None:
             self._splice_kept_audio(inputs, ids)
         merged = self._hand_in_vision(inputs, ids, merging)
@@ -132,12 +131,6 @@ class Qwen25OmniThinker(Qwen2_5OmniThinkerForConditionalGeneration):
             positions = torch.cat([text[None], positions], dim=0)
         inputs["position_ids"] = positions
         return inputs
-
-    def _cached_items(self, media_ids: torch.Tensor | None) -> list[int] | None:
-        """The items whose tower outputs the cache serves in this call (None: the cache is not used)."""
-        if self.tower_cache is None or media_ids is None or not self.training:
-            return None
-        return [int(i) for i in media_ids.tolist()]
 
     def _splice_kept_audio(self, inputs: dict, ids: list[int]) -> None:
         """The audio tower's output (kept, or run and kept) spliced into ``inputs_embeds`` at the audio
@@ -185,16 +178,6 @@ class Qwen25OmniThinker(Qwen2_5OmniThinkerForConditionalGeneration):
         inputs.pop("pixel_values_videos")
         inputs["mm_encoder_outputs"] = encoded
         return merged
-
-
-def _check_merging(inputs: dict) -> None:
-    if inputs.get("use_audio_in_video"):
-        raise ValueError("token merging does not support use_audio_in_video (audio interleaved with the video)")
-    if inputs.get("position_ids") is not None:
-        raise ValueError("position_ids were given with pixel_values_videos: with token merging the model computes "
-                         "them from the full video grid; pass none")
-    if inputs.get("input_ids") is None:
-        raise ValueError("token merging needs input_ids (the placeholders say where the merged video goes)")
 
 
 # the stock class's checkpoint key conversions (older layouts, the full model's "thinker." prefix), in both
