@@ -4,8 +4,8 @@
     python benchmarks/qlora_memory.py [--config PATH]
 
 PEFT casts every parameter that is not 4-bit to fp32 (towers, embeddings, lm_head); surgvqa keeps them in bf16 and
-runs only the norms in fp32 (``surgvqa.backbones.base.prepare_quantized_for_training``). Part 1 loads the tiny
-Qwen2.5-Omni thinker in 4 bits twice, prepares one copy each way and sums the bytes of every parameter and buffer
+runs only the norms in fp32 (``surgvqa.backbones.common.quantization.prepare_quantized_for_training``). Part 1 loads
+the tiny Qwen2.5-Omni thinker in 4 bits twice, prepares one copy each way and sums the bytes of every parameter and buffer
 (side by side, one process). Part 2 computes the same difference for Qwen2.5-Omni-7B from its thinker config
 (``--config``: a config.json of the thinker or of the full Omni model; default: ``configs/models/
 qwen2_5_omni_7b_thinker.json`` when present, else transformers' ``Qwen2_5OmniThinkerConfig()`` with the released

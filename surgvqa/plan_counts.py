@@ -259,8 +259,8 @@ def _generating_model(model):
 
 def kbit_training_dtype(compute: str, module=None) -> str:
     """dtype of an unquantized floating parameter of ``module`` once training prepares a 4/8-bit model
-    (``surgvqa.backbones.base.prepare_quantized_for_training``, called by ``surgvqa.train.build_model``): fp32 in
-    the norms, the compute dtype everywhere else (towers, embeddings, lm_head, biases). Evaluation loads without
+    (``backbones.common.quantization.prepare_quantized_for_training``, called by ``surgvqa.train.build_model``): fp32
+    in the norms, the compute dtype everywhere else (towers, embeddings, lm_head, biases). Evaluation loads without
     the preparation and keeps the compute dtype throughout."""
     from surgvqa.backbones.common.quantization import is_norm
 

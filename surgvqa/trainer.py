@@ -45,19 +45,26 @@ class VQATrainer(Trainer):
         self.labelled_only = labelled_only
         self.keeps_tower_outputs = keeps_tower_outputs
         self.eval_collator = eval_collator
+        self._eval_loader = None  # kept with persistent workers, as the Trainer keeps its own
 
     def get_eval_dataloader(self, eval_dataset=None):
         """With ``eval_collator``: evaluation batches through their own collator, so evaluation items never take
         the training collator's cache bound (and carry no ``media_ids``)."""
+        args = self.args
         if self.eval_collator is None:
             return super().get_eval_dataloader(eval_dataset)
-        dataset, args = eval_dataset if eval_dataset is not None else self.eval_dataset, self.args
+        if eval_dataset is None and self._eval_loader is not None and args.dataloader_persistent_workers:
+            return self._eval_loader
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         workers = {"persistent_workers": args.dataloader_persistent_workers,
                    "prefetch_factor": args.dataloader_prefetch_factor} if args.dataloader_num_workers else {}
-        return self.accelerator.prepare(DataLoader(
+        loader = self.accelerator.prepare(DataLoader(
             dataset, batch_size=args.eval_batch_size, sampler=self._get_eval_sampler(dataset),
             collate_fn=self.eval_collator, num_workers=args.dataloader_num_workers,
             pin_memory=args.dataloader_pin_memory, drop_last=args.dataloader_drop_last, **workers))
+        if eval_dataset is None:
+            self._eval_loader = loader
+        return loader
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)

@@ -526,3 +526,23 @@ def test_label_smoothing_is_refused_with_the_reason():
                          "--label_smoothing_factor", "0.1"])
     with pytest.raises(UserError, match="label_smoothing_factor is not supported"):
         validate_args(*parsed)
+
+
+def test_evaluation_batches_go_through_their_own_collator(tmp_path):
+    """The eval DataLoader is built with eval_collator; the training collator stays the Trainer's throughout."""
+    from transformers import TrainingArguments
+
+    from surgvqa.trainer import VQATrainer
+
+    def train_collator(items):
+        return {"who": "train", "n": len(items)}
+
+    def eval_collator(items):
+        return {"who": "eval", "n": len(items), "training_collator": trainer.data_collator}
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_eval_batch_size=2)
+    trainer = VQATrainer(model=torch.nn.Linear(1, 1), args=args, data_collator=train_collator,
+                         eval_collator=eval_collator, eval_dataset=[{"x": i} for i in range(3)])
+    batches = list(trainer.get_eval_dataloader())
+    assert [(b["who"], b["n"]) for b in batches] == [("eval", 2), ("eval", 1)]
+    assert all(b["training_collator"] is train_collator for b in batches) and trainer.data_collator is train_collator
