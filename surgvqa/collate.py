@@ -93,7 +93,7 @@ class VQACollator:
         token = end_of_turn_token(tokenizer)
         if token is None:
             raise UserError("the tokenizer's chat template writes no special token after an answer: the collator "
-                             "needs a chat tokenizer that marks the end of a turn (e.g. <|im_end|>)")
+                            "needs a chat tokenizer that marks the end of a turn (e.g. <|im_end|>)")
         self.end_of_turn_id = tokenizer.convert_tokens_to_ids(token)
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token: run surgvqa.tokenizer.repair_tokenizer first")

@@ -75,7 +75,7 @@ class QwenProcessing:
             raise UserError("token_kept_ratio < 1 merges the tokens of a video: it needs frames_as='video'")
         if token_kept_ratio != 1.0 and self.video_token_id is None:
             raise UserError(f"{type(processor).__name__} names no video placeholder token: token merging "
-                             "needs a Qwen-style video processor")
+                            "needs a Qwen-style video processor")
 
     def _token_id(self, name: str) -> int | None:
         token = getattr(self.processor, name, None)
@@ -197,7 +197,7 @@ class QwenProcessing:
         h, w = frame_hw
         if num_frames * h * w * 3 > _STAND_IN_BYTES:
             raise UserError(f"{num_frames} frames of {w}x{h} px are more than {_STAND_IN_BYTES >> 30} GiB of "
-                             "pixels per clip: no model takes that many tokens; lower the number of frames")
+                            "pixels per clip: no model takes that many tokens; lower the number of frames")
         times = list(frame_times) if frame_times else [i / self.fps for i in range(num_frames)]
         rows, _ = self.encode([prompt], [[np.zeros((h, w, 3), dtype=np.uint8)] * num_frames], [times],
                               merge_video=False)

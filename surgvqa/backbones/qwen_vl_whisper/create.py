@@ -129,7 +129,7 @@ def _graft_processor(vl_model_path, whisper_path, vl_config, audio_config, audio
         extractor = WhisperFeatureExtractor(feature_size=audio_config.num_mel_bins)
     if extractor.feature_size != audio_config.num_mel_bins:
         raise UserError(f"{whisper_path}: feature extractor has {extractor.feature_size} mel bins, the encoder "
-                         f"{audio_config.num_mel_bins}")
+                        f"{audio_config.num_mel_bins}")
     return QwenVLWhisperProcessor.from_vl_processor(vl_processor, extractor, audio_pooling=audio_pooling,
                                                     trim_audio=trim_audio)
 

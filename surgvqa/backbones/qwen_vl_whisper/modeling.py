@@ -218,7 +218,7 @@ class QwenVLWhisperForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 embeds = _splice(embeds, input_ids == vl_config.video_token_id, torch.cat(features, dim=0), "video")
         elif self.token_kept_ratio != 1.0:
             raise UserError(f"token merging is not available for {self.vl_type} grafts (its VL model places the "
-                             "vision tokens itself)")
+                            "vision tokens itself)")
         else:
             vl_kwargs = {k: v for k, v in (("pixel_values", pixel_values), ("image_grid_thw", image_grid_thw),
                                            ("pixel_values_videos", pixel_values_videos),
@@ -318,7 +318,7 @@ class QwenVLWhisperForConditionalGeneration(PreTrainedModel, GenerationMixin):
         ``save_function``, ...) go to the parts' ``save_pretrained``."""
         if push_to_hub:
             raise UserError("push_to_hub: a graft directory refers to its parts by path; save it, then upload the "
-                             "directory (huggingface_hub upload_folder)")
+                            "directory (huggingface_hub upload_folder)")
         if not is_main_process:
             return
         save_directory = Path(save_directory)

@@ -51,7 +51,7 @@ class QwenVLWhisperProcessor(ProcessorMixin):
             raise UserError(f"audio_pooling must be 1 or 2, got {audio_pooling!r}")
         if vl_processor_class not in VL_PROCESSOR_CLASSES.values():
             raise UserError(f"vl_processor_class must be one of {', '.join(VL_PROCESSOR_CLASSES.values())}, "
-                             f"got {vl_processor_class!r}")
+                            f"got {vl_processor_class!r}")
         super().__init__(image_processor, video_processor, feature_extractor, tokenizer, chat_template=chat_template)
         self.vl_processor_class = vl_processor_class
         self.audio_pooling = int(audio_pooling)
