@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from surgvqa.backbones import processing_for
 from surgvqa.backbones.common.token_merging import kept_video_tokens
@@ -222,22 +223,16 @@ class VQACollator:
                     "or pass --skip_overlong to skip such samples"
                 )
 
-        pad_id = self.processor.tokenizer.pad_token_id
-        left = self.mode == "generate"
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        label_tensor = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        for i, row in enumerate(rows):
-            span = slice(width - len(row), width) if left else slice(0, len(row))
-            input_ids[i, span] = torch.tensor(row, dtype=torch.long)
-            attention_mask[i, span] = 1
-            if labels:
-                label_tensor[i, span] = torch.tensor(labels[i], dtype=torch.long)
+        side = "left" if self.mode == "generate" else "right"
 
-        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, **encoded}
+        def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+            return pad_sequence([torch.tensor(s, dtype=torch.long) for s in seqs], batch_first=True,
+                                padding_value=value, padding_side=side)
+
+        batch: dict[str, Any] = {"input_ids": pad(rows, self.processor.tokenizer.pad_token_id),
+                                 "attention_mask": pad([[1] * len(r) for r in rows], 0), **encoded}
         if self.mode == "train":
-            batch["labels"] = label_tensor
+            batch["labels"] = pad(labels, IGNORE_INDEX)
         else:
             batch["keys"] = [s.key for s in samples]
         return batch
