@@ -12,18 +12,12 @@ from typing import Any
 
 from surgvqa.backbones.base import Backbone, LoadOptions
 from surgvqa.backbones.base import unwrap as unwrap_model
+from surgvqa.backbones.common.quantization import bnb_config
 from surgvqa.backbones.qwen_vl_whisper.constants import MODEL_TYPE, PROJECTOR_FILE
 from surgvqa.backbones.qwen_vl_whisper.weights import read_projector, resolve_part, write_projector
 from surgvqa.errors import UserError
 
 logger = logging.getLogger(__name__)
-
-
-class _VLModelNames(Backbone):
-    """The graft's VL model as bitsandbytes sees it: it loads itself, so module names are relative to it."""
-
-    tower_modules = ("model.visual",)
-    projector_modules = ("model.visual.merger",)
 
 
 class QwenVLWhisper(Backbone):
@@ -51,9 +45,9 @@ class QwenVLWhisper(Backbone):
         return QwenVLWhisperProcessing(processor, **settings)
 
     def vl_quantization_config(self, options: LoadOptions):
-        """bitsandbytes config for the VL model (vision tower, merger and lm_head stay unquantized); the Whisper
-        encoder and the projector are never quantized."""
-        return _VLModelNames().quantization_config(options)
+        """bitsandbytes config for the VL model (vision tower, merger and lm_head stay unquantized; the VL model
+        loads itself, so the names are relative to it); the Whisper encoder and the projector are never quantized."""
+        return bnb_config(options, ["model.visual", "model.visual.merger", "lm_head"])
 
     def load(self, path: str, options: LoadOptions):
         from surgvqa.backbones.qwen_vl_whisper.modeling import QwenVLWhisperForConditionalGeneration
