@@ -98,7 +98,8 @@ def main() -> int:
     from peft import LoraConfig
 
     from surgvqa.backbones import LoadOptions, get_backbone
-    from surgvqa.backbones.base import check_quantized, prepare_quantized_for_training, upcast_trainable
+    from surgvqa.backbones.base import check_quantized
+    from surgvqa.backbones.common.quantization import prepare_quantized_for_training, upcast_trainable
 
     print(environment_line())
     backbone = get_backbone("qwen3_omni_moe")

@@ -4,8 +4,8 @@
     python benchmarks/qlora_memory.py [--config PATH]
 
 PEFT casts every parameter that is not 4-bit to fp32 (towers, embeddings, lm_head); surgvqa keeps them in bf16 and
-runs only the norms in fp32 (``surgvqa.backbones.base.prepare_quantized_for_training``). Part 1 loads the tiny
-Qwen2.5-Omni thinker in 4 bits twice, prepares one copy each way and sums the bytes of every parameter and buffer
+runs only the norms in fp32 (``surgvqa.backbones.common.quantization.prepare_quantized_for_training``). Part 1 loads
+the tiny Qwen2.5-Omni thinker in 4 bits twice, prepares one copy each way and sums the bytes of every parameter and buffer
 (side by side, one process). Part 2 computes the same difference for Qwen2.5-Omni-7B from its thinker config
 (``--config``: a config.json of the thinker or of the full Omni model; default: ``configs/models/
 qwen2_5_omni_7b_thinker.json`` when present, else transformers' ``Qwen2_5OmniThinkerConfig()`` with the released
@@ -49,7 +49,7 @@ def predicted_saving(model, quantized: set[str] | None = None) -> tuple[int, int
     """(parameters left unquantized, of which norm parameters, bytes surgvqa saves over PEFT) for a thinker: PEFT
     holds every unquantized parameter in fp32 (4 bytes), surgvqa holds them in bf16 (2 bytes) except the norms."""
     from surgvqa.backbones import get_backbone
-    from surgvqa.backbones.base import is_norm
+    from surgvqa.backbones.common.quantization import is_norm
 
     backbone = get_backbone("qwen2_5_omni")
     skip = (*backbone.tower_modules, *backbone.projector_modules, "lm_head")
@@ -72,7 +72,7 @@ def predicted_saving(model, quantized: set[str] | None = None) -> tuple[int, int
 def measured_tiny() -> dict:
     from peft import prepare_model_for_kbit_training
 
-    from surgvqa.backbones.base import prepare_quantized_for_training
+    from surgvqa.backbones.common.quantization import prepare_quantized_for_training
 
     path = tiny_model()
     peft_model = prepare_model_for_kbit_training(_load_4bit(path), use_gradient_checkpointing=False)

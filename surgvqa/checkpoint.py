@@ -133,7 +133,7 @@ def load_for_inference(
         vocab = run.resized_vocab if run is not None else None
         if vocab:
             if not load_new_token_rows(model, checkpoint_path, vocab):
-                raise ValueError(
+                raise UserError(
                     f"{checkpoint_path} records a vocabulary resize to {vocab} but has no {NEW_ROWS_NAME}; "
                     "the adapter cannot be reloaded identically — re-save it from training"
                 )
@@ -175,7 +175,7 @@ def weights_sha256(checkpoint_path: str | Path) -> str:
         and not any(part.startswith("checkpoint-") for part in p.relative_to(root).parts[:-1])
     ) if root.is_dir() else []
     if not files:
-        raise ValueError(
+        raise UserError(
             f"--checkpoint_path {root} holds no weight files (*.safetensors / *.bin); give an adapter, merged "
             "model or base model directory"
         )

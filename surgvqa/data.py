@@ -111,7 +111,7 @@ class SurgicalVQADataset(Dataset):
         self.frame_cache = frame_cache
         self.max_frames = max_frames if max_frames is not None else media.max_frames
         if self.max_frames is not None and self.max_frames < 1:
-            raise ValueError(f"max_frames must be >= 1 or None, got {self.max_frames}")
+            raise UserError(f"max_frames must be >= 1 or None, got {self.max_frames}")
         if media.ablate in CONSTANT_VIDEO_ABLATIONS and video_fill is None:
             raise ValueError(
                 f"ablate={media.ablate!r} needs video_fill, the constant RGB colour of the ablated frames (the "
@@ -122,7 +122,7 @@ class SurgicalVQADataset(Dataset):
                 raise ValueError(f"ablate={media.ablate!r} needs donors (see ablation_donors)")
             missing = [s.key for s in self.samples if s.key not in donors]
             if missing:
-                raise ValueError(f"ablate={media.ablate!r}: no donor for {len(missing)} sample(s), e.g. {missing[0]}")
+                raise UserError(f"ablate={media.ablate!r}: no donor for {len(missing)} sample(s), e.g. {missing[0]}")
         self.video_fill = tuple(int(v) for v in video_fill) if video_fill is not None else None
         self.donors = donors
 

@@ -1,9 +1,9 @@
 """User errors: a bad flag value, a missing file, a directory where a file is expected, incompatible flags.
 
-Raise :class:`UserError` (a ``ValueError``) with a message that names the flag or the file and says how to fix it.
-The command line (:func:`run_main`) prints it as one ``error: …`` line and exits 2, never with a traceback; so does
-any ``ValueError`` raised by surgvqa's own checks (set ``SURGVQA_TRACEBACK=1`` to see the traceback instead). An
-exception from a library keeps its traceback: that is a bug to report, not a flag to fix. Every command starts here,
+Raise :class:`UserError` (a ``ValueError``; or a subclass of it) with a message that names the flag or the file and
+says how to fix it. The command line (:func:`run_main`) prints it as one ``error: …`` line and exits 2, never with a
+traceback (set ``SURGVQA_TRACEBACK=1`` to see the traceback instead). Every other exception keeps its traceback,
+whoever raised it: a broken invariant or a library's error is a bug to report, not a flag to fix. Every command starts here,
 so here it also warns about untested library versions (:mod:`surgvqa.versions`).
 """
 
@@ -67,30 +67,20 @@ def format_error(err: BaseException) -> str:
     return f"error: {str(err).strip() or type(err).__name__}"
 
 
-def _raised_here(err: BaseException) -> bool:
-    """Whether the innermost frame of ``err``'s traceback is surgvqa code (a deliberate check, not a bug)."""
-    tb = err.__traceback__
-    module = ""
-    while tb is not None:
-        module = tb.tb_frame.f_globals.get("__name__", "")
-        tb = tb.tb_next
-    return module == "surgvqa" or module.startswith("surgvqa.")
-
-
 def run_main(body: Callable[[], object], *, logs: bool = False) -> int:
     """Run a command's body and return its exit status: the body's ``int`` result, else 0. A user error becomes one
     ``error: …`` line on stderr and status 2. ``logs`` sets up INFO logging with timestamps first.
 
-    User errors are :class:`UserError` and the ``ValueError`` checks of surgvqa's own code; a ``ValueError`` or
-    ``OSError`` from a library is a bug or an environment problem and keeps its traceback.
+    User errors are :class:`UserError` (by type alone); anything else is a bug or an environment problem and keeps
+    its traceback.
     """
     if logs:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     warn_untested_versions()
     try:
         result = body()
-    except ValueError as err:
-        if os.environ.get("SURGVQA_TRACEBACK") or not (isinstance(err, UserError) or _raised_here(err)):
+    except UserError as err:
+        if os.environ.get("SURGVQA_TRACEBACK"):
             raise
         print(format_error(err), file=sys.stderr)
         return USAGE_EXIT

@@ -31,7 +31,6 @@ from transformers import HfArgumentParser
 from surgvqa import __version__
 from surgvqa.arguments import EvalArguments
 from surgvqa.backbones import LoadOptions, get_backbone
-from surgvqa.backbones.base import vision_grid
 from surgvqa.checkpoint import load_for_inference, sha256_file, weights_sha256
 from surgvqa.clusters import Clustering, clip_fields
 from surgvqa.collate import VQACollator
@@ -45,6 +44,7 @@ from surgvqa.data import (
     load_samples,
 )
 from surgvqa.errors import (
+    UserError,
     existing_dir,
     existing_file,
     one_line_errors,
@@ -77,16 +77,6 @@ from surgvqa.run_config import EvalPreprocessing, RunConfig, eval_preprocessing
 logger = logging.getLogger("surgvqa.evaluate")
 
 META_FORMAT = 1
-
-
-def video_fill(processor, frames_as: str) -> tuple[int, int, int]:
-    """The uint8 RGB colour that the processor normalises to (about) zero: its normalisation mean."""
-    part = processor.image_processor if frames_as == "images" else processor.video_processor
-    mean = getattr(part, "image_mean", None)
-    scale = getattr(part, "rescale_factor", 1 / 255) if getattr(part, "do_rescale", True) else 1.0
-    if mean is None or len(mean) != 3:
-        raise ValueError(f"{type(part).__name__} has no 3-channel image_mean; --ablate video cannot pick its fill")
-    return tuple(int(round(min(255.0, max(0.0, m / scale)))) for m in mean)
 
 
 def clustering_of(args: EvalArguments, meta: dict | None) -> Clustering:
@@ -194,7 +184,7 @@ def check_paths(args: EvalArguments) -> None:
     if args.score_predictions:
         existing_file(args.score_predictions, "--score_predictions")
         if args.output_file and args.summary_file:
-            raise ValueError("--output_file and --summary_file both name the re-scored summary: pass --summary_file "
+            raise UserError("--output_file and --summary_file both name the re-scored summary: pass --summary_file "
                              "only")
         if args.output_file:
             writable_file(args.output_file, "--output_file")
@@ -204,12 +194,12 @@ def check_paths(args: EvalArguments) -> None:
             existing_file(args.compare, "--compare")
         return
     if args.summary_file:
-        raise ValueError(f"--summary_file names the summary of --score_predictions; a model run writes its summary "
+        raise UserError(f"--summary_file names the summary of --score_predictions; a model run writes its summary "
                          f"beside --output_file (PRED.summary.json): drop --summary_file {args.summary_file}")
     check_frame_cache_settings(args.frame_cache, args.frame_cache_max_gb, args.frame_cache_dir)
     for name in ("checkpoint_path", "eval_data_path", "output_file"):
         if not getattr(args, name):
-            raise ValueError(f"--{name} is required (or use --score_predictions FILE)")
+            raise UserError(f"--{name} is required (or use --score_predictions FILE)")
     existing_dir(args.checkpoint_path, "--checkpoint_path")
     existing_file(args.eval_data_path, "--eval_data_path")
     for name in ("frames_dir", "audio_dir"):
@@ -224,7 +214,7 @@ def check_outputs(args: EvalArguments, output: Path, inputs: list[str | None], f
     """Refuse an output that is a directory or that would overwrite one of this run's inputs; an HTML report that
     cannot be written there."""
     if output.is_dir():
-        raise ValueError(f"{flag} {output} is a directory; pass a file name, e.g. {output / 'preds.jsonl'}")
+        raise UserError(f"{flag} {output} is a directory; pass a file name, e.g. {output / 'preds.jsonl'}")
     written = {output.resolve(): flag}
     if not args.score_predictions:
         written[summary_path_for(output).resolve()] = "the summary"
@@ -237,12 +227,12 @@ def check_outputs(args: EvalArguments, output: Path, inputs: list[str | None], f
             continue
         path = Path(value).resolve()
         if path in written:
-            raise ValueError(
+            raise UserError(
                 f"{written[path]} would overwrite the input {value}; choose another --output_file / --plot / --report"
             )
     if args.report:  # before any evaluation, naming this command's flag
         if Path(args.report).resolve() == output.resolve():
-            raise ValueError(f"--report {args.report} is {flag} too; choose another file name for the report")
+            raise UserError(f"--report {args.report} is {flag} too; choose another file name for the report")
         _html_report().check_output(Path(args.report), [Path(v) for v in inputs if v], flag="--report")
 
 
@@ -269,18 +259,18 @@ def refuse_to_overwrite(args: EvalArguments, output: Path) -> None:
     partial = partial_path_for(output)
     if args.resume:
         if partial.exists() and output.exists() and not args.overwrite:
-            raise ValueError(
+            raise UserError(
                 f"both {output} and {partial} exist; --resume continues the partial file and replaces {output} at "
                 "the end: add --overwrite True to allow that, or move one of them"
             )
         return
     if partial.exists() and not args.overwrite:
-        raise ValueError(
+        raise UserError(
             f"{partial} is left from an interrupted run; pass --resume True to continue it, or --overwrite True "
             "to start again"
         )
     if output.exists() and not args.overwrite:
-        raise ValueError(
+        raise UserError(
             f"--output_file {output} exists; pass --overwrite True to replace it (only once this run completes), "
             "--resume True to continue it, or choose another file"
         )
@@ -298,13 +288,13 @@ def previous_lines(args: EvalArguments, output: Path, meta: dict, samples: list[
         return {}
     old = read_predictions_meta(source)
     if old is None:
-        raise ValueError(
+        raise UserError(
             f"--resume: {source} has no {META_KEY} line (written by an older version or another tool), so it cannot "
             "be checked against this run; start a new --output_file"
         )
     mismatch = meta_mismatch(old, meta)
     if mismatch:
-        raise ValueError(
+        raise UserError(
             f"--resume: {source} was written by a different run: {mismatch}. Resume only continues the same run; "
             "start a new --output_file, or pass the same settings"
         )
@@ -314,7 +304,7 @@ def previous_lines(args: EvalArguments, output: Path, meta: dict, samples: list[
         record = json.loads(line)
         key = (record.get("video_id"), record.get("id"))
         if key not in wanted:
-            raise ValueError(
+            raise UserError(
                 f"--resume: {source} holds a prediction for {key}, which this run does not evaluate (a different "
                 "--limit or --skip_bad_samples?); pass the same flags, or start a new --output_file"
             )
@@ -338,7 +328,7 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
     check_paths(args)
     clustering_of(args, None)  # a bad --cluster_by / --cluster_gap / --bootstrap fails before the model loads
     if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
     output = Path(args.output_file)
     check_outputs(args, output, [args.eval_data_path, args.compare,
                                  str(predictions_path_for(args.compare)) if args.compare else None])
@@ -359,7 +349,7 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
     if args.limit is not None:
         samples = samples[: args.limit]
     if not samples:
-        raise ValueError(f"--eval_data_path {args.eval_data_path}: no usable samples to evaluate")
+        raise UserError(f"--eval_data_path {args.eval_data_path}: no usable samples to evaluate")
     meta = run_meta(args, preprocessing, media, samples, len(problems), candidates)
     kept = previous_lines(args, output, meta, samples)
     todo = [s for s in samples if s.key not in kept]
@@ -406,8 +396,8 @@ def _run_model(args: EvalArguments, media: MediaConfig, preprocessing: EvalPrepr
     if not args.load_in_4bit:
         model.to(device)
     collator = VQACollator(processor, mode="generate", **preprocessing.collator_kwargs())
-    media = dataclasses.replace(media, pixel_multiple=vision_grid(processor))  # the backbone's vision grid
-    fill = video_fill(processor, collator.frames_as) if media.ablate in CONSTANT_VIDEO_ABLATIONS else None
+    media = dataclasses.replace(media, pixel_multiple=collator.processing.grid)  # the backbone's vision grid
+    fill = collator.processing.video_fill() if media.ablate in CONSTANT_VIDEO_ABLATIONS else None
     frame_cache = eval_frame_cache(args.frame_cache, args.frame_cache_dir, args.frame_cache_max_gb,
                                    config.get("frame_cache"))
     dataset = SurgicalVQADataset(todo, media, video_fill=fill, donors=donors, frame_cache=frame_cache)
@@ -443,7 +433,7 @@ def _html_report():
     try:
         html_report = importlib.import_module("surgvqa.html_report")
     except ImportError as err:
-        raise ValueError(
+        raise UserError(
             f"--report needs surgvqa.html_report, which cannot be imported here ({err}); update surgvqa, or drop "
             "--report and build the report later from the predictions file"
         ) from None
@@ -470,12 +460,12 @@ def rescore(args: EvalArguments) -> dict[str, Any]:
     ignored = [f"--{f.name}" for f in fields(EvalArguments)
                if f.name not in _RESCORE_FLAGS and getattr(args, f.name) != getattr(defaults, f.name)]
     if ignored:
-        raise ValueError(
+        raise UserError(
             f"--score_predictions re-scores a finished file without a model; {', '.join(ignored)} would be ignored "
             "(the run's settings are in the file's meta line): drop them"
         )
     if (args.frames_dir or args.audio_dir) and not args.report:
-        raise ValueError("--frames_dir / --audio_dir with --score_predictions only locate media for --report")
+        raise UserError("--frames_dir / --audio_dir with --score_predictions only locate media for --report")
     check_paths(args)
     source = Path(args.score_predictions)
     if args.baseline:
@@ -489,7 +479,7 @@ def rescore(args: EvalArguments) -> dict[str, Any]:
     check_outputs(args, target, [str(source), args.compare,
                                  str(predictions_path_for(args.compare)) if args.compare else None], flag)
     if given and target.exists() and not args.overwrite:
-        raise ValueError(f"{flag} {target} exists; pass --overwrite True to replace it, or choose another file")
+        raise UserError(f"{flag} {target} exists; pass --overwrite True to replace it, or choose another file")
     meta = read_predictions_meta(source)
     if meta is None:
         logger.warning("%s has no %s line: the closed answer sets are gathered from its own gold answers, which "

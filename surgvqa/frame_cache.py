@@ -42,6 +42,8 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from surgvqa.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 FRAME_CACHE_MODES = ("none", "memory", "disk")
@@ -56,7 +58,7 @@ _NPY_MAGIC = b"\x93NUMPY\x01\x00"
 _HEADER_RE = re.compile(rb"^\{'descr': '\|u1', 'fortran_order': False, 'shape': \(([0-9, ]*)\), \}\s*\n$")
 
 
-class FrameCacheError(ValueError):
+class FrameCacheError(UserError):
     """The cache cannot be used as configured (bad mode, unusable directory)."""
 
 

@@ -21,15 +21,16 @@ from typing import Any
 
 import numpy as np
 
+from surgvqa.errors import UserError
 from surgvqa.prompts import check_question_modality
 
 #: the vision grid (patch x spatial merge) frames are resized to when the backbone has not said otherwise: 28 px, the
 #: grid of Qwen2-VL, Qwen2.5-VL and Qwen2.5-Omni. Training, evaluation and merging set ``MediaConfig.pixel_multiple``
-#: from the backbone's processor (``surgvqa.backbones.base.vision_grid``; 32 for Qwen3-VL).
+#: from the backbone's processor (``Backbone.vision_grid``; 32 for Qwen3-VL).
 DEFAULT_PIXEL_MULTIPLE = 28
 
 
-class MediaError(ValueError):
+class MediaError(UserError):
     """A media file is missing, unreadable, corrupt, empty, or outside its root."""
 
 
@@ -79,23 +80,23 @@ class MediaConfig:
     def __post_init__(self) -> None:
         check_question_modality(self.question_modality)
         if self.ablate not in ABLATIONS:
-            raise ValueError(f"ablate must be one of {ABLATIONS}, got {self.ablate!r}")
+            raise UserError(f"ablate must be one of {ABLATIONS}, got {self.ablate!r}")
         if self.needs_audio and not self.audio_dir:
-            raise ValueError(
+            raise UserError(
                 f"question_modality {self.question_modality!r} needs spoken-question audio but audio_dir is not "
                 "set; pass --audio_dir (generate audio with scripts/make_spoken_questions.py) or use "
                 "--question_modality text"
             )
         if self.ablate in ("audio", "both", "audio_shuffle") and not self.needs_audio:
-            raise ValueError(
+            raise UserError(
                 f"ablate={self.ablate!r} removes the spoken question, but question_modality 'text' has no audio; "
                 "use ablate='video' / 'video_shuffle' or an audio question_modality"
             )
         self.budget  # noqa: B018  (validates frame_size / max_pixels / min_pixels against the vision grid)
         if self.max_frames is not None and self.max_frames < 1:
-            raise ValueError(f"max_frames must be >= 1 or None (all frames), got {self.max_frames}")
+            raise UserError(f"max_frames must be >= 1 or None (all frames), got {self.max_frames}")
         if self.num_video_frames < 1:
-            raise ValueError(f"num_video_frames must be >= 1, got {self.num_video_frames}")
+            raise UserError(f"num_video_frames must be >= 1, got {self.num_video_frames}")
         _check_template(
             "frame_path_template", self.frame_path_template, ("video_id", "frame", "id"), ("frame",)
         )
@@ -119,13 +120,13 @@ def _check_template(name: str, template: str, allowed: tuple[str, ...], required
         used = {fname for _, fname, _, _ in string.Formatter().parse(template) if fname is not None}
         template.format(**dict.fromkeys(allowed, "x"))
     except (KeyError, IndexError, ValueError) as err:
-        raise ValueError(
+        raise UserError(
             f"{name} {template!r} is not a valid template ({err!r}); use only the placeholders "
             + ", ".join("{" + a + "}" for a in allowed)
         ) from err
     missing = [r for r in required if r not in used]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{name} {template!r} must use "
             + " and ".join("{" + m + "}" for m in missing)
             + " so that every sample gets its own file"
@@ -201,23 +202,23 @@ class PixelBudget:
 
     def __post_init__(self) -> None:
         if not isinstance(self.factor, int) or self.factor < 1:
-            raise ValueError(f"pixel factor must be a positive int, got {self.factor!r}")
+            raise UserError(f"pixel factor must be a positive int, got {self.factor!r}")
         if self.max_pixels is None:
             if not isinstance(self.frame_size, int) or self.frame_size < self.factor:
-                raise ValueError(
+                raise UserError(
                     f"frame_size must be an int >= {self.factor} (the vision grid: patch x merge), "
                     f"got {self.frame_size!r}"
                 )
         elif not isinstance(self.max_pixels, int) or self.max_pixels < self.factor * self.factor:
-            raise ValueError(
+            raise UserError(
                 f"max_pixels is a pixel count (e.g. 147456 = 384 x 384) and must be >= {self.factor ** 2} "
                 f"(one {self.factor}x{self.factor} grid cell), got {self.max_pixels!r}"
             )
         if self.min_pixels is not None:
             if not isinstance(self.min_pixels, int) or self.min_pixels < 1:
-                raise ValueError(f"min_pixels must be a positive pixel count, got {self.min_pixels!r}")
+                raise UserError(f"min_pixels must be a positive pixel count, got {self.min_pixels!r}")
             if self.min_pixels > self.max_area:
-                raise ValueError(
+                raise UserError(
                     f"min_pixels {self.min_pixels} is larger than the budget's maximum {self.max_area} pixels; "
                     "lower --min_pixels or raise --max_pixels / --frame_size"
                 )
@@ -274,7 +275,7 @@ def fit_to_budget(
     if multiple < 1:
         raise ValueError(f"multiple must be >= 1, got {multiple}")
     if frame_size < multiple:
-        raise ValueError(
+        raise UserError(
             f"frame_size {frame_size} is smaller than the pixel multiple {multiple}; use >= {multiple}"
         )
     cap = frame_size // multiple * multiple
@@ -535,7 +536,7 @@ def derangement(groups: Sequence[Any], seed: int) -> list[int]:
 
     n = len(groups)
     if n < 2:
-        raise ValueError(f"a shuffle ablation needs at least 2 samples to exchange media, got {n}")
+        raise UserError(f"a shuffle ablation needs at least 2 samples to exchange media, got {n}")
     rng = random.Random(seed)
     members: dict[Any, list[int]] = {}
     for i, g in enumerate(groups):

@@ -62,7 +62,7 @@ import torch
 
 from surgvqa import __version__
 from surgvqa.backbones import LoadOptions, backbone_for, read_config
-from surgvqa.backbones.base import DTYPES, runnable_attention, vision_grid
+from surgvqa.backbones.base import DTYPES, runnable_attention
 from surgvqa.checkpoint import (
     ADAPTER_CONFIG,
     NEW_ROWS_NAME,
@@ -179,7 +179,7 @@ def check_chain(base: str, adapters: list[str], force: bool = False) -> list[Sta
                 "preprocess its inputs; merge adapters trained with train_vqa.py"
             )
         if config is not None and config.resized_vocab and not (path / NEW_ROWS_NAME).is_file():
-            raise ValueError(
+            raise UserError(
                 f"{path} resized the vocabulary to {config.resized_vocab} rows but has no {NEW_ROWS_NAME}: the "
                 "new embedding rows are lost and the merge would use random ones; re-save the adapter from training"
             )
@@ -195,7 +195,7 @@ def check_chain(base: str, adapters: list[str], force: bool = False) -> list[Sta
                 + f", but at this position of the chain it is merged into {want}"
             )
             if not force:
-                raise ValueError(
+                raise UserError(
                     message + ". Merging into a different base gives a model nobody trained; fix --base_model_path "
                     "/ the --adapter_path order, or pass --force if the weights are known to be identical"
                 )
@@ -215,7 +215,7 @@ def base_quantization(base: str | Path) -> dict | None:
 def check_request(args: argparse.Namespace) -> list[Stage]:
     """Every refusal that needs no weights. Returns the checked chain."""
     if args.load_in_4bit or args.load_in_8bit:
-        raise ValueError(
+        raise UserError(
             "merging never loads the base quantized: a merge into a 4/8-bit model rounds the merged weights to "
             "4/8 bits and the result cannot use FlashAttention. Drop --load_in_4bit/--load_in_8bit; QLoRA "
             "adapters merge into the bf16 base (or --merge_into dequantized)"
@@ -223,12 +223,12 @@ def check_request(args: argparse.Namespace) -> list[Stage]:
     base = existing_dir(args.base_model_path, "--base_model_path")
     quant = base_quantization(base)
     if quant:
-        raise ValueError(
+        raise UserError(
             f"{base}/config.json has a quantization_config ({quant.get('quant_method', quant)}): the base is a "
             "quantized checkpoint. Merge into the original unquantized checkpoint instead"
         )
     if args.verify < 0:
-        raise ValueError("--verify must be >= 0")
+        raise UserError("--verify must be >= 0")
     stages = check_chain(str(base), list(args.adapter_path), force=args.force)
     names = {s.config.backbone for s in stages if s.config is not None}
     if args.full_omni:
@@ -237,26 +237,26 @@ def check_request(args: argparse.Namespace) -> list[Stage]:
         if problem:
             raise UserError(problem)
     if len(names) > 1:
-        raise ValueError(f"the adapters were trained on different backbones: {sorted(names)}")
+        raise UserError(f"the adapters were trained on different backbones: {sorted(names)}")
     for stage in stages:
         if stage.quantization == "8bit" and args.merge_into == "dequantized":
-            raise ValueError(f"{stage.path}: --merge_into dequantized supports nf4 (4bit) QLoRA adapters only")
+            raise UserError(f"{stage.path}: --merge_into dequantized supports nf4 (4bit) QLoRA adapters only")
         if stage.quantization == "4bit" and args.merge_into == "dequantized":
             stage.into = "dequantized"
     if args.merge_into == "dequantized" and not any(s.into == "dequantized" for s in stages):
-        raise ValueError(
+        raise UserError(
             "--merge_into dequantized: no adapter was trained with a 4-bit base (surgvqa_config quantization "
             "'4bit'), so there are no nf4 weights to reproduce; drop the option"
         )
     output = Path(args.output_dir)
     protected = {resolve(base), *(resolve(s.path) for s in stages)}
     if resolve(output) in protected:
-        raise ValueError(f"--output_dir {output} is the base or an adapter directory: choose a new directory")
+        raise UserError(f"--output_dir {output} is the base or an adapter directory: choose a new directory")
     if output.exists() and not output.is_dir():
-        raise ValueError(f"--output_dir {output} is a file, not a directory: choose a new directory (nothing was "
+        raise UserError(f"--output_dir {output} is a file, not a directory: choose a new directory (nothing was "
                          "loaded or written)")
     if output.is_dir() and any(output.iterdir()) and not args.overwrite_output_dir:
-        raise ValueError(f"--output_dir {output} is not empty: pass --overwrite_output_dir or choose a new one")
+        raise UserError(f"--output_dir {output} is not empty: pass --overwrite_output_dir or choose a new one")
     return stages
 
 
@@ -287,7 +287,7 @@ def nf4_round_trip(weight: torch.Tensor, train_dtype: torch.dtype) -> torch.Tens
                                               compress_statistics=True, quant_type="nf4")
         restored = bnbf.dequantize_4bit(quantized, state)
     except (ImportError, NotImplementedError, RuntimeError, AttributeError) as err:
-        raise ValueError(
+        raise UserError(
             f"--merge_into dequantized: bitsandbytes cannot quantize to nf4 on {weight.device} here ({err}); "
             "run with --device cuda or upgrade bitsandbytes (0.50.2 quantizes on CPU)"
         ) from err
@@ -324,13 +324,13 @@ def apply_stage(thinker, stage: Stage, name: str, tower_modules: tuple[str, ...]
     rows = thinker.get_input_embeddings().num_embeddings
     expected = stage.config.original_vocab_rows if stage.config is not None else None
     if expected and expected != rows and not force:
-        raise ValueError(
+        raise UserError(
             f"{stage.path} was trained on a model with {expected} embedding rows, this chain position has {rows}: "
             "wrong base or wrong order (--force to merge anyway)"
         )
     vocab = stage.config.resized_vocab if stage.config is not None else None
     if vocab and not load_new_token_rows(thinker, stage.path, vocab):  # checked up front; kept as a guard
-        raise ValueError(f"{stage.path}: {NEW_ROWS_NAME} is missing")
+        raise UserError(f"{stage.path}: {NEW_ROWS_NAME} is missing")
     model = PeftModel.from_pretrained(thinker, str(stage.path), adapter_name=name, is_trainable=False)
     if stage.into == "dequantized":
         count = dequantize_targets(model, stage, tower_modules)
@@ -344,7 +344,7 @@ def merge_stage(peft_model):
     merged = peft_model.merge_and_unload(safe_merge=False)
     for layer in targets:  # a Linear's weight, or the fused expert stacks LoRA reached by target_parameters
         if not all(torch.isfinite(param).all() for param in layer.parameters(recurse=False)):
-            raise ValueError("non-finite weights after merging: the adapter is broken (NaN/inf in lora_A/B)")
+            raise UserError("non-finite weights after merging: the adapter is broken (NaN/inf in lora_A/B)")
     return merged
 
 
@@ -396,7 +396,7 @@ def verify_inputs(args: argparse.Namespace, config: RunConfig):
     media = config.media_config(frames_dir, audio_dir)
     samples, _ = load_samples(data_path, media, skip_bad=True)
     if not samples:
-        raise ValueError(f"--verify: no usable sample in {data_path}")
+        raise UserError(f"--verify: no usable sample in {data_path}")
     dataset = SurgicalVQADataset(samples[: args.verify], media)
     return dataset, config.collator_kwargs(), str(data_path)
 
@@ -517,7 +517,7 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
 
     processor = backbone.load_processor(str(last.path))
     if verify_data is not None:  # frames are resized onto the backbone's vision grid
-        verify_data[0].media = dataclasses.replace(verify_data[0].media, pixel_multiple=vision_grid(processor))
+        verify_data[0].media = dataclasses.replace(verify_data[0].media, pixel_multiple=backbone.vision_grid(processor))
     # the verification feeds the model as the last adapter was trained (its video token merging included)
     backbone.enable_token_merging(thinker, last.config.token_kept_ratio)
     live = apply_stage(thinker, last, f"stage{len(stages)}", towers, args.force)
@@ -525,7 +525,7 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
 
     report = repair_tokenizer(processor.tokenizer, live.get_base_model())
     if report.resized_embeddings_to:
-        raise ValueError(f"the tokenizer of {last.path} has more tokens than the merged model has rows")
+        raise UserError(f"the tokenizer of {last.path} has more tokens than the merged model has rows")
 
     verification = reference = None
     if verify_data is not None:

@@ -23,6 +23,7 @@ from functools import lru_cache
 from typing import Any
 
 from surgvqa.clusters import Clustering, assign, clustered_pairs, clustered_summary
+from surgvqa.errors import UserError
 from surgvqa.stats import PAIRED_ALPHA, PAIRED_INTERVAL, PAIRED_TEST, paired_stats, wilson_interval
 
 # Re-exported: the paired statistics live in the leaf surgvqa.stats, importable from here as before.
@@ -343,9 +344,9 @@ def parse_baseline(value: str | float) -> str | float:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"--baseline must be 'majority', 'chance' or a number in [0, 1], got {value!r}") from None
+        raise UserError(f"--baseline must be 'majority', 'chance' or a number in [0, 1], got {value!r}") from None
     if not 0 <= number <= 1:
-        raise ValueError(f"--baseline {number} is not a fraction in [0, 1] (write 0.46, not 46)")
+        raise UserError(f"--baseline {number} is not a fraction in [0, 1] (write 0.46, not 46)")
     return number
 
 
@@ -376,7 +377,7 @@ def summarize(
     """
     recs = list(records)
     if not recs:
-        raise ValueError("summarize: no records")
+        raise UserError("summarize: no records")
     candidates = closed_sets(recs, candidates)
 
     hits: Counter[str] = Counter()
@@ -466,7 +467,7 @@ def summarize(
     elif isinstance(baseline, int | float) and not isinstance(baseline, bool):
         base_value, base_kind = float(baseline), "fixed"
     else:
-        raise ValueError(f"summarize: baseline must be 'majority', 'chance' or a number, got {baseline!r}")
+        raise UserError(f"summarize: baseline must be 'majority', 'chance' or a number, got {baseline!r}")
 
     accuracy = hits["accuracy"] / n
     lo, hi = wilson_interval(hits["accuracy"], n)
@@ -515,7 +516,7 @@ def _keyed(records: Iterable[Mapping[str, Any]], label: str) -> dict[tuple[str |
     for rec in records:
         key = _record_key(rec)
         if key in out:
-            raise ValueError(
+            raise UserError(
                 f"paired comparison: the {label} has two records for (video_id, id) = {key}; a pairing needs "
                 "one record per sample (re-run the evaluation without --resume into a mixed file)"
             )

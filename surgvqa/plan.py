@@ -206,9 +206,9 @@ class Planner:
             tokens = sample_tokens(self.processor, args, frames, size, "generate")
             return self.fits(self.eval_total(tokens, batch)["total"])
 
-        from surgvqa.backbones.base import vision_grid
+        from surgvqa.backbones import processing_for
 
-        grid = vision_grid(self.processor)  # 28 px (Qwen2/2.5), 32 px (Qwen3)
+        grid = processing_for(self.processor).grid  # 28 px (Qwen2/2.5), 32 px (Qwen3)
         result: dict[str, Any] = {"budget_bytes": parse_bytes(args.budget),
                                   "overhead_bytes": parse_bytes(args.overhead)}
         for name, ok in (("train", train_ok), ("eval", eval_ok)):

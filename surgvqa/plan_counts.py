@@ -275,10 +275,10 @@ def _generating_model(model):
 
 def kbit_training_dtype(compute: str, module=None) -> str:
     """dtype of an unquantized floating parameter of ``module`` once training prepares a 4/8-bit model
-    (``surgvqa.backbones.base.prepare_quantized_for_training``, called by ``surgvqa.train.build_model``): fp32 in
-    the norms, the compute dtype everywhere else (towers, embeddings, lm_head, biases). Evaluation loads without
+    (``backbones.common.quantization.prepare_quantized_for_training``, called by ``surgvqa.train.build_model``): fp32
+    in the norms, the compute dtype everywhere else (towers, embeddings, lm_head, biases). Evaluation loads without
     the preparation and keeps the compute dtype throughout."""
-    from surgvqa.backbones.base import is_norm
+    from surgvqa.backbones.common.quantization import is_norm
 
     return "float32" if module is not None and is_norm(module) else compute
 
@@ -488,7 +488,7 @@ class Tokens:
 def sample_tokens(processor, args: PlanArguments, frames: int | None = None, frame_size: int | None = None,
                   mode: str = "train") -> Tokens:
     """Tokens of one sample, split by kind, from the collator's own pre-flight arithmetic."""
-    from surgvqa.backbones.base import kept_video_tokens
+    from surgvqa.backbones.common.token_merging import kept_video_tokens
     from surgvqa.collate import VQACollator
     from surgvqa.media import fit_to_budget
 
@@ -497,15 +497,14 @@ def sample_tokens(processor, args: PlanArguments, frames: int | None = None, fra
     height, width = source_hw(args.source_size)
     w, h = fit_to_budget(width, height, frame_size)
     with_audio = "audio" in args.question_modality
-    if with_audio and not hasattr(processor, "feature_extractor"):
-        raise PlanError("this model has no audio tower: plan it with --question_modality text")
     collator = VQACollator(processor, question_modality=args.question_modality, frame_size=frame_size,
                            frames_as=args.frames_as, mode=mode)
     samples = round(args.audio_seconds * 16000) if with_audio else None
+    if with_audio and not collator.processing.takes_audio:
+        raise PlanError("this model has no audio tower: plan it with --question_modality text")
     counts = collator.token_counts(args.question, args.answer, (h, w), frames, samples)
     video = kept_video_tokens(counts["video"], args.token_kept_ratio) if counts["video"] else 0
-    merge = int(getattr(processor.video_processor, "merge_size", 2))
-    patches = (counts["video"] + counts["image"]) * merge * merge
+    patches = (counts["video"] + counts["image"]) * collator.processing.patches_per_token
     mel = math.ceil(samples / 160) if samples else 0
     return Tokens(video=video, image=counts["image"], audio=counts["audio"], text=counts["text"],
                   answer=counts["answer"], total=counts["total"] - counts["video"] + video, frame_hw=(h, w),

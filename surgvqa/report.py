@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from surgvqa.clusters import CLUSTER_DEFAULTS, Clustering
+from surgvqa.errors import UserError
 from surgvqa.metrics import summarize
 
 META_KEY = "surgvqa_meta"
@@ -31,7 +32,7 @@ ORIGINAL_RENAMES = {"question_id": "id", "ground_truth": "answer", "predicted_an
 
 def _normalize_record(obj: Any, where: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "prediction" in obj or "predicted_answer" not in obj:
         required, rec = OURS_REQUIRED, dict(obj)
     else:
@@ -40,19 +41,19 @@ def _normalize_record(obj: Any, where: str) -> dict[str, Any]:
     missing = [f for f in required if f not in obj]
     if missing:
         kind = "original toolkit" if required is ORIGINAL_REQUIRED else "surgvqa"
-        raise ValueError(f"{where}: missing field(s) {', '.join(missing)} ({kind} predictions format)")
+        raise UserError(f"{where}: missing field(s) {', '.join(missing)} ({kind} predictions format)")
     if rec["prediction"] is None:
         rec["prediction"] = ""
     for field in ("prediction", "short_answer", "answer", "question_type"):
         if not isinstance(rec[field], str):
-            raise ValueError(f"{where}: field {field!r} must be a string, got {type(rec[field]).__name__}")
+            raise UserError(f"{where}: field {field!r} must be a string, got {type(rec[field]).__name__}")
     return rec
 
 
 def _meta_of(obj: Any) -> dict[str, Any] | None:
     if isinstance(obj, dict) and META_KEY in obj:
         if not isinstance(obj[META_KEY], dict):
-            raise ValueError(f"the {META_KEY} line must hold a JSON object")
+            raise UserError(f"the {META_KEY} line must hold a JSON object")
         return obj[META_KEY]
     return None
 
@@ -70,11 +71,11 @@ def read_predictions_meta(path: str | Path) -> dict[str, Any] | None:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:1: malformed JSON line ({exc.msg})") from exc
+                raise UserError(f"{path}:1: malformed JSON line ({exc.msg})") from exc
             try:
                 return _meta_of(obj)
             except ValueError as exc:
-                raise ValueError(f"{path}:1: {exc}") from None
+                raise UserError(f"{path}:1: {exc}") from None
     return None
 
 
@@ -89,18 +90,18 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     """
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{path} is a directory; give a predictions file (.jsonl)")
+        raise UserError(f"{path} is a directory; give a predictions file (.jsonl)")
     if not path.is_file():
-        raise ValueError(f"{path} not found; give a predictions file (.jsonl)")
+        raise UserError(f"{path} not found; give a predictions file (.jsonl)")
     text = path.read_text(encoding="utf-8")
     items: list[tuple[str, Any]] = []
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
+            raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of records")
+            raise UserError(f"{path}: expected a JSON list of records")
         items = [(f"{path}[item {i}]", obj) for i, obj in enumerate(data)]
     else:
         first = True
@@ -110,10 +111,10 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: malformed JSON line ({exc.msg})") from exc
+                raise UserError(f"{path}:{lineno}: malformed JSON line ({exc.msg})") from exc
             if isinstance(obj, dict) and META_KEY in obj:
                 if not first:
-                    raise ValueError(f"{path}:{lineno}: a {META_KEY} line must be the first line of the file")
+                    raise UserError(f"{path}:{lineno}: a {META_KEY} line must be the first line of the file")
                 first = False
                 continue
             first = False
@@ -355,15 +356,15 @@ def predictions_path_for(path: str | Path) -> Path:
     """
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"{path} not found; give a predictions file or the summary written beside one")
+        raise UserError(f"{path} not found; give a predictions file or the summary written beside one")
     if path.is_dir():
-        raise ValueError(f"{path} is a directory; give a predictions file or the summary written beside one")
+        raise UserError(f"{path} is a directory; give a predictions file or the summary written beside one")
     if not path.name.endswith(".summary.json"):
         return path
     try:
         recorded = json.loads(path.read_text(encoding="utf-8")).get("predictions_file")
     except (json.JSONDecodeError, AttributeError) as exc:
-        raise ValueError(f"{path}: not a summary JSON ({exc})") from exc
+        raise UserError(f"{path}: not a summary JSON ({exc})") from exc
     candidates = [Path(recorded)] if recorded else []
     stem = path.name[: -len(".summary.json")]
     if stem.endswith(".rescored"):
@@ -372,7 +373,7 @@ def predictions_path_for(path: str | Path) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise ValueError(
+    raise UserError(
         f"{path} is a summary, but its predictions file is not there (tried {', '.join(map(str, candidates))}); "
         "give the predictions file itself"
     )

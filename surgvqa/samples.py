@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from surgvqa.audio import audio_duration, load_audio
+from surgvqa.errors import UserError
 from surgvqa.media import (
     MediaConfig,
     MediaError,
@@ -75,7 +76,7 @@ class Problem:
         return f"{where}: {self.message}"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Invalid data; ``problems`` lists every problem found (the message shows the first 20)."""
 
     def __init__(self, problems: Sequence[Problem]) -> None:
@@ -281,19 +282,22 @@ class _Validator:
         if path is None:
             bad(f"video file missing: tried {', '.join(tried)}; fix the 'video' field or --frames_dir")
             return None
-        if self.check_media:
-            if path not in self._video_cache:
-                try:
-                    if self.decode_media:
-                        load_video_frames(path, None, self.media.budget)
-                    else:
-                        verify_video(path)
-                    self._video_cache[path] = None
-                except MediaError as e:
-                    self._video_cache[path] = e
-            if self._video_cache[path] is not None:
-                bad(f"video: {self._video_cache[path]}; re-encode or replace the file")
+        error = self._media_problem(self._video_cache, path,
+                                    lambda p: load_video_frames(p, None, self.media.budget), verify_video)
+        if error is not None:
+            bad(f"video: {error}; re-encode or replace the file")
         return path
+
+    def _media_problem(self, cache: dict, path: Path, decode, verify) -> MediaError | None:
+        """What checking ``path`` found (with ``--check_media``: ``decode`` when media are decoded, else
+        ``verify``), once per path; None when unchecked or fine."""
+        if self.check_media and path not in cache:
+            try:
+                (decode if self.decode_media else verify)(path)
+                cache[path] = None
+            except MediaError as e:
+                cache[path] = e
+        return cache.get(path)
 
     def _audio(self, rec: dict, bad: _Report) -> Path | None:
         assert self.audio_root is not None
@@ -313,18 +317,9 @@ class _Validator:
                 f"Fix: run scripts/make_spoken_questions.py for this data file, or fix --audio_dir / {how}"
             )
             return None
-        if self.check_media:
-            if path not in self._audio_cache:
-                try:
-                    if self.decode_media:
-                        load_audio(path)  # the loader's own decoder
-                    else:
-                        audio_duration(path)
-                    self._audio_cache[path] = None
-                except MediaError as e:
-                    self._audio_cache[path] = e
-            if self._audio_cache[path] is not None:
-                bad(f"audio: {self._audio_cache[path]}; re-generate it with scripts/make_spoken_questions.py")
+        error = self._media_problem(self._audio_cache, path, load_audio, audio_duration)  # the loader's own decoder
+        if error is not None:
+            bad(f"audio: {error}; re-generate it with scripts/make_spoken_questions.py")
         return path
 
     def build(self, source: str, rec: dict) -> tuple[Sample | None, list[Problem]]:
@@ -542,7 +537,7 @@ def load_qa_text(
     (required here). There are no ``question_type``/``short_answer`` fields. Same checks as :func:`load_samples`.
     """
     if not media.frames_dir:
-        raise ValueError("load_qa_text needs media.frames_dir (there is no data-file-relative default)")
+        raise UserError("load_qa_text needs media.frames_dir (there is no data-file-relative default)")
     files = [Path(p) for p in paths]
 
     def records() -> Iterator[tuple[str, dict | Problem]]:

@@ -29,8 +29,7 @@ from surgvqa.arguments import (
 )
 from surgvqa.audio import DEFAULT_SAMPLING_RATE, audio_duration
 from surgvqa.backbones import LoadOptions, backbone_for
-from surgvqa.backbones.base import prepare_quantized_for_training, upcast_trainable, vision_grid
-from surgvqa.backbones.encoder_cache import EncoderOutputCache
+from surgvqa.backbones.common.quantization import prepare_quantized_for_training, upcast_trainable
 from surgvqa.collate import OverlongSampleError, VQACollator, frame_times
 from surgvqa.data import DataError, MediaConfig, Problem, Sample, SurgicalVQADataset, load_samples
 from surgvqa.errors import UserError, run_main
@@ -212,7 +211,7 @@ def assert_lora_placement(model, backbone, allow_vision: bool = False) -> None:
                 raise UserError(f"--lora_target_regex puts LoRA module {name} inside the tower {tower}: narrow the "
                                 "regex to the language model, or pass --lora_vision_tower True to adapt the tower")
     if not lora_module_names(model):
-        raise ValueError("LoRA matched no module: check --lora_target_regex against model.named_modules()")
+        raise UserError("LoRA matched no module: check --lora_target_regex against model.named_modules()")
 
 
 # ------------------------------------------------------------------------------------------------- trainer
@@ -376,7 +375,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     else:
         set_seed(args.seed)
     model, processor, backbone, report, original_rows = build_model(model_args, lora_args, args)
-    grid = vision_grid(processor)  # frames are resized onto the backbone's vision grid
+    grid = backbone.vision_grid(processor)  # frames are resized onto the backbone's vision grid
     train_media = dataclasses.replace(train_media, pixel_multiple=grid)
     if eval_media is not None:
         eval_media = dataclasses.replace(eval_media, pixel_multiple=grid)
@@ -417,9 +416,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         eval_collator=VQACollator(processor, mode="train", **settings) if eval_dataset is not None else None,
         processing_class=processor,
         generation_eval=generation_eval,
-        lm_head=backbone.lm_head(model) if model_args.loss_on_labelled_only else None,
-        encoder_cache=(EncoderOutputCache(int(train_collator.encoding_cache_gb * 1024**3))
-                       if train_collator.encoding_cache_gb > 0 else None),
+        labelled_only=model_args.loss_on_labelled_only,
+        keeps_tower_outputs=backbone.keep_tower_outputs(model, train_collator.encoding_cache_gb),
         callbacks=[SurgvqaConfigCallback(config, original_rows)],
         loraplus_lr_ratio=lora_args.loraplus_lr_ratio,
     )

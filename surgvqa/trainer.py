@@ -6,15 +6,14 @@ Imported by :func:`surgvqa.train.train` when training starts (importing ``transf
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from pathlib import Path
 
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
 from surgvqa.backbones import get_backbone
-from surgvqa.backbones.encoder_cache import EncoderOutputCache, reuse_encoder_outputs
-from surgvqa.backbones.labelled_loss import labelled_loss, labelled_positions_only
+from surgvqa.backbones.common.labelled_logits import labelled_loss, next_token_selection
 from surgvqa.checkpoint import save_new_token_rows
 from surgvqa.data import SurgicalVQADataset
 from surgvqa.generate import generate_predictions
@@ -26,10 +25,12 @@ from surgvqa.run_config import RunConfig
 class VQATrainer(Trainer):
     """Eval loss without keeping logits, plus generation-scored accuracy on a bounded subset.
 
-    ``lm_head`` (the model's output embedding): training and evaluation loss apply it only to the labelled positions
-    (:mod:`surgvqa.backbones.labelled_loss`); ``None`` keeps the model's own loss on full logits.
-    ``encoder_cache``: frozen towers' outputs kept per item across epochs (:mod:`surgvqa.backbones.encoder_cache`),
-    for batches that carry ``media_ids``; ``None``: the towers run every step.
+    ``loraplus_lr_ratio``: LoRA+ (see :func:`surgvqa.lora.loraplus_optimizer`).
+    ``labelled_only``: training and evaluation loss ask the model for the logits of the labelled positions only
+    (``logits_mask``, :mod:`surgvqa.backbones.common.labelled_logits`); False keeps the model's own loss on full
+    logits. ``keeps_tower_outputs``: the model keeps its frozen towers' outputs (``Backbone.keep_tower_outputs``),
+    so training batches pass their ``media_ids`` on (else they are dropped). ``eval_collator``: the collator of the
+    evaluation batches (None: the training one).
 
     The accuracy is computed inside ``evaluation_loop``, so ``eval_accuracy`` is in the metrics that are logged,
     passed to ``on_evaluate`` (``EarlyStoppingCallback``) and used for ``metric_for_best_model`` /
@@ -37,17 +38,18 @@ class VQATrainer(Trainer):
     samples) and the per-sample results are gathered, so every process reports the same numbers.
     """
 
-    def __init__(self, *args, generation_eval: dict | None = None, lm_head=None,
-                 encoder_cache: EncoderOutputCache | None = None, eval_collator=None,
-                 loraplus_lr_ratio: float | None = None, **kwargs):
-        if lm_head is not None:
+    def __init__(self, *args, generation_eval: dict | None = None, labelled_only: bool = False,
+                 keeps_tower_outputs: bool = False, eval_collator=None, loraplus_lr_ratio: float | None = None,
+                 **kwargs):
+        if labelled_only:
             kwargs["compute_loss_func"] = labelled_loss
         super().__init__(*args, **kwargs)
         self.generation_eval = generation_eval
-        self.lm_head = lm_head
-        self.encoder_cache = encoder_cache
+        self.labelled_only = labelled_only
+        self.keeps_tower_outputs = keeps_tower_outputs
         self.eval_collator = eval_collator
         self.loraplus_lr_ratio = loraplus_lr_ratio
+        self._eval_loader = None  # kept with persistent workers, as the Trainer keeps its own
 
     def create_optimizer(self, model=None):
         """With ``loraplus_lr_ratio``: the LoRA+ optimizer (B matrices at that multiple of the learning rate)."""
@@ -57,28 +59,34 @@ class VQATrainer(Trainer):
         return self.optimizer
 
     def get_eval_dataloader(self, eval_dataset=None):
-        """With ``eval_collator``: eval batches through their own collator, so evaluation items never take the
-        training collator's cache bound (and carry no ``media_ids``)."""
+        """With ``eval_collator``: evaluation batches through their own collator, so evaluation items never take
+        the training collator's cache bound (and carry no ``media_ids``)."""
+        args = self.args
         if self.eval_collator is None:
             return super().get_eval_dataloader(eval_dataset)
-        train_collator, self.data_collator = self.data_collator, self.eval_collator
-        try:
-            return super().get_eval_dataloader(eval_dataset)
-        finally:
-            self.data_collator = train_collator
+        if eval_dataset is None and self._eval_loader is not None and args.dataloader_persistent_workers:
+            return self._eval_loader
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        workers = {"persistent_workers": args.dataloader_persistent_workers,
+                   "prefetch_factor": args.dataloader_prefetch_factor} if args.dataloader_num_workers else {}
+        loader = self.accelerator.prepare(DataLoader(
+            dataset, batch_size=args.eval_batch_size, sampler=self._get_eval_sampler(dataset),
+            collate_fn=self.eval_collator, num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory, drop_last=args.dataloader_drop_last, **workers))
+        if eval_dataset is None:
+            self._eval_loader = loader
+        return loader
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
-        media_ids = inputs.pop("media_ids", None)  # which items the rows are (the collator's media_id)
+        if not (model.training and self.keeps_tower_outputs):  # kept tower outputs are for training items
+            inputs.pop("media_ids", None)
         if model.training:  # a training forward needs no key/value cache (the model would build one)
             inputs["use_cache"] = False
         labels = inputs.get("labels")
-        with contextlib.ExitStack() as stack:
-            if self.encoder_cache is not None and model.training:  # kept outputs are for training items
-                stack.enter_context(reuse_encoder_outputs(model, self.encoder_cache, media_ids))
-            if self.lm_head is not None and labels is not None:
-                stack.enter_context(labelled_positions_only(self.lm_head, labels))
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.labelled_only and labels is not None:
+            inputs["logits_mask"] = next_token_selection(labels)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def floating_point_ops(self, inputs) -> int:
         """Trainer's estimate (6 x input tokens x non-embedding parameters) with the parameter count taken once:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +57,57 @@ def test_import_contracts_of_pyproject_hold():
     assert "No module named 'importlinter'" not in result.stderr, "install the dev extra: pip install -e '.[dev]'"
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 kept, 0 broken" in result.stdout
+
+
+# ------------------------------------------------------------------------------- no model patched at run time
+#: methods of a model that surgvqa changes only by subclassing (backbones/<family>/modeling.py), never by assigning
+#: to an instance (patched bound methods break under torch.compile, FSDP wrapping and PEFT's own wrappers)
+_MODEL_METHODS = re.compile(r"^(forward|generate|get_rope_index|get_\w+_features)$")
+#: forward hooks outside surgvqa/backbones/common/, each with its reason (none needed today)
+ALLOWED_HOOKS: dict[str, str] = {}
+
+
+def runtime_patches(source: str, path: str) -> list[str]:
+    """``path:line`` of every assignment (or ``setattr``) to an instance's forward / generate / get_*_features /
+    get_rope_index and, outside backbones/common/, every forward (pre-)hook registration in ``source``."""
+    found = []
+    in_common = path.replace(os.sep, "/").startswith("surgvqa/backbones/common/")
+    for node in ast.walk(ast.parse(source, filename=path)):
+        targets: list[ast.expr] = []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+            targets = [node.target]
+        for target in targets:
+            for part in ast.walk(target):
+                if isinstance(part, ast.Attribute) and _MODEL_METHODS.match(part.attr):
+                    found.append(f"{path}:{node.lineno}: assigns .{part.attr}")
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        if (isinstance(func, ast.Name) and func.id == "setattr" and len(node.args) >= 2
+                and isinstance(node.args[1], ast.Constant) and _MODEL_METHODS.match(str(node.args[1].value))):
+            found.append(f"{path}:{node.lineno}: setattr {node.args[1].value}")
+        if (isinstance(func, ast.Attribute) and func.attr in ("register_forward_pre_hook", "register_forward_hook")
+                and not in_common and path not in ALLOWED_HOOKS):
+            found.append(f"{path}:{node.lineno}: {func.attr}")
+    return found
+
+
+def test_the_finder_sees_every_kind_of_patch():
+    source = ("model.forward = f\nm.thinker.generate, x = g, 1\nsetattr(m, 'get_video_features', h)\n"
+              "owner.get_rope_index = r\nhead.register_forward_pre_hook(k)\nself.forward_count = 1\n"
+              "def forward(self): pass\n")
+    assert sorted(runtime_patches(source, "surgvqa/x.py")) == [
+        "surgvqa/x.py:1: assigns .forward", "surgvqa/x.py:2: assigns .generate",
+        "surgvqa/x.py:3: setattr get_video_features", "surgvqa/x.py:4: assigns .get_rope_index",
+        "surgvqa/x.py:5: register_forward_pre_hook"]
+    assert runtime_patches("head.register_forward_pre_hook(k)\n", "surgvqa/backbones/common/x.py") == []
+
+
+def test_no_model_method_is_patched_at_run_time():
+    found = []
+    for file in sorted((REPO / "surgvqa").rglob("*.py")):
+        path = str(file.relative_to(REPO))
+        found += runtime_patches(file.read_text(), path)
+    assert found == [], "\n".join(found)

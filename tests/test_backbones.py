@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +20,9 @@ from surgvqa.backbones import (
     qwen3_omni_moe,
     qwen_vl_whisper,
 )
-from surgvqa.backbones.base import LoadOptions, bnb_config, on_vision_grid, vision_grid
+from surgvqa.backbones.base import LoadOptions, on_vision_grid
+from surgvqa.backbones.common.quantization import bnb_config
+from surgvqa.backbones.common.qwen_processing import vision_grid
 from surgvqa.collate import VQACollator
 from surgvqa.data import MediaConfig, Sample, SurgicalVQADataset
 from surgvqa.errors import UserError
@@ -135,3 +139,42 @@ def test_half_precision_attention_runs_on_every_cpu_kernel_path(capability):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout.strip().splitlines()[-1]) < 0.05  # bf16 rounding of a softmax-weighted mean
+
+
+def _safetensors_keys(directory: Path) -> list[str]:
+    from safetensors import safe_open
+
+    keys: list[str] = []
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as handle:
+            keys.extend(handle.keys())
+    return sorted(keys)
+
+
+def test_the_family_class_saves_what_the_stock_class_loads(tiny_model_dir, tmp_path):
+    """Qwen25OmniThinker adds code paths, no weights: its save is the stock checkpoint (same tensor names, config
+    naming the stock class), and a LoRA adapter trained on it is the adapter of the stock class."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration as Stock
+
+    from surgvqa.backbones.qwen2_5_omni.modeling import Qwen25OmniThinker
+
+    ours = qwen2_5_omni.BACKBONE.load(str(tiny_model_dir), LoadOptions(dtype="float32"))
+    assert type(ours) is Qwen25OmniThinker
+    ours.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["architectures"] == [Stock.__name__]
+    stock = Stock.from_pretrained(tmp_path / "saved")
+    assert type(stock) is Stock
+    stock.save_pretrained(tmp_path / "stock")
+    assert _safetensors_keys(tmp_path / "saved") == _safetensors_keys(tmp_path / "stock")
+    theirs = stock.state_dict()
+    assert all(torch.equal(value, theirs[name]) for name, value in ours.state_dict().items())
+
+    adapters = {}
+    for name, model in (("ours", ours), ("stock", Stock.from_pretrained(tiny_model_dir))):
+        torch.manual_seed(0)
+        config = LoraConfig(r=4, target_modules=qwen2_5_omni.BACKBONE.lora_target_regex, task_type="CAUSAL_LM")
+        get_peft_model(model, config).save_pretrained(tmp_path / f"adapter-{name}")
+        adapters[name] = (json.loads((tmp_path / f"adapter-{name}" / "adapter_config.json").read_text()),
+                          _safetensors_keys(tmp_path / f"adapter-{name}"))
+    assert adapters["ours"] == adapters["stock"] and adapters["ours"][1]

@@ -8,7 +8,7 @@ import torch
 
 from surgvqa.backbones import get_backbone
 from surgvqa.backbones.base import LoadOptions
-from surgvqa.backbones.encoder_cache import EncoderOutputCache, deterministic_frozen, reuse_encoder_outputs
+from surgvqa.backbones.common.tower_cache import EncoderOutputCache, deterministic_frozen
 from surgvqa.collate import VQACollator
 from surgvqa.data import MediaConfig, SurgicalVQADataset, load_samples
 
@@ -53,13 +53,11 @@ def _model(model_dir, token_kept_ratio: float = 1.0):
 
 
 def _run(model, batch, cache=None):
+    """Loss and LoRA gradients of one step; with ``cache``, the model keeps its tower outputs there."""
     model.zero_grad(set_to_none=True)
-    inputs = {k: v for k, v in batch.items() if k != "media_ids"}
-    if cache is None:
-        loss = model(**inputs).loss
-    else:
-        with reuse_encoder_outputs(model, cache, batch["media_ids"]):
-            loss = model(**inputs).loss
+    model.base_model.model.tower_cache = cache  # what Backbone.keep_tower_outputs sets
+    inputs = {k: v for k, v in batch.items() if k != "media_ids" or cache is not None}
+    loss = model(**inputs).loss
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -90,7 +88,7 @@ def test_same_loss_and_lora_gradients_with_kept_encoder_outputs(tiny_model_dir, 
         for name in grads_a:
             assert grads_a[name].abs().sum() > 0, name
             torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7)
-    assert not hasattr(towers, "__dict__") or "get_video_features" not in vars(towers)  # unwrapped afterwards
+    assert not {"get_video_features", "get_audio_features", "get_rope_index"} & set(vars(towers))  # nothing patched
 
 
 def test_trainable_or_dropping_towers_are_not_cached(tiny_model_dir, batches):
@@ -106,6 +104,15 @@ def test_trainable_or_dropping_towers_are_not_cached(tiny_model_dir, batches):
     cache = EncoderOutputCache(1 << 30)
     _run(model, batches[0], cache)
     assert cache.entries == {}
+
+
+def test_each_family_keeps_tower_outputs_or_says_it_does_not(tiny_model_dir, caplog):
+    model = get_backbone("qwen2_5_omni").load(str(tiny_model_dir), LoadOptions(dtype="float32"))
+    assert get_backbone("qwen2_5_omni").keep_tower_outputs(model, 0.5) and model.tower_cache.max_bytes == 1 << 29
+    assert not get_backbone("qwen2_5_omni").keep_tower_outputs(model, 0) and not caplog.records
+    with caplog.at_level("INFO"):
+        assert not get_backbone("qwen_vl_whisper").keep_tower_outputs(torch.nn.Linear(1, 1), 2.0)
+    assert "backbone qwen_vl_whisper keeps no frozen tower outputs" in caplog.text
 
 
 def test_kept_encoder_outputs_under_token_merging(tiny_model_dir, test_set, audio_dir):

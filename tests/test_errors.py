@@ -19,12 +19,25 @@ def test_run_main_turns_user_errors_into_one_line(capsys, monkeypatch):
     assert run_main(bad_flag) == 2
     assert capsys.readouterr().err == "error: --frame_size 10 is below the 28 px grid; pass --frame_size 28 or more\n"
 
-    def our_check() -> int:  # a plain ValueError raised by surgvqa's own code counts as a user error too
+    def our_check() -> int:  # surgvqa's checks raise UserError
         existing_file(None, "--data_path")
         return 0
 
     assert run_main(our_check) == 2 and capsys.readouterr().err == "error: --data_path is required\n"
     assert run_main(lambda: 0) == 0
+
+
+def test_only_the_type_decides(monkeypatch):
+    """A plain ValueError keeps its traceback wherever it was raised (surgvqa's own code included): a broken
+    invariant is a bug to report; every deliberate check raises UserError."""
+    from surgvqa.backbones.common.token_merging import bipartite_merge, kept_video_tokens
+
+    monkeypatch.delenv("SURGVQA_TRACEBACK", raising=False)
+    with pytest.raises(ValueError, match="cannot merge") as raised:
+        run_main(lambda: bipartite_merge(__import__("torch").zeros(2, 1), 3))
+    assert not isinstance(raised.value, UserError)
+    with pytest.raises(UserError, match="token_kept_ratio must be in"):
+        kept_video_tokens(4, 1.5)
 
 
 def test_a_library_error_keeps_its_traceback(monkeypatch):
@@ -71,7 +84,7 @@ def test_baseline_is_parsed_once_for_evaluate_and_rescoring(tmp_path, capsys):
 
     assert evaluate.parse_baseline is parse_baseline
     assert parse_baseline("0.46") == pytest.approx(0.46) and parse_baseline("chance") == "chance"
-    with pytest.raises(ValueError, match="write 0.46, not 46"):
+    with pytest.raises(UserError, match="write 0.46, not 46"):
         parse_baseline("46")
     predictions = tmp_path / "p.jsonl"
     predictions.write_text(json.dumps({"video_id": "v", "id": "q", "question_type": "t", "short_answer": "yes",

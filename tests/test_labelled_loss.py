@@ -10,7 +10,7 @@ import torch
 
 from surgvqa.backbones import get_backbone
 from surgvqa.backbones.base import LoadOptions
-from surgvqa.backbones.labelled_loss import labelled_loss, labelled_positions_only, next_token_selection
+from surgvqa.backbones.common.labelled_logits import labelled_loss, next_token_selection
 from surgvqa.collate import IGNORE_INDEX, VQACollator
 from surgvqa.data import Sample
 
@@ -49,15 +49,14 @@ def _lora_model(model_dir, gradient_checkpointing: bool = False):
     return backbone, model
 
 
-def _loss_and_grads(model, batch, head=None, num_items=None):
+def _loss_and_grads(model, batch, labelled: bool = False, num_items=None):
     model.zero_grad(set_to_none=True)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if head is None:
+    if not labelled:
         kwargs = {"num_items_in_batch": num_items} if num_items is not None else {}
         loss = model(**inputs, labels=batch["labels"], **kwargs).loss
     else:
-        with labelled_positions_only(head, batch["labels"]):
-            outputs = model(**inputs)
+        outputs = model(**inputs, logits_mask=next_token_selection(batch["labels"]))
         assert outputs.logits.dim() == 2
         assert outputs.logits.shape[0] == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         loss = labelled_loss(outputs, batch["labels"], num_items_in_batch=num_items)
@@ -86,36 +85,31 @@ def _assert_same(full, labelled):
 def test_same_loss_and_lora_gradients_as_full_logits(tiny_model_dir, num_items):
     processor = _processor(tiny_model_dir)
     batch = _batch(processor)
-    backbone, model = _lora_model(tiny_model_dir)
-    head = backbone.lm_head(model)
+    _, model = _lora_model(tiny_model_dir)
     n = torch.tensor(num_items) if num_items is not None else None
-    _assert_same(_loss_and_grads(model, batch, num_items=n), _loss_and_grads(model, batch, head, num_items=n))
+    _assert_same(_loss_and_grads(model, batch, num_items=n), _loss_and_grads(model, batch, True, num_items=n))
 
 
 def test_same_under_gradient_checkpointing_and_qwen_vocabulary(qwen_vocab_model_dir):
     processor = _processor(qwen_vocab_model_dir)
     batch = _batch(processor, n=3, modality="text")
-    backbone, model = _lora_model(qwen_vocab_model_dir, gradient_checkpointing=True)
+    _, model = _lora_model(qwen_vocab_model_dir, gradient_checkpointing=True)
     assert model.get_output_embeddings().out_features > 150_000
-    head = backbone.lm_head(model)
-    _assert_same(_loss_and_grads(model, batch), _loss_and_grads(model, batch, head))
+    _assert_same(_loss_and_grads(model, batch), _loss_and_grads(model, batch, True))
 
 
-def test_hook_is_removed_and_generation_sees_full_logits(tiny_model_dir):
+def test_generation_sees_full_logits_and_a_wrong_mask_is_an_error(tiny_model_dir):
     processor = _processor(tiny_model_dir)
     batch = _batch(processor, n=2)
-    backbone, model = _lora_model(tiny_model_dir)
-    head = backbone.lm_head(model)
+    _, model = _lora_model(tiny_model_dir)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
-        with labelled_positions_only(head, batch["labels"]):
-            pass
-        full = model(**inputs).logits
-    assert full.shape[:2] == batch["input_ids"].shape and not head._forward_pre_hooks
-    with pytest.raises(RuntimeError, match="labelled"):  # an exception inside still removes the hook
-        with labelled_positions_only(head, batch["labels"]):
-            raise RuntimeError("labelled: boom")
-    assert not head._forward_pre_hooks
+        labelled = model(**inputs, logits_mask=next_token_selection(batch["labels"])).logits
+        full = model(**inputs).logits  # no mask: every position, as generation needs
+        assert full.shape[:2] == batch["input_ids"].shape
+        torch.testing.assert_close(labelled, full[next_token_selection(batch["labels"])])
+        with pytest.raises(RuntimeError, match="does not fit the hidden states"):
+            model(**inputs, logits_mask=next_token_selection(batch["labels"])[:, 1:])
 
 
 def test_selection_is_the_causal_shift():
@@ -139,7 +133,7 @@ def test_training_logs_the_same_losses_either_way(tiny_model_dir, test_set, tmp_
             "--data_seed", "0", "--disable_tqdm", "True", "--frame_cache", "none", "--lora_dropout", "0",
             "--loss_on_labelled_only", labelled,
         ]))
-        assert (result["trainer"].lm_head is not None) == (labelled == "True")
+        assert result["trainer"].labelled_only == (labelled == "True")
         logged = [(h["loss"], h["grad_norm"]) for h in result["trainer"].state.log_history if "loss" in h]
         assert len(logged) == 3 and all(loss > 0 for loss, _ in logged)
         return logged

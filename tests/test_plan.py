@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from surgvqa.backbones.base import kept_video_tokens
+from surgvqa.backbones.common.token_merging import kept_video_tokens
 from surgvqa.plan import PlanArguments, Planner, _largest, main, parse_bytes, sample_tokens
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,7 +154,7 @@ def test_quantized_storage_equals_the_bitsandbytes_loaded_model(tiny_model_dir, 
     which keeps them in bf16 and holds only the norms in fp32."""
     pytest.importorskip("bitsandbytes")
     from surgvqa.backbones import LoadOptions, backbone_for
-    from surgvqa.backbones.base import prepare_quantized_for_training
+    from surgvqa.backbones.common.quantization import prepare_quantized_for_training
 
     plan = planner(tiny_model_dir, dtype="bfloat16", load_in_4bit=bits == 4, load_in_8bit=bits == 8)
     options = LoadOptions(dtype="bfloat16", load_in_4bit=bits == 4, load_in_8bit=bits == 8)

@@ -66,7 +66,8 @@ def test_collator_counts_clock_and_positions(tiny_moe, test_set, modality):
     get_rope_index spaces the video's temporal grids by it."""
     from transformers import AutoProcessor, Qwen3OmniMoeThinkerForConditionalGeneration
 
-    from surgvqa.collate import VQACollator, frame_times, second_per_grid
+    from surgvqa.backbones.common.qwen_processing import second_per_grid
+    from surgvqa.collate import VQACollator, frame_times
     from surgvqa.data import MediaConfig, SurgicalVQADataset, load_samples
 
     processor = AutoProcessor.from_pretrained(tiny_moe)
@@ -225,7 +226,7 @@ def test_guard_counts_every_family_the_same_way(tiny_model_dir):
 def test_lora_gradients_reach_adapters_over_4bit(tiny_moe, dtype):
     from peft import LoraConfig
 
-    from surgvqa.backbones.base import prepare_quantized_for_training, upcast_trainable
+    from surgvqa.backbones.common.quantization import prepare_quantized_for_training, upcast_trainable
 
     options = LoadOptions(dtype=dtype, load_in_4bit=True)
     model = BACKBONE.load(str(tiny_moe), options)

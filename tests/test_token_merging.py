@@ -11,13 +11,12 @@ import pytest
 import torch
 
 from surgvqa.backbones import get_backbone
-from surgvqa.backbones.base import kept_video_tokens
-from surgvqa.backbones.token_merging import (
+from surgvqa.backbones.common.token_merging import (
     bipartite_merge,
+    kept_video_tokens,
     merge_placeholders,
     merge_videos,
     merged_position_ids,
-    merging_ratio,
 )
 from surgvqa.collate import IGNORE_INDEX, VQACollator
 from surgvqa.data import MediaConfig, SurgicalVQADataset, load_samples
@@ -130,7 +129,7 @@ def test_ratio_one_is_a_bit_exact_no_op(omni, items, mode):
     backbone = get_backbone(OMNI)
     backbone.enable_token_merging(model, 0.5)
     backbone.enable_token_merging(model, 1.0)
-    assert merging_ratio(model) == 1.0 and "forward" not in vars(model) and "generate" not in vars(model)
+    assert model.token_kept_ratio == 1.0 and "forward" not in vars(model) and "generate" not in vars(model)
     same = _collate(processor, items, mode, ratio=1.0)
     assert same.keys() == plain.keys()
     assert all(torch.equal(same[k], plain[k]) for k in plain if isinstance(plain[k], torch.Tensor))
@@ -208,7 +207,7 @@ def test_mismatched_ratio_is_an_error(omni, items):
     get_backbone(OMNI).enable_token_merging(model, 0.25)
     with pytest.raises(ValueError, match="disagree on token_kept_ratio"):
         model(**_inputs(_collate(processor, items, "generate", ratio=0.5)))
-    with pytest.raises(ValueError, match="computes them from the full video grid"):
+    with pytest.raises(ValueError, match="computes position_ids from the full video grid"):
         batch = _inputs(_collate(processor, items, "generate", ratio=0.25))
         model(**batch, position_ids=torch.zeros((3, *batch["input_ids"].shape), dtype=torch.long))
 

@@ -410,7 +410,7 @@ def _compute_dtype() -> torch.dtype:
 def test_4bit_build_keeps_towers_embeddings_and_head_in_bf16(tiny_model_dir, test_set):
     """QLoRA prep: only norms (fp32, run in fp32) and trainable weights are upcast; the towers, embeddings and
     lm_head stay bf16 (the compute dtype: fp32 on CPUs without AVX-512); checkpointed blocks get input gradients."""
-    from surgvqa.backbones.base import is_norm
+    from surgvqa.backbones.common.quantization import is_norm
 
     model, _ = _qlora_model(tiny_model_dir, test_set)
     compute = _compute_dtype()
@@ -674,3 +674,23 @@ def test_fsdp_on_cpu_is_refused_not_silently_ddp(tiny_model_dir, test_set, tmp_p
     err = capsys.readouterr().err
     assert err.startswith("error: --fsdp shards the model through accelerate") and "DDP" in err
     assert not out.exists()
+
+
+def test_evaluation_batches_go_through_their_own_collator(tmp_path):
+    """The eval DataLoader is built with eval_collator; the training collator stays the Trainer's throughout."""
+    from transformers import TrainingArguments
+
+    from surgvqa.trainer import VQATrainer
+
+    def train_collator(items):
+        return {"who": "train", "n": len(items)}
+
+    def eval_collator(items):
+        return {"who": "eval", "n": len(items), "training_collator": trainer.data_collator}
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_eval_batch_size=2)
+    trainer = VQATrainer(model=torch.nn.Linear(1, 1), args=args, data_collator=train_collator,
+                         eval_collator=eval_collator, eval_dataset=[{"x": i} for i in range(3)])
+    batches = list(trainer.get_eval_dataloader())
+    assert [(b["who"], b["n"]) for b in batches] == [("eval", 2), ("eval", 1)]
+    assert all(b["training_collator"] is train_collator for b in batches) and trainer.data_collator is train_collator

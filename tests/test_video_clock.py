@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from surgvqa.collate import VQACollator, frame_times, second_per_grid
+from surgvqa.backbones.common.qwen_processing import second_per_grid
+from surgvqa.collate import VQACollator, frame_times
 from surgvqa.data import MediaConfig, SurgicalVQADataset, load_samples
 from surgvqa.media import PixelBudget, load_frame
 

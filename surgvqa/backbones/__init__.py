@@ -1,9 +1,10 @@
 """Backbones: the only place that knows model families.
 
-A backbone says how to load a checkpoint (dtype, attention, quantization), which linear layers LoRA wraps, which
-modules are encoder towers and projectors, and how a prompt refers to the media. Training, evaluation and merging
-ask this table; a backbone module never imports them. Adding a family is one new module here that exposes a
-module-level ``BACKBONE`` instance, plus one entry in :data:`BACKBONES` (nothing registers itself on import).
+A backbone says how to load a checkpoint (into its model class), which linear layers LoRA wraps, which modules are
+towers and projectors, and what its processor makes of the media (``processing_for``). Training, evaluation and
+merging ask this table; a backbone never imports them. Adding a family is one package here (``modeling.py``,
+``processing.py``, ``backbone.py`` with a module-level ``BACKBONE``; see docs/ARCHITECTURE.md) plus one entry in
+:data:`BACKBONES` (nothing registers itself on import).
 """
 
 from __future__ import annotations
@@ -58,4 +59,17 @@ def backbone_for(path: str | Path, name: str | None = None, flag: str = "--model
     )
 
 
-__all__ = ["BACKBONES", "Backbone", "LoadOptions", "available", "backbone_for", "get_backbone", "read_config"]
+def processing_for(processor, **settings):
+    """The encoder of the family whose processor ``processor`` is (``Backbone.processing``), with ``settings``; a
+    processor no family names (a wrapper, a stand-in) gets the shared Qwen-style encoder."""
+    name = type(processor).__name__
+    for backbone in BACKBONES.values():
+        if backbone.processor_class == name:
+            return backbone.processing(processor, **settings)
+    from surgvqa.backbones.common.qwen_processing import QwenProcessing
+
+    return QwenProcessing(processor, **settings)
+
+
+__all__ = ["BACKBONES", "Backbone", "LoadOptions", "available", "backbone_for", "get_backbone", "processing_for",
+           "read_config"]

@@ -14,6 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from surgvqa.backbones.common.quantization import bnb_config
+from surgvqa.backbones.common.token_merging import kept_video_tokens
+from surgvqa.backbones.common.tower_cache import EncoderOutputCache
+from surgvqa.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -35,30 +40,30 @@ class LoadOptions:
         if alias == "auto":
             return "auto"
         if alias not in DTYPES:
-            raise ValueError(f"--dtype must be one of auto, bfloat16, float16, float32; got {self.dtype!r}")
+            raise UserError(f"--dtype must be one of auto, bfloat16, float16, float32; got {self.dtype!r}")
         return DTYPES[alias]
 
     def validate(self) -> None:
         dtype = self.torch_dtype()
         if self.load_in_4bit and self.load_in_8bit:
-            raise ValueError("--load_in_4bit and --load_in_8bit are exclusive: pick one quantization")
+            raise UserError("--load_in_4bit and --load_in_8bit are exclusive: pick one quantization")
         if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
-            raise ValueError(
+            raise UserError(
                 f"--attn_implementation must be sdpa, eager or flash_attention_2; got {self.attn_implementation!r}"
             )
         if self.attn_implementation == "flash_attention_2":
             if dtype not in (torch.bfloat16, torch.float16):
-                raise ValueError(
+                raise UserError(
                     "flash_attention_2 runs only in half precision: add --dtype bfloat16 (or float16), "
                     "or use --attn_implementation sdpa"
                 )
             if importlib.util.find_spec("flash_attn") is None:
-                raise ValueError(
+                raise UserError(
                     "flash_attention_2 needs the flash-attn package (pip install flash-attn --no-build-isolation); "
                     "--attn_implementation sdpa needs nothing extra and is nearly as fast for short clips"
                 )
         if (self.load_in_4bit or self.load_in_8bit) and importlib.util.find_spec("bitsandbytes") is None:
-            raise ValueError("4/8-bit loading needs bitsandbytes: pip install bitsandbytes")
+            raise UserError("4/8-bit loading needs bitsandbytes: pip install bitsandbytes")
 
     @property
     def quantized(self) -> bool:
@@ -89,8 +94,20 @@ class Backbone:
         None); None: unquantized, in the compute dtype."""
         return None
 
+    #: the class name of the family's processor (``surgvqa.backbones.processing_for`` finds the family by it)
+    processor_class: str = ""
+
     def matches(self, config: dict) -> bool:
         raise NotImplementedError
+
+    def processing(self, processor, **settings):
+        """The family's ``processing.py`` encoder of ``processor`` with one run's settings (frames_as, frame_size,
+        max_pixels, min_pixels, fps, token_kept_ratio): ``encode``, token counts, the vision grid."""
+        raise NotImplementedError
+
+    def vision_grid(self, processor) -> int:
+        """Pixels per side of one vision token of ``processor`` (frames are resized onto this grid)."""
+        return self.processing(processor).grid
 
     def load(self, path: str, options: LoadOptions):
         """Return the model for ``path`` (processor loading is shared: ``load_processor``)."""
@@ -117,16 +134,16 @@ class Backbone:
 
     def load_full(self, path: str, options: LoadOptions) -> tuple[Any, Any]:
         """(the whole model, the part adapters were trained on), unquantized, for a full-model merge."""
-        raise ValueError(self.full_model_problem({}, path))
+        raise UserError(self.full_model_problem({}, path))
 
     def put_back(self, full, merged):
         """``full`` with its trained part replaced by ``merged`` (the inverse of ``load_full``)."""
-        raise ValueError(self.full_model_problem({}, ""))
+        raise UserError(self.full_model_problem({}, ""))
 
     def make_trainable(self, model, lora_config, stage: int | None = None, init_from: str | None = None):
         """Wrap ``model`` for training. Default: PEFT LoRA with ``lora_config`` (staged backbones override)."""
         if stage not in (None, 2) or init_from is not None:
-            raise ValueError(
+            raise UserError(
                 f"backbone {self.name!r} trains in one stage: --stage and --init_from apply to staged backbones only"
             )
         from peft import get_peft_model
@@ -135,19 +152,12 @@ class Backbone:
 
     def expert_lora_parameters(self, model, options: LoadOptions) -> list[str]:
         """PEFT ``target_parameters`` for --lora_experts (MoE families); refused by families without experts."""
-        raise ValueError(f"--lora_experts: backbone {self.name!r} has no MoE experts; drop it")
+        raise UserError(f"--lora_experts: backbone {self.name!r} has no MoE experts; drop it")
 
     def set_router_aux_loss(self, model, coefficient: float) -> None:
         """The weight of the MoE router's load-balancing loss (MoE families); others accept only 0."""
         if coefficient:
-            raise ValueError(f"--router_aux_loss_coef: backbone {self.name!r} has no MoE router; drop it")
-
-    def lm_head(self, model) -> torch.nn.Module:
-        """The module that maps hidden states to vocabulary logits (labelled-only loss hooks its input)."""
-        head = model.get_output_embeddings()
-        if head is None:
-            raise ValueError(f"backbone {self.name!r}: the model has no output embedding (LM head)")
-        return head
+            raise UserError(f"--router_aux_loss_coef: backbone {self.name!r} has no MoE router; drop it")
 
     def save_extras(self, model, output_dir: str, config) -> dict[str, Any]:
         """Write backbone-specific trained weights beside the adapter; return the ``RunConfig`` fields to update
@@ -160,13 +170,30 @@ class Backbone:
 
     def enable_token_merging(self, model, ratio: float) -> None:
         """Merge each video's tokens down to ``kept_video_tokens(n, ratio)`` in every forward and generate call of
-        ``model`` (a PEFT or DDP wrapper is looked through); ``ratio = 1.0`` turns merging off. The collator must
-        write as many placeholders (``VQACollator(token_kept_ratio=ratio)``). Families without merging refuse
-        ``ratio < 1``."""
+        ``model`` (a PEFT or DDP wrapper is looked through): the family's model class reads its ``token_kept_ratio``.
+        ``ratio = 1.0`` turns merging off. The collator must write as many placeholders
+        (``VQACollator(token_kept_ratio=ratio)``). A family whose model has no merging refuses ``ratio < 1``."""
         kept_video_tokens(1, ratio)
-        if ratio != 1.0:
-            raise ValueError(f"backbone {self.name!r} has no video token merging: drop --token_kept_ratio "
-                             "(or set it to 1.0)")
+        inner = unwrap(model)
+        if hasattr(inner, "token_kept_ratio"):
+            inner.token_kept_ratio = float(ratio)
+        elif ratio != 1.0:
+            raise UserError(f"backbone {self.name!r} has no video token merging: drop --token_kept_ratio "
+                            "(or set it to 1.0)")
+
+    #: whether the family's model class serves frozen towers' outputs from its ``tower_cache``
+    keeps_tower_outputs: bool = False
+
+    def keep_tower_outputs(self, model, max_gb: float) -> bool:
+        """Keep the frozen towers' outputs of training items, up to ``max_gb``, for the forward calls of ``model``
+        that name their items (``media_ids``); whether they are kept (a family that cannot says so in the log)."""
+        if max_gb > 0 and not self.keeps_tower_outputs:
+            logger.info("backbone %s keeps no frozen tower outputs: the encoding cache bound applies to the kept "
+                        "processor outputs only", self.name)
+        if max_gb <= 0 or not self.keeps_tower_outputs:
+            return False
+        unwrap(model).tower_cache = EncoderOutputCache(int(max_gb * 1024**3))
+        return True
 
     def describe(self, model) -> str:
         """One line saying what ``model`` is, for logs and evaluation output."""
@@ -188,27 +215,6 @@ class Backbone:
 
 
 # ------------------------------------------------------------------------------- shared by every backbone module
-def bnb_config(options: LoadOptions, skip_modules: list[str]):
-    """The bitsandbytes config of ``options`` (None when unquantized): nf4 + double quant + bf16 compute for 4-bit,
-    LLM.int8 for 8-bit. ``skip_modules`` stay in full precision; give full module paths (bitsandbytes silently
-    ignores short names that match no module path prefix)."""
-    if not options.quantized:
-        return None
-    from transformers import BitsAndBytesConfig
-
-    if options.load_in_4bit:
-        # fp32 compute only when asked for (--dtype float32: CPUs whose torch has no bf16 kernels, tests)
-        compute = torch.float32 if options.torch_dtype() == torch.float32 else torch.bfloat16
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute,
-            llm_int8_skip_modules=list(skip_modules),
-        )
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip_modules))
-
-
 #: the share of the language model's layer weights a 4/8-bit load may leave unquantized (norms, MoE routers)
 UNQUANTIZED_LIMIT = 0.01
 
@@ -240,8 +246,6 @@ def check_quantized(model, backbone: Backbone, options: LoadOptions, limit: floa
     routers are); otherwise stop with a UserError naming the modules, layer indices folded to ``*``."""
     if not options.quantized:
         return
-    from surgvqa.errors import UserError
-
     prefix = backbone.language_layers + "."
     quantized = unquantized = 0
     groups: dict[str, list] = {}
@@ -271,14 +275,10 @@ def check_quantized(model, backbone: Backbone, options: LoadOptions, limit: floa
     )
 
 
-def vision_grid(processor) -> int:
-    """Pixels per side of one vision token: the patch size times the spatial merge of ``processor``'s video (else
-    image) processor, or of ``processor`` itself. 28 for Qwen2-VL, Qwen2.5-VL and Qwen2.5-Omni, 32 for Qwen3-VL."""
-    for part in (processor, getattr(processor, "video_processor", None), getattr(processor, "image_processor", None)):
-        patch = getattr(part, "patch_size", None)
-        if isinstance(patch, int) and patch > 0:
-            return patch * int(getattr(part, "merge_size", 1) or 1)
-    raise ValueError(f"{type(processor).__name__} has no vision patch size: not a Qwen-style vision processor")
+def unwrap(model):
+    """The family's model inside a DDP and/or PEFT wrapper (or the model itself)."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def on_vision_grid(frames: Iterable[np.ndarray], grid: int, max_edge: int | None = None) -> bool:
@@ -289,26 +289,6 @@ def on_vision_grid(frames: Iterable[np.ndarray], grid: int, max_edge: int | None
         if height % grid or width % grid or (max_edge is not None and max(height, width) > max_edge):
             return False
     return True
-
-
-def kept_video_tokens(num_tokens: int, token_kept_ratio: float = 1.0) -> int:
-    """Video tokens entering the language model when token merging keeps ``token_kept_ratio`` of a video's
-    ``num_tokens``: ``ceil(r * n)`` per video (``r = 1.0``: all of them)."""
-    if not 0.0 < token_kept_ratio <= 1.0:
-        raise ValueError(f"token_kept_ratio must be in (0, 1], got {token_kept_ratio!r}")
-    return num_tokens if token_kept_ratio == 1.0 else math.ceil(token_kept_ratio * num_tokens)
-
-
-def num_audio_tokens(processor, samples: int) -> int:
-    """Audio tokens a clip of ``samples`` (16 kHz) becomes: the count the family's processor exposes
-    (``_get_num_multimodal_tokens(audio_lengths=...)``), asked here and nowhere else."""
-    counter = getattr(processor, "_get_num_multimodal_tokens", None)
-    counts = counter(audio_lengths=[samples]) if counter is not None else None
-    tokens = getattr(counts, "num_audio_tokens", None) if counts is not None else None
-    if not tokens:
-        raise ValueError(f"{type(processor).__name__} does not count audio tokens: this model family takes no "
-                         "spoken questions; use --question_modality text")
-    return int(tokens[0])
 
 
 def runnable_attention(model) -> contextlib.AbstractContextManager:
@@ -323,81 +303,3 @@ def runnable_attention(model) -> contextlib.AbstractContextManager:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.MATH])
-
-
-# ------------------------------------------------------------------------------------- quantized training prep
-_HALF = (torch.float16, torch.bfloat16)
-_NORM_CLASSES = tuple(c for c in (torch.nn.LayerNorm, torch.nn.GroupNorm, getattr(torch.nn, "RMSNorm", None)) if c)
-
-
-def is_norm(module: torch.nn.Module) -> bool:
-    """LayerNorm / RMSNorm / GroupNorm modules (by class, or by the name transformers gives its RMSNorms)."""
-    if isinstance(module, _NORM_CLASSES):
-        return True
-    name = type(module).__name__
-    return name.endswith(("RMSNorm", "LayerNorm")) and any(True for _ in module.parameters(recurse=False))
-
-
-def compute_in_fp32(module: torch.nn.Module) -> int:
-    """Hold ``module``'s own half-precision parameters in fp32 and run it in fp32: its floating inputs are cast to
-    fp32 and its output back to the input's dtype, so the layers around it keep their dtype (with or without
-    autocast). Returns the number of parameters upcast."""
-    upcast = 0
-    for param in module.parameters(recurse=False):
-        if param.dtype in _HALF:
-            param.data = param.data.float()
-            upcast += param.numel()
-    if getattr(module, "_surgvqa_fp32", False):
-        return upcast
-
-    def before(mod, args):
-        floating = [a for a in args if torch.is_tensor(a) and a.is_floating_point()]
-        mod._surgvqa_dtype = floating[0].dtype if floating else None
-        return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
-
-    def after(mod, args, output):
-        dtype = getattr(mod, "_surgvqa_dtype", None)
-        if dtype is not None and torch.is_tensor(output) and output.is_floating_point() and output.dtype != dtype:
-            return output.to(dtype)
-        return output
-
-    module.register_forward_pre_hook(before)
-    module.register_forward_hook(after)
-    module._surgvqa_fp32 = True
-    return upcast
-
-
-def prepare_quantized_for_training(model, *, gradient_checkpointing: bool,
-                                   gradient_checkpointing_kwargs: dict | None = None) -> dict[str, int]:
-    """Freeze a 4/8-bit model for (Q)LoRA, upcasting only what needs fp32.
-
-    PEFT's ``prepare_model_for_kbit_training`` casts every parameter that is not 4-bit to fp32: the vision and audio
-    towers, the embeddings and the lm_head (about 2.4 B parameters on Qwen2.5-Omni-7B, +4.7 GB). Here only the
-    normalisation layers run in fp32 (:func:`compute_in_fp32`: their statistics are the numerically fragile part);
-    towers, embeddings and lm_head stay in the compute dtype. Trainable parameters are upcast after the adapters are
-    added (:func:`upcast_trainable`). With gradient checkpointing the input embeddings' output requires grad, so the
-    checkpointed blocks of a frozen model still carry gradients to the adapters.
-
-    Returns ``{"norm_params_fp32": n, "params_kept_half": m}``.
-    """
-    for param in model.parameters():
-        param.requires_grad_(False)
-    upcast = sum(compute_in_fp32(module) for module in model.modules() if is_norm(module))
-    kept = sum(p.numel() for p in model.parameters() if p.dtype in _HALF)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-        model.enable_input_require_grads()
-    logger.info("quantized model prepared: %d norm parameters in fp32, %d parameters kept in half precision",
-                upcast, kept)
-    return {"norm_params_fp32": upcast, "params_kept_half": kept}
-
-
-def upcast_trainable(model) -> int:
-    """Run every module with trainable half-precision parameters (e.g. projectors in ``modules_to_save``) in fp32,
-    so the optimizer updates fp32 weights; LoRA weights are fp32 already (PEFT). Returns the parameters upcast."""
-    upcast = 0
-    for module in model.modules():
-        own = list(module.parameters(recurse=False))
-        if any(p.requires_grad and p.dtype in _HALF for p in own):
-            upcast += compute_in_fp32(module)
-    return upcast

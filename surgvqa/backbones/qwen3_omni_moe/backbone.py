@@ -8,7 +8,9 @@ from __future__ import annotations
 import logging
 import re
 
-from surgvqa.backbones.base import Backbone, LoadOptions, check_quantized
+from surgvqa.backbones.base import Backbone, LoadOptions, check_quantized, unwrap
+from surgvqa.backbones.common.token_merging import kept_video_tokens
+from surgvqa.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +46,15 @@ class Qwen3OmniMoe(Backbone):
         experts, rows, cols = shape
         return experts * nf4_matrix_bytes(rows * cols, self.nf4_blocksize, self.nf4_double_quant)
 
+    processor_class = "Qwen3OmniMoeProcessor"
+
     def matches(self, config: dict) -> bool:
         return config.get("model_type") in MODEL_TYPES
+
+    def processing(self, processor, **settings):
+        from surgvqa.backbones.qwen3_omni_moe.processing import Qwen3OmniMoeProcessing
+
+        return Qwen3OmniMoeProcessing(processor, **settings)
 
     def thinker_config(self, path: str, trust_remote_code: bool = False):
         """(the thinker's config, from_pretrained kwargs): a full Qwen3-Omni checkpoint loads only its thinker."""
@@ -65,14 +74,14 @@ class Qwen3OmniMoe(Backbone):
         """The thinker (never the talker or code2wav). ``--load_in_4bit``: attention and dense projections as
         bitsandbytes ``Linear4bit``, the fused experts as :class:`NF4Experts` quantized layer by layer from the
         checkpoint; towers, projectors, embeddings and the LM head in the compute dtype."""
-        from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
+        from surgvqa.backbones.qwen3_omni_moe.modeling import Qwen3OmniMoeThinker
 
         options.validate()
         if options.load_in_8bit:
-            raise ValueError("--load_in_8bit: qwen3_omni_moe quantizes its fused experts in 4-bit only (NF4); the "
+            raise UserError("--load_in_8bit: qwen3_omni_moe quantizes its fused experts in 4-bit only (NF4); the "
                              "8-bit loading would leave them 16-bit. Use --load_in_4bit")
         config, kwargs = self.thinker_config(path, options.trust_remote_code)
-        model_class = Qwen3OmniMoeThinkerForConditionalGeneration
+        model_class = Qwen3OmniMoeThinker
         if options.load_in_4bit:
             from surgvqa.backbones.qwen3_omni_moe.modeling import (
                 NF4_ATTRIBUTE,
@@ -105,11 +114,9 @@ class Qwen3OmniMoe(Backbone):
         """Refused below 1: the thinker adds the vision tower's deepstack features to the hidden states of every
         video token position in its first layers, so a merged (shorter) video run would no longer line up with
         them."""
-        from surgvqa.backbones.base import kept_video_tokens
-
         kept_video_tokens(1, ratio)
         if ratio != 1.0:
-            raise ValueError("--token_kept_ratio: qwen3_omni_moe has no video token merging (its deepstack features "
+            raise UserError("--token_kept_ratio: qwen3_omni_moe has no video token merging (its deepstack features "
                              "are added per video token in the first layers, one per original token); drop it or "
                              "set it to 1.0")
 
@@ -128,33 +135,29 @@ class Qwen3OmniMoe(Backbone):
             pattern = re.compile(lora_config.target_modules)
             names = [name for name, _ in model.named_modules() if pattern.fullmatch(name)]
             if not names:
-                raise ValueError(f"LoRA matched no module: --lora_target_regex {lora_config.target_modules!r}")
+                raise UserError(f"LoRA matched no module: --lora_target_regex {lora_config.target_modules!r}")
             lora_config.target_modules = names
         if lora_config.target_parameters and lora_config.lora_dropout:
-            raise ValueError(f"--lora_experts needs --lora_dropout 0 (PEFT's LoRA on parameters has no dropout); got "
+            raise UserError(f"--lora_experts needs --lora_dropout 0 (PEFT's LoRA on parameters has no dropout); got "
                              f"{lora_config.lora_dropout}")
         peft_model = super().make_trainable(model, lora_config, stage=stage, init_from=init_from)
         router = [name for name, param in peft_model.named_parameters() if param.requires_grad
                   and re.search(r"\.mlp\.gate\.", name) and "lora_" not in name]
         if router:
-            raise ValueError(f"the MoE router must stay frozen, but {router[0]} is trainable: leave mlp.gate out of "
+            raise UserError(f"the MoE router must stay frozen, but {router[0]} is trainable: leave mlp.gate out of "
                              "--lora_target_regex and modules_to_save")
         return peft_model
 
     def set_router_aux_loss(self, model, coefficient: float) -> None:
         """The router's load-balancing loss, ``coefficient`` x aux loss added to the LM loss (0: not computed).
         The router itself stays frozen either way."""
-        thinker = _thinker(model)
+        thinker = unwrap(model)
         text = thinker.config.text_config
         text.output_router_logits = coefficient > 0
         text.router_aux_loss_coef = float(coefficient)
         thinker.router_aux_loss_coef = float(coefficient)
 
 
-def _thinker(model):
-    """The thinker inside a DDP and/or PEFT wrapper (or the thinker itself)."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 BACKBONE = Qwen3OmniMoe()

@@ -7,6 +7,9 @@ constructor, so ``from_pretrained`` never allocates the 16-bit experts; their ch
 a time and quantizes each into its module: at most one layer's 16-bit stack is in memory at once. Checkpoints
 written by transformers 5 hold fused stacks (``…mlp.experts.gate_up_proj``); the released Qwen3-Omni checkpoints
 hold one ``gate_proj``/``up_proj``/``down_proj`` per expert (``thinker.model.layers.N.mlp.experts.E.…``): both load.
+
+:class:`Qwen3OmniMoeThinker` is the thinker the backbone loads in 16-bit: the stock class plus labelled-only logits
+(``forward(logits_mask=...)``, backbones/common). It adds no parameter: a checkpoint it saves is the stock class's.
 """
 
 from __future__ import annotations
@@ -17,8 +20,16 @@ from pathlib import Path
 
 import torch
 from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
+    MultimodalMoeCausalLMOutputWithPast,
+    load_balancing_loss_func,
+)
 
+from surgvqa.backbones.common.labelled_logits import head_logits, labelled_loss
 from surgvqa.backbones.qwen3_omni_moe.experts import PROJECTIONS, NF4Experts
+
+#: the stock class, named in saved config.json files (loaders that read ``architectures`` find it)
+STOCK_CLASS = Qwen3OmniMoeThinkerForConditionalGeneration
 
 #: config attribute naming the NF4 settings ({"blocksize": 64, "double_quant": true}) of the subclass
 NF4_ATTRIBUTE = "surgvqa_nf4_experts"
@@ -35,7 +46,45 @@ def moe_blocks(model) -> dict[int, torch.nn.Module]:
     return {i: layer.mlp for i, layer in enumerate(layers) if hasattr(layer.mlp, "experts")}
 
 
-class Qwen3OmniMoeThinkerNF4ForConditionalGeneration(Qwen3OmniMoeThinkerForConditionalGeneration):
+class Qwen3OmniMoeThinker(Qwen3OmniMoeThinkerForConditionalGeneration):
+    """The Qwen3-Omni thinker with labelled-only logits (``logits_mask``); without it ``forward`` is the stock one."""
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        """The stock save; config.json names the stock class (this one adds nothing to the weights)."""
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            self.config.architectures = [STOCK_CLASS.__name__]
+            self.config.save_pretrained(save_directory)
+
+    def forward(self, *args, logits_mask: torch.Tensor | None = None, labels=None, output_router_logits=None,
+                attention_mask=None, **kwargs):
+        """The stock forward, plus ``logits_mask`` (boolean (batch, seq)): the LM head runs on those positions only
+        and returns them as (n, vocab) rows; the loss with ``labels`` is then :func:`labelled_loss` (plus the
+        router's weighted load-balancing loss when its logits are asked for, as the stock forward adds it)."""
+        if logits_mask is None:
+            return super().forward(*args, labels=labels, output_router_logits=output_router_logits,
+                                   attention_mask=attention_mask, **kwargs)
+        if output_router_logits is None:
+            output_router_logits = self.config.text_config.output_router_logits
+        kwargs.pop("return_dict", None)
+        num_items = kwargs.pop("num_items_in_batch", None)
+        outputs = self.model(*args, attention_mask=attention_mask, output_router_logits=output_router_logits,
+                             **kwargs)
+        logits = head_logits(self.lm_head, outputs[0], logits_mask)
+        loss = labelled_loss({"logits": logits}, labels, num_items) if labels is not None else None
+        aux_loss = None
+        if output_router_logits:
+            aux_loss = load_balancing_loss_func(outputs.router_logits, self.num_experts, self.num_experts_per_tok,
+                                                attention_mask)
+            if loss is not None:
+                loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
+        return MultimodalMoeCausalLMOutputWithPast(
+            loss=loss, logits=logits, aux_loss=aux_loss, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions, cache=outputs.cache, image_outputs=outputs.image_outputs,
+            router_logits=outputs.router_logits)
+
+
+class Qwen3OmniMoeThinkerNF4ForConditionalGeneration(Qwen3OmniMoeThinker):
     """The thinker with every sparse MoE block's experts in NF4 (``config.surgvqa_nf4_experts``). Only for loading
     in 4-bit: merged and saved models are written by the stock class (the merge loads the 16-bit base)."""
 
@@ -58,10 +107,10 @@ def _register_checkpoint_layout() -> None:
         register_checkpoint_conversion_mapping,
     )
 
-    mapping = get_checkpoint_conversion_mapping(Qwen3OmniMoeThinkerForConditionalGeneration.__name__)
+    mapping = get_checkpoint_conversion_mapping(STOCK_CLASS.__name__)
     if mapping is not None:
-        register_checkpoint_conversion_mapping(Qwen3OmniMoeThinkerNF4ForConditionalGeneration.__name__, mapping,
-                                               overwrite=True)
+        for cls in (Qwen3OmniMoeThinker, Qwen3OmniMoeThinkerNF4ForConditionalGeneration):
+            register_checkpoint_conversion_mapping(cls.__name__, mapping, overwrite=True)
 
 
 _register_checkpoint_layout()

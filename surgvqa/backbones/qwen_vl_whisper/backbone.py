@@ -11,17 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from surgvqa.backbones.base import Backbone, LoadOptions, check_quantized
+from surgvqa.backbones.base import unwrap as unwrap_model
+from surgvqa.backbones.common.quantization import bnb_config
 from surgvqa.backbones.qwen_vl_whisper.constants import MODEL_TYPE, PROJECTOR_FILE
 from surgvqa.backbones.qwen_vl_whisper.weights import read_projector, resolve_part, write_projector
+from surgvqa.errors import UserError
 
 logger = logging.getLogger(__name__)
-
-
-class _VLModelNames(Backbone):
-    """The graft's VL model as bitsandbytes sees it: it loads itself, so module names are relative to it."""
-
-    tower_modules = ("model.visual",)
-    projector_modules = ("model.visual.merger",)
 
 
 class QwenVLWhisper(Backbone):
@@ -39,14 +35,20 @@ class QwenVLWhisper(Backbone):
     conv3d_patch_embed = "vl_model.model.visual.patch_embed"
     language_layers = "vl_model.model.language_model.layers"
     audio_projector_module = "audio_projector"
+    processor_class = "QwenVLWhisperProcessor"
 
     def matches(self, config: dict) -> bool:
         return config.get("model_type") == MODEL_TYPE
 
+    def processing(self, processor, **settings):
+        from surgvqa.backbones.qwen_vl_whisper.processing import QwenVLWhisperProcessing
+
+        return QwenVLWhisperProcessing(processor, **settings)
+
     def vl_quantization_config(self, options: LoadOptions):
-        """bitsandbytes config for the VL model (vision tower, merger and lm_head stay unquantized); the Whisper
-        encoder and the projector are never quantized."""
-        return _VLModelNames().quantization_config(options)
+        """bitsandbytes config for the VL model (vision tower, merger and lm_head stay unquantized; the VL model
+        loads itself, so the names are relative to it); the Whisper encoder and the projector are never quantized."""
+        return bnb_config(options, ["model.visual", "model.visual.merger", "lm_head"])
 
     def load(self, path: str, options: LoadOptions):
         from surgvqa.backbones.qwen_vl_whisper.modeling import QwenVLWhisperForConditionalGeneration
@@ -75,15 +77,13 @@ class QwenVLWhisper(Backbone):
 
     def enable_token_merging(self, model, ratio: float) -> None:
         """Video token merging in the graft's own embedding splice (Qwen2-VL / Qwen2.5-VL grafts)."""
-        from surgvqa.backbones.base import kept_video_tokens
         from surgvqa.backbones.qwen_vl_whisper.constants import SPLICES_VISION
 
-        kept_video_tokens(1, ratio)
         graft = unwrap(model)
         if ratio != 1.0 and graft.vl_type not in SPLICES_VISION:
-            raise ValueError(f"--token_kept_ratio: token merging is not available for {graft.vl_type} grafts "
-                             f"(only {', '.join(SPLICES_VISION)}); drop it")
-        graft.token_kept_ratio = float(ratio)
+            raise UserError(f"--token_kept_ratio: token merging is not available for {graft.vl_type} grafts "
+                            f"(only {', '.join(SPLICES_VISION)}); drop it")
+        super().enable_token_merging(graft, ratio)
 
     # -- training ---------------------------------------------------------------------------------------------
     def make_trainable(self, model, lora_config, stage: int | None = None, init_from: str | None = None):
@@ -91,7 +91,7 @@ class QwenVLWhisper(Backbone):
         (the default): LoRA on the LLM plus the projector as ``modules_to_save``."""
         stage = 2 if stage is None else int(stage)
         if stage not in (1, 2):
-            raise ValueError(f"--stage must be 1 (projector alignment) or 2 (LoRA + projector), got {stage}")
+            raise UserError(f"--stage must be 1 (projector alignment) or 2 (LoRA + projector), got {stage}")
         if hasattr(model, "peft_config"):
             raise ValueError("make_trainable expects the bare graft, not a PEFT model")
         graft = unwrap(model)
@@ -130,12 +130,12 @@ class QwenVLWhisper(Backbone):
         config_file = Path(init_from) / "config.json"
         recorded = json.loads(config_file.read_text()) if config_file.is_file() else {}
         if recorded.get("model_type") != MODEL_TYPE:
-            raise ValueError(f"--init_from {init_from}: not a qwen_vl_whisper graft directory (stage-1 output)")
+            raise UserError(f"--init_from {init_from}: not a qwen_vl_whisper graft directory (stage-1 output)")
         for key in ("vl_model_path", "audio_encoder_path"):
             theirs = resolve_part(recorded.get(key), init_from)
             ours = Path(getattr(graft.config, key)).resolve()
             if theirs != ours:
-                raise ValueError(f"--init_from {init_from}: its {key} is {theirs}, this graft's is {ours}")
+                raise UserError(f"--init_from {init_from}: its {key} is {theirs}, this graft's is {ours}")
 
     # -- saving -----------------------------------------------------------------------------------------------
     def save_extras(self, model, output_dir: str, config) -> dict[str, Any]:
@@ -182,9 +182,7 @@ class QwenVLWhisper(Backbone):
 
 def unwrap(model):
     """The graft inside a PeftModel or a DDP wrapper (or the graft itself)."""
-    graft = getattr(model, "module", model)  # DistributedDataParallel
-    if hasattr(graft, "get_base_model"):  # PeftModel
-        graft = graft.get_base_model()
+    graft = unwrap_model(model)
     if type(graft).__name__ != "QwenVLWhisperForConditionalGeneration":
         raise ValueError(f"{type(model).__name__} holds no qwen_vl_whisper graft")
     return graft
@@ -203,13 +201,13 @@ def load_projector(model, directory: str | Path) -> None:
     """Copy ``directory``'s projector.safetensors into the graft's (active) projector, checking the shapes."""
     file = Path(directory) / PROJECTOR_FILE
     if not file.is_file():
-        raise ValueError(f"--init_from {directory}: no {PROJECTOR_FILE} (expected a stage-1 output directory)")
+        raise UserError(f"--init_from {directory}: no {PROJECTOR_FILE} (expected a stage-1 output directory)")
     target = projector_module(model)
     state = read_projector(file)
     expected = {k: tuple(v.shape) for k, v in target.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
     if expected != found:
-        raise ValueError(f"--init_from {directory}: projector {found} does not fit this graft's {expected}")
+        raise UserError(f"--init_from {directory}: projector {found} does not fit this graft's {expected}")
     target.load_state_dict(state, strict=True)
 
 

@@ -25,6 +25,7 @@ from surgvqa.backbones.qwen_vl_whisper.constants import AUDIO_TOKENS, VL_CLASSES
 from surgvqa.backbones.qwen_vl_whisper.modeling import AudioProjector
 from surgvqa.backbones.qwen_vl_whisper.processing import QwenVLWhisperProcessor
 from surgvqa.backbones.qwen_vl_whisper.weights import write_projector
+from surgvqa.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +61,13 @@ def create_graft(vl_model_path: str | Path, whisper_path: str | Path, output_dir
     """Write a graft directory referring to ``vl_model_path`` and ``whisper_path`` (module docstring); with
     ``relative_paths`` the parts are recorded relative to ``output_dir`` where they lie inside it."""
     if audio_window not in ("full", "trimmed"):
-        raise ValueError(f"audio_window must be 'full' or 'trimmed', got {audio_window!r}")
+        raise UserError(f"audio_window must be 'full' or 'trimmed', got {audio_window!r}")
     if not trim_audio and audio_window != "full":
-        raise ValueError("trim_audio=False (all 1,500 encoder frames) needs audio_window='full'")
+        raise UserError("trim_audio=False (all 1,500 encoder frames) needs audio_window='full'")
     output_dir = Path(output_dir)
     vl_config = AutoConfig.from_pretrained(str(vl_model_path))
     if vl_config.model_type not in VL_CLASSES:
-        raise ValueError(
+        raise UserError(
             f"{vl_model_path}: model_type {vl_config.model_type!r} is not one of {', '.join(VL_CLASSES)}")
     audio_config = WhisperConfig.from_pretrained(str(whisper_path))
     processor = _graft_processor(vl_model_path, whisper_path, vl_config, audio_config, audio_pooling, trim_audio)
@@ -115,7 +116,7 @@ def _graft_processor(vl_model_path, whisper_path, vl_config, audio_config, audio
         logger.info("added %s to the tokenizer (ids %s)", missing, tokenizer.convert_tokens_to_ids(missing))
     rows = vl_config.get_text_config().vocab_size
     if len(tokenizer) > rows:
-        raise ValueError(
+        raise UserError(
             f"the tokenizer now has {len(tokenizer)} tokens but {vl_model_path} has {rows} embedding rows")
     vl_processor.chat_template = CHAT_TEMPLATE
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -127,8 +128,8 @@ def _graft_processor(vl_model_path, whisper_path, vl_config, audio_config, audio
                        audio_config.num_mel_bins)
         extractor = WhisperFeatureExtractor(feature_size=audio_config.num_mel_bins)
     if extractor.feature_size != audio_config.num_mel_bins:
-        raise ValueError(f"{whisper_path}: feature extractor has {extractor.feature_size} mel bins, the encoder "
-                         f"{audio_config.num_mel_bins}")
+        raise UserError(f"{whisper_path}: feature extractor has {extractor.feature_size} mel bins, the encoder "
+                        f"{audio_config.num_mel_bins}")
     return QwenVLWhisperProcessor.from_vl_processor(vl_processor, extractor, audio_pooling=audio_pooling,
                                                     trim_audio=trim_audio)
 

@@ -32,6 +32,8 @@ from transformers import AutoModelForImageTextToText, GenerationConfig, Generati
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from surgvqa.backbones.common.labelled_logits import head_logits, labelled_loss
+from surgvqa.backbones.common.token_merging import merge_videos, merged_position_ids
 from surgvqa.backbones.qwen_vl_whisper.audio import encode_trimmed, fit_window
 from surgvqa.backbones.qwen_vl_whisper.configuration import QwenVLWhisperConfig
 from surgvqa.backbones.qwen_vl_whisper.constants import (
@@ -50,7 +52,7 @@ from surgvqa.backbones.qwen_vl_whisper.weights import (
     write_projector,
     write_projector_index,
 )
-from surgvqa.backbones.token_merging import merge_videos, merged_position_ids
+from surgvqa.errors import UserError
 
 
 class AudioProjector(nn.Module):
@@ -63,7 +65,7 @@ class AudioProjector(nn.Module):
         elif kind == "mlp":
             self.layers = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
         else:
-            raise ValueError(f"projector must be 'linear' or 'mlp', got {kind!r}")
+            raise UserError(f"projector must be 'linear' or 'mlp', got {kind!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
@@ -72,7 +74,7 @@ class AudioProjector(nn.Module):
 def _splice(embeds: torch.Tensor, mask: torch.Tensor, features: torch.Tensor, what: str) -> torch.Tensor:
     count = int(mask.sum())
     if count != features.shape[0]:
-        raise ValueError(
+        raise UserError(
             f"{count} {what} placeholder token(s) but {features.shape[0]} {what} feature(s): the processor and "
             "the model disagree (for audio: audio_pooling / trim_audio of the processor vs config.json)"
         )
@@ -96,7 +98,7 @@ class QwenVLWhisperForConditionalGeneration(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         vl_type = config.vl_config.model_type
         if vl_type not in VL_CLASSES:
-            raise ValueError(f"unsupported VL model_type {vl_type!r}; supported: {', '.join(VL_CLASSES)}")
+            raise UserError(f"unsupported VL model_type {vl_type!r}; supported: {', '.join(VL_CLASSES)}")
         # the VL model first: model.dtype (its first parameter) is the LLM's dtype
         if vl_model is None:
             vl_model = getattr(transformers, VL_CLASSES[vl_type])._from_config(config.vl_config)
@@ -209,14 +211,14 @@ class QwenVLWhisperForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 video = self.vl_model.model.get_video_features(pixel_values_videos, video_grid_thw,
                                                                return_dict=True)
                 features = video.pooler_output
-                if self.token_kept_ratio != 1.0:  # video token merging (surgvqa.backbones.token_merging)
+                if self.token_kept_ratio != 1.0:  # video token merging (backbones.common.token_merging)
                     merged = merge_videos(features, self.token_kept_ratio, video_grid_thw,
                                           vl_config.vision_config.spatial_merge_size)
                     features = [m.tokens for m in merged]
                 embeds = _splice(embeds, input_ids == vl_config.video_token_id, torch.cat(features, dim=0), "video")
         elif self.token_kept_ratio != 1.0:
-            raise ValueError(f"token merging is not available for {self.vl_type} grafts (its VL model places the "
-                             "vision tokens itself)")
+            raise UserError(f"token merging is not available for {self.vl_type} grafts (its VL model places the "
+                            "vision tokens itself)")
         else:
             vl_kwargs = {k: v for k, v in (("pixel_values", pixel_values), ("image_grid_thw", image_grid_thw),
                                            ("pixel_values_videos", pixel_values_videos),
@@ -255,7 +257,10 @@ class QwenVLWhisperForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, pixel_values=None, pixel_values_videos=None,
                 image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None, input_features=None,
-                feature_attention_mask=None, logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
+                feature_attention_mask=None, logits_to_keep=0, logits_mask: torch.Tensor | None = None,
+                **kwargs) -> CausalLMOutputWithPast:
+        """The VL model's forward on the spliced embeddings; ``logits_mask`` (boolean (batch, seq)): logits of those
+        positions only, as (n, vocab) rows (:mod:`surgvqa.backbones.common.labelled_logits`)."""
         for key in ("output_attentions", "output_hidden_states", "return_dict", "mm_token_type_ids"):
             if kwargs.get(key) is None:
                 kwargs.pop(key, None)
@@ -268,11 +273,17 @@ class QwenVLWhisperForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 second_per_grid_ts, input_features, feature_attention_mask,
             )
             position_ids = rope if position_ids is None else position_ids
-        return self.vl_model(
-            input_ids=None, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-            position_ids=position_ids, past_key_values=past_key_values, labels=labels, use_cache=use_cache,
-            logits_to_keep=logits_to_keep, **vl_kwargs, **kwargs,
-        )
+        if logits_mask is None:
+            return self.vl_model(
+                input_ids=None, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                position_ids=position_ids, past_key_values=past_key_values, labels=labels, use_cache=use_cache,
+                logits_to_keep=logits_to_keep, **vl_kwargs, **kwargs,
+            )
+        outputs = self.vl_model.model(input_ids=None, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                      position_ids=position_ids, use_cache=use_cache, **vl_kwargs, **kwargs)
+        logits = head_logits(self.vl_model.lm_head, outputs[0], logits_mask)
+        loss = labelled_loss({"logits": logits}, labels, kwargs.get("num_items_in_batch")) if labels is not None else None
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, pixel_values=None, pixel_values_videos=None,
@@ -306,8 +317,8 @@ class QwenVLWhisperForConditionalGeneration(PreTrainedModel, GenerationMixin):
         where the module's own parameters are shards); ``*args`` and the other keywords (``max_shard_size``,
         ``save_function``, ...) go to the parts' ``save_pretrained``."""
         if push_to_hub:
-            raise ValueError("push_to_hub: a graft directory refers to its parts by path; save it, then upload the "
-                             "directory (huggingface_hub upload_folder)")
+            raise UserError("push_to_hub: a graft directory refers to its parts by path; save it, then upload the "
+                            "directory (huggingface_hub upload_folder)")
         if not is_main_process:
             return
         save_directory = Path(save_directory)
@@ -360,7 +371,7 @@ class QwenVLWhisperForConditionalGeneration(PreTrainedModel, GenerationMixin):
         model = cls(config, vl_model=vl_model, audio_encoder=encoder)
         projector_file = path / PROJECTOR_FILE
         if not projector_file.is_file():
-            raise ValueError(f"{projector_file} not found: a graft directory holds its audio projector")
+            raise UserError(f"{projector_file} not found: a graft directory holds its audio projector")
         model.audio_projector.load_state_dict(read_projector(projector_file), strict=True)
         model.audio_projector.to(device=embed.device, dtype=torch.float32)
         if (path / "generation_config.json").is_file():

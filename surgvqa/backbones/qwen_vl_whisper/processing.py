@@ -23,6 +23,7 @@ import transformers
 from transformers import AutoProcessor, BatchFeature, ProcessorMixin, WhisperFeatureExtractor
 from transformers.processing_utils import MultiModalData
 
+from surgvqa.backbones.common.qwen_processing import QwenProcessing
 from surgvqa.backbones.qwen_vl_whisper.audio import audio_token_count, mel_frames
 from surgvqa.backbones.qwen_vl_whisper.configuration import QwenVLWhisperConfig
 from surgvqa.backbones.qwen_vl_whisper.constants import (
@@ -31,6 +32,7 @@ from surgvqa.backbones.qwen_vl_whisper.constants import (
     SAMPLING_RATE,
     VL_PROCESSOR_CLASSES,
 )
+from surgvqa.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +48,10 @@ class QwenVLWhisperProcessor(ProcessorMixin):
                  audio_bos_token: str = AUDIO_TOKENS["audio_bos_token"],
                  audio_eos_token: str = AUDIO_TOKENS["audio_eos_token"]):
         if audio_pooling not in (1, 2):
-            raise ValueError(f"audio_pooling must be 1 or 2, got {audio_pooling!r}")
+            raise UserError(f"audio_pooling must be 1 or 2, got {audio_pooling!r}")
         if vl_processor_class not in VL_PROCESSOR_CLASSES.values():
-            raise ValueError(f"vl_processor_class must be one of {', '.join(VL_PROCESSOR_CLASSES.values())}, "
-                             f"got {vl_processor_class!r}")
+            raise UserError(f"vl_processor_class must be one of {', '.join(VL_PROCESSOR_CLASSES.values())}, "
+                            f"got {vl_processor_class!r}")
         super().__init__(image_processor, video_processor, feature_extractor, tokenizer, chat_template=chat_template)
         self.vl_processor_class = vl_processor_class
         self.audio_pooling = int(audio_pooling)
@@ -81,7 +83,7 @@ class QwenVLWhisperProcessor(ProcessorMixin):
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         legacy = directory / LEGACY_PROCESSOR_FILE
         if not legacy.is_file():
-            raise ValueError(
+            raise UserError(
                 f"{directory} holds no qwen_vl_whisper processor (processor_config.json names "
                 f"{saved_class!r}): create a graft with `python -m surgvqa.backbones.qwen_vl_whisper.create` or "
                 "scripts/make_tiny_graft.py"
@@ -209,10 +211,17 @@ class QwenVLWhisperProcessor(ProcessorMixin):
         return MultiModalData(**data)
 
 
+class QwenVLWhisperProcessing(QwenProcessing):
+    """The graft's processing: the shared Qwen-style encoder on :class:`QwenVLWhisperProcessor`; Qwen2.5-VL names
+    each video's clock ``second_per_grid_ts`` (Qwen2-VL and Qwen3-VL write none)."""
+
+    clock_keys = ("second_per_grid_ts",)
+
+
 def _token_id(tokenizer, token: str) -> int:
     token_id = tokenizer.convert_tokens_to_ids(token)
     if token_id is None or token_id == tokenizer.unk_token_id:
-        raise ValueError(f"the tokenizer has no {token} token: create the graft with create_graft (it adds them)")
+        raise UserError(f"the tokenizer has no {token} token: create the graft with create_graft (it adds them)")
     return int(token_id)
 
 

@@ -10,17 +10,18 @@ import torch
 from torch import nn
 
 from surgvqa.backbones.qwen_vl_whisper.constants import PROJECTOR_FILE, PROJECTOR_PREFIX
+from surgvqa.errors import UserError
 
 
 def resolve_part(path: str | None, graft_dir: str | Path) -> Path:
     """A part's directory as config.json records it: absolute, or relative to the graft directory."""
     if not path:
-        raise ValueError(f"{graft_dir}/config.json records no path for a part of the graft")
+        raise UserError(f"{graft_dir}/config.json records no path for a part of the graft")
     candidate = Path(path).expanduser()
     if not candidate.is_absolute():
         candidate = Path(graft_dir) / candidate
     if not (candidate / "config.json").is_file():
-        raise ValueError(f"{graft_dir}: the graft refers to {candidate}, which holds no config.json")
+        raise UserError(f"{graft_dir}: the graft refers to {candidate}, which holds no config.json")
     return candidate.resolve()
 
 
@@ -32,7 +33,7 @@ def _safetensors_files(path: Path) -> list[Path]:
     single = path / "model.safetensors"
     if single.is_file():
         return [single]
-    raise ValueError(f"{path} has no model.safetensors (pickled .bin checkpoints are not loaded)")
+    raise UserError(f"{path} has no model.safetensors (pickled .bin checkpoints are not loaded)")
 
 
 def mark_initialized(module: nn.Module) -> None:
@@ -65,7 +66,7 @@ def load_whisper_encoder(path: str | Path, dtype: torch.dtype | None = None, dev
                         break
     missing = sorted(wanted - set(state))
     if missing:
-        raise ValueError(f"{path}: no Whisper encoder weights for {missing[:5]}{' …' if len(missing) > 5 else ''}")
+        raise UserError(f"{path}: no Whisper encoder weights for {missing[:5]}{' …' if len(missing) > 5 else ''}")
     encoder.load_state_dict(state, strict=True, assign=True)
     encoder.to(device=device or "cpu", dtype=dtype or torch.float32)
     encoder.requires_grad_(False)

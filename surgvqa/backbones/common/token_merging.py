@@ -23,23 +23,28 @@ tokens) and no second image pass in the collator. The count per video is determi
 is decided in the model. The matching itself carries no gradient (an argmax); the means do, so a trained vision
 LoRA or projector learns through the merge.
 
-``r = 1.0`` is off: nothing is installed and the model runs exactly as without this module.
+The model classes of the families call these functions in their own forward pass (``token_kept_ratio`` on the
+model); ``r = 1.0`` is off and the model runs its stock code path.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from surgvqa.backbones.base import kept_video_tokens
+from surgvqa.errors import UserError
 
-#: the attribute holding the installed state (ratio and the unwrapped methods) on a model
-_STATE = "_surgvqa_token_merging"
+
+def kept_video_tokens(num_tokens: int, token_kept_ratio: float = 1.0) -> int:
+    """Video tokens entering the language model when token merging keeps ``token_kept_ratio`` of a video's
+    ``num_tokens``: ``ceil(r * n)`` per video (``r = 1.0``: all of them)."""
+    if not 0.0 < token_kept_ratio <= 1.0:
+        raise UserError(f"token_kept_ratio must be in (0, 1], got {token_kept_ratio!r}")
+    return num_tokens if token_kept_ratio == 1.0 else math.ceil(token_kept_ratio * num_tokens)
 
 
 @dataclass
@@ -232,112 +237,4 @@ def merged_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     return positions, torch.tensor(deltas, device=full.device).unsqueeze(1)
 
 
-# ------------------------------------------------------------------------------------ Qwen2.5-Omni thinker
-def _bind(method, args: tuple, kwargs: dict) -> dict:
-    """Every argument of a call to ``method`` as keywords."""
-    if not args:
-        return dict(kwargs)
-    bound = inspect.signature(method).bind_partial(*args, **kwargs)
-    extra = bound.arguments.pop("kwargs", {})
-    return {**bound.arguments, **extra}
-
-
-def _thinker_inputs(thinker, ratio: float, kwargs: dict, generating: bool) -> dict:
-    """The thinker's call arguments with the video encoded and merged: ``mm_encoder_outputs`` (merged video, and
-    the images encoded so both travel the same way) instead of pixels, and explicit merged ``position_ids``."""
-    if kwargs.get("use_audio_in_video"):
-        raise ValueError("token merging does not support use_audio_in_video (audio interleaved with the video)")
-    if kwargs.get("position_ids") is not None:
-        raise ValueError("position_ids were given with pixel_values_videos: with token merging the model computes "
-                         "them from the full video grid; pass none")
-    input_ids = kwargs.get("input_ids")
-    if input_ids is None:
-        raise ValueError("token merging needs input_ids (the placeholders say where the merged video goes)")
-    inner = thinker.model
-    grid = kwargs["video_grid_thw"]
-    encoded = dict(kwargs.get("mm_encoder_outputs") or {})
-    video = inner.get_video_features(kwargs.pop("pixel_values_videos"), grid, return_dict=True)
-    merged = merge_videos(video.pooler_output, ratio, grid, inner.spatial_merge_size)
-    video.pooler_output = tuple(m.tokens for m in merged)
-    encoded["video"] = video
-    if kwargs.get("pixel_values") is not None:
-        encoded["image"] = inner.get_image_features(kwargs.pop("pixel_values"), kwargs.get("image_grid_thw"),
-                                                    return_dict=True)
-    kwargs["mm_encoder_outputs"] = encoded
-    attention_mask = kwargs.get("attention_mask")
-    feature_mask = kwargs.get("feature_attention_mask")
-    audio_lengths = feature_mask.sum(-1) if feature_mask is not None else kwargs.get("audio_feature_lengths")
-
-    # the inner model's method (the same function): where kept positions are served (backbones.encoder_cache)
-    get_rope_index = getattr(inner, "get_rope_index", thinker.get_rope_index)
-
-    def rope_index(full_ids: torch.Tensor, full_mask: torch.Tensor) -> torch.Tensor:
-        positions, _ = get_rope_index(full_ids, kwargs.get("image_grid_thw"), grid, full_mask, False,
-                                      audio_lengths, kwargs.get("video_second_per_grid"))
-        return positions
-
-    positions, deltas = merged_position_ids(input_ids, attention_mask, thinker.config.video_token_id, merged,
-                                            rope_index)
-    inner.rope_deltas = deltas
-    if generating:  # generate's layout: text positions (for the mask) on top of the three M-RoPE rows
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0).to(positions.device)
-        positions = torch.cat([text[None], positions], dim=0)
-    kwargs["position_ids"] = positions
-    return kwargs
-
-
-def enable_thinker_merging(thinker, ratio: float) -> None:
-    """Merge the video tokens of every ``forward`` and ``generate`` call of a Qwen2.5-Omni thinker down to
-    ``ceil(ratio * n)`` per video; the prompts must hold that many placeholders (``VQACollator`` with the same
-    ``token_kept_ratio``). ``ratio = 1.0`` removes merging (the model's own methods, untouched)."""
-    kept_video_tokens(1, ratio)  # validates the range
-    disable_merging(thinker)
-    if ratio == 1.0:
-        return
-    forward, generate = thinker.forward, thinker.generate
-
-    @functools.wraps(forward)
-    def merged_forward(*args, **kwargs):
-        kwargs = _bind(forward, args, kwargs)
-        if kwargs.get("pixel_values_videos") is not None and kwargs.get("mm_encoder_outputs") is None:
-            kwargs = _thinker_inputs(thinker, ratio, kwargs, generating=False)
-        return forward(**kwargs)
-
-    @functools.wraps(generate)
-    def merged_generate(*args, **kwargs):
-        kwargs = _bind(generate, args, kwargs)
-        if kwargs.get("input_ids") is None and isinstance(kwargs.get("inputs"), torch.Tensor):
-            kwargs["input_ids"] = kwargs.pop("inputs")  # generate's first positional argument
-        if kwargs.get("pixel_values_videos") is not None:
-            with torch.no_grad():
-                kwargs = _thinker_inputs(thinker, ratio, kwargs, generating=True)
-        return generate(**kwargs)
-
-    # instance attributes, as accelerate's hooks are: the class and every other instance stay untouched
-    previous = {name: thinker.__dict__[name] for name in ("forward", "generate") if name in thinker.__dict__}
-    thinker.forward, thinker.generate = merged_forward, merged_generate
-    setattr(thinker, _STATE, {"ratio": ratio, "previous": previous})
-
-
-def disable_merging(model) -> None:
-    """Remove what :func:`enable_thinker_merging` installed (nothing if it was not)."""
-    state = getattr(model, _STATE, None)
-    if state is None:
-        return
-    for name in ("forward", "generate"):
-        if name in state["previous"]:
-            setattr(model, name, state["previous"][name])
-        else:
-            model.__dict__.pop(name, None)
-    delattr(model, _STATE)
-
-
-def merging_ratio(model) -> float:
-    """The ``token_kept_ratio`` installed on ``model`` (1.0: none)."""
-    state = getattr(model, _STATE, None)
-    return state["ratio"] if state else 1.0
-
-
-__all__ = ["MergedVideo", "bipartite_merge", "disable_merging", "enable_thinker_merging", "merge_placeholders",
-           "merge_videos", "merged_position_ids", "merging_ratio"]
+__all__ = ["MergedVideo", "bipartite_merge", "kept_video_tokens", "merge_placeholders", "merge_videos", "merged_position_ids"]

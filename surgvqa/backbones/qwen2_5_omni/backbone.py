@@ -1,4 +1,5 @@
-"""Qwen2.5-Omni: the thinker (vision + audio towers + language model), never the talker."""
+"""The ``qwen2_5_omni`` backbone: the thinker (vision + audio towers + language model), never the talker, loaded into
+:class:`~surgvqa.backbones.qwen2_5_omni.modeling.Qwen25OmniThinker`."""
 
 from __future__ import annotations
 
@@ -21,12 +22,21 @@ class Qwen25Omni(Backbone):
     tower_modules = ("model.visual", "model.audio_tower")
     projector_modules = ("model.visual.merger", "model.audio_tower.proj")
     conv3d_patch_embed = "model.visual.patch_embed"
+    keeps_tower_outputs = True
+    processor_class = "Qwen2_5OmniProcessor"
 
     def matches(self, config: dict) -> bool:
         return config.get("model_type") in ("qwen2_5_omni", "qwen2_5_omni_thinker")
 
+    def processing(self, processor, **settings):
+        from surgvqa.backbones.qwen2_5_omni.processing import Qwen25OmniProcessing
+
+        return Qwen25OmniProcessing(processor, **settings)
+
     def load(self, path: str, options: LoadOptions):
-        from transformers import AutoConfig, Qwen2_5OmniThinkerForConditionalGeneration
+        from transformers import AutoConfig
+
+        from surgvqa.backbones.qwen2_5_omni.modeling import Qwen25OmniThinker
 
         options.validate()
         config = AutoConfig.from_pretrained(path, trust_remote_code=options.trust_remote_code)
@@ -37,7 +47,7 @@ class Qwen25Omni(Backbone):
             config = config.thinker_config
             kwargs["key_mapping"] = {r"^thinker\.": ""}
         _set_vision_start(config)
-        model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
+        model = Qwen25OmniThinker.from_pretrained(
             path,
             config=config,
             dtype=options.torch_dtype(),
@@ -64,27 +74,18 @@ class Qwen25Omni(Backbone):
     def load_full(self, path: str, options: LoadOptions):
         from transformers import Qwen2_5OmniForConditionalGeneration
 
+        from surgvqa.backbones.qwen2_5_omni.modeling import Qwen25OmniThinker
+
         options.validate()
         full = Qwen2_5OmniForConditionalGeneration.from_pretrained(
             path, dtype=options.torch_dtype(), attn_implementation=options.attn_implementation
         )
         _set_vision_start(full.thinker.config)
-        return full, full.thinker
+        return full, Qwen25OmniThinker.from_stock(full.thinker)
 
     def put_back(self, full, merged):
         full.thinker = merged
         return full
-
-    def enable_token_merging(self, model, ratio: float) -> None:
-        from surgvqa.backbones.token_merging import enable_thinker_merging
-
-        enable_thinker_merging(_thinker(model), ratio)
-
-
-def _thinker(model):
-    """The thinker inside a DDP and/or PEFT wrapper (or the thinker itself)."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _set_vision_start(config) -> None:
