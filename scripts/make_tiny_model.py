@@ -163,24 +163,22 @@ def build_tokenizer(
     return tokenizer
 
 
-def build_processor(tokenizer, frame_size: int = 56):
-    from transformers import (
-        Qwen2_5OmniProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-        WhisperFeatureExtractor,
-    )
+def build_processor(tokenizer, frame_size: int = 56, processor_class: str = "Qwen2_5OmniProcessor",
+                    patch_size: int = 14, chat_template: str = CHAT_TEMPLATE):
+    """A real Qwen-style omni processor (``processor_class`` of transformers) around ``tokenizer``: Qwen2-VL image and
+    video processors of ``patch_size`` (merge 2: a vision grid of 2 x patch_size px) and a Whisper extractor."""
+    import transformers
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor, WhisperFeatureExtractor
 
-    pixels = {"shortest_edge": 28 * 28, "longest_edge": frame_size * frame_size}
-    image_processor = Qwen2VLImageProcessor(size=dict(pixels), patch_size=14, temporal_patch_size=2, merge_size=2)
-    video_processor = Qwen2VLVideoProcessor(size=dict(pixels), patch_size=14, temporal_patch_size=2, merge_size=2)
-    feature_extractor = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, return_attention_mask=True)
-    return Qwen2_5OmniProcessor(
-        image_processor=image_processor,
-        video_processor=video_processor,
-        feature_extractor=feature_extractor,
+    grid = 2 * patch_size
+    pixels = {"shortest_edge": grid * grid, "longest_edge": frame_size * frame_size}
+    vision = {"patch_size": patch_size, "temporal_patch_size": 2, "merge_size": 2}
+    return getattr(transformers, processor_class)(
+        image_processor=Qwen2VLImageProcessor(size=dict(pixels), **vision),
+        video_processor=Qwen2VLVideoProcessor(size=dict(pixels), **vision),
+        feature_extractor=WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, return_attention_mask=True),
         tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
 
 

@@ -55,24 +55,11 @@ CHAT_TEMPLATE = (
 
 
 def build_processor(tokenizer, frame_size: int = 64):
-    from transformers import (
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-        Qwen3OmniMoeProcessor,
-        WhisperFeatureExtractor,
-    )
+    """Qwen3-Omni's processor (16-px patches: a 32-px vision grid) with its chat template."""
+    from make_tiny_model import build_processor as build_qwen_processor
 
-    pixels = {"shortest_edge": 32 * 32, "longest_edge": frame_size * frame_size}
-    image_processor = Qwen2VLImageProcessor(size=dict(pixels), patch_size=16, temporal_patch_size=2, merge_size=2)
-    video_processor = Qwen2VLVideoProcessor(size=dict(pixels), patch_size=16, temporal_patch_size=2, merge_size=2)
-    feature_extractor = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, return_attention_mask=True)
-    return Qwen3OmniMoeProcessor(
-        image_processor=image_processor,
-        video_processor=video_processor,
-        feature_extractor=feature_extractor,
-        tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
-    )
+    return build_qwen_processor(tokenizer, frame_size, processor_class="Qwen3OmniMoeProcessor", patch_size=16,
+                                chat_template=CHAT_TEMPLATE)
 
 
 def build_config(tokenizer, text_hidden: int = 128, tower_hidden: int = 32, layers: int = 2,

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from surgvqa.errors import UserError
 from surgvqa.stats import BOOTSTRAP_SCHEMES, cluster_interval, clustered_paired, wilson_interval
 
 CLUSTER_BY = ("segment", "clip", "video", "none")
@@ -39,11 +40,11 @@ class Clustering:
 
     def __post_init__(self) -> None:
         if self.by not in CLUSTER_BY:
-            raise ValueError(f"--cluster_by must be one of {', '.join(CLUSTER_BY)}, got {self.by!r}")
+            raise UserError(f"--cluster_by must be one of {', '.join(CLUSTER_BY)}, got {self.by!r}")
         if not isinstance(self.gap, int) or self.gap < 0:
-            raise ValueError(f"--cluster_gap must be a whole number of frames >= 0, got {self.gap!r}")
+            raise UserError(f"--cluster_gap must be a whole number of frames >= 0, got {self.gap!r}")
         if not isinstance(self.resamples, int) or self.resamples < MIN_RESAMPLES:
-            raise ValueError(f"--bootstrap must be at least {MIN_RESAMPLES} resamples, got {self.resamples!r}")
+            raise UserError(f"--bootstrap must be at least {MIN_RESAMPLES} resamples, got {self.resamples!r}")
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any] | None, **overrides: Any) -> Clustering:

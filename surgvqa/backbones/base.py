@@ -122,6 +122,12 @@ class Backbone:
         """bitsandbytes config keeping towers, projectors and lm_head in full precision."""
         return bnb_config(options, [*self.tower_modules, *self.projector_modules, "lm_head"])
 
+    def from_pretrained_kwargs(self, options: LoadOptions) -> dict[str, Any]:
+        """The ``from_pretrained`` arguments ``options`` set: dtype, attention, quantization, device map."""
+        return {"dtype": options.torch_dtype(), "attn_implementation": options.attn_implementation,
+                "quantization_config": self.quantization_config(options), "device_map": options.device_map,
+                "trust_remote_code": options.trust_remote_code}
+
     # -- the full checkpoint, for merging (a model family whose checkpoint holds more than ``load`` returns)
     #: files beside the weights of a full checkpoint that a full-model merge copies (loaded by transformers)
     full_model_files: tuple[str, ...] = ()

@@ -47,16 +47,7 @@ class Qwen25Omni(Backbone):
             config = config.thinker_config
             kwargs["key_mapping"] = {r"^thinker\.": ""}
         _set_vision_start(config)
-        model = Qwen25OmniThinker.from_pretrained(
-            path,
-            config=config,
-            dtype=options.torch_dtype(),
-            attn_implementation=options.attn_implementation,
-            quantization_config=self.quantization_config(options),
-            device_map=options.device_map,
-            trust_remote_code=options.trust_remote_code,
-            **kwargs,
-        )
+        model = Qwen25OmniThinker.from_pretrained(path, config=config, **self.from_pretrained_kwargs(options), **kwargs)
         check_quantized(model, self, options)
         self.warn_if_slow_conv3d()
         return model

@@ -90,16 +90,7 @@ class Qwen3OmniMoe(Backbone):
 
             setattr(config, NF4_ATTRIBUTE, {"blocksize": self.nf4_blocksize, "double_quant": self.nf4_double_quant})
             model_class = Qwen3OmniMoeThinkerNF4ForConditionalGeneration
-        model = model_class.from_pretrained(
-            path,
-            config=config,
-            dtype=options.torch_dtype(),
-            attn_implementation=options.attn_implementation,
-            quantization_config=self.quantization_config(options),
-            device_map=options.device_map,
-            trust_remote_code=options.trust_remote_code,
-            **kwargs,
-        )
+        model = model_class.from_pretrained(path, config=config, **self.from_pretrained_kwargs(options), **kwargs)
         if options.load_in_4bit:
             from surgvqa.backbones.qwen3_omni_moe.modeling import NF4_ATTRIBUTE, load_nf4_experts
 

@@ -27,6 +27,7 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
 
 from surgvqa.backbones.common.labelled_logits import head_logits, labelled_loss
 from surgvqa.backbones.qwen3_omni_moe.experts import PROJECTIONS, NF4Experts
+from surgvqa.errors import UserError
 
 #: the stock class, named in saved config.json files (loaders that read ``architectures`` find it)
 STOCK_CLASS = Qwen3OmniMoeThinkerForConditionalGeneration
@@ -122,7 +123,7 @@ def _weight_files(path: Path) -> list[Path]:
         return [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise ValueError(f"{path}: no *.safetensors weights to read the experts from")
+        raise UserError(f"{path}: no *.safetensors weights to read the experts from")
     return files
 
 
@@ -160,7 +161,7 @@ def load_nf4_experts(model, path: str | Path) -> int:
     missing = [f"layer {layer} {name} ({int((~done).sum())} experts)" for layer, names in filled.items()
                for name, done in names.items() if not bool(done.all())]
     if missing:
-        raise ValueError(f"{path}: the checkpoint lacks expert weights for {', '.join(missing[:6])}")
+        raise UserError(f"{path}: the checkpoint lacks expert weights for {', '.join(missing[:6])}")
     for block in blocks.values():  # LoRA on the experts (--lora_experts, or an adapter loaded for evaluation)
         block.experts.expose_for_lora()
     return sum(block.experts.num_experts for block in blocks.values())
