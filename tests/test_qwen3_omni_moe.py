@@ -98,6 +98,41 @@ def test_collator_counts_clock_and_positions(tiny_moe, test_set, modality):
         assert torch.isfinite(model(**batch).loss)
 
 
+@pytest.mark.parametrize("router_aux_loss_coef", [0.0, 0.01])
+def test_labelled_only_logits_give_the_stock_loss_and_save_the_stock_checkpoint(tiny_moe, test_set, tmp_path,
+                                                                                router_aux_loss_coef):
+    """The family's thinker with ``logits_mask`` (the Trainer's labelled-only loss): the same loss as the stock
+    forward on full logits (with the router's load-balancing term when asked for), logits of the labelled
+    positions only; a save names the stock class and reloads into it."""
+    from transformers import AutoProcessor, Qwen3OmniMoeThinkerForConditionalGeneration
+
+    from surgvqa.backbones.common.labelled_logits import next_token_selection
+    from surgvqa.collate import VQACollator
+    from surgvqa.data import MediaConfig, SurgicalVQADataset, load_samples
+
+    processor = AutoProcessor.from_pretrained(tiny_moe)
+    media = MediaConfig(frames_dir=str(test_set / "frames"), frame_size=64)
+    samples, _ = load_samples(test_set / "in_002-001.jsonl", media)
+    dataset = SurgicalVQADataset(samples[:2], media, max_frames=4)
+    batch = VQACollator(processor, frame_size=64)([dataset[0], dataset[1]])
+    model = BACKBONE.load(str(tiny_moe), LoadOptions(dtype="float32"))
+    BACKBONE.set_router_aux_loss(model, router_aux_loss_coef)
+    mask = next_token_selection(batch["labels"])
+    with torch.no_grad():
+        full = model(**batch)
+        labelled = model(**batch, logits_mask=mask)
+    assert labelled.logits.shape == (int(mask.sum()), full.logits.shape[-1])
+    assert torch.allclose(labelled.logits, full.logits[mask], atol=1e-5)
+    assert torch.allclose(labelled.loss, full.loss, atol=1e-5)
+    assert (full.aux_loss is not None) == (router_aux_loss_coef > 0)
+    model.save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3OmniMoeThinkerForConditionalGeneration"]
+    stock = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.allclose(stock(**batch).logits, full.logits, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ NF4 experts
 def _stock_experts(tiny_moe):
     from transformers import Qwen3OmniMoeThinkerForConditionalGeneration

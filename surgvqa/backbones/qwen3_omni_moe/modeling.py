@@ -57,20 +57,28 @@ class Qwen3OmniMoeThinker(Qwen3OmniMoeThinkerForConditionalGeneration):
             self.config.architectures = [STOCK_CLASS.__name__]
             self.config.save_pretrained(save_directory)
 
-    def forward(self, *args, logits_mask: torch.Tensor | None = None, labels=None, output_router_logits=None,
-                attention_mask=None, **kwargs):
+    def forward(self, input_ids=None, input_features=None, pixel_values=None, pixel_values_videos=None,
+                image_grid_thw=None, video_grid_thw=None, attention_mask=None, feature_attention_mask=None,
+                audio_feature_lengths=None, position_ids=None, cache=None, inputs_embeds=None, labels=None,
+                use_cache=None, output_router_logits=None, use_audio_in_video=None, video_second_per_grid=None,
+                mm_encoder_outputs=None, logits_mask: torch.Tensor | None = None, **kwargs):
         """The stock forward, plus ``logits_mask`` (boolean (batch, seq)): the LM head runs on those positions only
         and returns them as (n, vocab) rows; the loss with ``labels`` is then :func:`labelled_loss` (plus the
         router's weighted load-balancing loss when its logits are asked for, as the stock forward adds it)."""
+        inputs = dict(input_ids=input_ids, input_features=input_features, pixel_values=pixel_values,
+                      pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw,
+                      video_grid_thw=video_grid_thw, attention_mask=attention_mask,
+                      feature_attention_mask=feature_attention_mask, audio_feature_lengths=audio_feature_lengths,
+                      position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                      use_audio_in_video=use_audio_in_video, video_second_per_grid=video_second_per_grid,
+                      mm_encoder_outputs=mm_encoder_outputs)
         if logits_mask is None:
-            return super().forward(*args, labels=labels, output_router_logits=output_router_logits,
-                                   attention_mask=attention_mask, **kwargs)
+            return super().forward(**inputs, labels=labels, output_router_logits=output_router_logits, **kwargs)
         if output_router_logits is None:
             output_router_logits = self.config.text_config.output_router_logits
         kwargs.pop("return_dict", None)
         num_items = kwargs.pop("num_items_in_batch", None)
-        outputs = self.model(*args, attention_mask=attention_mask, output_router_logits=output_router_logits,
-                             **kwargs)
+        outputs = self.model(**inputs, output_router_logits=output_router_logits, **kwargs)
         logits = head_logits(self.lm_head, outputs[0], logits_mask)
         loss = labelled_loss({"logits": logits}, labels, num_items) if labels is not None else None
         aux_loss = None
