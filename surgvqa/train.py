@@ -339,7 +339,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
                                     scoring=bool(data_args.eval_generate_samples))
 
     # 2. the run directory: refused, emptied, resumed or started, before any weight loads
-    backbone_name = backbone_for(model_args.model_name_or_path, model_args.backbone).name
+    backbone = backbone_for(model_args.model_name_or_path, model_args.backbone)
+    if not backbone.expert_parameters and (lora_args.lora_experts or lora_args.router_aux_loss_coef):
+        flag = "--lora_experts" if lora_args.lora_experts else "--router_aux_loss_coef"
+        raise UserError(f"{flag}: backbone {backbone.name!r} has no MoE experts; drop it")
+    backbone_name = backbone.name
     early = build_run_config(model_args, data_args, lora_args, backbone_name, args)
     plan = plan_output_dir(
         args.output_dir, args.resume_from_checkpoint, getattr(args, "overwrite_output_dir", False),

@@ -159,3 +159,14 @@ def test_expert_lora_combinations_peft_lacks_are_refused_before_loading(extra, m
     assert train_main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", [["--lora_experts", "True"], ["--router_aux_loss_coef", "0.01"]])
+def test_moe_flags_on_a_dense_family_are_refused_before_loading(flag, work, tiny_model_dir, tmp_path, capsys):
+    from surgvqa.train import main as train_main
+
+    out = tmp_path / "out"
+    assert train_main(train_argv(tiny_model_dir, work, out, flag)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag[0]}: backbone 'qwen2_5_omni' has no MoE experts") and "Traceback" not in err
+    assert not out.exists()
