@@ -164,7 +164,7 @@ class Stage:
 
 
 def check_chain(base: str, adapters: list[str], force: bool = False) -> list[Stage]:
-    """Validate every adapter and the chain rule (module docstring); raise ValueError on the first refusal."""
+    """Validate every adapter and the chain rule (module docstring); raise UserError on the first refusal."""
     base_lineage = lineage(base)
     stages: list[Stage] = []
     for i, raw in enumerate(adapters):

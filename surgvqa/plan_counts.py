@@ -202,11 +202,11 @@ def build_config(config: dict, checkpoint: Path | None):
 
     model_type = config.get("model_type")
     if model_type == "qwen_vl_whisper":
-        from surgvqa.backbones.qwen_vl_whisper import _model_classes
+        from surgvqa.backbones.qwen_vl_whisper.configuration import QwenVLWhisperConfig
 
         if checkpoint is None:
             raise PlanError("a qwen_vl_whisper graft is planned from its directory (create_graft writes it)")
-        return _model_classes()["QwenVLWhisperConfig"].from_pretrained(str(checkpoint))
+        return QwenVLWhisperConfig.from_pretrained(str(checkpoint))
     if model_type not in CONFIG_MAPPING:
         raise PlanError(f"unknown model_type {model_type!r} in the config")
     data = {k: v for k, v in config.items() if k != "model_type"}
@@ -229,10 +229,9 @@ def meta_model(config):
         "qwen3_omni_moe_thinker": "Qwen3OmniMoeThinkerForConditionalGeneration",
     }
     if model_type == "qwen_vl_whisper":
-        from surgvqa.backbones.qwen_vl_whisper import _model_classes
+        from surgvqa.backbones.qwen_vl_whisper.modeling import QwenVLWhisperForConditionalGeneration
 
-        cls = _model_classes()["QwenVLWhisperForConditionalGeneration"]
-        build = cls
+        build = QwenVLWhisperForConditionalGeneration
     elif model_type in classes:
         build = getattr(transformers, classes[model_type])._from_config  # imported before the meta context
     else:

@@ -424,6 +424,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         keeps_tower_outputs=backbone.keep_tower_outputs(model, train_collator.encoding_cache_gb),
         callbacks=[SurgvqaConfigCallback(config, original_rows)],
         loraplus_lr_ratio=lora_args.loraplus_lr_ratio,
+        router_aux_loss_coef=lora_args.router_aux_loss_coef,
     )
     if data_args.early_stopping_patience is not None:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=data_args.early_stopping_patience))

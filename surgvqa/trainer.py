@@ -25,7 +25,8 @@ from surgvqa.run_config import RunConfig
 class VQATrainer(Trainer):
     """Eval loss without keeping logits, plus generation-scored accuracy on a bounded subset.
 
-    ``loraplus_lr_ratio``: LoRA+ (see :func:`surgvqa.lora.loraplus_optimizer`).
+    ``loraplus_lr_ratio``: LoRA+ (see :func:`surgvqa.lora.loraplus_optimizer`). ``router_aux_loss_coef``: the
+    weight of an MoE router's load-balancing loss in the labelled-only loss.
     ``labelled_only``: training and evaluation loss ask the model for the logits of the labelled positions only
     (``logits_mask``, :mod:`surgvqa.backbones.common.labelled_logits`); False keeps the model's own loss on full
     logits. ``keeps_tower_outputs``: the model keeps its frozen towers' outputs (``Backbone.keep_tower_outputs``),
@@ -40,9 +41,10 @@ class VQATrainer(Trainer):
 
     def __init__(self, *args, generation_eval: dict | None = None, labelled_only: bool = False,
                  keeps_tower_outputs: bool = False, eval_collator=None, loraplus_lr_ratio: float | None = None,
-                 **kwargs):
+                 router_aux_loss_coef: float = 0.0, **kwargs):
+        self.router_aux_loss_coef = router_aux_loss_coef
         if labelled_only:
-            kwargs["compute_loss_func"] = labelled_loss
+            kwargs["compute_loss_func"] = self.labelled_loss
         super().__init__(*args, **kwargs)
         self.generation_eval = generation_eval
         self.labelled_only = labelled_only
@@ -50,6 +52,15 @@ class VQATrainer(Trainer):
         self.eval_collator = eval_collator
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self._eval_loader = None  # kept with persistent workers, as the Trainer keeps its own
+
+    def labelled_loss(self, outputs, labels, num_items_in_batch=None):
+        """The loss of the labelled-position logits, plus an MoE router's weighted load-balancing loss when one is
+        asked for (``router_aux_loss_coef``): the model adds that term only when it computes the loss itself."""
+        loss = labelled_loss(outputs, labels, num_items_in_batch)
+        aux = outputs.get("aux_loss") if hasattr(outputs, "get") else None
+        if self.router_aux_loss_coef and aux is not None:
+            loss = loss + self.router_aux_loss_coef * aux.to(loss.device)
+        return loss
 
     def create_optimizer(self, model=None):
         """With ``loraplus_lr_ratio``: the LoRA+ optimizer (B matrices at that multiple of the learning rate)."""

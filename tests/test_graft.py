@@ -776,3 +776,16 @@ def test_spoken_question_beats_majority_and_needs_the_audio(tmp_path_factory, gr
     assert heard["accuracy_ci95"][0] > majority, heard["accuracy"]  # the 95 % interval clears the baseline
     assert heard["accuracy"] >= majority + 0.2
     assert silenced["accuracy"] <= majority + 0.05  # without the question, no better than the majority
+
+
+def test_surgvqa_plan_plans_a_graft_from_its_directory(graft_dir, capsys):
+    """`surgvqa plan --model GRAFT` builds the graft's config and meta model from the package's own classes: its
+    parameter count equals the loaded graft's, and the table prints (no traceback)."""
+    from surgvqa.backbones.qwen_vl_whisper.modeling import QwenVLWhisperForConditionalGeneration
+    from surgvqa.plan import main
+
+    assert main(["--model", str(graft_dir), "--question_modality", "text+audio", "--frame_size", "56",
+                 "--json", "True"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    loaded = QwenVLWhisperForConditionalGeneration.from_pretrained(str(graft_dir))
+    assert plan["model"]["params"] == sum(p.numel() for p in loaded.parameters())

@@ -454,3 +454,30 @@ def test_train_evaluate_merge_through_the_clis(tiny_moe, test_set, tmp_path, run
     assert torch.equal(base.mlp.gate.weight, folded.mlp.gate.weight)  # the router stayed frozen
     changed = not torch.equal(base.mlp.experts.gate_up_proj, folded.mlp.experts.gate_up_proj)
     assert changed == run.startswith("experts")
+
+
+def test_the_trainers_labelled_only_loss_keeps_the_router_term(tiny_moe, test_set, tmp_path):
+    """Through the Trainer (which hands the loss the logits without the labels), --router_aux_loss_coef still
+    adds the router's load-balancing loss: the labelled-only loss equals the model's own loss on full logits."""
+    from transformers import AutoProcessor, TrainingArguments
+
+    from surgvqa.collate import VQACollator
+    from surgvqa.data import MediaConfig, SurgicalVQADataset, load_samples
+    from surgvqa.trainer import VQATrainer
+
+    processor = AutoProcessor.from_pretrained(tiny_moe)
+    media = MediaConfig(frames_dir=str(test_set / "frames"), frame_size=64)
+    samples, _ = load_samples(test_set / "in_002-001.jsonl", media)
+    dataset = SurgicalVQADataset(samples[:2], media, max_frames=4)
+    batch = VQACollator(processor, frame_size=64)([dataset[0], dataset[1]])
+    model = BACKBONE.load(str(tiny_moe), LoadOptions(dtype="float32"))
+    BACKBONE.set_router_aux_loss(model, 0.5)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    losses = {}
+    for labelled_only in (False, True):
+        trainer = VQATrainer(model=model, args=args, labelled_only=labelled_only, router_aux_loss_coef=0.5)
+        with torch.no_grad():
+            losses[labelled_only] = float(trainer.compute_loss(model, dict(batch)))
+    with torch.no_grad():
+        aux = float(model(**batch).aux_loss)
+    assert aux > 0 and losses[True] == pytest.approx(losses[False], abs=1e-5)

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import torch
 from transformers import Qwen2_5OmniThinkerForConditionalGeneration
-from transformers.conversion_mapping import (
-    get_checkpoint_conversion_mapping,
-    register_checkpoint_conversion_mapping,
-)
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import MultimodalCausalLMOutputWithPast
 from transformers.utils.generic import can_return_tuple
 
 from surgvqa.backbones.common.labelled_logits import head_logits, labelled_loss
+from surgvqa.backbones.common.stock_checkpoint import StockCheckpoint, register_stock_layout
 from surgvqa.backbones.common.token_merging import merge_videos, merged_position_ids
 from surgvqa.backbones.common.tower_cache import EncoderOutputCache, deterministic_frozen
 
@@ -24,8 +21,10 @@ from surgvqa.backbones.common.tower_cache import EncoderOutputCache, determinist
 STOCK_CLASS = Qwen2_5OmniThinkerForConditionalGeneration
 
 
-class Qwen25OmniThinker(Qwen2_5OmniThinkerForConditionalGeneration):
+class Qwen25OmniThinker(StockCheckpoint, Qwen2_5OmniThinkerForConditionalGeneration):
     """The Qwen2.5-Omni thinker with token merging, kept tower outputs and labelled-only logits."""
+
+    stock_class = Qwen2_5OmniThinkerForConditionalGeneration
 
     #: video token merging: each video's tokens merged down to ceil(r * n) (1.0: off); a run setting, not saved
     token_kept_ratio: float = 1.0
@@ -38,13 +37,6 @@ class Qwen25OmniThinker(Qwen2_5OmniThinkerForConditionalGeneration):
         module and weights, no state of its own beyond the class defaults above."""
         thinker.__class__ = cls
         return thinker
-
-    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
-        """The stock save; config.json names the stock class (this one adds nothing to the weights)."""
-        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
-        if is_main_process:
-            self.config.architectures = [STOCK_CLASS.__name__]
-            self.config.save_pretrained(save_directory)
 
     @can_return_tuple
     def forward(self, input_ids=None, input_features=None, pixel_values=None, pixel_values_videos=None,
@@ -180,9 +172,6 @@ class Qwen25OmniThinker(Qwen2_5OmniThinkerForConditionalGeneration):
         return merged
 
 
-# the stock class's checkpoint key conversions (older layouts, the full model's "thinker." prefix), in both
-# directions: this class reads and writes the stock class's files
-register_checkpoint_conversion_mapping(Qwen25OmniThinker.__name__,
-                                       get_checkpoint_conversion_mapping(STOCK_CLASS.__name__), overwrite=True)
+register_stock_layout(Qwen25OmniThinker, stock=STOCK_CLASS)  # reads and writes the stock class's files
 
 __all__ = ["STOCK_CLASS", "Qwen25OmniThinker"]

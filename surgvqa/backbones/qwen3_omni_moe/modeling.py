@@ -26,6 +26,7 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
 )
 
 from surgvqa.backbones.common.labelled_logits import head_logits, labelled_loss
+from surgvqa.backbones.common.stock_checkpoint import StockCheckpoint, register_stock_layout
 from surgvqa.backbones.qwen3_omni_moe.experts import PROJECTIONS, NF4Experts
 from surgvqa.errors import UserError
 
@@ -47,15 +48,10 @@ def moe_blocks(model) -> dict[int, torch.nn.Module]:
     return {i: layer.mlp for i, layer in enumerate(layers) if hasattr(layer.mlp, "experts")}
 
 
-class Qwen3OmniMoeThinker(Qwen3OmniMoeThinkerForConditionalGeneration):
+class Qwen3OmniMoeThinker(StockCheckpoint, Qwen3OmniMoeThinkerForConditionalGeneration):
     """The Qwen3-Omni thinker with labelled-only logits (``logits_mask``); without it ``forward`` is the stock one."""
 
-    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
-        """The stock save; config.json names the stock class (this one adds nothing to the weights)."""
-        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
-        if is_main_process:
-            self.config.architectures = [STOCK_CLASS.__name__]
-            self.config.save_pretrained(save_directory)
+    stock_class = Qwen3OmniMoeThinkerForConditionalGeneration
 
     def forward(self, input_ids=None, input_features=None, pixel_values=None, pixel_values_videos=None,
                 image_grid_thw=None, video_grid_thw=None, attention_mask=None, feature_attention_mask=None,
@@ -108,21 +104,7 @@ class Qwen3OmniMoeThinkerNF4ForConditionalGeneration(Qwen3OmniMoeThinker):
                                             double_quant=bool(settings.get("double_quant", True)))
 
 
-def _register_checkpoint_layout() -> None:
-    """The stock thinker's checkpoint renamings (``model.layers`` -> ``model.language_model.layers`` ...) for the
-    subclass too: transformers looks them up by class name and skips classes defined outside it."""
-    from transformers.conversion_mapping import (
-        get_checkpoint_conversion_mapping,
-        register_checkpoint_conversion_mapping,
-    )
-
-    mapping = get_checkpoint_conversion_mapping(STOCK_CLASS.__name__)
-    if mapping is not None:
-        for cls in (Qwen3OmniMoeThinker, Qwen3OmniMoeThinkerNF4ForConditionalGeneration):
-            register_checkpoint_conversion_mapping(cls.__name__, mapping, overwrite=True)
-
-
-_register_checkpoint_layout()
+register_stock_layout(Qwen3OmniMoeThinker, Qwen3OmniMoeThinkerNF4ForConditionalGeneration, stock=STOCK_CLASS)
 
 
 def _weight_files(path: Path) -> list[Path]:
