@@ -81,8 +81,8 @@ class Preprocessing:
         if not 0.0 < self.token_kept_ratio <= 1.0:
             raise error(f"{at}--token_kept_ratio must be in (0, 1] (1.0: no merging); got {self.token_kept_ratio}")
         if self.token_kept_ratio < 1.0 and self.frames_as != "video":
-            raise error(f"{at}--token_kept_ratio {self.token_kept_ratio:g} merges the tokens of a video, but frames "
-                        f"reach the model as {self.frames_as}: pass --token_kept_ratio 1.0 or --frames_as video")
+            raise error(f"{at}--token_kept_ratio {self.token_kept_ratio:g} merges the tokens of a video: it needs "
+                        f"--frames_as video (frames reach the model as {self.frames_as}), or --token_kept_ratio 1.0")
 
     @classmethod
     def of(cls, values: Any) -> Preprocessing:

@@ -56,9 +56,9 @@ def test_trained_adapter_outputs(trained_adapter, tiny_model_dir):
     config = json.loads((trained_adapter / "surgvqa_config.json").read_text())
     assert config["backbone"] == "qwen2_5_omni"
     assert Path(config["base_model"]) == Path(tiny_model_dir).resolve()
-    assert config["media"]["frame_size"] == 56
-    assert config["media"]["question_modality"] == "text"
-    assert config["media"]["frame_path_template"] == "{video_id}/{frame}.jpg"
+    assert config["preprocessing"]["frame_size"] == 56
+    assert config["preprocessing"]["question_modality"] == "text"
+    assert config["preprocessing"]["frame_path_template"] == "{video_id}/{frame}.jpg"
     assert config["resized_vocab"] is None
     weights = load_file(str(trained_adapter / "adapter_model.safetensors"))
     assert weights, "empty adapter"
