@@ -23,9 +23,8 @@ from surgvqa.errors import UserError, existing_dir, existing_file, one_line_erro
 from surgvqa.frame_cache import check_frame_cache_settings
 from surgvqa.lean_imports import checkpoint_needs_bitsandbytes
 from surgvqa.lora import check_variants
-from surgvqa.media import MediaConfig, PixelBudget
-from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, check_question_modality
-from surgvqa.run_config import DEFAULT_FPS, DEFAULT_MODEL_MAX_LENGTH, FRAMES_AS
+from surgvqa.preprocessing import Preprocessing, PreprocessingOverrides
+from surgvqa.run_config import DEFAULT_MODEL_MAX_LENGTH
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
@@ -45,9 +44,6 @@ class ModelArguments:
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: nf4, double quant, bf16 compute"})
     load_in_8bit: bool = field(default=False, metadata={"help": "8-bit base (LLM.int8)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "only for checkpoints that need custom code"})
-    token_kept_ratio: float = field(default=1.0, metadata={
-        "help": "video token merging: each video enters the language model as ceil(r x n) tokens, similar tokens "
-                "averaged (0 < r <= 1; 1.0 = off); recorded, so evaluation uses it too"})
     loss_on_labelled_only: bool = field(
         default=True,
         metadata={"help": "apply the LM head only to answer positions (same loss, no full-vocabulary logits for the "
@@ -56,32 +52,16 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class DataArguments(Preprocessing):
+    """The data flags: every :class:`~surgvqa.preprocessing.Preprocessing` field (inherited, declared there once),
+    then the data's locations and how training reads it."""
+
     train_data_path: str = field(default=None, metadata={"help": "training JSONL (REAL-Colon-VQA schema)"})
     eval_data_path: str | None = field(default=None, metadata={"help": "evaluation JSONL (held-out video)"})
     frames_dir: str | None = field(default=None, metadata={"help": "root of the frames of the training file"})
     audio_dir: str | None = field(default=None, metadata={"help": "root of the spoken questions (training)"})
     eval_frames_dir: str | None = field(default=None, metadata={"help": "default: --frames_dir"})
     eval_audio_dir: str | None = field(default=None, metadata={"help": "default: --audio_dir"})
-    frame_path_template: str = field(default=MediaConfig.frame_path_template)
-    audio_path_template: str = field(default=MediaConfig.audio_path_template)
-    frame_size: int = field(
-        default=MediaConfig.frame_size,
-        metadata={"help": "longest frame edge in pixels, on the vision grid (ignored with --max_pixels)"},
-    )
-    max_pixels: int | None = field(
-        default=None,
-        metadata={"help": "pixel budget per frame, a pixel count (e.g. 147456 = 384*384): transformers' smart_resize "
-                  "keeps the aspect ratio, grid-aligned edges and w*h <= max_pixels; replaces --frame_size"},
-    )
-    min_pixels: int | None = field(
-        default=None, metadata={"help": "smallest frame in pixels (smaller frames are enlarged); default one grid cell"}
-    )
-    max_train_frames: int | None = field(default=None, metadata={"help": "evenly spaced, first and last kept"})
-    max_eval_frames: int | None = field(default=None, metadata={"help": "default: the training frame count"})
-    question_modality: str = field(default=MediaConfig.question_modality,
-                                   metadata={"help": "text | audio | text+audio"})
-    frames_as: str = field(default=FRAMES_AS[0], metadata={"help": "video (temporal merging) | images"})
     model_max_length: int = field(default=DEFAULT_MODEL_MAX_LENGTH)
     skip_overlong: bool = field(default=False, metadata={"help": "skip (and count) samples longer than the limit"})
     skip_bad_samples: bool = field(default=False, metadata={"help": "skip (and list) samples with bad data"})
@@ -102,17 +82,6 @@ class DataArguments:
     )
     eval_max_new_tokens: int = field(default=48)
     eval_batch_size_generate: int = field(default=8)
-    system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT)
-    fps: float = field(
-        default=DEFAULT_FPS,
-        metadata={"help": "rate (frames per second) at which the frames listed on a line were sampled; sets the "
-                  "video clock (M-RoPE time step) of lines without frame_numbers, or without --video_fps"},
-    )
-    video_fps: float | None = field(
-        default=None,
-        metadata={"help": "frame rate of the source videos: with it, a line's frame_numbers / video_fps give each kept "
-                  "frame's time, so any subsample keeps the true clock (e.g. 30 for 30-fps recordings)"},
-    )
     frame_cache: str = field(
         default="disk",
         metadata={"help": "none | memory | disk: decode and resize each frame once, then read it back every epoch"},
@@ -162,7 +131,9 @@ class LoraArguments:
 
 # evaluate_checkpoint.py's flags (surgvqa.evaluate); every preprocessing flag defaults to the checkpoint's record
 @dataclass
-class EvalArguments:
+class EvalArguments(PreprocessingOverrides):
+    """evaluate_checkpoint.py's flags: every Preprocessing field (default: as the checkpoint recorded), then these."""
+
     checkpoint_path: str | None = field(default=None, metadata={"help": "adapter dir, merged model or base model"})
     eval_data_path: str | None = field(default=None)
     frames_dir: str | None = field(default=None)
@@ -180,14 +151,6 @@ class EvalArguments:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing --output_file (at the end)"})
     base_model_path: str | None = field(default=None, metadata={"help": "override the adapter's recorded base"})
     backbone: str | None = field(default=None)
-    frame_path_template: str | None = field(default=None)
-    audio_path_template: str | None = field(default=None)
-    frame_size: int | None = field(default=None)
-    max_eval_frames: int | None = field(default=None)
-    question_modality: str | None = field(default=None, metadata={"help": "text | audio | text+audio"})
-    frames_as: str | None = field(default=None)
-    token_kept_ratio: float | None = field(
-        default=None, metadata={"help": "video token merging (0 < r <= 1; 1.0 = off); default: as trained"})
     allow_default_preprocessing: bool = field(
         default=False, metadata={"help": "a checkpoint without surgvqa_config.json: use the default preprocessing"}
     )
@@ -298,25 +261,16 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
     """Refuse unsupported combinations before anything heavy happens."""
     if not data_args.train_data_path:
         raise UserError("--train_data_path is required (the training JSONL); see train_vqa.py --help")
-    check_question_modality(data_args.question_modality, "--question_modality")
-    if data_args.frames_as not in FRAMES_AS:
-        raise UserError(f"--frames_as must be one of {', '.join(FRAMES_AS)}; got {data_args.frames_as!r}")
+    data_args.check()
     model_path = Path(model_args.model_name_or_path)
     if model_path.exists():  # recorded absolute (surgvqa_config.json and PEFT's adapter_config.json)
         model_args.model_name_or_path = str(model_path.resolve())
-    PixelBudget(data_args.frame_size, data_args.max_pixels, data_args.min_pixels)  # refuses a bad budget
-    if data_args.fps <= 0 or (data_args.video_fps is not None and data_args.video_fps <= 0):
-        raise UserError(f"--fps and --video_fps must be > 0, got {data_args.fps} and {data_args.video_fps}")
     if model_args.load_in_4bit or model_args.load_in_8bit:
         if args.fp16:
             raise UserError("QLoRA computes in bf16: use --bf16 True instead of --fp16")
         if lora_args.train_projectors and model_args.load_in_8bit:
             logger.info("projectors stay unquantized under 8-bit loading and are trained in full precision")
     check_variants(lora_args, "4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None)
-    if not 0.0 < model_args.token_kept_ratio <= 1.0:
-        raise UserError(f"--token_kept_ratio must be in (0, 1] (1.0: no merging); got {model_args.token_kept_ratio}")
-    if model_args.token_kept_ratio < 1.0 and data_args.frames_as != "video":
-        raise UserError("--token_kept_ratio merges the tokens of a video: it needs --frames_as video")
     if data_args.eval_generate_samples and not data_args.eval_data_path:
         raise UserError("--eval_generate_samples needs --eval_data_path")
     if args.metric_for_best_model in ("accuracy", "eval_accuracy") and not data_args.eval_generate_samples:

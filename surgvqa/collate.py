@@ -22,8 +22,8 @@ from surgvqa.backbones import processing_for
 from surgvqa.backbones.common.token_merging import kept_video_tokens
 from surgvqa.errors import UserError
 from surgvqa.media import MediaConfig
+from surgvqa.preprocessing import DEFAULT_FPS, FRAMES_AS
 from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, build_messages, check_question_modality
-from surgvqa.run_config import DEFAULT_FPS, FRAMES_AS
 from surgvqa.tokenizer import end_of_turn_token
 
 logger = logging.getLogger(__name__)

@@ -57,6 +57,7 @@ from surgvqa.generate import generate_predictions
 from surgvqa.lean_imports import checkpoint_needs_bitsandbytes, skip_bitsandbytes
 from surgvqa.media import ABLATION_REMOVES
 from surgvqa.metrics import SCORING_VERSION, build_candidates, paired_comparison, parse_baseline, score_record
+from surgvqa.preprocessing import eval_field_names, field_names
 from surgvqa.report import (
     META_DEFAULTS,
     META_KEY,
@@ -98,12 +99,9 @@ def compare_with(records: list[dict], reference: str, candidates: dict | None, a
 def resolve_preprocessing(args: EvalArguments) -> EvalPreprocessing:
     """The checkpoint's recorded preprocessing with the flags given on top (refused when nothing is recorded
     and the flags do not say it either; see the module docstring)."""
-    flags = {name: getattr(args, name) for name in ("frame_path_template", "audio_path_template", "frame_size",
-                                                    "question_modality", "frames_as")}
-    flags["max_eval_frames"] = args.max_eval_frames
+    flags = {name: getattr(args, name) for name in field_names()}
     return eval_preprocessing(RunConfig.find(args.checkpoint_path), flags, checkpoint=args.checkpoint_path,
-                              allow_defaults=args.allow_default_preprocessing,
-                              token_kept_ratio=args.token_kept_ratio)
+                              allow_defaults=args.allow_default_preprocessing)
 
 
 def resolve_media(args: EvalArguments, preprocessing: EvalPreprocessing) -> MediaConfig:
@@ -118,7 +116,7 @@ def run_meta(args: EvalArguments, preprocessing: EvalPreprocessing, media: Media
              n_skipped: int, candidates: dict[str, list[str]]) -> dict[str, Any]:
     """The meta record: everything that decides this run's lines, plus what re-scoring needs."""
     config = RunConfig.find(args.checkpoint_path)
-    collator = preprocessing.collator_kwargs()
+    settings = {name: getattr(preprocessing.preprocessing, name) for name in eval_field_names()}
     return {
         "format": META_FORMAT,
         "surgvqa_version": __version__,
@@ -130,21 +128,10 @@ def run_meta(args: EvalArguments, preprocessing: EvalPreprocessing, media: Media
         "eval_data_sha256": sha256_file(args.eval_data_path),
         "frames_dir": _abs(media.frames_dir) or str(Path(args.eval_data_path).resolve().parent / "frames"),
         "audio_dir": _abs(media.audio_dir),
-        "frame_path_template": media.frame_path_template,
-        "audio_path_template": media.audio_path_template,
         "ablate": media.ablate,
         "ablation_seed": args.ablation_seed if media.ablate in SHUFFLE_ABLATIONS else None,
         "preprocessing": preprocessing.source,
-        "question_modality": media.question_modality,
-        "frames_as": collator["frames_as"],
-        "frame_size": media.frame_size,
-        "max_pixels": media.max_pixels,
-        "min_pixels": media.min_pixels,
-        "max_eval_frames": media.max_frames,
-        "fps": collator["fps"],
-        "video_fps": collator["video_fps"],
-        "system_prompt": collator["system_prompt"],
-        "token_kept_ratio": collator["token_kept_ratio"],
+        **settings,
         "max_new_tokens": args.max_new_tokens,
         "dtype": args.dtype,
         "load_in_4bit": args.load_in_4bit,
@@ -161,11 +148,8 @@ def run_meta(args: EvalArguments, preprocessing: EvalPreprocessing, media: Media
 
 # Fields that decide what a line holds: --resume continues a file only when all of them match.
 RESUME_FIELDS = (
-    "checkpoint_sha256", "base_model", "backbone", "eval_data_sha256", "frames_dir", "audio_dir",
-    "frame_path_template", "audio_path_template", "ablate", "ablation_seed", "question_modality", "frames_as",
-    "frame_size", "max_pixels", "min_pixels", "max_eval_frames", "fps", "video_fps", "system_prompt",
-    "token_kept_ratio", "max_new_tokens", "dtype",
-    "load_in_4bit", "scoring", "candidates",
+    "checkpoint_sha256", "base_model", "backbone", "eval_data_sha256", "frames_dir", "audio_dir", "ablate",
+    "ablation_seed", *eval_field_names(), "max_new_tokens", "dtype", "load_in_4bit", "scoring", "candidates",
 )
 
 
@@ -390,7 +374,7 @@ def _run_model(args: EvalArguments, media: MediaConfig, preprocessing: EvalPrepr
     model, processor, config = load_for_inference(args.checkpoint_path, args.base_model_path, options,
                                                   backbone=args.backbone)
     backbone = get_backbone(config["backbone"])
-    backbone.enable_token_merging(model, preprocessing.token_kept_ratio)
+    backbone.enable_token_merging(model, preprocessing.preprocessing.token_kept_ratio)
     print(f"model: {backbone.describe(model)}")
     device = args.device or ("cuda" if _cuda() else "cpu")
     if not args.load_in_4bit:

@@ -393,12 +393,12 @@ def verify_inputs(args: argparse.Namespace, config: RunConfig):
                 break
     if data_path is None:
         raise UserError("--verify needs --verify_data_path (the adapter records no existing eval/train JSONL)")
-    media = config.media_config(frames_dir, audio_dir)
+    media = config.preprocessing.media_config(frames_dir, audio_dir)
     samples, _ = load_samples(data_path, media, skip_bad=True)
     if not samples:
         raise UserError(f"--verify: no usable sample in {data_path}")
     dataset = SurgicalVQADataset(samples[: args.verify], media)
-    return dataset, config.collator_kwargs(), str(data_path)
+    return dataset, config.preprocessing.collator_kwargs(), str(data_path)
 
 
 @torch.inference_mode()
@@ -519,7 +519,7 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
     if verify_data is not None:  # frames are resized onto the backbone's vision grid
         verify_data[0].media = dataclasses.replace(verify_data[0].media, pixel_multiple=backbone.vision_grid(processor))
     # the verification feeds the model as the last adapter was trained (its video token merging included)
-    backbone.enable_token_merging(thinker, last.config.token_kept_ratio)
+    backbone.enable_token_merging(thinker, last.config.preprocessing.token_kept_ratio)
     live = apply_stage(thinker, last, f"stage{len(stages)}", towers, args.force)
     from surgvqa.tokenizer import repair_tokenizer
 

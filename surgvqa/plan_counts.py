@@ -5,6 +5,7 @@ device, as our loading code stores them. ``surgvqa.plan`` turns the counts into 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -21,24 +22,25 @@ from surgvqa.memory_model import (
     nf4_bytes,
     parse_bytes,
 )
+from surgvqa.preprocessing import Preprocessing
 
 DEFAULT_QUESTION = "Is the scope advancing or withdrawing in this clip?"
 DEFAULT_ANSWER = "The scope is withdrawing."
 
 
 # ---------------------------------------------------------------------------------------------- arguments
-@dataclass
-class PlanArguments:
+@dataclass(kw_only=True)
+class PlanArguments(Preprocessing):
+    """The planner's flags: every :class:`~surgvqa.preprocessing.Preprocessing` field (inherited, as training
+    takes them: frame size or pixel budget, question modality, frames as video/images, token merging), then these."""
+
     model: str = field(metadata={"help": "checkpoint directory (config.json) or a config JSON (configs/models/)"})
     processor: str | None = field(default=None, metadata={
         "help": "directory holding the processor (tokenizer, chat template); default: --model when it has one"})
     backbone: str | None = field(default=None, metadata={"help": "registry name; default: from the config"})
     frames: int = field(default=8, metadata={"help": "frames per clip (after subsampling)"})
-    frame_size: int = field(default=384, metadata={"help": "longest frame edge in pixels (the pixel budget)"})
     source_size: str = field(default="1352x1080", metadata={
         "help": "WIDTHxHEIGHT of the frames on disk (REAL-Colon: 1352x1080); sets the aspect ratio"})
-    frames_as: str = field(default="video", metadata={"help": "video | images"})
-    question_modality: str = field(default="text", metadata={"help": "text | audio | text+audio"})
     audio_seconds: float = field(default=3.0, metadata={"help": "length of a spoken question"})
     question: str = field(default=DEFAULT_QUESTION, metadata={"help": "a representative question"})
     answer: str = field(default=DEFAULT_ANSWER, metadata={"help": "a representative (long) answer"})
@@ -58,8 +60,6 @@ class PlanArguments:
     lora_experts: bool = field(default=False, metadata={"help": "MoE backbones: LoRA on the fused experts too"})
     train_projectors: bool = field(default=False, metadata={"help": "also train the multimodal projectors"})
     optim: str = field(default="adamw_torch_fused", metadata={"help": " | ".join(OPTIMIZER_STATE)})
-    token_kept_ratio: float = field(default=1.0, metadata={
-        "help": "visual token merging: ceil(r x n) video tokens kept per video (1.0 = off)"})
     logits: str = field(default="labelled", metadata={
         "help": "labelled: the LM head runs on the labelled (answer) positions only, as training does by default | "
                 "full: on every position (training with --loss_on_labelled_only False)"})
@@ -78,6 +78,7 @@ class PlanArguments:
     json: bool = field(default=False, metadata={"help": "print the plan as one JSON object"})
 
     def validate(self) -> None:
+        self.check(PlanError)
         if self.load_in_4bit and self.load_in_8bit:
             raise PlanError("--load_in_4bit and --load_in_8bit are exclusive: pick one quantization")
         if self.dtype not in DTYPE_BYTES:
@@ -90,12 +91,8 @@ class PlanArguments:
             raise PlanError(f"--logits must be full or labelled; got {self.logits!r}")
         if self.device not in ("cuda", "cpu"):
             raise PlanError(f"--device must be cuda or cpu; got {self.device!r}")
-        if self.question_modality not in ("text", "audio", "text+audio"):
-            raise PlanError(f"--question_modality must be text, audio or text+audio; got {self.question_modality!r}")
         if self.frames < 1 or self.batch < 1 or self.eval_batch < 1 or self.max_new_tokens < 1:
             raise PlanError("--frames, --batch, --eval_batch and --max_new_tokens must be >= 1")
-        if not 0.0 < self.token_kept_ratio <= 1.0:
-            raise PlanError(f"--token_kept_ratio must be in (0, 1]; got {self.token_kept_ratio}")
         if self.lora_r < 1:
             raise PlanError("--lora_r must be >= 1")
         source_hw(self.source_size)
@@ -489,15 +486,19 @@ def sample_tokens(processor, args: PlanArguments, frames: int | None = None, fra
     """Tokens of one sample, split by kind, from the collator's own pre-flight arithmetic."""
     from surgvqa.backbones.common.token_merging import kept_video_tokens
     from surgvqa.collate import VQACollator
-    from surgvqa.media import fit_to_budget
+    from surgvqa.media import PixelBudget
 
     frames = frames or args.frames
-    frame_size = frame_size or args.frame_size
+    preprocessing = Preprocessing.of(args)
+    if frame_size is not None:  # a longest edge searched for replaces the pixel budget
+        preprocessing = dataclasses.replace(preprocessing, frame_size=frame_size, max_pixels=None, min_pixels=None)
     height, width = source_hw(args.source_size)
-    w, h = fit_to_budget(width, height, frame_size)
     with_audio = "audio" in args.question_modality
-    collator = VQACollator(processor, question_modality=args.question_modality, frame_size=frame_size,
-                           frames_as=args.frames_as, mode=mode)
+    # unmerged counts from the collator: the vision tower sees every patch; merging is applied below
+    collator = VQACollator(processor, mode=mode, **{**preprocessing.collator_kwargs(), "token_kept_ratio": 1.0})
+    grid = collator.processing.grid  # the backbone's vision grid: 28 px (Qwen2/2.5), 32 px (Qwen3)
+    w, h = PixelBudget(preprocessing.frame_size, preprocessing.max_pixels, preprocessing.min_pixels,
+                       grid).target_size(width, height)
     samples = round(args.audio_seconds * 16000) if with_audio else None
     if with_audio and not collator.processing.takes_audio:
         raise PlanError("this model has no audio tower: plan it with --question_modality text")

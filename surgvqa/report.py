@@ -21,6 +21,8 @@ from typing import Any
 from surgvqa.clusters import CLUSTER_DEFAULTS, Clustering
 from surgvqa.errors import UserError
 from surgvqa.metrics import summarize
+from surgvqa.preprocessing import defaults as preprocessing_defaults
+from surgvqa.preprocessing import summary_field_names
 
 META_KEY = "surgvqa_meta"
 
@@ -138,12 +140,11 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
 # Run settings copied from the meta line into the summary (names as in the meta line).
 SUMMARY_META_FIELDS = (
     "checkpoint", "checkpoint_sha256", "eval_data_path", "eval_data_sha256", "ablate", "ablation_seed",
-    "preprocessing", "question_modality", "frames_as", "frame_size", "max_pixels", "min_pixels", "max_eval_frames",
-    "video_fps", "max_new_tokens", "limit", "skip_bad_samples", "skipped_bad_samples", "token_kept_ratio",
+    "preprocessing", *summary_field_names(), "max_new_tokens", "limit", "skip_bad_samples", "skipped_bad_samples",
 )
-#: what a meta line written before a field existed meant by its absence
-META_DEFAULTS = {"token_kept_ratio": 1.0, "max_pixels": None, "min_pixels": None, "video_fps": None,
-                 **CLUSTER_DEFAULTS}
+#: what a meta line written before a field existed meant by its absence (a preprocessing setting: its default,
+#: e.g. no token merging, no pixel budget, 8 frames per video file)
+META_DEFAULTS = {**preprocessing_defaults(), **CLUSTER_DEFAULTS}
 
 
 def summarize_run(

@@ -4,9 +4,10 @@ Training writes one into its output directory and into every checkpoint; evaluat
 through :class:`RunConfig`, and no other module parses the file or repeats a default. Reading validates: an unknown
 key (a typo) or a missing required key is an error naming the key and the file; a value of the wrong type too.
 
-Adding a setting is one line: a field with a default (on :class:`MediaSettings` for preprocessing, on
-:class:`RunConfig` otherwise). A field with a default is optional on read, so files written before it existed still
-read, with that default; fields without one are required.
+Adding a setting is one line: a field with a default (on :class:`~surgvqa.preprocessing.Preprocessing` for
+preprocessing, on :class:`RunConfig` otherwise). A RunConfig field with a default is optional on read, so files
+written before it existed still read, with that default; fields without one are required. The ``preprocessing``
+block lists every setting (a migration supplies what older files meant by an absent one).
 
 Schema versions (``schema_version``; :data:`MIGRATIONS` turns an older file into the current layout on read):
 
@@ -17,6 +18,8 @@ Schema versions (``schema_version``; :data:`MIGRATIONS` turns an older file into
 * 2 — ``inputs`` (fingerprints of the data, media and base model a training run read; see
   :func:`surgvqa.rundir.input_fingerprints`) and ``data_changes``. A version-1 training output reads with
   ``inputs`` unknown (``None``): it is still resumed, without the data check.
+* 3 — ``preprocessing`` (every field of :class:`~surgvqa.preprocessing.Preprocessing`) replaces ``media``,
+  ``system_prompt`` and ``token_kept_ratio``; ``num_video_frames`` is recorded (version 2 used 8).
 """
 
 from __future__ import annotations
@@ -34,16 +37,12 @@ from typing import Any
 
 from surgvqa.errors import UserError
 from surgvqa.media import MediaConfig
-from surgvqa.prompts import DEFAULT_SYSTEM_PROMPT, check_question_modality
+from surgvqa.preprocessing import DEFAULT_FPS, FRAMES_AS, Preprocessing, field_names
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "surgvqa_config.json"
-SCHEMA_VERSION = 2
-#: how frames reach the processor: one video (temporal merging) or separate images
-FRAMES_AS = ("video", "images")
-#: the frame rate extracted frames are assumed to have when none is recorded (sets the video's rope timing)
-DEFAULT_FPS = 2.0
+SCHEMA_VERSION = 3
 DEFAULT_MODEL_MAX_LENGTH = 4096
 #: the preprocessing a checkpoint without surgvqa_config.json must be told (or allowed to default)
 PREPROCESSING_FLAGS = ("frame_size", "question_modality", "frames_as")
@@ -56,50 +55,6 @@ class RunConfigError(UserError):
 
 
 @dataclass
-class MediaSettings:
-    """The ``media`` block: how a sample's frames and audio become model input, in training and evaluation."""
-
-    frame_path_template: str
-    audio_path_template: str
-    frame_size: int
-    max_train_frames: int | None
-    max_eval_frames: int | None
-    question_modality: str
-    frames_as: str
-    #: frames per second of the frames a line lists (the video clock of lines without frame_numbers / video_fps)
-    fps: float
-    #: the source video's frame rate: a kept frame's time is its frame_numbers entry / video_fps
-    video_fps: float | None = None
-    #: pixel-count budget per frame (smart_resize); replaces frame_size when set
-    max_pixels: int | None = None
-    min_pixels: int | None = None
-
-    @classmethod
-    def defaults(cls, **given: Any) -> MediaSettings:
-        """The toolkit's defaults (those of :class:`~surgvqa.media.MediaConfig`), with ``given`` values on top."""
-        values = {
-            "frame_path_template": MediaConfig.frame_path_template,
-            "audio_path_template": MediaConfig.audio_path_template,
-            "frame_size": MediaConfig.frame_size,
-            "max_train_frames": None,
-            "max_eval_frames": None,
-            "question_modality": MediaConfig.question_modality,
-            "frames_as": FRAMES_AS[0],
-            "fps": DEFAULT_FPS,
-        }
-        values.update({k: v for k, v in given.items() if v is not None})
-        return cls(**values)
-
-    def check(self, where: str) -> None:
-        try:
-            check_question_modality(self.question_modality, f"{where}: media.question_modality")
-        except UserError as err:
-            raise RunConfigError(str(err)) from None
-        if self.frames_as not in FRAMES_AS:
-            raise RunConfigError(f"{where}: media.frames_as must be one of {FRAMES_AS}, got {self.frames_as!r}")
-
-
-@dataclass
 class RunConfig:
     """One run's settings, as written to ``surgvqa_config.json`` (see the module docstring for the rules)."""
 
@@ -107,8 +62,8 @@ class RunConfig:
     backbone: str
     #: the model the adapter was trained on (absolute when it was a local directory)
     base_model: str
-    media: MediaSettings
-    system_prompt: str
+    #: how samples became model input (every field of :class:`~surgvqa.preprocessing.Preprocessing`)
+    preprocessing: Preprocessing
     model_max_length: int
     dtype: str
     tokenizer_repair: list[str]
@@ -120,8 +75,6 @@ class RunConfig:
     eval_audio_dir: str | None
     schema_version: int = SCHEMA_VERSION
     base_model_relative: str | None = None
-    #: video token merging: each video enters the language model as ceil(r x n) tokens (1.0: off)
-    token_kept_ratio: float = 1.0
     # -- a training output (None in a merged checkpoint)
     lora: dict[str, Any] | None = None
     quantization: str | None = None
@@ -161,11 +114,18 @@ class RunConfig:
                 f"{SCHEMA_VERSION}); upgrade surgvqa"
             )
         while version < SCHEMA_VERSION:
-            raw = MIGRATIONS[version](raw)
+            try:
+                raw = MIGRATIONS[version](raw)
+            except RunConfigError as err:
+                raise RunConfigError(f"{source}: {err}") from None
             version += 1
             raw["schema_version"] = version
+        missing = [name for name in field_names() if name not in (raw.get("preprocessing") or {})]
+        if isinstance(raw.get("preprocessing"), Mapping) and missing:  # a record lists every setting
+            raise RunConfigError(f"{source}: required key(s) {', '.join('preprocessing.' + m for m in missing)} "
+                                 "missing; restore them from the training output (or re-train)")
         config = _build(cls, raw, source, "")
-        config.media.check(source)
+        config.preprocessing.check(RunConfigError, source)
         return config
 
     @classmethod
@@ -201,8 +161,6 @@ class RunConfig:
                 spec.default is None and record[name] is None and (merged or name not in TRAINING_FIELDS)
             ):
                 del record[name]
-        optional = {f.name for f in dataclasses.fields(MediaSettings) if f.default is None}
-        record["media"] = {k: v for k, v in record["media"].items() if not (k in optional and v is None)}
         return record
 
     def write(self, directory: str | Path) -> Path:
@@ -218,49 +176,10 @@ class RunConfig:
         return file
 
     # ------------------------------------------------------------------------------------------------- using
-    def media_config(self, frames_dir: str | None, audio_dir: str | None, *, train: bool = False,
-                     ablate: str | None = None) -> MediaConfig:
-        """The :class:`MediaConfig` for this run's preprocessing, with the given media roots."""
-        return media_config(self.media, frames_dir, audio_dir, train=train, ablate=ablate)
-
-    def collator_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``VQACollator`` that must match training (prompt, frames, audio, token merging)."""
-        return collator_kwargs(self.media, self.system_prompt, self.token_kept_ratio)
-
     def resolve_base_model(self, directory: str | Path) -> str | None:
         """The base model directory: the recorded path when it exists, else the same position relative to
         ``directory`` (both moved together), else None."""
         return resolve_recorded_path(self.base_model, directory, self.base_model_relative)
-
-
-def media_config(media: MediaSettings, frames_dir: str | None, audio_dir: str | None, *, train: bool = False,
-                 ablate: str | None = None) -> MediaConfig:
-    return MediaConfig(
-        frames_dir=frames_dir,
-        audio_dir=audio_dir,
-        frame_path_template=media.frame_path_template,
-        audio_path_template=media.audio_path_template,
-        frame_size=media.frame_size,
-        max_pixels=media.max_pixels,
-        min_pixels=media.min_pixels,
-        max_frames=media.max_train_frames if train else media.max_eval_frames,
-        question_modality=media.question_modality,
-        ablate=ablate,
-    )
-
-
-def collator_kwargs(media: MediaSettings, system_prompt: str, token_kept_ratio: float = 1.0) -> dict[str, Any]:
-    return {
-        "question_modality": media.question_modality,
-        "frame_size": media.frame_size,
-        "frames_as": media.frames_as,
-        "fps": media.fps,
-        "video_fps": media.video_fps,
-        "max_pixels": media.max_pixels,
-        "min_pixels": media.min_pixels,
-        "system_prompt": system_prompt,
-        "token_kept_ratio": token_kept_ratio,
-    }
 
 
 def resolve_recorded_path(recorded: str | None, directory: str | Path, relative: str | None = None) -> str | None:
@@ -283,74 +202,59 @@ def resolve_recorded_path(recorded: str | None, directory: str | Path, relative:
     return None
 
 
-# ----------------------------------------------------------------------------- a checkpoint without a record
+# ----------------------------------------------------------------------------- evaluation's preprocessing
 @dataclass
 class EvalPreprocessing:
     """What evaluation feeds the model, and where it came from (recorded in the summary)."""
 
-    media: MediaSettings
-    system_prompt: str
+    preprocessing: Preprocessing
     #: "surgvqa_config.json" | "flags" | "defaults"
     source: str
-    #: video token merging (as trained unless overridden; see :func:`eval_token_kept_ratio`)
-    token_kept_ratio: float = 1.0
 
     def media_config(self, frames_dir: str | None, audio_dir: str | None, ablate: str | None = None) -> MediaConfig:
-        return media_config(self.media, frames_dir, audio_dir, ablate=ablate)
+        return self.preprocessing.media_config(frames_dir, audio_dir, ablate=ablate)
 
     def collator_kwargs(self) -> dict[str, Any]:
-        return collator_kwargs(self.media, self.system_prompt, self.token_kept_ratio)
-
-
-def eval_token_kept_ratio(config: RunConfig | None, flag: float | None) -> float:
-    """The token merging evaluation uses: ``flag`` when given, else what training recorded (1.0 without a record).
-    A value different from the recorded one is logged: the model then sees videos as it was not trained to."""
-    recorded = config.token_kept_ratio if config is not None else 1.0
-    if flag is None:
-        return recorded
-    if not 0.0 < flag <= 1.0:
-        raise UserError(f"--token_kept_ratio must be in (0, 1] (1.0: no merging); got {flag}")
-    if flag != recorded:
-        logger.warning("--token_kept_ratio %g overrides the %g the checkpoint was trained with", flag, recorded)
-    return float(flag)
+        return self.preprocessing.collator_kwargs()
 
 
 def eval_preprocessing(config: RunConfig | None, flags: Mapping[str, Any], *, checkpoint: str | Path,
-                       allow_defaults: bool = False, token_kept_ratio: float | None = None) -> EvalPreprocessing:
-    """The recorded preprocessing with the flags given (not None) on top.
+                       allow_defaults: bool = False) -> EvalPreprocessing:
+    """The recorded preprocessing with the flags given (not None) on top: ``dataclasses.replace(recorded,
+    **given)``, any field of :class:`Preprocessing`, validated as a whole.
 
-    ``flags`` holds MediaSettings field names; ``token_kept_ratio`` overrides the recorded token merging. A
+    A value other than the recorded one is logged (the model then sees input as it was not trained to); a
+    ``frame_size`` given without ``max_pixels`` replaces a recorded pixel budget (which would otherwise win). A
     checkpoint without surgvqa_config.json has no record: every one of :data:`PREPROCESSING_FLAGS` must then be
     given, or ``allow_defaults`` set (the toolkit's defaults are used and the summary says so); otherwise a
     :class:`UserError` naming the missing flags.
     """
-    unknown = set(flags) - {f.name for f in dataclasses.fields(MediaSettings)}
+    unknown = set(flags) - set(field_names())
     if unknown:
         raise ValueError(f"not preprocessing settings: {sorted(unknown)}")
     given = {k: v for k, v in flags.items() if v is not None}
-    if "question_modality" in given:
-        check_question_modality(given["question_modality"], "--question_modality")
-    if given.get("frames_as", FRAMES_AS[0]) not in FRAMES_AS:
-        raise UserError(f"--frames_as must be one of {', '.join(FRAMES_AS)}; got {given['frames_as']!r}")
-    ratio = eval_token_kept_ratio(config, token_kept_ratio)
-    frames_as = given.get("frames_as") or (config.media.frames_as if config is not None else FRAMES_AS[0])
-    if ratio < 1.0 and frames_as != "video":
-        raise UserError(f"token_kept_ratio {ratio:g} merges the tokens of a video, but frames reach the model as "
-                        f"{frames_as}: pass --token_kept_ratio 1.0 or --frames_as video")
-    if "frame_size" in given:  # a longest-edge flag replaces a recorded pixel-count budget
-        given.setdefault("max_pixels", None)
+    recorded = config.preprocessing if config is not None else Preprocessing()
+    if "frame_size" in given and "max_pixels" not in given and recorded.max_pixels is not None:
+        logger.warning("--frame_size %s replaces the recorded pixel budget (max_pixels %s)", given["frame_size"],
+                       recorded.max_pixels)
+        given["max_pixels"] = None
+    preprocessing = dataclasses.replace(recorded, **given)
+    preprocessing.check()
     if config is not None:
-        return EvalPreprocessing(dataclasses.replace(config.media, **given), config.system_prompt, CONFIG_NAME, ratio)
+        for name, value in given.items():
+            if value != getattr(recorded, name):
+                logger.warning("--%s %r overrides the %r the checkpoint was trained with", name, value,
+                               getattr(recorded, name))
+        return EvalPreprocessing(preprocessing, CONFIG_NAME)
     missing = [name for name in PREPROCESSING_FLAGS if name not in given]
-    media = MediaSettings.defaults(**given)
     if missing and not allow_defaults:
-        defaults = ", ".join(f"--{name} {getattr(media, name)}" for name in missing)
+        defaults = ", ".join(f"--{name} {getattr(preprocessing, name)}" for name in missing)
         raise UserError(
             f"{checkpoint} has no {CONFIG_NAME}, so how it was trained is unknown: pass "
             + " ".join(f"--{name}" for name in missing)
             + f" as in training, or --allow_default_preprocessing True to use the defaults ({defaults})"
         )
-    return EvalPreprocessing(media, DEFAULT_SYSTEM_PROMPT, "defaults" if missing else "flags", ratio)
+    return EvalPreprocessing(preprocessing, "defaults" if missing else "flags")
 
 
 # ------------------------------------------------------------------------------------------------ migrations
@@ -370,8 +274,33 @@ def _from_v1(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+#: the ``media`` keys a version-2 record had to have (the others had defaults)
+_V2_REQUIRED_MEDIA = ("frame_path_template", "audio_path_template", "frame_size", "max_train_frames",
+                      "max_eval_frames", "question_modality", "frames_as", "fps")
+#: what a version-2 record meant by a setting it did not hold (frames per video file: the then fixed 8)
+_V2_DEFAULTS = {"max_pixels": None, "min_pixels": None, "video_fps": None, "token_kept_ratio": 1.0,
+                "num_video_frames": 8}
+
+
+def _from_v2(raw: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 → 3: ``media``, ``system_prompt`` and ``token_kept_ratio`` become one ``preprocessing`` block."""
+    media = raw.pop("media", None)
+    if not isinstance(media, Mapping):
+        return raw  # reading reports the missing / malformed block
+    missing = [f"media.{k}" for k in _V2_REQUIRED_MEDIA if k not in media]
+    missing += ["system_prompt"] if "system_prompt" not in raw else []
+    if missing:
+        raise RunConfigError(f"required key(s) {', '.join(missing)} missing; restore them from the training output "
+                             "(or re-train)")
+    block = {**_V2_DEFAULTS, **media, "system_prompt": raw.pop("system_prompt")}
+    if "token_kept_ratio" in raw:
+        block["token_kept_ratio"] = raw.pop("token_kept_ratio")
+    raw["preprocessing"] = block
+    return raw
+
+
 #: ``MIGRATIONS[v]`` turns a version-``v`` record into a version-``v + 1`` one
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _from_v0, 1: _from_v1}
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _from_v0, 1: _from_v1, 2: _from_v2}
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -440,10 +369,9 @@ __all__ = [
     "SCHEMA_VERSION",
     "TRAINING_FIELDS",
     "EvalPreprocessing",
-    "MediaSettings",
+    "Preprocessing",
     "RunConfig",
     "RunConfigError",
     "eval_preprocessing",
-    "eval_token_kept_ratio",
     "resolve_recorded_path",
 ]

@@ -47,6 +47,7 @@ from typing import Any
 from surgvqa.checkpoint import sha256_file, weights_sha256
 from surgvqa.errors import UserError
 from surgvqa.run_config import CONFIG_NAME as RUN_RECORD
+from surgvqa.run_config import RunConfig, RunConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -118,10 +119,16 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:
+    """A run's recorded settings in the current layout (an older schema migrated, so its preprocessing compares
+    field by field with this run's); a record that does not validate is compared as written."""
     try:
-        return json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    try:
+        return RunConfig.from_dict(raw, str(path)).to_dict()
+    except RunConfigError:
+        return raw
 
 
 def plan_output_dir(output_dir: str | Path, resume_from_checkpoint: str | bool | None, overwrite: bool,

@@ -38,13 +38,8 @@ from surgvqa.lean_imports import skip_bitsandbytes
 from surgvqa.lora import changes_base, save_converted, save_initial_adapter
 from surgvqa.lora import config_kwargs as lora_variant_kwargs
 from surgvqa.metrics import build_candidates
-from surgvqa.run_config import (
-    CONFIG_NAME,
-    MediaSettings,
-    RunConfig,
-    collator_kwargs,
-)
-from surgvqa.run_config import media_config as build_media_config
+from surgvqa.preprocessing import Preprocessing
+from surgvqa.run_config import CONFIG_NAME, RunConfig
 from surgvqa.rundir import apply_plan, check_same_inputs, check_same_run, input_fingerprints, plan_output_dir
 from surgvqa.tokenizer import repair_tokenizer
 
@@ -56,27 +51,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger("surgvqa.train")
 
 
-def media_settings(data_args: DataArguments) -> MediaSettings:
+def preprocessing_of(data_args: DataArguments) -> Preprocessing:
     """The run's preprocessing, as recorded in surgvqa_config.json (evaluation defaults to the training frames)."""
-    return MediaSettings(
-        frame_path_template=data_args.frame_path_template,
-        audio_path_template=data_args.audio_path_template,
-        frame_size=data_args.frame_size,
-        max_train_frames=data_args.max_train_frames,
-        max_eval_frames=data_args.max_eval_frames or data_args.max_train_frames,
-        question_modality=data_args.question_modality,
-        frames_as=data_args.frames_as,
-        fps=data_args.fps,
-        video_fps=data_args.video_fps,
-        max_pixels=data_args.max_pixels,
-        min_pixels=data_args.min_pixels,
-    )
+    recorded = Preprocessing.of(data_args)
+    return dataclasses.replace(recorded, max_eval_frames=recorded.max_eval_frames or recorded.max_train_frames)
 
 
 def media_config(data_args: DataArguments, *, eval: bool = False) -> MediaConfig:
     frames_dir = (data_args.eval_frames_dir if eval else None) or data_args.frames_dir
     audio_dir = (data_args.eval_audio_dir if eval else None) or data_args.audio_dir
-    return build_media_config(media_settings(data_args), frames_dir, audio_dir, train=not eval)
+    return preprocessing_of(data_args).media_config(frames_dir, audio_dir, train=not eval)
 
 
 def load_checked(path: str, media: MediaConfig, skip_bad: bool, scoring: bool = False) -> list[Sample]:
@@ -129,7 +113,8 @@ def drop_overlong(samples: list[Sample], collator: VQACollator, max_frames: int 
 
 
 # --------------------------------------------------------------------------------------------------- model
-def build_model(model_args: ModelArguments, lora_args: LoraArguments, args: TrainingArguments):
+def build_model(model_args: ModelArguments, lora_args: LoraArguments, args: TrainingArguments,
+                token_kept_ratio: float = 1.0):
     from peft import LoraConfig
 
     backbone = backbone_for(model_args.model_name_or_path, model_args.backbone)
@@ -141,7 +126,7 @@ def build_model(model_args: ModelArguments, lora_args: LoraArguments, args: Trai
         trust_remote_code=model_args.trust_remote_code,
     )
     model = backbone.load(model_args.model_name_or_path, options)
-    backbone.enable_token_merging(model, model_args.token_kept_ratio)
+    backbone.enable_token_merging(model, token_kept_ratio)
     processor = backbone.load_processor(model_args.model_name_or_path, model_args.trust_remote_code)
     original_rows = model.get_input_embeddings().num_embeddings
     report = repair_tokenizer(processor.tokenizer, model)
@@ -277,10 +262,8 @@ def build_run_config(model_args, data_args, lora_args, backbone_name: str, args:
         surgvqa_version=__version__,
         backbone=backbone_name,
         base_model=model_args.model_name_or_path,  # absolute when local (validate_args)
-        media=media_settings(data_args),
-        system_prompt=data_args.system_prompt,
+        preprocessing=preprocessing_of(data_args),
         model_max_length=data_args.model_max_length,
-        token_kept_ratio=model_args.token_kept_ratio,
         lora=asdict(lora_args),
         quantization="4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None,
         dtype=model_args.dtype,
@@ -378,13 +361,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         enable_full_determinism(args.seed)
     else:
         set_seed(args.seed)
-    model, processor, backbone, report, original_rows = build_model(model_args, lora_args, args)
+    model, processor, backbone, report, original_rows = build_model(model_args, lora_args, args,
+                                                                   data_args.token_kept_ratio)
     grid = backbone.vision_grid(processor)  # frames are resized onto the backbone's vision grid
     train_media = dataclasses.replace(train_media, pixel_multiple=grid)
     if eval_media is not None:
         eval_media = dataclasses.replace(eval_media, pixel_multiple=grid)
-    settings = dict(collator_kwargs(media_settings(data_args), data_args.system_prompt, model_args.token_kept_ratio),
-                    model_max_length=data_args.model_max_length)
+    settings = dict(preprocessing_of(data_args).collator_kwargs(), model_max_length=data_args.model_max_length)
     train_collator = VQACollator(processor, mode="train", encoding_cache_gb=encoding_cache_gb(data_args, args),
                                  **settings)
     train_samples = drop_overlong(train_samples, train_collator, train_media.max_frames,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 
 from surgvqa.evaluate import RESUME_FIELDS, main, parse_args, parse_baseline
 from surgvqa.report import META_KEY, read_predictions, read_predictions_meta, summarize_run
+from surgvqa.run_config import CONFIG_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {"n", "accuracy", "k_acc", "substring_acc", "exact_match", "bleu4", "rouge_l", "baseline", "per_type"}
@@ -528,3 +530,30 @@ def test_weights_hash_covers_sub_directories_but_not_training_checkpoints(tmp_pa
     empty.mkdir()
     with pytest.raises(ValueError, match="holds no weight files"):
         weights_sha256(empty)
+
+
+def test_files_of_the_previous_release_evaluate_rescore_and_resume(evaluated, trained_adapter, test_set, tmp_path):
+    """A training output (surgvqa_config.json schema 2: ``media``, ``system_prompt`` and ``token_kept_ratio`` apart,
+    no ``num_video_frames``) and a predictions file (meta line without ``num_video_frames``) as the release before
+    the preprocessing record wrote them still resume to the same lines and re-score to the same summary."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained_adapter, adapter)
+    record = json.loads((adapter / CONFIG_NAME).read_text())
+    block = record.pop("preprocessing")
+    del block["num_video_frames"]
+    record.update(schema_version=2, system_prompt=block.pop("system_prompt"),
+                  token_kept_ratio=block.pop("token_kept_ratio"), media=block)
+    (adapter / CONFIG_NAME).write_text(json.dumps(record))
+    lines = evaluated.read_text().splitlines()
+    meta = json.loads(lines[0])
+    assert meta[META_KEY].pop("num_video_frames") == 8
+    old = [json.dumps(meta), *lines[1:]]
+
+    copy = tmp_path / "old.jsonl"
+    copy.write_text("\n".join(old) + "\n")
+    _assert_same_summary(json.loads(evaluated.with_name("preds.summary.json").read_text()), _rescore(copy))
+
+    out = tmp_path / "preds.jsonl"
+    (tmp_path / "preds.jsonl.partial").write_text("\n".join(old[:17]) + "\n")
+    assert main(_args(adapter, test_set / "out_002-001.jsonl", test_set / "frames", out, "--resume", "True")) == 0
+    assert _without_latency(out)[1:] == _without_latency(evaluated)[1:]

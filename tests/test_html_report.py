@@ -344,10 +344,10 @@ def test_compare_pairs_by_key_and_marks_disagreements(small_run, tmp_path):
 
 
 def _run_config():
-    from surgvqa.run_config import MediaSettings, RunConfig
+    from surgvqa.run_config import Preprocessing, RunConfig
 
     return RunConfig(surgvqa_version="0.1.0", backbone="qwen2_5_omni", base_model="/models/base",
-                     media=MediaSettings.defaults(frame_size=56), system_prompt="Answer.", model_max_length=4096,
+                     preprocessing=Preprocessing(frame_size=56, system_prompt="Answer."), model_max_length=4096,
                      dtype="bfloat16", tokenizer_repair=[], train_data_path=None, eval_data_path=None,
                      frames_dir=None, audio_dir=None, eval_frames_dir=None, eval_audio_dir=None,
                      lora={"lora_r": 16})
@@ -365,11 +365,11 @@ def test_training_curves_and_settings(small_run, tmp_path):
     (run / "training_args.json").write_text(json.dumps({"learning_rate": 0.003, "max_steps": 20, "output_dir": "x"}))
     text = build_report(small_run["preds"], tmp_path / "report.html", train_dir=run).read_text(encoding="utf-8")
     assert 'id="training"' in text and "train loss" in text and "eval_accuracy" in text
-    assert "media.frame_size" in text and "training_args.learning_rate" in text
+    assert "preprocessing.frame_size" in text and "training_args.learning_rate" in text
     assert "highest eval_accuracy</th><td>70.0% at step 20" in text
     (ckpt / "trainer_state.json").unlink()
     text = build_report(small_run["preds"], tmp_path / "report.html", train_dir=run).read_text(encoding="utf-8")
-    assert "no trainer_state.json" in text and "media.frame_size" in text
+    assert "no trainer_state.json" in text and "preprocessing.frame_size" in text
 
 
 @pytest.mark.parametrize("case", ["nan_from_step_6", "all_nan", "inf", "minus_inf"])

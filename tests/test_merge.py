@@ -143,7 +143,7 @@ def test_output_is_standalone_and_documented(merged_a, adapter_a, tiny_model_dir
     assert [s["adapter"] for s in config["merged_from"]] == [str(adapter_a.resolve())]
     assert config["merged_from"][0]["base"] == str(tiny_model_dir.resolve())
     assert "lora" not in config and "resized_vocab" not in config
-    assert config["media"] == json.loads((adapter_a / "surgvqa_config.json").read_text())["media"]
+    assert config["preprocessing"] == json.loads((adapter_a / "surgvqa_config.json").read_text())["preprocessing"]
     assert json.loads((out / "merge_verification.json").read_text())["passed"]
 
 

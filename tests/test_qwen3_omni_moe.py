@@ -381,7 +381,8 @@ def qwen3_processor(tmp_path_factory):
 
 def test_planner_30b_a3b_thinker_counts_and_verdicts(qwen3_processor):
     """The shipped 30B-A3B config: every parameter of the meta-device model counted, 29 B of them experts, 3.3 B
-    active per token; bf16 LoRA does not fit 40 GiB, QLoRA with NF4 experts does (8 frames x 384 px, text+audio)."""
+    active per token; bf16 LoRA does not fit 40 GiB, QLoRA with NF4 experts does (8 frames x 384 px, text+audio:
+    384x320 on the 32-px grid Qwen3's processor reports), and 24 GiB at 352 px."""
     from surgvqa.plan import make_plan
     from surgvqa.plan_counts import PlanArguments, build_config, meta_model, read_config
 
@@ -395,12 +396,16 @@ def test_planner_30b_a3b_thinker_counts_and_verdicts(qwen3_processor):
     experts = _plan(model, qwen3_processor, question_modality="text+audio", lora_experts=True)
     assert experts.lora - bf16.lora == 48 * 16 * 128 * ((2 * 768 + 2048) + (2048 + 768))  # r x E x (rows + cols)
     for budget, flags, fits in (("40GiB", {}, False), ("40GiB", {"load_in_4bit": True}, True),
-                                ("24GiB", {"load_in_4bit": True}, True),
+                                ("24GiB", {"load_in_4bit": True, "frame_size": 352}, True),
                                 ("40GiB", {"load_in_4bit": True, "lora_experts": True,
                                            "gradient_checkpointing": True}, True)):
         plan = make_plan(PlanArguments(model=model, processor=str(qwen3_processor), question_modality="text+audio",
                                        budget=budget, **flags))
         assert plan.budget["train_fits"] is fits and plan.budget["eval_fits"] is fits, (budget, flags)
+    plan = make_plan(PlanArguments(model=model, processor=str(qwen3_processor), question_modality="text+audio",
+                                   budget="24GiB", load_in_4bit=True))
+    assert tuple(plan.tokens["frame_hw"]) == (320, 384)  # the frames training makes: 384 px on the processor's 32-px grid
+    assert plan.budget["train_fits"] is False and plan.budget["eval_fits"] is True
 
 
 # ------------------------------------------------------------------------------------- end to end (slow, ~2 min)

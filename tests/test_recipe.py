@@ -68,7 +68,7 @@ def test_every_variable_still_overrides_its_setting(tmp_path):
     }
     train, evaluate = _run_recipe(tmp_path, env, "--seed", "5")
     model_args, data, lora, args = _parsed(train)
-    assert (model_args.model_name_or_path, model_args.token_kept_ratio) == ("/m", 0.5)
+    assert (model_args.model_name_or_path, data.token_kept_ratio) == ("/m", 0.5)
     assert (data.train_data_path, data.eval_data_path, data.frames_dir, data.eval_frames_dir) == (
         "/d/in_template_train.jsonl", "/v.jsonl", "/d/frames", "/ef")
     assert (data.audio_dir, data.eval_audio_dir, data.question_modality) == (

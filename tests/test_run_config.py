@@ -16,7 +16,7 @@ from surgvqa.run_config import (
     CONFIG_NAME,
     DEFAULT_FPS,
     SCHEMA_VERSION,
-    MediaSettings,
+    Preprocessing,
     RunConfig,
     RunConfigError,
     eval_preprocessing,
@@ -54,18 +54,45 @@ def _write(directory: Path, record: dict) -> Path:
     return directory
 
 
-def test_v0_file_reads_and_round_trips_as_v1(tmp_path):
+def _current(record: dict) -> dict:
+    """``record`` in the current layout: ``media``, ``system_prompt`` (and ``token_kept_ratio``) as one
+    ``preprocessing`` block listing every setting, with the defaults of the ones an older file did not hold."""
+    record = json.loads(json.dumps(record))
+    block = {**record.pop("media"), "system_prompt": record.pop("system_prompt"),
+             "token_kept_ratio": record.pop("token_kept_ratio", 1.0)}
+    return {**record, "schema_version": SCHEMA_VERSION,
+            "preprocessing": {**dataclasses.asdict(Preprocessing()), "num_video_frames": 8, **block}}
+
+
+def test_v0_file_reads_and_round_trips_as_current(tmp_path):
     config = RunConfig.read(_write(tmp_path / "v0", V0_TRAINING))
     assert config.schema_version == SCHEMA_VERSION
-    assert config.media.frame_size == 56 and config.media.question_modality == "text+audio"
+    assert config.preprocessing.frame_size == 56 and config.preprocessing.question_modality == "text+audio"
     assert config.lora["lora_r"] == 16 and config.original_vocab_rows == 151936
     written = json.loads(config.write(tmp_path / "v1").read_text())
     assert written["schema_version"] == SCHEMA_VERSION
-    assert written["token_kept_ratio"] == 1.0  # a setting added since: written with its default (no merging)
-    assert {k: v for k, v in written.items()
-            if k not in ("schema_version", "base_model_relative", "token_kept_ratio")} == V0_TRAINING
+    # settings added since are written with what the old file meant: no merging, no pixel budget, 8 video frames
+    assert written["preprocessing"] == {**V0_TRAINING["media"], "system_prompt": V0_TRAINING["system_prompt"],
+                                        "token_kept_ratio": 1.0, "max_pixels": None, "min_pixels": None,
+                                        "video_fps": None, "num_video_frames": 8}
+    assert {k: v for k, v in written.items() if k not in ("base_model_relative",)} == _current(V0_TRAINING)
     assert RunConfig.read(tmp_path / "v1") == dataclasses.replace(config, base_model_relative=written[
         "base_model_relative"])
+
+
+def test_v2_training_output_reads_with_its_preprocessing_as_one_block(tmp_path):
+    """A run directory of the release before the preprocessing record (schema 2) reads with every setting."""
+    v2 = {**V0_TRAINING, "schema_version": 2, "base_model_relative": None, "token_kept_ratio": 0.5,
+          "inputs": None, "media": {**V0_TRAINING["media"], "max_pixels": 147456, "video_fps": 30.0}}
+    config = RunConfig.read(_write(tmp_path / "v2", v2))
+    assert config.preprocessing == Preprocessing(**{**V0_TRAINING["media"], "max_pixels": 147456,
+                                                    "video_fps": 30.0, "token_kept_ratio": 0.5,
+                                                    "system_prompt": V0_TRAINING["system_prompt"]})
+    assert config.preprocessing.num_video_frames == 8  # the frames per video file every earlier release used
+    missing = {k: v for k, v in v2.items() if k != "system_prompt"}
+    with pytest.raises(RunConfigError, match="required key.*system_prompt missing") as info:
+        RunConfig.read(_write(tmp_path / "bad", missing))
+    assert str(tmp_path / "bad" / CONFIG_NAME) in str(info.value)
 
 
 def test_v0_file_from_before_data_roots_were_recorded(tmp_path):
@@ -78,10 +105,10 @@ def test_v1_training_output_reads_with_inputs_unknown_and_writes_v2(tmp_path):
     """A run directory of the release before input fingerprints (schema 1) still reads (and resumes, unchecked)."""
     v1 = {**V0_TRAINING, "schema_version": 1, "base_model_relative": None}
     config = RunConfig.read(_write(tmp_path / "v1", v1))
-    assert config.schema_version == SCHEMA_VERSION == 2 and config.inputs is None and config.data_changes is None
+    assert config.schema_version == SCHEMA_VERSION == 3 and config.inputs is None and config.data_changes is None
     fingerprints = {"train_data": {"path": "/data/t.jsonl", "size": 3, "sha256": "ab"}}
     written = json.loads(dataclasses.replace(config, inputs=fingerprints).write(tmp_path / "v2").read_text())
-    assert written["schema_version"] == 2 and written["inputs"] == fingerprints and "data_changes" not in written
+    assert written["schema_version"] == 3 and written["inputs"] == fingerprints and "data_changes" not in written
 
 
 def test_v0_merged_checkpoint_reads(tmp_path):
@@ -100,18 +127,18 @@ def test_v0_merged_checkpoint_reads(tmp_path):
     ("change", "message"),
     [
         (lambda r: r.update(frame_sise=56), "unknown key(s) frame_sise"),
-        (lambda r: r["media"].update(frame_sise=56), "unknown key(s) media.frame_sise"),
+        (lambda r: r["preprocessing"].update(frame_sise=56), "unknown key(s) preprocessing.frame_sise"),
         (lambda r: r.pop("backbone"), "required key backbone is missing"),
-        (lambda r: r["media"].pop("frame_size"), "required key media.frame_size is missing"),
-        (lambda r: r["media"].update(frame_size="56"), "media.frame_size must be int, got str"),
-        (lambda r: r["media"].update(question_modality="video"), "question_modality must be one of"),
+        (lambda r: r["preprocessing"].pop("frame_size"), "required key(s) preprocessing.frame_size missing"),
+        (lambda r: r["preprocessing"].update(frame_size="56"), "preprocessing.frame_size must be int, got str"),
+        (lambda r: r["preprocessing"].update(question_modality="video"), "question_modality must be one of"),
+        (lambda r: r["preprocessing"].update(token_kept_ratio=0.0), "token_kept_ratio must be in (0, 1]"),
         (lambda r: r.update(schema_version=SCHEMA_VERSION + 1), "newer surgvqa"),
         (lambda r: r.update(tokenizer_repair=[1]), "tokenizer_repair[0] must be str"),
     ],
 )
 def test_invalid_files_are_errors_naming_the_key_and_file(tmp_path, change, message):
-    record = json.loads(json.dumps(V0_TRAINING))
-    record["schema_version"] = SCHEMA_VERSION
+    record = _current(V0_TRAINING)
     change(record)
     directory = _write(tmp_path, record)
     with pytest.raises(RunConfigError) as info:
@@ -130,17 +157,17 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_media_config_and_collator_settings_come_from_the_record(tmp_path):
     config = RunConfig.from_dict(V0_TRAINING)
-    media = config.media_config(str(tmp_path), str(tmp_path), ablate="video")
+    media = config.preprocessing.media_config(str(tmp_path), str(tmp_path), ablate="video")
     assert (media.frame_size, media.max_frames, media.question_modality, media.ablate) == (56, 4, "text+audio",
                                                                                             "video")
-    assert config.collator_kwargs() == {"question_modality": "text+audio", "frame_size": 56, "frames_as": "video",
+    assert config.preprocessing.collator_kwargs() == {"question_modality": "text+audio", "frame_size": 56, "frames_as": "video",
                                         "fps": 2.0, "video_fps": None, "max_pixels": None, "min_pixels": None,
                                         "system_prompt": "You are a surgical video assistant.",
                                         "token_kept_ratio": 1.0}  # files from before token merging: off
 
 
 def test_defaults_are_those_of_media_config():
-    media = MediaSettings.defaults()
+    media = Preprocessing()
     assert (media.frame_path_template, media.frame_size, media.question_modality, media.fps) == (
         MediaConfig.frame_path_template, MediaConfig.frame_size, MediaConfig.question_modality, DEFAULT_FPS)
 
@@ -153,14 +180,14 @@ def test_a_checkpoint_without_record_needs_every_preprocessing_flag_or_explicit_
     assert "--allow_default_preprocessing True" in message
     given = eval_preprocessing(None, {"frame_size": 56, "question_modality": "text", "frames_as": "video"},
                                checkpoint=tmp_path)
-    assert given.source == "flags" and given.media.frame_size == 56
+    assert given.source == "flags" and given.preprocessing.frame_size == 56
     defaults = eval_preprocessing(None, {"frame_size": 56}, checkpoint=tmp_path, allow_defaults=True)
-    assert defaults.source == "defaults" and defaults.media.frame_size == 56
-    assert defaults.media.question_modality == MediaConfig.question_modality
+    assert defaults.source == "defaults" and defaults.preprocessing.frame_size == 56
+    assert defaults.preprocessing.question_modality == MediaConfig.question_modality
     recorded = eval_preprocessing(RunConfig.from_dict(V0_TRAINING), {"frame_size": 112, "frames_as": None},
                                   checkpoint=tmp_path)
-    assert recorded.source == CONFIG_NAME and recorded.media.frame_size == 112
-    assert recorded.media.question_modality == "text+audio"
+    assert recorded.source == CONFIG_NAME and recorded.preprocessing.frame_size == 112
+    assert recorded.preprocessing.question_modality == "text+audio"
 
 
 def _adapter(directory: Path, peft_base: str) -> Path:

@@ -297,19 +297,19 @@ def adapter_model(merged_adapter, test_set):
     adapter, data = merged_adapter
     config = RunConfig.read(adapter)
     model, processor, _ = load_for_inference(adapter)
-    get_backbone(config.backbone).enable_token_merging(model, config.token_kept_ratio)
-    media = config.media_config(str(test_set / "frames"), None)
+    get_backbone(config.backbone).enable_token_merging(model, config.preprocessing.token_kept_ratio)
+    media = config.preprocessing.media_config(str(test_set / "frames"), None)
     media.pixel_multiple = 28
     samples, _ = load_samples(data, media)
     dataset = SurgicalVQADataset(samples, media)
-    collator = VQACollator(processor, mode="generate", **config.collator_kwargs())
+    collator = VQACollator(processor, mode="generate", **config.preprocessing.collator_kwargs())
     return model, processor, config, dataset, collator
 
 
 def test_training_records_the_ratio_and_evaluates_with_it(merged_adapter):
     adapter, _ = merged_adapter
     record = json.loads((adapter / "surgvqa_config.json").read_text())
-    assert record["token_kept_ratio"] == 0.5
+    assert record["preprocessing"]["token_kept_ratio"] == 0.5
     assert json.loads((adapter / "train_results.json").read_text())["train_loss"] > 0
     # in-training evaluation, merged as in training: teacher-forced loss and generated answers
     (evaluation,) = [e for e in json.loads((adapter.parent / "log_history.json").read_text()) if "eval_loss" in e]
@@ -391,7 +391,7 @@ def test_evaluate_and_merge_an_adapter_trained_with_merging(merged_adapter, adap
                        "--verify_batch_size", "4", "--verify_max_new_tokens", "32"]) == 0
     verification = json.loads((merged / "merge_verification.json").read_text())
     assert verification["answers_identical"] and verification["samples"] == 4
-    assert json.loads((merged / "surgvqa_config.json").read_text())["token_kept_ratio"] == 0.5
+    assert json.loads((merged / "surgvqa_config.json").read_text())["preprocessing"]["token_kept_ratio"] == 0.5
 
     assert evaluate_main(["--checkpoint_path", str(merged), "--output_file", str(tmp_path / "m.jsonl"), *flags]) == 0
     assert [r["prediction"] for r in read_predictions(tmp_path / "m.jsonl")] == \

@@ -56,9 +56,9 @@ def test_trained_adapter_outputs(trained_adapter, tiny_model_dir):
     config = json.loads((trained_adapter / "surgvqa_config.json").read_text())
     assert config["backbone"] == "qwen2_5_omni"
     assert Path(config["base_model"]) == Path(tiny_model_dir).resolve()
-    assert config["media"]["frame_size"] == 56
-    assert config["media"]["question_modality"] == "text"
-    assert config["media"]["frame_path_template"] == "{video_id}/{frame}.jpg"
+    assert config["preprocessing"]["frame_size"] == 56
+    assert config["preprocessing"]["question_modality"] == "text"
+    assert config["preprocessing"]["frame_path_template"] == "{video_id}/{frame}.jpg"
     assert config["resized_vocab"] is None
     weights = load_file(str(trained_adapter / "adapter_model.safetensors"))
     assert weights, "empty adapter"
@@ -285,8 +285,9 @@ def test_a_run_record_without_fingerprints_still_resumes(tmp_path, caplog):
 
 
 def test_a_run_directory_of_the_previous_release_resumes(tiny_model_dir, test_set, tmp_path, caplog):
-    """A run record as the previous release wrote it (schema 1: no input fingerprints, no LoRA variant settings)
-    resumes: the settings it lacks are the ones that release always used."""
+    """A run record as an earlier release wrote it (schema 1: no input fingerprints, no LoRA variant settings,
+    ``media``, ``system_prompt`` and ``token_kept_ratio`` apart, no ``num_video_frames``) resumes: the settings it
+    lacks are the ones that release always used."""
     from surgvqa.train import main
 
     out = tmp_path / "run"
@@ -300,6 +301,10 @@ def test_a_run_directory_of_the_previous_release_resumes(tiny_model_dir, test_se
             old.pop(key, None)
         for key in ("use_dora", "use_rslora", "init_lora_weights", "loraplus_lr_ratio"):
             del old["lora"][key]
+        media = old.pop("preprocessing")
+        assert media.pop("num_video_frames") == 8
+        old.update(system_prompt=media.pop("system_prompt"), token_kept_ratio=media.pop("token_kept_ratio"),
+                   media=media)
         record.write_text(json.dumps(old))
     with caplog.at_level("INFO"):
         assert main([*args, "--resume_from_checkpoint", "auto"]) == 0
