@@ -323,9 +323,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
 
     # 2. the run directory: refused, emptied, resumed or started, before any weight loads
     backbone = backbone_for(model_args.model_name_or_path, model_args.backbone)
-    if not backbone.expert_parameters and (lora_args.lora_experts or lora_args.router_aux_loss_coef):
-        flag = "--lora_experts" if lora_args.lora_experts else "--router_aux_loss_coef"
-        raise UserError(f"{flag}: backbone {backbone.name!r} has no MoE experts; drop it")
+    backbone.check_moe_settings(lora_args.lora_experts, lora_args.router_aux_loss_coef)
     backbone_name = backbone.name
     early = build_run_config(model_args, data_args, lora_args, backbone_name, args)
     plan = plan_output_dir(

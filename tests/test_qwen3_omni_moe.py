@@ -98,15 +98,10 @@ def test_collator_counts_clock_and_positions(tiny_moe, test_set, modality):
         assert torch.isfinite(model(**batch).loss)
 
 
-@pytest.mark.parametrize("router_aux_loss_coef", [0.0, 0.01])
-def test_labelled_only_logits_give_the_stock_loss_and_save_the_stock_checkpoint(tiny_moe, test_set, tmp_path,
-                                                                                router_aux_loss_coef):
-    """The family's thinker with ``logits_mask`` (the Trainer's labelled-only loss): the same loss as the stock
-    forward on full logits (with the router's load-balancing term when asked for), logits of the labelled
-    positions only; a save names the stock class and reloads into it."""
-    from transformers import AutoProcessor, Qwen3OmniMoeThinkerForConditionalGeneration
+def _two_sample_batch(tiny_moe, test_set) -> dict:
+    """A training batch of the first two test-set samples (text questions, 4 frames of 64 px)."""
+    from transformers import AutoProcessor
 
-    from surgvqa.backbones.common.labelled_logits import next_token_selection
     from surgvqa.collate import VQACollator
     from surgvqa.data import MediaConfig, SurgicalVQADataset, load_samples
 
@@ -114,7 +109,20 @@ def test_labelled_only_logits_give_the_stock_loss_and_save_the_stock_checkpoint(
     media = MediaConfig(frames_dir=str(test_set / "frames"), frame_size=64)
     samples, _ = load_samples(test_set / "in_002-001.jsonl", media)
     dataset = SurgicalVQADataset(samples[:2], media, max_frames=4)
-    batch = VQACollator(processor, frame_size=64)([dataset[0], dataset[1]])
+    return VQACollator(processor, frame_size=64)([dataset[0], dataset[1]])
+
+
+@pytest.mark.parametrize("router_aux_loss_coef", [0.0, 0.01])
+def test_labelled_only_logits_give_the_stock_loss_and_save_the_stock_checkpoint(tiny_moe, test_set, tmp_path,
+                                                                                router_aux_loss_coef):
+    """The family's thinker with ``logits_mask`` (the Trainer's labelled-only loss): the same loss as the stock
+    forward on full logits (with the router's load-balancing term when asked for), logits of the labelled
+    positions only; a save names the stock class and reloads into it."""
+    from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
+
+    from surgvqa.backbones.common.labelled_logits import next_token_selection
+
+    batch = _two_sample_batch(tiny_moe, test_set)
     model = BACKBONE.load(str(tiny_moe), LoadOptions(dtype="float32"))
     BACKBONE.set_router_aux_loss(model, router_aux_loss_coef)
     mask = next_token_selection(batch["labels"])
@@ -464,17 +472,11 @@ def test_train_evaluate_merge_through_the_clis(tiny_moe, test_set, tmp_path, run
 def test_the_trainers_labelled_only_loss_keeps_the_router_term(tiny_moe, test_set, tmp_path):
     """Through the Trainer (which hands the loss the logits without the labels), --router_aux_loss_coef still
     adds the router's load-balancing loss: the labelled-only loss equals the model's own loss on full logits."""
-    from transformers import AutoProcessor, TrainingArguments
+    from transformers import TrainingArguments
 
-    from surgvqa.collate import VQACollator
-    from surgvqa.data import MediaConfig, SurgicalVQADataset, load_samples
     from surgvqa.trainer import VQATrainer
 
-    processor = AutoProcessor.from_pretrained(tiny_moe)
-    media = MediaConfig(frames_dir=str(test_set / "frames"), frame_size=64)
-    samples, _ = load_samples(test_set / "in_002-001.jsonl", media)
-    dataset = SurgicalVQADataset(samples[:2], media, max_frames=4)
-    batch = VQACollator(processor, frame_size=64)([dataset[0], dataset[1]])
+    batch = _two_sample_batch(tiny_moe, test_set)
     model = BACKBONE.load(str(tiny_moe), LoadOptions(dtype="float32"))
     BACKBONE.set_router_aux_loss(model, 0.5)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])

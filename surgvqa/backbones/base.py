@@ -156,14 +156,21 @@ class Backbone:
 
         return get_peft_model(model, lora_config)
 
+    def check_moe_settings(self, lora_experts: bool, router_aux_loss_coef: float) -> None:
+        """Refuse the MoE settings (--lora_experts, --router_aux_loss_coef) on a family without experts: asked
+        before the model loads, and again by the methods that apply them."""
+        if not self.expert_parameters and (lora_experts or router_aux_loss_coef):
+            flag = "--lora_experts" if lora_experts else "--router_aux_loss_coef"
+            raise UserError(f"{flag}: backbone {self.name!r} has no MoE experts; drop it")
+
     def expert_lora_parameters(self, model, options: LoadOptions) -> list[str]:
         """PEFT ``target_parameters`` for --lora_experts (MoE families); refused by families without experts."""
-        raise UserError(f"--lora_experts: backbone {self.name!r} has no MoE experts; drop it")
+        self.check_moe_settings(True, 0.0)
+        return []
 
     def set_router_aux_loss(self, model, coefficient: float) -> None:
         """The weight of the MoE router's load-balancing loss (MoE families); others accept only 0."""
-        if coefficient:
-            raise UserError(f"--router_aux_loss_coef: backbone {self.name!r} has no MoE router; drop it")
+        self.check_moe_settings(False, coefficient)
 
     def save_extras(self, model, output_dir: str, config) -> dict[str, Any]:
         """Write backbone-specific trained weights beside the adapter; return the ``RunConfig`` fields to update

@@ -128,9 +128,6 @@ class Qwen3OmniMoe(Backbone):
             if not names:
                 raise UserError(f"LoRA matched no module: --lora_target_regex {lora_config.target_modules!r}")
             lora_config.target_modules = names
-        if lora_config.target_parameters and lora_config.lora_dropout:
-            raise UserError(f"--lora_experts needs --lora_dropout 0 (PEFT's LoRA on parameters has no dropout); got "
-                             f"{lora_config.lora_dropout}")
         peft_model = super().make_trainable(model, lora_config, stage=stage, init_from=init_from)
         router = [name for name, param in peft_model.named_parameters() if param.requires_grad
                   and re.search(r"\.mlp\.gate\.", name) and "lora_" not in name]
