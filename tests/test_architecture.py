@@ -62,14 +62,15 @@ def test_import_contracts_of_pyproject_hold():
 # ------------------------------------------------------------------------------- no model patched at run time
 #: methods of a model that surgvqa changes only by subclassing (backbones/<family>/modeling.py), never by assigning
 #: to an instance (patched bound methods break under torch.compile, FSDP wrapping and PEFT's own wrappers)
-_MODEL_METHODS = re.compile(r"^(forward|generate|get_rope_index|get_\w+_features)$")
+#: (nor by re-classing an instance: ``obj.__class__ = Subclass`` is a patch of every method at once)
+_MODEL_METHODS = re.compile(r"^(forward|generate|get_rope_index|get_\w+_features|__class__)$")
 #: forward hooks outside surgvqa/backbones/common/, each with its reason (none needed today)
 ALLOWED_HOOKS: dict[str, str] = {}
 
 
 def runtime_patches(source: str, path: str) -> list[str]:
     """``path:line`` of every assignment (or ``setattr``) to an instance's forward / generate / get_*_features /
-    get_rope_index and, outside backbones/common/, every forward (pre-)hook registration in ``source``."""
+    get_rope_index / __class__ and, outside backbones/common/, every forward (pre-)hook registration in ``source``."""
     found = []
     in_common = path.replace(os.sep, "/").startswith("surgvqa/backbones/common/")
     for node in ast.walk(ast.parse(source, filename=path)):
@@ -97,11 +98,11 @@ def runtime_patches(source: str, path: str) -> list[str]:
 def test_the_finder_sees_every_kind_of_patch():
     source = ("model.forward = f\nm.thinker.generate, x = g, 1\nsetattr(m, 'get_video_features', h)\n"
               "owner.get_rope_index = r\nhead.register_forward_pre_hook(k)\nself.forward_count = 1\n"
-              "def forward(self): pass\n")
+              "def forward(self): pass\nthinker.__class__ = Sub\n")
     assert sorted(runtime_patches(source, "surgvqa/x.py")) == [
         "surgvqa/x.py:1: assigns .forward", "surgvqa/x.py:2: assigns .generate",
         "surgvqa/x.py:3: setattr get_video_features", "surgvqa/x.py:4: assigns .get_rope_index",
-        "surgvqa/x.py:5: register_forward_pre_hook"]
+        "surgvqa/x.py:5: register_forward_pre_hook", "surgvqa/x.py:8: assigns .__class__"]
     assert runtime_patches("head.register_forward_pre_hook(k)\n", "surgvqa/backbones/common/x.py") == []
 
 

@@ -372,7 +372,9 @@ def test_full_omni_keeps_the_talker(work, tiny_model_dir, adapter_a, merged_a):
     assert result["verification"].passed
     out = result["output_dir"]
     assert pickle_files(out) == ["spk_dict.pt"]
-    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_5_omni"
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model_type"] == "qwen2_5_omni"
+    assert saved["architectures"] == ["Qwen2_5OmniForConditionalGeneration"]  # the stock class, not ours
 
     reloaded = Qwen2_5OmniForConditionalGeneration.from_pretrained(out)
     assert reloaded.has_talker and reloaded.speaker_map

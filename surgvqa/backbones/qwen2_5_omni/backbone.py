@@ -63,16 +63,14 @@ class Qwen25Omni(Backbone):
                 "which has no talker to keep. Drop --full_omni to write the merged thinker")
 
     def load_full(self, path: str, options: LoadOptions):
-        from transformers import Qwen2_5OmniForConditionalGeneration
-
-        from surgvqa.backbones.qwen2_5_omni.modeling import Qwen25OmniThinker
+        from surgvqa.backbones.qwen2_5_omni.modeling import Qwen25OmniFull
 
         options.validate()
-        full = Qwen2_5OmniForConditionalGeneration.from_pretrained(
+        full = Qwen25OmniFull.from_pretrained(
             path, dtype=options.torch_dtype(), attn_implementation=options.attn_implementation
         )
         _set_vision_start(full.thinker.config)
-        return full, Qwen25OmniThinker.from_stock(full.thinker)
+        return full, full.thinker
 
     def put_back(self, full, merged):
         full.thinker = merged

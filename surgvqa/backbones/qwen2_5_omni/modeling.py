@@ -7,7 +7,7 @@ checkpoint it saves is the stock class's (``architectures`` names it) and the st
 from __future__ import annotations
 
 import torch
-from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+from transformers import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniThinkerForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import MultimodalCausalLMOutputWithPast
 from transformers.utils.generic import can_return_tuple
@@ -30,13 +30,6 @@ class Qwen25OmniThinker(StockCheckpoint, Qwen2_5OmniThinkerForConditionalGenerat
     token_kept_ratio: float = 1.0
     #: frozen towers' outputs kept per training item (None: off)
     tower_cache: EncoderOutputCache | None = None
-
-    @classmethod
-    def from_stock(cls, thinker: Qwen2_5OmniThinkerForConditionalGeneration) -> Qwen25OmniThinker:
-        """A stock thinker just built by transformers (e.g. inside the full Omni model) as this class: the same
-        module and weights, no state of its own beyond the class defaults above."""
-        thinker.__class__ = cls
-        return thinker
 
     @can_return_tuple
     def forward(self, input_ids=None, input_features=None, pixel_values=None, pixel_values_videos=None,
@@ -172,6 +165,19 @@ class Qwen25OmniThinker(StockCheckpoint, Qwen2_5OmniThinkerForConditionalGenerat
         return merged
 
 
-register_stock_layout(Qwen25OmniThinker, stock=STOCK_CLASS)  # reads and writes the stock class's files
+class Qwen25OmniFull(StockCheckpoint, Qwen2_5OmniForConditionalGeneration):
+    """The full Qwen2.5-Omni model (thinker, talker, token2wav) with its thinker built as :class:`Qwen25OmniThinker`
+    (``merge_stage2_to_bf16.py --full_omni``); it reads and writes the stock full model's files."""
 
-__all__ = ["STOCK_CLASS", "Qwen25OmniThinker"]
+    stock_class = Qwen2_5OmniForConditionalGeneration
+
+    def __init__(self, config) -> None:
+        super().__init__(config)  # builds a stock thinker (on the meta device inside from_pretrained) ...
+        self.thinker = Qwen25OmniThinker(config.thinker_config)  # ... replaced before any weight is loaded
+        self.post_init()
+
+
+register_stock_layout(Qwen25OmniThinker, stock=STOCK_CLASS)  # reads and writes the stock class's files
+register_stock_layout(Qwen25OmniFull, stock=Qwen2_5OmniForConditionalGeneration)
+
+__all__ = ["STOCK_CLASS", "Qwen25OmniFull", "Qwen25OmniThinker"]
