@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from surgvqa.backbones import LoadOptions, backbone_for
+from surgvqa.backbones import Backbone, LoadOptions, backbone_for
 from surgvqa.errors import UserError
 from surgvqa.lora import check_converted
 from surgvqa.run_config import RunConfig, resolve_recorded_path
@@ -111,16 +111,12 @@ def load_for_inference(
     options: LoadOptions | None = None,
     backbone: str | None = None,
     merge_adapter: bool = False,
-) -> tuple[Any, Any, dict]:
-    """(model, processor, record) for an adapter dir, a merged model dir or a base model.
-
-    ``record`` is the checkpoint's surgvqa_config.json as a dict (``RunConfig.to_dict()``; ``{}`` when there is
-    none) with ``backbone`` set to the backbone used.
-    """
+) -> tuple[Any, Any, Backbone, RunConfig | None]:
+    """(model, processor, backbone, record) for an adapter dir, a merged model dir or a base model: ``record`` is
+    the checkpoint's surgvqa_config.json (None when it has none), ``backbone`` the one that loaded it."""
     options = options or LoadOptions()
     checkpoint_path = Path(checkpoint_path)
     run = RunConfig.find(checkpoint_path)
-    config = run.to_dict() if run is not None else {}
     backbone_name = backbone or (run.backbone if run is not None else None)
     if is_adapter(checkpoint_path):
         from peft import PeftModel
@@ -149,8 +145,7 @@ def load_for_inference(
 
     repair_tokenizer(processor.tokenizer, model)
     model.eval()
-    config["backbone"] = config.get("backbone") or chosen.name
-    return model, processor, config
+    return model, processor, chosen, run
 
 
 def sha256_file(path: str | Path) -> str:

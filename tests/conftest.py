@@ -134,7 +134,7 @@ def checkpoint_greedy_gap(checkpoint: Path) -> float:
     from surgvqa.merge import parse_args, verify_inputs
     from surgvqa.run_config import RunConfig
 
-    model, processor, _ = load_for_inference(checkpoint, options=LoadOptions(dtype="float32"))
+    model, processor, _, _ = load_for_inference(checkpoint, options=LoadOptions(dtype="float32"))
     args = parse_args(["--base_model_path", "x", "--adapter_path", "y", "--output_dir", "z", *VERIFY_FLAGS])
     dataset, kwargs, _ = verify_inputs(args, RunConfig.read(checkpoint))
     collator = VQACollator(processor, mode="generate", **kwargs)

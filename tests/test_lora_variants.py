@@ -94,7 +94,7 @@ def test_converted_adapter_on_the_original_base_is_the_trained_model(init, work,
     trained.eval()
     residual = dict(trained.named_parameters())
     q_proj = next(k for k in residual if k.endswith("layers.0.self_attn.q_proj.base_layer.weight"))
-    converted, processor, _ = load_for_inference(out, options=LoadOptions(dtype="float32"))
+    converted, processor, _, _ = load_for_inference(out, options=LoadOptions(dtype="float32"))
     original = dict(converted.named_parameters())[q_proj]
     assert not torch.allclose(residual[q_proj], original)  # the run really trained on a residual base
 
