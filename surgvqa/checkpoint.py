@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from surgvqa.backbones import Backbone, LoadOptions, backbone_for
 from surgvqa.errors import UserError
-from surgvqa.lora import check_converted
+from surgvqa.lora import check_converted, check_loftq_base
 from surgvqa.run_config import RunConfig, resolve_recorded_path
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,8 @@ def load_for_inference(
         from peft import PeftModel
 
         check_converted(checkpoint_path)  # before any weight loads
+        check_loftq_base(run.lora if run else None, checkpoint_path, options.load_in_4bit,
+                         "evaluate with --load_in_4bit True")
         base = base_for_adapter(checkpoint_path, base_model_path)
         chosen = backbone_for(base, backbone_name, flag="--base_model_path")
         model = chosen.load(str(base), options)
