@@ -210,6 +210,10 @@ def test_loftq_starts_nearer_the_unquantized_weights_than_the_4bit_base(tiny_mod
         singular = torch.linalg.svdvals(w - q)
         assert float(after) == pytest.approx(float(torch.linalg.norm(singular[4:])), rel=1e-2)
         ratios.append(float(after / before))
+        # B A left at the residual's rank-r part, not divided by the scaling (as PEFT's LoftQ sets it): with
+        # scaling 2 the model starts exactly as far from W as Q is
+        unscaled = torch.linalg.norm(w - (q + 2.0 * (2.0 * ba)))
+        assert float(unscaled / before) == pytest.approx(1.0, abs=1e-3)
     print(f"\nLoftQ: ||W - (Q + sBA)|| / ||W - Q|| over {len(ratios)} linears: {min(ratios):.3f}-{max(ratios):.3f}")
     assert max(ratios) < 1.0  # random weights: a white-noise residual, of which rank 4 of 32 removes a few %
 
