@@ -132,7 +132,7 @@ def throughput(args, model_dir: Path) -> tuple[float, list]:
     from surgvqa.collate import VQACollator
     from surgvqa.data import MediaConfig, SurgicalVQADataset, load_samples
 
-    model, processor, _ = load_for_inference(model_dir)
+    model, processor, _, _ = load_for_inference(model_dir)
     model.to("cpu")
     media = MediaConfig(frames_dir=str(TEST_SET / "frames"), frame_size=FRAME_SIZE)
     samples, _ = load_samples(TEST_SET / "out_002-001.jsonl", media)

@@ -122,8 +122,9 @@ class LoraArguments:
                                                           "output (PEFT's use_dora)"})
     use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale LoRA by alpha / sqrt(r), not alpha / r"})
     init_lora_weights: str = field(default="default", metadata={
-        "help": "LoRA's starting point (PEFT's): default | gaussian | pissa | pissa_niter_N | olora. PiSSA and OLoRA "
-                "rewrite the base; the final adapter is converted to apply to the original base"})
+        "help": "LoRA's starting point: default | gaussian | pissa | pissa_niter_N | olora (PEFT's) | loftq (with "
+                "--load_in_4bit: LoRA starts at the nf4 quantization error). PiSSA and OLoRA rewrite the base; the "
+                "final adapter is converted to apply to the original base"})
     loraplus_lr_ratio: float | None = field(default=None, metadata={
         "help": "LoRA+: the B matrices learn at this multiple of --learning_rate (16 in the LoRA+ paper); as PEFT's "
                 "LoRA+ does, so does every 1-D trainable parameter (DoRA magnitudes, trained projectors' biases)"})

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from surgvqa.backbones import LoadOptions, backbone_for
+from surgvqa.backbones import Backbone, LoadOptions, backbone_for
 from surgvqa.errors import UserError
-from surgvqa.lora import check_converted
+from surgvqa.lora import check_converted, check_loftq_base
 from surgvqa.run_config import RunConfig, resolve_recorded_path
 
 logger = logging.getLogger(__name__)
@@ -111,21 +111,19 @@ def load_for_inference(
     options: LoadOptions | None = None,
     backbone: str | None = None,
     merge_adapter: bool = False,
-) -> tuple[Any, Any, dict]:
-    """(model, processor, record) for an adapter dir, a merged model dir or a base model.
-
-    ``record`` is the checkpoint's surgvqa_config.json as a dict (``RunConfig.to_dict()``; ``{}`` when there is
-    none) with ``backbone`` set to the backbone used.
-    """
+) -> tuple[Any, Any, Backbone, RunConfig | None]:
+    """(model, processor, backbone, record) for an adapter dir, a merged model dir or a base model: ``record`` is
+    the checkpoint's surgvqa_config.json (None when it has none), ``backbone`` the one that loaded it."""
     options = options or LoadOptions()
     checkpoint_path = Path(checkpoint_path)
     run = RunConfig.find(checkpoint_path)
-    config = run.to_dict() if run is not None else {}
     backbone_name = backbone or (run.backbone if run is not None else None)
     if is_adapter(checkpoint_path):
         from peft import PeftModel
 
         check_converted(checkpoint_path)  # before any weight loads
+        check_loftq_base(run.lora if run else None, checkpoint_path, options.load_in_4bit,
+                         "evaluate with --load_in_4bit True")
         base = base_for_adapter(checkpoint_path, base_model_path)
         chosen = backbone_for(base, backbone_name, flag="--base_model_path")
         model = chosen.load(str(base), options)
@@ -149,8 +147,7 @@ def load_for_inference(
 
     repair_tokenizer(processor.tokenizer, model)
     model.eval()
-    config["backbone"] = config.get("backbone") or chosen.name
-    return model, processor, config
+    return model, processor, chosen, run
 
 
 def sha256_file(path: str | Path) -> str:

@@ -21,7 +21,7 @@ from surgvqa.errors import UserError
 from surgvqa.stats import BOOTSTRAP_SCHEMES, cluster_interval, clustered_paired, wilson_interval
 
 CLUSTER_BY = ("segment", "clip", "video", "none")
-#: the meta-line fields of the clustering and what a file written before they existed meant by their absence
+#: the flags of the clustering (and its keys in a summary), with their defaults
 CLUSTER_DEFAULTS: dict[str, Any] = {"cluster_by": "segment", "cluster_gap": 30, "bootstrap": 2000,
                                     "bootstrap_seed": 0}
 MIN_RESAMPLES = 100
@@ -46,13 +46,10 @@ class Clustering:
         if not isinstance(self.resamples, int) or self.resamples < MIN_RESAMPLES:
             raise UserError(f"--bootstrap must be at least {MIN_RESAMPLES} resamples, got {self.resamples!r}")
 
-    @classmethod
-    def from_meta(cls, meta: Mapping[str, Any] | None, **overrides: Any) -> Clustering:
-        """The clustering a meta line records (defaults for a file without it), with non-None ``overrides``
-        (keys as in CLUSTER_DEFAULTS) on top."""
-        values = {k: (meta or {}).get(k, default) for k, default in CLUSTER_DEFAULTS.items()}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(values["cluster_by"], values["cluster_gap"], values["bootstrap"], values["bootstrap_seed"])
+    def given(self, **flags: Any) -> Clustering:
+        """This clustering with the flags given (not None) on top (keys as in CLUSTER_DEFAULTS)."""
+        values = {**self.as_meta(), **{k: v for k, v in flags.items() if v is not None}}
+        return Clustering(*(values[k] for k in CLUSTER_DEFAULTS))
 
     def as_meta(self) -> dict[str, Any]:
         return dict(zip(CLUSTER_DEFAULTS, asdict(self).values(), strict=True))

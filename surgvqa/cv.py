@@ -199,7 +199,7 @@ def pooled(results: list[dict[str, Any]], clustering: Clustering) -> dict[str, A
     for r in results:
         fold_records = read_predictions(r["predictions"])
         meta = read_predictions_meta(r["predictions"])
-        sets = closed_sets(fold_records, meta.get("candidates") if meta else None)  # as in its summary
+        sets = closed_sets(fold_records, meta.candidates if meta else None)  # as in its summary
         scores += [score_record(x, sets) for x in fold_records]
         records += fold_records
     clustered = clustered_summary(records, scores, [question_type(x) for x in records], clustering)
@@ -283,8 +283,8 @@ def cross_validate(args: CvArguments, train_flags: list[str]) -> dict[str, Any]:
     for name in ("frames_dir", "audio_dir"):
         if getattr(args, name):
             existing_dir(getattr(args, name), f"--{name}")
-    clustering = Clustering.from_meta(None, cluster_by=args.cluster_by, cluster_gap=args.cluster_gap,
-                                      bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed)
+    clustering = Clustering().given(cluster_by=args.cluster_by, cluster_gap=args.cluster_gap,
+                                    bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed)
     text = Path(args.data_path).read_text(encoding="utf-8")
     records = [json.loads(line) for line in text.splitlines() if line.strip()]
     out = Path(args.output_dir)

@@ -6,7 +6,7 @@
 
 Preprocessing comes from the checkpoint's ``surgvqa_config.json``; flags override it. A checkpoint without one is
 refused unless ``--frame_size``, ``--question_modality`` and ``--frames_as`` are all given, or
-``--allow_default_preprocessing True`` (the meta line and the summary record which: ``preprocessing``).
+``--allow_default_preprocessing True`` (the meta line records which: ``preprocessing_source``).
 
 Nothing is lost and nothing is mixed: predictions stream to ``<output>.partial`` (first line: the run's meta
 record) and the finished file replaces ``<output>`` in one rename, so a failed or killed run leaves an existing
@@ -30,7 +30,7 @@ from transformers import HfArgumentParser
 
 from surgvqa import __version__
 from surgvqa.arguments import EvalArguments
-from surgvqa.backbones import LoadOptions, get_backbone
+from surgvqa.backbones import LoadOptions
 from surgvqa.checkpoint import load_for_inference, sha256_file, weights_sha256
 from surgvqa.clusters import Clustering, clip_fields
 from surgvqa.collate import VQACollator
@@ -57,10 +57,10 @@ from surgvqa.generate import generate_predictions
 from surgvqa.lean_imports import checkpoint_needs_bitsandbytes, skip_bitsandbytes
 from surgvqa.media import ABLATION_REMOVES
 from surgvqa.metrics import SCORING_VERSION, build_candidates, paired_comparison, parse_baseline, score_record
-from surgvqa.preprocessing import eval_field_names, field_names
+from surgvqa.preprocessing import field_names
 from surgvqa.report import (
-    META_DEFAULTS,
     META_KEY,
+    PredictionsMeta,
     format_paired_comparison,
     format_table,
     partial_path_for,
@@ -77,13 +77,12 @@ from surgvqa.run_config import EvalPreprocessing, RunConfig, eval_preprocessing
 
 logger = logging.getLogger("surgvqa.evaluate")
 
-META_FORMAT = 1
 
-
-def clustering_of(args: EvalArguments, meta: dict | None) -> Clustering:
+def clustering_of(args: EvalArguments, meta: PredictionsMeta | None) -> Clustering:
     """The run's clustering (its meta line's, else the defaults) with the flags given on top."""
-    return Clustering.from_meta(meta, cluster_by=args.cluster_by, cluster_gap=args.cluster_gap,
-                                bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed)
+    return (meta.clustering if meta else Clustering()).given(
+        cluster_by=args.cluster_by, cluster_gap=args.cluster_gap, bootstrap=args.bootstrap,
+        bootstrap_seed=args.bootstrap_seed)
 
 
 def compare_with(records: list[dict], reference: str, candidates: dict | None, ablate: str | None,
@@ -104,62 +103,28 @@ def resolve_preprocessing(args: EvalArguments) -> EvalPreprocessing:
                               allow_defaults=args.allow_default_preprocessing)
 
 
-def resolve_media(args: EvalArguments, preprocessing: EvalPreprocessing) -> MediaConfig:
-    return preprocessing.media_config(args.frames_dir, args.audio_dir, ablate=args.ablate)
-
-
 def _abs(path: str | None) -> str | None:
     return str(Path(path).resolve()) if path else None
 
 
 def run_meta(args: EvalArguments, preprocessing: EvalPreprocessing, media: MediaConfig, samples: list[Sample],
-             n_skipped: int, candidates: dict[str, list[str]]) -> dict[str, Any]:
+             n_skipped: int, candidates: dict[str, list[str]]) -> PredictionsMeta:
     """The meta record: everything that decides this run's lines, plus what re-scoring needs."""
     config = RunConfig.find(args.checkpoint_path)
-    settings = {name: getattr(preprocessing.preprocessing, name) for name in eval_field_names()}
-    return {
-        "format": META_FORMAT,
-        "surgvqa_version": __version__,
-        "checkpoint": _abs(args.checkpoint_path),
-        "checkpoint_sha256": weights_sha256(args.checkpoint_path),
-        "base_model": _abs(args.base_model_path) or (config.base_model if config else None),
-        "backbone": args.backbone or (config.backbone if config else None),
-        "eval_data_path": _abs(args.eval_data_path),
-        "eval_data_sha256": sha256_file(args.eval_data_path),
-        "frames_dir": _abs(media.frames_dir) or str(Path(args.eval_data_path).resolve().parent / "frames"),
-        "audio_dir": _abs(media.audio_dir),
-        "ablate": media.ablate,
-        "ablation_seed": args.ablation_seed if media.ablate in SHUFFLE_ABLATIONS else None,
-        "preprocessing": preprocessing.source,
-        **settings,
-        "max_new_tokens": args.max_new_tokens,
-        "dtype": args.dtype,
-        "load_in_4bit": args.load_in_4bit,
-        "limit": args.limit,
-        "skip_bad_samples": args.skip_bad_samples,
-        "skipped_bad_samples": n_skipped,
-        "n_samples": len(samples),
-        "scoring": SCORING_VERSION,
-        "baseline": parse_baseline(args.baseline) if args.baseline else "majority",
-        "candidates": candidates,
-        **clustering_of(args, None).as_meta(),
-    }
-
-
-# Fields that decide what a line holds: --resume continues a file only when all of them match.
-RESUME_FIELDS = (
-    "checkpoint_sha256", "base_model", "backbone", "eval_data_sha256", "frames_dir", "audio_dir", "ablate",
-    "ablation_seed", *eval_field_names(), "max_new_tokens", "dtype", "load_in_4bit", "scoring", "candidates",
-)
-
-
-def meta_mismatch(old: dict[str, Any], new: dict[str, Any]) -> str | None:
-    """The first field (of RESUME_FIELDS) that differs, described, or None when the runs match."""
-    for name in RESUME_FIELDS:
-        if old.get(name, META_DEFAULTS.get(name)) != new.get(name):
-            was, now = json.dumps(old.get(name, META_DEFAULTS.get(name)))[:80], json.dumps(new.get(name))[:80]
-            return f"{name} differs ({was} in the file, {now} in this run)"
-    return None
+    return PredictionsMeta(
+        surgvqa_version=__version__, checkpoint=_abs(args.checkpoint_path),
+        checkpoint_sha256=weights_sha256(args.checkpoint_path),
+        base_model=_abs(args.base_model_path) or (config.base_model if config else None),
+        backbone=args.backbone or (config.backbone if config else None),
+        eval_data_path=_abs(args.eval_data_path), eval_data_sha256=sha256_file(args.eval_data_path),
+        frames_dir=_abs(media.frames_dir) or str(Path(args.eval_data_path).resolve().parent / "frames"),
+        audio_dir=_abs(media.audio_dir), ablate=media.ablate,
+        ablation_seed=args.ablation_seed if media.ablate in SHUFFLE_ABLATIONS else None,
+        preprocessing_source=preprocessing.source, preprocessing=preprocessing.preprocessing,
+        max_new_tokens=args.max_new_tokens, dtype=args.dtype, load_in_4bit=args.load_in_4bit, limit=args.limit,
+        skip_bad_samples=args.skip_bad_samples, skipped_bad_samples=n_skipped, n_samples=len(samples),
+        scoring=SCORING_VERSION, baseline=parse_baseline(args.baseline) if args.baseline else "majority",
+        candidates=candidates, clustering=clustering_of(args, None))
 
 
 # ------------------------------------------------------------------------------------------- output safety
@@ -260,7 +225,7 @@ def refuse_to_overwrite(args: EvalArguments, output: Path) -> None:
         )
 
 
-def previous_lines(args: EvalArguments, output: Path, meta: dict, samples: list[Sample]) -> dict[tuple, str]:
+def previous_lines(args: EvalArguments, output: Path, meta: PredictionsMeta, samples: list[Sample]) -> dict[tuple, str]:
     """With ``--resume``: the lines of the partial (or finished) output that this run keeps, keyed on
     (video_id, id), after checking that its meta line matches this run; otherwise none."""
     if not args.resume:
@@ -276,7 +241,7 @@ def previous_lines(args: EvalArguments, output: Path, meta: dict, samples: list[
             f"--resume: {source} has no {META_KEY} line (written by an older version or another tool), so it cannot "
             "be checked against this run; start a new --output_file"
         )
-    mismatch = meta_mismatch(old, meta)
+    mismatch = old.mismatch(meta)
     if mismatch:
         raise UserError(
             f"--resume: {source} was written by a different run: {mismatch}. Resume only continues the same run; "
@@ -319,7 +284,7 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
     refuse_to_overwrite(args, output)
 
     preprocessing = resolve_preprocessing(args)
-    media = resolve_media(args, preprocessing)
+    media = preprocessing.preprocessing.media_config(args.frames_dir, args.audio_dir, ablate=args.ablate)
     samples, problems = load_samples(args.eval_data_path, media, require_scoring_fields=True,
                                      skip_bad=args.skip_bad_samples)
     if problems:
@@ -340,7 +305,7 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
 
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path_for(output)
-    meta_line = json.dumps({META_KEY: meta}, sort_keys=True)
+    meta_line = json.dumps({META_KEY: meta.to_dict()}, sort_keys=True)
     _write_atomically(partial, "".join(f"{line}\n" for line in [meta_line, *kept.values()]))
     try:
         _run_model(args, media, preprocessing, todo, donors, candidates, partial)
@@ -371,33 +336,32 @@ def _run_model(args: EvalArguments, media: MediaConfig, preprocessing: EvalPrepr
         return
     options = LoadOptions(dtype=args.dtype, attn_implementation=args.attn_implementation,
                           load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code)
-    model, processor, config = load_for_inference(args.checkpoint_path, args.base_model_path, options,
-                                                  backbone=args.backbone)
-    backbone = get_backbone(config["backbone"])
+    model, processor, backbone, config = load_for_inference(args.checkpoint_path, args.base_model_path, options,
+                                                            backbone=args.backbone)
     backbone.enable_token_merging(model, preprocessing.preprocessing.token_kept_ratio)
     print(f"model: {backbone.describe(model)}")
     device = args.device or ("cuda" if _cuda() else "cpu")
     if not args.load_in_4bit:
         model.to(device)
-    collator = VQACollator(processor, mode="generate", **preprocessing.collator_kwargs())
+    collator = VQACollator(processor, mode="generate", **preprocessing.preprocessing.collator_kwargs())
     media = dataclasses.replace(media, pixel_multiple=collator.processing.grid)  # the backbone's vision grid
     fill = collator.processing.video_fill() if media.ablate in CONSTANT_VIDEO_ABLATIONS else None
     frame_cache = eval_frame_cache(args.frame_cache, args.frame_cache_dir, args.frame_cache_max_gb,
-                                   config.get("frame_cache"))
+                                   config.frame_cache if config else None)
     dataset = SurgicalVQADataset(todo, media, video_fill=fill, donors=donors, frame_cache=frame_cache)
     _generate_into(partial, model, processor, dataset, collator, candidates, args)
 
 
-def _finish(records: list[dict], meta: dict | None, predictions: Path, summary_file: Path,
+def _finish(records: list[dict], meta: PredictionsMeta | None, predictions: Path, summary_file: Path,
             args: EvalArguments) -> dict[str, Any]:
     """Summary (+ comparison) of a predictions file, written and printed; the same for a run and a re-score."""
     baseline = parse_baseline(args.baseline) if args.baseline else None
     clustering = clustering_of(args, meta)
     summary = summarize_run(records, meta, baseline=baseline, clustering=clustering)
     summary["predictions_file"] = str(predictions.resolve())
-    ablate = meta.get("ablate") if meta else None
+    ablate = meta.ablate if meta else None
     if args.compare:
-        summary["comparison"] = compare_with(records, args.compare, meta.get("candidates") if meta else None, ablate,
+        summary["comparison"] = compare_with(records, args.compare, meta.candidates if meta else None, ablate,
                                              clustering)
     write_summary(summary, summary_file)
     print(format_table(summary))
@@ -424,13 +388,14 @@ def _html_report():
     return html_report
 
 
-def write_report(predictions: Path, args: EvalArguments, meta: dict | None, clustering: Clustering) -> Path:
+def write_report(predictions: Path, args: EvalArguments, meta: PredictionsMeta | None,
+                 clustering: Clustering) -> Path:
     """The HTML report of a predictions file, clustered as its summary is."""
     compare = [predictions_path_for(args.compare)] if args.compare else []
+    meta = meta or PredictionsMeta()
     return _html_report().build_report(predictions, args.report, compare=compare,
-                                       frames_dir=args.frames_dir or (meta or {}).get("frames_dir"),
-                                       audio_dir=args.audio_dir or (meta or {}).get("audio_dir"),
-                                       clustering=clustering)
+                                       frames_dir=args.frames_dir or meta.frames_dir,
+                                       audio_dir=args.audio_dir or meta.audio_dir, clustering=clustering)
 
 
 # The flags re-scoring uses; any other flag set away from its default needs a model run and is refused.

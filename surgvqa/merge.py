@@ -72,7 +72,7 @@ from surgvqa.checkpoint import (
 )
 from surgvqa.errors import ArgumentParser, UserError, existing_dir, run_main
 from surgvqa.lean_imports import checkpoint_needs_bitsandbytes, skip_bitsandbytes
-from surgvqa.lora import check_converted
+from surgvqa.lora import check_converted, check_loftq_base
 from surgvqa.run_config import CONFIG_NAME, TRAINING_FIELDS, RunConfig
 
 logger = logging.getLogger("surgvqa.merge")
@@ -243,6 +243,8 @@ def check_request(args: argparse.Namespace) -> list[Stage]:
             raise UserError(f"{stage.path}: --merge_into dequantized supports nf4 (4bit) QLoRA adapters only")
         if stage.quantization == "4bit" and args.merge_into == "dequantized":
             stage.into = "dequantized"
+        check_loftq_base(stage.config.lora if stage.config else None, stage.path, stage.into == "dequantized",
+                         "merge with --merge_into dequantized")
     if args.merge_into == "dequantized" and not any(s.into == "dequantized" for s in stages):
         raise UserError(
             "--merge_into dequantized: no adapter was trained with a 4-bit base (surgvqa_config quantization "

@@ -106,29 +106,8 @@ class Preprocessing:
         return {name: getattr(self, name) for name in names}
 
 
-#: fields evaluation does not use (kept out of the predictions meta line)
-_TRAINING_ONLY = ("max_train_frames",)
-#: fields a run's summary does not repeat (long, or where files are: the meta line has them)
-_NOT_IN_SUMMARY = ("frame_path_template", "audio_path_template", "system_prompt")
-
-
-def field_names() -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(Preprocessing))
-
-
-def eval_field_names() -> tuple[str, ...]:
-    """The settings evaluation uses (recorded in the predictions meta line and compared on resume)."""
-    return tuple(name for name in field_names() if name not in _TRAINING_ONLY)
-
-
-def summary_field_names() -> tuple[str, ...]:
-    """The settings a run's summary repeats from its meta line."""
-    return tuple(name for name in eval_field_names() if name not in _NOT_IN_SUMMARY)
-
-
-def defaults() -> dict[str, Any]:
-    """Each field's default: what a record written before the field existed meant by its absence."""
-    return dataclasses.asdict(Preprocessing())
+def field_names(but: tuple[str, ...] = ()) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(Preprocessing) if f.name not in but)
 
 
 def _overrides() -> type:
@@ -145,5 +124,4 @@ def _overrides() -> type:
 #: evaluation's preprocessing flags: each field of Preprocessing, None meaning "as the checkpoint recorded"
 PreprocessingOverrides = _overrides()
 
-__all__ = ["DEFAULT_FPS", "FRAMES_AS", "Preprocessing", "PreprocessingOverrides", "defaults", "eval_field_names",
-           "field_names", "summary_field_names"]
+__all__ = ["DEFAULT_FPS", "FRAMES_AS", "Preprocessing", "PreprocessingOverrides", "field_names"]

@@ -11,20 +11,118 @@ prediction and the gold answers by ``surgvqa.metrics``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from collections import Counter
 from collections.abc import Container, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from surgvqa.clusters import CLUSTER_DEFAULTS, Clustering
 from surgvqa.errors import UserError
 from surgvqa.metrics import summarize
-from surgvqa.preprocessing import defaults as preprocessing_defaults
-from surgvqa.preprocessing import summary_field_names
+from surgvqa.preprocessing import Preprocessing, field_names
+from surgvqa.records import build, migrate
 
 META_KEY = "surgvqa_meta"
+#: the meta line's layout (``format``; :data:`META_MIGRATIONS` reads older ones). 1 (or none): every setting at the
+#: top level, ``preprocessing`` naming their source. 2: ``preprocessing`` and ``clustering`` are records of their own.
+META_FORMAT = 2
+#: the preprocessing settings evaluation does not use, and those a summary leaves to the meta line (long ones)
+NOT_EVALUATION, _NOT_IN_SUMMARY = ("max_train_frames",), ("frame_path_template", "audio_path_template", "system_prompt")
+
+
+def _field(resume: Any = False, summary: Any = False, **default: Any) -> Any:
+    """A meta field. ``resume``: compared by ``--resume`` (True, or the fields of a nested record to compare);
+    ``summary``: repeated in the run's summary (True, the name it has there, or a nested record's fields)."""
+    return field(**(default or {"default": None}), metadata={"resume": resume, "summary": summary})
+
+
+@dataclass
+class PredictionsMeta:
+    """The first line of a predictions file (``{"surgvqa_meta": {...}}``): everything that decides the file's lines
+    and what re-scoring needs. A field a file does not hold is unknown (None), unless a migration says what its
+    absence meant (a preprocessing or clustering setting: its default)."""
+
+    format: int = META_FORMAT
+    surgvqa_version: str | None = None
+    checkpoint: str | None = _field(summary=True)
+    checkpoint_sha256: str | None = _field(resume=True, summary=True)
+    base_model: str | None = _field(resume=True)
+    backbone: str | None = _field(resume=True)
+    eval_data_path: str | None = _field(summary=True)
+    eval_data_sha256: str | None = _field(resume=True, summary=True)
+    frames_dir: str | None = _field(resume=True)
+    audio_dir: str | None = _field(resume=True)
+    ablate: str | None = _field(resume=True, summary=True)
+    ablation_seed: int | None = _field(resume=True, summary=True)
+    #: where the preprocessing came from: "surgvqa_config.json" | "flags" | "defaults"
+    preprocessing_source: str | None = _field(summary="preprocessing")
+    #: every setting; ``--resume`` compares those evaluation uses, the summary repeats the short ones
+    preprocessing: Preprocessing = _field(resume=field_names(but=NOT_EVALUATION),
+                                          summary=field_names(but=(*NOT_EVALUATION, *_NOT_IN_SUMMARY)),
+                                          default_factory=Preprocessing)
+    max_new_tokens: int | None = _field(resume=True, summary=True)
+    dtype: str | None = _field(resume=True)
+    load_in_4bit: bool | None = _field(resume=True)
+    limit: int | None = _field(summary=True)
+    skip_bad_samples: bool | None = _field(summary=True)
+    skipped_bad_samples: int | None = _field(summary=True)
+    n_samples: int | None = None
+    scoring: str | None = _field(resume=True)
+    baseline: str | float | None = None
+    #: the closed answer set per question type the run scored with
+    candidates: dict[str, list[str]] | None = _field(resume=True)
+    clustering: Clustering = field(default_factory=Clustering)
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str) -> PredictionsMeta:
+        """Validate a meta line's object (migrating an older format first); errors name the key and ``source``."""
+        raw = migrate(raw, source, key="format", current=META_FORMAT, migrations=META_MIGRATIONS, error=UserError,
+                      absent=1)
+        return build(cls, raw, source, UserError)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def mismatch(self, run: PredictionsMeta) -> str | None:
+        """The first field ``--resume`` compares that differs from ``run``'s, described; None when they match."""
+        for spec in dataclasses.fields(self):
+            names = spec.metadata.get("resume")
+            was, now = getattr(self, spec.name), getattr(run, spec.name)
+            pairs = [(spec.name, was, now)] if names is True else [
+                (f"{spec.name}.{name}", getattr(was, name), getattr(now, name)) for name in names or ()]
+            for name, a, b in pairs:
+                if a != b:
+                    return f"{name} differs ({json.dumps(a)[:80]} in the file, {json.dumps(b)[:80]} in this run)"
+        return None
+
+    def summary_fields(self) -> dict[str, Any]:
+        """The settings a run's summary repeats, under their names there."""
+        out: dict[str, Any] = {}
+        for spec in dataclasses.fields(self):
+            how, value = spec.metadata.get("summary"), getattr(self, spec.name)
+            if isinstance(how, tuple):
+                out.update((name, getattr(value, name)) for name in how)
+            elif how:
+                out[spec.name if how is True else how] = value
+        return out
+
+
+def _meta_from_v1(raw: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 → 2: the preprocessing settings and the clustering into records of their own."""
+    if "preprocessing" in raw:
+        raw["preprocessing_source"] = raw.pop("preprocessing")
+    raw["preprocessing"] = {name: raw.pop(name) for name in field_names() if name in raw}
+    raw["clustering"] = {spec.name: raw.pop(old) for spec, old in zip(dataclasses.fields(Clustering),
+                                                                      CLUSTER_DEFAULTS, strict=True) if old in raw}
+    return raw
+
+
+#: ``META_MIGRATIONS[v]`` turns a format-``v`` meta line into a format-``v + 1`` one
+META_MIGRATIONS = {1: _meta_from_v1}
 
 # Our format (written by the evaluator) and the original toolkit's format.
 OURS_REQUIRED = ("id", "question_type", "short_answer", "answer", "prediction")
@@ -46,23 +144,16 @@ def _normalize_record(obj: Any, where: str) -> dict[str, Any]:
         raise UserError(f"{where}: missing field(s) {', '.join(missing)} ({kind} predictions format)")
     if rec["prediction"] is None:
         rec["prediction"] = ""
-    for field in ("prediction", "short_answer", "answer", "question_type"):
-        if not isinstance(rec[field], str):
-            raise UserError(f"{where}: field {field!r} must be a string, got {type(rec[field]).__name__}")
+    for name in ("prediction", "short_answer", "answer", "question_type"):
+        if not isinstance(rec[name], str):
+            raise UserError(f"{where}: field {name!r} must be a string, got {type(rec[name]).__name__}")
     return rec
 
 
-def _meta_of(obj: Any) -> dict[str, Any] | None:
-    if isinstance(obj, dict) and META_KEY in obj:
-        if not isinstance(obj[META_KEY], dict):
-            raise UserError(f"the {META_KEY} line must hold a JSON object")
-        return obj[META_KEY]
-    return None
-
-
-def read_predictions_meta(path: str | Path) -> dict[str, Any] | None:
+def read_predictions_meta(path: str | Path) -> PredictionsMeta | None:
     """The run description on the first line of a predictions file, or None (a file of the original toolkit or an
-    older surgvqa). Reads only that line, so it also works on a ``.partial`` file cut by a kill."""
+    older surgvqa): the one reader of meta lines. Reads only that line, so it also works on a ``.partial`` file cut
+    by a kill."""
     path = Path(path)
     with path.open(encoding="utf-8") as handle:
         for line in handle:
@@ -74,10 +165,9 @@ def read_predictions_meta(path: str | Path) -> dict[str, Any] | None:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path}:1: malformed JSON line ({exc.msg})") from exc
-            try:
-                return _meta_of(obj)
-            except ValueError as exc:
-                raise UserError(f"{path}:1: {exc}") from None
+            if isinstance(obj, dict) and META_KEY in obj:
+                return PredictionsMeta.from_dict(obj[META_KEY], f"{path}:1: {META_KEY}")
+            return None
     return None
 
 
@@ -137,19 +227,9 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-# Run settings copied from the meta line into the summary (names as in the meta line).
-SUMMARY_META_FIELDS = (
-    "checkpoint", "checkpoint_sha256", "eval_data_path", "eval_data_sha256", "ablate", "ablation_seed",
-    "preprocessing", *summary_field_names(), "max_new_tokens", "limit", "skip_bad_samples", "skipped_bad_samples",
-)
-#: what a meta line written before a field existed meant by its absence (a preprocessing setting: its default,
-#: e.g. no token merging, no pixel budget, 8 frames per video file)
-META_DEFAULTS = {**preprocessing_defaults(), **CLUSTER_DEFAULTS}
-
-
 def summarize_run(
     records: Sequence[Mapping[str, Any]],
-    meta: Mapping[str, Any] | None,
+    meta: PredictionsMeta | None,
     baseline: str | float | None = None,
     clustering: Clustering | None = None,
 ) -> dict[str, Any]:
@@ -161,14 +241,13 @@ def summarize_run(
     answers (``candidates_source: "records"``). ``baseline``: None = the run's (meta) or "majority";
     ``clustering``: None = the run's (meta) or the defaults.
     """
-    candidates = meta.get("candidates") if meta else None
+    candidates = meta.candidates if meta else None
     if baseline is None:
-        baseline = meta.get("baseline", "majority") if meta else "majority"
+        baseline = meta.baseline if meta and meta.baseline is not None else "majority"
     summary = summarize(records, baseline=baseline, candidates=candidates,
-                        clustering=clustering or Clustering.from_meta(meta))
+                        clustering=clustering or (meta.clustering if meta else None))
     summary["candidates_source"] = "meta" if candidates is not None else "records"
-    for name in SUMMARY_META_FIELDS:
-        summary[name] = meta.get(name, META_DEFAULTS.get(name)) if meta else None
+    summary.update(meta.summary_fields() if meta else dict.fromkeys(PredictionsMeta().summary_fields()))
     if summary["preprocessing"] == "defaults":  # a checkpoint without surgvqa_config.json, defaults allowed
         summary["allow_default_preprocessing"] = True
     return summary

@@ -28,16 +28,14 @@ import dataclasses
 import json
 import logging
 import os
-import types
-import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from surgvqa.errors import UserError
-from surgvqa.media import MediaConfig
 from surgvqa.preprocessing import DEFAULT_FPS, FRAMES_AS, Preprocessing, field_names
+from surgvqa.records import build, migrate
 
 logger = logging.getLogger(__name__)
 
@@ -102,29 +100,13 @@ class RunConfig:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "surgvqa_config.json") -> RunConfig:
         """Validate ``raw`` (migrating an older schema first) into a RunConfig; errors name the key and source."""
-        if not isinstance(raw, Mapping):
-            raise RunConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
-        raw = dict(raw)
-        version = raw.get("schema_version", 0)
-        if not isinstance(version, int) or version < 0:
-            raise RunConfigError(f"{source}: schema_version must be a whole number, got {version!r}")
-        if version > SCHEMA_VERSION:
-            raise RunConfigError(
-                f"{source}: schema_version {version} was written by a newer surgvqa (this one reads up to "
-                f"{SCHEMA_VERSION}); upgrade surgvqa"
-            )
-        while version < SCHEMA_VERSION:
-            try:
-                raw = MIGRATIONS[version](raw)
-            except RunConfigError as err:
-                raise RunConfigError(f"{source}: {err}") from None
-            version += 1
-            raw["schema_version"] = version
+        raw = migrate(raw, source, key="schema_version", current=SCHEMA_VERSION, migrations=MIGRATIONS,
+                      error=RunConfigError)
         missing = [name for name in field_names() if name not in (raw.get("preprocessing") or {})]
         if isinstance(raw.get("preprocessing"), Mapping) and missing:  # a record lists every setting
             raise RunConfigError(f"{source}: required key(s) {', '.join('preprocessing.' + m for m in missing)} "
                                  "missing; restore them from the training output (or re-train)")
-        config = _build(cls, raw, source, "")
+        config = build(cls, raw, source, RunConfigError)
         config.preprocessing.check(RunConfigError, source)
         return config
 
@@ -211,12 +193,6 @@ class EvalPreprocessing:
     #: "surgvqa_config.json" | "flags" | "defaults"
     source: str
 
-    def media_config(self, frames_dir: str | None, audio_dir: str | None, ablate: str | None = None) -> MediaConfig:
-        return self.preprocessing.media_config(frames_dir, audio_dir, ablate=ablate)
-
-    def collator_kwargs(self) -> dict[str, Any]:
-        return self.preprocessing.collator_kwargs()
-
 
 def eval_preprocessing(config: RunConfig | None, flags: Mapping[str, Any], *, checkpoint: str | Path,
                        allow_defaults: bool = False) -> EvalPreprocessing:
@@ -301,62 +277,6 @@ def _from_v2(raw: dict[str, Any]) -> dict[str, Any]:
 
 #: ``MIGRATIONS[v]`` turns a version-``v`` record into a version-``v + 1`` one
 MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _from_v0, 1: _from_v1, 2: _from_v2}
-
-
-# ------------------------------------------------------------------------------------------------ validation
-def _build(cls: type, raw: Mapping[str, Any], source: str, prefix: str):
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise RunConfigError(
-            f"{source}: unknown key(s) {', '.join(prefix + k for k in unknown)} (a typo, or a file from another "
-            f"tool); known: {', '.join(prefix + k for k in fields)}"
-        )
-    values = {}
-    for name, spec in fields.items():
-        key = prefix + name
-        if name not in raw:
-            if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
-                raise RunConfigError(f"{source}: required key {key} is missing; restore it from the training "
-                                     "output (or re-train)")
-            continue
-        values[name] = _check_type(raw[name], hints[name], source, key)
-    return cls(**values)
-
-
-def _check_type(value: Any, hint: Any, source: str, key: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, Mapping):
-            raise RunConfigError(f"{source}: {key} must be an object, got {type(value).__name__}")
-        return _build(hint, value, source, key + ".")
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _check_type(value, option, source, key)
-            except RunConfigError as err:
-                errors.append(err)
-        raise errors[0]
-    base = origin or hint
-    if base is Any:
-        return value
-    ok = isinstance(value, base) and not (base in (int, float) and isinstance(value, bool))
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
-        ok, value = True, float(value)
-    if not ok:
-        raise RunConfigError(f"{source}: {key} must be {getattr(base, '__name__', base)}, got "
-                             f"{type(value).__name__} {json.dumps(value)[:40]}")
-    if base is list:
-        (item,) = typing.get_args(hint) or (Any,)
-        return [_check_type(v, item, source, f"{key}[{i}]") for i, v in enumerate(value)]
-    return value
 
 
 __all__ = [

@@ -35,7 +35,7 @@ from surgvqa.data import DataError, MediaConfig, Problem, Sample, SurgicalVQADat
 from surgvqa.errors import UserError, run_main
 from surgvqa.frame_cache import open_frame_cache
 from surgvqa.lean_imports import skip_bitsandbytes
-from surgvqa.lora import changes_base, save_converted, save_initial_adapter
+from surgvqa.lora import changes_base, init_loftq, save_converted, save_initial_adapter
 from surgvqa.lora import config_kwargs as lora_variant_kwargs
 from surgvqa.metrics import build_candidates
 from surgvqa.preprocessing import Preprocessing
@@ -156,6 +156,9 @@ def build_model(model_args: ModelArguments, lora_args: LoraArguments, args: Trai
     )
     backbone.set_router_aux_loss(model, lora_args.router_aux_loss_coef)
     model = backbone.make_trainable(model, lora_config, stage=lora_args.stage, init_from=lora_args.init_from)
+    if lora_args.init_lora_weights == "loftq" and hasattr(model, "peft_config"):
+        logger.info("LoftQ: %d LoRA pairs start at the nf4 quantization error", init_loftq(
+            model, model_args.model_name_or_path))
     if options.quantized:
         upcast_trainable(model)
     if hasattr(model, "peft_config"):

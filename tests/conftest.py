@@ -125,7 +125,7 @@ def greedy_gaps(model, tokenizer, items: list[dict], collator, max_new_tokens: i
 VERIFY_FLAGS = ["--verify", "2", "--verify_batch_size", "2", "--verify_max_new_tokens", "6", "--device", "cpu"]
 
 
-def checkpoint_greedy_gap(checkpoint: Path) -> float:
+def checkpoint_greedy_gap(checkpoint: Path, load_in_4bit: bool = False) -> float:
     """The smallest top-1 / top-2 logit gap of ``checkpoint``'s greedy answers on its merge-verify samples. "Merged
     and adapter answers are identical" holds on every CPU only when it is far above the merge's logit difference."""
     from surgvqa.backbones import LoadOptions
@@ -134,7 +134,8 @@ def checkpoint_greedy_gap(checkpoint: Path) -> float:
     from surgvqa.merge import parse_args, verify_inputs
     from surgvqa.run_config import RunConfig
 
-    model, processor, _ = load_for_inference(checkpoint, options=LoadOptions(dtype="float32"))
+    model, processor, _, _ = load_for_inference(checkpoint, options=LoadOptions(dtype="float32",
+                                                                               load_in_4bit=load_in_4bit))
     args = parse_args(["--base_model_path", "x", "--adapter_path", "y", "--output_dir", "z", *VERIFY_FLAGS])
     dataset, kwargs, _ = verify_inputs(args, RunConfig.read(checkpoint))
     collator = VQACollator(processor, mode="generate", **kwargs)
@@ -212,3 +213,31 @@ def audio_dir(tmp_path_factory, test_set) -> Path:
         t = np.arange(n) / 16000
         sf.write(path, (0.2 * np.sin(2 * np.pi * (200 + 10 * i) * t)).astype(np.float32), 16000)
     return root
+
+
+def bnb_cpu_ok(dtype=None) -> bool:
+    """Whether bitsandbytes runs a 4-bit linear on this CPU (in ``dtype``, default bf16)."""
+    import torch
+
+    dtype = dtype or torch.bfloat16
+    try:
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear4bit(16, 16, compute_dtype=dtype, quant_type="nf4")
+        layer = layer.to("cpu")
+        layer(torch.randn(1, 16, dtype=dtype))
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: not available on this machine
+        return False
+
+
+def qlora_compute() -> list[str]:
+    """bf16 compute where this CPU's torch has bf16 kernels (AVX-512), else fp32 compute (--dtype float32): the
+    4-bit storage and the LoRA path are the same either way."""
+    import torch
+
+    if bnb_cpu_ok() and torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return ["--bf16", "True"]
+    if bnb_cpu_ok(torch.float32):
+        return ["--dtype", "float32"]
+    pytest.skip("bitsandbytes cannot run on this machine's CPU")

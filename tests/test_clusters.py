@@ -59,9 +59,9 @@ def test_bad_settings_are_refused():
     for bad in ({"by": "scene"}, {"gap": -1}, {"resamples": 10}):
         with pytest.raises(ValueError, match="--cluster_by|--cluster_gap|--bootstrap"):
             Clustering(**bad)
-    assert Clustering.from_meta({"cluster_gap": 5}, bootstrap=500) == Clustering("segment", 5, 500, 0)
-    assert Clustering.from_meta(None).as_meta() == {"cluster_by": "segment", "cluster_gap": 30, "bootstrap": 2000,
-                                                    "bootstrap_seed": 0}
+    assert Clustering(gap=5).given(bootstrap=500, cluster_by=None) == Clustering("segment", 5, 500, 0)
+    assert Clustering().as_meta() == {"cluster_by": "segment", "cluster_gap": 30, "bootstrap": 2000,
+                                      "bootstrap_seed": 0}
 
 
 def test_a_single_segment_gets_no_clustered_interval_and_the_summary_says_why():
@@ -181,14 +181,15 @@ def test_clustered_summary_is_a_function_of_the_records_alone():
 
 
 def test_old_predictions_files_rescore_with_the_default_clustering():
-    from surgvqa.report import META_DEFAULTS, summarize_run
+    from surgvqa.report import PredictionsMeta, summarize_run
 
     recs = _segmented_run(4, per_segment_error=True)
-    old_meta = {"scoring": "surgvqa-strict-1"}  # written before the clustering was recorded
-    assert {k: META_DEFAULTS[k] for k in ("cluster_by", "cluster_gap", "bootstrap", "bootstrap_seed")} == \
-        Clustering().as_meta()
-    assert summarize_run(recs, old_meta)["clustered"] == summarize_run(recs, None)["clustered"]
-    recorded = summarize_run(recs, {**old_meta, "cluster_gap": 0, "bootstrap_seed": 5})["clustered"]
+    old_meta = {"format": 1, "scoring": "surgvqa-strict-1"}  # written before the clustering was recorded
+    assert PredictionsMeta.from_dict(old_meta, "old").clustering == Clustering()
+    assert summarize_run(recs, PredictionsMeta.from_dict(old_meta, "old"))["clustered"] == \
+        summarize_run(recs, None)["clustered"]
+    later = PredictionsMeta.from_dict({**old_meta, "cluster_gap": 0, "bootstrap_seed": 5}, "later")
+    recorded = summarize_run(recs, later)["clustered"]
     assert recorded["clustering"]["cluster_gap"] == 0 and recorded["clustering"]["bootstrap_seed"] == 5
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from surgvqa.evaluate import RESUME_FIELDS, main, parse_args, parse_baseline
+from surgvqa.clusters import Clustering
+from surgvqa.evaluate import main, parse_args, parse_baseline
 from surgvqa.report import META_KEY, read_predictions, read_predictions_meta, summarize_run
 from surgvqa.run_config import CONFIG_NAME
 
@@ -22,8 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {"n", "accuracy", "k_acc", "substring_acc", "exact_match", "bleu4", "rouge_l", "baseline", "per_type"}
 RECORD_KEYS = {"video_id", "id", "question_type", "question", "answer", "short_answer", "prediction", "accuracy",
                "k_acc", "substring", "exact_match", "stopped_by_eos", "new_tokens", "latency_ms"}
-META_FIELDS = {"checkpoint", "checkpoint_sha256", "eval_data_path", "eval_data_sha256", "ablate", "question_modality",
-               "frame_size", "max_eval_frames", "max_new_tokens", "scoring", "candidates"}
+META_FIELDS = {"format", "checkpoint", "checkpoint_sha256", "eval_data_path", "eval_data_sha256", "ablate",
+               "preprocessing", "preprocessing_source", "max_new_tokens", "scoring", "candidates", "clustering"}
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def _lines(path: Path) -> list[dict]:
@@ -52,12 +54,13 @@ def evaluated(trained_adapter, test_set, tmp_path_factory):
 def test_output_file_meta_line_and_summary(evaluated, test_set, trained_adapter):
     first = json.loads(evaluated.read_text().splitlines()[0])
     assert list(first) == [META_KEY]
+    assert META_FIELDS <= set(first[META_KEY]) and first[META_KEY]["format"] == 2
     meta = read_predictions_meta(evaluated)
-    assert META_FIELDS <= set(meta)
-    assert meta["checkpoint"] == str(trained_adapter.resolve()) and len(meta["checkpoint_sha256"]) == 64
-    assert meta["eval_data_path"] == str((test_set / "out_002-001.jsonl").resolve())
-    assert meta["ablate"] is None and meta["max_new_tokens"] == 24 and meta["question_modality"] == "text"
-    assert meta["candidates"]["lesion_motion_direction"]  # the closed answer set per type the run used
+    assert meta.checkpoint == str(trained_adapter.resolve()) and len(meta.checkpoint_sha256) == 64
+    assert meta.eval_data_path == str((test_set / "out_002-001.jsonl").resolve())
+    assert meta.ablate is None and meta.max_new_tokens == 24 and meta.preprocessing.question_modality == "text"
+    assert meta.preprocessing_source == CONFIG_NAME
+    assert meta.candidates["lesion_motion_direction"]  # the closed answer set per type the run used
     records = read_predictions(evaluated)
     assert records == _lines(evaluated) and len(records) == 50
     assert all(RECORD_KEYS <= set(r) for r in records)
@@ -69,7 +72,7 @@ def test_output_file_meta_line_and_summary(evaluated, test_set, trained_adapter)
     assert all(0.0 <= summary[k] <= 1.0 for k in ("accuracy", "k_acc", "substring_acc", "exact_match", "rouge_l"))
     assert summary["accuracy"] == pytest.approx(sum(bool(r["accuracy"]) for r in records) / 50)
     # preprocessing came from the adapter's surgvqa_config.json (56 px frames), not the 384 px default
-    assert summary["frame_size"] == 56 and meta["frame_size"] == 56
+    assert summary["frame_size"] == 56 and meta.preprocessing.frame_size == 56
     # lines are in the data file's order, whatever the batches
     order = [(json.loads(x)["video_id"], json.loads(x)["id"])
              for x in (test_set / "out_002-001.jsonl").read_text().splitlines()]
@@ -79,8 +82,7 @@ def test_output_file_meta_line_and_summary(evaluated, test_set, trained_adapter)
     data = [json.loads(x) for x in (test_set / "out_002-001.jsonl").read_text().splitlines()]
     assert [r["frame_numbers"] for r in records] == [d["frame_numbers"] for d in data]
     assert [r["frames"] for r in records] == [d["frames"] for d in data]
-    clustering = (meta["cluster_by"], meta["cluster_gap"], meta["bootstrap"], meta["bootstrap_seed"])
-    assert clustering == ("segment", 30, 2000, 0)
+    assert meta.clustering == Clustering("segment", 30, 2000, 0)
     assert summary["clustered"]["clustering"]["unit"] == "segment"
 
 
@@ -207,7 +209,6 @@ def test_existing_output_is_never_truncated(evaluated, trained_adapter, test_set
 
 def test_resume_refuses_another_run_naming_the_field(evaluated, trained_adapter, tiny_model_dir, test_set, tmp_path,
                                                      capsys):
-    assert {"checkpoint_sha256", "eval_data_sha256", "ablate", "frame_size"} <= set(RESUME_FIELDS)
     partial = tmp_path / "preds.jsonl.partial"
     lines = evaluated.read_text().splitlines()
     other_data = tmp_path / "in.jsonl"
@@ -347,7 +348,7 @@ def test_report_flag_calls_the_html_report_or_says_it_is_missing(evaluated, tmp_
                  "--compare", str(evaluated)]) == 0
     (predictions, output, kw), = calls
     assert predictions == copy and output == str(tmp_path / "r.html")
-    assert kw["compare"] == [evaluated] and kw["frames_dir"] == read_predictions_meta(evaluated)["frames_dir"]
+    assert kw["compare"] == [evaluated] and kw["frames_dir"] == read_predictions_meta(evaluated).frames_dir
     assert set(kw) == {"compare", "frames_dir", "audio_dir", "clustering"}
     assert checked == [(tmp_path / "r.html", "--report")]
 
@@ -360,7 +361,7 @@ def test_rescoring_report_shows_the_clustering_of_the_rescored_summary(evaluated
                        "--report", str(report))
     clustered = summary["clustered"]
     assert clustered["clustering"]["cluster_by"] == "clip" and clustered["clustering"]["bootstrap_seed"] == 7
-    assert read_predictions_meta(copy).get("cluster_by", "segment") != "clip"  # the run's own was another
+    assert read_predictions_meta(copy).clustering.by != "clip"  # the run's own was another
     html = report.read_text()
     assert "--cluster_by clip" in html and "300 resamples, seed 7" in html
     assert f"{clustered['clustering']['n_clusters']} clips of" in html
@@ -379,7 +380,7 @@ def test_ablate_video_and_compare(evaluated, trained_adapter, test_set, tmp_path
                       "--baseline", "0.46")) == 0
     summary = json.loads(out.with_name("blind.summary.json").read_text())
     assert summary["ablate"] == ablate and summary["n"] == 16
-    assert read_predictions_meta(out)["ablate"] == ablate
+    assert read_predictions_meta(out).ablate == ablate
     records = _lines(out)
     if ablate == "video_shuffle":  # one video in test_set: donors come from it, never the sample itself
         assert summary["ablation_seed"] == 0
@@ -532,6 +533,29 @@ def test_weights_hash_covers_sub_directories_but_not_training_checkpoints(tmp_pa
         weights_sha256(empty)
 
 
+def as_format_1(meta: dict) -> dict:
+    """A meta line as the previous release wrote it (format 1: every setting at the top level)."""
+    meta = dict(meta)
+    preprocessing, clustering = meta.pop("preprocessing"), meta.pop("clustering")
+    del preprocessing["max_train_frames"]  # evaluation does not use it: format 1 did not record it
+    return {**meta, **preprocessing, "format": 1, "preprocessing": meta.pop("preprocessing_source"),
+            "cluster_by": clustering["by"], "cluster_gap": clustering["gap"], "bootstrap": clustering["resamples"],
+            "bootstrap_seed": clustering["seed"]}
+
+
+def test_a_predictions_file_written_by_the_previous_release_rescores_to_its_summary(tmp_path):
+    """tests/fixtures/predictions_format1: a file and its summary as the previous release wrote them (format 1,
+    8 samples, --ablate video --cluster_by clip --bootstrap 500)."""
+    copy = tmp_path / "preds.jsonl"
+    shutil.copy(FIXTURES / "predictions_format1" / "preds.jsonl", copy)
+    written = json.loads((FIXTURES / "predictions_format1" / "preds.summary.json").read_text())
+    _assert_same_summary(written, _rescore(copy, "--report", str(tmp_path / "report.html")))
+    assert "surgvqa_config.json" in (tmp_path / "report.html").read_text()  # the run's meta, shown
+    meta = read_predictions_meta(copy)
+    assert meta.format == 2 and meta.preprocessing_source == CONFIG_NAME and meta.ablate == "video"
+    assert meta.clustering == Clustering("clip", 30, 500, 0) and meta.preprocessing.frame_size == 56
+
+
 def test_files_of_the_previous_release_evaluate_rescore_and_resume(evaluated, trained_adapter, test_set, tmp_path):
     """A training output (surgvqa_config.json schema 2: ``media``, ``system_prompt`` and ``token_kept_ratio`` apart,
     no ``num_video_frames``) and a predictions file (meta line without ``num_video_frames``) as the release before
@@ -545,9 +569,9 @@ def test_files_of_the_previous_release_evaluate_rescore_and_resume(evaluated, tr
                   token_kept_ratio=block.pop("token_kept_ratio"), media=block)
     (adapter / CONFIG_NAME).write_text(json.dumps(record))
     lines = evaluated.read_text().splitlines()
-    meta = json.loads(lines[0])
-    assert meta[META_KEY].pop("num_video_frames") == 8
-    old = [json.dumps(meta), *lines[1:]]
+    meta = as_format_1(json.loads(lines[0])[META_KEY])
+    assert meta.pop("num_video_frames") == 8
+    old = [json.dumps({META_KEY: meta}), *lines[1:]]
 
     copy = tmp_path / "old.jsonl"
     copy.write_text("\n".join(old) + "\n")

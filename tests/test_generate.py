@@ -138,8 +138,8 @@ def memorised_model(memorised_adapter, test_set):
     from surgvqa.checkpoint import load_for_inference
 
     adapter, data = memorised_adapter
-    model, processor, config = load_for_inference(adapter)
-    dataset = _dataset(test_set, data, max_frames=config["preprocessing"]["max_eval_frames"])
+    model, processor, _, config = load_for_inference(adapter)
+    dataset = _dataset(test_set, data, max_frames=config.preprocessing.max_eval_frames)
     return model, processor, config, dataset
 
 
@@ -156,7 +156,7 @@ def test_greedy_generation_reproduces_training_answers(memorised_adapter, memori
     model, processor, config, dataset = memorised_model
     losses = json.loads((adapter / "train_results.json").read_text())
     assert losses["train_loss"] > 0
-    assert config["preprocessing"]["max_train_frames"] == 2
+    assert config.preprocessing.max_train_frames == 2
     collator = VQACollator(processor, frame_size=FRAME, mode="generate")
     predictions = list(generate_predictions(model, processor.tokenizer, dataset, collator, batch_size=3,
                                             max_new_tokens=32))

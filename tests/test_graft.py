@@ -629,9 +629,9 @@ def test_evaluate_and_merge_flow(graft_stages, tmp_path, test_set, capsys):
     assert config["merged_adapters"] == [str(stage2.resolve())] and config["merged_base"] == str(stage1.resolve())
     assert json.loads((merged / "merge_verification.json").read_text())["passed"]
 
-    adapter_model, processor, _ = load_for_inference(stage2)
-    merged_model, merged_processor, merged_config = load_for_inference(merged)
-    assert merged_config["backbone"] == BACKBONE and not hasattr(merged_model, "peft_config")
+    adapter_model, processor, _, _ = load_for_inference(stage2)
+    merged_model, merged_processor, merged_backbone, _ = load_for_inference(merged)
+    assert merged_backbone.name == BACKBONE and not hasattr(merged_model, "peft_config")
     description = get_backbone(BACKBONE).describe(merged_model)
     assert f"stage 2 (LoRA merged into the LLM): {stage2.resolve()} merged into {stage1.resolve()}" in description
     batch, _, _ = _batch(processor, "text+audio", n=2, mode="train")
@@ -655,7 +655,7 @@ def test_greedy_answers_do_not_depend_on_the_eval_batch_size(graft_stages, test_
     from surgvqa.data import MediaConfig, SurgicalVQADataset, load_samples
     from surgvqa.generate import generate_predictions
 
-    model, processor, _ = load_for_inference(graft_stages["stage2"], options=LoadOptions(dtype="float32"))
+    model, processor, _, _ = load_for_inference(graft_stages["stage2"], options=LoadOptions(dtype="float32"))
     graft = model.get_base_model()
     graft.config.audio_window = window
     media = MediaConfig(frames_dir=str(test_set / "frames"), audio_dir=str(test_set / "audio" / "out_002-001"),

@@ -493,7 +493,7 @@ def two_video_eval(tmp_path_factory, trained_adapter, test_set):
             str(root / "frames"), "--output_file", str(out), "--batch_size", "8", "--max_new_tokens", "16",
             "--device", "cpu", *extra_args,
         ]) == 0
-        assert html_report.read_predictions_meta(out)["eval_data_path"] == str(data.resolve())
+        assert html_report.read_predictions_meta(out).eval_data_path == str(data.resolve())
         outputs[name] = out
     return {"root": root, "data_rows": rows, **outputs}
 
@@ -508,7 +508,7 @@ def test_report_in_a_real_browser(two_video_eval, tmp_path):
                           audio_dir=two_video_eval["root"] / "audio")
     records = html_report.read_predictions(two_video_eval["preds"])
     meta = html_report.read_predictions_meta(two_video_eval["preds"])
-    summary = summarize(records, candidates=html_report.runs.meta_field(meta, "candidates"))
+    summary = summarize(records, candidates=meta.candidates)
     wrong = {(r["video_id"], r["id"]) for r in records if not score_record(r, summary["candidates"])["accuracy"]}
     assert 0 < len(wrong) < len(records), "the tiny model should get some samples right and some wrong"
     frames_of = {(r["video_id"], r["id"]): r["frames"] for r in two_video_eval["data_rows"]}

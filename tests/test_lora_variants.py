@@ -1,6 +1,7 @@
-"""LoRA variants (DoRA, rsLoRA, Gaussian / PiSSA / OLoRA initialisation, LoRA+): each trains through train_vqa.py,
-evaluates, and merges with --verify into a model whose greedy answers are the adapter's; PiSSA / OLoRA adapters
-are converted so they apply to the original base; unsupported combinations are refused before loading."""
+"""LoRA variants (DoRA, rsLoRA, Gaussian / PiSSA / OLoRA / LoftQ initialisation, LoRA+): each trains through
+train_vqa.py, evaluates, and merges with --verify into a model whose greedy answers are the adapter's; PiSSA / OLoRA
+adapters are converted so they apply to the original base; LoftQ starts nearer the unquantized weights than the 4-bit
+base and stays on it; unsupported combinations are refused before loading."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GREEDY_GAP, VERIFY_FLAGS, checkpoint_greedy_gap, small_training_set
+from conftest import GREEDY_GAP, VERIFY_FLAGS, checkpoint_greedy_gap, qlora_compute, small_training_set
 
 from surgvqa.errors import UserError
 
@@ -94,7 +95,7 @@ def test_converted_adapter_on_the_original_base_is_the_trained_model(init, work,
     trained.eval()
     residual = dict(trained.named_parameters())
     q_proj = next(k for k in residual if k.endswith("layers.0.self_attn.q_proj.base_layer.weight"))
-    converted, processor, _ = load_for_inference(out, options=LoadOptions(dtype="float32"))
+    converted, processor, _, _ = load_for_inference(out, options=LoadOptions(dtype="float32"))
     original = dict(converted.named_parameters())[q_proj]
     assert not torch.allclose(residual[q_proj], original)  # the run really trained on a residual base
 
@@ -132,7 +133,10 @@ def test_unconverted_adapter_is_refused_by_evaluation_and_merge(work, tiny_model
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--init_lora_weights", "pissa", "--load_in_4bit", "True", "--bf16", "True"], "drop --load_in_4bit"),
-    (["--init_lora_weights", "loftq"], "loftq is not supported"),
+    (["--init_lora_weights", "loftq"], "loftq starts LoRA at the quantization error of a 4-bit base: add "
+                                       "--load_in_4bit True"),
+    (["--init_lora_weights", "loftq", "--load_in_4bit", "True", "--bf16", "True", "--use_dora", "True"],
+     "loftq with --use_dora"),
     (["--init_lora_weights", "pissa_niter_0"], "must be one of"),
     (["--init_lora_weights", "svd"], "must be one of"),
     (["--loraplus_lr_ratio", "0"], "--loraplus_lr_ratio must be > 0"),
@@ -170,3 +174,77 @@ def test_moe_flags_on_a_dense_family_are_refused_before_loading(flag, work, tiny
     err = capsys.readouterr().err
     assert err.startswith(f"error: {flag[0]}: backbone 'qwen2_5_omni' has no MoE experts") and "Traceback" not in err
     assert not out.exists()
+
+
+# -------------------------------------------------------------------------------------------------------- LoftQ
+def test_loftq_starts_nearer_the_unquantized_weights_than_the_4bit_base(tiny_model_dir):
+    """On every 4-bit linear: ||W - (Q + s B A)|| < ||W - Q|| (W the checkpoint's weight, Q its nf4 rounding, s the
+    adapter's scaling), by the norm of the residual's top r singular values; W found under the runtime name."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import Linear4bit
+    from safetensors import safe_open
+
+    from surgvqa.backbones import LoadOptions, get_backbone
+    from surgvqa.lora import checkpoint_weights, init_loftq
+
+    compute = "bfloat16" if "--bf16" in qlora_compute() else "float32"
+    backbone = get_backbone("qwen2_5_omni")
+    model = backbone.load(str(tiny_model_dir), LoadOptions(dtype=compute, load_in_4bit=True))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=backbone.lora_target_regex))
+    weights = checkpoint_weights(model.get_base_model(), tiny_model_dir)
+    # transformers stores the thinker's language model as model.* and loads it as model.language_model.*
+    assert weights["model.language_model.layers.0.self_attn.q_proj.weight"][1] == "model.layers.0.self_attn.q_proj.weight"
+    assert init_loftq(model, tiny_model_dir) == 14  # 2 layers x 7 linears
+    ratios = []
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear4bit):
+            continue
+        file, key = weights[name.removeprefix("base_model.model.") + ".weight"]
+        with safe_open(str(file), framework="pt") as handle:
+            w = handle.get_tensor(key).float()
+        q = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+        ba = (module.lora_B["default"].weight @ module.lora_A["default"].weight).detach().float()
+        assert module.scaling["default"] == 2.0  # alpha 8 / r 4: B A alone would overshoot
+        before, after = torch.linalg.norm(w - q), torch.linalg.norm(w - (q + 2.0 * ba))
+        singular = torch.linalg.svdvals(w - q)
+        assert float(after) == pytest.approx(float(torch.linalg.norm(singular[4:])), rel=1e-2)
+        ratios.append(float(after / before))
+        # B A left at the residual's rank-r part, not divided by the scaling (as PEFT's LoftQ sets it): with
+        # scaling 2 the model starts exactly as far from W as Q is
+        unscaled = torch.linalg.norm(w - (q + 2.0 * (2.0 * ba)))
+        assert float(unscaled / before) == pytest.approx(1.0, abs=1e-3)
+    print(f"\nLoftQ: ||W - (Q + sBA)|| / ||W - Q|| over {len(ratios)} linears: {min(ratios):.3f}-{max(ratios):.3f}")
+    assert max(ratios) < 1.0  # random weights: a white-noise residual, of which rank 4 of 32 removes a few %
+
+
+def test_loftq_trains_evaluates_on_the_4bit_base_and_merges_to_the_same_answers(work, tiny_model_dir, tmp_path,
+                                                                                capsys):
+    """QLoRA + LoftQ through train_vqa.py; evaluated on the nf4 base (refused on the 16-bit one); merged into the
+    nf4-dequantized base with --verify: identical greedy answers (fp32) or logits within tolerance (bf16)."""
+    from surgvqa.evaluate import main as evaluate_main
+    from surgvqa.merge import merge, parse_args
+    from surgvqa.train import main as train_main
+
+    compute = qlora_compute()
+    out = work / "loftq"
+    assert train_main(train_argv(tiny_model_dir, work, out, ["--init_lora_weights", "loftq", "--load_in_4bit",
+                                                             "True", *compute])) == 0
+    record = json.loads((out / "surgvqa_config.json").read_text())
+    assert record["lora"]["init_lora_weights"] == "loftq" and record["quantization"] == "4bit"
+    evaluate = ["--checkpoint_path", str(out), "--eval_data_path", str(work / "small.jsonl"), "--frames_dir",
+                str(work / "frames"), "--batch_size", "2", "--max_new_tokens", "6", "--device", "cpu"]
+    assert evaluate_main([*evaluate, "--output_file", str(tmp_path / "bf16.jsonl")]) == 2
+    assert "evaluate with --load_in_4bit True" in capsys.readouterr().err
+    predictions = tmp_path / "nf4.jsonl"
+    assert evaluate_main([*evaluate, "--output_file", str(predictions), "--load_in_4bit", "True"]) == 0
+    assert len(predictions.read_text().splitlines()) == 1 + 4
+
+    argv = ["--base_model_path", str(tiny_model_dir), "--adapter_path", str(out), "--dtype", "float32", *VERIFY_FLAGS]
+    with pytest.raises(UserError, match="merge with --merge_into dequantized"):
+        merge(parse_args([*argv, "--output_dir", str(tmp_path / "into_base")]))
+    merged = merge(parse_args([*argv, "--output_dir", str(tmp_path / "merged"), "--merge_into", "dequantized"]))
+    check = merged["verification"]
+    print(f"\nloftq: {check.format()}")
+    assert check.passed and check.answers_identical and check.compared_positions > 0
+    assert checkpoint_greedy_gap(out, load_in_4bit=True) >= GREEDY_GAP  # not a tie the CPU's rounding decides

@@ -194,7 +194,7 @@ def test_two_stage_chain_equals_sequential_merges(work, tiny_model_dir, adapter_
 
     outputs = []
     for path in (chain["output_dir"], sequential["output_dir"]):
-        model, processor, _ = load_for_inference(path, options=LoadOptions(dtype="float32"))
+        model, processor, _, _ = load_for_inference(path, options=LoadOptions(dtype="float32"))
         args = parse_args(["--base_model_path", "x", "--adapter_path", "y", "--output_dir", "z", *VERIFY_FLAGS])
         dataset, kwargs, data_path = verify_inputs(args, RunConfig.read(path))
         outputs.append(run_outputs(model, processor, dataset, kwargs, 2, 6))

@@ -14,11 +14,11 @@ from transformers import HfArgumentParser
 
 from surgvqa.arguments import DataArguments, EvalArguments, LoraArguments, ModelArguments, make_parser
 from surgvqa.errors import UserError
-from surgvqa.evaluate import RESUME_FIELDS, resolve_preprocessing
 from surgvqa.evaluate import parse_args as parse_eval_args
+from surgvqa.evaluate import resolve_preprocessing
 from surgvqa.plan_counts import PlanArguments
-from surgvqa.preprocessing import Preprocessing, PreprocessingOverrides, eval_field_names, field_names
-from surgvqa.report import META_DEFAULTS, SUMMARY_META_FIELDS
+from surgvqa.preprocessing import Preprocessing, PreprocessingOverrides, field_names
+from surgvqa.report import PredictionsMeta
 from surgvqa.run_config import CONFIG_NAME, RunConfig
 
 #: a valid value other than the default, for every field (a new field must be added here: see the first assert)
@@ -63,9 +63,12 @@ def test_every_preprocessing_field_is_declared_once():
         assert evaluate[spec.name].help.startswith(spec.metadata["help"])
     assert {f.name for f in dataclasses.fields(PreprocessingOverrides)} == names
     # what the predictions meta line, resume and the summary list comes from the same fields
-    assert set(eval_field_names()) <= set(RESUME_FIELDS) and "max_train_frames" not in RESUME_FIELDS
-    assert {"frame_size", "max_pixels", "num_video_frames", "token_kept_ratio"} <= set(SUMMARY_META_FIELDS)
-    assert {k: META_DEFAULTS[k] for k in names} == dataclasses.asdict(defaults)
+    (recorded,) = [f for f in dataclasses.fields(PredictionsMeta) if f.name == "preprocessing"]
+    assert set(recorded.metadata["resume"]) == names - {"max_train_frames"}
+    assert {"frame_size", "max_pixels", "num_video_frames", "token_kept_ratio"} <= set(
+        PredictionsMeta().summary_fields())
+    # a meta line written before a setting existed meant its default
+    assert PredictionsMeta.from_dict({"format": 1}, "old").preprocessing == defaults
 
 
 def _record(directory, preprocessing: Preprocessing):
@@ -93,7 +96,7 @@ def test_max_pixels_and_frame_size_overrides_of_a_recorded_pixel_budget(tmp_path
     resolved = resolve_preprocessing(parse_eval_args(["--checkpoint_path", str(checkpoint),
                                                       "--max_pixels", "50176"]))
     assert (resolved.preprocessing.max_pixels, resolved.preprocessing.min_pixels) == (50176, 3136)
-    assert resolved.media_config(None, None).budget.max_area == 50176
+    assert resolved.preprocessing.media_config(None, None).budget.max_area == 50176
     with caplog.at_level(logging.WARNING, logger="surgvqa.run_config"):
         resolved = resolve_preprocessing(parse_eval_args(["--checkpoint_path", str(checkpoint),
                                                           "--frame_size", "112"]))

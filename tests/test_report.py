@@ -11,6 +11,7 @@ import pytest
 from surgvqa.metrics import paired_comparison, summarize
 from surgvqa.report import (
     META_KEY,
+    PredictionsMeta,
     format_paired_comparison,
     format_table,
     partial_path_for,
@@ -147,7 +148,7 @@ def test_meta_line_is_read_apart_from_the_records(tmp_path):
     meta = {"checkpoint": "/x", "candidates": {"motion": ["down", "left", "right", "up"]}, "baseline": 0.25}
     path = tmp_path / "preds.jsonl"
     path.write_text(json.dumps({META_KEY: meta}) + "\n" + "".join(json.dumps(r) + "\n" for r in recs))
-    assert read_predictions_meta(path) == meta
+    assert read_predictions_meta(path) == PredictionsMeta(checkpoint="/x", baseline=0.25, candidates=meta["candidates"])
     assert read_predictions(path) == recs
     # a file of the original toolkit (or an older surgvqa) has no meta
     plain = _write_jsonl(tmp_path / "plain.jsonl", recs)
@@ -156,7 +157,7 @@ def test_meta_line_is_read_apart_from_the_records(tmp_path):
     # a partial file cut by a kill: the meta still reads
     cut = tmp_path / "cut.jsonl.partial"
     cut.write_text(path.read_text()[:-20])
-    assert read_predictions_meta(cut) == meta
+    assert read_predictions_meta(cut) == read_predictions_meta(path)
     # the meta line belongs first
     late = tmp_path / "late.jsonl"
     late.write_text(json.dumps(recs[0]) + "\n" + json.dumps({META_KEY: meta}) + "\n")
@@ -170,7 +171,7 @@ def test_summarize_run_uses_the_meta_answer_sets_and_baseline():
     meta = {"candidates": {"motion": ["down", "left", "right", "stable", "up"], "scope_motion": ["no", "yes"]},
             "baseline": 0.25, "checkpoint": "/ckpt", "ablate": "video", "limit": 18}
     frozen = json.dumps(meta)
-    with_meta = summarize_run(recs, meta)
+    with_meta = summarize_run(recs, PredictionsMeta.from_dict(meta, "meta"))
     assert json.dumps(meta) == frozen  # inputs untouched
     assert with_meta["per_type"]["motion"]["chance_baseline"] == pytest.approx(1 / 5)
     assert with_meta["baseline_kind"] == "fixed" and with_meta["baseline"] == 0.25
@@ -179,7 +180,7 @@ def test_summarize_run_uses_the_meta_answer_sets_and_baseline():
     alone = summarize_run(recs, None)
     assert alone["per_type"]["motion"]["chance_baseline"] == pytest.approx(1 / 4)
     assert alone["candidates_source"] == "records" and alone["baseline_kind"] == "majority"
-    assert summarize_run(recs, meta, baseline="chance")["baseline_kind"] == "chance"
+    assert summarize_run(recs, PredictionsMeta(**meta), baseline="chance")["baseline_kind"] == "chance"
 
 
 def test_write_summary_round_trip(tmp_path):

@@ -94,7 +94,7 @@ def test_merge_placeholders_cuts_each_run_to_the_kept_count():
 def loaded(tiny_model_dir):
     from surgvqa.checkpoint import load_for_inference
 
-    model, processor, _ = load_for_inference(tiny_model_dir)
+    model, processor, _, _ = load_for_inference(tiny_model_dir)
     return model, processor
 
 
@@ -258,7 +258,7 @@ def graft_for_merging(tmp_path_factory):
     from surgvqa.checkpoint import load_for_inference
 
     path = load_script("make_tiny_graft").build_tiny_graft(tmp_path_factory.mktemp("graft-merge"), seed=0)
-    model, processor, _ = load_for_inference(path)
+    model, processor, _, _ = load_for_inference(path)
     return model, processor
 
 
@@ -296,7 +296,7 @@ def adapter_model(merged_adapter, test_set):
 
     adapter, data = merged_adapter
     config = RunConfig.read(adapter)
-    model, processor, _ = load_for_inference(adapter)
+    model, processor, _, _ = load_for_inference(adapter)
     get_backbone(config.backbone).enable_token_merging(model, config.preprocessing.token_kept_ratio)
     media = config.preprocessing.media_config(str(test_set / "frames"), None)
     media.pixel_multiple = 28

@@ -156,7 +156,7 @@ def test_added_pad_survives_training_and_reload(no_spare_dir, test_set, tmp_path
     assert config.resized_vocab == n + 1 and config.original_vocab_rows == n
     assert (out / NEW_ROWS_NAME).is_file()
 
-    reloaded, processor, _ = load_for_inference(out)
+    reloaded, processor, _, _ = load_for_inference(out)
     tok = processor.tokenizer
     assert (tok.pad_token, tok.pad_token_id) == (NEW_PAD_TOKEN, n)
     assert reloaded.get_input_embeddings().num_embeddings == n + 1
@@ -176,7 +176,7 @@ def test_added_pad_survives_training_and_reload(no_spare_dir, test_set, tmp_path
         a, b = trained(**inputs).logits, reloaded(**inputs).logits
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(a[real], b[real], atol=1e-5, rtol=1e-5)
-    base, _, _ = load_for_inference(no_spare_dir)
+    base, _, _, _ = load_for_inference(no_spare_dir)
     with torch.no_grad():
         assert not torch.allclose(base(**inputs).logits[real], b[real], atol=1e-3)  # the adapter does something
 

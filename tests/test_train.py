@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import qlora_compute
 from safetensors.torch import load_file
 
 from surgvqa.backbones import LoadOptions, get_backbone
@@ -348,31 +349,9 @@ def test_bad_data_fails_before_model_loads(tmp_path, test_set, capsys):
     assert err.startswith("error: 1 problem(s) in the data") and f"{bad}:2" in err and "002-001_999999" in err
 
 
-def _bnb_cpu_ok(dtype: torch.dtype = torch.bfloat16) -> bool:
-    try:
-        import bitsandbytes as bnb
-
-        layer = bnb.nn.Linear4bit(16, 16, compute_dtype=dtype, quant_type="nf4")
-        layer = layer.to("cpu")
-        layer(torch.randn(1, 16, dtype=dtype))
-        return True
-    except Exception:  # noqa: BLE001 - any failure means: not available on this machine
-        return False
-
-
-def _qlora_compute() -> list[str]:
-    """bf16 compute where this CPU's torch has bf16 kernels (AVX-512), else fp32 compute (--dtype float32): the
-    4-bit storage and the LoRA path are the same either way."""
-    if _bnb_cpu_ok() and torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-        return ["--bf16", "True"]
-    if _bnb_cpu_ok(torch.float32):
-        return ["--dtype", "float32"]
-    pytest.skip("bitsandbytes cannot run on this machine's CPU")
-
-
 @pytest.mark.parametrize("bits", ["4", "8"])
 def test_quantized_load_and_one_step(bits, tiny_model_dir, test_set, tmp_path):
-    compute = _qlora_compute()
+    compute = qlora_compute()
     from surgvqa.train import main
 
     flag = "--load_in_4bit" if bits == "4" else "--load_in_8bit"
@@ -397,7 +376,7 @@ def test_quantized_load_and_one_step(bits, tiny_model_dir, test_set, tmp_path):
 
 
 def _qlora_model(tiny_model_dir, test_set):
-    compute = _qlora_compute()
+    compute = qlora_compute()
     parsed = parse_args(["--model_name_or_path", str(tiny_model_dir),
                          "--train_data_path", str(test_set / "in_002-001.jsonl"),
                          "--output_dir", "/tmp/x", "--use_cpu", "True", "--load_in_4bit", "True", *compute,
@@ -409,7 +388,7 @@ def _qlora_model(tiny_model_dir, test_set):
 
 
 def _compute_dtype() -> torch.dtype:
-    return torch.bfloat16 if "--bf16" in _qlora_compute() else torch.float32
+    return torch.bfloat16 if "--bf16" in qlora_compute() else torch.float32
 
 
 def test_4bit_build_keeps_towers_embeddings_and_head_in_bf16(tiny_model_dir, test_set):

@@ -5,13 +5,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
-from surgvqa.html_report.runs import Key, Run, file_sha256, meta_field, record_key, show_key
+from surgvqa.html_report.runs import Key, Run, file_sha256, record_key, show_key
 from surgvqa.media import MediaConfig
+from surgvqa.report import PredictionsMeta
 from surgvqa.samples import load_samples
 
 
@@ -28,10 +27,10 @@ class Located:
     problems: list[str] = field(default_factory=list)
 
 
-def find_data_file(meta: Mapping[str, Any] | None, predictions: Path) -> tuple[Path | None, str | None]:
+def find_data_file(meta: PredictionsMeta | None, predictions: Path) -> tuple[Path | None, str | None]:
     """The eval data file named in the meta line (as recorded, else beside the predictions file), or
     ``(None, why)`` when it is named but not found; ``(None, None)`` when the meta line names none."""
-    recorded = meta_field(meta, "data_path")
+    recorded = meta.eval_data_path if meta else None
     if not recorded:
         return None, None
     candidates = [Path(recorded)]
@@ -67,21 +66,17 @@ def locate_media(
         notes.append(missing)
     located: dict[Key, Located] = {}
     if data_path is not None:
-        frames_root = frames_dir if frames_dir is not None else meta_field(run.meta, "frames_dir")
-        audio_root = audio_dir if audio_dir is not None else meta_field(run.meta, "audio_dir")
-        defaults = MediaConfig(frames_dir=None)
+        meta = run.meta or PredictionsMeta()
+        frames_root = frames_dir if frames_dir is not None else meta.frames_dir
+        audio_root = audio_dir if audio_dir is not None else meta.audio_dir
         media = MediaConfig(
             frames_dir=str(frames_root) if frames_root else None,
             audio_dir=str(audio_root) if audio_root else None,
-            frame_path_template=frame_path_template
-            or meta_field(run.meta, "frame_path_template")
-            or defaults.frame_path_template,
-            audio_path_template=audio_path_template
-            or meta_field(run.meta, "audio_path_template")
-            or defaults.audio_path_template,
+            frame_path_template=frame_path_template or meta.preprocessing.frame_path_template,
+            audio_path_template=audio_path_template or meta.preprocessing.audio_path_template,
             question_modality="text+audio" if audio_root else "text",
         )
-        recorded_hash = meta_field(run.meta, "data_hash")
+        recorded_hash = meta.eval_data_sha256
         if recorded_hash and str(recorded_hash).split(":")[-1] != file_sha256(data_path):
             notes.append(
                 f"the eval data file {data_path} changed since the run (its sha256 differs from the meta line's); "

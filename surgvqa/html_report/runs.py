@@ -13,40 +13,13 @@ from surgvqa.clusters import Clustering
 from surgvqa.errors import UserError
 from surgvqa.media import ABLATION_REMOVES
 from surgvqa.metrics import UNTYPED, paired_comparison, predicted_label, score_record, summarize
-from surgvqa.report import read_predictions, read_predictions_meta
+from surgvqa.report import PredictionsMeta, read_predictions, read_predictions_meta
 
 Key = tuple[str | None, str]
 
 
 class ReportError(UserError):
     """A user error: a missing or unreadable input, an output that would overwrite something else."""
-
-
-# Where the meta record keeps each field (one place, so a renamed field is a one-line change).
-META_FIELDS: dict[str, tuple[str, ...]] = {
-    "data_path": ("eval_data_path",),
-    "data_hash": ("eval_data_sha256",),
-    "frames_dir": ("frames_dir",),
-    "audio_dir": ("audio_dir",),
-    "frame_path_template": ("frame_path_template",),
-    "audio_path_template": ("audio_path_template",),
-    "candidates": ("candidates",),
-    "ablate": ("ablate",),
-    "checkpoint": ("checkpoint",),
-}
-
-
-def meta_field(meta: Mapping[str, Any] | None, name: str) -> Any:
-    """One field of a meta line (top level, else under ``media``), or None; ``name`` is a key of META_FIELDS."""
-    if not meta:
-        return None
-    for field_name in META_FIELDS[name]:
-        value = meta.get(field_name)
-        if value is None and isinstance(meta.get("media"), Mapping):
-            value = meta["media"].get(field_name)
-        if value is not None:
-            return value
-    return None
 
 
 def record_key(record: Mapping[str, Any]) -> Key:
@@ -69,7 +42,7 @@ class Run:
 
     path: Path
     label: str
-    meta: dict[str, Any] | None
+    meta: PredictionsMeta | None
     records: list[dict[str, Any]]
     summary: dict[str, Any]
     hits: list[dict[str, bool | None]]
@@ -88,8 +61,8 @@ def load_run(path: Path, label: str | None = None, *, clustering: Clustering | N
     records = read_predictions(path)
     if not records:
         raise ReportError(f"{path} holds no predictions; re-run the evaluation")
-    candidates = meta_field(meta, "candidates")
-    summary = summarize(records, candidates=candidates, clustering=clustering or Clustering.from_meta(meta))
+    known = meta or PredictionsMeta()
+    summary = summarize(records, candidates=known.candidates, clustering=clustering or known.clustering)
     per_type = summary["per_type"]
     hits = [score_record(r, summary["candidates"]) for r in records]
     labels = [
@@ -100,7 +73,7 @@ def load_run(path: Path, label: str | None = None, *, clustering: Clustering | N
     for i, rec in enumerate(records):
         by_key.setdefault(record_key(rec), i)
     if label is None:
-        ablate = meta_field(meta, "ablate")
+        ablate = known.ablate
         label = f"{path.stem} (ablate={ablate})" if ablate else path.stem
     return Run(path, label, meta, records, summary, hits, labels, by_key)
 
@@ -120,12 +93,10 @@ def pair_runs(this: Run, other: Run, *, clustering: Clustering | None = None) ->
     """Pair this report's run with a compared run, scored with this run's closed answer sets and clustered under
     ``clustering`` (default: the one this run's meta line records). An ablated run is always the "run" (so the
     verdict reads "video carries X pts"), whichever of the two files it is."""
-    if meta_field(this.meta, "ablate") and not meta_field(other.meta, "ablate"):
-        run, reference = this, other
-    else:
-        run, reference = other, this
-    ablate = meta_field(run.meta, "ablate")
+    ablated = [(run.meta or PredictionsMeta()).ablate for run in (this, other)]
+    run, reference = (this, other) if ablated[0] and not ablated[1] else (other, this)
+    ablate = (run.meta or PredictionsMeta()).ablate
     result = paired_comparison(run.records, reference.records, this.summary["candidates"],
                                removed=ABLATION_REMOVES.get(ablate, ablate) if ablate else None,
-                               clustering=clustering or Clustering.from_meta(this.meta))
+                               clustering=clustering or (this.meta or PredictionsMeta()).clustering)
     return Pairing(run, reference, result)

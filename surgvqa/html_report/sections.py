@@ -9,7 +9,7 @@ from typing import Any
 
 from surgvqa.html_report.charts import svg_scale, svg_type_bars
 from surgvqa.html_report.markup import esc, kv_table, pct
-from surgvqa.html_report.runs import META_FIELDS, Pairing, Run, file_sha256, show_key
+from surgvqa.html_report.runs import Pairing, Run, file_sha256, show_key
 from surgvqa.metrics import AMBIGUOUS_LABEL, NONE_LABEL, UNTYPED
 from surgvqa.report import format_ci as _ci
 
@@ -22,9 +22,8 @@ def _meta_rows(run: Run) -> str:
         return (kv_table(rows) + '<p class="media-note">meta: unknown. This file has no surgvqa_meta line (it was '
                 "written by the original toolkit or an older surgvqa), so its checkpoint, data, ablation and "
                 "preprocessing are not recorded.</p>")
-    candidate_fields = set(META_FIELDS["candidates"])
-    for k, v in run.meta.items():
-        if k in candidate_fields and isinstance(v, Mapping):
+    for k, v in run.meta.to_dict().items():
+        if k == "candidates" and isinstance(v, Mapping):
             rows.append((k, f"{len(v)} question types (the closed answer sets used for scoring)"))
         elif isinstance(v, Mapping):
             rows.extend((f"{k}.{kk}", vv) for kk, vv in v.items())
