@@ -289,10 +289,6 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
             "--label_smoothing_factor is not supported: the loss is the model's own (or the labelled-only one), which "
             "the Trainer's label smoother does not replace; drop the flag"
         )
-    if args.fsdp and args.use_cpu:
-        raise UserError("--fsdp shards the model through accelerate, which turns FSDP on for GPUs (and other "
-                        "accelerators) only: with --use_cpu the run would silently train with DDP instead. Drop --fsdp "
-                        "on CPU (torchrun --nproc_per_node N trains with DDP)")
     if args.eval_strategy != "no" and not data_args.eval_data_path:
         raise UserError(f"--eval_strategy {args.eval_strategy} needs --eval_data_path")
     check_frame_cache_settings(data_args.frame_cache, data_args.frame_cache_max_gb, data_args.frame_cache_dir)

@@ -7,6 +7,7 @@ Imported by :func:`surgvqa.train.train` when training starts (importing ``transf
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 from torch.utils.data import DataLoader
@@ -20,6 +21,8 @@ from surgvqa.generate import generate_predictions
 from surgvqa.lora import loraplus_optimizer
 from surgvqa.metrics import strict_hit
 from surgvqa.run_config import RunConfig
+
+logger = logging.getLogger(__name__)
 
 
 class VQATrainer(Trainer):
@@ -52,6 +55,32 @@ class VQATrainer(Trainer):
         self.eval_collator = eval_collator
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self._eval_loader = None  # kept with persistent workers, as the Trainer keeps its own
+        if self.is_fsdp_enabled:
+            self.add_callback(ShardingCheck())
+
+    def create_accelerator_and_postprocess(self):
+        """The Trainer's accelerator; with ``--fsdp`` on CPU processes (gloo), FSDP is switched on here.
+
+        accelerate (1.16, ``AcceleratorState.__init__``) enables FSDP for multi-accelerator runs only: on CPU it keeps
+        ``MULTI_CPU`` and the Trainer would wrap the model in DDP, unsharded. torch's ``fully_shard`` runs on CPU with
+        gloo, and accelerate's FSDP code path (``fsdp2_prepare_model``, the state-dict gathering on save) does not
+        depend on the device, so the state is set to FSDP with the Trainer's own plugin before anything is prepared.
+        :class:`ShardingCheck` confirms at the start of training that the parameters are sharded."""
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp_plugin_args is None or self.is_fsdp_enabled:
+            return
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        state = self.accelerator.state
+        if state.distributed_type != DistributedType.MULTI_CPU:
+            return
+        plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.fsdp_plugin = plugin
+        state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        self.is_fsdp_enabled = True
 
     def labelled_loss(self, outputs, labels, num_items_in_batch=None):
         """The loss of the labelled-position logits, plus an MoE router's weighted load-balancing loss when one is
@@ -151,6 +180,25 @@ class VQATrainer(Trainer):
         }
 
 
+class ShardingCheck(TrainerCallback):
+    """With FSDP: log how the parameters are sharded once the model is prepared, and stop a run whose parameters
+    are not sharded at all (a model trained unsharded while ``--fsdp`` was asked for)."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from torch.distributed.tensor import DTensor
+
+        params = list(model.parameters()) if model is not None else []
+        sharded = [p for p in params if isinstance(p, DTensor)]
+        if not sharded:
+            raise RuntimeError("--fsdp was asked for but no parameter of the prepared model is sharded (no DTensor): "
+                               "the run would train unsharded; check the accelerate / torch versions")
+        local = sum(p.to_local().numel() for p in sharded)
+        logger.info("FSDP2: %d of %d parameter tensors sharded over %d processes; this process holds %d of their "
+                    "%d elements", len(sharded), len(params), args.world_size, local,
+                    sum(p.numel() for p in sharded))
+        return control
+
+
 class SurgvqaConfigCallback(TrainerCallback):
     """Write surgvqa_config.json (and new embedding rows) into every checkpoint so each one is evaluable."""
 
@@ -174,4 +222,4 @@ def save_outputs_extras(path: Path, config: RunConfig, model, original_rows: int
         save_new_token_rows(model, path, original_rows)
 
 
-__all__ = ["SurgvqaConfigCallback", "VQATrainer", "save_outputs_extras"]
+__all__ = ["ShardingCheck", "SurgvqaConfigCallback", "VQATrainer", "save_outputs_extras"]
