@@ -114,7 +114,7 @@ def test_fsdp2_on_two_cpu_processes_killed_and_resumed_equals_ddp(tiny_model_dir
 
     sharded = tmp_path / "fsdp2"
     command = _train_command(tiny_model_dir, test_set, sharded, 29542,
-                             "--fsdp", "full_shard", "--fsdp_config", str(REPO / "configs" / "fsdp2.json"))
+                             "--fsdp", "--fsdp_config", str(REPO / "configs" / "fsdp2.json"))
     log = tmp_path / "killed.log"
     _kill_after_first_checkpoint(command, sharded, log)
     first = log.read_text()
