@@ -154,7 +154,11 @@ class VQATrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         candidates = spec["candidates"]
         local: list[tuple[int, bool, bool]] = []
-        with self.accelerator.split_between_processes(list(range(len(dataset.samples)))) as mine:
+        # sharded parameters (FSDP, ZeRO-3): every forward pass is collective, so every process generates the same
+        # number of batches (the last sample repeated where the split is uneven) and in step (synced generation)
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        with self.accelerator.split_between_processes(list(range(len(dataset.samples))),
+                                                      apply_padding=sharded) as mine:
             part = SurgicalVQADataset([dataset.samples[i] for i in mine], dataset.media,
                                       frame_cache=dataset.frame_cache)
             index = {dataset.samples[i].key: i for i in mine}
@@ -162,15 +166,15 @@ class VQATrainer(Trainer):
             if part.samples:
                 for prediction in generate_predictions(
                     model, self.processing_class.tokenizer, part, collator,
-                    batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"],
+                    batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"], synced=sharded,
                 ):
                     sample = by_key[prediction.key]
                     hit = strict_hit(prediction.text, sample.short_answer, candidates.get(sample.question_type, []))
                     local.append((index[prediction.key], hit, not prediction.stopped_by_eos))
-        per_rank = gather_object([len(local)])
-        results = gather_object(local)
+        per_rank = gather_object([len({i for i, _, _ in local})])
+        results = list({i: (i, hit, no_eos) for i, hit, no_eos in gather_object(local)}.values())
         n = len(results)
-        if n != len(dataset.samples) or len({i for i, _, _ in results}) != n:
+        if n != len(dataset.samples):
             raise RuntimeError(f"generation eval gathered {n} results for {len(dataset.samples)} samples")
         return {
             f"{prefix}_accuracy": sum(hit for _, hit, _ in results) / n,

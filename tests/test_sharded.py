@@ -35,7 +35,7 @@ def _train_command(tiny_model_dir: Path, test_set: Path, out: Path, port: int, *
         "--seed", "0", "--data_seed", "0", "--full_determinism", "True", "--disable_tqdm", "True",
         "--dataloader_num_workers", "0", "--max_steps", str(STEPS), "--save_strategy", "steps", "--save_steps", "2",
         "--eval_data_path", str(test_set / "out_002-001.jsonl"), "--eval_strategy", "steps", "--eval_steps", "2",
-        "--per_device_eval_batch_size", "4", "--eval_generate_samples", "8", "--eval_max_new_tokens", "8",
+        "--per_device_eval_batch_size", "4", "--eval_generate_samples", "9", "--eval_max_new_tokens", "8",
         "--resume_from_checkpoint", "auto", *extra,
     ]
 
@@ -129,10 +129,12 @@ def test_fsdp2_on_two_cpu_processes_killed_and_resumed_equals_ddp(tiny_model_dir
     for step in (2, 4, 6):  # checkpoints hold the usual adapter too
         assert (sharded / f"checkpoint-{step}" / "adapter_model.safetensors").is_file()
 
-    # in-training generation ran sharded (4 + 4 samples) at every evaluation, with the DDP run's accuracies
+    # in-training generation ran sharded at every evaluation, with the DDP run's accuracies: 9 samples split 5 + 4,
+    # i.e. two generation batches on one process and one on the other, so the sharded run generated in step (the
+    # last sample repeated on the second process) instead of pairing one process's forward with another collective
     evals, reference = _generation_evals(sharded), _generation_evals(ddp)
     assert [e["step"] for e in evals] == [2, 4, 6] == [e["step"] for e in reference]
-    assert all(e["eval_generated"] == 8 and e["eval_generated_per_process"] == 4 for e in evals)
+    assert all(e["eval_generated"] == 9 and e["eval_generated_per_process"] == 5 for e in evals)
     assert [e["eval_accuracy"] for e in evals] == [e["eval_accuracy"] for e in reference]
 
     # the adapter evaluates with the usual command, answering as the DDP run's adapter does
