@@ -55,7 +55,8 @@ class VQATrainer(Trainer):
         self.eval_collator = eval_collator
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self._eval_loader = None  # kept with persistent workers, as the Trainer keeps its own
-        if self.is_fsdp_enabled:
+        if self.is_fsdp_enabled or (self.is_deepspeed_enabled
+                                    and self.accelerator.state.deepspeed_plugin.zero_stage == 3):
             self.add_callback(ShardingCheck())
 
     def create_accelerator_and_postprocess(self):
@@ -185,21 +186,27 @@ class VQATrainer(Trainer):
 
 
 class ShardingCheck(TrainerCallback):
-    """With FSDP: log how the parameters are sharded once the model is prepared, and stop a run whose parameters
-    are not sharded at all (a model trained unsharded while ``--fsdp`` was asked for)."""
+    """With FSDP or ZeRO-3: log how the parameters are sharded once the model is prepared, and stop a run whose
+    parameters are not sharded at all (a model trained unsharded while sharding was asked for)."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         from torch.distributed.tensor import DTensor
 
         params = list(model.parameters()) if model is not None else []
-        sharded = [p for p in params if isinstance(p, DTensor)]
-        if not sharded:
-            raise RuntimeError("--fsdp was asked for but no parameter of the prepared model is sharded (no DTensor): "
-                               "the run would train unsharded; check the accelerate / torch versions")
-        local = sum(p.to_local().numel() for p in sharded)
-        logger.info("FSDP2: %d of %d parameter tensors sharded over %d processes; this process holds %d of their "
-                    "%d elements", len(sharded), len(params), args.world_size, local,
-                    sum(p.numel() for p in sharded))
+        fsdp = [p for p in params if isinstance(p, DTensor)]
+        zero3 = [p for p in params if hasattr(p, "ds_tensor")]  # DeepSpeed's partitioned parameters
+        if fsdp:
+            kind, sharded, local, total = "FSDP2", fsdp, sum(p.to_local().numel() for p in fsdp), sum(
+                p.numel() for p in fsdp)
+        elif zero3:
+            kind, sharded, local, total = "ZeRO-3", zero3, sum(p.ds_tensor.numel() for p in zero3), sum(
+                p.ds_numel for p in zero3)
+        else:
+            raise RuntimeError("sharding (--fsdp / a ZeRO-3 --deepspeed config) was asked for but no parameter of the "
+                               "prepared model is sharded: the run would train unsharded; check the accelerate / "
+                               "torch / deepspeed versions")
+        logger.info("%s: %d of %d parameter tensors sharded over %d processes; this process holds %d of their %d "
+                    "elements", kind, len(sharded), len(params), args.world_size, local, total)
         return control
 
 

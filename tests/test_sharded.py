@@ -4,6 +4,7 @@ adapter evaluates with evaluate_checkpoint.py. ZeRO-3 the same way where DeepSpe
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -41,7 +42,9 @@ def _train_command(tiny_model_dir: Path, test_set: Path, out: Path, port: int, *
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    """CPU only; DeepSpeed on its CPU accelerator (it falls back to gloo without oneCCL)."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+            "DS_ACCELERATOR": "cpu"}
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess:
@@ -107,39 +110,56 @@ def _evaluate(adapter: Path, test_set: Path, tmp_path: Path, name: str) -> list[
     return rows
 
 
-@pytest.mark.slow
-def test_fsdp2_on_two_cpu_processes_killed_and_resumed_equals_ddp(tiny_model_dir, test_set, tmp_path):
-    ddp = tmp_path / "ddp"
-    _run(_train_command(tiny_model_dir, test_set, ddp, 29541))
+#: engine → (flags, what its checkpoint holds besides the adapter, how the start of training names the sharding)
+ENGINES = {
+    "fsdp2": (["--fsdp", "--fsdp_config", str(REPO / "configs" / "fsdp2.json")], "pytorch_model_fsdp.bin", "FSDP2"),
+    "zero3": (["--deepspeed", str(REPO / "configs" / "zero3.json")], "global_step2", "ZeRO-3"),
+}
 
-    sharded = tmp_path / "fsdp2"
-    command = _train_command(tiny_model_dir, test_set, sharded, 29542,
-                             "--fsdp", "--fsdp_config", str(REPO / "configs" / "fsdp2.json"))
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_model_dir, test_set, tmp_path_factory) -> Path:
+    """The reference: two-process DDP, the same steps."""
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    _run(_train_command(tiny_model_dir, test_set, out, 29541))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_sharded_on_two_cpu_processes_killed_and_resumed_equals_ddp(engine, ddp_run, tiny_model_dir, test_set,
+                                                                     tmp_path):
+    if engine == "zero3" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("DeepSpeed is not installed (it is not among the project's dependencies): pip install deepspeed "
+                    "(built from source: needs torch and wheel, --no-build-isolation) to run ZeRO-3 on CPU")
+    flags, engine_file, kind = ENGINES[engine]
+    sharded = tmp_path / engine
+    command = _train_command(tiny_model_dir, test_set, sharded, 29542 + list(ENGINES).index(engine), *flags)
     log = tmp_path / "killed.log"
     _kill_after_first_checkpoint(command, sharded, log)
     first = log.read_text()
     # the parameters were sharded: each process held half of every parameter tensor
-    assert "FSDP2: 132 of 132 parameter tensors sharded over 2 processes; this process holds" in first
-    assert (sharded / "checkpoint-2" / "pytorch_model_fsdp.bin").is_file()  # accelerate's FSDP checkpoint
+    assert f"{kind}: 132 of 132 parameter tensors sharded over 2 processes; this process holds" in first
+    assert (sharded / "checkpoint-2" / engine_file).exists()  # the engine's own checkpoint
 
     resumed = _run(command)
     assert "resuming from" in resumed.stderr and "checkpoint-2" in resumed.stderr
-    assert "FSDP2: 132 of 132 parameter tensors sharded" in resumed.stderr
-    _assert_same_adapter(ddp, sharded)
+    assert f"{kind}: 132 of 132 parameter tensors sharded" in resumed.stderr
+    _assert_same_adapter(ddp_run, sharded)
     for step in (2, 4, 6):  # checkpoints hold the usual adapter too
         assert (sharded / f"checkpoint-{step}" / "adapter_model.safetensors").is_file()
 
     # in-training generation ran sharded at every evaluation, with the DDP run's accuracies: 9 samples split 5 + 4,
     # i.e. two generation batches on one process and one on the other, so the sharded run generated in step (the
     # last sample repeated on the second process) instead of pairing one process's forward with another collective
-    evals, reference = _generation_evals(sharded), _generation_evals(ddp)
+    evals, reference = _generation_evals(sharded), _generation_evals(ddp_run)
     assert [e["step"] for e in evals] == [2, 4, 6] == [e["step"] for e in reference]
     assert all(e["eval_generated"] == 9 and e["eval_generated_per_process"] == 5 for e in evals)
     assert [e["eval_accuracy"] for e in evals] == [e["eval_accuracy"] for e in reference]
 
     # the adapter evaluates with the usual command, answering as the DDP run's adapter does
-    predictions = _evaluate(sharded, test_set, tmp_path, "fsdp2")
-    assert [r["prediction"] for r in predictions] == [r["prediction"] for r in _evaluate(ddp, test_set, tmp_path,
+    predictions = _evaluate(sharded, test_set, tmp_path, engine)
+    assert [r["prediction"] for r in predictions] == [r["prediction"] for r in _evaluate(ddp_run, test_set, tmp_path,
                                                                                          "ddp")]
 
 
