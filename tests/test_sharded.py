@@ -172,3 +172,15 @@ def test_sharding_check_stops_an_unsharded_fsdp_run(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     with pytest.raises(RuntimeError, match="no parameter of the prepared model is sharded"):
         ShardingCheck().on_train_begin(args, TrainerState(), TrainerControl(), model=torch.nn.Linear(2, 2))
+
+
+def test_deepspeed_flag_without_deepspeed_is_one_error_line(tmp_path, capsys):
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("DeepSpeed is installed here")
+    from surgvqa.train import main
+
+    code = main(["--train_data_path", "x.jsonl", "--output_dir", str(tmp_path / "run"), "--use_cpu", "True",
+                 "--deepspeed", str(REPO / "configs" / "zero3.json")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --deepspeed needs DeepSpeed, which is not installed") and "Traceback" not in err
