@@ -393,7 +393,8 @@ def render(plan: Plan) -> str:
             lines.append(f"  {labels[key]:<24}{gib(value):>12}{note}")
     lines.append(f"  {'total':<24}{gib(train['total']):>12}")
     lines.append(f"evaluation (generation): batch {ev['batch']} x {ev['prompt']} prompt tokens + "
-                 f"{ev['max_new_tokens']} new")
+                 f"{ev['max_new_tokens']} new" + (", evaluate_checkpoint.py on one GPU with the whole model"
+                                                  if plan.sharding and plan.sharding["shard"] else ""))
     for key, value in ev["parts"].items():
         if value:
             lines.append(f"  {labels[key]:<24}{gib(value):>12}")

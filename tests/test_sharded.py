@@ -184,3 +184,16 @@ def test_deepspeed_flag_without_deepspeed_is_one_error_line(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --deepspeed needs DeepSpeed, which is not installed") and "Traceback" not in err
+
+
+def test_sharding_4bit_weights_is_refused_before_loading(tiny_model_dir, tmp_path, capsys):
+    from surgvqa.train import main
+
+    out = tmp_path / "run"
+    code = main(["--model_name_or_path", str(tiny_model_dir), "--train_data_path", "x.jsonl", "--output_dir",
+                 str(out), "--use_cpu", "True", "--load_in_4bit", "True", "--fsdp", "--fsdp_config",
+                 str(REPO / "configs" / "fsdp2.json")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --fsdp with --load_in_4bit: the 4/8-bit weights are stored as uint8")
+    assert not out.exists()
