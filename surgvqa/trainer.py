@@ -75,6 +75,9 @@ class VQATrainer(Trainer):
 
         state = self.accelerator.state
         if state.distributed_type != DistributedType.MULTI_CPU:
+            if state.num_processes == 1:
+                logger.warning("--fsdp with one process: nothing to shard over, the model trains unsharded (launch "
+                               "N processes with torchrun or accelerate launch to shard)")
             return
         plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
         if state.mixed_precision != "no":
