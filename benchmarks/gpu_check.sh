@@ -6,7 +6,7 @@
 # without gradient checkpointing, plus one generation batch each, and prints measured peak memory and s/step next
 # to surgvqa plan's prediction (saved as $OUT/gpu_check.json when OUT is set); then builds the Qwen3-Omni-30B-A3B
 # thinker straight into 4-bit (benchmarks/moe_gpu_check.py: NF4 experts, no bf16 checkpoint) and runs one QLoRA
-# step. Then, unless
+# step; with 2 GPUs, FSDP2 and ZeRO-3 against DDP (benchmarks/sharded_check.py). Then, unless
 # GPU_CHECK_CALIBRATE=0, a quick CUDA calibration sweep writes $OUT/memory_coefficients_cuda.json.
 #
 # Packages the machine lacks travel as wheels in .whl/ (benchmarks/gpu_wheels.sh downloads them); they are
@@ -30,6 +30,15 @@ $PY benchmarks/gpu_check.py --config "$CONFIG" --device "$DEVICE" "${OUT_ARGS[@]
 # Qwen3-Omni-30B-A3B thinker built straight into 4-bit (NF4 experts, random weights): bytes vs plan, one QLoRA step
 $PY benchmarks/moe_gpu_check.py --device "$DEVICE" \
   --config "$([ "$CONFIG" = tiny ] && echo tiny || echo configs/models/qwen3_omni_30b_a3b_thinker.json)"
+# Sharded training over 2 GPUs (only where 2 exist; DEVICE=cpu rehearses it on 2 CPU processes): the tiny model with
+# DDP, FSDP2 (accelerate launch --config_file configs/fsdp2.yaml) and ZeRO-3 (--deepspeed configs/zero3.json, where
+# DeepSpeed is installed), each adapter against DDP's, and how each run reported its sharding
+GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
+if [ "$DEVICE" = cpu ] || [ "$GPUS" -ge 2 ]; then
+  $PY benchmarks/sharded_check.py --device "$DEVICE" --out "${OUT:-/tmp}/sharded_check"
+else
+  echo "sharded check (FSDP2 / ZeRO-3) skipped: $GPUS GPU(s), it needs 2"
+fi
 if [ "${GPU_CHECK_CALIBRATE:-1}" = 1 ]; then
   CAL_ARGS=(--device "$DEVICE" --quick --coefficients "${OUT:-/tmp}/memory_coefficients_$DEVICE.json" --write)
   if [ -n "${OUT:-}" ]; then CAL_ARGS+=(--json "$OUT/memory_calibration_$DEVICE.json"); fi

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,6 +272,14 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
             raise UserError("QLoRA computes in bf16: use --bf16 True instead of --fp16")
         if lora_args.train_projectors and model_args.load_in_8bit:
             logger.info("projectors stay unquantized under 8-bit loading and are trained in full precision")
+        zero3 = getattr(args, "hf_deepspeed_config", None) is not None and args.hf_deepspeed_config.is_zero3()
+        fsdp = args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"  # accelerate launch
+        if fsdp or zero3:
+            raise UserError(
+                f"{'--fsdp' if fsdp else 'a ZeRO-3 --deepspeed config'} with --load_in_"
+                f"{'4' if model_args.load_in_4bit else '8'}bit: the 4/8-bit weights are stored as uint8, which FSDP2 "
+                "leaves out of sharding (every GPU keeps all of them) and ZeRO-3 cannot partition; train 4/8-bit "
+                "with DDP (torchrun, no --fsdp), or shard bf16 weights (--load_in_4bit False)")
     check_variants(lora_args, "4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None)
     if data_args.eval_generate_samples and not data_args.eval_data_path:
         raise UserError("--eval_generate_samples needs --eval_data_path")
@@ -290,10 +299,6 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
             "--label_smoothing_factor is not supported: the loss is the model's own (or the labelled-only one), which "
             "the Trainer's label smoother does not replace; drop the flag"
         )
-    if args.fsdp and args.use_cpu:
-        raise UserError("--fsdp shards the model through accelerate, which turns FSDP on for GPUs (and other "
-                        "accelerators) only: with --use_cpu the run would silently train with DDP instead. Drop --fsdp "
-                        "on CPU (torchrun --nproc_per_node N trains with DDP)")
     if args.eval_strategy != "no" and not data_args.eval_data_path:
         raise UserError(f"--eval_strategy {args.eval_strategy} needs --eval_data_path")
     check_frame_cache_settings(data_args.frame_cache, data_args.frame_cache_max_gb, data_args.frame_cache_dir)

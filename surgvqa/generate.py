@@ -87,8 +87,11 @@ def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype |
 
 
 @torch.inference_mode()
-def generate_batch(model, tokenizer, batch: dict[str, Any], max_new_tokens: int = 64) -> list[Prediction]:
-    """Greedy-generate one collated batch (from ``VQACollator(mode="generate")``)."""
+def generate_batch(model, tokenizer, batch: dict[str, Any], max_new_tokens: int = 64,
+                   synced: bool = False) -> list[Prediction]:
+    """Greedy-generate one collated batch (from ``VQACollator(mode="generate")``). ``synced``: the model's
+    parameters are sharded over the processes (FSDP, ZeRO-3), so a process whose batch has ended keeps running
+    forward passes until every process's has (``synced_gpus``); each process must call this equally often."""
     batch = dict(batch)
     keys = batch.pop("keys")
     batch.pop("labels", None)
@@ -104,6 +107,7 @@ def generate_batch(model, tokenizer, batch: dict[str, Any], max_new_tokens: int 
             do_sample=False,
             eos_token_id=eos,
             pad_token_id=tokenizer.pad_token_id,
+            **({"synced_gpus": True} if synced else {}),
         )
     if not isinstance(output, torch.Tensor):  # GenerateOutput
         output = output.sequences
@@ -123,8 +127,9 @@ def generate_predictions(
     batch_size: int = 8,
     max_new_tokens: int = 64,
     num_workers: int = 0,
+    synced: bool = False,
 ) -> Iterator[Prediction]:
-    """Stream predictions for a dataset, batch by batch."""
+    """Stream predictions for a dataset, batch by batch (``synced``: see :func:`generate_batch`)."""
     if collator.mode != "generate":
         raise ValueError("generation needs a collator built with mode='generate' (left padding, no answer)")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator, num_workers=num_workers)
@@ -132,7 +137,7 @@ def generate_predictions(
     model.eval()
     try:
         for batch in loader:
-            yield from generate_batch(model, tokenizer, batch, max_new_tokens=max_new_tokens)
+            yield from generate_batch(model, tokenizer, batch, max_new_tokens=max_new_tokens, synced=synced)
     finally:
         if was_training:
             model.train()

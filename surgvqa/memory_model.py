@@ -26,6 +26,10 @@ OPTIMIZER_STATE = {
     "paged_adamw_8bit": (0, 2),
     "sgd": (0, 0),  # no momentum (Trainer's default for sgd)
 }
+#: how parameters, gradients and optimizer state are spread over --gpus (``surgvqa plan --shard``)
+SHARDING = ("fsdp2", "zero3")
+#: configs/zero3.json's stage3_max_live_parameters: ZeRO-3 keeps up to this many gathered parameters per GPU
+ZERO3_MAX_LIVE_PARAMETERS = 1_000_000_000
 #: what the planner calls each module group (in table order)
 GROUPS = ("LLM layers", "MoE experts", "embeddings", "lm_head", "vision tower", "audio tower", "projectors")
 MODES = ("train", "train_gc", "generate")
@@ -72,6 +76,24 @@ def nf4_bytes(numel: int, blocksize: int = 64, nested_blocksize: int = 256) -> i
     nested block, the fp32 nested code (256) and offset, the fp32 nf4 code (16)."""
     blocks = math.ceil(numel / blocksize)
     return (numel + 1) // 2 + blocks + 4 * math.ceil(blocks / nested_blocksize) + 4 * 256 + 4 + 4 * 16
+
+
+def per_gpu(total: int, gpus: int) -> int:
+    """One GPU's share of ``total`` bytes divided over ``gpus`` (rounded up: the first ranks hold the remainder)."""
+    return -(-total // gpus)
+
+
+def gathered_bytes(shard: str, largest_unit: int, root_unit: int, unit_elements: int, total_elements: int,
+                   element_bytes: int) -> int:
+    """Full (unsharded) weights one GPU holds at once while a sharded step runs. FSDP2: the root unit (the
+    parameters in no wrapped module: embeddings, LM head, final norm), which the root keeps gathered from its forward
+    to its backward, plus two of the largest wrapped unit (the one computing and the next, prefetched). ZeRO-3:
+    gathered parameters are kept while they will be reused, up to ``ZERO3_MAX_LIVE_PARAMETERS`` elements, and at
+    least the largest unit."""
+    if shard == "fsdp2":
+        return root_unit + 2 * largest_unit
+    live = min(total_elements, max(ZERO3_MAX_LIVE_PARAMETERS, unit_elements))
+    return live * element_bytes
 
 
 def int8_bytes(out_features: int, in_features: int) -> int:

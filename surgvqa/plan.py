@@ -17,6 +17,7 @@ tokens and weights, ``surgvqa.memory_model`` holds the arithmetic and the fitted
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -31,9 +32,11 @@ from surgvqa.memory_model import (
     PlanError,
     activation_features,
     fitted_bytes,
+    gathered_bytes,
     load_coefficients,
     nf4_bytes,
     parse_bytes,
+    per_gpu,
     phase_totals,
     pick_fit,
     regime,
@@ -54,6 +57,7 @@ from surgvqa.plan_counts import (
     moe_counts,
     read_config,
     sample_tokens,
+    shard_units,
     source_hw,
     trained_module_params,
     weights,
@@ -75,6 +79,8 @@ class Plan:
     budget: dict | None = None
     #: the training sample against --model_max_length (training refuses a longer one)
     length: dict | None = None
+    #: --gpus / --shard: how the training plan is spread over the GPUs (the training totals are per GPU)
+    sharding: dict | None = None
 
 
 class Planner:
@@ -98,6 +104,7 @@ class Planner:
         if args.quantization:
             self.shape.largest_linear = largest_quantized_linear(self.model, self.layout)
         self.shape.trainable = self.lora + self.saved_params
+        self.units = shard_units(self.model, self.layout, args) if args.shard else None
         self._coefficients: dict | None = None
 
     # -- pieces ------------------------------------------------------------------------------------------
@@ -139,7 +146,33 @@ class Planner:
             "lm_head_cast": self.lm_head_cast_bytes(),
             "dora_norm": self.dora_norm,
         }
+        self.spread(parts)
         return mode, parts, activation_features(self.shape, batch, tokens.total, logit_tokens, mode, tokens.patches)
+
+    def spread(self, parts: dict) -> None:
+        """One GPU's share of a training step over --gpus. Sharded (--shard): weights, trainable parameters,
+        gradients and optimizer state divided by N, plus the full weights gathered at once
+        (:func:`~surgvqa.memory_model.gathered_bytes`). DDP (--gpus N alone): everything on every GPU, plus the
+        gradient buckets DDP all-reduces (a copy of the gradients). Activations and inputs are per GPU either way."""
+        args = self.args
+        if args.shard:
+            for key in ("weights", "trainable_params", "gradients", "optimizer"):
+                parts[key] = per_gpu(parts[key], args.gpus)
+            units = self.units
+            parts["gathered"] = gathered_bytes(args.shard, units.largest_bytes, units.root_bytes,
+                                               units.largest_elements, units.total_elements, DTYPE_BYTES[args.dtype])
+        elif args.gpus > 1:
+            parts["ddp_buckets"] = parts["gradients"]
+
+    def sharding(self) -> dict | None:
+        """What --gpus / --shard do to the plan (None on one GPU)."""
+        args = self.args
+        if args.gpus == 1:
+            return None
+        info: dict[str, Any] = {"gpus": args.gpus, "shard": args.shard}
+        if self.units:
+            info.update(dataclasses.asdict(self.units))
+        return info
 
     def eval_breakdown(self, tokens: Tokens, batch: int | None = None) -> tuple[dict, dict]:
         """(exact parts, activation features) of one generation batch."""
@@ -259,6 +292,7 @@ class Planner:
             calibration=calibration, budget=self.search() if args.budget else None,
             length={"model_max_length": args.model_max_length, "train_sequence": train_tokens.total,
                     "train_fits": train_tokens.total <= args.model_max_length},
+            sharding=self.sharding(),
         )
 
 
@@ -345,8 +379,12 @@ def render(plan: Plan) -> str:
               "optimizer": "optimizer state", "inputs": "inputs", "activations": "activations (fitted)",
               "dequantize": "4/8-bit dequantize", "expert_lora_update": "expert LoRA update",
               "lm_head_cast": "lm_head bf16 copy", "adapter": "adapter", "kv_cache": "KV cache (exact)",
-              "dora_norm": "DoRA weight norm"}
-    lines.append(f"training: batch {train['batch']} x {train['sequence']} tokens ({train['mode']})")
+              "dora_norm": "DoRA weight norm", "gathered": "gathered full weights",
+              "ddp_buckets": "DDP gradient buckets"}
+    lines.append(f"training: batch {train['batch']} x {train['sequence']} tokens ({train['mode']})"
+                 + (f", per GPU of {plan.sharding['gpus']}" if plan.sharding else ""))
+    if plan.sharding:
+        lines.append("  " + sharding_line(plan.sharding))
     phases = train["activation_phases"]
     peak = max(phases, key=phases.get) if phases else None
     for key, value in train["parts"].items():
@@ -355,7 +393,8 @@ def render(plan: Plan) -> str:
             lines.append(f"  {labels[key]:<24}{gib(value):>12}{note}")
     lines.append(f"  {'total':<24}{gib(train['total']):>12}")
     lines.append(f"evaluation (generation): batch {ev['batch']} x {ev['prompt']} prompt tokens + "
-                 f"{ev['max_new_tokens']} new")
+                 f"{ev['max_new_tokens']} new" + (", evaluate_checkpoint.py on one GPU with the whole model"
+                                                  if plan.sharding and plan.sharding["shard"] else ""))
     for key, value in ev["parts"].items():
         if value:
             lines.append(f"  {labels[key]:<24}{gib(value):>12}")
@@ -384,6 +423,19 @@ def render(plan: Plan) -> str:
     if a.get("cv"):
         lines += ["", cv_line(a["cv"], a.get("steps_per_fold"), a.get("seconds_per_step"))]
     return "\n".join(lines)
+
+
+def sharding_line(sharding: dict) -> str:
+    n = sharding["gpus"]
+    if not sharding["shard"]:
+        return (f"DDP over {n} GPUs: every GPU holds the whole model, its gradients and optimizer state "
+                f"(--shard fsdp2|zero3 divides them)")
+    gathered = (f"the root unit (embeddings, LM head, norms: {gib(sharding['root_bytes'])}) kept gathered through the "
+                f"step and two {sharding['largest_class']} units ({gib(sharding['largest_bytes'])} each) at a time"
+                if sharding["shard"] == "fsdp2" else
+                f"up to stage3_max_live_parameters of gathered weights (at least one {sharding['largest_class']})")
+    return (f"{sharding['shard']} over {n} GPUs: weights, LoRA parameters, gradients and optimizer state divided by "
+            f"{n}; {sharding['wrapped']} wrapped units, gathered: {gathered}")
 
 
 def cv_line(videos: int, steps: int | None, seconds_per_step: float | None) -> str:

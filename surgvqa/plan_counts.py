@@ -16,6 +16,7 @@ from surgvqa.memory_model import (
     DTYPE_BYTES,
     GROUPS,
     OPTIMIZER_STATE,
+    SHARDING,
     PlanError,
     Shape,
     int8_bytes,
@@ -64,6 +65,12 @@ class PlanArguments(Preprocessing):
         "help": "labelled: the LM head runs on the labelled (answer) positions only, as training does by default | "
                 "full: on every position (training with --loss_on_labelled_only False)"})
     model_max_length: int = field(default=4096, metadata={"help": "longest sequence training accepts"})
+    gpus: int = field(default=1, metadata={
+        "help": "GPUs (processes) the run trains on; without --shard each holds everything (DDP) and the plan is "
+                "that of one GPU"})
+    shard: str | None = field(default=None, metadata={
+        "help": "fsdp2 | zero3: weights (the frozen base too), LoRA parameters, gradients and optimizer state "
+                "divided over --gpus, plus the full weights being gathered; activations per GPU unchanged"})
     budget: str | None = field(default=None, metadata={"help": "GPU memory, e.g. 40GiB, 24GB: search what fits"})
     overhead: str = field(default="1GiB", metadata={
         "help": "added to every total before comparing with --budget: CUDA context, cuBLAS workspace, allocator "
@@ -95,6 +102,20 @@ class PlanArguments(Preprocessing):
             raise PlanError("--frames, --batch, --eval_batch and --max_new_tokens must be >= 1")
         if self.lora_r < 1:
             raise PlanError("--lora_r must be >= 1")
+        if self.gpus < 1:
+            raise PlanError(f"--gpus must be >= 1; got {self.gpus}")
+        if self.shard is not None:
+            if self.shard not in SHARDING:
+                raise PlanError(f"--shard must be one of {', '.join(SHARDING)}; got {self.shard!r}")
+            if self.gpus == 1:
+                raise PlanError(f"--shard {self.shard} with --gpus 1: there is nothing to divide the model over; pass "
+                                "--gpus N (N >= 2) or drop --shard")
+            if self.quantization:
+                raise PlanError(
+                    f"--shard {self.shard} with --load_in_{self.quantization[0]}bit: training loads 4/8-bit weights as "
+                    "bitsandbytes stores them by default (uint8), which FSDP2 leaves out of sharding (accelerate "
+                    "keeps every GPU's full copy) and ZeRO-3 cannot partition; plan 4/8-bit on one GPU each "
+                    "(--gpus N, DDP), or bf16 weights with --shard")
         source_hw(self.source_size)
         parse_bytes(self.overhead)
         if self.budget is not None:
@@ -341,6 +362,47 @@ def weights(model, layout: Layout, args: PlanArguments) -> list[GroupRow]:
             row.train_bytes += train
             row.eval_bytes += stored
     return [rows[g] for g in GROUPS if rows[g].params]
+
+
+@dataclass
+class ShardUnits:
+    """How FSDP2 / ZeRO-3 see the model: units of parameters gathered together (accelerate wraps each module whose
+    class the model lists in ``_no_split_modules``; everything outside them is the root unit)."""
+
+    largest_bytes: int  # the largest wrapped unit, as stored for training
+    largest_elements: int
+    largest_class: str
+    root_bytes: int
+    total_elements: int
+    wrapped: int  # how many wrapped units
+
+
+def shard_units(model, layout: Layout, args: PlanArguments) -> ShardUnits:
+    """Each parameter counted in the innermost wrapped module holding it (or the root), in the training dtype."""
+    classes = set(getattr(model, "_no_split_modules", None) or ())
+    units = {name: type(m).__name__ for name, m in model.named_modules() if type(m).__name__ in classes and name}
+    sizes: dict[str, list[int]] = {name: [0, 0] for name in units}
+    root = total = 0
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            dtype = "float32" if _skipped(module_name, layout.fp32_modules) else args.dtype
+            nbytes = param.numel() * DTYPE_BYTES[dtype]
+            total += param.numel()
+            parts = module_name.split(".")
+            owner = next((".".join(parts[:i]) for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in units), None)
+            if owner is None:
+                root += nbytes
+            else:
+                sizes[owner][0] += nbytes
+                sizes[owner][1] += param.numel()
+    largest = max(sizes, key=lambda name: sizes[name][0], default=None)
+    return ShardUnits(
+        largest_bytes=sizes[largest][0] if largest else 0, largest_elements=sizes[largest][1] if largest else 0,
+        largest_class=units[largest] if largest else "-", root_bytes=root, total_elements=total, wrapped=len(units))
 
 
 def _group(name: str, layout: Layout) -> str:

@@ -7,6 +7,7 @@ Imported by :func:`surgvqa.train.train` when training starts (importing ``transf
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 from torch.utils.data import DataLoader
@@ -20,6 +21,8 @@ from surgvqa.generate import generate_predictions
 from surgvqa.lora import loraplus_optimizer
 from surgvqa.metrics import strict_hit
 from surgvqa.run_config import RunConfig
+
+logger = logging.getLogger(__name__)
 
 
 class VQATrainer(Trainer):
@@ -52,6 +55,36 @@ class VQATrainer(Trainer):
         self.eval_collator = eval_collator
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self._eval_loader = None  # kept with persistent workers, as the Trainer keeps its own
+        if self.is_fsdp_enabled or (self.is_deepspeed_enabled
+                                    and self.accelerator.state.deepspeed_plugin.zero_stage == 3):
+            self.add_callback(ShardingCheck())
+
+    def create_accelerator_and_postprocess(self):
+        """The Trainer's accelerator; with ``--fsdp`` on CPU processes (gloo), FSDP is switched on here.
+
+        accelerate (1.16, ``AcceleratorState.__init__``) enables FSDP for multi-accelerator runs only: on CPU it keeps
+        ``MULTI_CPU`` and the Trainer would wrap the model in DDP, unsharded. torch's ``fully_shard`` runs on CPU with
+        gloo, and accelerate's FSDP code path (``fsdp2_prepare_model``, the state-dict gathering on save) does not
+        depend on the device, so the state is set to FSDP with the Trainer's own plugin before anything is prepared.
+        :class:`ShardingCheck` confirms at the start of training that the parameters are sharded."""
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp_plugin_args is None or self.is_fsdp_enabled:
+            return
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        state = self.accelerator.state
+        if state.distributed_type != DistributedType.MULTI_CPU:
+            if state.num_processes == 1:
+                logger.warning("--fsdp with one process: nothing to shard over, the model trains unsharded (launch "
+                               "N processes with torchrun or accelerate launch to shard)")
+            return
+        plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.fsdp_plugin = plugin
+        state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        self.is_fsdp_enabled = True
 
     def labelled_loss(self, outputs, labels, num_items_in_batch=None):
         """The loss of the labelled-position logits, plus an MoE router's weighted load-balancing loss when one is
@@ -125,7 +158,11 @@ class VQATrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         candidates = spec["candidates"]
         local: list[tuple[int, bool, bool]] = []
-        with self.accelerator.split_between_processes(list(range(len(dataset.samples)))) as mine:
+        # sharded parameters (FSDP, ZeRO-3): every forward pass is collective, so every process generates the same
+        # number of batches (the last sample repeated where the split is uneven) and in step (synced generation)
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        with self.accelerator.split_between_processes(list(range(len(dataset.samples))),
+                                                      apply_padding=sharded) as mine:
             part = SurgicalVQADataset([dataset.samples[i] for i in mine], dataset.media,
                                       frame_cache=dataset.frame_cache)
             index = {dataset.samples[i].key: i for i in mine}
@@ -133,15 +170,15 @@ class VQATrainer(Trainer):
             if part.samples:
                 for prediction in generate_predictions(
                     model, self.processing_class.tokenizer, part, collator,
-                    batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"],
+                    batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"], synced=sharded,
                 ):
                     sample = by_key[prediction.key]
                     hit = strict_hit(prediction.text, sample.short_answer, candidates.get(sample.question_type, []))
                     local.append((index[prediction.key], hit, not prediction.stopped_by_eos))
-        per_rank = gather_object([len(local)])
-        results = gather_object(local)
+        per_rank = gather_object([len({i for i, _, _ in local})])
+        results = list({i: (i, hit, no_eos) for i, hit, no_eos in gather_object(local)}.values())
         n = len(results)
-        if n != len(dataset.samples) or len({i for i, _, _ in results}) != n:
+        if n != len(dataset.samples):
             raise RuntimeError(f"generation eval gathered {n} results for {len(dataset.samples)} samples")
         return {
             f"{prefix}_accuracy": sum(hit for _, hit, _ in results) / n,
@@ -149,6 +186,31 @@ class VQATrainer(Trainer):
             f"{prefix}_generated": float(n),
             f"{prefix}_generated_per_process": float(max(per_rank)),
         }
+
+
+class ShardingCheck(TrainerCallback):
+    """With FSDP or ZeRO-3: log how the parameters are sharded once the model is prepared, and stop a run whose
+    parameters are not sharded at all (a model trained unsharded while sharding was asked for)."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from torch.distributed.tensor import DTensor
+
+        params = list(model.parameters()) if model is not None else []
+        fsdp = [p for p in params if isinstance(p, DTensor)]
+        zero3 = [p for p in params if hasattr(p, "ds_tensor")]  # DeepSpeed's partitioned parameters
+        if fsdp:
+            kind, sharded, local, total = "FSDP2", fsdp, sum(p.to_local().numel() for p in fsdp), sum(
+                p.numel() for p in fsdp)
+        elif zero3:
+            kind, sharded, local, total = "ZeRO-3", zero3, sum(p.ds_tensor.numel() for p in zero3), sum(
+                p.ds_numel for p in zero3)
+        else:
+            raise RuntimeError("sharding (--fsdp / a ZeRO-3 --deepspeed config) was asked for but no parameter of the "
+                               "prepared model is sharded: the run would train unsharded; check the accelerate / "
+                               "torch / deepspeed versions")
+        logger.info("%s: %d of %d parameter tensors sharded over %d processes; this process holds %d of their %d "
+                    "elements", kind, len(sharded), len(params), args.world_size, local, total)
+        return control
 
 
 class SurgvqaConfigCallback(TrainerCallback):
@@ -174,4 +236,4 @@ def save_outputs_extras(path: Path, config: RunConfig, model, original_rows: int
         save_new_token_rows(model, path, original_rows)
 
 
-__all__ = ["SurgvqaConfigCallback", "VQATrainer", "save_outputs_extras"]
+__all__ = ["ShardingCheck", "SurgvqaConfigCallback", "VQATrainer", "save_outputs_extras"]

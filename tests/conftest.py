@@ -167,6 +167,17 @@ def qwen_vocab_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen3_processor(tmp_path_factory) -> Path:
+    """Qwen3-Omni's processor with the real 151k vocabulary (no model): the 30B's exact token counts."""
+    tiny = load_script("tiny_qwen3_omni_moe")
+    tokenizer = load_script("make_tiny_model").build_tokenizer(
+        "qwen", special_tokens=tiny.QWEN3_OMNI_SPECIAL_TOKENS, model_specific_tokens=tiny.MODEL_SPECIFIC_TOKENS)
+    out = tmp_path_factory.mktemp("qwen3-processor")
+    tiny.build_processor(tokenizer).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def test_set() -> Path:
     if not (TEST_SET / "in_002-001.jsonl").is_file():
         pytest.skip("test_set/ is missing")

@@ -265,6 +265,11 @@ def test_labelled_logits_and_checkpointing_lower_the_training_plan(tiny_model_di
     (["--budget", "lots"], "memory size"),
     (["--load_in_4bit", "--load_in_8bit"], "exclusive"),
     (["--token_kept_ratio", "1.5"], "token_kept_ratio"),
+    (["--gpus", "1", "--shard", "fsdp2"], "--shard fsdp2 with --gpus 1: there is nothing to divide"),
+    (["--gpus", "2", "--shard", "ddp"], "--shard must be one of fsdp2, zero3"),
+    (["--gpus", "0"], "--gpus must be >= 1"),
+    (["--gpus", "2", "--shard", "fsdp2", "--load_in_4bit"], "FSDP2 leaves out of sharding"),
+    (["--gpus", "8", "--shard", "zero3", "--load_in_8bit"], "ZeRO-3 cannot partition"),
 ])
 def test_cli_user_errors_are_one_line(tiny_model_dir, capsys, argv, message):
     assert main(["--model", str(tiny_model_dir), *argv]) == 2
@@ -404,3 +409,85 @@ def test_dora_adds_its_magnitudes_and_the_norm_of_one_merged_weight(tiny_model_d
     assert dora.train_breakdown(tokens)[1]["dora_norm"] == largest * (4 + 2) > 0
     assert dora.eval_breakdown(tokens)[0]["dora_norm"] == largest * 6
     assert lora.train_breakdown(tokens)[1]["dora_norm"] == 0
+
+
+# -------------------------------------------------------------------------------------- sharded over GPUs
+QWEN3_30B = REPO / "configs" / "models" / "qwen3_omni_30b_a3b_thinker.json"
+
+
+@pytest.mark.parametrize("shard", ["fsdp2", "zero3"])
+@pytest.mark.parametrize("gpus", [2, 8])
+def test_sharded_plan_divides_weights_gradients_and_optimizer_by_the_gpus(qwen_vocab_model_dir, shard, gpus):
+    """Qwen2.5-Omni-7B, bf16 LoRA: per GPU, the weights (the frozen base too), LoRA parameters, gradients and
+    optimizer state are the one-GPU plan's divided by N (rounded up), inputs and activations are the one-GPU plan's,
+    and the gathered weights are the root unit plus two decoder layers (FSDP2) or stage3_max_live_parameters of
+    bf16 (ZeRO-3, configs/zero3.json)."""
+    from surgvqa.memory_model import ZERO3_MAX_LIVE_PARAMETERS
+
+    one = planner(OMNI_7B, qwen_vocab_model_dir, question_modality="text+audio")
+    many = planner(OMNI_7B, qwen_vocab_model_dir, question_modality="text+audio", gpus=gpus, shard=shard)
+    tokens = sample_tokens(one.processor, one.args, mode="train")
+    single, sharded = one.train_total(tokens)["parts"], many.train_total(tokens)["parts"]
+    assert single["weights"] == sum(g.train_bytes for g in one.groups) > 15 * 2**30
+    for key in ("weights", "trainable_params", "gradients", "optimizer"):
+        assert sharded[key] == -(-single[key] // gpus), key
+    for key in ("inputs", "activations"):
+        assert sharded[key] == single[key], key
+    units = many.units
+    decoder_layer = sum(p.numel() for p in many.model.get_submodule("model.language_model.layers.0").parameters())
+    assert units.largest_class == "Qwen2_5OmniDecoderLayer" and units.largest_bytes == 2 * decoder_layer
+    assert units.total_elements == sum(p.numel() for p in many.model.parameters())
+    head_and_embeddings = 2 * (many.model.get_output_embeddings().weight.numel()
+                               + many.model.get_input_embeddings().weight.numel())
+    assert head_and_embeddings < units.root_bytes < head_and_embeddings + 2**20  # plus the norms
+    expected = (units.root_bytes + 2 * units.largest_bytes if shard == "fsdp2"
+                else 2 * min(units.total_elements, ZERO3_MAX_LIVE_PARAMETERS))
+    assert sharded["gathered"] == expected
+    assert "gathered" not in single and "ddp_buckets" not in single
+
+
+def test_zero3_plan_reads_the_shipped_configs_live_parameters():
+    from surgvqa.memory_model import ZERO3_MAX_LIVE_PARAMETERS
+
+    config = json.loads((REPO / "configs" / "zero3.json").read_text())["zero_optimization"]
+    assert config["stage"] == 3 and config["stage3_gather_16bit_weights_on_model_save"] is True
+    assert config["stage3_max_live_parameters"] == ZERO3_MAX_LIVE_PARAMETERS
+
+
+def test_gpus_without_shard_is_ddp_everything_on_every_gpu(qwen_vocab_model_dir, capsys):
+    """--gpus 4 alone: the one-GPU plan plus DDP's gradient buckets (a copy of the gradients), nothing divided."""
+    one = planner(OMNI_7B, qwen_vocab_model_dir)
+    ddp = planner(OMNI_7B, qwen_vocab_model_dir, gpus=4)
+    tokens = sample_tokens(one.processor, one.args, mode="train")
+    single, each = one.train_total(tokens), ddp.train_total(tokens)
+    assert each["parts"]["ddp_buckets"] == single["parts"]["gradients"]
+    assert each["total"] == single["total"] + single["parts"]["gradients"]
+    assert main(["--model", str(OMNI_7B), "--processor", str(qwen_vocab_model_dir), "--gpus", "4"]) == 0
+    assert "DDP over 4 GPUs: every GPU holds the whole model" in capsys.readouterr().out
+
+
+def test_30b_a3b_bf16_sharded_over_2_and_8_gpus(qwen3_processor, capsys):
+    """Qwen3-Omni-30B-A3B in bf16 (8 frames x 384 px, text+audio, LoRA r16): 59 GiB of weights, which no 40 GiB GPU
+    holds; FSDP2's largest unit is one decoder layer with its 128 experts; over 2 GPUs the step fits 48 GiB but not
+    40 GiB (39.1 GiB + 1 GiB overhead), over 8 it fits 24 GiB."""
+    from surgvqa.plan import make_plan
+
+    def plan(gpus: int, budget: str, shard: str | None = "fsdp2"):
+        return make_plan(PlanArguments(model=str(QWEN3_30B), processor=str(qwen3_processor), gpus=gpus, shard=shard,
+                                       question_modality="text+audio", budget=budget))
+
+    one = plan(1, "40GiB", None)
+    two, eight = plan(2, "48GiB"), plan(8, "24GiB")
+    assert one.train["parts"]["weights"] > 58 * 2**30 and not one.budget["train_fits"]
+    for sharded, n in ((two, 2), (eight, 8)):
+        assert sharded.train["parts"]["weights"] == -(-one.train["parts"]["weights"] // n)
+        assert sharded.train["parts"]["optimizer"] == -(-one.train["parts"]["optimizer"] // n)
+        assert sharded.train["parts"]["activations"] == one.train["parts"]["activations"]
+        assert sharded.sharding["largest_class"] == "Qwen3OmniMoeThinkerTextDecoderLayer"
+        assert sharded.sharding["largest_elements"] > 128 * 3 * 2048 * 768  # the layer's experts are in its unit
+    assert two.budget["train_fits"] and eight.budget["train_fits"]
+    assert not plan(2, "40GiB").budget["train_fits"]
+    assert main(["--model", str(QWEN3_30B), "--processor", str(qwen3_processor), "--gpus", "8", "--shard",
+                 "fsdp2"]) == 0
+    table = capsys.readouterr().out
+    assert "per GPU of 8" in table and "fsdp2 over 8 GPUs" in table and "gathered full weights" in table

@@ -376,17 +376,6 @@ def test_planner_expert_bytes_equal_the_stored_nf4_bytes(tiny_moe):
     assert planner.moe["experts"] == 8 and planner.moe["routed_per_token"] == 2
 
 
-@pytest.fixture(scope="module")
-def qwen3_processor(tmp_path_factory):
-    """Qwen3-Omni's processor with the real 151k vocabulary (no model): the 30B's exact token counts."""
-    tiny = load_script("tiny_qwen3_omni_moe")
-    tokenizer = load_script("make_tiny_model").build_tokenizer(
-        "qwen", special_tokens=tiny.QWEN3_OMNI_SPECIAL_TOKENS, model_specific_tokens=tiny.MODEL_SPECIFIC_TOKENS)
-    out = tmp_path_factory.mktemp("qwen3-processor")
-    tiny.build_processor(tokenizer).save_pretrained(out)
-    return out
-
-
 def test_planner_30b_a3b_thinker_counts_and_verdicts(qwen3_processor):
     """The shipped 30B-A3B config: every parameter of the meta-device model counted, 29 B of them experts, 3.3 B
     active per token; bf16 LoRA does not fit 40 GiB, QLoRA with NF4 experts does (8 frames x 384 px, text+audio:
