@@ -12,6 +12,10 @@ LATEST ?= .venv-latest
 .PHONY: venv system-deps demo test test-all test-latest lock lint bench memory-doc clean
 
 system-deps:
+	@command -v g++ >/dev/null 2>&1 || { \
+	  echo "installing g++ (DeepSpeed compiles its CPU communication op at first use: the ZeRO-3 test)"; \
+	  (apt-get update -qq && apt-get install -y -qq g++) >/dev/null || \
+	  echo "WARNING: could not install g++; the ZeRO-3 test will fail to build DeepSpeed's op"; }
 	@command -v espeak-ng >/dev/null 2>&1 || { \
 	  echo "installing espeak-ng (offline TTS for spoken questions)"; \
 	  (apt-get update -qq && apt-get install -y -qq espeak-ng) >/dev/null || \
