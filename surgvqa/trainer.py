@@ -90,7 +90,7 @@ class VQATrainer(Trainer):
         """An epoch of training, none once the run is at its last step.
 
         A run resumed from the checkpoint of its last step (killed before its final files) would otherwise train on:
-        the Trainer (5.25, ``_run_epoch``) skips the batches of the epoch that were trained, then runs one more
+        the Trainer (5.24 and 5.25, ``_run_epoch``) skips the batches of the epoch that were trained, then runs one more
         optimizer step before it compares ``global_step`` with ``max_steps``."""
         if self.state.global_step >= self.state.max_steps:
             if self.state.global_step > self.state.max_steps:
