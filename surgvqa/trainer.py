@@ -86,6 +86,30 @@ class VQATrainer(Trainer):
         state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         self.is_fsdp_enabled = True
 
+    def _run_epoch(self, *args, **kwargs):
+        """An epoch of training, none once the run is at its last step.
+
+        A run resumed from the checkpoint of its last step (killed before its final files) would otherwise train on:
+        the Trainer (5.24 and 5.25, ``_run_epoch``) skips the batches of the epoch that were trained, then runs one more
+        optimizer step before it compares ``global_step`` with ``max_steps``."""
+        if self.state.global_step >= self.state.max_steps:
+            if self.state.global_step > self.state.max_steps:
+                logger.warning("the checkpoint resumed is at step %d, past this run's last step %d: nothing is "
+                               "trained, the final adapter is the checkpoint's", self.state.global_step,
+                               self.state.max_steps)
+            self.control.should_training_stop = True
+            return
+        super()._run_epoch(*args, **kwargs)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The Trainer's log, without the ``train_loss`` of a ``train()`` call that ran no step: it would be 0.0
+        (the loss of no step), where a resumed run at its last step has nothing to average."""
+        if "train_loss" in logs and self.state.global_step == getattr(self, "_initial_global_step", None):
+            logs.pop("train_loss")
+            logger.info("resumed at step %d of %d: nothing left to train, the final adapter is the checkpoint's",
+                        self.state.global_step, self.state.max_steps)
+        super().log(logs, start_time)
+
     def labelled_loss(self, outputs, labels, num_items_in_batch=None):
         """The loss of the labelled-position logits, plus an MoE router's weighted load-balancing loss when one is
         asked for (``router_aux_loss_coef``): the model adds that term only when it computes the loss itself."""

@@ -313,6 +313,49 @@ def test_a_run_directory_of_the_previous_release_resumes(tiny_model_dir, test_se
     assert (out / "checkpoint-2").is_dir()
 
 
+@pytest.mark.parametrize("length", [
+    ("--max_steps", "2"), ("--num_train_epochs", "1"), ("--num_train_epochs", "1.5"),
+    ("--num_train_epochs", "1.5", "--save_strategy", "epoch", "--eval_strategy", "epoch", "--load_best_model_at_end",
+     "True"),
+], ids=["max_steps-mid-epoch", "epochs-at-epoch-end", "fractional-epochs", "fractional-epochs-eval-each-epoch"])
+def test_killed_after_its_last_checkpoint_resumes_to_that_checkpoint(length, tiny_model_dir, test_set, tmp_path):
+    """Killed after writing the checkpoint at the last step, before the final files: the rerun trains nothing
+    (no step past the end, no checkpoint beyond it) and writes the checkpoint's adapter as the final one, beside
+    the final files an uninterrupted run writes."""
+    from surgvqa.train import main
+
+    data = tmp_path / "train.jsonl"  # 6 samples, batch 2: 3 steps per epoch
+    data.write_text("".join((test_set / "in_002-001.jsonl").read_text().splitlines(keepends=True)[:6]))
+    out = tmp_path / "run"
+    args = [*_args(tiny_model_dir, test_set, out, "--save_steps", "1", "--logging_steps", "1", *length),
+            "--train_data_path", str(data), "--eval_data_path", str(data)]
+    assert main(args) == 0
+    last = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert last == {"2": 2, "1": 3, "1.5": 5}[length[1]]
+    finished = sorted(p.name for p in out.iterdir())
+    state = json.loads((out / "trainer_state.json").read_text())
+    record = json.loads((out / "surgvqa_config.json").read_text())
+    uninterrupted = _adapter_tensors(out)
+    for path in out.iterdir():  # what a kill -9 between the last checkpoint and the final save leaves
+        if path.is_file() and path.name != "surgvqa_config.json":
+            path.unlink()
+    resume = [*args, "--resume_from_checkpoint", "auto"]
+    assert main(resume) == 0
+    assert sorted(p.name for p in out.iterdir()) == finished  # no checkpoint-(last + 1), every final file
+    # the last checkpoint's adapter (the best one's with --load_best_model_at_end), bit for bit
+    checkpoint = _adapter_tensors(Path(state["best_model_checkpoint"] or out / f"checkpoint-{last}"))
+    final = _adapter_tensors(out)
+    assert checkpoint.keys() == final.keys() == uninterrupted.keys()
+    assert all(torch.equal(checkpoint[name], final[name]) for name in checkpoint)
+    assert all(torch.equal(uninterrupted[name], final[name]) for name in checkpoint)
+    resumed = json.loads((out / "trainer_state.json").read_text())
+    assert resumed["global_step"] == state["global_step"] == resumed["max_steps"] == last
+    assert resumed["log_history"][:-1] == state["log_history"][:-1]  # the checkpoint's history, nothing added
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["train_steps_per_second"] == 0 and "train_loss" not in results  # no loss of zero steps
+    assert json.loads((out / "surgvqa_config.json").read_text()) == record  # rewritten whole at the end
+
+
 def test_a_failed_start_leaves_the_directory_reusable(tiny_model_dir, test_set, tmp_path, capsys, caplog):
     """A start that fails after writing the run record (an unusable --frame_cache_dir) is no run: the corrected
     rerun starts there; a directory with a checkpoint still counts as used."""
