@@ -88,8 +88,14 @@ eval_audio=()
 if [[ "$MODALITY" != "text" ]]; then
   eval_audio=(--audio_dir "${TEST_AUDIO_DIR:-${EVAL_AUDIO_DIR:-$RECIPE_EVAL_AUDIO_DIR}}")
 fi
+eval_base=()  # a LoftQ adapter applies to the nf4 base it started from
+if "$PYTHON" -c 'import sys; from surgvqa.lora import applies_to_nf4_base; from surgvqa.run_config import RunConfig
+run = RunConfig.find(sys.argv[1]); sys.exit(0 if run and applies_to_nf4_base(run.lora) else 1)' "$OUT"; then
+  eval_base=(--load_in_4bit True)
+fi
 "$PYTHON" evaluate_checkpoint.py \
   --checkpoint_path "$OUT" \
+  "${eval_base[@]}" \
   --eval_data_path "${TEST_DATA:-${DATA:-data}/out_template_test.jsonl}" \
   --frames_dir "${TEST_FRAMES_DIR:-${FRAMES_DIR:-$RECIPE_FRAMES_DIR}}" \
   "${eval_audio[@]}" \

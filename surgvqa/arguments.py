@@ -23,7 +23,7 @@ from surgvqa.backbones import LoadOptions
 from surgvqa.errors import UserError, existing_dir, existing_file, one_line_errors, parse_dataclasses
 from surgvqa.frame_cache import check_frame_cache_settings
 from surgvqa.lean_imports import checkpoint_needs_bitsandbytes
-from surgvqa.lora import check_variants
+from surgvqa.lora import changes_base, check_variants
 from surgvqa.preprocessing import Preprocessing, PreprocessingOverrides
 from surgvqa.run_config import DEFAULT_MODEL_MAX_LENGTH
 
@@ -258,6 +258,17 @@ def _config_file(parser: HfArgumentParser, path: str) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------------- checks
+def sharding_of(args: TrainingArguments) -> str | None:
+    """How the run shards its weights over processes: ``--fsdp`` (the flag or ``accelerate launch`` with an FSDP
+    config), ``ZeRO-3`` (``--deepspeed`` or ``accelerate launch`` with a stage-3 DeepSpeed config), else None."""
+    if args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "--fsdp"
+    plugin = getattr(args, "deepspeed_plugin", None)
+    if plugin is not None and plugin.zero_stage == 3:
+        return "ZeRO-3"
+    return None
+
+
 def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
                   args: TrainingArguments) -> None:
     """Refuse unsupported combinations before anything heavy happens."""
@@ -272,14 +283,17 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
             raise UserError("QLoRA computes in bf16: use --bf16 True instead of --fp16")
         if lora_args.train_projectors and model_args.load_in_8bit:
             logger.info("projectors stay unquantized under 8-bit loading and are trained in full precision")
-        zero3 = getattr(args, "hf_deepspeed_config", None) is not None and args.hf_deepspeed_config.is_zero3()
-        fsdp = args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"  # accelerate launch
-        if fsdp or zero3:
+        if sharding_of(args):
             raise UserError(
-                f"{'--fsdp' if fsdp else 'a ZeRO-3 --deepspeed config'} with --load_in_"
-                f"{'4' if model_args.load_in_4bit else '8'}bit: the 4/8-bit weights are stored as uint8, which FSDP2 "
-                "leaves out of sharding (every GPU keeps all of them) and ZeRO-3 cannot partition; train 4/8-bit "
-                "with DDP (torchrun, no --fsdp), or shard bf16 weights (--load_in_4bit False)")
+                f"{sharding_of(args)} with --load_in_{'4' if model_args.load_in_4bit else '8'}bit: the 4/8-bit "
+                "weights are stored as uint8, which FSDP2 leaves out of sharding (every GPU keeps all of them) and "
+                "ZeRO-3 cannot partition; train 4/8-bit with DDP (torchrun, no --fsdp), or shard bf16 weights "
+                "(--load_in_4bit False)")
+    if sharding_of(args) and changes_base(lora_args.init_lora_weights):
+        raise UserError(
+            f"--init_lora_weights {lora_args.init_lora_weights} with {sharding_of(args)}: the final adapter is "
+            "converted to apply to the original base on one process, which holds only its shard of the weights; "
+            "train PiSSA/OLoRA with DDP (torchrun, no --fsdp / ZeRO-3) or use --init_lora_weights default")
     check_variants(lora_args, "4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None)
     if data_args.eval_generate_samples and not data_args.eval_data_path:
         raise UserError("--eval_generate_samples needs --eval_data_path")

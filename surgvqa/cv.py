@@ -33,8 +33,10 @@ from typing import Any
 from surgvqa.clusters import Clustering, clustered_summary
 from surgvqa.errors import UserError, existing_dir, existing_file, one_line_errors, run_main
 from surgvqa.html_report.markup import esc, kv_table, pct
+from surgvqa.lora import applies_to_nf4_base
 from surgvqa.metrics import closed_sets, question_type, score_record
 from surgvqa.report import format_ci, read_predictions, read_predictions_meta
+from surgvqa.run_config import RunConfig
 from surgvqa.stats import t_quantile, wilson_interval
 
 VAL_POLICIES = ("next", "none")
@@ -164,6 +166,9 @@ def run_fold(fold: Fold, args: CvArguments, records: list[dict[str, Any]], train
                     "--resume", "True", *media, *clustering]
         if args.device:
             evaluate += ["--device", args.device]
+        run = RunConfig.find(run_dir)
+        if run is not None and applies_to_nf4_base(run.lora):  # LoftQ: the adapter starts from the nf4 base
+            evaluate += ["--load_in_4bit", "True"]
         _run(evaluate, fold.directory / "evaluate.log", f"fold {fold.number} ({fold.test}) evaluation")
     summary = json.loads(summary_file.read_text(encoding="utf-8"))
     result = {"fold": fold.number, "test_video": fold.test, "val_video": fold.val, "train_videos": fold.train,

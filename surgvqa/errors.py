@@ -107,9 +107,9 @@ def parse_dataclasses(parser, argv: list[str]) -> tuple:
         raise UserError(str(err)) from err
     except ImportError as err:  # a flag whose package is missing (--deepspeed without DeepSpeed)
         if "deepspeed" in str(err).lower():
-            raise UserError("--deepspeed needs DeepSpeed, which is not installed (it is not among surgvqa's "
-                            "dependencies): pip install deepspeed, or drop --deepspeed (--fsdp --fsdp_config "
-                            "configs/fsdp2.json shards with torch alone)") from err
+            raise UserError("--deepspeed needs DeepSpeed, which is not installed: pip install 'surgvqa[deepspeed]' "
+                            "(the tested version), or drop --deepspeed (--fsdp --fsdp_config configs/fsdp2.json "
+                            "shards with torch alone)") from err
         raise UserError(f"a flag needs a package that is not installed: {err}") from err
     if unknown:
         raise UserError(f"unknown argument(s) {' '.join(unknown)}; see {parser.prog} --help")

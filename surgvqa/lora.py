@@ -135,10 +135,15 @@ def init_loftq(peft_model, checkpoint: str | Path, adapter: str = "default") -> 
     return count
 
 
+def applies_to_nf4_base(lora: Mapping[str, Any] | None) -> bool:
+    """The run's adapter (its recorded LoRA settings) applies to the nf4 base only: it was initialised with LoftQ."""
+    return bool(lora) and lora.get("init_lora_weights") == "loftq"
+
+
 def check_loftq_base(lora: Mapping[str, Any] | None, adapter: str | Path, nf4_base: bool, fix: str) -> None:
     """Refuse a LoftQ adapter away from the nf4 base it was initialised on: there its B @ A adds the quantization
     error to weights that do not have it."""
-    if lora and lora.get("init_lora_weights") == "loftq" and not nf4_base:
+    if applies_to_nf4_base(lora) and not nf4_base:
         raise UserError(f"{adapter} was initialised with LoftQ: it starts at the 4-bit base's quantization error and "
                         f"applies to that nf4 base only, not to the 16-bit weights; {fix}")
 
@@ -188,6 +193,6 @@ def loraplus_optimizer(trainer, ratio: float):
                                      loraplus_weight_decay=trainer.args.weight_decay, **kwargs)
 
 
-__all__ = ["INITIAL_ADAPTER", "INIT_CHOICES", "changes_base", "check_converted", "check_init", "check_loftq_base",
+__all__ = ["INITIAL_ADAPTER", "INIT_CHOICES", "applies_to_nf4_base", "changes_base", "check_converted", "check_init", "check_loftq_base",
            "check_variants", "checkpoint_weights", "config_kwargs", "init_loftq", "loraplus_optimizer", "peft_init",
            "save_converted", "save_initial_adapter"]

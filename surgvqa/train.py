@@ -25,6 +25,7 @@ from surgvqa.arguments import (
     make_parser,
     needs_bitsandbytes,
     parse_args,
+    sharding_of,
     validate_args,
 )
 from surgvqa.audio import DEFAULT_SAMPLING_RATE, audio_duration
@@ -130,6 +131,10 @@ def build_model(model_args: ModelArguments, lora_args: LoraArguments, args: Trai
     processor = backbone.load_processor(model_args.model_name_or_path, model_args.trust_remote_code)
     original_rows = model.get_input_embeddings().num_embeddings
     report = repair_tokenizer(processor.tokenizer, model)
+    if report.resized_embeddings_to is not None and sharding_of(args):
+        raise UserError(f"{sharding_of(args)}: the tokenizer repair added embedding rows ({original_rows} -> "
+                        f"{report.resized_embeddings_to}), which are saved from the model's weights by one process "
+                        "holding only its shard of them; train this base with DDP (torchrun, no --fsdp / ZeRO-3)")
 
     gc_kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
     args.gradient_checkpointing_kwargs = gc_kwargs
@@ -327,6 +332,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     # 2. the run directory: refused, emptied, resumed or started, before any weight loads
     backbone = backbone_for(model_args.model_name_or_path, model_args.backbone)
     backbone.check_moe_settings(lora_args.lora_experts, lora_args.router_aux_loss_coef)
+    backbone.check_sharding(sharding_of(args))
     backbone_name = backbone.name
     early = build_run_config(model_args, data_args, lora_args, backbone_name, args)
     plan = plan_output_dir(

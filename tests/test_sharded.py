@@ -130,8 +130,8 @@ def ddp_run(tiny_model_dir, test_set, tmp_path_factory) -> Path:
 def test_sharded_on_two_cpu_processes_killed_and_resumed_equals_ddp(engine, ddp_run, tiny_model_dir, test_set,
                                                                      tmp_path):
     if engine == "zero3" and importlib.util.find_spec("deepspeed") is None:
-        pytest.skip("DeepSpeed is not installed (it is not among the project's dependencies): pip install deepspeed "
-                    "(built from source: needs torch and wheel, --no-build-isolation) to run ZeRO-3 on CPU")
+        pytest.skip("DeepSpeed is not installed: make venv installs it with the dev extra "
+                    "(pip install 'surgvqa[deepspeed]')")
     flags, engine_file, kind = ENGINES[engine]
     sharded = tmp_path / engine
     command = _train_command(tiny_model_dir, test_set, sharded, 29542 + list(ENGINES).index(engine), *flags)
@@ -175,15 +175,31 @@ def test_sharding_check_stops_an_unsharded_fsdp_run(tmp_path):
 
 
 def test_deepspeed_flag_without_deepspeed_is_one_error_line(tmp_path, capsys):
-    if importlib.util.find_spec("deepspeed") is not None:
-        pytest.skip("DeepSpeed is installed here")
-    from surgvqa.train import main
+    if importlib.util.find_spec("deepspeed") is None:  # the real flag, as a user without DeepSpeed meets it
+        from surgvqa.train import main
 
-    code = main(["--train_data_path", "x.jsonl", "--output_dir", str(tmp_path / "run"), "--use_cpu", "True",
-                 "--deepspeed", str(REPO / "configs" / "zero3.json")])
-    assert code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: --deepspeed needs DeepSpeed, which is not installed") and "Traceback" not in err
+        code = main(["--train_data_path", "x.jsonl", "--output_dir", str(tmp_path / "run"), "--use_cpu", "True",
+                     "--deepspeed", str(REPO / "configs" / "zero3.json")])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --deepspeed needs DeepSpeed, which is not installed") and "Traceback" not in err
+        return
+    # DeepSpeed installed: TrainingArguments' ImportError as transformers raises it without DeepSpeed
+    from dataclasses import dataclass
+
+    from transformers import HfArgumentParser
+
+    from surgvqa.errors import UserError, parse_dataclasses
+
+    @dataclass
+    class Args:
+        deepspeed: str = ""
+
+        def __post_init__(self):
+            raise ImportError("--deepspeed requires deepspeed: `pip install deepspeed`.")
+
+    with pytest.raises(UserError, match=r"^--deepspeed needs DeepSpeed, which is not installed: pip install "):
+        parse_dataclasses(HfArgumentParser(Args), ["--deepspeed", "x.json"])
 
 
 def test_sharding_4bit_weights_is_refused_before_loading(tiny_model_dir, tmp_path, capsys):
@@ -197,3 +213,43 @@ def test_sharding_4bit_weights_is_refused_before_loading(tiny_model_dir, tmp_pat
     err = capsys.readouterr().err
     assert err.startswith("error: --fsdp with --load_in_4bit: the 4/8-bit weights are stored as uint8")
     assert not out.exists()
+
+
+def test_pissa_with_sharding_is_refused_before_loading(tiny_model_dir, tmp_path, capsys):
+    """The PiSSA/OLoRA conversion at the end runs on one process, which holds only its shard of the weights."""
+    from surgvqa.train import main
+
+    out = tmp_path / "run"
+    code = main(["--model_name_or_path", str(tiny_model_dir), "--train_data_path", "x.jsonl", "--output_dir",
+                 str(out), "--use_cpu", "True", "--init_lora_weights", "pissa", "--fsdp", "--fsdp_config",
+                 str(REPO / "configs" / "fsdp2.json")])
+    assert code == 2
+    assert capsys.readouterr().err.startswith("error: --init_lora_weights pissa with --fsdp: the final adapter is "
+                                              "converted")
+    assert not out.exists()
+
+
+def test_zero3_from_accelerate_launch_with_4bit_is_refused(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """`accelerate launch` with a stage-3 DeepSpeed config sets no --deepspeed flag, only its environment."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'surgvqa[deepspeed]')")
+    from surgvqa.train import main
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    out = tmp_path / "run"
+    code = main(["--model_name_or_path", str(tiny_model_dir), "--train_data_path", "x.jsonl", "--output_dir",
+                 str(out), "--use_cpu", "True", "--load_in_4bit", "True"])
+    assert code == 2
+    assert capsys.readouterr().err.startswith("error: ZeRO-3 with --load_in_4bit: the 4/8-bit weights")
+    assert not out.exists()
+
+
+def test_the_graft_refuses_sharding_and_omni_accepts_it():
+    from surgvqa.backbones import get_backbone
+    from surgvqa.errors import UserError
+
+    get_backbone("qwen2_5_omni").check_sharding("--fsdp")  # writes no files of its own from the weights
+    graft = get_backbone("qwen_vl_whisper")
+    graft.check_sharding(None)
+    with pytest.raises(UserError, match="graft: its projector file is written from the model's weights"):
+        graft.check_sharding("ZeRO-3")

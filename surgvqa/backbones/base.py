@@ -163,6 +163,10 @@ class Backbone:
             flag = "--lora_experts" if lora_experts else "--router_aux_loss_coef"
             raise UserError(f"{flag}: backbone {self.name!r} has no MoE experts; drop it")
 
+    def check_sharding(self, sharding: str | None) -> None:
+        """Refuse sharded training (``--fsdp``, ZeRO-3) where this family writes files of its own from the model's
+        weights (``save_extras``): one process holds only its shard of them. Families that write none accept it."""
+
     def expert_lora_parameters(self, model, options: LoadOptions) -> list[str]:
         """PEFT ``target_parameters`` for --lora_experts (MoE families); refused by families without experts."""
         self.check_moe_settings(True, 0.0)

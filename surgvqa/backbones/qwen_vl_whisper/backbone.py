@@ -138,6 +138,12 @@ class QwenVLWhisper(Backbone):
                 raise UserError(f"--init_from {init_from}: its {key} is {theirs}, this graft's is {ours}")
 
     # -- saving -----------------------------------------------------------------------------------------------
+    def check_sharding(self, sharding: str | None) -> None:
+        if sharding:
+            raise UserError(f"{sharding} on the {self.name!r} graft: its projector file is written from the model's "
+                            "weights by one process, which holds only its shard of them; train the graft with DDP "
+                            "(torchrun, no --fsdp / ZeRO-3)")
+
     def save_extras(self, model, output_dir: str, config) -> dict[str, Any]:
         """The graft's record for the run's RunConfig (``config``): encoder, stage; stage 2 also writes the trained
         projector (projector.safetensors, the modules_to_save copy) and records the stage-1 directory as its base."""
