@@ -80,6 +80,8 @@ class RunConfig:
     quantization: str | None = None
     resized_vocab: int | None = None
     original_vocab_rows: int | None = None
+    #: several samples per training row (``--packing``)
+    packing: bool = False
     # -- kept in a merged checkpoint too (there: those of the last adapter merged)
     #: the TrainingArguments that change what a training run computes (learning rate, steps, batch, seed)
     training: dict[str, Any] | None = None
