@@ -324,9 +324,10 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
 
 def check_packing(model_args: ModelArguments, args: TrainingArguments) -> None:
     """The combinations ``--packing`` cannot train with (the family is asked by ``Backbone.check_packing``)."""
-    if args.group_by_length:
-        raise UserError("--packing with --group_by_length: the packs are already grouped by their lengths; drop "
-                        "--group_by_length")
+    strategy = getattr(args, "train_sampling_strategy", "random")
+    if strategy in ("group_by_length", "batch_rebalance"):
+        raise UserError(f"--packing with --train_sampling_strategy {strategy}: the packs are already grouped by "
+                        "their lengths; use random (the default) or sequential")
     if model_args.attn_implementation == "flash_attention_2" and args.per_device_train_batch_size != 1:
         raise UserError("--packing on flash_attention_2 takes --per_device_train_batch_size 1 (each row already "
                         "holds several samples; FlashAttention-2 finds them in the positions of a single row): set "
