@@ -139,6 +139,22 @@ def test_same_loss_and_lora_gradients_as_the_unpacked_batch(tiny_model_dir, item
     assert abs(float(_step(model, unaware)[0]) - float(_step(model, plain)[0])) > 1e-3
 
 
+def test_flash_attention_layout_isolates_the_samples(tiny_model_dir, items, monkeypatch):
+    """FlashAttention-2's path (no mask; a text position row restarting at every sample, from which the kernel's
+    sequence boundaries are read) checked where it can run here: on SDPA, transformers builds the mask from the same
+    text row (its packed-sequence detection), and the loss and gradients are the unpacked batch's."""
+    from transformers import AutoProcessor
+
+    import surgvqa.backbones.qwen2_5_omni.modeling as modeling
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    plain, packed = _batches(processor, items, "text+audio")
+    model = _model(tiny_model_dir)
+    expected = _step(model, plain)
+    monkeypatch.setattr(modeling, "packed_attention", lambda *args: None)  # what it returns for FlashAttention-2
+    _assert_same(expected, _step(model, packed))
+
+
 def test_kept_tower_outputs_serve_packed_rows(tiny_model_dir, items):
     """The towers run once for the packed batch, then serve it from their kept outputs: the same loss and gradients
     as the unpacked batch every time."""

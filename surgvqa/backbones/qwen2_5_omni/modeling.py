@@ -128,6 +128,7 @@ class Qwen25OmniThinker(StockCheckpoint, Qwen2_5OmniThinkerForConditionalGenerat
             positions, _ = batch_positions(*unpack(input_ids, packed_lengths))
             positions, deltas = repack(positions, packed_lengths, input_ids.shape[1]), None
             self._pack_attention(inputs, packed_lengths)
+            inputs["use_cache"] = False  # no key/value cache (with one, transformers ignores the text positions)
             if inputs["attention_mask"] is None:  # FlashAttention-2 reads the samples from the text positions
                 text = text_positions(packed_lengths, input_ids.shape[1]).to(positions.device)
                 positions = torch.cat([text[None], positions], dim=0)
