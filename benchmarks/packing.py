@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Sequence packing (``--packing``): padding and tokens/s, packed vs unpacked, on the real annotation lengths.
 
-    python benchmarks/packing.py [--quick] [--data FILE] [--samples N] [--rounds R] [--batch B] [--lengths 2048,4096]
+    python benchmarks/packing.py [--quick] [--data FILE] [--samples N] [--rounds R] [--batch 1,4] [--lengths 2048,4096]
 
 1. Padding (arithmetic, every sample of ``--data``, default the REAL-Colon-VQA training annotations): each sample's
    token count as training's pre-flight computes it (``VQACollator.sequence_length``, the real Qwen tokenizer of the
@@ -10,11 +10,13 @@
    carry no audio lengths). Unpacked: batches of B samples in a seeded random order (the Trainer's sampler), each
    padded to its longest. Packed: first-fit decreasing into rows of ``model_max_length`` (``surgvqa.packing``),
    batches of B rows in a seeded random order, each padded to its longest row. Padding = padded slots / all slots;
-   fill = sample tokens / (rows x model_max_length).
+   fill = sample tokens / (rows x model_max_length); attention work = what a dense (masked) attention computes,
+   sum of row length squared, over the unpacked samples' (FlashAttention-2's variable-length kernel does only
+   the samples' own share).
 2. tokens/s (measured, side by side in one process): the tiny thinker (scripts/make_tiny_model.py, fp32, LoRA r16
    on the language model, labelled-only loss, AdamW) on ``--samples`` of those samples with real frames-sized
    inputs (8 random frames of 364x280, random audio of the sampled length, the real question and answer): one pass
-   over them unpacked (batch ``--batch``) and packed (batch 1 row per model_max_length), batches collated
+   over them unpacked (batches of ``--batch``) and packed (batch 1 row per model_max_length), batches collated
    beforehand (the same items either way), one optimizer step per batch; rounds alternate the order, the median
    round is reported. tokens/s counts the samples' tokens (padding not counted).
 """
@@ -77,20 +79,23 @@ def padding_table(records: list[dict], collator, frame_hw: tuple[int, int], size
     lengths = [collator.sequence_length(r["question"], r["answer"], frame_hw, FRAMES, r["audio_samples"])
                for r in records]
     rows = []
+    alone = sum(n * n for n in lengths)
     for size in sizes:
         batched = batches([[i] for i in range(len(lengths))], size, seed)
         rows.append(["unpacked", f"{size} samples", "-", len(batched), f"{100 * padding(lengths, batched):.1f} %",
-                     "-"])
+                     "-", "1.00x"])
     for max_length in max_lengths:
         packs = plan_packs(lengths, max_length)
         fill = sum(lengths) / (len(packs) * max_length)
+        work = sum(sum(lengths[i] for i in pack) ** 2 for pack in packs) / alone
         for size in sizes[:2]:
             batched = batches(packs, size, seed)
             rows.append([f"packed, {max_length}", f"{size} rows", f"{len(lengths) / len(packs):.2f}", len(batched),
-                         f"{100 * padding(lengths, batched):.1f} %", f"{100 * fill:.1f} %"])
+                         f"{100 * padding(lengths, batched):.1f} %", f"{100 * fill:.1f} %", f"{work:.2f}x"])
     print(f"\n{len(lengths)} samples; tokens per sample: min {min(lengths)}, mean {sum(lengths) / len(lengths):.0f}, "
           f"max {max(lengths)} (8 frames at {frame_hw[1]}x{frame_hw[0]}, spoken question 1.5-5 s, text)")
-    print_table(["layout", "batch", "samples/row", "steps/epoch", "padding", "fill of max length"], rows,
+    print_table(["layout", "batch", "samples/row", "steps/epoch", "padding", "fill of max length",
+                 "dense attention work"], rows,
                 title="1. padding, every sample of the annotations (arithmetic)")
     return lengths
 
@@ -127,7 +132,7 @@ def items_of(records: list[dict], frame_hw: tuple[int, int], seed: int) -> list[
     return out
 
 
-def measure(model_dir: Path, records: list[dict], frame_hw: tuple[int, int], batch: int, max_lengths: list[int],
+def measure(model_dir: Path, records: list[dict], frame_hw: tuple[int, int], sizes: list[int], max_lengths: list[int],
             rounds: int, seed: int) -> None:
     import torch
     from transformers import AutoProcessor
@@ -140,8 +145,9 @@ def measure(model_dir: Path, records: list[dict], frame_hw: tuple[int, int], bat
     collator = VQACollator(processor, question_modality="text+audio", frame_size=384, mode="train")
     items = items_of(records, frame_hw, seed)
     lengths = [int(collator([item])["attention_mask"].sum()) for item in items]
-    layouts = {f"unpacked, batch {batch}": [collator([items[i] for row in b for i in row])
-                                            for b in batches([[i] for i in range(len(items))], batch, seed)]}
+    layouts = {f"unpacked, batch {size}": [collator([items[i] for row in b for i in row])
+                                           for b in batches([[i] for i in range(len(items))], size, seed)]
+               for size in sizes}
     for max_length in max_lengths:
         packs = plan_packs(lengths, max_length)
         packer = PackingCollator(collator)
@@ -168,7 +174,7 @@ def measure(model_dir: Path, records: list[dict], frame_hw: tuple[int, int], bat
             times[name].append(one_pass(layouts[name]))
             log(f"round {r + 1}: {name}: {times[name][-1]:.1f} s")
     tokens = sum(lengths)
-    base = median(times[names[0]])
+    base = min(median(times[name]) for name in names if name.startswith("unpacked"))
     rows = []
     for name in names:
         slots = sum(int(b["input_ids"].numel()) for b in layouts[name])
@@ -176,7 +182,7 @@ def measure(model_dir: Path, records: list[dict], frame_hw: tuple[int, int], bat
         rows.append([name, len(layouts[name]), f"{100 * (1 - tokens / slots):.1f} %", f"{seconds:.1f}",
                      f"{tokens / seconds:,.0f}", f"{base / seconds:.2f}x"])
     print(f"\n{len(items)} samples, {tokens} tokens (mean {tokens / len(items):.0f}); median of {rounds} round(s)")
-    print_table(["layout", "steps", "padding", "s/pass", "tokens/s", "tokens/s vs unpacked"], rows,
+    print_table(["layout", "steps", "padding", "s/pass", "tokens/s", "tokens/s vs best unpacked"], rows,
                 title="2. tokens/s measured (tiny thinker, fp32 CPU, LoRA r16, labelled-only loss, AdamW)")
 
 
@@ -186,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DATA, help="REAL-Colon-VQA JSONL (lengths of its samples)")
     parser.add_argument("--samples", type=int, default=None, help="samples of the measured pass (default 48)")
     parser.add_argument("--rounds", type=int, default=None, help="measured rounds (default 3)")
-    parser.add_argument("--batch", type=int, default=4, help="unpacked batch size of the measured pass")
+    parser.add_argument("--batch", default="1,4", help="unpacked batch sizes of the measured pass")
     parser.add_argument("--lengths", default="2048,4096", help="model_max_length values to pack to")
     parser.add_argument("--seed", type=int, default=0)
     add_threads_arg(parser)
@@ -209,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     padding_table(records, collator, frame_hw, [1, 2, 4, 8], max_lengths, args.seed)
     n = args.samples or (24 if args.quick else 48)
     subset = random.Random(args.seed).sample(records, min(n, len(records)))
-    measure(tiny_model(vocab="tiny"), subset, frame_hw, args.batch, max_lengths,
+    measure(tiny_model(vocab="tiny"), subset, frame_hw, [int(x) for x in args.batch.split(",")], max_lengths,
             args.rounds or (1 if args.quick else 3), args.seed)
     return 0
 
