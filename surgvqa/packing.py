@@ -17,6 +17,7 @@ Evaluation and generation never pack (their collators are the plain one).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,8 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
 from surgvqa.collate import IGNORE_INDEX, VQACollator
+
+logger = logging.getLogger("surgvqa.train")
 
 
 def plan_packs(lengths: Sequence[int | None], capacity: int) -> list[list[int]]:
@@ -99,4 +102,16 @@ class PackingCollator:
         return batch
 
 
-__all__ = ["PackedDataset", "PackingCollator", "plan_packs"]
+def packed_training_set(dataset: Dataset, collator: VQACollator, lengths: Sequence[int | None], max_length: int
+                        ) -> tuple[PackedDataset, PackingCollator]:
+    """``--packing``: the training set as packs of at most ``max_length`` tokens (:func:`plan_packs` on the
+    pre-flight token counts ``lengths``) and the collator laying each pack out as one row."""
+    packs = plan_packs(lengths, max_length)
+    known = [n for n in lengths if n is not None]
+    logger.info("packing: %d samples in %d rows of up to %d tokens (first-fit decreasing; %.1f %% of the rows' "
+                "tokens are samples)", len(lengths), len(packs), max_length,
+                100 * sum(known) / (len(packs) * max_length) if known else 0.0)
+    return PackedDataset(dataset, packs), PackingCollator(collator)
+
+
+__all__ = ["PackedDataset", "PackingCollator", "packed_training_set", "plan_packs"]

@@ -38,6 +38,7 @@ from surgvqa.lean_imports import skip_bitsandbytes
 from surgvqa.lora import changes_base, save_converted, save_initial_adapter
 from surgvqa.lora import config_kwargs as lora_variant_kwargs
 from surgvqa.metrics import build_candidates
+from surgvqa.packing import packed_training_set
 from surgvqa.preprocessing import Preprocessing
 from surgvqa.run_config import CONFIG_NAME, RunConfig
 from surgvqa.rundir import apply_plan, check_same_inputs, check_same_run, input_fingerprints, plan_output_dir
@@ -116,19 +117,6 @@ def drop_overlong(samples: list[Sample], collator: VQACollator, max_frames: int 
             )
         logger.warning("skipping %d overlong sample(s): %s", len(overlong), listed)
     return kept, lengths
-
-
-def packed(dataset: SurgicalVQADataset, collator: VQACollator, lengths: list[int | None], max_length: int):
-    """``--packing``: the training set as packs (first-fit decreasing by the pre-flight token counts) and the
-    collator that lays each pack out as one row (:mod:`surgvqa.packing`)."""
-    from surgvqa.packing import PackedDataset, PackingCollator, plan_packs
-
-    packs = plan_packs(lengths, max_length)
-    known = [n for n in lengths if n is not None]
-    logger.info("packing: %d samples in %d rows of up to %d tokens (first-fit decreasing; %.1f %% of the rows' "
-                "tokens are samples)", len(lengths), len(packs), max_length,
-                100 * sum(known) / (len(packs) * max_length) if known else 0.0)
-    return PackedDataset(dataset, packs), PackingCollator(collator)
 
 
 # --------------------------------------------------------------------------------------------------- model
@@ -396,8 +384,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
                                        has_encoding=train_collator.has_encoding)
     data_collator = train_collator
     if data_args.packing:
-        train_dataset, data_collator = packed(train_dataset, train_collator, train_lengths,
-                                              data_args.model_max_length)
+        train_dataset, data_collator = packed_training_set(train_dataset, train_collator, train_lengths,
+                                                           data_args.model_max_length)
     eval_dataset = generation_eval = None
     if eval_samples:
         eval_samples, _ = drop_overlong(eval_samples, train_collator, eval_media.max_frames,
