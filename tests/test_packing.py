@@ -185,6 +185,18 @@ def test_packed_rows_refuse_generation_inputs(tiny_model_dir, items):
         PackingCollator(VQACollator(processor, frame_size=56, mode="generate"))
 
 
+def test_a_pack_over_the_length_limit_is_an_error(tiny_model_dir, items):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    lengths = VQACollator(processor, frame_size=56)(items[:2])["attention_mask"].sum(-1).tolist()
+    limit = int(sum(lengths)) - 1  # each sample fits, the two together do not
+    packer = PackingCollator(VQACollator(processor, frame_size=56, model_max_length=limit))
+    assert packer([[items[0]], [items[1]]])["input_ids"].shape[0] == 2
+    with pytest.raises(RuntimeError, match=f"> model_max_length {limit}"):
+        packer([items[:2]])
+
+
 # ------------------------------------------------------------------------------------------------------- training
 def test_training_packs_records_the_flag_and_evaluates_unpacked(tiny_model_dir, test_set, tmp_path, caplog):
     from surgvqa.train import main as train_main
