@@ -95,9 +95,12 @@ class Qwen25OmniThinker(StockCheckpoint, Qwen2_5OmniThinkerForConditionalGenerat
         ids = [int(i) for i in media_ids.tolist()] if keeping else None
         input_ids = inputs.get("input_ids")
         unusual = input_ids is None or inputs.get("position_ids") is not None or inputs.get("use_audio_in_video")
-        if (merging or packed) and unusual:
-            raise ValueError("token merging and packed rows need input_ids (the placeholders say where the video "
-                             "goes) and compute position_ids themselves (pass none; no use_audio_in_video)")
+        if merging and unusual:
+            raise ValueError("token merging needs input_ids (the placeholders say where the merged video goes) and "
+                             "computes position_ids from the full video grid (pass none; no use_audio_in_video)")
+        if packed and unusual:
+            raise ValueError("packed rows need input_ids and compute each sample's position_ids themselves (pass "
+                             "none; no use_audio_in_video)")
         if packed and (generating or inputs.get("cache") is not None or inputs.get("use_cache")):
             raise ValueError("packed rows are for training forwards only (no generation, no key/value cache)")
         if not merging and not packed and (ids is None or unusual):
