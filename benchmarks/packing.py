@@ -8,7 +8,8 @@
    tiny model built on the Qwen vocabulary): its real question and answer, 8 frames of REAL-Colon's 1352x1080 at
    ``--frame_size 384`` (364x280 on the vision grid), a spoken question of 1.5-5 s (uniform, seeded: the annotations
    carry no audio lengths). Unpacked: batches of B samples in a seeded random order (the Trainer's sampler), each
-   padded to its longest. Packed: first-fit decreasing into rows of ``model_max_length`` (``surgvqa.packing``),
+   padded to its longest. Packed: first fit in a seeded random order into rows of ``model_max_length``
+   (``surgvqa.packing.plan_packs``, as training packs),
    batches of B rows in a seeded random order, each padded to its longest row. Padding = padded slots / all slots;
    fill = sample tokens / (rows x model_max_length); attention work = what a dense (masked) attention computes,
    sum of row length squared, over the unpacked samples' (FlashAttention-2's variable-length kernel does only
@@ -85,7 +86,7 @@ def padding_table(records: list[dict], collator, frame_hw: tuple[int, int], size
         rows.append(["unpacked", f"{size} samples", "-", len(batched), f"{100 * padding(lengths, batched):.1f} %",
                      "-", "1.00x"])
     for max_length in max_lengths:
-        packs = plan_packs(lengths, max_length)
+        packs = plan_packs(lengths, max_length, seed)
         fill = sum(lengths) / (len(packs) * max_length)
         work = sum(sum(lengths[i] for i in pack) ** 2 for pack in packs) / alone
         for size in sizes[:2]:
@@ -149,7 +150,7 @@ def measure(model_dir: Path, records: list[dict], frame_hw: tuple[int, int], siz
                                            for b in batches([[i] for i in range(len(items))], size, seed)]
                for size in sizes}
     for max_length in max_lengths:
-        packs = plan_packs(lengths, max_length)
+        packs = plan_packs(lengths, max_length, seed)
         packer = PackingCollator(collator)
         layouts[f"packed, {max_length}, batch 1"] = [packer([[items[i] for i in row] for row in b])
                                                      for b in batches(packs, 1, seed)]

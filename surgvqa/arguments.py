@@ -67,9 +67,10 @@ class DataArguments(Preprocessing):
     skip_bad_samples: bool = field(default=False, metadata={"help": "skip (and list) samples with bad data"})
     packing: bool = field(
         default=False,
-        metadata={"help": "pack several training samples into each row, up to --model_max_length tokens (first-fit "
-                          "decreasing by their pre-flight token counts), each with its own M-RoPE positions and "
-                          "attention; --per_device_train_batch_size then counts rows. Evaluation never packs"},
+        metadata={"help": "pack several training samples into each row, up to --model_max_length tokens (first fit "
+                          "by their pre-flight token counts, in a seeded random order), each with its own M-RoPE "
+                          "positions and attention; --per_device_train_batch_size then counts rows. Evaluation never "
+                          "packs"},
     )
     allow_changed_data: bool = field(
         default=False,

@@ -384,8 +384,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
                                        has_encoding=train_collator.has_encoding)
     data_collator = train_collator
     if data_args.packing:
-        train_dataset, data_collator = packed_training_set(train_dataset, train_collator, train_lengths,
-                                                           data_args.model_max_length)
+        train_dataset, data_collator = packed_training_set(
+            train_dataset, train_collator, train_lengths, data_args.model_max_length,
+            args.data_seed if args.data_seed is not None else args.seed)
     eval_dataset = generation_eval = None
     if eval_samples:
         eval_samples, _ = drop_overlong(eval_samples, train_collator, eval_media.max_frames,

@@ -38,6 +38,12 @@ def test_first_fit_decreasing_plan():
     # longest first, each into the first pack with room: 70+30, 60+20, 50
     assert sorted(packs) == [[0], [1, 2], [3], [4], [5, 6], [7]]
     assert plan_packs(lengths, 100) == packs  # deterministic
+    for seed in (0, 1):  # first fit in a seeded random order (training's): the same rules, other neighbours
+        mixed = plan_packs(lengths, 100, seed)
+        assert sorted(i for pack in mixed for i in pack) == list(range(len(lengths)))
+        assert all(sum(lengths[i] for i in pack) <= 100 for pack in mixed if len(pack) > 1)
+        assert [3] in mixed and [7] in mixed and mixed == plan_packs(lengths, 100, seed)
+    assert plan_packs(lengths, 100, 0) != plan_packs(lengths, 100, 1)
 
 
 def test_positions_restart_and_samples_see_only_themselves():
