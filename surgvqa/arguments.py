@@ -66,6 +66,13 @@ class DataArguments(Preprocessing):
     model_max_length: int = field(default=DEFAULT_MODEL_MAX_LENGTH)
     skip_overlong: bool = field(default=False, metadata={"help": "skip (and count) samples longer than the limit"})
     skip_bad_samples: bool = field(default=False, metadata={"help": "skip (and list) samples with bad data"})
+    packing: bool = field(
+        default=False,
+        metadata={"help": "pack several training samples into each row, up to --model_max_length tokens (first fit "
+                          "by their pre-flight token counts, in a seeded random order), each with its own M-RoPE "
+                          "positions and attention; --per_device_train_batch_size then counts rows. Evaluation never "
+                          "packs"},
+    )
     allow_changed_data: bool = field(
         default=False,
         metadata={"help": "resume a run although an input it was trained on changed (training or eval data, the "
@@ -315,6 +322,8 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
         )
     if args.eval_strategy != "no" and not data_args.eval_data_path:
         raise UserError(f"--eval_strategy {args.eval_strategy} needs --eval_data_path")
+    if data_args.packing:
+        check_packing(model_args, args)
     check_frame_cache_settings(data_args.frame_cache, data_args.frame_cache_max_gb, data_args.frame_cache_dir)
     if data_args.encoding_cache_gb is not None and data_args.encoding_cache_gb < 0:
         raise UserError(f"--encoding_cache_gb must be >= 0 (0: off), got {data_args.encoding_cache_gb}")
@@ -332,6 +341,18 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
     for name in ("frames_dir", "audio_dir", "eval_frames_dir", "eval_audio_dir"):
         if getattr(data_args, name):
             existing_dir(getattr(data_args, name), f"--{name}")
+
+
+def check_packing(model_args: ModelArguments, args: TrainingArguments) -> None:
+    """The combinations ``--packing`` cannot train with (the family is asked by ``Backbone.check_packing``)."""
+    strategy = getattr(args, "train_sampling_strategy", "random")
+    if strategy in ("group_by_length", "batch_rebalance"):
+        raise UserError(f"--packing with --train_sampling_strategy {strategy}: the packs are already grouped by "
+                        "their lengths; use random (the default) or sequential")
+    if model_args.attn_implementation == "flash_attention_2" and args.per_device_train_batch_size != 1:
+        raise UserError("--packing on flash_attention_2 takes --per_device_train_batch_size 1 (each row already "
+                        "holds several samples; FlashAttention-2 finds them in the positions of a single row): set "
+                        "it to 1, or use --attn_implementation sdpa")
 
 
 @dataclass

@@ -45,7 +45,7 @@ DEFAULT_MODEL_MAX_LENGTH = 4096
 #: the preprocessing a checkpoint without surgvqa_config.json must be told (or allowed to default)
 PREPROCESSING_FLAGS = ("frame_size", "question_modality", "frames_as")
 #: what only a training output records (a merged checkpoint keeps them per stage, in ``merged_from``)
-TRAINING_FIELDS = ("lora", "quantization", "resized_vocab", "original_vocab_rows")
+TRAINING_FIELDS = ("lora", "quantization", "resized_vocab", "original_vocab_rows", "packing")
 
 
 class RunConfigError(UserError):
@@ -78,6 +78,8 @@ class RunConfig:
     quantization: str | None = None
     resized_vocab: int | None = None
     original_vocab_rows: int | None = None
+    #: several samples per training row (``--packing``; absent from older files and merged checkpoints)
+    packing: bool | None = False
     # -- kept in a merged checkpoint too (there: those of the last adapter merged)
     #: the TrainingArguments that change what a training run computes (learning rate, steps, batch, seed)
     training: dict[str, Any] | None = None

@@ -39,6 +39,7 @@ from surgvqa.lean_imports import skip_bitsandbytes
 from surgvqa.lora import changes_base, init_loftq, save_converted, save_initial_adapter
 from surgvqa.lora import config_kwargs as lora_variant_kwargs
 from surgvqa.metrics import build_candidates
+from surgvqa.packing import packed_training_set
 from surgvqa.preprocessing import Preprocessing
 from surgvqa.run_config import CONFIG_NAME, RunConfig
 from surgvqa.rundir import apply_plan, check_same_inputs, check_same_run, input_fingerprints, plan_output_dir
@@ -76,17 +77,19 @@ def load_checked(path: str, media: MediaConfig, skip_bad: bool, scoring: bool = 
 
 
 def drop_overlong(samples: list[Sample], collator: VQACollator, max_frames: int | None, skip: bool,
-                  max_length: int) -> list[Sample]:
-    """Pre-flight: token count per sample from frame headers and audio lengths (nothing decoded)."""
+                  max_length: int) -> tuple[list[Sample], list[int | None]]:
+    """Pre-flight: token count per sample from frame headers and audio lengths (nothing decoded); the samples
+    kept and their token counts (None for video files: checked when decoded)."""
     from PIL import Image
 
     from surgvqa.media import subsample_indices
 
-    kept, overlong = [], []
+    kept, lengths, overlong = [], [], []
     size_cache: dict[tuple, tuple[int, int]] = {}
     for sample in samples:
         if not sample.frame_paths:  # video files: checked when decoded
             kept.append(sample)
+            lengths.append(None)
             continue
         with Image.open(sample.frame_paths[0]) as img:
             raw = img.size
@@ -101,7 +104,11 @@ def drop_overlong(samples: list[Sample], collator: VQACollator, max_frames: int 
                              if sample.extra.get("frame_numbers") else None}, collator.fps, collator.video_fps)
         length = collator.sequence_length(sample.question, sample.answer, size_cache[raw], len(indices), audio_len,
                                           times)
-        (overlong if length > max_length else kept).append(sample)
+        if length > max_length:
+            overlong.append(sample)
+        else:
+            kept.append(sample)
+            lengths.append(length)
     if overlong:
         listed = ", ".join(f"{s.key}" for s in overlong[:20])
         if not skip:
@@ -110,7 +117,7 @@ def drop_overlong(samples: list[Sample], collator: VQACollator, max_frames: int 
                 "--model_max_length, lower --frame_size / --max_train_frames, or pass --skip_overlong"
             )
         logger.warning("skipping %d overlong sample(s): %s", len(overlong), listed)
-    return kept
+    return kept, lengths
 
 
 # --------------------------------------------------------------------------------------------------- model
@@ -272,6 +279,7 @@ def build_run_config(model_args, data_args, lora_args, backbone_name: str, args:
         base_model=model_args.model_name_or_path,  # absolute when local (validate_args)
         preprocessing=preprocessing_of(data_args),
         model_max_length=data_args.model_max_length,
+        packing=data_args.packing,
         lora=asdict(lora_args),
         quantization="4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None,
         dtype=model_args.dtype,
@@ -333,6 +341,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     backbone = backbone_for(model_args.model_name_or_path, model_args.backbone)
     backbone.check_moe_settings(lora_args.lora_experts, lora_args.router_aux_loss_coef)
     backbone.check_sharding(sharding_of(args))
+    backbone.check_packing(data_args.packing)
     backbone_name = backbone.name
     early = build_run_config(model_args, data_args, lora_args, backbone_name, args)
     plan = plan_output_dir(
@@ -377,15 +386,20 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     settings = dict(preprocessing_of(data_args).collator_kwargs(), model_max_length=data_args.model_max_length)
     train_collator = VQACollator(processor, mode="train", encoding_cache_gb=encoding_cache_gb(data_args, args),
                                  **settings)
-    train_samples = drop_overlong(train_samples, train_collator, train_media.max_frames,
-                                  data_args.skip_overlong, data_args.model_max_length)
+    train_samples, train_lengths = drop_overlong(train_samples, train_collator, train_media.max_frames,
+                                                 data_args.skip_overlong, data_args.model_max_length)
     # items whose encoding the collator holds come without their media (no decode in later epochs)
     train_dataset = SurgicalVQADataset(train_samples, train_media, frame_cache=frame_cache,
                                        has_encoding=train_collator.has_encoding)
+    data_collator = train_collator
+    if data_args.packing:
+        train_dataset, data_collator = packed_training_set(
+            train_dataset, train_collator, train_lengths, data_args.model_max_length,
+            args.data_seed if args.data_seed is not None else args.seed)
     eval_dataset = generation_eval = None
     if eval_samples:
-        eval_samples = drop_overlong(eval_samples, train_collator, eval_media.max_frames,
-                                     data_args.skip_overlong, data_args.model_max_length)
+        eval_samples, _ = drop_overlong(eval_samples, train_collator, eval_media.max_frames,
+                                        data_args.skip_overlong, data_args.model_max_length)
         eval_dataset = SurgicalVQADataset(eval_samples, eval_media, frame_cache=frame_cache)
         if data_args.eval_generate_samples:
             subset = stratified_subset(eval_samples, data_args.eval_generate_samples,
@@ -406,7 +420,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=train_collator,
+        data_collator=data_collator,
         eval_collator=VQACollator(processor, mode="train", **settings) if eval_dataset is not None else None,
         processing_class=processor,
         generation_eval=generation_eval,

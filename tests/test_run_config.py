@@ -56,11 +56,12 @@ def _write(directory: Path, record: dict) -> Path:
 
 def _current(record: dict) -> dict:
     """``record`` in the current layout: ``media``, ``system_prompt`` (and ``token_kept_ratio``) as one
-    ``preprocessing`` block listing every setting, with the defaults of the ones an older file did not hold."""
+    ``preprocessing`` block listing every setting, with the defaults of the ones an older file did not hold; a
+    training output lists ``packing`` (False: older runs did not pack)."""
     record = json.loads(json.dumps(record))
     block = {**record.pop("media"), "system_prompt": record.pop("system_prompt"),
              "token_kept_ratio": record.pop("token_kept_ratio", 1.0)}
-    return {**record, "schema_version": SCHEMA_VERSION,
+    return {"packing": False, **record, "schema_version": SCHEMA_VERSION,
             "preprocessing": {**dataclasses.asdict(Preprocessing()), "num_video_frames": 8, **block}}
 
 

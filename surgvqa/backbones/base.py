@@ -200,6 +200,15 @@ class Backbone:
 
     #: whether the family's model class serves frozen towers' outputs from its ``tower_cache``
     keeps_tower_outputs: bool = False
+    #: whether the family's model class takes packed rows (``forward(..., packed_lengths=...)``: several samples
+    #: per row, each with its own positions and attention; :mod:`surgvqa.backbones.common.packing`)
+    packs_rows: bool = False
+
+    def check_packing(self, packing: bool) -> None:
+        """Refuse ``--packing`` on a family whose model class has no packed-row code path (asked before loading)."""
+        if packing and not self.packs_rows:
+            raise UserError(f"--packing: backbone {self.name!r} cannot pack samples into rows (its model has no "
+                            "code path giving each packed sample its own positions and attention); drop --packing")
 
     def keep_tower_outputs(self, model, max_gb: float) -> bool:
         """Keep the frozen towers' outputs of training items, up to ``max_gb``, for the forward calls of ``model``

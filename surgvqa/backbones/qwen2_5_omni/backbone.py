@@ -23,6 +23,7 @@ class Qwen25Omni(Backbone):
     projector_modules = ("model.visual.merger", "model.audio_tower.proj")
     conv3d_patch_embed = "model.visual.patch_embed"
     keeps_tower_outputs = True
+    packs_rows = True
     processor_class = "Qwen2_5OmniProcessor"
 
     def matches(self, config: dict) -> bool:

@@ -1,7 +1,8 @@
-"""``Qwen25OmniThinker``: transformers' Qwen2.5-Omni thinker with three code paths of its own (backbones/common):
+"""``Qwen25OmniThinker``: transformers' Qwen2.5-Omni thinker with four code paths of its own (backbones/common):
 video token merging (``token_kept_ratio``: ``forward``/``generate`` hand the merged video to the inner model with
-positions from the full grid), kept tower outputs (``tower_cache``, for calls naming their items in ``media_ids``)
-and labelled-only logits (``logits_mask``). Without them ``forward`` runs the stock code. No parameter is added: a
+positions from the full grid), kept tower outputs (``tower_cache``, for calls naming their items in ``media_ids``),
+packed rows (``packed_lengths``: several samples per row, each with its own positions and attention) and
+labelled-only logits (``logits_mask``). Without them ``forward`` runs the stock code. No parameter is added: a
 checkpoint it saves is the stock class's (``architectures`` names it) and the stock class's loads into it."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import MultimodalCau
 from transformers.utils.generic import can_return_tuple
 
 from surgvqa.backbones.common.labelled_logits import head_logits, labelled_loss
+from surgvqa.backbones.common.packing import packed_attention, repack, text_positions, unpack
 from surgvqa.backbones.common.stock_checkpoint import StockCheckpoint, register_stock_layout
 from surgvqa.backbones.common.token_merging import merge_videos, merged_position_ids
 from surgvqa.backbones.common.tower_cache import EncoderOutputCache, deterministic_frozen
@@ -22,7 +24,7 @@ STOCK_CLASS = Qwen2_5OmniThinkerForConditionalGeneration
 
 
 class Qwen25OmniThinker(StockCheckpoint, Qwen2_5OmniThinkerForConditionalGeneration):
-    """The Qwen2.5-Omni thinker with token merging, kept tower outputs and labelled-only logits."""
+    """The Qwen2.5-Omni thinker with token merging, kept tower outputs, packed rows and labelled-only logits."""
 
     stock_class = Qwen2_5OmniThinkerForConditionalGeneration
 
@@ -37,10 +39,11 @@ class Qwen25OmniThinker(StockCheckpoint, Qwen2_5OmniThinkerForConditionalGenerat
                 audio_feature_lengths=None, position_ids=None, cache=None, inputs_embeds=None, labels=None,
                 use_cache=None, use_audio_in_video=None, video_second_per_grid=None, mm_encoder_outputs=None,
                 logits_mask: torch.Tensor | None = None, media_ids: torch.Tensor | None = None,
-                **kwargs) -> MultimodalCausalLMOutputWithPast:
+                packed_lengths: torch.Tensor | None = None, **kwargs) -> MultimodalCausalLMOutputWithPast:
         """The stock forward, plus: ``logits_mask`` (boolean (batch, seq)): logits of those positions only, as
         (n, vocab) rows (the loss with ``labels`` is then :func:`labelled_loss`); ``media_ids``: the items of the
-        rows, whose frozen towers' outputs ``tower_cache`` serves."""
+        batch, whose frozen towers' outputs ``tower_cache`` serves; ``packed_lengths`` (rows, samples): the rows
+        hold several samples each, of these lengths (:mod:`surgvqa.backbones.common.packing`)."""
         inputs = dict(input_ids=input_ids, input_features=input_features, pixel_values=pixel_values,
                       pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw,
                       video_grid_thw=video_grid_thw, attention_mask=attention_mask,
@@ -49,8 +52,8 @@ class Qwen25OmniThinker(StockCheckpoint, Qwen2_5OmniThinkerForConditionalGenerat
                       inputs_embeds=inputs_embeds, use_cache=use_cache,
                       use_audio_in_video=use_audio_in_video, video_second_per_grid=video_second_per_grid,
                       mm_encoder_outputs=mm_encoder_outputs)
-        if mm_encoder_outputs is None:
-            inputs = self.encode_multimodal(inputs, media_ids)
+        if mm_encoder_outputs is None or packed_lengths is not None:
+            inputs = self.encode_multimodal(inputs, media_ids, packed_lengths=packed_lengths)
         outputs = self.model(**inputs, **kwargs)
         logits = head_logits(self.lm_head, outputs[0], logits_mask)
         loss = None
@@ -72,20 +75,28 @@ class Qwen25OmniThinker(StockCheckpoint, Qwen2_5OmniThinkerForConditionalGenerat
             kwargs = self.encode_multimodal(kwargs, None, generating=True)
         return super().generate(inputs, *args, **kwargs)
 
-    # -- the three code paths ---------------------------------------------------------------------------------
-    def encode_multimodal(self, inputs: dict, media_ids: torch.Tensor | None, generating: bool = False) -> dict:
+    # -- the code paths ---------------------------------------------------------------------------------------
+    def encode_multimodal(self, inputs: dict, media_ids: torch.Tensor | None, generating: bool = False,
+                          packed_lengths: torch.Tensor | None = None) -> dict:
         """``inputs`` (the inner model's arguments) with the towers' outputs handed in where merging or the tower
         cache applies: the video (merged) as ``mm_encoder_outputs``, kept audio spliced into ``inputs_embeds``,
-        explicit ``position_ids``; else ``inputs`` unchanged (the stock code path)."""
+        explicit ``position_ids``; packed rows get each sample's own positions and the block-diagonal attention;
+        else ``inputs`` unchanged (the stock code path)."""
         merging = self.token_kept_ratio != 1.0 and inputs.get("pixel_values_videos") is not None
         keeping = self.tower_cache is not None and media_ids is not None and self.training
+        packed = packed_lengths is not None
         ids = [int(i) for i in media_ids.tolist()] if keeping else None
         input_ids = inputs.get("input_ids")
         unusual = input_ids is None or inputs.get("position_ids") is not None or inputs.get("use_audio_in_video")
         if merging and unusual:
             raise ValueError("token merging needs input_ids (the placeholders say where the merged video goes) and "
                              "computes position_ids from the full video grid (pass none; no use_audio_in_video)")
-        if not merging and (ids is None or unusual):
+        if packed and unusual:
+            raise ValueError("packed rows need input_ids and compute each sample's position_ids themselves (pass "
+                             "none; no use_audio_in_video)")
+        if packed and (generating or inputs.get("cache") is not None or inputs.get("use_cache")):
+            raise ValueError("packed rows are for training forwards only (no generation, no key/value cache)")
+        if not merging and not packed and (ids is None or unusual):
             return inputs  # the stock code path (kept outputs need the tokens and the model's own positions)
         inputs = dict(inputs)
         if ids is not None and inputs.get("input_features") is not None:
@@ -103,12 +114,23 @@ class Qwen25OmniThinker(StockCheckpoint, Qwen2_5OmniThinkerForConditionalGenerat
                 return rope_index(row_ids, mask)
             return self.tower_cache.rope_index(ids, row_ids, mask, rope_index)
 
-        attention_mask = inputs.get("attention_mask")
-        if merged is None:
-            positions, deltas = positions_of(input_ids, attention_mask)
+        def batch_positions(row_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if merged is None:
+                return positions_of(row_ids, mask)
+            return merged_position_ids(row_ids, mask, self.config.video_token_id, merged,
+                                       lambda full_ids, full_mask: positions_of(full_ids, full_mask)[0])
+
+        if packed:  # each sample's own positions (as in a batch of its own), then one attention block per sample
+            positions, _ = batch_positions(*unpack(input_ids, packed_lengths))
+            positions, deltas = repack(positions, packed_lengths, input_ids.shape[1]), None
+            self._pack_attention(inputs, packed_lengths)
+            inputs["use_cache"] = False  # no key/value cache (with one, transformers ignores the text positions)
+            if inputs["attention_mask"] is None:  # FlashAttention-2 reads the samples from the text positions
+                text = text_positions(packed_lengths, input_ids.shape[1]).to(positions.device)
+                positions = torch.cat([text[None], positions], dim=0)
         else:
-            positions, deltas = merged_position_ids(input_ids, attention_mask, self.config.video_token_id, merged,
-                                                    lambda row_ids, mask: positions_of(row_ids, mask)[0])
+            positions, deltas = batch_positions(input_ids, inputs.get("attention_mask"))
+        attention_mask = inputs.get("attention_mask")
         self.model.rope_deltas = deltas
         if generating:  # generate's layout: text positions (for the mask) on top of the three M-RoPE rows
             mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
@@ -116,6 +138,18 @@ class Qwen25OmniThinker(StockCheckpoint, Qwen2_5OmniThinkerForConditionalGenerat
             positions = torch.cat([text[None], positions], dim=0)
         inputs["position_ids"] = positions
         return inputs
+
+    def _pack_attention(self, inputs: dict, packed_lengths: torch.Tensor) -> None:
+        """The block-diagonal causal mask of packed rows as ``inputs["attention_mask"]`` (None for
+        FlashAttention-2, whose variable-length kernel reads the text positions instead)."""
+        implementation = self.config.get_text_config()._attn_implementation
+        rows, length = inputs["input_ids"].shape
+        if implementation == "flash_attention_2" and rows != 1:
+            raise ValueError("packed rows on FlashAttention-2 take one row per batch (transformers reads the "
+                             "samples' boundaries from the positions of a single row): per-device batch size 1")
+        embeddings = self.get_input_embeddings().weight
+        inputs["attention_mask"] = packed_attention(packed_lengths, length, implementation, embeddings.dtype,
+                                                    embeddings.device)
 
     def _splice_kept_audio(self, inputs: dict, ids: list[int]) -> None:
         """The audio tower's output (kept, or run and kept) spliced into ``inputs_embeds`` at the audio
