@@ -12,8 +12,9 @@ A clip's frames are decoded again for every question asked about it and again ev
 * ``none``: decode every time.
 
 Never stale: the key hashes the bytes of the frame file (:func:`content_digest`: xxHash3-128; never its path,
-size or times, which a rewrite that keeps them, e.g. ``rsync -t`` or ``cp -p``, would leave unchanged), the caller's settings (pixel budget, vision grid), a hash of ``surgvqa/media.py``
-(the decode and resize code) and the versions of the decoding and resizing libraries (:func:`decoder_fingerprint`),
+size or times, which a rewrite that keeps them, e.g. ``rsync -t`` or ``cp -p``, would leave unchanged), the caller's
+resize settings (pixel budget, vision grid) and the versions of the decoders (:func:`decoder_fingerprint`: the
+decoding and resizing libraries, and the revision of surgvqa's decode and resize code),
 so a changed file, setting or decoder misses, and a file moved or copied elsewhere hits. Hashing a JPEG costs
 microseconds; decoding it milliseconds (``benchmarks/train_step.py`` measures the whole check). Never damaged: every
 disk entry ends with a checksum of its pixels, verified on every read; an entry that fails it (or is cut short) is
@@ -62,23 +63,33 @@ class FrameCacheError(UserError):
     """The cache cannot be used as configured (bad mode, unusable directory)."""
 
 
-def decoder_fingerprint() -> str:
-    """What the cached pixels depend on besides the file and the settings: the decode/resize code and libraries.
+#: the libraries that decode and resize frames: simplejpeg decodes the JPEGs (Pillow the other images), numpy holds
+#: and converts the pixels, transformers' ``smart_resize`` sizes pixel budgets, torchvision resizes, PyAV decodes
+#: video files
+DECODERS = ("simplejpeg", "pillow", "numpy", "transformers", "torchvision", "av")
 
-    ``surgvqa/media.py`` is hashed whole (an edit there re-decodes everything, which is safe); simplejpeg decodes
-    the JPEGs (Pillow the other images), transformers' ``smart_resize`` sizes pixel budgets, torchvision resizes and
-    PyAV decodes video files, so their versions are part of it too.
-    """
+
+def decoder_versions() -> dict[str, str]:
+    """The installed version of each of :data:`DECODERS` ("none" when absent) and of surgvqa's own decode and
+    resize code (:data:`surgvqa.media.DECODE_REVISION`)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    media_py = Path(__file__).with_name("media.py")
-    h = hashlib.sha256(media_py.read_bytes())
-    for package in ("simplejpeg", "pillow", "transformers", "torchvision", "av"):
+    from surgvqa.media import DECODE_REVISION
+
+    versions = {"surgvqa.media": str(DECODE_REVISION)}
+    for package in DECODERS:
         try:
-            h.update(f"|{package}={version(package)}".encode())
+            versions[package] = version(package)
         except PackageNotFoundError:
-            h.update(f"|{package}=none".encode())
-    return h.hexdigest()[:16]
+            versions[package] = "none"
+    return versions
+
+
+def decoder_fingerprint(versions: dict[str, str] | None = None) -> str:
+    """What the cached pixels depend on besides the file and the resize settings: the decoders' versions."""
+    versions = decoder_versions() if versions is None else versions
+    material = "|".join(f"{name}={value}" for name, value in sorted(versions.items()))
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
 #: the content hash of keys and checksums (xxHash3, ~50x faster than BLAKE2b; a declared dependency)
@@ -97,14 +108,6 @@ def content_digest(path: str | os.PathLike[str]) -> str:
     """Hex hash (:data:`HASH_NAME`) of the file's bytes; raises OSError when it cannot be read."""
     with open(path, "rb") as fh:
         return _hash(fh.read()).hex()
-
-
-def file_identity(path: str | os.PathLike[str]) -> tuple[str, int, int, int, int]:
-    """(absolute path, size, mtime ns, ctime ns, inode): changes whenever the file is rewritten or replaced, even
-    when its mtime is set back (that sets the ctime). In-process keys only; the disk cache keys on the content."""
-    absolute = os.path.abspath(os.fspath(path))
-    st = os.stat(absolute)
-    return absolute, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
 class FrameCache:

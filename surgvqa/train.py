@@ -32,6 +32,7 @@ from surgvqa.backbones import LoadOptions, backbone_for
 from surgvqa.backbones.common.quantization import prepare_quantized_for_training, upcast_trainable
 from surgvqa.collate import OverlongSampleError, VQACollator, frame_times
 from surgvqa.data import DataError, MediaConfig, Problem, Sample, SurgicalVQADataset, load_samples
+from surgvqa.encoded import EncodedDataset, run_reads
 from surgvqa.errors import UserError, run_main
 from surgvqa.frame_cache import open_frame_cache
 from surgvqa.lean_imports import skip_bitsandbytes
@@ -39,7 +40,7 @@ from surgvqa.lora import changes_base, save_converted, save_initial_adapter
 from surgvqa.lora import config_kwargs as lora_variant_kwargs
 from surgvqa.metrics import build_candidates
 from surgvqa.preprocessing import Preprocessing
-from surgvqa.run_config import CONFIG_NAME, RunConfig
+from surgvqa.run_config import CACHE_FIELDS, CONFIG_NAME, RunConfig
 from surgvqa.rundir import apply_plan, check_same_inputs, check_same_run, input_fingerprints, plan_output_dir
 from surgvqa.tokenizer import repair_tokenizer
 
@@ -239,8 +240,7 @@ TRAINING_SETTINGS = (
 )
 #: RunConfig fields known only once the model is loaded (not compared when a run is resumed)
 _MODEL_DERIVED = ("tokenizer_repair", "resized_vocab", "original_vocab_rows", "graft", "surgvqa_version",
-                  "schema_version", "base_model_relative", "frame_cache",  # frame_cache: changes no result
-                  "inputs", "data_changes")  # compared by check_same_inputs
+                  "schema_version", "base_model_relative", "inputs", "data_changes")  # inputs: check_same_inputs
 
 
 def training_settings(args: TrainingArguments) -> dict[str, Any]:
@@ -250,8 +250,9 @@ def training_settings(args: TrainingArguments) -> dict[str, Any]:
 
 
 def run_identity(config: RunConfig) -> dict[str, Any]:
-    """What makes two invocations the same run: the recorded settings, less what the loaded model adds."""
-    return {k: v for k, v in config.to_dict().items() if k not in _MODEL_DERIVED}
+    """What makes two invocations the same run: the recorded settings, less what the loaded model adds and where
+    the caches are (:data:`~surgvqa.run_config.CACHE_FIELDS`)."""
+    return {k: v for k, v in config.to_dict().items() if k not in _MODEL_DERIVED + CACHE_FIELDS}
 
 
 def build_run_config(model_args, data_args, lora_args, backbone_name: str, args: TrainingArguments | None = None,
@@ -280,12 +281,22 @@ def build_run_config(model_args, data_args, lora_args, backbone_name: str, args:
     )
 
 
-def encoding_cache_gb(data_args: DataArguments, args: TrainingArguments) -> float:
-    """The bound of the collator's encoding cache: as asked, else 2 GB when one collator lives for the whole run
-    (no DataLoader workers, or persistent ones); workers that exit every epoch would only fill and drop it."""
-    if data_args.encoding_cache_gb is not None:
-        return data_args.encoding_cache_gb
+def default_cache_gb(args: TrainingArguments) -> float:
+    """The default bound of the encoding and tower caches: 2 GB when the data loader lives for the whole run (no
+    DataLoader workers, or persistent ones; workers that exit every epoch would only fill and drop the encodings),
+    else off."""
     return 2.0 if args.dataloader_num_workers == 0 or args.dataloader_persistent_workers else 0.0
+
+
+def encoded_training_set(dataset: SurgicalVQADataset, collator: VQACollator, max_gb: float,
+                         args: TrainingArguments) -> EncodedDataset:
+    """The training set with each item's encoding kept (up to ``max_gb``) until the last epoch the run starts reads
+    it (the Trainer's count of epochs from ``max_steps`` or ``num_train_epochs``)."""
+    per_process = -(-len(dataset) // max(1, args.world_size))
+    batches = -(-per_process // max(1, args.per_device_train_batch_size))
+    steps_per_epoch = max(1, batches // max(1, args.gradient_accumulation_steps))
+    reads = run_reads(steps_per_epoch, args.max_steps, args.num_train_epochs)
+    return EncodedDataset(dataset, collator.encode_items, int(max_gb * 1024**3), reads=reads)
 
 
 def frame_cache_record(frame_cache) -> dict[str, Any]:
@@ -324,6 +335,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     # 2. the run directory: refused, emptied, resumed or started, before any weight loads
     backbone = backbone_for(model_args.model_name_or_path, model_args.backbone)
     backbone.check_moe_settings(lora_args.lora_experts, lora_args.router_aux_loss_coef)
+    backbone.check_tower_cache(data_args.tower_cache_gb)
     backbone_name = backbone.name
     early = build_run_config(model_args, data_args, lora_args, backbone_name, args)
     plan = plan_output_dir(
@@ -366,13 +378,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     if eval_media is not None:
         eval_media = dataclasses.replace(eval_media, pixel_multiple=grid)
     settings = dict(preprocessing_of(data_args).collator_kwargs(), model_max_length=data_args.model_max_length)
-    train_collator = VQACollator(processor, mode="train", encoding_cache_gb=encoding_cache_gb(data_args, args),
-                                 **settings)
+    train_collator = VQACollator(processor, mode="train", **settings)
     train_samples = drop_overlong(train_samples, train_collator, train_media.max_frames,
                                   data_args.skip_overlong, data_args.model_max_length)
-    # items whose encoding the collator holds come without their media (no decode in later epochs)
-    train_dataset = SurgicalVQADataset(train_samples, train_media, frame_cache=frame_cache,
-                                       has_encoding=train_collator.has_encoding)
+    default_gb = default_cache_gb(args)
+    encoding_gb = default_gb if data_args.encoding_cache_gb is None else data_args.encoding_cache_gb
+    train_dataset = encoded_training_set(SurgicalVQADataset(train_samples, train_media, frame_cache=frame_cache),
+                                         train_collator, encoding_gb, args)
     eval_dataset = generation_eval = None
     if eval_samples:
         eval_samples = drop_overlong(eval_samples, train_collator, eval_media.max_frames,
@@ -402,7 +414,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         processing_class=processor,
         generation_eval=generation_eval,
         labelled_only=model_args.loss_on_labelled_only,
-        keeps_tower_outputs=backbone.keep_tower_outputs(model, train_collator.encoding_cache_gb),
+        keeps_tower_outputs=backbone.keep_tower_outputs(model, data_args.tower_cache_gb, default_gb),
         callbacks=[SurgvqaConfigCallback(config, original_rows)],
         loraplus_lr_ratio=lora_args.loraplus_lr_ratio,
         router_aux_loss_coef=lora_args.router_aux_loss_coef,
