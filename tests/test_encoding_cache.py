@@ -3,7 +3,6 @@ makes of the same items; the bound and the run's reads decide what is kept."""
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
