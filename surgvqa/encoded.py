@@ -86,6 +86,12 @@ class EncodedDataset(Dataset):
         return out
 
 
+    def clear(self) -> None:
+        """Drop every kept encoding (the run reads no item again)."""
+        self._kept.clear()
+        self.nbytes = 0
+
+
 def run_reads(steps_per_epoch: int, max_steps: int, num_train_epochs: float) -> int:
     """How often a training run reads each item: the epochs it starts (the Trainer's count: ``max_steps`` > 0
     optimizer steps of ``steps_per_epoch`` per epoch, else ``num_train_epochs`` rounded up)."""

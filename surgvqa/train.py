@@ -7,7 +7,10 @@ What happens to an existing ``--output_dir`` (refused, emptied, resumed) is deci
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -299,6 +302,16 @@ def encoded_training_set(dataset: SurgicalVQADataset, collator: VQACollator, max
     return EncodedDataset(dataset, collator.encode_items, int(max_gb * 1024**3), reads=reads)
 
 
+def release_training_caches(dataset: EncodedDataset, backbone, model) -> None:
+    """Once the training loop is over no step reads the kept encodings and tower outputs again: drop them and hand
+    the freed memory back to the system (glibc keeps freed heap pages in the process until trimmed)."""
+    dataset.clear()
+    backbone.keep_tower_outputs(model, 0)
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def frame_cache_record(frame_cache) -> dict[str, Any]:
     """The run's frame cache as surgvqa_config.json records it (evaluation reuses a disk cache it finds there)."""
     if frame_cache is None:
@@ -425,6 +438,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     if base_changed and trainer.is_world_process_zero():  # the starting point, for the conversion at the end
         save_initial_adapter(trainer.model, args.output_dir)
     result = trainer.train(resume_from_checkpoint=plan.resume_from)
+    release_training_caches(train_dataset, backbone, trainer.model)
     trainer.save_model(args.output_dir)
     if base_changed and trainer.is_world_process_zero():  # PiSSA/OLoRA: an adapter of the original base
         save_converted(trainer.model, args.output_dir)

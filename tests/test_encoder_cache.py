@@ -113,7 +113,7 @@ def test_each_family_keeps_tower_outputs_or_says_it_does_not(tiny_model_dir, cap
     model = omni.load(str(tiny_model_dir), LoadOptions(dtype="float32"))
     assert omni.keep_tower_outputs(model, 0.5) and model.tower_cache.max_bytes == 1 << 29
     assert omni.keep_tower_outputs(model, None, default_gb=0.25) and model.tower_cache.max_bytes == 1 << 28
-    assert not omni.keep_tower_outputs(model, 0) and not caplog.records
+    assert not omni.keep_tower_outputs(model, 0) and not caplog.records and model.tower_cache is None  # dropped
     graft = get_backbone("qwen_vl_whisper")
     with caplog.at_level("INFO"):  # the default on a family without kept outputs: off, said in the log
         assert not graft.keep_tower_outputs(torch.nn.Linear(1, 1), None, default_gb=2.0)

@@ -119,6 +119,8 @@ def test_bound_and_last_reads(processor, test_set, audio_dir):
     bounded = EncodedDataset(dataset, collator.encode_items, int(2.5 * size))
     bounded.__getitems__(list(range(8)))
     assert len(bounded._kept) == 2 and bounded.nbytes <= 2.5 * size
+    bounded.clear()  # the training loop is over
+    assert bounded._kept == {} and bounded.nbytes == 0
     off = EncodedDataset(dataset, collator.encode_items, 0)
     item = off[3]
     assert item["frames"] is not None and item["index"] == 3 and "encoding" not in item and off._kept == {}

@@ -207,15 +207,16 @@ class Backbone:
     def keep_tower_outputs(self, model, max_gb: float | None, default_gb: float = 0.0) -> bool:
         """Keep the frozen towers' outputs (and M-RoPE positions) of training items, up to ``max_gb`` (None:
         ``default_gb``), for the forward calls of ``model`` that name their items (``media_ids``); whether they are
-        kept. Asked explicitly of a family that cannot: refused (:meth:`check_tower_cache`)."""
+        kept. A bound of 0 drops what ``model`` kept. Asked explicitly of a family that cannot: refused
+        (:meth:`check_tower_cache`)."""
         self.check_tower_cache(max_gb)
         bound = default_gb if max_gb is None else max_gb
         if bound > 0 and not self.keeps_tower_outputs:
             logger.info("backbone %s keeps no frozen tower outputs: its towers run on every batch", self.name)
-        if bound <= 0 or not self.keeps_tower_outputs:
+        if not self.keeps_tower_outputs:
             return False
-        unwrap(model).tower_cache = EncoderOutputCache(int(bound * 1024**3))
-        return True
+        unwrap(model).tower_cache = EncoderOutputCache(int(bound * 1024**3)) if bound > 0 else None
+        return bound > 0
 
     def describe(self, model) -> str:
         """One line saying what ``model`` is, for logs and evaluation output."""
