@@ -94,17 +94,15 @@ class DataArguments(Preprocessing):
     )
     encoding_cache_gb: float | None = field(
         default=None,
-        metadata={"help": "keep each training sample's encoding (prompt ids, pixel values, audio features) in memory "
-                          "up to this many GB until its last read of the run, so later epochs neither decode its "
-                          "media nor run the processor; 0: off (default: 2 when the data loader lives for the "
-                          "whole run, i.e. --dataloader_num_workers 0 or persistent workers, else 0)"},
+        metadata={"help": "keep each training sample's encoding (prompt ids, pixel values, audio features) in memory, "
+                          "up to this many GB, until its last read of the run; 0: off (default: 2 with "
+                          "--dataloader_num_workers 0 or persistent workers, else 0)"},
     )
     tower_cache_gb: float | None = field(
         default=None,
-        metadata={"help": "keep the frozen vision and audio towers' outputs (and M-RoPE positions) of each training "
-                          "sample up to this many GB, so later epochs do not run the towers; refused by a model "
-                          "family that keeps none; 0: off (default: 2 where the family keeps them and the "
-                          "encoding cache is on by default, else 0)"},
+        metadata={"help": "keep the frozen towers' outputs and M-RoPE positions of each training sample up to this "
+                          "many GB (Qwen2.5-Omni; refused by a family that keeps none); 0: off (default: as "
+                          "--encoding_cache_gb)"},
     )
 
 
@@ -302,9 +300,8 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
         raise UserError(f"--eval_strategy {args.eval_strategy} needs --eval_data_path")
     check_frame_cache_settings(data_args.frame_cache, data_args.frame_cache_max_gb, data_args.frame_cache_dir)
     for flag in ("encoding_cache_gb", "tower_cache_gb"):
-        value = getattr(data_args, flag)
-        if value is not None and value < 0:
-            raise UserError(f"--{flag} must be >= 0 (0: off), got {value}")
+        if (getattr(data_args, flag) or 0) < 0:
+            raise UserError(f"--{flag} must be >= 0 (0: off), got {getattr(data_args, flag)}")
     if model_args.dtype == "auto":
         model_args.dtype = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
     LoadOptions(dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,

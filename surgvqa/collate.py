@@ -134,10 +134,8 @@ class VQACollator:
 
     # -- the call ------------------------------------------------------------------------------------------
     def __call__(self, items: list[dict]) -> dict[str, Any]:
-        """A batch of dataset items, or of items that carry their ``encoding`` (:class:`surgvqa.encoded.
-        EncodedDataset`): those are assembled as they are, the others encoded together first. Training items that
-        carry their dataset ``index`` name the batch's rows in ``media_ids`` (the model may keep its frozen towers'
-        outputs per item)."""
+        """A batch of dataset items; items carrying their ``encoding`` (:mod:`surgvqa.encoded`) are assembled, the
+        others encoded together first. Training items' dataset ``index`` becomes ``media_ids`` (kept tower outputs)."""
         samples = [item["sample"] for item in items]
         if any("encoding" in item for item in items):
             raw = [item for item in items if "encoding" not in item]
@@ -156,8 +154,7 @@ class VQACollator:
     def encode_items(self, items: list[dict]) -> list[dict] | None:
         """Each item's encoding (its prompt ids and its own media tensors), from one processor call for all of them;
         None when the family's processor output cannot be split per item."""
-        rows, encoded = self._encode(items)
-        return self.processing.split(rows, encoded, [len(item["frames"]) for item in items])
+        return self.processing.split(*self._encode(items), [len(item["frames"]) for item in items])
 
     def _encode(self, items: list[dict]) -> tuple[list[list[int]], dict[str, Any]]:
         """The family's encoder, once for the batch: each item's prompt ids (unpadded) and the media tensors."""

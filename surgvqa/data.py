@@ -87,16 +87,9 @@ class SurgicalVQADataset(Dataset):
     a miss; the pixels are the same either way.
     """
 
-    def __init__(
-        self,
-        samples: Sequence[Sample],
-        media: MediaConfig,
-        max_frames: int | None = None,
-        *,
-        video_fill: Sequence[int] | None = None,
-        donors: dict[tuple[str, str], Sample] | None = None,
-        frame_cache: FrameCache | None = None,
-    ) -> None:
+    def __init__(self, samples: Sequence[Sample], media: MediaConfig, max_frames: int | None = None, *,
+                 video_fill: Sequence[int] | None = None, donors: dict[tuple[str, str], Sample] | None = None,
+                 frame_cache: FrameCache | None = None) -> None:
         self.samples = list(samples)
         self.media = media
         self.frame_cache = frame_cache
@@ -132,13 +125,14 @@ class SurgicalVQADataset(Dataset):
             return frames
         if not sample.frame_paths:
             raise MediaError("sample has neither frame_paths nor video_path")
-        indices = self._frame_timing(sample, timing)
-        if self.frame_cache is None:
-            frames = [load_frame(sample.frame_paths[i], size, grid) for i in indices]
-        else:
-            cache, settings = self.frame_cache, ("frame", size, grid)
-            frames = [cache.get(sample.frame_paths[i], settings,
-                                lambda path=sample.frame_paths[i]: load_frame(path, size, grid)) for i in indices]
+        indices = timing["frame_indices"] = subsample_indices(len(sample.frame_paths), self.max_frames)
+        numbers = sample.extra.get("frame_numbers")
+        if isinstance(numbers, list) and len(numbers) == len(sample.frame_paths):
+            timing["frame_numbers"] = [numbers[i] for i in indices]
+        cache, settings = self.frame_cache, ("frame", size, grid)
+        frames = [load_frame(path, size, grid) if cache is None else
+                  cache.get(path, settings, lambda path=path: load_frame(path, size, grid))
+                  for path in (sample.frame_paths[i] for i in indices)]
         shapes = {f.shape for f in frames}
         if len(shapes) > 1:
             raise MediaError(
@@ -146,15 +140,6 @@ class SurgicalVQADataset(Dataset):
                 f"resolution: {[str(sample.frame_paths[i]) for i in indices]}"
             )
         return frames
-
-    def _frame_timing(self, sample: Sample, timing: dict[str, Any]) -> list[int]:
-        """The frame files kept (indices into the line's list), recorded in ``timing`` with their frame numbers."""
-        indices = subsample_indices(len(sample.frame_paths), self.max_frames)
-        timing["frame_indices"] = indices
-        numbers = sample.extra.get("frame_numbers")
-        if isinstance(numbers, list) and len(numbers) == len(sample.frame_paths):
-            timing["frame_numbers"] = [numbers[i] for i in indices]
-        return indices
 
     def _audio(self, sample: Sample) -> np.ndarray | None:
         if not self.media.needs_audio:

@@ -1,18 +1,11 @@
-"""Item encodings kept per dataset index: a later epoch reads an item's prompt ids and media tensors from memory
-instead of decoding its frames and audio and running the processor again.
+"""Item encodings kept per dataset index, so a later epoch neither decodes an item's media nor runs the processor.
 
-:class:`EncodedDataset` wraps the dataset of a training run: ``encoded[i]`` is ``{"sample", "index", "encoding"}``,
-the encoding made by ``encode(items)`` (the collator's :meth:`~surgvqa.collate.VQACollator.encode_items`: the
-family's encoder, once for the items of a batch not kept yet, split per item), which the collator assembles into a
-batch. The encoding is kept under ``i`` while the
-bound allows and while the run will read the item again: ``reads`` says how often each item is read in the whole
-run (the epochs ``max_steps`` needs), so an item read for the last time is dropped and a one-epoch run keeps
-nothing. An item's encoding holds its own media only (the collator pads a batch), so whichever items a batch
-combines, it is what the processor makes of them together.
-
-Keyed by index: the dataset's items must not change during the run (a training run's samples and media are fixed
-and fingerprinted when it starts). Items not to be kept (no bound, ``max_bytes`` 0, or a last read) pass through as the
-dataset makes them, with their ``index``, and the collator encodes their batch at once.
+``EncodedDataset(dataset, encode)[i]`` is ``{"sample", "index", "encoding"}``; ``encode(items)`` (the collator's
+:meth:`~surgvqa.collate.VQACollator.encode_items`) encodes the items of a batch not kept yet in one processor call,
+split per item, and the collator assembles the batch. An encoding is kept under ``i`` while the bound allows and
+until the item's last read of the run (``reads``: the epochs the run starts), so a one-epoch run keeps nothing. Items
+not to be kept (bound 0, a last read) pass through as the dataset makes them, with their ``index``, and the collator
+encodes their batch at once. Keyed by index: a training run's items do not change while it runs.
 """
 
 from __future__ import annotations
@@ -25,22 +18,17 @@ from torch.utils.data import Dataset
 
 
 def encoding_bytes(encoding: dict[str, Any]) -> int:
-    """Memory an item's encoding holds: its prompt ids and its tensors."""
     return 8 * len(encoding["ids"]) + sum(t.numel() * t.element_size() for t in encoding["tensors"].values())
 
 
 class EncodedDataset(Dataset):
-    """``dataset`` with each item's encoding (``encode(items)``, one per item) kept under its index, up to ``max_bytes``, until its
-    last read of the run (``reads``: reads of every item in the run; None: keep to the end)."""
+    """``dataset`` with each item's encoding kept under its index, up to ``max_bytes``, until its ``reads``-th read
+    (None: to the end)."""
 
     def __init__(self, dataset, encode: Callable[[list[dict]], list[dict[str, Any]] | None], max_bytes: int = 0,
                  reads: int | None = None) -> None:
-        self.dataset = dataset
-        self.encode = encode
-        self.max_bytes = max_bytes
-        self.reads = reads
-        self.nbytes = 0
-        self.hits = self.misses = 0
+        self.dataset, self.encode, self.max_bytes, self.reads = dataset, encode, max_bytes, reads
+        self.nbytes = self.hits = self.misses = 0
         self._kept: dict[int, dict[str, Any]] = {}
         self._read: dict[int, int] = {}
 
@@ -51,40 +39,32 @@ class EncodedDataset(Dataset):
         return self.__getitems__([i])[0]
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
-        """The items of one batch (the DataLoader asks for them together): kept encodings served, the others read
-        from the dataset and encoded in one call when any of them is to be kept, else passed on as they are (the
-        collator then encodes the batch at once)."""
+        """One batch's items (the DataLoader asks for them together): kept encodings served, the others read and,
+        when any of them is to be kept, encoded in one call."""
         out: list[dict[str, Any] | None] = [None] * len(indices)
         todo: list[tuple[int, int, bool]] = []  # (position in the batch, index, read for the last time)
         for pos, i in enumerate(indices):
-            count = self._read[i] = self._read.get(i, 0) + 1
-            last = self.reads is not None and count >= self.reads
+            self._read[i] = self._read.get(i, 0) + 1
+            last = self.reads is not None and self._read[i] >= self.reads
             encoding = self._kept.pop(i, None) if last else self._kept.get(i)
+            self.nbytes -= encoding_bytes(encoding) if last and encoding is not None else 0
             if encoding is None:
                 todo.append((pos, i, last))
-                continue
-            self.hits += 1
-            if last:
-                self.nbytes -= encoding_bytes(encoding)
-            out[pos] = {"sample": self.dataset.samples[i], "index": i, "encoding": encoding}
+            else:
+                out[pos] = {"sample": self.dataset.samples[i], "index": i, "encoding": encoding}
+        self.hits += len(indices) - len(todo)
         self.misses += len(todo)
         items = [{**self.dataset[i], "index": i} for _, i, _ in todo]
         keeping = self.max_bytes > 0 and not all(last for _, _, last in todo)
-        encodings = self.encode(items) if items and keeping else None
-        if encodings is None:  # nothing to keep (or an encoding that cannot be kept per item)
-            if keeping:
-                self.max_bytes = 0
-            for (pos, _, _), item in zip(todo, items, strict=True):
-                out[pos] = item
-            return out
+        encodings = (self.encode(items) if items and keeping else None) or [None] * len(items)
+        if keeping and items and encodings[0] is None:  # an encoding that cannot be split per item: stop keeping
+            self.max_bytes = 0
         for (pos, i, last), item, encoding in zip(todo, items, encodings, strict=True):
-            size = encoding_bytes(encoding)
-            if not last and self.nbytes + size <= self.max_bytes:
+            if encoding is not None and not last and self.nbytes + encoding_bytes(encoding) <= self.max_bytes:
                 self._kept[i] = encoding
-                self.nbytes += size
-            out[pos] = {"sample": item["sample"], "index": i, "encoding": encoding}
+                self.nbytes += encoding_bytes(encoding)
+            out[pos] = item if encoding is None else {"sample": item["sample"], "index": i, "encoding": encoding}
         return out
-
 
     def clear(self) -> None:
         """Drop every kept encoding (the run reads no item again)."""
@@ -92,12 +72,11 @@ class EncodedDataset(Dataset):
         self.nbytes = 0
 
 
-def run_reads(steps_per_epoch: int, max_steps: int, num_train_epochs: float) -> int:
-    """How often a training run reads each item: the epochs it starts (the Trainer's count: ``max_steps`` > 0
-    optimizer steps of ``steps_per_epoch`` per epoch, else ``num_train_epochs`` rounded up)."""
-    if max_steps > 0:
-        return -(-max_steps // max(1, steps_per_epoch))
-    return max(1, math.ceil(num_train_epochs))
+def run_reads(items: int, batch: int, accumulation: int, max_steps: int, num_train_epochs: float) -> int:
+    """The epochs a training run starts (the Trainer's count), i.e. how often it reads each of its ``items``:
+    ``batch`` items per forward (all processes), ``accumulation`` forwards per optimizer step."""
+    steps_per_epoch = max(1, -(-items // max(1, batch)) // max(1, accumulation))
+    return -(-max_steps // steps_per_epoch) if max_steps > 0 else max(1, math.ceil(num_train_epochs))
 
 
 __all__ = ["EncodedDataset", "encoding_bytes", "run_reads"]

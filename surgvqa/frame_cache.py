@@ -13,17 +13,17 @@ A clip's frames are decoded again for every question asked about it and again ev
 
 Never stale: the key hashes the bytes of the frame file (:func:`content_digest`: xxHash3-128; never its path,
 size or times, which a rewrite that keeps them, e.g. ``rsync -t`` or ``cp -p``, would leave unchanged), the caller's
-resize settings (pixel budget, vision grid) and the versions of the decoders (:func:`decoder_fingerprint`: the
-decoding and resizing libraries, and the revision of surgvqa's decode and resize code),
-so a changed file, setting or decoder misses, and a file moved or copied elsewhere hits. Hashing a JPEG costs
-microseconds; decoding it milliseconds (``benchmarks/train_step.py`` measures the whole check). Never damaged: every
-disk entry ends with a checksum of its pixels, verified on every read; an entry that fails it (or is cut short) is
-decoded again, rewritten, and reported once per process. Bounded: entries are added until ``max_bytes`` is reached,
-after which frames are decoded without caching (a training loop reads every frame every epoch, so keeping a fixed
-subset beats evicting, which would miss on every read once the set is larger than the bound); a disk cache over its
-bound when it is opened is pruned, least recently written first. Safe under concurrent writers: an entry is written
-to a temporary file in its own directory and renamed into place with ``os.replace``, so readers see a whole file or
-none; two writers of one entry write the same bytes and the last rename wins.
+resize settings (pixel budget, vision grid) and the decoders' versions (:func:`decoder_fingerprint`: the libraries
+and surgvqa's decode revision), so a changed file, setting or decoder misses, and a file moved or copied elsewhere
+hits. Hashing a JPEG costs microseconds; decoding it milliseconds (``benchmarks/train_step.py`` measures the check).
+Never damaged: every disk entry ends with a checksum of its pixels, verified on every read; an entry that fails it
+(or is cut short) is decoded again, rewritten, and reported once per process. Bounded: entries are added until
+``max_bytes`` is reached, after which frames are decoded without caching (a training loop reads every frame every
+epoch, so keeping a fixed subset beats evicting, which would miss on every read once the set is larger than the
+bound); a disk cache over its bound when it is opened is pruned, least recently written first. Safe under
+concurrent writers: an entry is written to a temporary file in its own directory and renamed into place with
+``os.replace``, so readers see a whole file or none; two writers of one entry write the same bytes and the last
+rename wins.
 """
 
 from __future__ import annotations
@@ -38,11 +38,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Hashable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import xxhash
 
+from surgvqa import media
 from surgvqa.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -63,33 +65,23 @@ class FrameCacheError(UserError):
     """The cache cannot be used as configured (bad mode, unusable directory)."""
 
 
-#: the libraries that decode and resize frames: simplejpeg decodes the JPEGs (Pillow the other images), numpy holds
-#: and converts the pixels, transformers' ``smart_resize`` sizes pixel budgets, torchvision resizes, PyAV decodes
-#: video files
+#: what decodes and resizes frames: simplejpeg (JPEGs), Pillow (other images), numpy, transformers' ``smart_resize``
+#: (pixel budgets), torchvision (resize), PyAV (video files); and surgvqa's own code (``media.DECODE_REVISION``)
 DECODERS = ("simplejpeg", "pillow", "numpy", "transformers", "torchvision", "av")
 
 
 def decoder_versions() -> dict[str, str]:
-    """The installed version of each of :data:`DECODERS` ("none" when absent) and of surgvqa's own decode and
-    resize code (:data:`surgvqa.media.DECODE_REVISION`)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from surgvqa.media import DECODE_REVISION
-
-    versions = {"surgvqa.media": str(DECODE_REVISION)}
+    versions = {"surgvqa.media": str(media.DECODE_REVISION)}
     for package in DECODERS:
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = "none"
     return versions
 
 
 def decoder_fingerprint(versions: dict[str, str] | None = None) -> str:
     """What the cached pixels depend on besides the file and the resize settings: the decoders' versions."""
     versions = decoder_versions() if versions is None else versions
-    material = "|".join(f"{name}={value}" for name, value in sorted(versions.items()))
-    return hashlib.sha256(material.encode()).hexdigest()[:16]
+    return hashlib.sha256(repr(sorted(versions.items())).encode()).hexdigest()[:16]
 
 
 #: the content hash of keys and checksums (xxHash3, ~50x faster than BLAKE2b; a declared dependency)

@@ -28,8 +28,7 @@ from surgvqa.prompts import check_question_modality
 #: grid of Qwen2-VL, Qwen2.5-VL and Qwen2.5-Omni. Training, evaluation and merging set ``MediaConfig.pixel_multiple``
 #: from the backbone's processor (``Backbone.vision_grid``; 32 for Qwen3-VL).
 DEFAULT_PIXEL_MULTIPLE = 28
-#: the revision of the decode and resize code below: raise it with any change to the pixels it makes (the frame
-#: cache keys its entries on it, with the decoding libraries' versions)
+#: raise with any change to the pixels the decode and resize code below makes (part of the frame cache's key)
 DECODE_REVISION = 1
 
 

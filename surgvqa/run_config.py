@@ -46,8 +46,7 @@ SCHEMA_VERSION = 3
 DEFAULT_MODEL_MAX_LENGTH = 4096
 #: the preprocessing a checkpoint without surgvqa_config.json must be told (or allowed to default)
 PREPROCESSING_FLAGS = ("frame_size", "question_modality", "frames_as")
-#: where a run kept its caches: recorded (evaluation reuses a disk frame cache it finds), never part of what makes two
-#: invocations the same run (a resume may move a cache)
+#: where a run kept its caches: recorded, never part of what makes two invocations the same run (see train.run_identity)
 CACHE_FIELDS = ("frame_cache",)
 #: what only a training output records (a merged checkpoint keeps them per stage, in ``merged_from``)
 TRAINING_FIELDS = ("lora", "quantization", "resized_vocab", "original_vocab_rows")

@@ -284,27 +284,8 @@ def build_run_config(model_args, data_args, lora_args, backbone_name: str, args:
     )
 
 
-def default_cache_gb(args: TrainingArguments) -> float:
-    """The default bound of the encoding and tower caches: 2 GB when the data loader lives for the whole run (no
-    DataLoader workers, or persistent ones; workers that exit every epoch would only fill and drop the encodings),
-    else off."""
-    return 2.0 if args.dataloader_num_workers == 0 or args.dataloader_persistent_workers else 0.0
-
-
-def encoded_training_set(dataset: SurgicalVQADataset, collator: VQACollator, max_gb: float,
-                         args: TrainingArguments) -> EncodedDataset:
-    """The training set with each item's encoding kept (up to ``max_gb``) until the last epoch the run starts reads
-    it (the Trainer's count of epochs from ``max_steps`` or ``num_train_epochs``)."""
-    per_process = -(-len(dataset) // max(1, args.world_size))
-    batches = -(-per_process // max(1, args.per_device_train_batch_size))
-    steps_per_epoch = max(1, batches // max(1, args.gradient_accumulation_steps))
-    reads = run_reads(steps_per_epoch, args.max_steps, args.num_train_epochs)
-    return EncodedDataset(dataset, collator.encode_items, int(max_gb * 1024**3), reads=reads)
-
-
 def release_training_caches(dataset: EncodedDataset, backbone, model) -> None:
-    """Once the training loop is over no step reads the kept encodings and tower outputs again: drop them and hand
-    the freed memory back to the system (glibc keeps freed heap pages in the process until trimmed)."""
+    """After the training loop nothing reads the kept encodings and tower outputs: drop them, trim the freed heap."""
     dataset.clear()
     backbone.keep_tower_outputs(model, 0)
     gc.collect()
@@ -394,10 +375,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     train_collator = VQACollator(processor, mode="train", **settings)
     train_samples = drop_overlong(train_samples, train_collator, train_media.max_frames,
                                   data_args.skip_overlong, data_args.model_max_length)
-    default_gb = default_cache_gb(args)
+    # caches default to 2 GB when the data loader lives for the whole run (no workers, or persistent ones)
+    default_gb = 2.0 if args.dataloader_num_workers == 0 or args.dataloader_persistent_workers else 0.0
     encoding_gb = default_gb if data_args.encoding_cache_gb is None else data_args.encoding_cache_gb
-    train_dataset = encoded_training_set(SurgicalVQADataset(train_samples, train_media, frame_cache=frame_cache),
-                                         train_collator, encoding_gb, args)
+    reads = run_reads(len(train_samples), args.per_device_train_batch_size * args.world_size,
+                      args.gradient_accumulation_steps, args.max_steps, args.num_train_epochs)
+    train_dataset = EncodedDataset(SurgicalVQADataset(train_samples, train_media, frame_cache=frame_cache),
+                                   train_collator.encode_items, int(encoding_gb * 1024**3), reads)
     eval_dataset = generation_eval = None
     if eval_samples:
         eval_samples = drop_overlong(eval_samples, train_collator, eval_media.max_frames,

@@ -134,7 +134,8 @@ def test_bound_and_last_reads(processor, test_set, audio_dir):
     assert counting.reads == [0, 1, 2]
     once = EncodedDataset(counting, collator.encode_items, 1 << 30, reads=1)  # one epoch: nothing is ever kept
     assert all("encoding" not in item for item in once.__getitems__([4, 5])) and once._kept == {}
-    assert run_reads(20, 60, 3.0) == 3 and run_reads(20, 61, 3.0) == 4 and run_reads(20, -1, 2.5) == 3
+    assert run_reads(160, 8, 1, 60, 3.0) == 3 and run_reads(160, 8, 1, 61, 3.0) == 4  # the harness: 20 steps an epoch
+    assert run_reads(161, 8, 2, 60, 1.0) == 6 and run_reads(160, 8, 1, -1, 2.5) == 3
 
 
 def test_mixed_batches_of_kept_and_new_items(processor, test_set, audio_dir):

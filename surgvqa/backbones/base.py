@@ -198,17 +198,14 @@ class Backbone:
     keeps_tower_outputs: bool = False
 
     def check_tower_cache(self, max_gb: float | None) -> None:
-        """Refuse ``--tower_cache_gb`` > 0 asked of a family whose model keeps no tower outputs (None, the default,
-        and 0 are accepted: the default is off there, with a line in the log)."""
+        """Refuse ``--tower_cache_gb`` > 0 asked of a family whose model keeps no tower outputs."""
         if max_gb and max_gb > 0 and not self.keeps_tower_outputs:
-            raise UserError(f"backbone {self.name!r} keeps no frozen tower outputs: drop --tower_cache_gb (or set "
-                            "it to 0)")
+            raise UserError(f"backbone {self.name!r} keeps no frozen tower outputs: drop --tower_cache_gb (or 0)")
 
     def keep_tower_outputs(self, model, max_gb: float | None, default_gb: float = 0.0) -> bool:
-        """Keep the frozen towers' outputs (and M-RoPE positions) of training items, up to ``max_gb`` (None:
-        ``default_gb``), for the forward calls of ``model`` that name their items (``media_ids``); whether they are
-        kept. A bound of 0 drops what ``model`` kept. Asked explicitly of a family that cannot: refused
-        (:meth:`check_tower_cache`)."""
+        """Keep the frozen towers' outputs and M-RoPE positions of training items up to ``max_gb`` (None:
+        ``default_gb``, said in the log by a family that keeps none) for the forward calls of ``model`` naming their
+        items (``media_ids``); whether they are kept. 0 drops what ``model`` kept."""
         self.check_tower_cache(max_gb)
         bound = default_gb if max_gb is None else max_gb
         if bound > 0 and not self.keeps_tower_outputs:

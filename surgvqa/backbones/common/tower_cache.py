@@ -3,9 +3,8 @@
 With LoRA on the language model only, the towers are frozen and deterministic (no trainable parameter, no dropout):
 an item's frames and spoken question give the same embeddings every epoch. A family's model class that holds an
 :class:`EncoderOutputCache` (its ``tower_cache``) asks it in its forward pass when the batch names its items
-(``media_ids``: each row's index in the training set, see :class:`surgvqa.encoded.EncodedDataset`): items whose
-outputs are kept are served from memory, a batch with any item not kept runs the tower as usual and keeps each
-item's share.
+(``media_ids``: the rows' indices in the training set, :mod:`surgvqa.encoded`): items whose outputs are kept are
+served from memory, a batch with any item not kept runs the tower as usual and keeps each item's share.
 The language model is shown the embeddings the tower made of the same pixels and samples. The M-RoPE position ids
 of each row (a Python loop over the tokens in ``get_rope_index``) are kept the same way.
 
@@ -40,8 +39,8 @@ def deterministic_frozen(tower: torch.nn.Module) -> bool:
 
 
 class EncoderOutputCache:
-    """Per item and tower: the tower's output rows (CPU tensors); per item and row of tokens: its M-RoPE positions.
-    Both are added while their bytes together stay under ``max_bytes``."""
+    """Per item and tower: the tower's output rows (CPU tensors); per item and row of tokens: its M-RoPE positions;
+    both added while their bytes together stay under ``max_bytes``."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -67,13 +66,11 @@ class EncoderOutputCache:
                 self.entries[(kind, i)] = part.detach().to("cpu", copy=True)
         return parts
 
-    def _fits(self, *tensors: torch.Tensor) -> bool:
-        """Whether ``tensors`` fit under the bound; if so they are counted."""
+    def _fits(self, *tensors: torch.Tensor) -> bool:  # counted when they fit
         size = sum(t.numel() * t.element_size() for t in tensors)
-        if self.bytes + size > self.max_bytes:
-            return False
-        self.bytes += size
-        return True
+        fits = self.bytes + size <= self.max_bytes
+        self.bytes += size if fits else 0
+        return fits
 
     def rope_index(self, ids: list[int], input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    run: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
