@@ -139,7 +139,7 @@ class VQACollator:
         samples = [item["sample"] for item in items]
         if any("encoding" in item for item in items):
             raw = [item for item in items if "encoding" not in item]
-            fresh = iter(self.encode_items(raw) or [] if raw else [])
+            fresh = iter((self.encode_items(raw) or []) if raw else [])
             parts = [item["encoding"] if "encoding" in item else next(fresh, None) for item in items]
             if None in parts:
                 raise RuntimeError("the processor output cannot be split per item, yet some items came encoded")
