@@ -142,6 +142,7 @@ def child(spec: dict) -> None:
         "--use_cpu", "True", "--logging_steps", "1", "--save_strategy", "no", "--seed", "42", "--report_to", "none",
         "--disable_tqdm", "True", "--output_dir", str(out), "--frame_cache", spec["frame_cache"],
         "--loss_on_labelled_only", str(spec["labelled"]), "--encoding_cache_gb", str(spec["encoding_cache_gb"]),
+        "--tower_cache_gb", str(spec["encoding_cache_gb"]),  # the rows turn both caches on or off together
     ]
     result = train_module.train(*train_module.parse_args(argv))
     trainer = result["trainer"]

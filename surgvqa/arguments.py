@@ -102,12 +102,15 @@ class DataArguments(Preprocessing):
     )
     encoding_cache_gb: float | None = field(
         default=None,
-        metadata={"help": "keep each training sample's processor output (prompt ids, pixel values, audio features) "
-                          "in memory up to this many GB and reuse it in later epochs (a kept sample's media is not "
-                          "decoded again); the frozen towers' outputs (Qwen2.5-Omni) are kept too, within a second "
-                          "bound of the same size, so memory use is up to twice this; 0: off (default: 2 when the "
-                          "collator runs in the training process, i.e. --dataloader_num_workers 0 or persistent "
-                          "workers, else 0)"},
+        metadata={"help": "keep each training sample's encoding (prompt ids, pixel values, audio features) in memory, "
+                          "up to this many GB, until its last read of the run; 0: off (default: 2 with "
+                          "--dataloader_num_workers 0 or persistent workers, else 0)"},
+    )
+    tower_cache_gb: float | None = field(
+        default=None,
+        metadata={"help": "keep the frozen towers' outputs and M-RoPE positions of each training sample up to this "
+                          "many GB (Qwen2.5-Omni; refused by a family that keeps none); 0: off (default: as "
+                          "--encoding_cache_gb)"},
     )
 
 
@@ -325,8 +328,9 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
     if data_args.packing:
         check_packing(model_args, args)
     check_frame_cache_settings(data_args.frame_cache, data_args.frame_cache_max_gb, data_args.frame_cache_dir)
-    if data_args.encoding_cache_gb is not None and data_args.encoding_cache_gb < 0:
-        raise UserError(f"--encoding_cache_gb must be >= 0 (0: off), got {data_args.encoding_cache_gb}")
+    for flag in ("encoding_cache_gb", "tower_cache_gb"):
+        if (getattr(data_args, flag) or 0) < 0:
+            raise UserError(f"--{flag} must be >= 0 (0: off), got {getattr(data_args, flag)}")
     if model_args.dtype == "auto":
         model_args.dtype = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
     LoadOptions(dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,

@@ -9,7 +9,6 @@ processor makes of frames and audio (pixel budget, video clock, audio padding, t
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,15 +73,9 @@ class VQACollator:
     min_pixels: int | None = None
     #: video token merging: each video gets ceil(r x n) placeholders (the model merges its tokens to match)
     token_kept_ratio: float = 1.0
-    #: keep each item's encoding (its prompt ids, rows of pixel values, audio features) in memory up to this many GB,
-    #: and build a later batch made only of kept items from them instead of running the processor again (0: off).
-    #: Items name what they were made of in ``media_key`` (SurgicalVQADataset sets it); items without one are not kept.
-    encoding_cache_gb: float = 0.0
     #: rendered prompts and tokenized answers: every epoch asks the same questions again (bounded, see _remember)
     _prompts: dict = field(default_factory=dict, repr=False)
     _answers: dict = field(default_factory=dict, repr=False)
-    _encodings: dict = field(default_factory=dict, repr=False)
-    _encoding_bytes: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in ("train", "generate"):
@@ -140,43 +133,28 @@ class VQACollator:
         return list(ids)
 
     # -- the call ------------------------------------------------------------------------------------------
-    def has_encoding(self, media_key: tuple | None) -> bool:
-        """This collator holds the encoding of an item made of ``media_key`` (the dataset may then skip its media)."""
-        return media_key is not None and media_key in self._encodings
-
     def __call__(self, items: list[dict]) -> dict[str, Any]:
+        """A batch of dataset items; items carrying their ``encoding`` (:mod:`surgvqa.encoded`) are assembled, the
+        others encoded together first. Training items' dataset ``index`` becomes ``media_ids`` (kept tower outputs)."""
         samples = [item["sample"] for item in items]
-        keys = [item.get("media_key") for item in self._check_media(items)]
-        kept = [self._encodings.get(key) if key is not None else None for key in keys]
-        if kept and None not in kept:  # every item kept: no processor
-            rows, encoded = self.processing.assemble(kept)
-        elif not any(kept) or self.encoding_cache_gb <= 0:  # none kept (or no cache): the processor, once
+        if any("encoding" in item for item in items):
+            raw = [item for item in items if "encoding" not in item]
+            fresh = iter((self.encode_items(raw) or []) if raw else [])
+            parts = [item["encoding"] if "encoding" in item else next(fresh, None) for item in items]
+            if None in parts:
+                raise RuntimeError("the processor output cannot be split per item, yet some items came encoded")
+            rows, encoded = self.processing.assemble(parts)
+        else:
             rows, encoded = self._encode(items)
-            if self.encoding_cache_gb > 0 and None not in keys:
-                self._keep(keys, items, rows, encoded)
-        else:  # some kept: the processor for the others, then the batch from the items' parts
-            missing = [i for i, part in enumerate(kept) if part is None]
-            new_rows, new_encoded = self._encode([items[i] for i in missing])
-            parts = self.processing.split(new_rows, new_encoded, [len(items[i]["frames"]) for i in missing])
-            if parts is None:
-                raise RuntimeError("the processor output cannot be split per item, yet some items were kept")
-            for i, part in zip(missing, parts, strict=True):
-                kept[i] = part
-            if None not in keys:
-                self._keep([keys[i] for i in missing], [items[i] for i in missing], new_rows, new_encoded)
-            rows, encoded = self.processing.assemble(kept)
         batch = self._finish(samples, [list(row) for row in rows], encoded)
-        if self.mode == "train" and self.encoding_cache_gb > 0 and keys and None not in keys:
-            batch["media_ids"] = torch.tensor([media_id(key) for key in keys], dtype=torch.long)
+        if self.mode == "train" and items and all("index" in item for item in items):
+            batch["media_ids"] = torch.tensor([item["index"] for item in items], dtype=torch.long)
         return batch
 
-    def _check_media(self, items: list[dict]) -> list[dict]:
-        """``items``; an item that came without its media (the dataset's ``has_encoding``) must have been kept."""
-        for item in items:
-            if item.get("frames") is None and not self.has_encoding(item.get("media_key")):
-                raise RuntimeError(f"{item['sample'].key}: the item came without its media but this collator "
-                                   "holds no encoding of it (a dataset's has_encoding must be this collator's)")
-        return items
+    def encode_items(self, items: list[dict]) -> list[dict] | None:
+        """Each item's encoding (its prompt ids and its own media tensors), from one processor call for all of them;
+        None when the family's processor output cannot be split per item."""
+        return self.processing.split(*self._encode(items), [len(item["frames"]) for item in items])
 
     def _encode(self, items: list[dict]) -> tuple[list[list[int]], dict[str, Any]]:
         """The family's encoder, once for the batch: each item's prompt ids (unpadded) and the media tensors."""
@@ -193,19 +171,6 @@ class VQACollator:
                     raise UserError(f"{item['sample'].key}: question_modality {self.question_modality!r} needs audio")
                 audios.append(np.asarray(item["audio"], dtype=np.float32))
         return self.processing.encode(prompts, clips, times, audios or None)
-
-    def _keep(self, keys: list, items: list[dict], rows: list[list[int]], encoded: dict[str, Any]) -> None:
-        """Store each item's share of a batch encoding while the bound allows (see ``encoding_cache_gb``)."""
-        parts = self.processing.split(rows, encoded, [len(item["frames"]) for item in items])
-        if parts is None:  # a processor output this collator cannot split per item: stop trying
-            self.encoding_cache_gb = 0.0
-            return
-        limit = self.encoding_cache_gb * 1024**3
-        for key, part in zip(keys, parts, strict=True):
-            size = 8 * len(part["ids"]) + sum(t.numel() * t.element_size() for t in part["tensors"].values())
-            if key not in self._encodings and self._encoding_bytes + size <= limit:
-                self._encodings[key] = part
-                self._encoding_bytes += size
 
     def _finish(self, samples: list, rows: list[list[int]], encoded: dict[str, Any]) -> dict[str, Any]:
         """Answers and labels appended (train), rows padded (right for train, left for generation)."""
@@ -265,14 +230,6 @@ class VQACollator:
                         audio_samples: int | None, frame_times: list[float] | None = None) -> int:
         """Tokens a sample will take, from frame size and audio length alone (no decoding)."""
         return self.token_counts(question, answer, frame_hw, num_frames, audio_samples, frame_times)["total"]
-
-
-def media_id(media_key: tuple) -> int:
-    """A 64-bit id of what an item is made of (its ``media_key``), the same in every process: batches carry these
-    as ``media_ids`` so the model side can keep per-item outputs of its frozen encoders
-    (:mod:`surgvqa.backbones.common.tower_cache`)."""
-    digest = hashlib.blake2b(repr(media_key).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
 
 
 def _remember(memo: dict, key, value, limit: int = 1 << 16):

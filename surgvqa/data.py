@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from surgvqa.audio import DEFAULT_SAMPLING_RATE, audio_duration, load_audio, silence_like
 from surgvqa.errors import ArgumentParser, UserError, existing_dir, existing_file, run_main
-from surgvqa.frame_cache import FrameCache, file_identity
+from surgvqa.frame_cache import FrameCache
 from surgvqa.media import (
     ABLATIONS,
     CONSTANT_VIDEO_ABLATIONS,
@@ -63,8 +63,8 @@ def ablation_donors(samples: Sequence[Sample], seed: int) -> dict[tuple[str, str
 
 
 class SurgicalVQADataset(Dataset):
-    """Samples plus decoded media: ``{"sample", "frames", "audio", "frame_indices", "frame_numbers", "frame_times",
-    "media_key"}`` (no tokenization, so items are cheap to cache).
+    """Samples plus decoded media: ``{"sample", "frames", "audio", "frame_indices", "frame_numbers", "frame_times"}``
+    (no tokenization; a training run keeps their encodings with :class:`surgvqa.encoded.EncodedDataset`).
 
     ``frames``: uint8 HxWx3 arrays, subsampled with :func:`subsample_indices` to ``max_frames`` (which overrides
     ``media.max_frames``: train and eval may differ) and resized to the pixel budget ``media.budget``. ``audio``:
@@ -84,29 +84,13 @@ class SurgicalVQADataset(Dataset):
 
     ``frame_cache`` (:class:`surgvqa.frame_cache.FrameCache`, optional): decoded, resized frames (of frame files;
     video files are decoded every time, their frame times come with the decode) are read from it and decoded only on
-    a miss; the pixels are the same either way. Each item's ``media_key`` says what it was made of
-    (:meth:`_media_key`), so a collator can reuse its encoding of the item in a later epoch.
-
-    ``has_encoding`` (optional, e.g. :meth:`surgvqa.collate.VQACollator.has_encoding`): when it says the consumer
-    already holds the encoding of an item made of frame files with this ``media_key`` (same files by path, size,
-    mtime, ctime and inode, same settings), the item comes without ``frames`` and ``audio`` (both None): decoding
-    them again would only be thrown away. Files are still stat'ed, so a file that is gone or rewritten changes the key and is
-    decoded (and reported) as usual.
+    a miss; the pixels are the same either way.
     """
 
-    def __init__(
-        self,
-        samples: Sequence[Sample],
-        media: MediaConfig,
-        max_frames: int | None = None,
-        *,
-        video_fill: Sequence[int] | None = None,
-        donors: dict[tuple[str, str], Sample] | None = None,
-        frame_cache: FrameCache | None = None,
-        has_encoding: Callable[[tuple], bool] | None = None,
-    ) -> None:
+    def __init__(self, samples: Sequence[Sample], media: MediaConfig, max_frames: int | None = None, *,
+                 video_fill: Sequence[int] | None = None, donors: dict[tuple[str, str], Sample] | None = None,
+                 frame_cache: FrameCache | None = None) -> None:
         self.samples = list(samples)
-        self.has_encoding = has_encoding
         self.media = media
         self.frame_cache = frame_cache
         self.max_frames = max_frames if max_frames is not None else media.max_frames
@@ -141,13 +125,14 @@ class SurgicalVQADataset(Dataset):
             return frames
         if not sample.frame_paths:
             raise MediaError("sample has neither frame_paths nor video_path")
-        indices = self._frame_timing(sample, timing)
-        if self.frame_cache is None:
-            frames = [load_frame(sample.frame_paths[i], size, grid) for i in indices]
-        else:
-            cache, settings = self.frame_cache, ("frame", size, grid)
-            frames = [cache.get(sample.frame_paths[i], settings,
-                                lambda path=sample.frame_paths[i]: load_frame(path, size, grid)) for i in indices]
+        indices = timing["frame_indices"] = subsample_indices(len(sample.frame_paths), self.max_frames)
+        numbers = sample.extra.get("frame_numbers")
+        if isinstance(numbers, list) and len(numbers) == len(sample.frame_paths):
+            timing["frame_numbers"] = [numbers[i] for i in indices]
+        cache, settings = self.frame_cache, ("frame", size, grid)
+        frames = [load_frame(path, size, grid) if cache is None else
+                  cache.get(path, settings, lambda path=path: load_frame(path, size, grid))
+                  for path in (sample.frame_paths[i] for i in indices)]
         shapes = {f.shape for f in frames}
         if len(shapes) > 1:
             raise MediaError(
@@ -155,15 +140,6 @@ class SurgicalVQADataset(Dataset):
                 f"resolution: {[str(sample.frame_paths[i]) for i in indices]}"
             )
         return frames
-
-    def _frame_timing(self, sample: Sample, timing: dict[str, Any]) -> list[int]:
-        """The frame files kept (indices into the line's list), recorded in ``timing`` with their frame numbers."""
-        indices = subsample_indices(len(sample.frame_paths), self.max_frames)
-        timing["frame_indices"] = indices
-        numbers = sample.extra.get("frame_numbers")
-        if isinstance(numbers, list) and len(numbers) == len(sample.frame_paths):
-            timing["frame_numbers"] = [numbers[i] for i in indices]
-        return indices
 
     def _audio(self, sample: Sample) -> np.ndarray | None:
         if not self.media.needs_audio:
@@ -181,13 +157,6 @@ class SurgicalVQADataset(Dataset):
         frame_source = self.donors[sample.key] if ablate == "video_shuffle" else sample
         audio_source = self.donors[sample.key] if ablate == "audio_shuffle" else sample
         timing: dict[str, Any] = {"frame_indices": None, "frame_numbers": None, "frame_times": None}
-        frame_files = self._frame_identities(frame_source)
-        audio_file = self._audio_identity(audio_source)
-        if self.has_encoding is not None and frame_source.video_path is None and frame_source.frame_paths:
-            self._frame_timing(frame_source, timing)  # the key holds the frames' times; no decode needed for them
-            key = self._media_key(sample, frame_files, audio_file, timing)
-            if key is not None and self.has_encoding(key):
-                return {"sample": sample, "frames": None, "audio": None, **timing, "media_key": key}
         try:
             frames = self._frames(frame_source, timing)
             audio = self._audio(audio_source)
@@ -203,41 +172,7 @@ class SurgicalVQADataset(Dataset):
             frames = constant_frames_like(frames, self.video_fill)
         if ablate in SILENT_AUDIO_ABLATIONS:
             audio = silence_like(audio)
-        key = self._media_key(sample, frame_files, audio_file, timing)
-        return {"sample": sample, "frames": frames, "audio": audio, **timing, "media_key": key}
-
-    def _frame_identities(self, sample: Sample) -> tuple | None:
-        """:func:`~surgvqa.frame_cache.file_identity` of the video file or of each frame used; None when one cannot
-        be stat'ed (the decoder then reports it)."""
-        try:
-            if sample.video_path is not None:
-                return (file_identity(sample.video_path),)
-            indices = subsample_indices(len(sample.frame_paths), self.max_frames)
-            return tuple(file_identity(sample.frame_paths[i]) for i in indices)
-        except OSError:
-            return None
-
-    def _audio_identity(self, sample: Sample) -> tuple | None:
-        if not self.media.needs_audio or sample.audio_path is None:
-            return None
-        try:
-            return file_identity(sample.audio_path)
-        except OSError:
-            return None
-
-    def _media_key(self, sample: Sample, frame_files: tuple | None, audio_file: tuple | None,
-                   timing: dict[str, Any]) -> tuple | None:
-        """What the item is made of, so a collator can tell whether an encoding of it is still valid: the question,
-        every media file used (path, size, mtime, ctime, inode; a donor's under a shuffle ablation), the frames' times and
-        the settings that turn them into pixels and samples, the ablation included. None when a file could not be
-        stat'ed."""
-        if frame_files is None or (self.media.needs_audio and audio_file is None):
-            return None
-        media = self.media
-        times = tuple(tuple(v) if isinstance(v, list) else v for v in timing.values())
-        return (sample.key, sample.question, frame_files, audio_file, times, repr(media.budget),
-                media.pixel_multiple, media.num_video_frames, self.max_frames, media.question_modality, media.ablate,
-                self.video_fill)
+        return {"sample": sample, "frames": frames, "audio": audio, **timing}
 
 
 # ------------------------------------------------------------------------------------------------- summary

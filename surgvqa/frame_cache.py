@@ -12,17 +12,18 @@ A clip's frames are decoded again for every question asked about it and again ev
 * ``none``: decode every time.
 
 Never stale: the key hashes the bytes of the frame file (:func:`content_digest`: xxHash3-128; never its path,
-size or times, which a rewrite that keeps them, e.g. ``rsync -t`` or ``cp -p``, would leave unchanged), the caller's settings (pixel budget, vision grid), a hash of ``surgvqa/media.py``
-(the decode and resize code) and the versions of the decoding and resizing libraries (:func:`decoder_fingerprint`),
-so a changed file, setting or decoder misses, and a file moved or copied elsewhere hits. Hashing a JPEG costs
-microseconds; decoding it milliseconds (``benchmarks/train_step.py`` measures the whole check). Never damaged: every
-disk entry ends with a checksum of its pixels, verified on every read; an entry that fails it (or is cut short) is
-decoded again, rewritten, and reported once per process. Bounded: entries are added until ``max_bytes`` is reached,
-after which frames are decoded without caching (a training loop reads every frame every epoch, so keeping a fixed
-subset beats evicting, which would miss on every read once the set is larger than the bound); a disk cache over its
-bound when it is opened is pruned, least recently written first. Safe under concurrent writers: an entry is written
-to a temporary file in its own directory and renamed into place with ``os.replace``, so readers see a whole file or
-none; two writers of one entry write the same bytes and the last rename wins.
+size or times, which a rewrite that keeps them, e.g. ``rsync -t`` or ``cp -p``, would leave unchanged), the caller's
+resize settings (pixel budget, vision grid) and the decoders' versions (:func:`decoder_fingerprint`: the libraries
+and surgvqa's decode revision), so a changed file, setting or decoder misses, and a file moved or copied elsewhere
+hits. Hashing a JPEG costs microseconds; decoding it milliseconds (``benchmarks/train_step.py`` measures the check).
+Never damaged: every disk entry ends with a checksum of its pixels, verified on every read; an entry that fails it
+(or is cut short) is decoded again, rewritten, and reported once per process. Bounded: entries are added until
+``max_bytes`` is reached, after which frames are decoded without caching (a training loop reads every frame every
+epoch, so keeping a fixed subset beats evicting, which would miss on every read once the set is larger than the
+bound); a disk cache over its bound when it is opened is pruned, least recently written first. Safe under
+concurrent writers: an entry is written to a temporary file in its own directory and renamed into place with
+``os.replace``, so readers see a whole file or none; two writers of one entry write the same bytes and the last
+rename wins.
 """
 
 from __future__ import annotations
@@ -37,11 +38,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Hashable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import xxhash
 
+from surgvqa import media
 from surgvqa.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -62,23 +65,23 @@ class FrameCacheError(UserError):
     """The cache cannot be used as configured (bad mode, unusable directory)."""
 
 
-def decoder_fingerprint() -> str:
-    """What the cached pixels depend on besides the file and the settings: the decode/resize code and libraries.
+#: what decodes and resizes frames: simplejpeg (JPEGs), Pillow (other images), numpy, transformers' ``smart_resize``
+#: (pixel budgets), torchvision (resize), PyAV (video files); and surgvqa's own code (``media.DECODE_REVISION``)
+DECODERS = ("simplejpeg", "pillow", "numpy", "transformers", "torchvision", "av")
 
-    ``surgvqa/media.py`` is hashed whole (an edit there re-decodes everything, which is safe); simplejpeg decodes
-    the JPEGs (Pillow the other images), transformers' ``smart_resize`` sizes pixel budgets, torchvision resizes and
-    PyAV decodes video files, so their versions are part of it too.
-    """
-    from importlib.metadata import PackageNotFoundError, version
 
-    media_py = Path(__file__).with_name("media.py")
-    h = hashlib.sha256(media_py.read_bytes())
-    for package in ("simplejpeg", "pillow", "transformers", "torchvision", "av"):
-        try:
-            h.update(f"|{package}={version(package)}".encode())
-        except PackageNotFoundError:
-            h.update(f"|{package}=none".encode())
-    return h.hexdigest()[:16]
+def decoder_versions() -> dict[str, str]:
+    versions = {"surgvqa.media": str(media.DECODE_REVISION)}
+    for package in DECODERS:
+        with contextlib.suppress(PackageNotFoundError):
+            versions[package] = version(package)
+    return versions
+
+
+def decoder_fingerprint(versions: dict[str, str] | None = None) -> str:
+    """What the cached pixels depend on besides the file and the resize settings: the decoders' versions."""
+    versions = decoder_versions() if versions is None else versions
+    return hashlib.sha256(repr(sorted(versions.items())).encode()).hexdigest()[:16]
 
 
 #: the content hash of keys and checksums (xxHash3, ~50x faster than BLAKE2b; a declared dependency)
@@ -97,14 +100,6 @@ def content_digest(path: str | os.PathLike[str]) -> str:
     """Hex hash (:data:`HASH_NAME`) of the file's bytes; raises OSError when it cannot be read."""
     with open(path, "rb") as fh:
         return _hash(fh.read()).hex()
-
-
-def file_identity(path: str | os.PathLike[str]) -> tuple[str, int, int, int, int]:
-    """(absolute path, size, mtime ns, ctime ns, inode): changes whenever the file is rewritten or replaced, even
-    when its mtime is set back (that sets the ctime). In-process keys only; the disk cache keys on the content."""
-    absolute = os.path.abspath(os.fspath(path))
-    st = os.stat(absolute)
-    return absolute, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
 class FrameCache:

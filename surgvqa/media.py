@@ -28,6 +28,8 @@ from surgvqa.prompts import check_question_modality
 #: grid of Qwen2-VL, Qwen2.5-VL and Qwen2.5-Omni. Training, evaluation and merging set ``MediaConfig.pixel_multiple``
 #: from the backbone's processor (``Backbone.vision_grid``; 32 for Qwen3-VL).
 DEFAULT_PIXEL_MULTIPLE = 28
+#: raise with any change to the pixels the decode and resize code below makes (part of the frame cache's key)
+DECODE_REVISION = 1
 
 
 class MediaError(UserError):

@@ -74,7 +74,10 @@ class PackedDataset(Dataset):
         return len(self.packs)
 
     def __getitem__(self, index: int) -> list[dict]:
-        return [self.dataset[i] for i in self.packs[index]]
+        pack = self.packs[index]
+        if hasattr(self.dataset, "__getitems__"):  # a pack read at once (EncodedDataset: one processor call)
+            return self.dataset.__getitems__(pack)
+        return [self.dataset[i] for i in pack]
 
 
 @dataclass

@@ -44,6 +44,8 @@ SCHEMA_VERSION = 3
 DEFAULT_MODEL_MAX_LENGTH = 4096
 #: the preprocessing a checkpoint without surgvqa_config.json must be told (or allowed to default)
 PREPROCESSING_FLAGS = ("frame_size", "question_modality", "frames_as")
+#: where a run kept its caches: recorded, never part of what makes two invocations the same run (see train.run_identity)
+CACHE_FIELDS = ("frame_cache",)
 #: what only a training output records (a merged checkpoint keeps them per stage, in ``merged_from``)
 TRAINING_FIELDS = ("lora", "quantization", "resized_vocab", "original_vocab_rows", "packing")
 
@@ -92,7 +94,7 @@ class RunConfig:
     merged_with: str | None = None
     merge_verification: dict[str, Any] | None = None
     # -- the decoded-frame cache a training run used ({"mode": "none"|"memory"|"disk", "dir": path or None});
-    #    evaluation reuses a disk cache that still exists
+    #    evaluation reuses a disk cache that still exists (a CACHE_FIELDS entry: not part of the run's identity)
     frame_cache: dict[str, Any] | None = None
     # -- what a training run read (compared when it is resumed) and the changes a resume was allowed to make
     inputs: dict[str, Any] | None = None

@@ -7,7 +7,10 @@ What happens to an existing ``--output_dir`` (refused, emptied, resumed) is deci
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -33,6 +36,7 @@ from surgvqa.backbones import LoadOptions, backbone_for
 from surgvqa.backbones.common.quantization import prepare_quantized_for_training, upcast_trainable
 from surgvqa.collate import OverlongSampleError, VQACollator, frame_times
 from surgvqa.data import DataError, MediaConfig, Problem, Sample, SurgicalVQADataset, load_samples
+from surgvqa.encoded import EncodedDataset, run_reads
 from surgvqa.errors import UserError, run_main
 from surgvqa.frame_cache import open_frame_cache
 from surgvqa.lean_imports import skip_bitsandbytes
@@ -41,7 +45,7 @@ from surgvqa.lora import config_kwargs as lora_variant_kwargs
 from surgvqa.metrics import build_candidates
 from surgvqa.packing import packed_training_set
 from surgvqa.preprocessing import Preprocessing
-from surgvqa.run_config import CONFIG_NAME, RunConfig
+from surgvqa.run_config import CACHE_FIELDS, CONFIG_NAME, RunConfig
 from surgvqa.rundir import apply_plan, check_same_inputs, check_same_run, input_fingerprints, plan_output_dir
 from surgvqa.tokenizer import repair_tokenizer
 
@@ -254,8 +258,7 @@ TRAINING_SETTINGS = (
 )
 #: RunConfig fields known only once the model is loaded (not compared when a run is resumed)
 _MODEL_DERIVED = ("tokenizer_repair", "resized_vocab", "original_vocab_rows", "graft", "surgvqa_version",
-                  "schema_version", "base_model_relative", "frame_cache",  # frame_cache: changes no result
-                  "inputs", "data_changes")  # compared by check_same_inputs
+                  "schema_version", "base_model_relative", "inputs", "data_changes")  # inputs: check_same_inputs
 
 
 def training_settings(args: TrainingArguments) -> dict[str, Any]:
@@ -265,8 +268,9 @@ def training_settings(args: TrainingArguments) -> dict[str, Any]:
 
 
 def run_identity(config: RunConfig) -> dict[str, Any]:
-    """What makes two invocations the same run: the recorded settings, less what the loaded model adds."""
-    return {k: v for k, v in config.to_dict().items() if k not in _MODEL_DERIVED}
+    """What makes two invocations the same run: the recorded settings, less what the loaded model adds and where
+    the caches are (:data:`~surgvqa.run_config.CACHE_FIELDS`)."""
+    return {k: v for k, v in config.to_dict().items() if k not in _MODEL_DERIVED + CACHE_FIELDS}
 
 
 def build_run_config(model_args, data_args, lora_args, backbone_name: str, args: TrainingArguments | None = None,
@@ -296,12 +300,13 @@ def build_run_config(model_args, data_args, lora_args, backbone_name: str, args:
     )
 
 
-def encoding_cache_gb(data_args: DataArguments, args: TrainingArguments) -> float:
-    """The bound of the collator's encoding cache: as asked, else 2 GB when one collator lives for the whole run
-    (no DataLoader workers, or persistent ones); workers that exit every epoch would only fill and drop it."""
-    if data_args.encoding_cache_gb is not None:
-        return data_args.encoding_cache_gb
-    return 2.0 if args.dataloader_num_workers == 0 or args.dataloader_persistent_workers else 0.0
+def release_training_caches(dataset: EncodedDataset, backbone, model) -> None:
+    """After the training loop nothing reads the kept encodings and tower outputs: drop them, trim the freed heap."""
+    dataset.clear()
+    backbone.keep_tower_outputs(model, 0)
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def frame_cache_record(frame_cache) -> dict[str, Any]:
@@ -342,6 +347,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     backbone.check_moe_settings(lora_args.lora_experts, lora_args.router_aux_loss_coef)
     backbone.check_sharding(sharding_of(args))
     backbone.check_packing(data_args.packing)
+    backbone.check_tower_cache(data_args.tower_cache_gb)
     backbone_name = backbone.name
     early = build_run_config(model_args, data_args, lora_args, backbone_name, args)
     plan = plan_output_dir(
@@ -384,18 +390,22 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     if eval_media is not None:
         eval_media = dataclasses.replace(eval_media, pixel_multiple=grid)
     settings = dict(preprocessing_of(data_args).collator_kwargs(), model_max_length=data_args.model_max_length)
-    train_collator = VQACollator(processor, mode="train", encoding_cache_gb=encoding_cache_gb(data_args, args),
-                                 **settings)
+    train_collator = VQACollator(processor, mode="train", **settings)
     train_samples, train_lengths = drop_overlong(train_samples, train_collator, train_media.max_frames,
                                                  data_args.skip_overlong, data_args.model_max_length)
-    # items whose encoding the collator holds come without their media (no decode in later epochs)
-    train_dataset = SurgicalVQADataset(train_samples, train_media, frame_cache=frame_cache,
-                                       has_encoding=train_collator.has_encoding)
-    data_collator = train_collator
+    # caches default to 2 GB when the data loader lives for the whole run (no workers, or persistent ones)
+    default_gb = 2.0 if args.dataloader_num_workers == 0 or args.dataloader_persistent_workers else 0.0
+    encoding_gb = default_gb if data_args.encoding_cache_gb is None else data_args.encoding_cache_gb
+    encoded = EncodedDataset(SurgicalVQADataset(train_samples, train_media, frame_cache=frame_cache),
+                             train_collator.encode_items, int(encoding_gb * 1024**3))
+    train_dataset, data_collator = encoded, train_collator
     if data_args.packing:
         train_dataset, data_collator = packed_training_set(
-            train_dataset, train_collator, train_lengths, data_args.model_max_length,
+            encoded, train_collator, train_lengths, data_args.model_max_length,
             args.data_seed if args.data_seed is not None else args.seed)
+    # an item is read once per epoch the run starts; the epochs follow the rows (samples, or packs) per step
+    encoded.reads = run_reads(len(train_dataset), args.per_device_train_batch_size * args.world_size,
+                              args.gradient_accumulation_steps, args.max_steps, args.num_train_epochs)
     eval_dataset = generation_eval = None
     if eval_samples:
         eval_samples, _ = drop_overlong(eval_samples, train_collator, eval_media.max_frames,
@@ -425,7 +435,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         processing_class=processor,
         generation_eval=generation_eval,
         labelled_only=model_args.loss_on_labelled_only,
-        keeps_tower_outputs=backbone.keep_tower_outputs(model, train_collator.encoding_cache_gb),
+        keeps_tower_outputs=backbone.keep_tower_outputs(model, data_args.tower_cache_gb, default_gb),
         callbacks=[SurgvqaConfigCallback(config, original_rows)],
         loraplus_lr_ratio=lora_args.loraplus_lr_ratio,
         router_aux_loss_coef=lora_args.router_aux_loss_coef,
@@ -436,6 +446,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     if base_changed and trainer.is_world_process_zero():  # the starting point, for the conversion at the end
         save_initial_adapter(trainer.model, args.output_dir)
     result = trainer.train(resume_from_checkpoint=plan.resume_from)
+    release_training_caches(encoded, backbone, trainer.model)
     trainer.save_model(args.output_dir)
     if base_changed and trainer.is_world_process_zero():  # PiSSA/OLoRA: an adapter of the original base
         save_converted(trainer.model, args.output_dir)

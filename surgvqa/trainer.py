@@ -127,8 +127,8 @@ class VQATrainer(Trainer):
         return self.optimizer
 
     def get_eval_dataloader(self, eval_dataset=None):
-        """With ``eval_collator``: evaluation batches through their own collator, so evaluation items never take
-        the training collator's cache bound (and carry no ``media_ids``)."""
+        """With ``eval_collator``: evaluation batches through their own collator (evaluation items carry no
+        ``media_ids``)."""
         args = self.args
         if self.eval_collator is None:
             return super().get_eval_dataloader(eval_dataset)

@@ -14,7 +14,8 @@ from surgvqa.data import MediaConfig, SurgicalVQADataset, load_samples
 
 
 def _items_and_collator(model_dir, test_set, audio_dir, n: int, token_kept_ratio: float = 1.0):
-    """``n`` dataset items and a caching collator (it sets ``media_ids``)."""
+    """``n`` dataset items carrying their index (as EncodedDataset passes them on) and a collator (it sets
+    ``media_ids`` from the indices)."""
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -23,14 +24,13 @@ def _items_and_collator(model_dir, test_set, audio_dir, n: int, token_kept_ratio
     samples, problems = load_samples(test_set / "in_002-001.jsonl", config)
     assert not problems
     dataset = SurgicalVQADataset(samples[:n], config)
-    collator = VQACollator(processor, question_modality="text+audio", frame_size=56, encoding_cache_gb=1,
-                           token_kept_ratio=token_kept_ratio)
-    return [dataset[i] for i in range(n)], collator
+    collator = VQACollator(processor, question_modality="text+audio", frame_size=56, token_kept_ratio=token_kept_ratio)
+    return [dataset[i] | {"index": i} for i in range(n)], collator
 
 
 @pytest.fixture(scope="module")
 def batches(tiny_model_dir, test_set, audio_dir):
-    """Two batches of the same items in other compositions (media_ids set by a caching collator)."""
+    """Two batches of the same items in other compositions (with their media_ids)."""
     items, collator = _items_and_collator(tiny_model_dir, test_set, audio_dir, 4)
     return collator(items), collator([items[2], items[0], items[3]])
 
@@ -107,12 +107,43 @@ def test_trainable_or_dropping_towers_are_not_cached(tiny_model_dir, batches):
 
 
 def test_each_family_keeps_tower_outputs_or_says_it_does_not(tiny_model_dir, caplog):
-    model = get_backbone("qwen2_5_omni").load(str(tiny_model_dir), LoadOptions(dtype="float32"))
-    assert get_backbone("qwen2_5_omni").keep_tower_outputs(model, 0.5) and model.tower_cache.max_bytes == 1 << 29
-    assert not get_backbone("qwen2_5_omni").keep_tower_outputs(model, 0) and not caplog.records
-    with caplog.at_level("INFO"):
-        assert not get_backbone("qwen_vl_whisper").keep_tower_outputs(torch.nn.Linear(1, 1), 2.0)
+    from surgvqa.errors import UserError
+
+    omni = get_backbone("qwen2_5_omni")
+    model = omni.load(str(tiny_model_dir), LoadOptions(dtype="float32"))
+    assert omni.keep_tower_outputs(model, 0.5) and model.tower_cache.max_bytes == 1 << 29
+    assert omni.keep_tower_outputs(model, None, default_gb=0.25) and model.tower_cache.max_bytes == 1 << 28
+    assert not omni.keep_tower_outputs(model, 0) and not caplog.records and model.tower_cache is None  # dropped
+    graft = get_backbone("qwen_vl_whisper")
+    with caplog.at_level("INFO"):  # the default on a family without kept outputs: off, said in the log
+        assert not graft.keep_tower_outputs(torch.nn.Linear(1, 1), None, default_gb=2.0)
     assert "backbone qwen_vl_whisper keeps no frozen tower outputs" in caplog.text
+    assert not graft.keep_tower_outputs(torch.nn.Linear(1, 1), 0)
+    for name in ("qwen_vl_whisper", "qwen3_omni_moe"):  # asked for explicitly: refused, naming the family
+        with pytest.raises(UserError, match=f"backbone '{name}' keeps no frozen tower outputs: drop --tower_cache_gb"):
+            get_backbone(name).keep_tower_outputs(torch.nn.Linear(1, 1), 1.0)
+        get_backbone(name).check_tower_cache(None)
+
+
+def test_position_cache_is_bounded():
+    """The M-RoPE positions count against the tower cache's bound: rows beyond it are computed, not kept."""
+    calls = []
+
+    def rope(ids, mask):
+        calls.append(1)
+        return torch.arange(ids.numel() * 3).reshape(3, *ids.shape), torch.zeros(ids.shape[0], 1, dtype=torch.long)
+
+    ids, mask = torch.arange(20).reshape(2, 10), torch.ones(2, 10, dtype=torch.long)
+    one_row = 3 * 10 * 8 + 8  # positions (3 x 10 int64) and a delta of one row
+    cache = EncoderOutputCache(one_row + one_row // 2)
+    cache.rope_index([1, 2], ids, mask, rope)
+    assert len(cache.positions) == 1 and cache.bytes == one_row <= cache.max_bytes
+    cache.rope_index([1, 2], ids, mask, rope)  # row 2 was not kept: the rope index runs again
+    assert len(calls) == 2 and len(cache.positions) == 1
+    full = EncoderOutputCache(1 << 20)
+    expected, _ = full.rope_index([1, 2], ids, mask, rope)
+    positions, _ = full.rope_index([1, 2], ids, mask, rope)  # both rows kept: served
+    assert len(calls) == 3 and torch.equal(positions, expected)
 
 
 def test_kept_encoder_outputs_under_token_merging(tiny_model_dir, test_set, audio_dir):

@@ -80,11 +80,35 @@ def test_misses_when_the_file_or_a_setting_changes(tmp_path):
     os.replace(replacement, path)
     cache.get(path, ("frame", 56), lambda: decode(path))
     assert decode.calls == 3
-    # a changed decoder (media.py or a library version) changes the key
+    # a changed decoder (a library version, or surgvqa's decode revision) changes the key
     other = open_frame_cache("disk", tmp_path / "cache")
     other.fingerprint = "another-decoder"
     other.get(path, ("frame", 56), lambda: decode(path))
     assert decode.calls == 4
+
+
+def test_the_key_is_built_from_decoder_versions_and_resize_settings(tmp_path, monkeypatch):
+    """The frame cache's key changes when a decoding library's version (Pillow, PyAV, numpy, ...) or surgvqa's
+    decode revision changes, or when the resize settings do; not when surgvqa's source text does."""
+    import surgvqa.frame_cache as frame_cache
+    import surgvqa.media as media
+
+    versions = frame_cache.decoder_versions()
+    assert {"pillow", "av", "numpy", "surgvqa.media"} <= set(versions)
+    base = frame_cache.decoder_fingerprint(versions)
+    for name in ("pillow", "av", "numpy", "surgvqa.media"):
+        assert frame_cache.decoder_fingerprint({**versions, name: versions[name] + ".1"}) != base, name
+    with monkeypatch.context() as patch:
+        patch.setattr(media, "DECODE_REVISION", media.DECODE_REVISION + 1)
+        assert frame_cache.decoder_fingerprint() != base
+    monkeypatch.setattr(frame_cache, "decoder_versions", lambda: {**versions, "av": "0.0.0"})
+    path = _jpeg(tmp_path / "f.jpg", seed=1)
+    old = open_frame_cache("memory")
+    monkeypatch.setattr(frame_cache, "decoder_versions", lambda: versions)
+    new = open_frame_cache("memory")
+    assert new.fingerprint == base != old.fingerprint
+    assert new.key(path, ("frame", 56, 28)) != old.key(path, ("frame", 56, 28))
+    assert new.key(path, ("frame", 56, 28)) != new.key(path, ("frame", 84, 28)) != new.key(path, ("frame", 84, 32))
 
 
 def test_missing_file_raises_the_decoders_error_and_caches_nothing(tmp_path):

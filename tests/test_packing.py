@@ -112,10 +112,13 @@ def _assert_same(expected, got):
         torch.testing.assert_close(grads_b[name], grads_a[name], **GRAD_TOL, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def _batches(processor, items, modality: str, ratio: float = 1.0, cache_gb: float = 0.0) -> tuple[dict, dict]:
-    """The unpacked batch of the items and the same items packed as :data:`PACKS`."""
+def _batches(processor, items, modality: str, ratio: float = 1.0, indexed: bool = False) -> tuple[dict, dict]:
+    """The unpacked batch of the items and the same items packed as :data:`PACKS`; ``indexed``: the items carry
+    their dataset index, as training's items do (the batch's ``media_ids``, for kept tower outputs)."""
     collator = VQACollator(processor, question_modality=modality, frame_size=56, mode="train",
-                           token_kept_ratio=ratio, encoding_cache_gb=cache_gb)
+                           token_kept_ratio=ratio)
+    if indexed:
+        items = [{**item, "index": i} for i, item in enumerate(items)]
     plain = collator(items)
     packed = PackingCollator(collator)([[items[i] for i in pack] for pack in PACKS])
     return plain, packed
@@ -167,7 +170,7 @@ def test_kept_tower_outputs_serve_packed_rows(tiny_model_dir, items):
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
-    plain, packed = _batches(processor, items, "text+audio", cache_gb=1.0)
+    plain, packed = _batches(processor, items, "text+audio", indexed=True)
     assert packed["media_ids"].shape == (len(ORDER),)
     model = _model(tiny_model_dir)
     expected = _step(model, {k: v for k, v in plain.items() if k != "media_ids"})

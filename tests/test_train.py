@@ -285,6 +285,31 @@ def test_a_run_record_without_fingerprints_still_resumes(tmp_path, caplog):
     assert "records no fingerprints" in caplog.text
 
 
+def test_a_cache_location_is_recorded_but_not_part_of_the_run(tiny_model_dir, test_set, tmp_path):
+    """Where the frame cache is goes into the record (evaluation reuses it), not into what makes two invocations
+    the same run: a resume with the cache elsewhere (or none) is the same run; a changed setting is not."""
+    import dataclasses
+
+    from surgvqa.rundir import RunDirError, check_same_run, plan_output_dir
+    from surgvqa.train import build_run_config, frame_cache_record, run_identity
+
+    model_args, data_args, lora_args, args = parse_args(_args(tiny_model_dir, test_set, tmp_path / "run"))
+    config = build_run_config(model_args, data_args, lora_args, "qwen2_5_omni", args)
+    here = dataclasses.replace(config, frame_cache={"mode": "disk", "dir": str(tmp_path / "a")})
+    there = dataclasses.replace(config, frame_cache={"mode": "disk", "dir": str(tmp_path / "b")})
+    assert run_identity(here) == run_identity(there) == run_identity(config) and "frame_cache" not in run_identity(here)
+    assert frame_cache_record(None) == {"mode": "none", "dir": None}
+    out = tmp_path / "run"
+    _complete_checkpoint(out, 1)
+    here.write(out)
+    plan = plan_output_dir(out, "auto", False)
+    assert plan.recorded["frame_cache"]["dir"] == str(tmp_path / "a")
+    check_same_run(plan, run_identity(there))  # the cache moved: the same run
+    with pytest.raises(RunDirError, match="learning_rate"):
+        check_same_run(plan, run_identity(dataclasses.replace(
+            there, training={**there.training, "learning_rate": 0.5})))
+
+
 def test_a_run_directory_of_the_previous_release_resumes(tiny_model_dir, test_set, tmp_path, caplog):
     """A run record as an earlier release wrote it (schema 1: no input fingerprints, no LoRA variant settings,
     ``media``, ``system_prompt`` and ``token_kept_ratio`` apart, no ``num_video_frames``) resumes: the settings it

@@ -210,16 +210,23 @@ class Backbone:
             raise UserError(f"--packing: backbone {self.name!r} cannot pack samples into rows (its model has no "
                             "code path giving each packed sample its own positions and attention); drop --packing")
 
-    def keep_tower_outputs(self, model, max_gb: float) -> bool:
-        """Keep the frozen towers' outputs of training items, up to ``max_gb``, for the forward calls of ``model``
-        that name their items (``media_ids``); whether they are kept (a family that cannot says so in the log)."""
-        if max_gb > 0 and not self.keeps_tower_outputs:
-            logger.info("backbone %s keeps no frozen tower outputs: the encoding cache bound applies to the kept "
-                        "processor outputs only", self.name)
-        if max_gb <= 0 or not self.keeps_tower_outputs:
+    def check_tower_cache(self, max_gb: float | None) -> None:
+        """Refuse ``--tower_cache_gb`` > 0 asked of a family whose model keeps no tower outputs."""
+        if max_gb and max_gb > 0 and not self.keeps_tower_outputs:
+            raise UserError(f"backbone {self.name!r} keeps no frozen tower outputs: drop --tower_cache_gb (or 0)")
+
+    def keep_tower_outputs(self, model, max_gb: float | None, default_gb: float = 0.0) -> bool:
+        """Keep the frozen towers' outputs and M-RoPE positions of training items up to ``max_gb`` (None:
+        ``default_gb``, said in the log by a family that keeps none) for the forward calls of ``model`` naming their
+        items (``media_ids``); whether they are kept. 0 drops what ``model`` kept."""
+        self.check_tower_cache(max_gb)
+        bound = default_gb if max_gb is None else max_gb
+        if bound > 0 and not self.keeps_tower_outputs:
+            logger.info("backbone %s keeps no frozen tower outputs: its towers run on every batch", self.name)
+        if not self.keeps_tower_outputs:
             return False
-        unwrap(model).tower_cache = EncoderOutputCache(int(max_gb * 1024**3))
-        return True
+        unwrap(model).tower_cache = EncoderOutputCache(int(bound * 1024**3)) if bound > 0 else None
+        return bound > 0
 
     def describe(self, model) -> str:
         """One line saying what ``model`` is, for logs and evaluation output."""

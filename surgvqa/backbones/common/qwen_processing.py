@@ -224,7 +224,7 @@ class QwenProcessing:
         placeholders = 1 if self.frames_as == "video" else num_frames
         return {"video": video, "image": image, "added": video + image - placeholders}
 
-    # -- one item's share of a batch (the collator's encoding cache) -----------------------------------------
+    # -- one item's share of a batch (item encodings kept by surgvqa.encoded) -----------------------------
     @property
     def _row_keys(self) -> tuple[str, ...]:
         return ("pixel_values_videos", "video_grid_thw", *self.clock_keys, "pixel_values", "image_grid_thw")

@@ -3,14 +3,14 @@
 With LoRA on the language model only, the towers are frozen and deterministic (no trainable parameter, no dropout):
 an item's frames and spoken question give the same embeddings every epoch. A family's model class that holds an
 :class:`EncoderOutputCache` (its ``tower_cache``) asks it in its forward pass when the batch names its items
-(``media_ids``, a hash of what each item is made of, see :func:`surgvqa.collate.media_id`): items whose outputs are
-kept are served from memory, a batch with any item not kept runs the tower as usual and keeps each item's share.
+(``media_ids``: the rows' indices in the training set, :mod:`surgvqa.encoded`): items whose outputs are kept are
+served from memory, a batch with any item not kept runs the tower as usual and keeps each item's share.
 The language model is shown the embeddings the tower made of the same pixels and samples. The M-RoPE position ids
 of each row (a Python loop over the tokens in ``get_rope_index``) are kept the same way.
 
 A tower that is trainable (vision LoRA, a trained projector inside it) or has a dropout probability above 0 while in
-training mode is never cached (:func:`deterministic_frozen`). Outputs are kept on the CPU (bounded by ``max_bytes``)
-and moved back to the model's device when used.
+training mode is never cached (:func:`deterministic_frozen`). Outputs and positions are kept on the CPU, bounded
+together by ``max_bytes``, and moved back to the model's device when used.
 """
 
 from __future__ import annotations
@@ -39,14 +39,14 @@ def deterministic_frozen(tower: torch.nn.Module) -> bool:
 
 
 class EncoderOutputCache:
-    """Per item and tower: the tower's output rows (CPU tensors), added while under ``max_bytes``; per item and row
-    of tokens: its M-RoPE positions."""
+    """Per item and tower: the tower's output rows (CPU tensors); per item and row of tokens: its M-RoPE positions;
+    both added while their bytes together stay under ``max_bytes``."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.bytes = 0
         self.entries: dict[tuple[str, int], torch.Tensor] = {}
-        #: (item, hash of the row's real tokens) -> (M-RoPE positions of those tokens, delta): a few KB per item
+        #: (item, hash of the row's real tokens) -> (M-RoPE positions of those tokens, delta): a few KB per row
         self.positions: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.hits = 0
         self.misses = 0
@@ -62,11 +62,15 @@ class EncoderOutputCache:
         self.misses += 1
         parts = run()
         for i, part in zip(ids, parts, strict=True):
-            size = part.numel() * part.element_size()
-            if (kind, i) not in self.entries and self.bytes + size <= self.max_bytes:
+            if (kind, i) not in self.entries and self._fits(part):
                 self.entries[(kind, i)] = part.detach().to("cpu", copy=True)
-                self.bytes += size
         return parts
+
+    def _fits(self, *tensors: torch.Tensor) -> bool:  # counted when they fit
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        fits = self.bytes + size <= self.max_bytes
+        self.bytes += size if fits else 0
+        return fits
 
     def rope_index(self, ids: list[int], input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    run: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -87,7 +91,9 @@ class EncoderOutputCache:
         positions, deltas = run(input_ids, attention_mask)
         if positions.shape == (3, *input_ids.shape) and deltas.shape[0] == len(ids):
             for row, key in enumerate(keys):
-                self.positions.setdefault(key, (positions[:, row, real[row]].cpu(), deltas[row].cpu()))
+                kept = (positions[:, row, real[row]].cpu(), deltas[row].cpu())
+                if key not in self.positions and self._fits(*kept):
+                    self.positions[key] = kept
         return positions, deltas
 
 
