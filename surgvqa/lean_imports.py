@@ -36,27 +36,33 @@ def skip_bitsandbytes(needed: bool) -> bool:
     return True
 
 
-def skip_deepspeed(argv: list[str]) -> bool:
-    """Block ``import deepspeed`` for a training process that does not use it; True when it is now blocked.
-
-    Where DeepSpeed is installed, accelerate imports it (with its CPU-Adam ops and ``deepspeed.comm``, ~20 MiB
-    resident) to unwrap the model the first time the Trainer asks, whether or not the run uses DeepSpeed. Used: a
-    ``--deepspeed`` flag, a ``deepspeed`` key in a YAML/JSON config given first, or ``accelerate launch`` with a
-    DeepSpeed config (``ACCELERATE_USE_DEEPSPEED``).
-    """
-    needed = (os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes")
-              or any(arg == "--deepspeed" or arg.startswith("--deepspeed=") for arg in argv))
-    if not needed and argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
+def needs_deepspeed(argv: list[str]) -> bool:
+    """Whether a training command uses DeepSpeed: a ``--deepspeed`` flag, a ``deepspeed`` key in a YAML/JSON config
+    given first, or ``accelerate launch`` with a DeepSpeed config (``ACCELERATE_USE_DEEPSPEED``)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes"):
+        return True
+    if any(arg == "--deepspeed" or arg.startswith("--deepspeed=") for arg in argv):
+        return True
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
         try:
             import yaml
 
             values = yaml.safe_load(Path(argv[0]).read_text())  # JSON is YAML
-            needed = not isinstance(values, dict) or bool(values.get("deepspeed"))
         except Exception:  # unreadable: the real parser reports it; keep DeepSpeed importable meanwhile
-            needed = True
+            return True
+        return not isinstance(values, dict) or bool(values.get("deepspeed"))
+    return False
+
+
+def skip_deepspeed(needed: bool) -> bool:
+    """Block ``import deepspeed`` for this process unless ``needed``; True when it is now blocked.
+
+    Where DeepSpeed is installed, accelerate imports it (with its CPU-Adam ops and ``deepspeed.comm``, ~20 MiB
+    resident) the first time the Trainer unwraps the model, whether or not the run uses DeepSpeed.
+    """
     if needed or "deepspeed" in sys.modules:
         return sys.modules.get("deepspeed", False) is None
-    sys.modules["deepspeed"] = None  # as for bitsandbytes: find_spec() returns None, "not installed" paths
+    sys.modules["deepspeed"] = None  # as for bitsandbytes: find_spec() returns None, "not installed" paths taken
     return True
 
 

@@ -39,7 +39,7 @@ from surgvqa.data import DataError, MediaConfig, Problem, Sample, SurgicalVQADat
 from surgvqa.encoded import EncodedDataset, run_reads
 from surgvqa.errors import UserError, run_main
 from surgvqa.frame_cache import open_frame_cache
-from surgvqa.lean_imports import skip_bitsandbytes, skip_deepspeed
+from surgvqa.lean_imports import needs_deepspeed, skip_bitsandbytes, skip_deepspeed
 from surgvqa.lora import changes_base, init_loftq, save_converted, save_initial_adapter
 from surgvqa.lora import config_kwargs as lora_variant_kwargs
 from surgvqa.metrics import build_candidates
@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
         skip_bitsandbytes(needs_bitsandbytes(argv))
-        skip_deepspeed(argv)
+        skip_deepspeed(needs_deepspeed(argv))
     return run_main(lambda: train(*parse_args(argv)), logs=True)
 
 
