@@ -15,7 +15,6 @@ arguments that nothing is quantized: a library caller's process is never changed
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -65,24 +64,6 @@ def skip_deepspeed(needed: bool) -> bool:
         return sys.modules.get("deepspeed", False) is None
     sys.modules["deepspeed"] = None  # as for bitsandbytes: find_spec() returns None, "not installed" paths taken
     return True
-
-
-MMAP_THRESHOLD = 128 * 1024  # glibc's starting value, kept fixed
-
-
-def mmap_large_allocations() -> bool:
-    """Keep glibc serving allocations of 128 KiB and more with their own ``mmap``, returned to the system on free;
-    True when set (glibc), False elsewhere.
-
-    glibc raises that threshold each time such a block is freed (up to 32 MiB): after a few steps torch's
-    activation and gradient buffers come from the heaps instead, whose freed space is kept and fragments. Fixed,
-    a CPU training run's peak resident memory is ~50 MiB lower. Same values computed, only where they live changes.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD; 1 on success
-    except (OSError, AttributeError):  # not glibc
-        return False
 
 
 def checkpoint_needs_bitsandbytes(path: str | Path | None) -> bool:
