@@ -6,7 +6,8 @@
     python train_vqa.py config.yaml
 """
 
+from surgvqa.lean_imports import exit_without_teardown
 from surgvqa.train import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_without_teardown(main())

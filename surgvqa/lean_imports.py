@@ -1,4 +1,6 @@
-"""Start-up: keep bitsandbytes out of a process that quantizes nothing.
+"""Start-up and exit: keep bitsandbytes out of a process that quantizes nothing (and DeepSpeed out of one that does
+not use it, :func:`skip_deepspeed`); end a finished command without the interpreter's teardown
+(:func:`exit_without_teardown`).
 
 peft imports bitsandbytes whenever it is installed (``peft/helpers.py``), and transformers imports peft with
 ``TrainingArguments``; bitsandbytes in turn imports ``torch._inductor`` (torch.compile) and starts its compile worker
@@ -12,10 +14,13 @@ arguments that nothing is quantized: a library caller's process is never changed
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +33,36 @@ def skip_bitsandbytes(needed: bool) -> bool:
     if needed or "bitsandbytes" in sys.modules or "peft" in sys.modules:
         return sys.modules.get("bitsandbytes", False) is None
     sys.modules["bitsandbytes"] = None  # importlib: "import of bitsandbytes halted"; find_spec() returns None
+    return True
+
+
+def needs_deepspeed(argv: list[str]) -> bool:
+    """Whether a training command uses DeepSpeed: a ``--deepspeed`` flag, a ``deepspeed`` key in a YAML/JSON config
+    given first, or ``accelerate launch`` with a DeepSpeed config (``ACCELERATE_USE_DEEPSPEED``)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes"):
+        return True
+    if any(arg == "--deepspeed" or arg.startswith("--deepspeed=") for arg in argv):
+        return True
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
+        try:
+            import yaml
+
+            values = yaml.safe_load(Path(argv[0]).read_text())  # JSON is YAML
+        except Exception:  # unreadable: the real parser reports it; keep DeepSpeed importable meanwhile
+            return True
+        return not isinstance(values, dict) or bool(values.get("deepspeed"))
+    return False
+
+
+def skip_deepspeed(needed: bool) -> bool:
+    """Block ``import deepspeed`` for this process unless ``needed``; True when it is now blocked.
+
+    Where DeepSpeed is installed, accelerate imports it (with its CPU-Adam ops and ``deepspeed.comm``, ~20 MiB
+    resident) the first time the Trainer unwraps the model, whether or not the run uses DeepSpeed.
+    """
+    if needed or "deepspeed" in sys.modules:
+        return sys.modules.get("deepspeed", False) is None
+    sys.modules["deepspeed"] = None  # as for bitsandbytes: find_spec() returns None, "not installed" paths taken
     return True
 
 
@@ -51,3 +86,25 @@ def checkpoint_needs_bitsandbytes(path: str | Path | None) -> bool:
         if base and base != str(path) and Path(base).is_dir() and checkpoint_needs_bitsandbytes(base):
             return True
     return False
+
+
+def exit_without_teardown(status: int) -> NoReturn:
+    """End a command-line process with ``status`` once its work is done, skipping the interpreter's teardown.
+
+    Why: tearing down a process that imported torch runs the static destructors of the CUDA libraries torch loads
+    (even on CPU), which page in ~130 MiB of library code: the process's peak resident memory was often that exit,
+    not training. What a normal exit does for a finished command still happens here, in its order: non-daemon
+    threads are joined, ``atexit`` handlers run, the standard streams are flushed. Only entry points call this.
+    """
+    import atexit
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed or broken stream: nothing left to flush
+            stream.flush()
+    os._exit(status)

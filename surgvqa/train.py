@@ -39,7 +39,7 @@ from surgvqa.data import DataError, MediaConfig, Problem, Sample, SurgicalVQADat
 from surgvqa.encoded import EncodedDataset, run_reads
 from surgvqa.errors import UserError, run_main
 from surgvqa.frame_cache import open_frame_cache
-from surgvqa.lean_imports import skip_bitsandbytes
+from surgvqa.lean_imports import needs_deepspeed, skip_bitsandbytes, skip_deepspeed
 from surgvqa.lora import changes_base, init_loftq, save_converted, save_initial_adapter
 from surgvqa.lora import config_kwargs as lora_variant_kwargs
 from surgvqa.metrics import build_candidates
@@ -507,12 +507,13 @@ def plot_training_curves(log_history: list[dict], png_path: Path) -> Path | None
 def main(argv: list[str] | None = None) -> int:
     """``train_vqa.py``: 0 trained; 2 a user error (bad flag, missing file, bad data), printed as ``error: …``.
 
-    ``argv`` None reads ``sys.argv``; only then is bitsandbytes kept out of an unquantized process
-    (:mod:`surgvqa.lean_imports`).
+    ``argv`` None reads ``sys.argv``; only then is bitsandbytes kept out of an unquantized process, and DeepSpeed out
+    of one that does not use it (:mod:`surgvqa.lean_imports`).
     """
     if argv is None:
         argv = sys.argv[1:]
         skip_bitsandbytes(needs_bitsandbytes(argv))
+        skip_deepspeed(needs_deepspeed(argv))
     return run_main(lambda: train(*parse_args(argv)), logs=True)
 
 
