@@ -6,8 +6,7 @@
     python train_vqa.py config.yaml
 """
 
-from surgvqa.lean_imports import exit_without_teardown
 from surgvqa.train import main
 
 if __name__ == "__main__":
-    exit_without_teardown(main())
+    raise SystemExit(main())

@@ -1,6 +1,5 @@
-"""Start-up and exit: keep bitsandbytes out of a process that quantizes nothing (and DeepSpeed out of one that does
-not use it, :func:`skip_deepspeed`); end a finished command without the interpreter's teardown
-(:func:`exit_without_teardown`).
+"""Start-up: keep bitsandbytes out of a process that quantizes nothing (and DeepSpeed out of one that does not use
+it, :func:`skip_deepspeed`).
 
 peft imports bitsandbytes whenever it is installed (``peft/helpers.py``), and transformers imports peft with
 ``TrainingArguments``; bitsandbytes in turn imports ``torch._inductor`` (torch.compile) and starts its compile worker
@@ -14,13 +13,11 @@ arguments that nothing is quantized: a library caller's process is never changed
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 logger = logging.getLogger(__name__)
 
@@ -87,24 +84,3 @@ def checkpoint_needs_bitsandbytes(path: str | Path | None) -> bool:
             return True
     return False
 
-
-def exit_without_teardown(status: int) -> NoReturn:
-    """End a command-line process with ``status`` once its work is done, skipping the interpreter's teardown.
-
-    Why: tearing down a process that imported torch runs the static destructors of the CUDA libraries torch loads
-    (even on CPU), which page in ~130 MiB of library code: the process's peak resident memory was often that exit,
-    not training. What a normal exit does for a finished command still happens here, in its order: non-daemon
-    threads are joined, ``atexit`` handlers run, the standard streams are flushed. Only entry points call this.
-    """
-    import atexit
-    import threading
-
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):  # a closed or broken stream: nothing left to flush
-            stream.flush()
-    os._exit(status)
