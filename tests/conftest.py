@@ -226,6 +226,33 @@ def audio_dir(tmp_path_factory, test_set) -> Path:
     return root
 
 
+def lora_test_model(model_dir, attention: str = "sdpa", token_kept_ratio: float = 1.0,
+                    gradient_checkpointing: bool = False):
+    """``(backbone, model)``: the tiny Qwen2.5-Omni thinker in fp32 with LoRA r8 on the backbone's targets, seeded,
+    in training mode, with a non-zero B (so the gradients of A are not all zero)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from surgvqa.backbones import get_backbone
+    from surgvqa.backbones.base import LoadOptions
+
+    backbone = get_backbone("qwen2_5_omni")
+    torch.manual_seed(0)
+    model = backbone.load(str(model_dir), LoadOptions(dtype="float32", attn_implementation=attention))
+    backbone.enable_token_merging(model, token_kept_ratio)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=backbone.lora_target_regex,
+                        task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return backbone, model.train()
+
+
 def bnb_cpu_ok(dtype=None) -> bool:
     """Whether bitsandbytes runs a 4-bit linear on this CPU (in ``dtype``, default bf16)."""
     import torch

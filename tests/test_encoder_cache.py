@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import lora_test_model
 
 from surgvqa.backbones import get_backbone
 from surgvqa.backbones.base import LoadOptions
@@ -36,20 +37,7 @@ def batches(tiny_model_dir, test_set, audio_dir):
 
 
 def _model(model_dir, token_kept_ratio: float = 1.0):
-    from peft import LoraConfig, get_peft_model
-
-    backbone = get_backbone("qwen2_5_omni")
-    torch.manual_seed(0)
-    model = backbone.load(str(model_dir), LoadOptions(dtype="float32"))
-    backbone.enable_token_merging(model, token_kept_ratio)
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=backbone.lora_target_regex,
-                        task_type="CAUSAL_LM")
-    model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    return model.train()
+    return lora_test_model(model_dir, token_kept_ratio=token_kept_ratio)[1]
 
 
 def _run(model, batch, cache=None):

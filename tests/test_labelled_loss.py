@@ -7,9 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import lora_test_model
 
-from surgvqa.backbones import get_backbone
-from surgvqa.backbones.base import LoadOptions
 from surgvqa.backbones.common.labelled_logits import labelled_loss, next_token_selection
 from surgvqa.collate import IGNORE_INDEX, VQACollator
 from surgvqa.data import Sample
@@ -30,23 +29,7 @@ def _batch(processor, n: int = 4, modality: str = "text+audio") -> dict:
 
 
 def _lora_model(model_dir, gradient_checkpointing: bool = False):
-    from peft import LoraConfig, get_peft_model
-
-    backbone = get_backbone("qwen2_5_omni")
-    torch.manual_seed(0)
-    model = backbone.load(str(model_dir), LoadOptions(dtype="float32"))
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=backbone.lora_target_regex,
-                        task_type="CAUSAL_LM")
-    model = get_peft_model(model, config)
-    with torch.no_grad():  # a non-zero B, so the gradients of A are not all zero
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    model.train()
-    return backbone, model
+    return lora_test_model(model_dir, gradient_checkpointing=gradient_checkpointing)
 
 
 def _loss_and_grads(model, batch, labelled: bool = False, num_items=None):

@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
+from conftest import lora_test_model
 
 from surgvqa.backbones import get_backbone
-from surgvqa.backbones.base import LoadOptions
 from surgvqa.backbones.common.labelled_logits import labelled_loss, next_token_selection
 from surgvqa.backbones.common.packing import packed_attention, repack, segment_ids, text_positions, unpack
 from surgvqa.backbones.common.tower_cache import EncoderOutputCache
@@ -75,20 +75,7 @@ def items(test_set, audio_dir):
 
 
 def _model(model_dir, ratio: float = 1.0, attention: str = "sdpa"):
-    from peft import LoraConfig, get_peft_model
-
-    backbone = get_backbone("qwen2_5_omni")
-    torch.manual_seed(0)
-    model = backbone.load(str(model_dir), LoadOptions(dtype="float32", attn_implementation=attention))
-    backbone.enable_token_merging(model, ratio)
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=backbone.lora_target_regex,
-                        task_type="CAUSAL_LM")
-    model = get_peft_model(model, config)
-    with torch.no_grad():  # a non-zero B, so the gradients of A are not all zero
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    return model.train()
+    return lora_test_model(model_dir, attention, token_kept_ratio=ratio)[1]
 
 
 def _step(model, batch: dict, labelled: bool = True, **extra) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -202,45 +202,31 @@ def test_deepspeed_flag_without_deepspeed_is_one_error_line(tmp_path, capsys):
         parse_dataclasses(HfArgumentParser(Args), ["--deepspeed", "x.json"])
 
 
-def test_sharding_4bit_weights_is_refused_before_loading(tiny_model_dir, tmp_path, capsys):
+FSDP = ["--fsdp", "--fsdp_config", str(REPO / "configs" / "fsdp2.json")]
+#: `accelerate launch` with a stage-3 DeepSpeed config sets no --deepspeed flag, only its environment
+ZERO3_LAUNCH = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+
+
+@pytest.mark.parametrize("flags,env,message", [
+    (["--load_in_4bit", "True", *FSDP], {},
+     "error: --fsdp with --load_in_4bit: the 4/8-bit weights are stored as uint8"),
+    # the PiSSA/OLoRA conversion at the end runs on one process, which holds only its shard of the weights
+    (["--init_lora_weights", "pissa", *FSDP], {},
+     "error: --init_lora_weights pissa with --fsdp: the final adapter is converted"),
+    (["--load_in_4bit", "True"], ZERO3_LAUNCH, "error: ZeRO-3 with --load_in_4bit: the 4/8-bit weights"),
+], ids=["4bit-fsdp", "pissa-fsdp", "4bit-zero3-accelerate-launch"])
+def test_sharding_refusals_come_before_loading(tiny_model_dir, tmp_path, capsys, monkeypatch, flags, env, message):
+    if env:
+        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'surgvqa[deepspeed]')")
     from surgvqa.train import main
 
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     out = tmp_path / "run"
     code = main(["--model_name_or_path", str(tiny_model_dir), "--train_data_path", "x.jsonl", "--output_dir",
-                 str(out), "--use_cpu", "True", "--load_in_4bit", "True", "--fsdp", "--fsdp_config",
-                 str(REPO / "configs" / "fsdp2.json")])
+                 str(out), "--use_cpu", "True", *flags])
     assert code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: --fsdp with --load_in_4bit: the 4/8-bit weights are stored as uint8")
-    assert not out.exists()
-
-
-def test_pissa_with_sharding_is_refused_before_loading(tiny_model_dir, tmp_path, capsys):
-    """The PiSSA/OLoRA conversion at the end runs on one process, which holds only its shard of the weights."""
-    from surgvqa.train import main
-
-    out = tmp_path / "run"
-    code = main(["--model_name_or_path", str(tiny_model_dir), "--train_data_path", "x.jsonl", "--output_dir",
-                 str(out), "--use_cpu", "True", "--init_lora_weights", "pissa", "--fsdp", "--fsdp_config",
-                 str(REPO / "configs" / "fsdp2.json")])
-    assert code == 2
-    assert capsys.readouterr().err.startswith("error: --init_lora_weights pissa with --fsdp: the final adapter is "
-                                              "converted")
-    assert not out.exists()
-
-
-def test_zero3_from_accelerate_launch_with_4bit_is_refused(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    """`accelerate launch` with a stage-3 DeepSpeed config sets no --deepspeed flag, only its environment."""
-    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'surgvqa[deepspeed]')")
-    from surgvqa.train import main
-
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    out = tmp_path / "run"
-    code = main(["--model_name_or_path", str(tiny_model_dir), "--train_data_path", "x.jsonl", "--output_dir",
-                 str(out), "--use_cpu", "True", "--load_in_4bit", "True"])
-    assert code == 2
-    assert capsys.readouterr().err.startswith("error: ZeRO-3 with --load_in_4bit: the 4/8-bit weights")
+    assert capsys.readouterr().err.startswith(message)
     assert not out.exists()
 
 
