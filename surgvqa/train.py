@@ -431,7 +431,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=data_collator,
-        eval_collator=VQACollator(processor, mode="train", **settings) if eval_dataset is not None else None,
+        eval_collator=train_collator if eval_dataset is not None else None,  # the plain one (never packs)
         processing_class=processor,
         generation_eval=generation_eval,
         labelled_only=model_args.loss_on_labelled_only,
