@@ -288,20 +288,21 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, lora_arg
     model_path = Path(model_args.model_name_or_path)
     if model_path.exists():  # recorded absolute (surgvqa_config.json and PEFT's adapter_config.json)
         model_args.model_name_or_path = str(model_path.resolve())
+    sharding = sharding_of(args)
     if model_args.load_in_4bit or model_args.load_in_8bit:
         if args.fp16:
             raise UserError("QLoRA computes in bf16: use --bf16 True instead of --fp16")
         if lora_args.train_projectors and model_args.load_in_8bit:
             logger.info("projectors stay unquantized under 8-bit loading and are trained in full precision")
-        if sharding_of(args):
+        if sharding:
             raise UserError(
-                f"{sharding_of(args)} with --load_in_{'4' if model_args.load_in_4bit else '8'}bit: the 4/8-bit "
+                f"{sharding} with --load_in_{'4' if model_args.load_in_4bit else '8'}bit: the 4/8-bit "
                 "weights are stored as uint8, which FSDP2 leaves out of sharding (every GPU keeps all of them) and "
                 "ZeRO-3 cannot partition; train 4/8-bit with DDP (torchrun, no --fsdp), or shard bf16 weights "
                 "(--load_in_4bit False)")
-    if sharding_of(args) and changes_base(lora_args.init_lora_weights):
+    if sharding and changes_base(lora_args.init_lora_weights):
         raise UserError(
-            f"--init_lora_weights {lora_args.init_lora_weights} with {sharding_of(args)}: the final adapter is "
+            f"--init_lora_weights {lora_args.init_lora_weights} with {sharding}: the final adapter is "
             "converted to apply to the original base on one process, which holds only its shard of the weights; "
             "train PiSSA/OLoRA with DDP (torchrun, no --fsdp / ZeRO-3) or use --init_lora_weights default")
     check_variants(lora_args, "4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None)
