@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,13 @@ REPO = Path(__file__).resolve().parents[1]
 #: differ by float32 rounding carried through AdamW (measured: 2e-6 after 4 steps, on weights up to 0.09)
 ADAPTER_ATOL = 1e-5
 STEPS = 6
+
+
+def _free_port() -> int:
+    """A port no process listens on now, for torchrun's rendezvous (two test sessions may run at once)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _train_command(tiny_model_dir: Path, test_set: Path, out: Path, port: int, *extra: str) -> list[str]:
@@ -121,7 +129,7 @@ ENGINES = {
 def ddp_run(tiny_model_dir, test_set, tmp_path_factory) -> Path:
     """The reference: two-process DDP, the same steps."""
     out = tmp_path_factory.mktemp("ddp") / "run"
-    _run(_train_command(tiny_model_dir, test_set, out, 29541))
+    _run(_train_command(tiny_model_dir, test_set, out, _free_port()))
     return out
 
 
@@ -134,7 +142,7 @@ def test_sharded_on_two_cpu_processes_killed_and_resumed_equals_ddp(engine, ddp_
                     "(pip install 'surgvqa[deepspeed]')")
     flags, engine_file, kind = ENGINES[engine]
     sharded = tmp_path / engine
-    command = _train_command(tiny_model_dir, test_set, sharded, 29542 + list(ENGINES).index(engine), *flags)
+    command = _train_command(tiny_model_dir, test_set, sharded, _free_port(), *flags)
     log = tmp_path / "killed.log"
     _kill_after_first_checkpoint(command, sharded, log)
     first = log.read_text()
