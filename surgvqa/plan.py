@@ -91,10 +91,10 @@ class Planner:
         self.args = args
         config, checkpoint = read_config(args.model)
         self.layout = layout_for(config, args.backbone)
-        self.config = build_config(config, checkpoint)
+        self.config = build_config(config, checkpoint, args.backbone)
         self.model = meta_model(self.config)
         self.shape = model_shape(self.model)
-        self.processor = load_processor(args, checkpoint, self.layout.backbone)
+        self.processor = load_processor(args, checkpoint, config)
         self.groups = weights(self.model, self.layout, args)
         self.moe = moe_counts(self.model, self.layout, self.groups)
         self.lora = lora_params(self.model, self.layout, args)

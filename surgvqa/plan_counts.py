@@ -11,6 +11,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from surgvqa.memory_model import (
     DTYPE_BYTES,
@@ -24,6 +25,9 @@ from surgvqa.memory_model import (
     parse_bytes,
 )
 from surgvqa.preprocessing import Preprocessing
+
+if TYPE_CHECKING:
+    from surgvqa.backbones.base import PlanLayout as Layout
 
 DEFAULT_QUESTION = "Is the scope advancing or withdrawing in this clip?"
 DEFAULT_ANSWER = "The scope is withdrawing."
@@ -134,22 +138,6 @@ def source_hw(text: str) -> tuple[int, int]:
 
 
 # -------------------------------------------------------------------------------------------------- model
-@dataclass
-class Layout:
-    """Where a model family keeps its parts (full module names) and what LoRA wraps."""
-
-    backbone: str
-    towers: dict[str, str]  # group name → module prefix
-    projectors: tuple[str, ...]
-    lora_target_regex: str
-    quantized_root: str  # bitsandbytes quantizes Linear layers under this prefix ("" = the whole model)
-    quant_skip: tuple[str, ...]  # … except these (relative to quantized_root), as transformers matches them
-    never_quantized: tuple[str, ...] = ()  # loaded beside the quantized part, in the compute dtype
-    fp32_modules: tuple[str, ...] = ()  # kept in fp32 by the loading code
-    always_trained: tuple[str, ...] = ()  # modules_to_save the backbone adds itself
-    experts: tuple[str, ...] = ()  # suffixes of fused MoE expert parameters (stored as the backbone says)
-
-
 def read_config(model: str) -> tuple[dict, Path | None]:
     """The config dict and the checkpoint directory (None for a bare config JSON)."""
     path = Path(model)
@@ -166,96 +154,31 @@ def read_config(model: str) -> tuple[dict, Path | None]:
     raise PlanError(f"--model {model}: no such file or directory")
 
 
+def backbone_to_plan(config: dict, backbone_name: str | None = None):
+    """The backbone named, or the one that plans ``config`` (``Backbone.plans``)."""
+    from surgvqa.backbones import BACKBONES, available, get_backbone
+
+    if backbone_name:
+        return get_backbone(backbone_name)
+    for backbone in BACKBONES.values():
+        if backbone.plans(config):
+            return backbone
+    raise PlanError(f"no backbone plans model_type {config.get('model_type')!r}: pass --backbone "
+                    f"({', '.join(available())}) or a config.json of a checkpoint one of them loads")
+
+
 def layout_for(config: dict, backbone_name: str | None = None) -> Layout:
-    from surgvqa.backbones import get_backbone
-
-    model_type = config.get("model_type")
-    if model_type in ("qwen2_vl", "qwen2_5_vl") and backbone_name in (None, "qwen_vl_whisper"):
-        # a bare Qwen-VL: the graft's VL part, without the Whisper encoder (names relative to the VL model)
-        graft = get_backbone("qwen_vl_whisper")
-
-        def strip(name: str) -> str:
-            return name.removeprefix("vl_model.")
-
-        return Layout(
-            backbone="qwen_vl (the qwen_vl_whisper graft's VL model, no audio)",
-            towers={"vision tower": "model.visual"},
-            projectors=tuple(strip(p) for p in graft.projector_modules if p.startswith("vl_model.")),
-            lora_target_regex=graft.lora_target_regex.replace(r"vl_model\.", "", 1),
-            quantized_root="",
-            quant_skip=("model.visual", "lm_head"),
-        )
-    if backbone_name is None:
-        from surgvqa.backbones import BACKBONES
-
-        matches = [b for b in BACKBONES.values() if b.matches(config)]
-        if not matches:
-            raise PlanError(f"no backbone plans model_type {model_type!r}: pass --backbone "
-                            "(qwen2_5_omni, qwen3_omni_moe, qwen_vl_whisper) or a Qwen2.5-Omni / Qwen3-Omni / Qwen-VL config")
-        backbone = matches[0]
-    else:
-        backbone = get_backbone(backbone_name)
-    towers = {}
-    for prefix in backbone.tower_modules:
-        kind = "audio tower" if ("audio" in prefix) else "vision tower"
-        towers[kind] = prefix
-    if backbone.name == "qwen_vl_whisper":
-        return Layout(
-            backbone=backbone.name, towers=towers, projectors=tuple(backbone.projector_modules),
-            lora_target_regex=backbone.lora_target_regex, quantized_root="vl_model.",
-            quant_skip=("model.visual", "lm_head"), never_quantized=("audio_encoder", "audio_projector"),
-            fp32_modules=("audio_projector",), always_trained=("audio_projector",),
-        )
-    return Layout(
-        backbone=backbone.name, towers=towers, projectors=tuple(backbone.projector_modules),
-        lora_target_regex=backbone.lora_target_regex, quantized_root="",
-        quant_skip=(*backbone.tower_modules, *backbone.projector_modules, "lm_head"),
-        experts=tuple(backbone.expert_parameters),
-    )
+    return backbone_to_plan(config, backbone_name).plan_layout(config)
 
 
-def build_config(config: dict, checkpoint: Path | None):
-    """A transformers config object (offline: from the dict)."""
-    from transformers import CONFIG_MAPPING
-
-    model_type = config.get("model_type")
-    if model_type == "qwen_vl_whisper":
-        from surgvqa.backbones.qwen_vl_whisper.configuration import QwenVLWhisperConfig
-
-        if checkpoint is None:
-            raise PlanError("a qwen_vl_whisper graft is planned from its directory (create_graft writes it)")
-        return QwenVLWhisperConfig.from_pretrained(str(checkpoint))
-    if model_type not in CONFIG_MAPPING:
-        raise PlanError(f"unknown model_type {model_type!r} in the config")
-    data = {k: v for k, v in config.items() if k != "model_type"}
-    built = CONFIG_MAPPING[model_type].from_dict(data)
-    if model_type in ("qwen2_5_omni", "qwen3_omni_moe"):
-        built = built.thinker_config  # the thinker only: the talker is never loaded
-    return built
+def build_config(config: dict, checkpoint: Path | None, backbone_name: str | None = None):
+    """A transformers config object of what the backbone loads (offline: from the dict)."""
+    return backbone_to_plan(config, backbone_name).plan_config(config, checkpoint)
 
 
 def meta_model(config):
     """The model on the meta device: exact shapes, no memory, no weights."""
-    import torch
-    import transformers
-
-    model_type = config.model_type
-    classes = {
-        "qwen2_5_omni_thinker": "Qwen2_5OmniThinkerForConditionalGeneration",
-        "qwen2_vl": "Qwen2VLForConditionalGeneration",
-        "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-        "qwen3_omni_moe_thinker": "Qwen3OmniMoeThinkerForConditionalGeneration",
-    }
-    if model_type == "qwen_vl_whisper":
-        from surgvqa.backbones.qwen_vl_whisper.modeling import QwenVLWhisperForConditionalGeneration
-
-        build = QwenVLWhisperForConditionalGeneration
-    elif model_type in classes:
-        build = getattr(transformers, classes[model_type])._from_config  # imported before the meta context
-    else:
-        raise PlanError(f"the planner builds {', '.join(classes)} and qwen_vl_whisper; got {model_type!r}")
-    with torch.device("meta"):
-        return build(config)
+    return backbone_to_plan({"model_type": config.model_type}).plan_model(config)
 
 
 def model_shape(model) -> Shape:
@@ -502,9 +425,7 @@ def trained_module_params(model, layout: Layout, args: PlanArguments) -> tuple[i
 
 
 # ------------------------------------------------------------------------------------------------- tokens
-def load_processor(args: PlanArguments, checkpoint: Path | None, backbone_name: str):
-    from surgvqa.backbones import get_backbone
-
+def load_processor(args: PlanArguments, checkpoint: Path | None, config: dict):
     where = Path(args.processor) if args.processor else checkpoint
     if where is None or not any((where / f).is_file() for f in (
             "tokenizer_config.json", "tokenizer.json", "processor_config.json", "preprocessor_config.json")):
@@ -513,13 +434,8 @@ def load_processor(args: PlanArguments, checkpoint: Path | None, backbone_name: 
             "the checkpoint you will train or a tiny model with the real Qwen vocabulary, whose token counts equal "
             "the 7B's (python scripts/make_tiny_model.py --vocab qwen --output_dir runs/tiny-omni-qwen)"
         )
-    name = backbone_name if backbone_name in ("qwen2_5_omni", "qwen_vl_whisper", "qwen3_omni_moe") else None
     try:
-        if name is None:  # a bare Qwen-VL
-            from transformers import AutoProcessor
-
-            return AutoProcessor.from_pretrained(str(where))
-        return get_backbone(name).load_processor(str(where))
+        return backbone_to_plan(config, args.backbone).plan_processor(str(where), config)
     except (OSError, ValueError, KeyError) as err:  # e.g. a tokenizer without the image / audio processor
         flag = f"--processor {args.processor}" if args.processor else f"--model {args.model}"
         first = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__

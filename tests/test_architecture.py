@@ -112,3 +112,31 @@ def test_no_model_method_is_patched_at_run_time():
         path = str(file.relative_to(REPO))
         found += runtime_patches(file.read_text(), path)
     assert found == [], "\n".join(found)
+
+
+def _model_types() -> set[str]:
+    from surgvqa.backbones import BACKBONES
+    from surgvqa.backbones.qwen_vl_whisper.constants import VL_CLASSES
+
+    return {*BACKBONES, *(f"{name}_thinker" for name in BACKBONES), *VL_CLASSES}
+
+
+def named_model_types(source: str, path: str, model_types: set[str]) -> list[str]:
+    """String constants equal to a family's model_type: a dispatch on the family outside ``backbones/``."""
+    return [f"{path}:{node.lineno}: {node.value!r}" for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in model_types]
+
+
+def test_the_model_type_finder_sees_a_dispatch():
+    source = 'if config["model_type"] in ("qwen2_5_omni", "qwen2_vl"):\n    """qwen2_5_omni: docs may name it"""\n'
+    assert named_model_types(source, "x.py", _model_types()) == ["x.py:1: 'qwen2_5_omni'", "x.py:1: 'qwen2_vl'"]
+
+
+def test_family_knowledge_stays_in_backbones():
+    """Only ``surgvqa/backbones/`` compares against (or maps) a family's model_type; stages ask a ``Backbone``."""
+    model_types = _model_types()
+    found = []
+    for file in sorted((REPO / "surgvqa").rglob("*.py")):
+        if "backbones" not in file.relative_to(REPO / "surgvqa").parts:
+            found += named_model_types(file.read_text(), str(file.relative_to(REPO)), model_types)
+    assert found == [], "\n".join(found)

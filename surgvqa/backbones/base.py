@@ -9,6 +9,7 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -68,6 +69,22 @@ class LoadOptions:
     @property
     def quantized(self) -> bool:
         return self.load_in_4bit or self.load_in_8bit
+
+
+@dataclass(frozen=True)
+class PlanLayout:
+    """Where the planner (``surgvqa plan``) finds a family's parts (full module names) and what LoRA wraps."""
+
+    backbone: str
+    towers: dict[str, str]  # group name → module prefix
+    projectors: tuple[str, ...]
+    lora_target_regex: str
+    quantized_root: str = ""  # bitsandbytes quantizes Linear layers under this prefix ("" = the whole model)
+    quant_skip: tuple[str, ...] = ()  # … except these (relative to quantized_root), as transformers matches them
+    never_quantized: tuple[str, ...] = ()  # loaded beside the quantized part, in the compute dtype
+    fp32_modules: tuple[str, ...] = ()  # kept in fp32 by the loading code
+    always_trained: tuple[str, ...] = ()  # modules_to_save the backbone adds itself
+    experts: tuple[str, ...] = ()  # suffixes of fused MoE expert parameters (stored as the backbone says)
 
 
 class Backbone:
@@ -227,6 +244,47 @@ class Backbone:
             return False
         unwrap(model).tower_cache = EncoderOutputCache(int(bound * 1024**3)) if bound > 0 else None
         return bound > 0
+
+    # -- the planner (``surgvqa plan``): the model ``load`` would return, built on the meta device from a config
+    #: the sub-config ``load`` takes from a full checkpoint's config (Omni: the thinker's), if any
+    loaded_part: str | None = None
+    #: the transformers class ``plan_model`` builds (the stock class of what ``load`` returns)
+    planned_class: str = ""
+
+    def plans(self, config: dict) -> bool:
+        """Whether ``surgvqa plan`` reads ``config`` (a config.json) as this family's model."""
+        return self.matches(config)
+
+    def plan_layout(self, config: dict) -> PlanLayout:
+        towers = {("audio tower" if "audio" in prefix else "vision tower"): prefix for prefix in self.tower_modules}
+        return PlanLayout(self.name, towers, self.projector_modules, self.lora_target_regex,
+                          quant_skip=(*self.tower_modules, *self.projector_modules, "lm_head"),
+                          experts=self.expert_parameters)
+
+    def plan_config(self, config: dict, checkpoint: Path | None):
+        """The transformers config of what ``load`` loads, built offline from ``config`` (``checkpoint``: its
+        directory, None for a bare config JSON)."""
+        from transformers import CONFIG_MAPPING
+
+        model_type = config.get("model_type")
+        if model_type not in CONFIG_MAPPING:
+            raise UserError(f"unknown model_type {model_type!r} in the config")
+        built = CONFIG_MAPPING[model_type].from_dict({k: v for k, v in config.items() if k != "model_type"})
+        return getattr(built, self.loaded_part) if self.loaded_part and hasattr(built, self.loaded_part) else built
+
+    def plan_model(self, config):
+        """The model on the meta device: exact shapes, no memory, no weights."""
+        import transformers
+
+        if not self.planned_class:
+            raise UserError(f"the planner cannot build {self.name} models")
+        build = getattr(transformers, self.planned_class)._from_config  # imported before the meta context
+        with torch.device("meta"):
+            return build(config)
+
+    def plan_processor(self, path: str, config: dict):
+        """The processor the planner counts tokens with (``path``: a directory holding one)."""
+        return self.load_processor(path)
 
     def describe(self, model) -> str:
         """One line saying what ``model`` is, for logs and evaluation output."""

@@ -25,6 +25,8 @@ class Qwen25Omni(Backbone):
     keeps_tower_outputs = True
     packs_rows = True
     processor_class = "Qwen2_5OmniProcessor"
+    loaded_part = "thinker_config"
+    planned_class = "Qwen2_5OmniThinkerForConditionalGeneration"
 
     def matches(self, config: dict) -> bool:
         return config.get("model_type") in ("qwen2_5_omni", "qwen2_5_omni_thinker")

@@ -47,6 +47,8 @@ class Qwen3OmniMoe(Backbone):
         return experts * nf4_matrix_bytes(rows * cols, self.nf4_blocksize, self.nf4_double_quant)
 
     processor_class = "Qwen3OmniMoeProcessor"
+    loaded_part = "thinker_config"
+    planned_class = "Qwen3OmniMoeThinkerForConditionalGeneration"
 
     def matches(self, config: dict) -> bool:
         return config.get("model_type") in MODEL_TYPES

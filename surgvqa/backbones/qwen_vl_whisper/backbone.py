@@ -10,14 +10,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from surgvqa.backbones.base import Backbone, LoadOptions, check_quantized
+from surgvqa.backbones.base import Backbone, LoadOptions, PlanLayout, check_quantized
 from surgvqa.backbones.base import unwrap as unwrap_model
 from surgvqa.backbones.common.quantization import bnb_config
-from surgvqa.backbones.qwen_vl_whisper.constants import MODEL_TYPE, PROJECTOR_FILE
+from surgvqa.backbones.qwen_vl_whisper.constants import MODEL_TYPE, PROJECTOR_FILE, VL_CLASSES
 from surgvqa.backbones.qwen_vl_whisper.weights import read_projector, resolve_part, write_projector
 from surgvqa.errors import UserError
 
 logger = logging.getLogger(__name__)
+
+#: bare Qwen-VL checkpoints the planner reads as the graft's VL part (no Whisper encoder)
+PLANNED_BARE_VL = ("qwen2_vl", "qwen2_5_vl")
 
 
 class QwenVLWhisper(Backbone):
@@ -69,6 +72,53 @@ class QwenVLWhisper(Backbone):
         from surgvqa.backbones.qwen_vl_whisper.processing import QwenVLWhisperProcessor
 
         return QwenVLWhisperProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+    # -- the planner: a graft directory, or a bare Qwen-VL planned as the graft's VL part
+    def plans(self, config: dict) -> bool:
+        return self.matches(config) or config.get("model_type") in PLANNED_BARE_VL
+
+    def plan_layout(self, config: dict) -> PlanLayout:
+        audio = self.audio_projector_module
+        if config.get("model_type") in PLANNED_BARE_VL:  # names relative to the VL model
+            return PlanLayout(
+                "qwen_vl (the qwen_vl_whisper graft's VL model, no audio)", {"vision tower": "model.visual"},
+                tuple(p.removeprefix("vl_model.") for p in self.projector_modules if p.startswith("vl_model.")),
+                self.lora_target_regex.replace(r"vl_model\.", "", 1), quant_skip=("model.visual", "lm_head"))
+        return PlanLayout(
+            self.name, super().plan_layout(config).towers, self.projector_modules, self.lora_target_regex,
+            quantized_root="vl_model.", quant_skip=("model.visual", "lm_head"),
+            never_quantized=("audio_encoder", audio), fp32_modules=(audio,), always_trained=(audio,))
+
+    def plan_config(self, config: dict, checkpoint: Path | None):
+        if not self.matches(config):
+            return super().plan_config(config, checkpoint)
+        if checkpoint is None:
+            raise UserError("a qwen_vl_whisper graft is planned from its directory (create_graft writes it)")
+        from surgvqa.backbones.qwen_vl_whisper.configuration import QwenVLWhisperConfig
+
+        return QwenVLWhisperConfig.from_pretrained(str(checkpoint))
+
+    def plan_model(self, config):
+        import torch
+        import transformers
+
+        from surgvqa.backbones.qwen_vl_whisper.modeling import QwenVLWhisperForConditionalGeneration
+
+        if config.model_type == MODEL_TYPE:
+            build = QwenVLWhisperForConditionalGeneration
+        elif config.model_type in PLANNED_BARE_VL:
+            build = getattr(transformers, VL_CLASSES[config.model_type])._from_config
+        else:
+            raise UserError(f"the planner builds {MODEL_TYPE} and {', '.join(PLANNED_BARE_VL)}; got {config.model_type!r}")
+        with torch.device("meta"):
+            return build(config)
+
+    def plan_processor(self, path: str, config: dict):
+        if config.get("model_type") in PLANNED_BARE_VL:
+            from transformers import AutoProcessor
+
+            return AutoProcessor.from_pretrained(path)
+        return self.load_processor(path)
 
     def describe(self, model) -> str:
         """One line for logs and evaluation output: parts, stage (merged adapters and their base), audio path."""
