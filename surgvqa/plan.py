@@ -44,6 +44,7 @@ from surgvqa.memory_model import (
 from surgvqa.plan_counts import (
     PlanArguments,
     Tokens,
+    backbone_to_plan,
     build_config,
     dora_norm_elements,
     expert_lora_update_bytes,
@@ -90,11 +91,12 @@ class Planner:
         args.validate()
         self.args = args
         config, checkpoint = read_config(args.model)
-        self.layout = layout_for(config, args.backbone)
-        self.config = build_config(config, checkpoint, args.backbone)
-        self.model = meta_model(self.config)
+        backbone = backbone_to_plan(config, args.backbone)
+        self.layout = backbone.plan_layout(config)
+        self.config = backbone.plan_config(config, checkpoint)
+        self.model = backbone.plan_model(self.config)
         self.shape = model_shape(self.model)
-        self.processor = load_processor(args, checkpoint, config)
+        self.processor = load_processor(args, checkpoint, backbone, config)
         self.groups = weights(self.model, self.layout, args)
         self.moe = moe_counts(self.model, self.layout, self.groups)
         self.lora = lora_params(self.model, self.layout, args)

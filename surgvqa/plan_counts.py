@@ -308,15 +308,15 @@ def shard_units(model, layout: Layout, args: PlanArguments) -> ShardUnits:
     root = total = 0
     seen: set[int] = set()
     for module_name, module in model.named_modules():
+        dtype = "float32" if _skipped(module_name, layout.fp32_modules) else args.dtype
+        parts = module_name.split(".")
+        owner = next((".".join(parts[:i]) for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in units), None)
         for param in module.parameters(recurse=False):
             if id(param) in seen:
                 continue
             seen.add(id(param))
-            dtype = "float32" if _skipped(module_name, layout.fp32_modules) else args.dtype
             nbytes = param.numel() * DTYPE_BYTES[dtype]
             total += param.numel()
-            parts = module_name.split(".")
-            owner = next((".".join(parts[:i]) for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in units), None)
             if owner is None:
                 root += nbytes
             else:
@@ -425,7 +425,8 @@ def trained_module_params(model, layout: Layout, args: PlanArguments) -> tuple[i
 
 
 # ------------------------------------------------------------------------------------------------- tokens
-def load_processor(args: PlanArguments, checkpoint: Path | None, config: dict):
+def load_processor(args: PlanArguments, checkpoint: Path | None, backbone, config: dict):
+    """The processor ``backbone`` plans ``config`` with (``--processor``, else the checkpoint's own)."""
     where = Path(args.processor) if args.processor else checkpoint
     if where is None or not any((where / f).is_file() for f in (
             "tokenizer_config.json", "tokenizer.json", "processor_config.json", "preprocessor_config.json")):
@@ -435,7 +436,7 @@ def load_processor(args: PlanArguments, checkpoint: Path | None, config: dict):
             "the 7B's (python scripts/make_tiny_model.py --vocab qwen --output_dir runs/tiny-omni-qwen)"
         )
     try:
-        return backbone_to_plan(config, args.backbone).plan_processor(str(where), config)
+        return backbone.plan_processor(str(where), config)
     except (OSError, ValueError, KeyError) as err:  # e.g. a tokenizer without the image / audio processor
         flag = f"--processor {args.processor}" if args.processor else f"--model {args.model}"
         first = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
