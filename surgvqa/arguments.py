@@ -22,7 +22,7 @@ from transformers import HfArgumentParser
 from surgvqa.backbones import LoadOptions
 from surgvqa.errors import UserError, existing_dir, existing_file, one_line_errors, parse_dataclasses
 from surgvqa.frame_cache import check_frame_cache_settings
-from surgvqa.lean_imports import checkpoint_needs_bitsandbytes
+from surgvqa.lean_imports import checkpoint_needs_bitsandbytes, is_recipe, recipe_values
 from surgvqa.lora import changes_base, check_variants
 from surgvqa.preprocessing import Preprocessing, PreprocessingOverrides
 from surgvqa.run_config import DEFAULT_MODEL_MAX_LENGTH
@@ -235,11 +235,6 @@ def parse_args(argv: list[str] | None = None) -> ArgumentTuple:
     return parse_dataclasses(parser, argv)
 
 
-def is_recipe(arg: str) -> bool:
-    """Whether a first training argument names a YAML/JSON recipe rather than a flag."""
-    return arg.endswith((".yaml", ".yml", ".json")) and not arg.startswith("-")
-
-
 def read_recipe(path: str) -> dict[str, Any]:
     """The settings of a training recipe, read and checked as training reads them (an unknown key is an error)."""
     return _config_file(make_parser(), path)
@@ -375,10 +370,8 @@ def needs_bitsandbytes(argv: list[str]) -> bool:
     bitsandbytes)."""
     parser = HfArgumentParser((ModelArguments, _Optimizer))
     try:
-        if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
-            import yaml
-
-            values = yaml.safe_load(Path(argv[0]).read_text())  # JSON is YAML
+        if argv and is_recipe(argv[0]):
+            values = recipe_values(argv[0])
             known = {f.name for f in (*dataclasses.fields(ModelArguments), *dataclasses.fields(_Optimizer))}
             parser.set_defaults(**{k: v for k, v in (values or {}).items() if k in known})
             argv = argv[1:]

@@ -33,6 +33,7 @@ from typing import Any
 from surgvqa.clusters import Clustering, clustered_summary
 from surgvqa.errors import UserError, existing_dir, existing_file, one_line_errors, run_main
 from surgvqa.html_report.markup import esc, kv_table, pct
+from surgvqa.lean_imports import is_recipe
 from surgvqa.lora import applies_to_nf4_base
 from surgvqa.metrics import closed_sets, question_type, score_record
 from surgvqa.report import format_ci, read_predictions, read_predictions_meta
@@ -278,8 +279,6 @@ def parse_args(argv: list[str]) -> tuple[CvArguments, list[str]]:
 
 def recipe_of(train_flags: list[str]) -> Path | None:
     """The YAML/JSON recipe the training flags start with (as ``surgvqa train`` reads them), or None."""
-    from surgvqa.arguments import is_recipe
-
     return Path(train_flags[0]) if train_flags and is_recipe(train_flags[0]) else None
 
 

@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -40,15 +41,26 @@ def needs_deepspeed(argv: list[str]) -> bool:
         return True
     if any(arg == "--deepspeed" or arg.startswith("--deepspeed=") for arg in argv):
         return True
-    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
+    if argv and is_recipe(argv[0]):
         try:
-            import yaml
-
-            values = yaml.safe_load(Path(argv[0]).read_text())  # JSON is YAML
+            values = recipe_values(argv[0])
         except Exception:  # unreadable: the real parser reports it; keep DeepSpeed importable meanwhile
             return True
         return not isinstance(values, dict) or bool(values.get("deepspeed"))
     return False
+
+
+def is_recipe(arg: str) -> bool:
+    """Whether a first training argument names a YAML/JSON recipe rather than a flag."""
+    return arg.endswith((".yaml", ".yml", ".json")) and not arg.startswith("-")
+
+
+def recipe_values(path: str) -> Any:
+    """A recipe's contents as YAML reads them (JSON is YAML), unchecked: for the start-up guards, which only look
+    for a few keys; training's parser reads and checks it (``surgvqa.arguments.read_recipe``)."""
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text())
 
 
 def skip_deepspeed(needed: bool) -> bool:

@@ -142,8 +142,9 @@ def build_model(model_args: ModelArguments, lora_args: LoraArguments, args: Trai
     processor = backbone.load_processor(model_args.model_name_or_path, model_args.trust_remote_code)
     original_rows = model.get_input_embeddings().num_embeddings
     report = repair_tokenizer(processor.tokenizer, model)
-    if report.resized_embeddings_to is not None and sharding_of(args):
-        raise UserError(f"{sharding_of(args)}: the tokenizer repair added embedding rows ({original_rows} -> "
+    sharding = sharding_of(args)
+    if report.resized_embeddings_to is not None and sharding:
+        raise UserError(f"{sharding}: the tokenizer repair added embedding rows ({original_rows} -> "
                         f"{report.resized_embeddings_to}), which are saved from the model's weights by one process "
                         "holding only its shard of them; train this base with DDP (torchrun, no --fsdp / ZeRO-3)")
 
