@@ -121,6 +121,7 @@ class Qwen25OmniThinker(StockCheckpoint, Qwen2_5OmniThinkerForConditionalGenerat
                                        lambda full_ids, full_mask: positions_of(full_ids, full_mask)[0])
 
         if packed:  # each sample's own positions (as in a batch of its own), then one attention block per sample
+            packed_lengths = packed_lengths.cpu()  # the layout is read on the host: one device sync per forward
             positions, _ = batch_positions(*unpack(input_ids, packed_lengths))
             positions, deltas = repack(positions, packed_lengths, input_ids.shape[1]), None
             self._pack_attention(inputs, packed_lengths)
