@@ -177,6 +177,14 @@ def qwen3_processor(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir):
+    """The tiny model's processor, loaded once per test module."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_model_dir)
+
+
 @pytest.fixture(scope="session")
 def test_set() -> Path:
     if not (TEST_SET / "in_002-001.jsonl").is_file():
@@ -228,7 +236,7 @@ def audio_dir(tmp_path_factory, test_set) -> Path:
 
 def lora_test_model(model_dir, attention: str = "sdpa", token_kept_ratio: float = 1.0,
                     gradient_checkpointing: bool = False):
-    """``(backbone, model)``: the tiny Qwen2.5-Omni thinker in fp32 with LoRA r8 on the backbone's targets, seeded,
+    """The tiny Qwen2.5-Omni thinker in fp32 with LoRA r8 on the backbone's targets, seeded,
     in training mode, with a non-zero B (so the gradients of A are not all zero)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -250,7 +258,7 @@ def lora_test_model(model_dir, attention: str = "sdpa", token_kept_ratio: float 
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)
-    return backbone, model.train()
+    return model.train()
 
 
 def bnb_cpu_ok(dtype=None) -> bool:

@@ -26,13 +26,6 @@ ANSWERS = [
 
 
 @pytest.fixture(scope="module")
-def processor(tiny_model_dir):
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
 def model(tiny_model_dir):
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 

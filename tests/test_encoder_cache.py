@@ -36,10 +36,6 @@ def batches(tiny_model_dir, test_set, audio_dir):
     return collator(items), collator([items[2], items[0], items[3]])
 
 
-def _model(model_dir, token_kept_ratio: float = 1.0):
-    return lora_test_model(model_dir, token_kept_ratio=token_kept_ratio)[1]
-
-
 def _run(model, batch, cache=None):
     """Loss and LoRA gradients of one step; with ``cache``, the model keeps its tower outputs there."""
     model.zero_grad(set_to_none=True)
@@ -51,7 +47,7 @@ def _run(model, batch, cache=None):
 
 
 def test_same_loss_and_lora_gradients_with_kept_encoder_outputs(tiny_model_dir, batches):
-    model = _model(tiny_model_dir)
+    model = lora_test_model(tiny_model_dir)
     towers = model.base_model.model.model
     runs = {"visual": 0, "audio_tower": 0}
     for name in runs:
@@ -80,7 +76,7 @@ def test_same_loss_and_lora_gradients_with_kept_encoder_outputs(tiny_model_dir, 
 
 
 def test_trainable_or_dropping_towers_are_not_cached(tiny_model_dir, batches):
-    model = _model(tiny_model_dir)
+    model = lora_test_model(tiny_model_dir)
     towers = model.base_model.model.model
     assert deterministic_frozen(towers.visual) and deterministic_frozen(towers.audio_tower)
     towers.audio_tower.config.dropout = 0.1  # functional dropout read from the config
@@ -139,7 +135,7 @@ def test_kept_encoder_outputs_under_token_merging(tiny_model_dir, test_set, audi
     and LoRA gradients as running the towers, at r = 0.5."""
     items, collator = _items_and_collator(tiny_model_dir, test_set, audio_dir, 3, token_kept_ratio=0.5)
     first, second = collator(items), collator([items[2], items[0]])
-    model = _model(tiny_model_dir, token_kept_ratio=0.5)
+    model = lora_test_model(tiny_model_dir, token_kept_ratio=0.5)
     cache = EncoderOutputCache(1 << 30)
     reference = [_run(model, batch) for batch in (first, second)]
     runs = [_run(model, first, cache), _run(model, second, cache)]

@@ -15,13 +15,6 @@ from surgvqa.encoded import EncodedDataset, run_reads
 FRAME = 56
 
 
-@pytest.fixture(scope="module")
-def processor(tiny_model_dir):
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(tiny_model_dir)
-
-
 def _dataset(test_set, audio_dir, modality: str, n: int = 12, **media) -> SurgicalVQADataset:
     config = MediaConfig(frames_dir=str(test_set / "frames"), audio_dir=str(audio_dir), frame_size=FRAME,
                          question_modality=modality, **media)

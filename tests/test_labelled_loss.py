@@ -28,10 +28,6 @@ def _batch(processor, n: int = 4, modality: str = "text+audio") -> dict:
     return VQACollator(processor, question_modality=modality, frame_size=56, mode="train")(items)
 
 
-def _lora_model(model_dir, gradient_checkpointing: bool = False):
-    return lora_test_model(model_dir, gradient_checkpointing=gradient_checkpointing)
-
-
 def _loss_and_grads(model, batch, labelled: bool = False, num_items=None):
     model.zero_grad(set_to_none=True)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -68,7 +64,7 @@ def _assert_same(full, labelled):
 def test_same_loss_and_lora_gradients_as_full_logits(tiny_model_dir, num_items):
     processor = _processor(tiny_model_dir)
     batch = _batch(processor)
-    _, model = _lora_model(tiny_model_dir)
+    model = lora_test_model(tiny_model_dir)
     n = torch.tensor(num_items) if num_items is not None else None
     _assert_same(_loss_and_grads(model, batch, num_items=n), _loss_and_grads(model, batch, True, num_items=n))
 
@@ -76,7 +72,7 @@ def test_same_loss_and_lora_gradients_as_full_logits(tiny_model_dir, num_items):
 def test_same_under_gradient_checkpointing_and_qwen_vocabulary(qwen_vocab_model_dir):
     processor = _processor(qwen_vocab_model_dir)
     batch = _batch(processor, n=3, modality="text")
-    _, model = _lora_model(qwen_vocab_model_dir, gradient_checkpointing=True)
+    model = lora_test_model(qwen_vocab_model_dir, gradient_checkpointing=True)
     assert model.get_output_embeddings().out_features > 150_000
     _assert_same(_loss_and_grads(model, batch), _loss_and_grads(model, batch, True))
 
@@ -84,7 +80,7 @@ def test_same_under_gradient_checkpointing_and_qwen_vocabulary(qwen_vocab_model_
 def test_generation_sees_full_logits_and_a_wrong_mask_is_an_error(tiny_model_dir):
     processor = _processor(tiny_model_dir)
     batch = _batch(processor, n=2)
-    _, model = _lora_model(tiny_model_dir)
+    model = lora_test_model(tiny_model_dir)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         labelled = model(**inputs, logits_mask=next_token_selection(batch["labels"])).logits

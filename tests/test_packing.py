@@ -74,10 +74,6 @@ def items(test_set, audio_dir):
     return [dataset[i] for i in ORDER]
 
 
-def _model(model_dir, ratio: float = 1.0, attention: str = "sdpa"):
-    return lora_test_model(model_dir, attention, token_kept_ratio=ratio)[1]
-
-
 def _step(model, batch: dict, labelled: bool = True, **extra) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss and LoRA gradients of one step: the labelled-only loss (training's default) or the model's own."""
     model.zero_grad(set_to_none=True)
@@ -117,17 +113,15 @@ def _batches(processor, items, modality: str, ratio: float = 1.0, indexed: bool 
     ("text+audio", 0.5, "sdpa"),  # token merging on
     ("text+audio", 1.0, "eager"),
 ])
-def test_same_loss_and_lora_gradients_as_the_unpacked_batch(tiny_model_dir, items, modality, ratio, attention):
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+def test_same_loss_and_lora_gradients_as_the_unpacked_batch(tiny_model_dir, items, processor, modality, ratio,
+                                                             attention):
     plain, packed = _batches(processor, items, modality, ratio)
     lengths = plain["attention_mask"].sum(-1)
     assert len(set(lengths.tolist())) == len(ORDER)  # samples of different lengths
     assert packed["input_ids"].shape[0] == len(PACKS) and packed["packed_lengths"].sum() == lengths.sum()
     assert packed["packed_lengths"].tolist() == [[int(lengths[i]) for i in p] + [0] * (3 - len(p)) for p in PACKS]
     assert int((packed["labels"] != IGNORE_INDEX).sum()) == int((plain["labels"] != IGNORE_INDEX).sum())
-    model = _model(tiny_model_dir, ratio, attention)
+    model = lora_test_model(tiny_model_dir, attention, token_kept_ratio=ratio)
     _assert_same(_step(model, plain), _step(model, packed))
     _assert_same(_step(model, plain, labelled=False), _step(model, packed, labelled=False))
     # the control: the same rows without their layout (one sequence per row, attending across samples) differ
@@ -135,31 +129,25 @@ def test_same_loss_and_lora_gradients_as_the_unpacked_batch(tiny_model_dir, item
     assert abs(float(_step(model, unaware)[0]) - float(_step(model, plain)[0])) > 1e-3
 
 
-def test_flash_attention_layout_isolates_the_samples(tiny_model_dir, items, monkeypatch):
+def test_flash_attention_layout_isolates_the_samples(tiny_model_dir, items, processor, monkeypatch):
     """FlashAttention-2's path (no mask; a text position row restarting at every sample, from which the kernel's
     sequence boundaries are read) checked where it can run here: on SDPA, transformers builds the mask from the same
     text row (its packed-sequence detection), and the loss and gradients are the unpacked batch's."""
-    from transformers import AutoProcessor
-
     import surgvqa.backbones.qwen2_5_omni.modeling as modeling
 
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
     plain, packed = _batches(processor, items, "text+audio")
-    model = _model(tiny_model_dir)
+    model = lora_test_model(tiny_model_dir)
     expected = _step(model, plain)
     monkeypatch.setattr(modeling, "packed_attention", lambda *args: None)  # what it returns for FlashAttention-2
     _assert_same(expected, _step(model, packed))
 
 
-def test_kept_tower_outputs_serve_packed_rows(tiny_model_dir, items):
+def test_kept_tower_outputs_serve_packed_rows(tiny_model_dir, items, processor):
     """The towers run once for the packed batch, then serve it from their kept outputs: the same loss and gradients
     as the unpacked batch every time."""
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
     plain, packed = _batches(processor, items, "text+audio", indexed=True)
     assert packed["media_ids"].shape == (len(ORDER),)
-    model = _model(tiny_model_dir)
+    model = lora_test_model(tiny_model_dir)
     expected = _step(model, {k: v for k, v in plain.items() if k != "media_ids"})
     cache = EncoderOutputCache(1 << 30)
     model.base_model.model.tower_cache = cache  # what Backbone.keep_tower_outputs sets
@@ -168,12 +156,9 @@ def test_kept_tower_outputs_serve_packed_rows(tiny_model_dir, items):
     assert cache.misses == 2 and cache.hits == 2  # video and audio: run once, then kept
 
 
-def test_packed_rows_refuse_generation_inputs(tiny_model_dir, items):
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+def test_packed_rows_refuse_generation_inputs(tiny_model_dir, items, processor):
     _, packed = _batches(processor, items, "text")
-    model = _model(tiny_model_dir)
+    model = lora_test_model(tiny_model_dir)
     inputs = {k: v for k, v in packed.items() if k != "labels"}
     with pytest.raises(ValueError, match="training forwards only"):
         model(**inputs, use_cache=True)
@@ -181,10 +166,7 @@ def test_packed_rows_refuse_generation_inputs(tiny_model_dir, items):
         PackingCollator(VQACollator(processor, frame_size=56, mode="generate"))
 
 
-def test_a_pack_over_the_length_limit_is_an_error(tiny_model_dir, items):
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+def test_a_pack_over_the_length_limit_is_an_error(tiny_model_dir, items, processor):
     lengths = VQACollator(processor, frame_size=56)(items[:2])["attention_mask"].sum(-1).tolist()
     limit = int(sum(lengths)) - 1  # each sample fits, the two together do not
     packer = PackingCollator(VQACollator(processor, frame_size=56, model_max_length=limit))
@@ -195,7 +177,8 @@ def test_a_pack_over_the_length_limit_is_an_error(tiny_model_dir, items):
 
 # ------------------------------------------------------------------------------------------------------- training
 def test_training_packs_records_the_flag_and_evaluates_unpacked(tiny_model_dir, test_set, tmp_path, caplog):
-    from surgvqa.train import main as train_main
+    from surgvqa.arguments import parse_args
+    from surgvqa.train import train
 
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join((test_set / "in_002-001.jsonl").read_text().splitlines()[:10]) + "\n")
@@ -207,7 +190,7 @@ def test_training_packs_records_the_flag_and_evaluates_unpacked(tiny_model_dir, 
              "--eval_strategy", "epoch", "--save_strategy", "no", "--logging_steps", "1", "--use_cpu", "True",
              "--seed", "0", "--disable_tqdm", "True", "--report_to", "none", "--packing", "True"]
     with caplog.at_level("INFO", logger="surgvqa.train"):
-        assert train_main(flags) == 0
+        trainer = train(*parse_args(flags))["trainer"]
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("packing:"))
     rows = int(line.split(" in ")[1].split()[0])
     assert line.startswith("packing: 10 samples in") and 1 < rows < 10
@@ -216,6 +199,8 @@ def test_training_packs_records_the_flag_and_evaluates_unpacked(tiny_model_dir, 
     assert max(e["step"] for e in history) == rows  # one step per row (a pack) at batch 1
     losses = [e["loss"] for e in history if "loss" in e] + [e["eval_loss"] for e in history if "eval_loss" in e]
     assert losses and all(loss == loss and 0 < loss < 50 for loss in losses)
+    batch = next(iter(trainer.get_eval_dataloader()))  # evaluation batches: one sample per row, no layout
+    assert "packed_lengths" not in batch and batch["input_ids"].shape[0] == 4
 
 
 def test_packed_dataset_serves_its_packs(items):
