@@ -415,18 +415,25 @@ def test_dora_adds_its_magnitudes_and_the_norm_of_one_merged_weight(tiny_model_d
 QWEN3_30B = REPO / "configs" / "models" / "qwen3_omni_30b_a3b_thinker.json"
 
 
+@pytest.fixture(scope="module")
+def omni_7b_one_gpu(qwen_vocab_model_dir):
+    """The one-GPU plan of Qwen2.5-Omni-7B (text+audio) and one training sample's tokens."""
+    one = planner(OMNI_7B, qwen_vocab_model_dir, question_modality="text+audio")
+    return one, sample_tokens(one.processor, one.args, mode="train")
+
+
 @pytest.mark.parametrize("shard", ["fsdp2", "zero3"])
 @pytest.mark.parametrize("gpus", [2, 8])
-def test_sharded_plan_divides_weights_gradients_and_optimizer_by_the_gpus(qwen_vocab_model_dir, shard, gpus):
+def test_sharded_plan_divides_weights_gradients_and_optimizer_by_the_gpus(qwen_vocab_model_dir, omni_7b_one_gpu,
+                                                                          shard, gpus):
     """Qwen2.5-Omni-7B, bf16 LoRA: per GPU, the weights (the frozen base too), LoRA parameters, gradients and
     optimizer state are the one-GPU plan's divided by N (rounded up), inputs and activations are the one-GPU plan's,
     and the gathered weights are the root unit plus two decoder layers (FSDP2) or stage3_max_live_parameters of
     bf16 (ZeRO-3, configs/zero3.json)."""
     from surgvqa.memory_model import ZERO3_MAX_LIVE_PARAMETERS
 
-    one = planner(OMNI_7B, qwen_vocab_model_dir, question_modality="text+audio")
+    one, tokens = omni_7b_one_gpu
     many = planner(OMNI_7B, qwen_vocab_model_dir, question_modality="text+audio", gpus=gpus, shard=shard)
-    tokens = sample_tokens(one.processor, one.args, mode="train")
     single, sharded = one.train_total(tokens)["parts"], many.train_total(tokens)["parts"]
     assert single["weights"] == sum(g.train_bytes for g in one.groups) > 15 * 2**30
     for key in ("weights", "trainable_params", "gradients", "optimizer"):
