@@ -110,7 +110,8 @@ class DataArguments(Preprocessing):
         default=None,
         metadata={"help": "keep the frozen towers' outputs and M-RoPE positions of each training sample up to this "
                           "many GB (Qwen2.5-Omni; refused by a family that keeps none); 0: off (default, set apart from "
-                          "--encoding_cache_gb: 2 with --dataloader_num_workers 0 or persistent workers, else 0)"},
+                          "--encoding_cache_gb: 2 with --dataloader_num_workers 0 or persistent workers and more "
+                          "than one epoch, else 0)"},
     )
 
 

@@ -436,7 +436,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         processing_class=processor,
         generation_eval=generation_eval,
         labelled_only=model_args.loss_on_labelled_only,
-        keeps_tower_outputs=backbone.keep_tower_outputs(model, data_args.tower_cache_gb, default_gb),
+        # kept outputs serve an item's later reads: a run that reads each item once keeps none by default
+        keeps_tower_outputs=backbone.keep_tower_outputs(model, data_args.tower_cache_gb,
+                                                        default_gb if encoded.reads > 1 else 0.0),
         callbacks=[SurgvqaConfigCallback(config, original_rows)],
         loraplus_lr_ratio=lora_args.loraplus_lr_ratio,
         router_aux_loss_coef=lora_args.router_aux_loss_coef,

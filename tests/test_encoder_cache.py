@@ -144,3 +144,21 @@ def test_kept_encoder_outputs_under_token_merging(tiny_model_dir, test_set, audi
         torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-6)
         for name in grads_a:
             torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("epochs,kept", [("1", False), ("2", True)])
+def test_tower_outputs_are_kept_by_default_only_when_items_are_read_again(tiny_model_dir, test_set, tmp_path, epochs,
+                                                                         kept):
+    """A one-epoch run reads every item once, so kept tower outputs would never serve: none are kept by default."""
+    from conftest import small_training_set
+
+    from surgvqa.train import parse_args, train
+
+    root = small_training_set(tmp_path, test_set)
+    trainer = train(*parse_args([
+        "--model_name_or_path", str(tiny_model_dir), "--train_data_path", str(root / "small.jsonl"),
+        "--frames_dir", str(root / "frames"), "--frame_size", "56", "--max_train_frames", "2",
+        "--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "2", "--num_train_epochs", epochs,
+        "--save_strategy", "no", "--use_cpu", "True", "--disable_tqdm", "True", "--report_to", "none",
+    ]))["trainer"]
+    assert trainer.keeps_tower_outputs is kept
